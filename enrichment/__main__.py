@@ -1,0 +1,3 @@
+from enrichment.cli import main
+
+main()

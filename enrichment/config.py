@@ -1,0 +1,90 @@
+"""Configuration from environment variables, with documented defaults.
+
+Settings are read once per process into an immutable object and passed down,
+so library functions never read the environment behind a caller's back and
+tests can build the exact settings they need.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from enrichment.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "sqlite:///enrichment.sqlite3"
+DEFAULT_EUROPEANA_API_URL = "https://api.europeana.eu"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, in one place; see the README's configuration table."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    broker_url: str | None = None
+    europeana_api_key: str | None = field(default=None, repr=False)
+    europeana_api_url: str = DEFAULT_EUROPEANA_API_URL
+    model_dir: Path | None = None
+    batch_size: int = 128
+    fetch_allow: tuple[str, ...] = ()
+    fetch_timeout: float = 20.0
+    fetch_connect_timeout: float = 5.0
+    fetch_concurrency: int = 32
+    fetch_max_bytes: int = 20 * 1024 * 1024
+    contact_url: str = "https://github.com/heritage-enrichment/heritage-enrichment"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def number(name: str, default: float, kind: type[int] | type[float]) -> float:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {raw}")
+            return value
+
+        model = text("ENRICH_MODEL")
+        allow = text("ENRICH_FETCH_ALLOW") or ""
+        return cls(
+            database_url=text("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            broker_url=text("CELERY_BROKER_URL"),
+            europeana_api_key=text("EUROPEANA_API_KEY"),
+            europeana_api_url=(text("EUROPEANA_API_URL") or DEFAULT_EUROPEANA_API_URL).rstrip("/"),
+            model_dir=Path(model) if model else None,
+            batch_size=int(number("ENRICH_BATCH_SIZE", cls.batch_size, int)),
+            fetch_allow=tuple(item.strip() for item in allow.split(",") if item.strip()),
+            fetch_timeout=number("ENRICH_FETCH_TIMEOUT", cls.fetch_timeout, float),
+            fetch_connect_timeout=number(
+                "ENRICH_FETCH_CONNECT_TIMEOUT", cls.fetch_connect_timeout, float
+            ),
+            fetch_concurrency=int(number("ENRICH_FETCH_CONCURRENCY", cls.fetch_concurrency, int)),
+            fetch_max_bytes=int(number("ENRICH_MAX_IMAGE_BYTES", cls.fetch_max_bytes, int)),
+            contact_url=text("ENRICH_CONTACT_URL") or cls.contact_url,
+        )
+
+    def require_model_dir(self) -> Path:
+        if self.model_dir is None:
+            raise ConfigError("no model directory: set ENRICH_MODEL or pass --model DIR")
+        return self.model_dir
+
+
+def redact_url(url: str) -> str:
+    """A database or broker URL safe to print: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"

@@ -1,0 +1,195 @@
+"""Processing one batch: fetch -> decode -> classify -> threshold -> store.
+
+Fetching and decoding run on the fetcher's threads ahead of the model: every
+image of the batch is submitted at once and the model takes them in
+model-sized chunks as they become ready, so inference of one chunk overlaps
+the network wait of the next. The whole batch is written in one transaction,
+idempotently, so a batch that runs twice leaves the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import sqlalchemy as sa
+
+from enrichment.fetch import Fetcher
+from enrichment.images import ImageError, decode
+from enrichment.model import Classifier
+from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Run, RunStatus, utc_now
+from enrichment.store import Database, RecordOutcome, save_outcomes
+
+DEFAULT_MODEL_BATCH = 32
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    batch_id: int
+    run_id: int
+    skipped: bool
+    outcomes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A record's decoded input, or the outcome that stands in for it."""
+
+    record: RecordRow
+    inputs: np.ndarray | None
+    sha256: str | None
+    failure: RecordOutcome | None
+
+
+def start_batch(db: Database, batch_id: int) -> tuple[Batch, Run, list[RecordRow]] | None:
+    """Count an attempt and load the batch's records; None if it already finished."""
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id, with_for_update=db.dialect == "postgresql")
+        if batch is None:
+            raise LookupError(f"batch {batch_id} does not exist")
+        if batch.status in BatchStatus.FINISHED:
+            return None
+        batch.attempts += 1
+        run = session.get(Run, batch.run_id)
+        assert run is not None
+        rows = session.scalars(sa.select(RecordRow).where(RecordRow.id.in_(batch.record_ids))).all()
+        by_id = {row.id: row for row in rows}
+        records = [by_id[record_id] for record_id in batch.record_ids if record_id in by_id]
+        return batch, run, records
+
+
+def process_batch(
+    db: Database,
+    batch_id: int,
+    classifier: Classifier,
+    fetcher: Fetcher,
+    model_batch: int = DEFAULT_MODEL_BATCH,
+) -> BatchReport:
+    started = start_batch(db, batch_id)
+    if started is None:
+        with db.transaction() as session:
+            batch = session.get(Batch, batch_id)
+            assert batch is not None
+            return BatchReport(batch_id, batch.run_id, True, {})
+    batch, run, records = started
+    if run.model_version != classifier.version:
+        raise RuntimeError(
+            f"run {run.id} was scheduled for model {run.model_version}, "
+            f"this worker has {classifier.version}"
+        )
+    outcomes = classify_records(records, classifier, fetcher, model_batch)
+    with db.transaction() as session:
+        save_outcomes(session, run.id, classifier.version, outcomes)
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status=BatchStatus.DONE, error=None, updated_at=utc_now())
+        )
+    complete_run_if_done(db, run.id)
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    return BatchReport(batch_id, run.id, False, counts)
+
+
+def classify_records(
+    records: Sequence[RecordRow], classifier: Classifier, fetcher: Fetcher, model_batch: int
+) -> list[RecordOutcome]:
+    """One outcome per record, in order; a bad image never fails the others."""
+    preprocessing = classifier.spec.preprocessing
+
+    def prepare(record: RecordRow) -> _Prepared:
+        if not record.image_url:
+            failure = RecordOutcome.failed(
+                record.id, "no_image", "the record has no usable image URL"
+            )
+            return _Prepared(record, None, None, failure)
+        fetched = fetcher.fetch(record.image_url)
+        if fetched.content is None:
+            failure = RecordOutcome.failed(
+                record.id,
+                fetched.error_reason or "fetch_error",
+                fetched.error_message or "",
+                image_url=record.image_url,
+                source_timestamp=record.timestamp_update,
+            )
+            return _Prepared(record, None, None, failure)
+        try:
+            inputs = decode(fetched.content, preprocessing)
+        except ImageError as error:
+            failure = RecordOutcome.failed(
+                record.id,
+                error.reason,
+                error.message,
+                image_url=record.image_url,
+                image_sha256=fetched.sha256,
+                source_timestamp=record.timestamp_update,
+            )
+            return _Prepared(record, None, fetched.sha256, failure)
+        return _Prepared(record, inputs, fetched.sha256, None)
+
+    futures: list[Future[_Prepared]] = [fetcher.submit(prepare, record) for record in records]
+    outcomes: list[RecordOutcome] = []
+    for start in range(0, len(futures), model_batch):
+        chunk = [future.result() for future in futures[start : start + model_batch]]
+        ready = [item for item in chunk if item.failure is None]
+        scores = classifier.scores(np.stack([item.inputs for item in ready])) if ready else []
+        by_record = dict(zip((item.record.id for item in ready), scores, strict=True))
+        for item in chunk:
+            if item.failure is not None:
+                outcomes.append(item.failure)
+                continue
+            vector = by_record[item.record.id]
+            labels = classifier.labels_above_threshold(vector)
+            outcomes.append(
+                RecordOutcome(
+                    record_id=item.record.id,
+                    status=Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
+                    scores=[round(float(score), 6) for score in vector],
+                    labels=labels,
+                    image_url=item.record.image_url,
+                    image_sha256=item.sha256,
+                    source_timestamp=item.record.timestamp_update,
+                )
+            )
+    return outcomes
+
+
+def fail_batch(db: Database, batch_id: int, reason: str, message: str) -> None:
+    """Give up on a batch: each of its records gets an error result saying why."""
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status in BatchStatus.FINISHED:
+            return
+        run = session.get(Run, batch.run_id)
+        assert run is not None
+        outcomes = [
+            RecordOutcome.failed(record_id, reason, message) for record_id in batch.record_ids
+        ]
+        save_outcomes(session, run.id, run.model_version, outcomes)
+        batch.status = BatchStatus.FAILED
+        batch.error = message
+        run_id = run.id
+    complete_run_if_done(db, run_id)
+
+
+def complete_run_if_done(db: Database, run_id: int) -> bool:
+    """Mark the run completed once no batch is left unfinished.
+
+    Called after each batch commits; whichever batch commits last sees all the
+    others, so no chord or counter is needed.
+    """
+    unfinished = (
+        sa.select(Batch.id)
+        .where(Batch.run_id == run_id, Batch.status.not_in(BatchStatus.FINISHED))
+        .exists()
+    )
+    with db.transaction() as session:
+        result = session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.RUNNING, ~unfinished)
+            .values(status=RunStatus.COMPLETED, finished_at=utc_now())
+        )
+        return result.rowcount == 1

@@ -1,0 +1,158 @@
+"""Read models for the reporting commands: a run's state, and what happened to each record."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from enrichment.errors import EnrichError
+from enrichment.schema import Batch, Label, RecordRow, Result, Run
+from enrichment.store import Database
+
+PAGE = 500
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    id: int
+    kind: str
+    scope: dict[str, Any]
+    model_version: str
+    status: str
+    records_seen: int
+    records_enqueued: int
+    batches: dict[str, int]
+    outcomes: dict[str, int]
+    errors_by_reason: dict[str, int]
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["created_at"] = self.created_at.isoformat() + "Z"
+        document["finished_at"] = self.finished_at.isoformat() + "Z" if self.finished_at else None
+        return document
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    record_id: str
+    model_version: str
+    run_id: int | None
+    status: str
+    error_reason: str | None
+    error_message: str | None
+    image_url: str | None
+    labels: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
+    """The given run, or the latest one; counts come from the rows, not from counters."""
+    with db.transaction() as session:
+        if run_id is None:
+            run = session.scalars(sa.select(Run).order_by(Run.id.desc()).limit(1)).first()
+            if run is None:
+                raise EnrichError("no runs yet: start one with `enrich run`")
+        else:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise EnrichError(f"run {run_id} does not exist")
+        batches = dict(
+            session.execute(
+                sa.select(Batch.status, sa.func.count())
+                .where(Batch.run_id == run.id)
+                .group_by(Batch.status)
+            ).all()
+        )
+        outcomes = dict(
+            session.execute(
+                sa.select(Result.status, sa.func.count())
+                .where(Result.run_id == run.id)
+                .group_by(Result.status)
+            ).all()
+        )
+        errors = dict(
+            session.execute(
+                sa.select(Result.error_reason, sa.func.count())
+                .where(Result.run_id == run.id, Result.error_reason.is_not(None))
+                .group_by(Result.error_reason)
+                .order_by(sa.func.count().desc())
+            ).all()
+        )
+        return RunSummary(
+            id=run.id,
+            kind=run.kind,
+            scope=run.scope,
+            model_version=run.model_version,
+            status=run.status,
+            records_seen=run.records_seen,
+            records_enqueued=run.records_enqueued,
+            batches=batches,
+            outcomes=outcomes,
+            errors_by_reason=errors,
+            created_at=run.created_at,
+            finished_at=run.finished_at,
+            error=run.error,
+        )
+
+
+def record_results(
+    db: Database,
+    run_id: int | None = None,
+    datasets: Sequence[str] = (),
+    record_ids: Sequence[str] = (),
+) -> Iterator[RecordResult]:
+    """One entry per (record, model version), ordered by record id, read page by page."""
+    query = sa.select(Result).order_by(Result.record_id, Result.model_version)
+    if run_id is not None:
+        query = query.where(Result.run_id == run_id)
+    if datasets:
+        query = query.join(RecordRow, RecordRow.id == Result.record_id).where(
+            RecordRow.dataset.in_(datasets)
+        )
+    if record_ids:
+        query = query.where(Result.record_id.in_(record_ids))
+    after: tuple[str, str] | None = None
+    while True:
+        with db.transaction() as session:
+            page_query = query
+            if after is not None:
+                page_query = page_query.where(
+                    sa.tuple_(Result.record_id, Result.model_version) > after
+                )
+            page = session.scalars(page_query.limit(PAGE)).all()
+            if not page:
+                return
+            labels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+            for label in session.scalars(
+                sa.select(Label)
+                .where(Label.record_id.in_({row.record_id for row in page}))
+                .order_by(Label.confidence.desc())
+            ):
+                labels.setdefault((label.record_id, label.model_version), []).append(
+                    {
+                        "key": label.label_key,
+                        "concept": label.concept_uri,
+                        "confidence": label.confidence,
+                    }
+                )
+        for row in page:
+            yield RecordResult(
+                record_id=row.record_id,
+                model_version=row.model_version,
+                run_id=row.run_id,
+                status=row.status,
+                error_reason=row.error_reason,
+                error_message=row.error_message,
+                image_url=row.image_url,
+                labels=labels.get((row.record_id, row.model_version), []),
+            )
+        after = (page[-1].record_id, page[-1].model_version)

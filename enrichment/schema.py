@@ -1,0 +1,164 @@
+"""The database schema as typed SQLAlchemy models.
+
+Alembic migrations in `migrations/` are the only way this schema reaches a
+database; a test checks that the migrations and these models agree.
+
+Times are stored as naive UTC (`utc_now`, `as_utc_naive`) so that PostgreSQL
+and SQLite compare them the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def as_utc_naive(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is None:
+        return value
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+
+
+class RunStatus:
+    SCHEDULING = "scheduling"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class BatchStatus:
+    PENDING = "pending"
+    QUEUED = "queued"
+    DONE = "done"
+    FAILED = "failed"
+    FINISHED = (DONE, FAILED)
+
+
+class Outcome:
+    """A record's result: labelled, classified with no label above threshold, or an error."""
+
+    LABELLED = "labelled"
+    BELOW_THRESHOLD = "below_threshold"
+    ERROR = "error"
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    scope: Mapped[dict[str, Any]]
+    model_version: Mapped[str] = mapped_column(String(120), ForeignKey("models.version"))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    queue: Mapped[str] = mapped_column(String(60))
+    records_seen: Mapped[int] = mapped_column(Integer, default=0)
+    records_enqueued: Mapped[int] = mapped_column(Integer, default=0)
+    batches_total: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (UniqueConstraint("run_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    record_ids: Mapped[list[Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now, onupdate=utc_now)
+
+
+class RecordRow(Base):
+    __tablename__ = "records"
+
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), index=True)
+    item_uri: Mapped[str] = mapped_column(Text)
+    image_url: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str | None] = mapped_column(Text)
+    timestamp_update: Mapped[datetime | None] = mapped_column(DateTime)
+    first_seen: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+    last_seen: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    version: Mapped[str] = mapped_column(String(120), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    architecture: Mapped[str] = mapped_column(String(100))
+    labels: Mapped[list[Any]]
+    thresholds: Mapped[list[Any]]
+    registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+class Result(Base):
+    """One record classified (or failed) by one model version; the full score vector is kept."""
+
+    __tablename__ = "results"
+    __table_args__ = (Index("ix_results_model_status", "model_version", "status"),)
+
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("records.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_version: Mapped[str] = mapped_column(ForeignKey("models.version"), primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="SET NULL"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(20))
+    error_reason: Mapped[str | None] = mapped_column(String(40))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    scores: Mapped[list[Any] | None]
+    image_url: Mapped[str | None] = mapped_column(Text)
+    image_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    source_timestamp: Mapped[datetime | None] = mapped_column(DateTime)
+    classified_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+class Label(Base):
+    """A label above its class threshold, materialised for querying and export."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["record_id", "model_version"],
+            ["results.record_id", "results.model_version"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_labels_model_label", "model_version", "label_key"),
+    )
+
+    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(120), primary_key=True)
+    label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    concept_uri: Mapped[str] = mapped_column(Text)
+    confidence: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,125 @@
+"""Shared fixtures: real PostgreSQL and Redis servers per test session, a local
+image host, a tiny model in the real model-directory format, and CLI runners."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import torch
+from PIL import Image, ImageDraw
+
+from enrichment.model import LabelSpec, ModelSpec, build_network, save_model_dir
+from tests.services import ImageHost, PostgresServer, RedisServer
+
+REPO = Path(__file__).resolve().parent.parent
+VOCABULARY = {
+    "photograph": "http://www.wikidata.org/entity/Q125191",
+    "drawing": "http://www.wikidata.org/entity/Q93184",
+    "map": "http://www.wikidata.org/entity/Q4006",
+}
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer | str]:
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer | str) -> str:
+    """A new, empty PostgreSQL database for one test."""
+    base = postgres if isinstance(postgres, str) else postgres.url
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    engine = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | str]:
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+        return
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def image_host() -> Iterator[ImageHost]:
+    host = ImageHost()
+    yield host
+    host.close()
+
+
+def image_bytes(colour: tuple[int, int, int], shape: str = "none", fmt: str = "PNG") -> bytes:
+    """A small generated picture: a coloured ground with an optional white shape."""
+    image = Image.new("RGB", (96, 72), colour)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse((20, 10, 70, 60), fill=(255, 255, 255))
+    elif shape == "bar":
+        draw.rectangle((10, 30, 86, 42), fill=(255, 255, 255))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_tiny_model(directory: Path, name: str = "tiny", seed: int = 0) -> str:
+    """A small random-weights model in the real format. Returns its version.
+
+    The head is scaled so that `photograph` and `drawing` depend strongly on the
+    image (some records get one, both or none) and `map` never reaches its threshold.
+    """
+    torch.manual_seed(seed)
+    labels = (
+        LabelSpec("photograph", "Photograph", VOCABULARY["photograph"], 0.5),
+        LabelSpec("drawing", "Drawing", VOCABULARY["drawing"], 0.5),
+        LabelSpec("map", "Map", VOCABULARY["map"], 0.5),
+    )
+    network = build_network("resnet18", len(labels))
+    head = network.fc
+    with torch.no_grad():
+        head.weight.mul_(20.0)
+        head.bias.copy_(torch.tensor([1.0, 0.0, -8.0]))
+    spec = ModelSpec(name=name, architecture="resnet18", input_size=32, labels=labels)
+    return save_model_dir(directory, spec, network)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model")
+    make_tiny_model(directory)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def enrich(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run the real `enrich` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "enrichment", *args],
+        env={**os.environ, **env},
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

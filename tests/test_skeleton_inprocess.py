@@ -1,0 +1,53 @@
+"""The walking skeleton on the embedded default: records file -> SQLite -> JSON-LD, in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from enrichment.model import read_model_json
+from tests.conftest import enrich
+from tests.scenario import assert_rows_match, build_scenario, stored_rows
+
+
+def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_model: Path) -> None:
+    records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/inproc")
+    _, version, _ = read_model_json(tiny_model)
+    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
+    env = {"DATABASE_URL": database, "ENRICH_MODEL": str(tiny_model), "ENRICH_FETCH_ALLOW": "127.0.0.1"}
+
+    run = enrich("run", "--records", str(records), "--batch-size", "3", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["status"] == "completed"
+    assert summary["batches"] == {"done": 3}
+    assert summary["records_enqueued"] == len(expected)
+    assert sum(summary["outcomes"].values()) == len(expected)
+    assert summary["errors_by_reason"] == {"http_404": 1, "not_an_image": 1, "no_image": 1}
+    assert_rows_match(stored_rows(database), expected, version)
+
+    listing = enrich("results", "--record", "/e2e/missing", env=env)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.strip() == "/e2e/missing\terror\thttp_404: the image server answered HTTP 404"
+
+    lines = enrich("results", "--json", env=env).stdout.splitlines()
+    assert [json.loads(line)["record_id"] for line in lines] == sorted(expected)
+
+    out = tmp_path / "labels.jsonld"
+    exported = enrich("export", "--out", str(out), env=env)
+    assert exported.returncode == 0, exported.stderr
+    document = json.loads(out.read_text())
+    annotations = document["first"]["items"]
+    want = sorted((record, key) for record, item in expected.items() for key in item.labels)
+    assert document["total"] == len(want) == len(annotations)
+    assert all(a["type"] == "Annotation" and a["motivation"] == "classifying" for a in annotations)
+    got = sorted((a["target"]["scope"].removeprefix("http://data.europeana.eu/item"), a["body"]) for a in annotations)
+    concept = {"photograph": "http://www.wikidata.org/entity/Q125191", "drawing": "http://www.wikidata.org/entity/Q93184"}
+    assert got == sorted((record, concept[key]) for record, key in want)
+
+    again = enrich("run", "--records", str(records), "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads(again.stdout)
+    # Incremental: only the three records whose result was an error are retried.
+    assert rerun["records_enqueued"] == 3
+    assert_rows_match(stored_rows(database), expected, version)
