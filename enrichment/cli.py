@@ -47,7 +47,7 @@ def emit_json(document: Any) -> None:
 @click.version_option(__version__, prog_name="enrich")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Classify the images of cultural-heritage records and export the labels as W3C Web Annotations.
+    """Classify images of cultural-heritage records; export the labels as W3C Web Annotations.
 
     Configuration comes from the environment (DATABASE_URL, CELERY_BROKER_URL,
     ENRICH_MODEL, ...): see the README's configuration table.
@@ -61,7 +61,7 @@ def cli(ctx: click.Context) -> None:
     "records_file",
     type=click.Path(path_type=Path),
     required=True,
-    help="JSON Lines or CSV file of records (id, image_url, optional item_uri, provider, timestamp_update).",
+    help="JSON Lines or CSV records file: id, image_url (item_uri, provider, timestamp_update).",
 )
 @click.option(
     "--model",

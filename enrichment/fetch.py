@@ -273,7 +273,7 @@ class Fetcher:
                 return FetchResult.failed(
                     url,
                     "too_large",
-                    f"Content-Length {declared} is over the limit of {settings.fetch_max_bytes} bytes",
+                    f"Content-Length {declared} is over the {settings.fetch_max_bytes}-byte limit",
                 )
             body = bytearray()
             digest = hashlib.sha256()

@@ -242,6 +242,6 @@ def _check_shapes(
         head = wrong[-1]
         outputs = actual[head][0] if actual[head] else "?"
         raise ModelError(
-            f"{path}: model.json lists {num_labels} labels but the weights' head "
-            f"{head} has shape {actual[head]} ({outputs} outputs)"
+            f"{path}: model.json lists {num_labels} labels but the weights' head has "
+            f"{outputs} outputs ({head} is {actual[head]}, expected {expected[head]})"
         )

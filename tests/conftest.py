@@ -21,11 +21,9 @@ from enrichment.model import LabelSpec, ModelSpec, build_network, save_model_dir
 from tests.services import ImageHost, PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
-VOCABULARY = {
-    "photograph": "http://www.wikidata.org/entity/Q125191",
-    "drawing": "http://www.wikidata.org/entity/Q93184",
-    "map": "http://www.wikidata.org/entity/Q4006",
-}
+VOCABULARY: dict[str, str] = json.loads(
+    (REPO / "enrichment" / "data" / "vocabulary.json").read_text()
+)
 
 
 @pytest.fixture(scope="session")
@@ -113,7 +111,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def enrich(*args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def enrich(
+    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """Run the real `enrich` command line in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "enrichment", *args],

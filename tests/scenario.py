@@ -30,7 +30,9 @@ class Expected:
     scores: list[float] | None
 
 
-def build_scenario(host: ImageHost, tmp: Path, model_dir: Path, prefix: str = "") -> tuple[Path, dict[str, Expected]]:
+def build_scenario(
+    host: ImageHost, tmp: Path, model_dir: Path, prefix: str = ""
+) -> tuple[Path, dict[str, Expected]]:
     """Write a records file, serve its images, and compute what each record must become
     by calling the model directly on the same image bytes."""
     classifier = Classifier.load(model_dir)
@@ -41,13 +43,20 @@ def build_scenario(host: ImageHost, tmp: Path, model_dir: Path, prefix: str = ""
         url = host.add(f"{prefix}{record_id}.png", body)
         rows.append({"id": record_id, "image_url": url, "provider": "Test museum"})
         scores = classifier.scores(np.stack([decode(body, classifier.spec.preprocessing)]))[0]
-        labels = {label.key: label.confidence for label in classifier.labels_above_threshold(scores)}
+        labels = {
+            label.key: label.confidence for label in classifier.labels_above_threshold(scores)
+        }
         expected[record_id] = Expected(
             "labelled" if labels else "below_threshold", None, labels, [float(s) for s in scores]
         )
     rows.append({"id": "/e2e/missing", "image_url": host.url(f"{prefix}/missing.png")})
     expected["/e2e/missing"] = Expected("error", "http_404", {}, None)
-    rows.append({"id": "/e2e/html", "image_url": host.add(f"{prefix}/page.jpg", b"<html>hi</html>", "image/jpeg")})
+    rows.append(
+        {
+            "id": "/e2e/html",
+            "image_url": host.add(f"{prefix}/page.jpg", b"<html>hi</html>", "image/jpeg"),
+        }
+    )
     expected["/e2e/html"] = Expected("error", "not_an_image", {}, None)
     rows.append({"id": "/e2e/no_image"})
     expected["/e2e/no_image"] = Expected("error", "no_image", {}, None)
@@ -74,7 +83,13 @@ def stored_rows(database_url: str) -> dict[str, dict]:
         assert record_id not in rows, f"two results for {record_id}"
         if isinstance(scores, str):  # SQLite hands JSON columns back as text to raw SQL
             scores = json.loads(scores)
-        rows[record_id] = {"version": version, "status": status, "reason": reason, "scores": scores, "labels": {}}
+        rows[record_id] = {
+            "version": version,
+            "status": status,
+            "reason": reason,
+            "scores": scores,
+            "labels": {},
+        }
     for record_id, key, confidence, _ in labels:
         rows[record_id]["labels"][key] = confidence
     return rows

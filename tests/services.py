@@ -49,9 +49,20 @@ class PostgresServer:
             shutil.chown(self.data, "postgres", "postgres")
         self.port = free_port()
         subprocess.run(
-            [*_as_postgres(), _pg_bin("initdb"), "-D", str(self.data), "-U", "postgres",
-             "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True, capture_output=True,
+            [
+                *_as_postgres(),
+                _pg_bin("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
         )
         self.start()
 
@@ -65,15 +76,27 @@ class PostgresServer:
             "-c fsync=off -c full_page_writes=off -c synchronous_commit=off"
         )
         subprocess.run(
-            [*_as_postgres(), _pg_bin("pg_ctl"), "-D", str(self.data), "-l",
-             str(self.data / "server.log"), "-w", "-o", options, "start"],
-            check=True, capture_output=True,
+            [
+                *_as_postgres(),
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.data / "server.log"),
+                "-w",
+                "-o",
+                options,
+                "start",
+            ],
+            check=True,
+            capture_output=True,
         )
 
     def stop(self, mode: str = "fast") -> None:
         subprocess.run(
             [*_as_postgres(), _pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-            check=False, capture_output=True,
+            check=False,
+            capture_output=True,
         )
 
     def close(self) -> None:
@@ -94,9 +117,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -139,7 +174,7 @@ class ImageHost:
         host = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 host.requests.append(self.path)
                 route = host.routes.get(self.path, Route(404, "text/plain", b"not found"))
                 self.send_response(route.status)
@@ -159,7 +194,9 @@ class ImageHost:
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.server.server_port}{path}"
 
-    def add(self, path: str, body: bytes, content_type: str = "image/png", status: int = 200) -> str:
+    def add(
+        self, path: str, body: bytes, content_type: str = "image/png", status: int = 200
+    ) -> str:
         self.routes[path] = Route(status, content_type, body)
         return self.url(path)
 
@@ -175,3 +212,60 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class CeleryWorker:
+    """A real `celery worker` process on the project's app, with its log kept for failures."""
+
+    def __init__(
+        self, env: dict[str, str], log_path: Path, queues: str = "enrich.on_demand,enrich.nightly"
+    ) -> None:
+        import sys
+
+        self.log_path = log_path
+        self.log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "--pool",
+                "solo",
+                "--concurrency",
+                "1",
+                "--queues",
+                queues,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "INFO",
+            ],
+            env={**os.environ, **env},
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: "ready." in self.output() or self.process.poll() is not None,
+            60,
+            "celery worker start",
+        )
+        if self.process.poll() is not None:
+            raise RuntimeError("celery worker exited:\n" + self.output())
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from enrichment.model import read_model_json
-from tests.conftest import enrich
+from tests.conftest import VOCABULARY, enrich
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
 
 
@@ -14,7 +14,11 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/inproc")
     _, version, _ = read_model_json(tiny_model)
     database = f"sqlite:///{tmp_path}/enrich.sqlite3"
-    env = {"DATABASE_URL": database, "ENRICH_MODEL": str(tiny_model), "ENRICH_FETCH_ALLOW": "127.0.0.1"}
+    env = {
+        "DATABASE_URL": database,
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
 
     run = enrich("run", "--records", str(records), "--batch-size", "3", "--json", env=env)
     assert run.returncode == 0, run.stderr
@@ -28,7 +32,10 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
 
     listing = enrich("results", "--record", "/e2e/missing", env=env)
     assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.strip() == "/e2e/missing\terror\thttp_404: the image server answered HTTP 404"
+    assert (
+        listing.stdout.strip()
+        == "/e2e/missing\terror\thttp_404: the image server answered HTTP 404"
+    )
 
     lines = enrich("results", "--json", env=env).stdout.splitlines()
     assert [json.loads(line)["record_id"] for line in lines] == sorted(expected)
@@ -41,9 +48,11 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     want = sorted((record, key) for record, item in expected.items() for key in item.labels)
     assert document["total"] == len(want) == len(annotations)
     assert all(a["type"] == "Annotation" and a["motivation"] == "classifying" for a in annotations)
-    got = sorted((a["target"]["scope"].removeprefix("http://data.europeana.eu/item"), a["body"]) for a in annotations)
-    concept = {"photograph": "http://www.wikidata.org/entity/Q125191", "drawing": "http://www.wikidata.org/entity/Q93184"}
-    assert got == sorted((record, concept[key]) for record, key in want)
+    got = sorted(
+        (a["target"]["scope"].removeprefix("http://data.europeana.eu/item"), a["body"])
+        for a in annotations
+    )
+    assert got == sorted((record, VOCABULARY[key]) for record, key in want)
 
     again = enrich("run", "--records", str(records), "--json", env=env)
     assert again.returncode == 0, again.stderr

@@ -1,0 +1,54 @@
+"""The Alembic migrations run up and down on PostgreSQL and SQLite, and match the ORM models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from enrichment.errors import DatabaseError
+from enrichment.schema import Base
+from enrichment.store import Database
+
+TABLES = {"runs", "batches", "records", "models", "results", "labels"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/migrate.sqlite3"
+    return request.getfixturevalue("pg_url")
+
+
+def table_names(db: Database) -> set[str]:
+    return set(sa.inspect(db.engine).get_table_names()) - {"alembic_version"}
+
+
+def test_upgrade_matches_models_and_downgrade_removes_everything(database_url: str) -> None:
+    db = Database(database_url)
+    db.upgrade()
+    assert table_names(db) == TABLES
+    with db.engine.connect() as connection:
+        differences = compare_metadata(
+            MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata
+        )
+    assert differences == []
+    db.downgrade("base")
+    assert table_names(db) == set()
+    db.upgrade()
+    assert table_names(db) == TABLES
+    db.dispose()
+
+
+def test_server_database_is_not_migrated_behind_the_users_back(pg_url: str) -> None:
+    with pytest.raises(DatabaseError, match="enrich db upgrade"):
+        Database(pg_url).ensure_schema()
+
+
+def test_embedded_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/fresh.sqlite3")
+    db.ensure_schema()
+    assert table_names(db) == TABLES

@@ -1,0 +1,105 @@
+"""The model directory: verified on load, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from enrichment.errors import ModelError
+from enrichment.model import Classifier, read_model_json
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def test_round_trip_gives_same_scores_and_version(tmp_path: Path) -> None:
+    version = make_tiny_model(tmp_path / "a", seed=3)
+    again = make_tiny_model(tmp_path / "b", seed=3)
+    assert version == again and version.startswith("tiny@") and len(version) == len("tiny@") + 12
+    first, second = Classifier.load(tmp_path / "a"), Classifier.load(tmp_path / "b")
+    inputs = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    assert np.array_equal(first.scores(inputs), second.scores(inputs))
+    assert first.version == version
+
+
+def test_batch_scores_equal_one_at_a_time(tiny_model: Path) -> None:
+    classifier = Classifier.load(tiny_model)
+    inputs = np.random.default_rng(1).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    together = classifier.scores(inputs)
+    alone = np.concatenate([classifier.scores(inputs[i : i + 1]) for i in range(5)])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
+def test_thresholds_apply_per_class(model_copy: Path) -> None:
+    classifier = Classifier.load(model_copy)
+    classifier.thresholds = np.asarray([0.9, 0.2, 0.5], dtype=np.float32)
+    labels = classifier.labels_above_threshold(np.asarray([0.85, 0.25, 0.5], dtype=np.float32))
+    assert [(label.key, round(label.confidence, 2)) for label in labels] == [
+        ("drawing", 0.25),
+        ("map", 0.5),
+    ]
+
+
+def test_hash_mismatch_is_refused(model_copy: Path) -> None:
+    document = json.loads((model_copy / "model.json").read_text())
+    document["weights_sha256"] = "0" * 64
+    (model_copy / "model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=r"do not belong to this model\.json"):
+        Classifier.load(model_copy)
+
+
+def test_label_count_not_matching_the_head_is_refused(model_copy: Path) -> None:
+    document = json.loads((model_copy / "model.json").read_text())
+    document["labels"].append(
+        {"key": "extra", "label": "Extra", "concept": "http://example.org/extra"}
+    )
+    (model_copy / "model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match="lists 4 labels but the weights' head has 3 outputs"):
+        Classifier.load(model_copy)
+
+
+def test_unknown_architecture_is_refused(model_copy: Path) -> None:
+    document = json.loads((model_copy / "model.json").read_text())
+    document["architecture"] = "resnet9000"
+    (model_copy / "model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match="unknown architecture 'resnet9000'"):
+        Classifier.load(model_copy)
+
+
+def test_pickle_in_place_of_safetensors_is_never_loaded(model_copy: Path) -> None:
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    weights = model_copy / "weights.safetensors"
+    weights.unlink()
+    torch.save({"boom": Boom()}, model_copy / "weights.pt")
+    with pytest.raises(
+        ModelError,
+        match=r"no weights.safetensors \(found weights.pt: pickled checkpoints are never loaded\)",
+    ):
+        Classifier.load(model_copy)
+    # A pickle renamed to the safetensors name is refused by the format, not executed.
+    weights.write_bytes(pickle.dumps(Boom()))
+    document = json.loads((model_copy / "model.json").read_text())
+    import hashlib
+
+    document["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (model_copy / "model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match="is not a safetensors file"):
+        Classifier.load(model_copy)
+
+
+def test_missing_model_json(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"has no model\.json"):
+        read_model_json(tmp_path / "empty")
