@@ -1,61 +1,18 @@
-"""The `enrich` command: a thin layer over the library, one subcommand per job.
-
-Problems with input or configuration (`EnrichError`) are one line on stderr and
-exit status 1; every reporting command has `--json` for scripts.
-"""
+"""`enrich run`, `resume`, `status` and `results`: starting runs and seeing what they did."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from enrichment import __version__
+from enrichment.cli.base import emit_json, open_db, settings
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
 from enrichment.store import Database
 
 
-class Commands(click.Group):
-    """Turns user-facing errors into one clean line instead of a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EnrichError as error:
-            raise click.ClickException(str(error)) from None
-
-
-def settings() -> Settings:
-    return click.get_current_context().obj
-
-
-def open_db() -> Database:
-    db = Database(settings().database_url)
-    db.ensure_schema()
-    return db
-
-
-def emit_json(document: Any) -> None:
-    click.echo(json.dumps(document, indent=2, default=str))
-
-
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="enrich")
-@click.pass_context
-def cli(ctx: click.Context) -> None:
-    """Classify images of cultural-heritage records; export the labels as W3C Web Annotations.
-
-    Configuration comes from the environment (DATABASE_URL, CELERY_BROKER_URL,
-    ENRICH_MODEL, ...): see the README's configuration table.
-    """
-    ctx.obj = Settings.from_env()
-
-
-@cli.command()
+@click.command()
 @click.option(
     "--records",
     "records_file",
@@ -123,7 +80,7 @@ def run(
     report_run(db, scheduled.run_id, as_json)
 
 
-@cli.command()
+@click.command()
 @click.argument("run_id", type=int)
 @click.option(
     "--model",
@@ -195,7 +152,7 @@ def print_summary_counts(summary) -> None:
         click.echo(f"    error {reason:<20} {count}")
 
 
-@cli.command()
+@click.command()
 @click.argument("run_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(run_id: int | None, as_json: bool) -> None:
@@ -210,7 +167,7 @@ def status(run_id: int | None, as_json: bool) -> None:
     print_summary_counts(summary)
 
 
-@cli.command()
+@click.command()
 @click.option("--run", "run_id", type=int, help="Only records written by this run.")
 @click.option(
     "--dataset", "datasets", multiple=True, help="Only records of this dataset (repeatable)."
@@ -239,85 +196,3 @@ def results(
         else:
             detail = "no label above threshold"
         click.echo(f"{result.record_id}\t{result.status}\t{detail}")
-
-
-@cli.command()
-@click.option(
-    "--out",
-    "out_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Output file (default: stdout).",
-)
-@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
-@click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
-def export(out_path: Path | None, run_id: int | None, datasets: tuple[str, ...]) -> None:
-    """Export labels as a W3C Web Annotation collection in JSON-LD."""
-    from enrichment.export import ExportFilter, write_collection
-
-    db = open_db()
-    filters = ExportFilter(run_id=run_id, datasets=datasets)
-    label = "Image classification labels" + (f" of run {run_id}" if run_id else "")
-    if out_path is None:
-        count = write_collection(db, filters, sys.stdout, label)
-    else:
-        partial = out_path.with_name(out_path.name + ".partial")
-        with partial.open("w", encoding="utf-8") as out:
-            count = write_collection(db, filters, out, label)
-        partial.replace(out_path)
-        click.echo(f"wrote {count} annotations to {out_path}", err=True)
-
-
-@cli.group()
-def db() -> None:
-    """Manage the database schema (Alembic migrations)."""
-
-
-@db.command()
-@click.argument("revision", default="head")
-def upgrade(revision: str) -> None:
-    """Apply migrations to DATABASE_URL (default: all)."""
-    database = Database(settings().database_url)
-    database.upgrade(revision)
-    click.echo(f"database at revision {database.current_revision()}")
-
-
-@db.command()
-@click.argument("revision")
-def downgrade(revision: str) -> None:
-    """Revert migrations down to REVISION ('base' removes every table)."""
-    database = Database(settings().database_url)
-    database.downgrade(revision)
-    click.echo(f"database at revision {database.current_revision() or 'base'}")
-
-
-@cli.group()
-def model() -> None:
-    """Inspect model directories."""
-
-
-@model.command()
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def info(directory: Path, as_json: bool) -> None:
-    """Print a model directory's version, architecture, labels and thresholds (verified)."""
-    from enrichment.model import Classifier
-
-    classifier = Classifier.load(directory)
-    spec = classifier.spec
-    if as_json:
-        emit_json(
-            {
-                "version": classifier.version,
-                "architecture": spec.architecture,
-                "input_size": spec.input_size,
-                "labels": [label.as_json() for label in spec.labels],
-            }
-        )
-        return
-    click.echo(f"{classifier.version}  {spec.architecture}  input {spec.input_size}px")
-    for label in spec.labels:
-        click.echo(f"  {label.key:<20} threshold {label.threshold:.3f}  {label.concept}")
-
-
-def main() -> None:
-    cli(prog_name="enrich")

@@ -1,0 +1,17 @@
+"""The `enrich` command line: one module per group of subcommands, each a thin layer
+over the library."""
+
+from enrichment.cli import db, export, model, runs
+from enrichment.cli.base import cli
+
+cli.add_command(runs.run)
+cli.add_command(runs.resume)
+cli.add_command(runs.status)
+cli.add_command(runs.results)
+cli.add_command(export.export)
+cli.add_command(db.db)
+cli.add_command(model.model)
+
+
+def main() -> None:
+    cli(prog_name="enrich")

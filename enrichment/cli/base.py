@@ -1,0 +1,53 @@
+"""The `enrich` command group and what every subcommand shares.
+
+Problems with input or configuration (`EnrichError`) are one line on stderr and
+exit status 1; every reporting command has `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from enrichment import __version__
+from enrichment.config import Settings
+from enrichment.errors import EnrichError
+from enrichment.store import Database
+
+
+class Commands(click.Group):
+    """Turns user-facing errors into one clean line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EnrichError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def settings() -> Settings:
+    return click.get_current_context().obj
+
+
+def open_db() -> Database:
+    db = Database(settings().database_url)
+    db.ensure_schema()
+    return db
+
+
+def emit_json(document: Any) -> None:
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="enrich")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Classify images of cultural-heritage records; export the labels as W3C Web Annotations.
+
+    Configuration comes from the environment (DATABASE_URL, CELERY_BROKER_URL,
+    ENRICH_MODEL, ...): see the README's configuration table.
+    """
+    ctx.obj = Settings.from_env()
