@@ -1,4 +1,4 @@
-"""Running a run's batches in this process: the embedded default, with no broker.
+"""Running batches in this process: the embedded default, with no broker.
 
 The same `process_batch` a Celery worker calls, with a progress bar. A batch
 that raises is retried once, then given up with an error result per record,
@@ -14,43 +14,38 @@ from tqdm import tqdm
 from enrichment.config import Settings
 from enrichment.fetch import Fetcher
 from enrichment.model import Classifier
-from enrichment.pipeline import complete_run_if_done, fail_batch, process_batch
-from enrichment.schedule import ScheduledRun
+from enrichment.pipeline import fail_batch, process_batch
 from enrichment.store import Database
 
 ATTEMPTS = 2
 
 
 class InProcessDispatcher:
+    """Runs each batch as soon as it is dispatched; use as a context manager."""
+
     def __init__(self, settings: Settings, model_dir: Path, show_progress: bool = True) -> None:
-        self.settings = settings
-        self.model_dir = model_dir
-        self.show_progress = show_progress
+        self.classifier = Classifier.load(model_dir)
+        self.fetcher = Fetcher(settings)
+        self.progress = tqdm(unit="record", desc="classified", disable=not show_progress)
 
-    def dispatch(self, db: Database, run: ScheduledRun) -> None:
-        classifier = Classifier.load(self.model_dir)
-        fetcher = Fetcher(self.settings)
-        try:
-            with tqdm(
-                total=len(run.batch_ids),
-                unit="batch",
-                desc=f"run {run.run_id}",
-                disable=not self.show_progress,
-            ) as progress:
-                for batch_id in run.batch_ids:
-                    self._run_batch(db, batch_id, classifier, fetcher)
-                    progress.update()
-        finally:
-            fetcher.close()
-        complete_run_if_done(db, run.run_id)
+    def __enter__(self) -> InProcessDispatcher:
+        return self
 
-    def _run_batch(
-        self, db: Database, batch_id: int, classifier: Classifier, fetcher: Fetcher
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
+        self.progress.close()
+        self.fetcher.close()
+
+    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+        for batch_id in batch_ids:
+            self.progress.update(self._run_batch(db, batch_id))
+
+    def _run_batch(self, db: Database, batch_id: int) -> int:
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                process_batch(db, batch_id, classifier, fetcher)
-                return
+                return sum(
+                    process_batch(db, batch_id, self.classifier, self.fetcher).outcomes.values()
+                )
             except Exception as error:  # one broken batch must not end the run
                 if attempt == ATTEMPTS:
                     fail_batch(db, batch_id, "batch_failed", f"{type(error).__name__}: {error}")
+        return 0

@@ -19,7 +19,8 @@ import sqlalchemy as sa
 from enrichment.fetch import Fetcher
 from enrichment.images import ImageError, decode
 from enrichment.model import Classifier
-from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Run, RunStatus, utc_now
+from enrichment.schedule import complete_run_if_done
+from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Run, utc_now
 from enrichment.store import Database, RecordOutcome, save_outcomes
 
 DEFAULT_MODEL_BATCH = 32
@@ -173,23 +174,3 @@ def fail_batch(db: Database, batch_id: int, reason: str, message: str) -> None:
         batch.error = message
         run_id = run.id
     complete_run_if_done(db, run_id)
-
-
-def complete_run_if_done(db: Database, run_id: int) -> bool:
-    """Mark the run completed once no batch is left unfinished.
-
-    Called after each batch commits; whichever batch commits last sees all the
-    others, so no chord or counter is needed.
-    """
-    unfinished = (
-        sa.select(Batch.id)
-        .where(Batch.run_id == run_id, Batch.status.not_in(BatchStatus.FINISHED))
-        .exists()
-    )
-    with db.transaction() as session:
-        result = session.execute(
-            sa.update(Run)
-            .where(Run.id == run_id, Run.status == RunStatus.RUNNING, ~unfinished)
-            .values(status=RunStatus.COMPLETED, finished_at=utc_now())
-        )
-        return result.rowcount == 1

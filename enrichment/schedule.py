@@ -1,23 +1,36 @@
-"""The scheduler: turns a scope of records into a durable run cut into batches.
+"""The scheduler: turns a scope into a durable run, cut into batches, handed to a dispatcher.
 
-Everything a worker needs (the run, its records, its batches) is committed
-before the first batch is handed to a dispatcher, so a crash after this point
-loses nothing: `enrich resume` re-dispatches what never finished.
+The run, its checkpoint and its batches are committed before any batch is
+dispatched, page by page, so a crash loses nothing: `enrich resume` continues
+paging from the checkpoint and re-dispatches batches that never finished.
+Paging the source runs on a background thread, so a slow API page does not
+stall the batches already cut.
 
 Runs are incremental by default: a record is enqueued only if it has no result
-for this model version, or its image URL or source timestamp changed since.
+for this model version, its last result was an error, or its image URL or
+source timestamp changed since. For Europeana, a run over a scope that already
+completed with this model adds a `timestamp_update` filter, so a nightly run
+over an unchanged collection costs little more than one query.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
-from typing import Any, Protocol
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from enrichment.errors import EnrichError
 from enrichment.model import ModelSpec
 from enrichment.records import Record
 from enrichment.schema import (
@@ -31,9 +44,11 @@ from enrichment.schema import (
     as_utc_naive,
     utc_now,
 )
+from enrichment.sources import Source
 from enrichment.store import Database, register_model, upsert_statement
 
-CHUNK = 1000
+T = TypeVar("T")
+SINCE_MARGIN = timedelta(days=1)
 
 
 class RunKind:
@@ -52,35 +67,67 @@ class ModelIdentity:
     spec: ModelSpec
 
 
-@dataclass(frozen=True)
-class ScheduledRun:
-    run_id: int
-    queue: str
-    batch_ids: list[int]
-    records_seen: int
-
-
 class Dispatcher(Protocol):
     """Hands batches to whatever executes them: this process, or Celery workers."""
 
-    def dispatch(self, db: Database, run: ScheduledRun) -> None: ...
+    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None: ...
 
 
-def schedule_run(
-    db: Database,
-    records: Iterable[Record],
-    model: ModelIdentity,
-    kind: str,
-    scope: dict[str, Any],
-    batch_size: int,
-    full: bool = False,
-) -> ScheduledRun:
-    """Create a run, upsert its records and cut the ones to enqueue into batches.
+@dataclass(frozen=True)
+class RunProgress:
+    run_id: int
+    records_seen: int
+    batches: int
 
-    One transaction: if reading the records fails halfway (a malformed line),
-    nothing of the run is left behind.
+
+def scope_key(scope: dict[str, Any]) -> int:
+    """A stable signed 64-bit key for a scope, as PostgreSQL advisory locks want."""
+    digest = hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@contextmanager
+def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
+    """Hold the scheduler lock for a scope: a second scheduler on it is refused, not queued.
+
+    PostgreSQL: a session advisory lock on a dedicated connection, released if
+    the process dies. SQLite: an flock on a file beside the database.
     """
+    key = scope_key(scope)
+    refused = EnrichError("another scheduler is working on this scope right now; try again later")
+    if db.dialect == "postgresql":
+        with db.engine.connect() as connection:
+            if not connection.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
+                raise refused
+            try:
+                yield
+            finally:
+                connection.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+                connection.commit()
+        return
+    database = db.engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    with Path(f"{database}.scope-{key & 0xFFFFFFFF:08x}.lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise refused from None
+        yield
+
+
+def start_run(
+    db: Database, model: ModelIdentity, kind: str, scope: dict[str, Any], full: bool
+) -> int:
+    """Create the run (status `scheduling`) with its initial checkpoint; nothing is enqueued yet."""
     with db.transaction() as session:
+        busy = _busy_run(session, scope)
+        if busy is not None:
+            raise EnrichError(
+                f"run {busy} over the same scope has not finished: "
+                f"follow it with `enrich status {busy}` or continue it with `enrich resume {busy}`"
+            )
         register_model(
             session,
             model.version,
@@ -92,6 +139,11 @@ def schedule_run(
             ],
             [label.threshold for label in model.spec.labels],
         )
+        previous = None if full else _last_completed(session, scope, model.version)
+        checkpoint: dict[str, Any] = {"pending": []}
+        if previous is not None and scope["source"] == "europeana":
+            since = previous.started_at - SINCE_MARGIN
+            checkpoint.update(since=since.strftime("%Y-%m-%dT%H:%M:%SZ"), previous_run=previous.id)
         run = Run(
             kind=kind,
             scope=scope,
@@ -101,35 +153,199 @@ def schedule_run(
             records_seen=0,
             records_enqueued=0,
             batches_total=0,
+            checkpoint=checkpoint,
             started_at=utc_now(),
         )
         session.add(run)
         session.flush()
-        pending: list[Record] = []
-        batch_ids: list[int] = []
-        seen = enqueued = 0
-        for chunk in _chunks(records, CHUNK):
-            unique = list({record.id: record for record in chunk}.values())
-            seen += len(unique)
-            upsert_records(session, unique)
-            pending.extend(unique if full else _needing_work(session, unique, model.version))
-            while len(pending) >= batch_size:
-                batch_ids.append(_add_batch(session, run.id, len(batch_ids), pending[:batch_size]))
-                enqueued += batch_size
-                del pending[:batch_size]
-        if pending:
-            batch_ids.append(_add_batch(session, run.id, len(batch_ids), pending))
-            enqueued += len(pending)
-        run.records_seen = seen
-        run.records_enqueued = enqueued
-        run.batches_total = len(batch_ids)
-        run.status = RunStatus.RUNNING if batch_ids else RunStatus.COMPLETED
-        if not batch_ids:
-            run.finished_at = utc_now()
-        return ScheduledRun(run.id, run.queue, batch_ids, seen)
+        return run.id
+
+
+def _busy_run(session: Session, scope: dict[str, Any]) -> int | None:
+    for run_id, run_scope in session.execute(
+        sa.select(Run.id, Run.scope).where(
+            Run.status.in_([RunStatus.SCHEDULING, RunStatus.RUNNING])
+        )
+    ):
+        if run_scope == scope:
+            return run_id
+    return None
+
+
+def _last_completed(session: Session, scope: dict[str, Any], version: str) -> Run | None:
+    candidates = session.scalars(
+        sa.select(Run)
+        .where(Run.status == RunStatus.COMPLETED, Run.model_version == version)
+        .order_by(Run.started_at.desc())
+    )
+    return next((run for run in candidates if run.scope == scope), None)
+
+
+def fill_run(
+    db: Database,
+    run_id: int,
+    source: Source,
+    dispatcher: Dispatcher,
+    batch_size: int,
+    full: bool = False,
+) -> RunProgress:
+    """Page the source from the run's checkpoint, commit batches page by page, dispatch them.
+
+    A failure (a page that keeps failing, a lost database) marks the run
+    `failed` with its checkpoint intact; `enrich resume` continues from there.
+    """
+    with db.transaction() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise EnrichError(f"run {run_id} does not exist")
+        version, queue_name = run.model_version, run.queue
+        checkpoint = dict(run.checkpoint or {"pending": []})
+        run.status, run.error = RunStatus.SCHEDULING, None
+    try:
+        if not checkpoint.get("done"):
+            for page in prefetched(source.pages(checkpoint.get("position"))):
+                checkpoint = _commit_page(
+                    db,
+                    run_id,
+                    version,
+                    page.records,
+                    page.checkpoint,
+                    checkpoint,
+                    batch_size,
+                    full,
+                    dispatcher,
+                    queue_name,
+                )
+            checkpoint = _commit_tail(
+                db, run_id, version, checkpoint, batch_size, dispatcher, queue_name
+            )
+    except Exception as error:
+        with db.transaction() as session:
+            session.execute(
+                sa.update(Run)
+                .where(Run.id == run_id)
+                .values(status=RunStatus.FAILED, error=str(error))
+            )
+        raise
+    with db.transaction() as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        run.status = RunStatus.RUNNING
+        seen, total = run.records_seen, run.batches_total
+    complete_run_if_done(db, run_id)
+    return RunProgress(run_id, seen, total)
+
+
+def resume_run(
+    db: Database, run_id: int, source: Source, dispatcher: Dispatcher, batch_size: int
+) -> RunProgress:
+    """Re-dispatch the batches that never finished, then page on from the checkpoint."""
+    with db.transaction() as session:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise EnrichError(f"run {run_id} does not exist")
+        queue_name = run.queue
+    leftovers = unfinished_batches(db, run_id)
+    if leftovers:
+        dispatcher.dispatch(db, run_id, queue_name, leftovers)
+    return fill_run(db, run_id, source, dispatcher, batch_size)
+
+
+def complete_run_if_done(db: Database, run_id: int) -> bool:
+    """Mark the run completed once it is fully scheduled and no batch is left unfinished.
+
+    Called after each batch commits; whichever batch commits last sees all the
+    others, so no chord or counter is needed.
+    """
+    unfinished = (
+        sa.select(Batch.id)
+        .where(Batch.run_id == run_id, Batch.status.not_in(BatchStatus.FINISHED))
+        .exists()
+    )
+    with db.transaction() as session:
+        result = session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.RUNNING, ~unfinished)
+            .values(status=RunStatus.COMPLETED, finished_at=utc_now())
+        )
+        return result.rowcount == 1
+
+
+def _commit_page(
+    db: Database,
+    run_id: int,
+    version: str,
+    records: list[Record],
+    position: dict[str, Any],
+    checkpoint: dict[str, Any],
+    batch_size: int,
+    full: bool,
+    dispatcher: Dispatcher,
+    queue_name: str,
+) -> dict[str, Any]:
+    with db.transaction() as session:
+        unique = list({record.id: record for record in records}.values())
+        upsert_records(session, unique)
+        fresh = unique if full else list(_needing_work(session, unique, version))
+        pending = [*checkpoint["pending"], *(record.id for record in fresh)]
+        cut = len(pending) - len(pending) % batch_size
+        batch_ids = _add_batches(session, run_id, pending[:cut], batch_size)
+        checkpoint = {**checkpoint, "position": position, "pending": pending[cut:]}
+        session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id)
+            .values(
+                checkpoint=checkpoint,
+                records_seen=Run.records_seen + len(unique),
+                records_enqueued=Run.records_enqueued + cut,
+                batches_total=Run.batches_total + len(batch_ids),
+            )
+        )
+    if batch_ids:
+        dispatcher.dispatch(db, run_id, queue_name, batch_ids)
+    return checkpoint
+
+
+def _commit_tail(
+    db: Database,
+    run_id: int,
+    version: str,
+    checkpoint: dict[str, Any],
+    batch_size: int,
+    dispatcher: Dispatcher,
+    queue_name: str,
+) -> dict[str, Any]:
+    """After the last page: the leftover records, plus last run's errors when filtering by date."""
+    with db.transaction() as session:
+        pending = list(checkpoint["pending"])
+        if checkpoint.get("previous_run"):
+            retry = session.scalars(
+                sa.select(Result.record_id).where(
+                    Result.run_id == checkpoint["previous_run"],
+                    Result.model_version == version,
+                    Result.status == Outcome.ERROR,
+                )
+            ).all()
+            pending.extend(record_id for record_id in retry if record_id not in set(pending))
+        batch_ids = _add_batches(session, run_id, pending, batch_size)
+        checkpoint = {**checkpoint, "pending": [], "done": True}
+        session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id)
+            .values(
+                checkpoint=checkpoint,
+                records_enqueued=Run.records_enqueued + len(pending),
+                batches_total=Run.batches_total + len(batch_ids),
+            )
+        )
+    if batch_ids:
+        dispatcher.dispatch(db, run_id, queue_name, batch_ids)
+    return checkpoint
 
 
 def upsert_records(session: Session, records: list[Record]) -> None:
+    if not records:
+        return
     now = utc_now()
     insert = upsert_statement(session, RecordRow.__table__)
     session.execute(
@@ -184,23 +400,61 @@ def _needing_work(session: Session, records: list[Record], version: str) -> Iter
             yield record
 
 
-def _add_batch(session: Session, run_id: int, seq: int, records: list[Record]) -> int:
-    batch = Batch(
-        run_id=run_id,
-        seq=seq,
-        status=BatchStatus.PENDING,
-        attempts=0,
-        record_ids=[record.id for record in records],
+def _add_batches(
+    session: Session, run_id: int, record_ids: list[str], batch_size: int
+) -> list[int]:
+    if not record_ids:
+        return []
+    seq = session.scalar(
+        sa.select(sa.func.coalesce(sa.func.max(Batch.seq) + 1, 0)).where(Batch.run_id == run_id)
     )
-    session.add(batch)
+    batches = [
+        Batch(
+            run_id=run_id,
+            seq=seq + index,
+            status=BatchStatus.PENDING,
+            attempts=0,
+            record_ids=record_ids[start : start + batch_size],
+        )
+        for index, start in enumerate(range(0, len(record_ids), batch_size))
+    ]
+    session.add_all(batches)
     session.flush()
-    return batch.id
+    return [batch.id for batch in batches]
 
 
-def _chunks(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `items` on a background thread, `depth` ahead; its exceptions surface here."""
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(("item", item), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(("end", None))
+        except BaseException as error:  # handed to the consumer, raised there
+            buffer.put(("error", error))
+
+    thread = threading.Thread(target=produce, name="source-pages", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = buffer.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
 
 
 def mark_queued(db: Database, batch_ids: list[int]) -> None:

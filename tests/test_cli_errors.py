@@ -41,11 +41,19 @@ def test_malformed_records_line_is_named_and_nothing_is_written(
     )
     assert result.returncode == 1
     assert f"{records}:3: not valid JSON" in error_line(result)
+    # The file is checked whole before the database is even opened.
+    assert not (tmp_path / "db.sqlite3").exists()
+
+    # Against an existing database, too, no run and no record is left behind.
+    assert enrich("db", "upgrade", env={"DATABASE_URL": database}).returncode == 0
+    again = enrich(
+        "run",
+        "--records",
+        str(records),
+        env={"DATABASE_URL": database, "ENRICH_MODEL": str(tiny_model)},
+    )
+    assert again.returncode == 1
     assert run_count(database) == 0
-    engine = sa.create_engine(database)
-    with engine.connect() as connection:
-        assert connection.execute(sa.text("SELECT count(*) FROM records")).scalar_one() == 0
-    engine.dispose()
 
 
 def test_csv_records_with_a_bad_id_name_the_line(tmp_path: Path, tiny_model: Path) -> None:

@@ -11,14 +11,35 @@ from enrichment.cli.base import emit_json, open_db, settings
 from enrichment.config import Settings
 from enrichment.store import Database
 
+SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to enrich."
+
 
 @click.command()
 @click.option(
     "--records",
     "records_file",
     type=click.Path(path_type=Path),
-    required=True,
     help="JSON Lines or CSV records file: id, image_url (item_uri, provider, timestamp_update).",
+)
+@click.option("--dataset", "datasets", multiple=True, help="A Europeana dataset id (repeatable).")
+@click.option("--query", help="Any Europeana Search API query.")
+@click.option(
+    "--all", "everything", is_flag=True, help="The whole collection the key can see (TYPE:IMAGE)."
+)
+@click.option("--qf", multiple=True, help="Extra Search API filter query (repeatable).")
+@click.option("--reusability", type=click.Choice(["open", "restricted", "permission"]))
+@click.option(
+    "--media", is_flag=True, default=None, help="Only records with a resolvable media file."
+)
+@click.option(
+    "--thumbnail", is_flag=True, default=None, help="Only records with a generated thumbnail."
+)
+@click.option(
+    "--image-source",
+    type=click.Choice(["auto", "preview", "full"]),
+    default="auto",
+    show_default=True,
+    help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
 )
 @click.option(
     "--model",
@@ -39,45 +60,71 @@ from enrichment.store import Database
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def run(
-    records_file: Path,
+    records_file: Path | None,
+    datasets: tuple[str, ...],
+    query: str | None,
+    everything: bool,
+    qf: tuple[str, ...],
+    reusability: str | None,
+    media: bool | None,
+    thumbnail: bool | None,
+    image_source: str,
     model_dir: Path | None,
     batch_size: int | None,
     full: bool,
     progress: bool,
     as_json: bool,
 ) -> None:
-    """Start a run: schedule the records in batches and classify them.
+    """Start a run: page through the scope, cut it into batches and classify them.
 
     Without CELERY_BROKER_URL the batches run in this process and the command
     returns when the run is finished; with it, batches go to the Celery workers
-    and the command returns once they are queued. Prints the run id.
+    (`--all` on the nightly queue, everything else on the on-demand queue) and
+    the command returns once they are queued. Prints the run id first.
     """
+    from enrichment import service
+    from enrichment.europeana import SearchQuery, dataset_query, whole_collection_query
     from enrichment.model import read_model_json
-    from enrichment.records import read_records_file
-    from enrichment.schedule import ModelIdentity, RunKind, schedule_run
+    from enrichment.schedule import ModelIdentity, RunKind
 
+    chosen = [bool(records_file), bool(datasets), query is not None, everything]
+    if sum(chosen) != 1:
+        raise click.UsageError(SCOPE_HELP)
+    if records_file is not None:
+        scope = service.records_scope(records_file)
+    else:
+        queries = (
+            [dataset_query(dataset) for dataset in datasets]
+            if datasets
+            else [whole_collection_query() if everything else SearchQuery(query or "*")]
+        )
+        queries = [
+            SearchQuery(q.query, (*q.qf, *qf), reusability, media, thumbnail) for q in queries
+        ]
+        scope = service.europeana_scope(queries, image_source)
     config = settings()
     model_dir = model_dir or config.require_model_dir()
     spec, version, _ = read_model_json(model_dir)
-    dispatcher = make_dispatcher(config, model_dir, progress and not as_json)
+    service.check_scope(scope, config)
     db = open_db()
-    scheduled = schedule_run(
-        db,
-        read_records_file(records_file),
-        ModelIdentity(version, spec),
-        RunKind.ON_DEMAND,
-        {"records_file": str(records_file.resolve())},
-        batch_size or config.batch_size,
-        full=full,
-    )
-    if not as_json:
-        click.echo(
-            f"run {scheduled.run_id}: {scheduled.records_seen} records, "
-            f"{len(scheduled.batch_ids)} batches for model {version}",
-            err=True,
+
+    def announce(run_id: int) -> None:
+        if not as_json:
+            click.echo(f"run {run_id} started for model {version}", err=True)
+
+    with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
+        started = service.start(
+            db,
+            config,
+            scope,
+            RunKind.NIGHTLY if everything else RunKind.ON_DEMAND,
+            ModelIdentity(version, spec),
+            dispatcher,
+            batch_size or config.batch_size,
+            full=full,
+            on_start=announce,
         )
-    dispatcher.dispatch(db, scheduled)
-    report_run(db, scheduled.run_id, as_json)
+    report_run(db, started.run_id, as_json)
 
 
 @click.command()
@@ -89,23 +136,25 @@ def run(
     help="Model directory (default: $ENRICH_MODEL).",
 )
 @click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    help="Records per batch (default: $ENRICH_BATCH_SIZE or 128).",
+)
+@click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
-def resume(run_id: int, model_dir: Path | None, progress: bool, as_json: bool) -> None:
-    """Re-dispatch the batches of RUN_ID that never finished."""
-    from enrichment.schedule import QUEUES, ScheduledRun, unfinished_batches
+def resume(
+    run_id: int, model_dir: Path | None, batch_size: int | None, progress: bool, as_json: bool
+) -> None:
+    """Continue RUN_ID from its checkpoint and re-dispatch its batches that never finished."""
+    from enrichment import service
 
     config = settings()
     db = open_db()
-    summary = _summary(db, run_id)
-    batch_ids = unfinished_batches(db, run_id)
-    dispatcher = make_dispatcher(
-        config, model_dir or config.require_model_dir(), progress and not as_json
-    )
-    dispatcher.dispatch(
-        db, ScheduledRun(run_id, QUEUES[summary.kind], batch_ids, summary.records_seen)
-    )
+    model_dir = model_dir or config.require_model_dir()
+    with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
+        service.resume(db, config, run_id, dispatcher, batch_size or config.batch_size)
     report_run(db, run_id, as_json)
 
 
@@ -122,9 +171,7 @@ def make_dispatcher(config: Settings, model_dir: Path, progress: bool):
 
         return CeleryDispatcher()
     from enrichment.inprocess import InProcessDispatcher
-    from enrichment.model import Classifier
 
-    Classifier.load(model_dir)  # fail on a bad model before anything is written
     return InProcessDispatcher(config, model_dir, show_progress=progress)
 
 

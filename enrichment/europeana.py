@@ -1,0 +1,215 @@
+"""The Europeana Search API as a source of records: cursor paging, errors, mapping.
+
+Runs page with `cursor` (never `start`, which stops at 1000 results), sorted by
+a stable field, 100 rows a page (the server's cap). The API's own error
+messages are surfaced: a bad key or query stops a run before anything is
+enqueued. 429 and 5xx are retried with backoff, honouring Retry-After.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from enrichment import PROJECT_NAME, __version__
+from enrichment.config import Settings
+from enrichment.errors import ConfigError, EnrichError
+from enrichment.records import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
+
+SEARCH_PATH = "/record/v2/search.json"
+ROWS = 100
+SORT = "europeana_id asc"
+PROFILE = "standard"
+IMAGE_SOURCES = ("auto", "preview", "full")
+MALFORMED_ATTEMPTS = 3
+
+
+class SearchAPIError(EnrichError):
+    """The Search API refused the request (bad key, bad query, ...): retrying will not help."""
+
+
+class SearchPageError(EnrichError):
+    """A page could not be fetched after retries; the run can be resumed from its cursor."""
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """One Search API query; a run's scope is one or more of these, paged in order."""
+
+    query: str
+    qf: tuple[str, ...] = ()
+    reusability: str | None = None
+    media: bool | None = None
+    thumbnail: bool | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "qf": list(self.qf),
+            "reusability": self.reusability,
+            "media": self.media,
+            "thumbnail": self.thumbnail,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> SearchQuery:
+        return cls(
+            query=document["query"],
+            qf=tuple(document.get("qf", ())),
+            reusability=document.get("reusability"),
+            media=document.get("media"),
+            thumbnail=document.get("thumbnail"),
+        )
+
+    def with_filter(self, extra: str) -> SearchQuery:
+        return SearchQuery(
+            self.query, (*self.qf, extra), self.reusability, self.media, self.thumbnail
+        )
+
+
+def dataset_query(dataset: str) -> SearchQuery:
+    """All records of one dataset: Europeana's dataset names are `ID_suffix`."""
+    if not dataset.isalnum():
+        raise EnrichError(f"dataset id {dataset!r} must be letters and digits, e.g. 2048128")
+    return SearchQuery(f"edm_datasetName:{dataset}_*")
+
+
+def whole_collection_query() -> SearchQuery:
+    return SearchQuery("*", ("TYPE:IMAGE",))
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+    total: int | None = None
+
+
+@dataclass
+class SearchClient:
+    """One pooled HTTP session against `{EUROPEANA_API_URL}/record/v2/search.json`."""
+
+    settings: Settings
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def __post_init__(self) -> None:
+        if not self.settings.europeana_api_key:
+            raise ConfigError(
+                "EUROPEANA_API_KEY is not set: get a key at https://pro.europeana.eu/get-api"
+            )
+        retries = Retry(
+            total=5,
+            status_forcelist=(429, 500, 502, 503, 504),
+            backoff_factor=1.0,
+            backoff_jitter=0.5,
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            allowed_methods=frozenset({"GET"}),
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retries))
+        self.session.mount("https://", HTTPAdapter(max_retries=retries))
+        self.session.headers["User-Agent"] = (
+            f"{PROJECT_NAME}/{__version__} (+{self.settings.contact_url})"
+        )
+
+    def page(self, query: SearchQuery, cursor: str) -> SearchPage:
+        """One page; raises SearchAPIError for refusals, SearchPageError when it keeps failing."""
+        params: list[tuple[str, str]] = [
+            ("wskey", self.settings.europeana_api_key or ""),
+            ("query", query.query),
+            ("rows", str(ROWS)),
+            ("profile", PROFILE),
+            ("sort", SORT),
+            ("cursor", cursor),
+            *(("qf", value) for value in query.qf),
+        ]
+        if query.reusability:
+            params.append(("reusability", query.reusability))
+        if query.media is not None:
+            params.append(("media", str(query.media).lower()))
+        if query.thumbnail is not None:
+            params.append(("thumbnail", str(query.thumbnail).lower()))
+        url = self.settings.europeana_api_url + SEARCH_PATH
+        problem = ""
+        for attempt in range(MALFORMED_ATTEMPTS):
+            if attempt:
+                time.sleep(min(2**attempt, 10))
+            try:
+                response = self.session.get(url, params=params, timeout=(10, 60))
+            except requests.RequestException as error:
+                problem = f"request failed ({type(error).__name__})"
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                # The adapter already retried these with backoff and Retry-After.
+                raise SearchPageError(
+                    f"Europeana Search API page failed: HTTP {response.status_code} after retries"
+                )
+            body = _json_body(response)
+            if body is None:
+                problem = f"HTTP {response.status_code} with a body that is not JSON"
+                continue
+            if response.status_code >= 400 or body.get("success") is False:
+                message = body.get("error") or body.get("message") or f"HTTP {response.status_code}"
+                code = body.get("code")
+                raise SearchAPIError(
+                    f"Europeana Search API refused the request: {message}"
+                    + (f" ({code})" if code else "")
+                )
+            items = body.get("items", [])
+            if not isinstance(items, list):
+                problem = "the response has no list of items"
+                continue
+            return SearchPage(items, body.get("nextCursor") or None, body.get("totalResults"))
+        raise SearchPageError(f"Europeana Search API page failed: {problem}")
+
+    def pages(self, query: SearchQuery, cursor: str = "*") -> Iterator[SearchPage]:
+        """Pages from `cursor` on, until `nextCursor` is absent."""
+        while True:
+            page = self.page(query, cursor)
+            yield page
+            if page.next_cursor is None or not page.items:
+                return
+            cursor = page.next_cursor
+
+
+def _json_body(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        body = json.loads(response.content)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _first(values: Any) -> str | None:
+    if isinstance(values, str):
+        return values or None
+    if isinstance(values, Sequence) and values and isinstance(values[0], str):
+        return values[0] or None
+    return None
+
+
+def record_from_item(item: Mapping[str, Any], image_source: str = "auto") -> Record:
+    """Map a Search API item to a Record; `image_source` is preview, full, or auto (either)."""
+    record_id = normalise_id(str(item["id"]))
+    preview, full = _first(item.get("edmPreview")), _first(item.get("edmIsShownBy"))
+    image_url = {"preview": preview, "full": full, "auto": preview or full}[image_source]
+    timestamp = item.get("timestamp_update") or item.get("timestamp_update_epoch")
+    try:
+        updated = parse_timestamp(timestamp)
+    except (TypeError, ValueError, OverflowError):
+        updated = None
+    return Record(
+        id=record_id,
+        dataset=record_id.split("/")[1],
+        item_uri=ITEM_URI_BASE + record_id,
+        image_url=image_url,
+        provider=_first(item.get("dataProvider")) or _first(item.get("provider")),
+        timestamp_update=updated,
+    )

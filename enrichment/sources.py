@@ -1,0 +1,97 @@
+"""Where a run's records come from: a records file or Europeana Search API queries.
+
+A source yields pages of records, each with the checkpoint to resume after it,
+so a run can continue exactly where it stopped. A run's `scope` (stored with the
+run) is all that is needed to build its source again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+from enrichment.config import Settings
+from enrichment.europeana import SearchClient, SearchQuery, record_from_item
+from enrichment.records import Record, read_records_file
+
+log = logging.getLogger(__name__)
+FILE_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class SourcePage:
+    records: list[Record]
+    checkpoint: dict[str, Any]
+
+
+class Source(Protocol):
+    def pages(self, checkpoint: dict[str, Any] | None) -> Iterator[SourcePage]: ...
+
+
+@dataclass(frozen=True)
+class RecordsFileSource:
+    """A JSON Lines or CSV file; checked whole before a run starts, so a bad line writes nothing."""
+
+    path: Path
+
+    def check(self) -> int:
+        return sum(1 for _ in read_records_file(self.path))
+
+    def pages(self, checkpoint: dict[str, Any] | None) -> Iterator[SourcePage]:
+        done = (checkpoint or {}).get("records", 0)
+        records = islice(read_records_file(self.path), done, None)
+        while page := list(islice(records, FILE_PAGE)):
+            done += len(page)
+            yield SourcePage(page, {"records": done})
+
+
+@dataclass
+class EuropeanaSource:
+    """Search API queries paged in order by cursor; `since` keeps recently updated records."""
+
+    client: SearchClient
+    queries: Sequence[SearchQuery]
+    image_source: str = "auto"
+    since: str | None = None
+    skipped: int = field(default=0, init=False)
+
+    def pages(self, checkpoint: dict[str, Any] | None) -> Iterator[SourcePage]:
+        state = checkpoint or {}
+        start, cursor = state.get("query", 0), state.get("cursor", "*")
+        for index in range(start, len(self.queries)):
+            query = self.queries[index]
+            if self.since:
+                query = query.with_filter(f"timestamp_update:[{self.since} TO *]")
+            for page in self.client.pages(query, cursor if index == start else "*"):
+                after = (
+                    {"query": index, "cursor": page.next_cursor}
+                    if page.next_cursor and page.items
+                    else {"query": index + 1, "cursor": "*"}
+                )
+                yield SourcePage(self._records(page.items), after)
+
+    def _records(self, items: list[dict[str, Any]]) -> list[Record]:
+        records = []
+        for item in items:
+            try:
+                records.append(record_from_item(item, self.image_source))
+            except (KeyError, ValueError) as error:
+                self.skipped += 1
+                log.warning("skipped a Search API item without a usable id: %s", error)
+        return records
+
+
+def source_for_scope(scope: dict[str, Any], settings: Settings, since: str | None = None) -> Source:
+    """Rebuild a run's source from its stored scope."""
+    if scope["source"] == "records_file":
+        return RecordsFileSource(Path(scope["path"]))
+    return EuropeanaSource(
+        SearchClient(settings),
+        [SearchQuery.from_json(query) for query in scope["queries"]],
+        scope.get("image_source", "auto"),
+        since,
+    )

@@ -1,0 +1,316 @@
+"""The Europeana Search API source and the scheduler, against a local Search API server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from enrichment import service
+from enrichment.config import Settings
+from enrichment.errors import EnrichError
+from enrichment.europeana import (
+    SearchClient,
+    SearchPageError,
+    SearchQuery,
+    dataset_query,
+    record_from_item,
+)
+from enrichment.inprocess import InProcessDispatcher
+from enrichment.model import read_model_json
+from enrichment.records import parse_timestamp
+from enrichment.schedule import ModelIdentity, RunKind, scope_lock
+from enrichment.store import Database
+from tests.conftest import enrich, image_bytes, make_tiny_model
+from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
+
+
+@pytest.fixture
+def api() -> SearchAPI:
+    server = SearchAPI()
+    yield server
+    server.close()
+
+
+def settings_for(api: SearchAPI, database_url: str, model_dir: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        europeana_api_key=KEY,
+        europeana_api_url=api.url,
+        model_dir=model_dir,
+        fetch_allow=("127.0.0.1",),
+        batch_size=40,
+    )
+
+
+def env_for(api: SearchAPI, database_url: str, model_dir: Path, key: str = KEY) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "EUROPEANA_API_KEY": key,
+        "EUROPEANA_API_URL": api.url,
+        "ENRICH_MODEL": str(model_dir),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+        "ENRICH_BATCH_SIZE": "40",
+    }
+
+
+def fill_collection(api: SearchAPI, image_host, dataset: str, count: int) -> None:
+    url = image_host.add(f"/search/{dataset}.png", image_bytes((90, 120, 200), "circle"))
+    api.items.extend(generated_item(dataset, index, url) for index in range(count))
+
+
+def run_dataset(settings: Settings, dataset: str, full: bool = False) -> int:
+    """A run of one dataset on the library API, in-process; returns its id."""
+    db = Database(settings.database_url)
+    db.ensure_schema()
+    spec, version, _ = read_model_json(settings.model_dir)
+    scope = service.europeana_scope([dataset_query(dataset)])
+    with InProcessDispatcher(settings, settings.model_dir, show_progress=False) as dispatcher:
+        progress = service.start(
+            db,
+            settings,
+            scope,
+            RunKind.ON_DEMAND,
+            ModelIdentity(version, spec),
+            dispatcher,
+            settings.batch_size,
+            full,
+        )
+    return progress.run_id
+
+
+def run_row(database_url: str, run_id: int) -> dict:
+    engine = sa.create_engine(database_url)
+    with engine.connect() as connection:
+        row = (
+            connection.execute(sa.text("SELECT * FROM runs WHERE id = :id"), {"id": run_id})
+            .mappings()
+            .one()
+        )
+    engine.dispose()
+    return dict(row)
+
+
+def scalar(database_url: str, sql: str) -> int:
+    engine = sa.create_engine(database_url)
+    with engine.connect() as connection:
+        value = connection.execute(sa.text(sql)).scalar_one()
+    engine.dispose()
+    return value
+
+
+def test_recorded_items_map_to_records() -> None:
+    item = recorded_items("search-pyeuropeana-tutorial-10items-nextcursor.json")[0]
+    record = record_from_item(item)
+    assert record.id == "/9200314/BibliographicResource_3000093755040_source"
+    assert record.dataset == "9200314"
+    assert (
+        record.item_uri
+        == "http://data.europeana.eu/item/9200314/BibliographicResource_3000093755040_source"
+    )
+    assert record.image_url == item["edmPreview"][0]
+    assert record.provider == "Central Institute for the Union Catalogue of Italian Libraries"
+    assert record.timestamp_update == parse_timestamp("2014-07-09T14:26:52.277Z")
+    assert (
+        record_from_item(item, "full").image_url
+        == "http://www.14-18.it/img/mappa/RML0358106_01/full"
+    )
+    without_preview = {key: value for key, value in item.items() if key != "edmPreview"}
+    assert record_from_item(without_preview, "auto").image_url == item["edmIsShownBy"][0]
+    assert record_from_item(without_preview, "preview").image_url is None
+    older_format = [
+        record_from_item(i) for i in recorded_items("search-openverse-27items-cc0-images.json")
+    ]
+    assert len({r.id for r in older_format}) == 27 and all(r.image_url for r in older_format)
+
+
+def test_cursor_paging_ends_when_next_cursor_is_absent(api: SearchAPI) -> None:
+    api.items = [generated_item("777", index, "http://127.0.0.1/x.png") for index in range(250)]
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url))
+    pages = list(client.pages(dataset_query("777")))
+    assert [len(page.items) for page in pages] == [100, 100, 50]
+    assert pages[-1].next_cursor is None
+    ids = [item["id"] for page in pages for item in page.items]
+    assert ids == sorted(item["id"] for item in api.items)  # none lost, none repeated
+    cursors = [request["cursor"][0] for request in api.requests]
+    assert cursors == ["*", pages[0].next_cursor, pages[1].next_cursor]
+    assert all(request["rows"] == ["100"] and "start" not in request for request in api.requests)
+    assert api.requests[0]["sort"] == ["europeana_id asc"]
+    assert api.requests[0]["query"] == ["edm_datasetName:777_*"]
+
+
+def test_429_with_retry_after_is_honoured_then_succeeds(api: SearchAPI) -> None:
+    api.items = [generated_item("5", index, "http://127.0.0.1/x.png") for index in range(3)]
+    api.failures = {1: ("status", 429, 1)}
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url))
+    started = time.monotonic()
+    page = client.page(SearchQuery("*"), "*")
+    assert len(page.items) == 3 and len(api.requests) == 2
+    assert time.monotonic() - started >= 0.9  # waited as the server asked
+
+
+def test_page_that_keeps_failing_raises_a_resumable_error(api: SearchAPI) -> None:
+    api.failures = {1: ("html",), 2: ("truncated",), 3: ("html",)}
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url))
+    with pytest.raises(SearchPageError, match="not JSON"):
+        client.page(SearchQuery("*"), "*")
+
+
+def test_bad_key_stops_the_run_before_anything_is_enqueued(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    fill_collection(api, image_host, "2048128", 5)
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    result = enrich(
+        "run", "--dataset", "2048128", env=env_for(api, database, tiny_model, key="wrong")
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: Europeana Search API refused the request: API key doesn't exist (401-AX)"
+    )
+    assert "wrong" not in result.stderr
+    assert scalar(database, "SELECT count(*) FROM batches") == 0
+    assert scalar(database, "SELECT count(*) FROM records") == 0
+    assert scalar(database, "SELECT status FROM runs") == "failed"
+
+
+def test_bad_query_is_reported_with_the_apis_message(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path
+) -> None:
+    result = enrich(
+        "run",
+        "--query",
+        "title:(",
+        env=env_for(api, f"sqlite:///{tmp_path}/db.sqlite3", tiny_model),
+    )
+    assert result.returncode == 1
+    assert (
+        "Europeana Search API refused the request: Invalid query parameter (400-SQ)"
+        in result.stderr
+    )
+
+
+@pytest.mark.parametrize("failure", ["html", "truncated"])
+def test_malformed_page_fails_cleanly_and_resume_completes(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host, failure: str
+) -> None:
+    fill_collection(api, image_host, "4242", 230)
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    env = env_for(api, database, tiny_model)
+    # Page 1 is served, then page 2 keeps failing (three attempts).
+    api.failures = {2: (failure,), 3: (failure,), 4: (failure,)}
+    first = enrich("run", "--dataset", "4242", "--no-progress", env=env)
+    assert first.returncode == 1
+    assert "Europeana Search API page failed" in first.stderr
+    run = run_row(database, 1)
+    assert run["status"] == "failed"
+    checkpoint = json.loads(run["checkpoint"])
+    assert checkpoint["position"]["query"] == 0 and checkpoint["position"]["cursor"] != "*"
+    assert scalar(database, "SELECT count(*) FROM results") == 80  # two full batches of page 1
+    assert len(checkpoint["pending"]) == 20  # the rest of page 1, kept for the next batch
+
+    resumed = enrich("resume", "1", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "completed"
+    assert summary["records_seen"] == 230 and summary["records_enqueued"] == 230
+    assert scalar(database, "SELECT count(*) FROM results") == 230
+    assert scalar(database, "SELECT count(DISTINCT record_id) FROM results WHERE run_id = 1") == 230
+
+
+def test_incremental_runs_enqueue_only_what_changed(
+    api: SearchAPI, tmp_path: Path, image_host
+) -> None:
+    model = tmp_path / "model"
+    make_tiny_model(model)
+    fill_collection(api, image_host, "9100", 60)
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    settings = settings_for(api, database, model)
+
+    first = run_row(database, run_dataset(settings, "9100"))
+    assert (first["records_seen"], first["records_enqueued"]) == (60, 60)
+
+    api.requests.clear()
+    second = run_row(database, run_dataset(settings, "9100"))
+    assert second["status"] == "completed" and second["records_enqueued"] == 0
+    assert any(qf.startswith("timestamp_update:[") for qf in api.requests[0]["qf"])
+
+    api.items[7]["timestamp_update"] = "2099-01-01T00:00:00.000Z"
+    third = run_row(database, run_dataset(settings, "9100"))
+    assert third["records_enqueued"] == 1
+    assert (
+        scalar(database, f"SELECT record_id FROM results WHERE run_id = {third['id']}")
+        == "/9100/item_00007"
+    )
+
+    new_model = tmp_path / "model2"
+    make_tiny_model(new_model, name="tiny-v2", seed=1)
+    fourth = run_row(database, run_dataset(settings_for(api, database, new_model), "9100"))
+    assert fourth["records_enqueued"] == 60
+
+
+def test_changed_image_url_in_a_records_file_enqueues_exactly_that_record(
+    tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    url = image_host.add("/incremental.png", image_bytes((10, 200, 10), "bar"))
+    rows = [
+        {"id": f"/55/r{i}", "image_url": url, "timestamp_update": "2024-05-01T00:00:00Z"}
+        for i in range(5)
+    ]
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    assert (
+        json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)[
+            "records_enqueued"
+        ]
+        == 5
+    )
+    assert (
+        json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)[
+            "records_enqueued"
+        ]
+        == 0
+    )
+    rows[3]["image_url"] = image_host.add("/incremental-new.png", image_bytes((200, 10, 10), "bar"))
+    records.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)
+    assert changed["records_enqueued"] == 1
+    assert enrich("results", "--run", str(changed["id"]), env=env).stdout.startswith("/55/r3\t")
+
+
+def test_second_scheduler_on_the_same_scope_is_refused(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path
+) -> None:
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    db = Database(database)
+    db.ensure_schema()
+    scope = service.europeana_scope([dataset_query("31")])
+    with scope_lock(db, scope):
+        result = enrich("run", "--dataset", "31", env=env_for(api, database, tiny_model))
+    assert result.returncode == 1
+    assert "another scheduler is working on this scope" in result.stderr
+    assert api.requests == []
+
+
+def lock_once(db: Database, scope: dict) -> bool:
+    with scope_lock(db, scope):
+        return True
+
+
+def test_postgres_advisory_lock_refuses_a_second_scheduler(pg_url: str) -> None:
+    db = Database(pg_url)
+    db.upgrade()
+    scope = service.europeana_scope([dataset_query("31")])
+    with scope_lock(db, scope):
+        with pytest.raises(EnrichError, match="another scheduler"):
+            lock_once(Database(pg_url), scope)
+        assert lock_once(Database(pg_url), service.europeana_scope([dataset_query("32")]))
+    assert lock_once(Database(pg_url), scope)  # released when the holder is done
