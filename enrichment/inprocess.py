@@ -14,7 +14,7 @@ from tqdm import tqdm
 from enrichment.config import Settings
 from enrichment.fetch import Fetcher
 from enrichment.model import Classifier
-from enrichment.pipeline import fail_batch, process_batch
+from enrichment.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
 from enrichment.store import Database
 
 ATTEMPTS = 2
@@ -40,12 +40,20 @@ class InProcessDispatcher:
             self.progress.update(self._run_batch(db, batch_id))
 
     def _run_batch(self, db: Database, batch_id: int) -> int:
-        for attempt in range(1, ATTEMPTS + 1):
+        """Process one batch, retrying it until its attempts are used up; returns records done.
+
+        A batch that cannot even start (its attempts are never counted) is left
+        unfinished for `enrich resume` rather than retried forever.
+        """
+        for _ in range(ATTEMPTS + 1):
             try:
-                return sum(
-                    process_batch(db, batch_id, self.classifier, self.fetcher).outcomes.values()
+                report = process_batch(
+                    db, batch_id, self.classifier, self.fetcher, max_attempts=ATTEMPTS
                 )
+                return sum(report.outcomes.values())
+            except PoisonBatch as error:
+                fail_batch(db, batch_id, "batch_failed", str(error))
+                return 0
             except Exception as error:  # one broken batch must not end the run
-                if attempt == ATTEMPTS:
-                    fail_batch(db, batch_id, "batch_failed", f"{type(error).__name__}: {error}")
+                note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
         return 0

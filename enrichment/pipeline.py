@@ -24,6 +24,7 @@ from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Run, utc_n
 from enrichment.store import Database, RecordOutcome, save_outcomes
 
 DEFAULT_MODEL_BATCH = 32
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,31 @@ class _Prepared:
     failure: RecordOutcome | None
 
 
-def start_batch(db: Database, batch_id: int) -> tuple[Batch, Run, list[RecordRow]] | None:
-    """Count an attempt and load the batch's records; None if it already finished."""
+class PoisonBatch(Exception):
+    """A batch started more often than allowed: something in it keeps killing its worker."""
+
+
+def start_batch(
+    db: Database, batch_id: int, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> tuple[Batch, Run, list[RecordRow]] | None:
+    """Count an attempt and load the batch's records; None if it already finished.
+
+    The attempt is committed before any work, so a worker killed mid-batch
+    (SIGKILL, OOM, a crashing decoder) still leaves its count behind, and the
+    delivery after the last allowed attempt raises PoisonBatch instead of
+    looping forever.
+    """
     with db.transaction() as session:
         batch = session.get(Batch, batch_id, with_for_update=db.dialect == "postgresql")
         if batch is None:
             raise LookupError(f"batch {batch_id} does not exist")
         if batch.status in BatchStatus.FINISHED:
             return None
+        if batch.attempts >= max_attempts:
+            raise PoisonBatch(
+                f"batch {batch_id} was started {batch.attempts} times without finishing"
+                + (f"; last error: {batch.error}" if batch.error else "")
+            )
         batch.attempts += 1
         run = session.get(Run, batch.run_id)
         assert run is not None
@@ -67,8 +85,14 @@ def process_batch(
     classifier: Classifier,
     fetcher: Fetcher,
     model_batch: int = DEFAULT_MODEL_BATCH,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> BatchReport:
-    started = start_batch(db, batch_id)
+    """Classify one batch and commit its results; a finished batch is skipped.
+
+    Raises PoisonBatch once the batch has used up its attempts; callers then
+    give it up with `fail_batch`.
+    """
+    started = start_batch(db, batch_id, max_attempts)
     if started is None:
         with db.transaction() as session:
             batch = session.get(Batch, batch_id)
@@ -156,6 +180,12 @@ def classify_records(
                 )
             )
     return outcomes
+
+
+def note_batch_error(db: Database, batch_id: int, message: str) -> None:
+    """Keep the last error on the batch, for the message when it is finally given up."""
+    with db.transaction() as session:
+        session.execute(sa.update(Batch).where(Batch.id == batch_id).values(error=message[:2000]))
 
 
 def fail_batch(db: Database, batch_id: int, reason: str, message: str) -> None:

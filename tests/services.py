@@ -160,6 +160,7 @@ class Route:
     status: int = 200
     content_type: str = "image/png"
     body: bytes = b""
+    delay: float = 0.0  # seconds before answering, as a slow provider would
 
 
 @dataclass
@@ -177,6 +178,8 @@ class ImageHost:
             def do_GET(self) -> None:
                 host.requests.append(self.path)
                 route = host.routes.get(self.path, Route(404, "text/plain", b"not found"))
+                if route.delay:
+                    time.sleep(route.delay)
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 self.send_header("Content-Length", str(len(route.body)))
@@ -195,9 +198,14 @@ class ImageHost:
         return f"http://{self.host}:{self.server.server_port}{path}"
 
     def add(
-        self, path: str, body: bytes, content_type: str = "image/png", status: int = 200
+        self,
+        path: str,
+        body: bytes,
+        content_type: str = "image/png",
+        status: int = 200,
+        delay: float = 0.0,
     ) -> str:
-        self.routes[path] = Route(status, content_type, body)
+        self.routes[path] = Route(status, content_type, body, delay)
         return self.url(path)
 
     def close(self) -> None:
@@ -215,35 +223,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class CeleryWorker:
-    """A real `celery worker` process on the project's app, with its log kept for failures."""
+    """A real worker started with `enrich worker` (Celery, prefork, one pool process)."""
 
-    def __init__(
-        self, env: dict[str, str], log_path: Path, queues: str = "enrich.on_demand,enrich.nightly"
-    ) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
         import sys
 
         self.log_path = log_path
-        self.log = log_path.open("w")
+        self.log = log_path.open("a")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.app",
-                "worker",
-                "--pool",
-                "solo",
-                "--concurrency",
-                "1",
-                "--queues",
-                queues,
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--loglevel",
-                "INFO",
-            ],
+            [sys.executable, "-m", "enrichment", "worker", "--name", f"test-{log_path.stem}@%h"],
             env={**os.environ, **env},
             cwd=Path(__file__).resolve().parent.parent,
             stdout=self.log,
@@ -251,7 +239,7 @@ class CeleryWorker:
         )
         wait_for(
             lambda: "ready." in self.output() or self.process.poll() is not None,
-            60,
+            90,
             "celery worker start",
         )
         if self.process.poll() is not None:
@@ -260,11 +248,28 @@ class CeleryWorker:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def pool_pids(self) -> list[int]:
+        """The pool processes that run the batches (children of the main worker process)."""
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(pid) for pid in found.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, main process and pool alike, as a crash or OOM would."""
+        for pid in [*self.pool_pids(), self.process.pid]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        self.process.wait(10)
+        self.log.close()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(20)
+                self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -2,48 +2,71 @@
 
 Configuration comes from the same environment as the CLI. Delivery settings:
 - `task_acks_late` + `worker_prefetch_multiplier=1`: a batch is acknowledged
-  only after its results are committed, and a worker holds one batch at a time.
-- `task_reject_on_worker_lost=True`: if the worker process dies mid-batch
-  (OOM, SIGKILL) the message is requeued instead of silently acknowledged.
-  This is safe because batches are idempotent, and a batch that keeps killing
-  its worker is stopped by the attempts counter kept in the database.
-- The Redis visibility timeout is set for the broker and the result backend
-  alike and stays well above the task time limit.
+  only after its results are committed, and a process holds one batch at a time.
+- `task_reject_on_worker_lost=True`: if the process running a batch dies
+  (SIGKILL, OOM, a crashing native decoder) the message is requeued instead of
+  acknowledged and lost. This is safe because a batch is idempotent, and a
+  batch that keeps killing its worker is stopped by the attempts counter kept
+  in the database (`ENRICH_MAX_ATTEMPTS`), not by Celery.
+- One visibility timeout (`ENRICH_VISIBILITY_TIMEOUT`) is given to every place
+  Celery reads it (broker and result backend transport options); the task
+  time limits are derived from it and stay well below it, so a slow batch is
+  never redelivered while it is still running.
+- `queue_order_strategy="priority"`: a worker always drains the on-demand queue
+  before the nightly one, so `enrich run --dataset X` overtakes a nightly backlog.
 """
 
 from __future__ import annotations
 
+import os
+
 from celery import Celery
 
 from enrichment.config import Settings
-from enrichment.schedule import QUEUES
+from enrichment.errors import ConfigError
+from enrichment.schedule import QUEUES, RunKind
 
-VISIBILITY_TIMEOUT = 3600
-TASK_TIME_LIMIT = 1800
+DEFAULT_VISIBILITY_TIMEOUT = 3600
+
+
+def visibility_timeout() -> int:
+    raw = os.environ.get("ENRICH_VISIBILITY_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_VISIBILITY_TIMEOUT
+    if not raw.isdigit() or int(raw) < 10:
+        raise ConfigError(
+            f"ENRICH_VISIBILITY_TIMEOUT={raw!r} must be a whole number of seconds >= 10"
+        )
+    return int(raw)
 
 
 def make_app(settings: Settings) -> Celery:
     app = Celery(
         "enrichment",
         broker=settings.broker_url or "redis://localhost:6379/0",
-        include=["worker.tasks"],
+        include=["worker.tasks", "worker.signals"],
     )
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT}
+    timeout = visibility_timeout()
+    hard_limit = timeout // 2
+    transport = {"visibility_timeout": timeout, "queue_order_strategy": "priority"}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
+        result_accept_content=["json"],
         event_serializer="json",
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_time_limit=TASK_TIME_LIMIT,
-        task_soft_time_limit=TASK_TIME_LIMIT - 60,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_proc_alive_timeout=300,  # loading a large model in a fresh process takes time
+        task_time_limit=hard_limit,
+        task_soft_time_limit=max(hard_limit - 60, hard_limit * 9 // 10),
         broker_transport_options=transport,
         result_backend_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_default_queue=QUEUES["on_demand"],
+        task_default_queue=QUEUES[RunKind.ON_DEMAND],
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
     )

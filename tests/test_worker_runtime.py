@@ -1,0 +1,249 @@
+"""The Celery runtime under failure: real workers, Redis and PostgreSQL, killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from enrichment.schema import utc_now
+from tests.conftest import enrich, image_bytes, write_jsonl
+from tests.search_api import KEY, SearchAPI, generated_item
+from tests.services import CeleryWorker, PostgresServer, RedisServer, wait_for
+
+
+@pytest.fixture
+def broker(redis_server) -> str:
+    """The session's Redis, emptied, so no message of an earlier test reaches this one."""
+    url = redis_server if isinstance(redis_server, str) else redis_server.url
+    redis.Redis.from_url(url).flushall()
+    return url
+
+
+def stack_env(database_url: str, broker_url: str, model: Path, **extra: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": database_url,
+        "CELERY_BROKER_URL": broker_url,
+        "ENRICH_MODEL": str(model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+        **extra,
+    }
+
+
+def slow_records(tmp: Path, host, name: str, count: int, delay: float) -> Path:
+    rows = [
+        {
+            "id": f"/{name}/r{index:03d}",
+            "image_url": host.add(
+                f"/{name}/{index}.png",
+                image_bytes((40 * index % 255, 90, 160), "circle"),
+                delay=delay,
+            ),
+        }
+        for index in range(count)
+    ]
+    return write_jsonl(tmp / f"{name}.jsonl", rows)
+
+
+class Db:
+    """Direct reads of what the workers wrote."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, pool_pre_ping=True)
+
+    def rows(self, sql: str, **params) -> list[dict]:
+        with self.engine.connect() as connection:
+            return [dict(row) for row in connection.execute(sa.text(sql), params).mappings()]
+
+    def value(self, sql: str, **params):
+        with self.engine.connect() as connection:
+            return connection.execute(sa.text(sql), params).scalar()
+
+    def run_status(self, run_id: int) -> str | None:
+        try:
+            return self.value("SELECT status FROM runs WHERE id = :id", id=run_id)
+        except sa.exc.OperationalError:
+            return None
+
+    def batches(self, run_id: int) -> list[dict]:
+        return self.rows(
+            "SELECT seq, status, attempts, updated_at FROM batches WHERE run_id = :id ORDER BY seq",
+            id=run_id,
+        )
+
+
+def start(env: dict[str, str], *args: str) -> int:
+    result = enrich("run", *args, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["id"]
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[CeleryWorker]]:
+    started: list[CeleryWorker] = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+def test_on_demand_dataset_overtakes_a_nightly_backlog(
+    tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
+) -> None:
+    api = SearchAPI()
+    for dataset, count in (("1000", 40), ("2000", 12)):
+        for index in range(count):
+            url = image_host.add(
+                f"/prio/{dataset}/{index}.png", image_bytes((index * 5, 100, 50)), delay=1.0
+            )
+            api.items.append(generated_item(dataset, index, url))
+    env = stack_env(
+        pg_url,
+        broker,
+        tiny_model,
+        EUROPEANA_API_KEY=KEY,
+        EUROPEANA_API_URL=api.url,
+        ENRICH_BATCH_SIZE="4",
+    )
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    db = Db(pg_url)
+    workers.append(CeleryWorker(env, tmp_path / "worker.log"))
+    nightly = start(env, "--all")
+    wait_for(lambda: any(b["status"] == "done" for b in db.batches(nightly)), 60, "a nightly batch")
+    on_demand = start(env, "--dataset", "2000")
+    sent = utc_now()
+    wait_for(lambda: db.run_status(on_demand) == "completed", 120, "the on-demand run")
+    on_demand_done = max(b["updated_at"] for b in db.batches(on_demand))
+    wait_for(lambda: db.run_status(nightly) == "completed", 120, "the nightly run")
+    api.close()
+
+    nightly_batches = db.batches(nightly)
+    assert len(nightly_batches) == 13 and len(db.batches(on_demand)) == 3
+    overtaken = [b for b in nightly_batches if b["updated_at"] > on_demand_done]
+    in_between = [b for b in nightly_batches if sent < b["updated_at"] <= on_demand_done]
+    assert len(in_between) <= 1, "only the nightly batch already running may finish in between"
+    assert len(overtaken) >= 3, "the on-demand run must finish ahead of the nightly backlog"
+
+
+def test_sigkilled_worker_mid_batch_loses_and_duplicates_nothing(
+    tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
+) -> None:
+    env = stack_env(pg_url, broker, tiny_model, ENRICH_VISIBILITY_TIMEOUT="10")
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    db = Db(pg_url)
+    first = CeleryWorker(env, tmp_path / "first.log")
+    run_id = start(
+        env,
+        "--records",
+        str(slow_records(tmp_path, image_host, "kill", 8, 2.0)),
+        "--batch-size",
+        "4",
+    )
+    wait_for(lambda: db.batches(run_id)[0]["attempts"] == 1, 60, "the first batch to start")
+    assert db.batches(run_id)[0]["status"] != "done"
+    first.kill()
+
+    workers.append(CeleryWorker(env, tmp_path / "second.log"))
+    wait_for(lambda: db.run_status(run_id) == "completed", 120, "the run to complete")
+
+    assert db.value("SELECT count(*) FROM results WHERE run_id = :id", id=run_id) == 8
+    assert db.value("SELECT count(DISTINCT record_id) FROM results") == 8
+    duplicates = db.value(
+        "SELECT count(*) FROM (SELECT record_id, label_key FROM labels"
+        " GROUP BY 1, 2 HAVING count(*) > 1) AS repeated"
+    )
+    assert duplicates == 0
+    assert [(b["status"], b["attempts"]) for b in db.batches(run_id)] == [("done", 2), ("done", 1)]
+
+
+def test_redis_restart_mid_run_then_resume_completes(
+    tmp_path: Path, pg_url: str, tiny_model: Path, image_host, workers
+) -> None:
+    server = RedisServer()
+    try:
+        env = stack_env(pg_url, server.url, tiny_model)
+        assert enrich("db", "upgrade", env=env).returncode == 0
+        db = Db(pg_url)
+        workers.append(CeleryWorker(env, tmp_path / "worker.log"))
+        records = slow_records(tmp_path, image_host, "redis", 12, 1.0)
+        run_id = start(env, "--records", str(records), "--batch-size", "4")
+        wait_for(lambda: db.batches(run_id)[0]["status"] == "done", 60, "the first batch")
+        server.stop()  # queued messages are gone with it: this Redis keeps nothing on disk
+        server.start()
+        resumed = enrich("resume", str(run_id), "--json", env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        wait_for(lambda: db.run_status(run_id) == "completed", 120, "the run to complete")
+        assert db.value("SELECT count(*) FROM results WHERE run_id = :id", id=run_id) == 12
+        assert all(b["status"] == "done" for b in db.batches(run_id))
+    finally:
+        server.close()
+
+
+def test_postgres_refusing_connections_during_a_batch_is_retried(
+    tmp_path: Path, broker: str, tiny_model: Path, image_host, workers
+) -> None:
+    server = PostgresServer()
+    try:
+        env = stack_env(server.url, broker, tiny_model)
+        assert enrich("db", "upgrade", env=env).returncode == 0
+        db = Db(server.url)
+        workers.append(CeleryWorker(env, tmp_path / "worker.log"))
+        run_id = start(
+            env,
+            "--records",
+            str(slow_records(tmp_path, image_host, "pg", 4, 3.0)),
+            "--batch-size",
+            "4",
+        )
+        wait_for(
+            lambda: (db.batches(run_id) or [{}])[0].get("attempts") == 1, 60, "the batch to start"
+        )
+        db.engine.dispose()
+        server.stop()
+        time.sleep(4)
+        server.start()
+        wait_for(lambda: db.run_status(run_id) == "completed", 120, "the run to complete")
+        assert db.value("SELECT count(*) FROM results WHERE run_id = :id", id=run_id) == 4
+        assert "Retry in" in workers[0].output()
+        assert db.batches(run_id)[0]["status"] == "done"
+    finally:
+        server.close()
+
+
+def test_poison_batch_is_given_up_after_its_attempts(
+    tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
+) -> None:
+    env = stack_env(pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2")
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    db = Db(pg_url)
+    worker = CeleryWorker(env, tmp_path / "worker.log")
+    workers.append(worker)
+    run_id = start(
+        env,
+        "--records",
+        str(slow_records(tmp_path, image_host, "poison", 8, 2.0)),
+        "--batch-size",
+        "4",
+    )
+    for attempt in (1, 2):  # the first batch kills its pool process every time it runs
+        wait_for(lambda a=attempt: db.batches(run_id)[0]["attempts"] == a, 60, f"attempt {attempt}")
+        for pid in worker.pool_pids():
+            os.kill(pid, 9)
+    wait_for(lambda: db.run_status(run_id) == "completed", 120, "the run to complete")
+
+    poisoned, healthy = db.batches(run_id)
+    assert (poisoned["status"], poisoned["attempts"]) == ("failed", 2)
+    assert healthy["status"] == "done"
+    failed = db.rows(
+        "SELECT record_id, error_reason, error_message FROM results"
+        " WHERE run_id = :id AND status = 'error'",
+        id=run_id,
+    )
+    assert sorted(row["record_id"] for row in failed) == [f"/poison/r{i:03d}" for i in range(4)]
+    assert all(row["error_reason"] == "batch_failed" for row in failed)
+    assert all("started 2 times without finishing" in row["error_message"] for row in failed)
