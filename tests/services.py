@@ -225,25 +225,30 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 class CeleryWorker:
     """A real worker started with `enrich worker` (Celery, prefork, one pool process)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, argv: list[str] | None = None) -> None:
         import sys
 
         self.log_path = log_path
         self.log = log_path.open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "enrichment", "worker", "--name", f"test-{log_path.stem}@%h"],
-            env={**os.environ, **env},
+            argv
+            or [sys.executable, "-m", "enrichment", "worker", "--name", f"test-{log_path.stem}@%h"],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
             cwd=Path(__file__).resolve().parent.parent,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(
-            lambda: "ready." in self.output() or self.process.poll() is not None,
-            90,
-            "celery worker start",
-        )
-        if self.process.poll() is not None:
-            raise RuntimeError("celery worker exited:\n" + self.output())
+        try:
+            wait_for(
+                lambda: "ready." in self.output() or self.process.poll() is not None,
+                90,
+                "celery worker start",
+            )
+        except AssertionError:
+            pass  # reported below, with the worker's log
+        if "ready." not in self.output():
+            self.stop()
+            raise RuntimeError("celery worker did not start:\n" + self.output())
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -247,3 +249,78 @@ def test_poison_batch_is_given_up_after_its_attempts(
     assert sorted(row["record_id"] for row in failed) == [f"/poison/r{i:03d}" for i in range(4)]
     assert all(row["error_reason"] == "batch_failed" for row in failed)
     assert all("started 2 times without finishing" in row["error_message"] for row in failed)
+
+
+def test_nightly_task_runs_the_whole_collection_and_never_overlaps(
+    tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
+) -> None:
+    api = SearchAPI()
+    for index in range(40):
+        url = image_host.add(f"/nightly/{index}.png", image_bytes((index * 20, 30, 90)), delay=1.0)
+        api.items.append(generated_item("3000", index, url))
+    env = stack_env(
+        pg_url,
+        broker,
+        tiny_model,
+        EUROPEANA_API_KEY=KEY,
+        EUROPEANA_API_URL=api.url,
+        ENRICH_BATCH_SIZE="4",
+    )
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    scheduler_argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "--app",
+        "worker.app",
+        "worker",
+        "--queues",
+        "enrich.scheduler",
+        "--pool",
+        "solo",
+        "--without-gossip",
+        "--without-mingle",
+        "--hostname",
+        "scheduler@%h",
+        "--loglevel",
+        "INFO",
+    ]
+    workers.append(
+        CeleryWorker(
+            {**env, "ENRICH_PRELOAD_MODEL": "0"}, tmp_path / "scheduler.log", scheduler_argv
+        )
+    )
+    workers.append(CeleryWorker(env, tmp_path / "gpu.log"))
+    db = Db(pg_url)
+
+    def trigger() -> None:
+        call = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "--app",
+                "worker.app",
+                "call",
+                "enrichment.nightly_run",
+            ],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert call.returncode == 0, call.stderr
+
+    trigger()
+    wait_for(lambda: db.value("SELECT count(*) FROM runs") == 1, 60, "the nightly run to start")
+    trigger()  # the first is still running: this one must not start a second run
+    wait_for(
+        lambda: "nightly run not started" in workers[0].output(), 60, "the overlap to be refused"
+    )
+    wait_for(lambda: db.run_status(1) == "completed", 120, "the nightly run")
+    api.close()
+    assert db.value("SELECT count(*) FROM runs") == 1
+    assert db.rows("SELECT kind, queue, records_seen FROM runs") == [
+        {"kind": "nightly", "queue": "enrich.nightly", "records_seen": 40}
+    ]
+    assert db.value("SELECT count(*) FROM results WHERE run_id = 1") == 40

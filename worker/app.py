@@ -14,6 +14,9 @@ Configuration comes from the same environment as the CLI. Delivery settings:
   never redelivered while it is still running.
 - `queue_order_strategy="priority"`: a worker always drains the on-demand queue
   before the nightly one, so `enrich run --dataset X` overtakes a nightly backlog.
+- Celery beat starts the incremental nightly run (`enrichment.nightly_run`) at
+  ENRICH_NIGHTLY_AT on the scheduler queue; the scope lock keeps nightly runs
+  from overlapping.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.schedules import crontab
 
 from enrichment.config import Settings
 from enrichment.errors import ConfigError
 from enrichment.schedule import QUEUES, RunKind
 
 DEFAULT_VISIBILITY_TIMEOUT = 3600
+SCHEDULER_QUEUE = "enrich.scheduler"
 
 
 def visibility_timeout() -> int:
@@ -38,6 +43,15 @@ def visibility_timeout() -> int:
             f"ENRICH_VISIBILITY_TIMEOUT={raw!r} must be a whole number of seconds >= 10"
         )
     return int(raw)
+
+
+def nightly_schedule() -> crontab:
+    """ENRICH_NIGHTLY_AT (HH:MM, UTC; default 02:00) as a daily crontab."""
+    raw = os.environ.get("ENRICH_NIGHTLY_AT", "").strip() or "02:00"
+    hour, _, minute = raw.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        raise ConfigError(f"ENRICH_NIGHTLY_AT={raw!r} must be HH:MM")
+    return crontab(hour=int(hour), minute=int(minute))
 
 
 def make_app(settings: Settings) -> Celery:
@@ -69,6 +83,12 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue=QUEUES[RunKind.ON_DEMAND],
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
+        enable_utc=True,
+        # The nightly run pages the API on a small scheduler worker, never on a GPU worker.
+        task_routes={"enrichment.nightly_run": {"queue": SCHEDULER_QUEUE}},
+        beat_schedule={
+            "nightly-enrichment": {"task": "enrichment.nightly_run", "schedule": nightly_schedule()}
+        },
     )
     return app
 

@@ -20,4 +20,5 @@ def bind_gpu_and_load_model(**_: object) -> None:
     if gpus:
         index = getattr(current_process(), "index", 0) or 0
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)].strip()
-    runtime()
+    if os.environ.get("ENRICH_PRELOAD_MODEL", "1") != "0":  # the scheduler worker needs no model
+        runtime()

@@ -12,14 +12,22 @@ import os
 from functools import cache
 
 from celery import Task
+from celery.utils.log import get_task_logger
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from enrichment import service
 from enrichment.config import Settings
+from enrichment.errors import EnrichError
+from enrichment.europeana import whole_collection_query
 from enrichment.fetch import Fetcher
-from enrichment.model import Classifier
+from enrichment.model import Classifier, read_model_json
 from enrichment.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
+from enrichment.schedule import ModelIdentity, RunKind
 from enrichment.store import Database
 from worker.app import app
+from worker.dispatch import CeleryDispatcher
+
+log = get_task_logger(__name__)
 
 BLIPS = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
 
@@ -61,3 +69,28 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
         note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
         raise self.retry(exc=error, countdown=5) from error
     return {"batch": report.batch_id, "run": report.run_id, "skipped": report.skipped}
+
+
+@app.task(name="enrichment.nightly_run")
+def nightly_run_task() -> dict:
+    """The incremental nightly run over the whole collection, as `enrich run --all` starts it."""
+    settings = Settings.from_env()
+    db = Database(settings.database_url)
+    db.ensure_schema()
+    spec, version, _ = read_model_json(settings.require_model_dir())
+    scope = service.europeana_scope([whole_collection_query()])
+    try:
+        with CeleryDispatcher() as dispatcher:
+            progress = service.start(
+                db,
+                settings,
+                scope,
+                RunKind.NIGHTLY,
+                ModelIdentity(version, spec),
+                dispatcher,
+                settings.batch_size,
+            )
+    except EnrichError as error:  # e.g. last night's run still holds the scope
+        log.warning("nightly run not started: %s", error)
+        return {"started": False, "reason": str(error)}
+    return {"started": True, "run": progress.run_id, "records_seen": progress.records_seen}
