@@ -33,8 +33,11 @@ class Settings:
     fetch_allow: tuple[str, ...] = ()
     fetch_timeout: float = 20.0
     fetch_connect_timeout: float = 5.0
-    fetch_concurrency: int = 32
+    fetch_concurrency: int = 64
     fetch_max_bytes: int = 20 * 1024 * 1024
+    fetch_per_host: int = 4
+    fetch_read_timeout: float = 10.0
+    max_image_pixels: int = 80_000_000
     contact_url: str = "https://github.com/heritage-enrichment/heritage-enrichment"
 
     @classmethod
@@ -73,6 +76,9 @@ class Settings:
             ),
             fetch_concurrency=int(number("ENRICH_FETCH_CONCURRENCY", cls.fetch_concurrency, int)),
             fetch_max_bytes=int(number("ENRICH_MAX_IMAGE_BYTES", cls.fetch_max_bytes, int)),
+            fetch_per_host=int(number("ENRICH_FETCH_PER_HOST", cls.fetch_per_host, int)),
+            fetch_read_timeout=number("ENRICH_FETCH_READ_TIMEOUT", cls.fetch_read_timeout, float),
+            max_image_pixels=int(number("ENRICH_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
             contact_url=text("ENRICH_CONTACT_URL") or cls.contact_url,
         )
 

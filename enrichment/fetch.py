@@ -1,16 +1,33 @@
 """Fetching third-party images: concurrent, polite, bounded, and SSRF-safe.
 
-Image URLs come from other people's metadata, so every connection goes
-through `AddressPolicy`, checked on the address actually connected to (after
-DNS, on every redirect hop): loopback, private, link-local, CGNAT, unique-local
-and other non-global addresses are refused unless allow-listed.
+Image URLs come from other people's metadata, so:
+
+- only http and https, at most `MAX_REDIRECTS` redirects, each hop re-checked;
+- every connection goes through `AddressPolicy`, checked on the address
+  actually connected to (after DNS, on every hop): loopback, private,
+  link-local, CGNAT, unique-local and other non-global addresses are refused
+  unless allow-listed, so DNS rebinding and redirects inwards fail too;
+- a byte cap (on Content-Length and while streaming) and a total deadline per
+  URL, enforced on the sockets themselves, so a server that trickles bytes is
+  cut off on time;
+- timeouts, connection errors, 429 (honouring Retry-After) and 5xx are retried
+  with backoff while the deadline allows; other 4xx are not.
+
+`Fetcher.fetch` never raises: every failure is a `FetchResult` with a short
+machine-readable reason (http_404, timeout, too_large, blocked_address,
+bad_scheme, bad_url, dns_error, tls_error, too_many_redirects,
+connection_error, fetch_error) and a human message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import ipaddress
+import random
 import socket
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -18,13 +35,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
@@ -33,9 +51,18 @@ from enrichment.config import Settings
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-RETRY_STATUSES = (429, 500, 502, 503, 504)
+
 MAX_REDIRECTS = 3
-MAX_RETRY_AFTER = 30.0
+MAX_RETRIES = 3
+BACKOFF_SECONDS = 0.25
+CHUNK_BYTES = 64 * 1024
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRYABLE = frozenset(
+    {"timeout", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"}
+)
+# Non-global ranges that `ipaddress.is_global` misses on older Pythons.
+EXTRA_NON_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("fec0::/10"))
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class BlockedAddress(OSError):
@@ -51,6 +78,7 @@ class AddressPolicy:
 
     @classmethod
     def from_allow_list(cls, entries: Iterable[str]) -> AddressPolicy:
+        """Host names and CIDRs (a bare address is a /32 or /128), as in ENRICH_FETCH_ALLOW."""
         hosts: set[str] = set()
         networks: list[IPNetwork] = []
         for entry in entries:
@@ -63,17 +91,35 @@ class AddressPolicy:
     def allows(self, host: str, address: IPAddress) -> bool:
         if host.lower().rstrip(".") in self.allowed_hosts:
             return True
+        address = embedded_ipv4(address)
         if any(address in network for network in self.allowed_networks):
             return True
         return is_public(address)
 
 
+def embedded_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one stands for (mapped, NAT64, 6to4); otherwise itself.
+
+    ::ffff:10.0.0.1 or 64:ff9b::a9fe:a9fe reach a private or metadata address,
+    so they are judged by the address they embed.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if address.sixtofour is not None:
+            return address.sixtofour
+    return address
+
+
 def is_public(address: IPAddress) -> bool:
     """True only for globally routable unicast addresses."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_global and not (
-        address.is_multicast or address.is_reserved or address.is_unspecified
+    address = embedded_ipv4(address)
+    return (
+        address.is_global
+        and not (address.is_multicast or address.is_reserved or address.is_unspecified)
+        and not any(address in network for network in EXTRA_NON_GLOBAL)
     )
 
 
@@ -103,21 +149,91 @@ def connect_checked(
     raise BlockedAddress(f"{host} resolves to a non-public address ({', '.join(refused)})")
 
 
+class Deadline:
+    """One URL's whole time budget, enforced on the sockets it uses.
+
+    Socket timeouts bound each wait, not their sum: a server that sends a byte
+    every second never trips them. At the deadline a timer shuts down the
+    sockets of the fetch, which ends any read in progress at once.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._finished = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            self._sockets.clear()
+        _current.deadline = None
+
+    def remaining(self) -> float:
+        return 0.0 if self.expired else max(0.0, self.end - time.monotonic())
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self.expired:
+                _shut(sock)
+            elif not self._finished:
+                self._sockets.append(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    # socket.socket's own shutdown, not SSLSocket's, which would drop the TLS
+    # state under a read that another thread is still in. Already closed is fine.
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+_current = threading.local()  # the Deadline of the fetch running on this thread
+
+
 class _GuardedHTTPConnection(HTTPConnection):
     policy: AddressPolicy = AddressPolicy()
 
     def _new_conn(self) -> socket.socket:
         timeout = self.timeout if isinstance(self.timeout, int | float) else None
         try:
-            return connect_checked(
+            sock = connect_checked(
                 self.policy, self._dns_host, self.port, timeout, self.socket_options
             )
+        except socket.gaierror as error:
+            raise NameResolutionError(self.host, self, error) from error
         except BlockedAddress:
             raise
         except TimeoutError as error:
             raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from error
         except OSError as error:
             raise NewConnectionError(self, f"failed to connect: {error}") from error
+        sys.audit("http.client.connect", self, self.host, self.port)
+        return sock
+
+    def getresponse(self) -> Any:  # type: ignore[override]
+        # Headers and body are read from here on: put the socket under the deadline.
+        deadline: Deadline | None = getattr(_current, "deadline", None)
+        if deadline is not None and self.sock is not None:
+            deadline.watch(self.sock)
+        return super().getresponse()
 
 
 class _GuardedHTTPSConnection(_GuardedHTTPConnection, HTTPSConnection):
@@ -125,36 +241,24 @@ class _GuardedHTTPSConnection(_GuardedHTTPConnection, HTTPSConnection):
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose every connection goes through an AddressPolicy."""
+    """A requests adapter whose every connection goes through an AddressPolicy.
 
-    def __init__(self, policy: AddressPolicy, retries: Retry, pool_size: int) -> None:
+    It makes one attempt per request: the fetcher retries and follows
+    redirects itself, so that both stay inside its deadline.
+    """
+
+    def __init__(self, policy: AddressPolicy) -> None:
         plain = type("PolicyHTTPConnection", (_GuardedHTTPConnection,), {"policy": policy})
         secure = type("PolicyHTTPSConnection", (_GuardedHTTPSConnection,), {"policy": policy})
         self._pools = {
             "http": type("PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain}),
             "https": type("PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure}),
         }
-        super().__init__(max_retries=retries, pool_connections=pool_size, pool_maxsize=pool_size)
+        super().__init__(max_retries=Retry(0, read=False, redirect=False))
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = self._pools
-
-
-class CappedRetry(Retry):
-    """urllib3's Retry, but a provider's Retry-After never stalls a batch for long."""
-
-    def get_retry_after(self, response) -> float | None:  # type: ignore[override]
-        value = super().get_retry_after(response)
-        return None if value is None else min(value, MAX_RETRY_AFTER)
-
-    def increment(
-        self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None
-    ):  # type: ignore[override]
-        # A refused address is a verdict, not a blip: retrying it only wastes time.
-        if error is not None and _caused_by(error, BlockedAddress):
-            raise MaxRetryError(_pool, url, error) from error
-        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 @dataclass(frozen=True)
@@ -173,127 +277,195 @@ class FetchResult:
 
 
 class Fetcher:
-    """Downloads many images at once, with a total and a per-host concurrency cap."""
+    """Downloads many images at once, with a total and a per-host concurrency cap.
 
-    def __init__(self, settings: Settings, per_host: int = 4) -> None:
+    The thread pool is larger than the total cap by a batch, so that records
+    waiting for a busy host's slot never hold up downloads from other hosts.
+    """
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.policy = AddressPolicy.from_allow_list(settings.fetch_allow)
-        self.per_host = per_host
         self.user_agent = f"{PROJECT_NAME}/{__version__} (+{settings.contact_url})"
         self._local = threading.local()
         self._host_slots: defaultdict[str, threading.BoundedSemaphore] = defaultdict(
-            lambda: threading.BoundedSemaphore(self.per_host)
+            lambda: threading.BoundedSemaphore(settings.fetch_per_host)
         )
         self._slots_lock = threading.Lock()
+        self._downloads = threading.BoundedSemaphore(settings.fetch_concurrency)
         self._pool = ThreadPoolExecutor(
-            max_workers=settings.fetch_concurrency, thread_name_prefix="fetch"
+            max_workers=settings.fetch_concurrency + settings.batch_size,
+            thread_name_prefix="fetch",
         )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-    def _session(self) -> requests.Session:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.trust_env = False  # no proxies or netrc from the environment
-            session.max_redirects = MAX_REDIRECTS
-            session.headers["User-Agent"] = self.user_agent
-            session.headers["Accept"] = "image/*"
-            retries = CappedRetry(
-                total=3,
-                connect=2,
-                read=2,
-                redirect=False,
-                status=3,
-                status_forcelist=RETRY_STATUSES,
-                backoff_factor=0.5,
-                backoff_jitter=0.25,
-                respect_retry_after_header=True,
-                raise_on_status=False,
-                allowed_methods=frozenset({"GET"}),
-            )
-            adapter = GuardedAdapter(self.policy, retries, pool_size=self.per_host)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._local.session = session
-        return session
-
-    def _slot(self, url: str) -> threading.BoundedSemaphore:
-        host = (urlsplit(url).hostname or "").lower()
-        with self._slots_lock:
-            return self._host_slots[host]
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
         """Run work that fetches (and decodes) on the fetch threads."""
         return self._pool.submit(function, *args)
 
     def fetch(self, url: str) -> FetchResult:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https"):
-            return FetchResult.failed(
-                url,
-                "bad_scheme",
-                f"only http and https URLs are fetched, not {scheme or 'no scheme'}",
-            )
-        with self._slot(url):
-            try:
-                return self._download(url)
-            except BlockedAddress as error:
-                return FetchResult.failed(url, "blocked_address", str(error))
-            except requests.exceptions.TooManyRedirects:
-                return FetchResult.failed(
-                    url, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects"
-                )
-            except (requests.exceptions.Timeout, TimeoutError):
-                return FetchResult.failed(url, "timeout", "the image server did not answer in time")
-            except requests.exceptions.ConnectionError as error:
-                if _caused_by(error, BlockedAddress):
-                    return FetchResult.failed(
-                        url, "blocked_address", str(_caused_by(error, BlockedAddress))
-                    )
-                return FetchResult.failed(url, "connection_error", _short(error))
-            except requests.exceptions.RequestException as error:
-                return FetchResult.failed(url, "fetch_error", _short(error))
+        """One URL to its bytes, or to the reason there are none; never raises."""
+        refusal = _refuse_url(url, url)
+        if refusal is not None:
+            return refusal
+        with (
+            self._host_slot(url),
+            self._downloads,
+            Deadline(self.settings.fetch_timeout) as deadline,
+        ):
+            for attempt in range(MAX_RETRIES + 1):
+                result, retry_after = self._attempt(url, deadline)
+                if result.error_reason not in RETRYABLE or attempt == MAX_RETRIES:
+                    break
+                pause = retry_after if retry_after is not None else _backoff(attempt)
+                if pause >= deadline.remaining():
+                    break  # the answer would come too late: give up now, with the last reason
+                time.sleep(pause)
+            return result
 
-    def _download(self, url: str) -> FetchResult:
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False  # no proxies or netrc from the environment
+            session.headers["User-Agent"] = self.user_agent
+            session.headers["Accept"] = "image/*"
+            # Images are compressed already; asking for identity keeps gzip bombs out.
+            session.headers["Accept-Encoding"] = "identity"
+            adapter = GuardedAdapter(self.policy)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
+        host = (urlsplit(url).hostname or "").lower()
+        with self._slots_lock:
+            return self._host_slots[host]
+
+    def _attempt(self, url: str, deadline: Deadline) -> tuple[FetchResult, float | None]:
+        """One try, following redirects; with the Retry-After of a 429 or 503, if any."""
+        try:
+            return self._follow(url, deadline)
+        except Exception as error:  # every failure is a result; classified below
+            return _classify(url, error, deadline), None
+
+    def _follow(self, url: str, deadline: Deadline) -> tuple[FetchResult, float | None]:
         settings = self.settings
-        deadline = time.monotonic() + settings.fetch_timeout
-        with self._session().get(
-            url, stream=True, timeout=(settings.fetch_connect_timeout, settings.fetch_timeout)
-        ) as response:
-            if response.status_code != 200:
-                return FetchResult.failed(
-                    url,
-                    f"http_{response.status_code}",
-                    f"the image server answered HTTP {response.status_code}",
-                )
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > settings.fetch_max_bytes:
-                return FetchResult.failed(
-                    url,
-                    "too_large",
-                    f"Content-Length {declared} is over the {settings.fetch_max_bytes}-byte limit",
-                )
-            body = bytearray()
-            digest = hashlib.sha256()
-            while chunk := response.raw.read1(65536, decode_content=True):
-                body += chunk
-                digest.update(chunk)
-                if len(body) > settings.fetch_max_bytes:
-                    return FetchResult.failed(
-                        url,
-                        "too_large",
-                        f"body is over the limit of {settings.fetch_max_bytes} bytes",
+        original = url
+        for _ in range(MAX_REDIRECTS + 1):
+            remaining = deadline.remaining()
+            if remaining <= 0:
+                return _timed_out(original, deadline), None
+            timeout = (
+                min(settings.fetch_connect_timeout, remaining),
+                min(settings.fetch_read_timeout, remaining),
+            )
+            with self._session().get(
+                url, stream=True, allow_redirects=False, timeout=timeout
+            ) as response:
+                location = response.headers.get("Location")
+                if response.status_code in REDIRECT_STATUSES and location:
+                    url = urljoin(url, location)
+                    refusal = _refuse_url(original, url)
+                    if refusal is not None:
+                        return refusal, None
+                    continue
+                if response.status_code != 200:
+                    failure = FetchResult.failed(
+                        original,
+                        f"http_{response.status_code}",
+                        f"the image server answered HTTP {response.status_code}",
                     )
-                if time.monotonic() > deadline:
-                    return FetchResult.failed(
-                        url, "timeout", f"download took longer than {settings.fetch_timeout:g} s"
-                    )
-            return FetchResult(url=url, content=bytes(body), sha256=digest.hexdigest())
+                    return failure, _retry_after(response)
+                return self._read_body(original, response, deadline), None
+        return FetchResult.failed(
+            original, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects"
+        ), None
+
+    def _read_body(self, url: str, response: requests.Response, deadline: Deadline) -> FetchResult:
+        limit = self.settings.fetch_max_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return FetchResult.failed(
+                url, "too_large", f"Content-Length {declared} is over the {limit}-byte limit"
+            )
+        body = bytearray()
+        for chunk in response.iter_content(CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                return FetchResult.failed(
+                    url, "too_large", f"the body is over the {limit}-byte limit"
+                )
+        if deadline.expired:  # the deadline shut the socket: what arrived is partial
+            return _timed_out(url, deadline)
+        content = bytes(body)
+        return FetchResult(url=url, content=content, sha256=hashlib.sha256(content).hexdigest())
+
+
+def _refuse_url(url: str, hop: str) -> FetchResult | None:
+    """Why `hop` (the URL or a redirect target) must not be fetched at all, if it must not."""
+    try:
+        parts = urlsplit(hop)
+        host = parts.hostname
+    except ValueError as error:
+        return FetchResult.failed(url, "bad_url", f"unparseable URL: {error}")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return FetchResult.failed(
+            url, "bad_scheme", f"only http and https URLs are fetched, not {scheme or 'no scheme'}"
+        )
+    if not host:
+        return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
+    return None
+
+
+def _timed_out(url: str, deadline: Deadline) -> FetchResult:
+    return FetchResult.failed(
+        url, "timeout", f"the image took longer than {deadline.seconds:g} s to fetch"
+    )
+
+
+def _classify(url: str, error: Exception, deadline: Deadline) -> FetchResult:
+    """The reason for one failed try, from the exception requests/urllib3 raised."""
+    if deadline.expired:
+        return _timed_out(url, deadline)
+    blocked = _caused_by(error, BlockedAddress)
+    if blocked is not None:
+        return FetchResult.failed(url, "blocked_address", str(blocked))
+    if _caused_by(error, NameResolutionError) is not None:
+        return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(url).hostname}")
+    if isinstance(error, requests.exceptions.SSLError):
+        return FetchResult.failed(url, "tls_error", _short(error))
+    if isinstance(error, requests.exceptions.Timeout) or _caused_by(
+        error, urllib3.exceptions.ReadTimeoutError
+    ):
+        return FetchResult.failed(url, "timeout", "the image server did not answer in time")
+    if isinstance(error, ValueError):  # requests' InvalidURL and kin, urllib3's, IDNA's
+        return FetchResult.failed(url, "bad_url", _short(error))
+    # requests' own exceptions are OSErrors: refused, reset, cut-off and garbled answers.
+    if isinstance(error, OSError | urllib3.exceptions.ProtocolError | http.client.HTTPException):
+        return FetchResult.failed(url, "connection_error", _short(error))
+    return FetchResult.failed(url, "fetch_error", f"{type(error).__name__}: {_short(error)}")
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    """Seconds the server asks us to wait (delay or HTTP date), if it says so sensibly."""
+    try:
+        return Retry().get_retry_after(response.raw)
+    except urllib3.exceptions.InvalidHeader:
+        return None
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with jitter, so that retries from many threads spread out."""
+    return BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.0)
 
 
 def _caused_by(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first `kind` in the chain of causes, contexts, arguments and urllib3 reasons."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
     while stack:
@@ -317,4 +489,5 @@ def _caused_by(error: BaseException, kind: type[BaseException]) -> BaseException
 
 
 def _short(error: BaseException) -> str:
-    return str(error).splitlines()[0][:300]
+    lines = str(error).splitlines()
+    return lines[0][:300] if lines else type(error).__name__

@@ -1,22 +1,50 @@
 """Decoding third-party image bytes into exactly the model's input.
 
 Any real-world file becomes either a normalised CHW float32 array or an
-`ImageError` with a short machine-readable reason. Large JPEGs are decoded at
-reduced scale (draft mode), so a 4000 px scan is never fully decoded to make a
-224 px input.
+`ImageError` with a short machine-readable reason: `not_an_image`,
+`decode_error`, `truncated` or `bomb`. Only a few well-worn formats are
+parsed at all. Large JPEGs are decoded at reduced scale (DCT scaling), so a
+4000 px scan is never fully decoded to make a 224 px input.
 """
 
 from __future__ import annotations
 
 import io
-import warnings
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from enrichment.config import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "WEBP", "BMP")
-DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_PIXELS = Settings.max_image_pixels  # ENRICH_MAX_IMAGE_PIXELS
+# The first bytes of the allowed formats: an unreadable file that starts like
+# one of them is a broken image (`decode_error`), anything else `not_an_image`.
+SIGNATURES = (
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"BM",
+)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+# Decoding is CPU-bound and runs on the fetch threads, of which there are many
+# more than cores: more decodes at once than cores would only multiply the
+# peak memory (a full-size RGBA decode of an 80 MP PNG is 320 MB).
+_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
 
 
 class ImageError(Exception):
@@ -37,21 +65,42 @@ class Preprocessing:
     std: tuple[float, float, float]
 
 
+def decode(
+    data: bytes, preprocessing: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Bytes to a normalised (3, size, size) float32 array, or an ImageError."""
+    size = preprocessing.input_size
+    with _DECODE_SLOTS:
+        image = load_rgb(data, size, max_pixels)
+        image = _guarded(image.resize, (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return normalise(image, preprocessing)
+
+
+def load_rgb(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The first frame, upright and in 8-bit RGB.
+
+    JPEGs are decoded at the smallest DCT scale (1/8, 1/4, 1/2) that still
+    leaves both sides at least `min_side` pixels, which is most of the speed:
+    the resize that follows then averages over the same area either way.
+    """
+    return _guarded(_upright_rgb, open_image(data, max_pixels), min_side)
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) with the format allow-list and the pixel cap."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError("bomb", f"decompression bomb refused: {error}") from None
     except UnidentifiedImageError:
+        if _looks_like_allowed_format(data):
+            raise ImageError("decode_error", "broken image: its header cannot be read") from None
         raise ImageError(
             "not_an_image", f"not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})"
         ) from None
+    except Exception as error:  # a parser's own failure on hostile bytes
+        raise ImageError("decode_error", f"cannot read image header: {error}") from None
     width, height = image.size
-    if width <= 0 or height <= 0:
-        raise ImageError("decode_error", f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(
             "bomb", f"{width}x{height} pixels is over the limit of {max_pixels} pixels"
@@ -61,57 +110,60 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to 8-bit RGB; transparency is composited on white, as a page would show it."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        grey = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode in SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips at 255, turning most 16-bit scans white;
+        # keep the high byte instead, as Pillow does for 16-bit RGB.
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray((wide >> 8).astype(np.uint8), mode="L").convert("RGB")
     if image.mode == "F":
+        # Float images have no declared range; 0..1 is the common convention.
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
         grey = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode != "RGB":
-        return image.convert("RGB")
-    return image
-
-
-def decode(
-    data: bytes, preprocessing: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """Bytes to a normalised (3, size, size) float32 array, or an ImageError."""
-    image = open_image(data, max_pixels)
-    size = preprocessing.input_size
-    try:
-        if image.format == "JPEG":
-            # DCT scaling to the smallest size still at least `size` on each side.
-            image.draft("RGB", (size, size))
-        image.seek(0)
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    except Image.DecompressionBombError as error:
-        raise ImageError("bomb", f"decompression bomb refused: {error}") from None
-    except OSError as error:
-        text = str(error)
-        reason = (
-            "truncated" if "truncated" in text or "broken data stream" in text else "decode_error"
-        )
-        raise ImageError(reason, f"cannot decode image: {text}") from None
-    except (ValueError, SyntaxError, EOFError) as error:
-        raise ImageError("decode_error", f"cannot decode image: {error}") from None
-    return normalise(image, preprocessing)
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def normalise(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """An RGB image to the model's (3, H, W) float32 input, with its mean and std."""
     array = np.asarray(image, dtype=np.float32) / 255.0
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     return np.ascontiguousarray(((array - mean) / std).transpose(2, 0, 1))
+
+
+def _upright_rgb(image: Image.Image, min_side: int) -> Image.Image:
+    if image.format == "JPEG":
+        image.draft(None, (min_side, min_side))
+    image.load()
+    ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
+
+
+def _guarded(step: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run one decoding step; whatever a decoder raises on hostile bytes becomes an ImageError.
+
+    Pillow's plugins raise OSError, ValueError, SyntaxError, EOFError, struct
+    and zlib errors and more, so the net is wide on purpose: one bad file must
+    never fail its batch.
+    """
+    try:
+        return step(*args, **kwargs)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError("bomb", f"decompression bomb refused: {error}") from None
+    except OSError as error:
+        if "truncated" in str(error) or "broken data stream" in str(error):
+            raise ImageError("truncated", f"image file is cut short: {error}") from None
+        raise ImageError("decode_error", f"cannot decode image: {error}") from None
+    except Exception as error:
+        raise ImageError("decode_error", f"cannot decode image: {error}") from None
+
+
+def _looks_like_allowed_format(data: bytes) -> bool:
+    return data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")

@@ -142,7 +142,7 @@ def classify_records(
             )
             return _Prepared(record, None, None, failure)
         try:
-            inputs = decode(fetched.content, preprocessing)
+            inputs = decode(fetched.content, preprocessing, fetcher.settings.max_image_pixels)
         except ImageError as error:
             failure = RecordOutcome.failed(
                 record.id,
