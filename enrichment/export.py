@@ -1,152 +1,350 @@
-"""Exporting labels as W3C Web Annotations in JSON-LD, streamed.
+"""Exporting labels as Web Annotations: which labels, and the export as a whole.
 
-Each annotation's id is derived from (record, concept, model version), so
-re-exporting gives the same ids and a consumer can update rather than
-duplicate. Rows are read page by page and written as they come: memory does
-not grow with the size of the export.
+By default every record contributes the labels of its latest classification
+(the newest result that is not an error, so a failed fetch by a newer model
+does not withdraw what an older one found); `--model` or `--run` pick a model
+version or a run instead. Labels come from the `labels` table, or, with new
+thresholds, are recomputed from the stored score vectors without running the
+model. Rows are read through a server-side cursor and handed on one by one:
+memory does not grow with the size of the export.
+
+A thresholds file is a JSON object mapping label keys to thresholds in [0, 1],
+`{"photograph": 0.7, "map": 0.35}`; a label it does not name keeps its model's
+own threshold.
+
+`export` ties the stages together: rows -> annotations of a profile
+(`annotations`), each checked -> a layout on disk or stdout (`pages`).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import sqlalchemy as sa
 
-from enrichment import PROJECT_NAME
-from enrichment.schema import Label, RecordRow, Result
+from enrichment.annotations import (
+    ANNOTATION_ID_NAMESPACE,
+    PROFILES,
+    CheckedAnnotations,
+    LabelRow,
+)
+from enrichment.errors import EnrichError
+from enrichment.pages import AtomicFiles, Layout, write_document, write_split
+from enrichment.schema import Label, ModelRow, Outcome, RecordRow, Result, Run
 from enrichment.store import Database
 
-ANNO_CONTEXT = "http://www.w3.org/ns/anno.jsonld"
-PROJECT_NAMESPACE = "https://w3id.org/heritage-enrichment/ns#"
-PROJECT_CONTEXT = {
-    "henr": PROJECT_NAMESPACE,
-    "confidence": {"@id": "henr:confidence", "@type": "xsd:double"},
-    "version": {"@id": "schema:softwareVersion"},
-}
-ANNOTATION_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, PROJECT_NAMESPACE + "annotation")
-PAGE_ROWS = 1000
+STREAM_ROWS = 2000
+CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
+
+
+class ExportError(EnrichError):
+    """An export's options name something that does not exist, or cannot be written."""
 
 
 @dataclass(frozen=True)
 class ExportFilter:
-    run_id: int | None = None
+    """What to export; every field narrows the selection, the defaults select everything."""
+
     datasets: Sequence[str] = ()
+    run_id: int | None = None
+    model_version: str | None = None
+    since: datetime | None = None
+    min_confidence: float | None = None
+    labels: Sequence[str] = ()
+    thresholds: Mapping[str, float] | None = None
+
+    def describe(self) -> str:
+        """The filters in words, for the collection's label."""
+        parts = []
+        if self.datasets:
+            parts.append("dataset " + ", ".join(self.datasets))
+        if self.run_id is not None:
+            parts.append(f"run {self.run_id}")
+        parts.append(f"model {self.model_version}" if self.model_version else "latest model")
+        if self.since is not None:
+            parts.append(f"since {self.since.isoformat()}Z")
+        if self.labels:
+            parts.append("label " + ", ".join(self.labels))
+        if self.min_confidence is not None:
+            parts.append(f"confidence >= {self.min_confidence:g}")
+        if self.thresholds:
+            parts.append(
+                "thresholds " + ", ".join(f"{k}={v:g}" for k, v in sorted(self.thresholds.items()))
+            )
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
-class LabelRow:
-    record_id: str
-    item_uri: str
-    image_url: str | None
-    model_version: str
-    concept_uri: str
-    confidence: float
-    classified_at: datetime
+class Output:
+    """Where and how to write: profile, format, file (None: a stream), pages per file."""
+
+    profile: str = "w3c"
+    format: str = "jsonld"
+    path: Path | None = None
+    split: int | None = None
+    base_url: str | None = None
 
 
-def annotation_id(record_id: str, concept_uri: str, model_version: str) -> str:
-    return "urn:uuid:" + str(
-        uuid.uuid5(ANNOTATION_ID_NAMESPACE, f"{record_id}\n{concept_uri}\n{model_version}")
+@dataclass(frozen=True)
+class ExportReport:
+    written: int
+    skipped: int
+    problems: list[str]
+    files: list[Path]
+
+
+def export(
+    db: Database, filters: ExportFilter, output: Output, stream: IO[str] | None = None
+) -> ExportReport:
+    """Write the selected labels as annotations to `output.path`, or to `stream` without one."""
+    check_filter(db, filters)
+    if output.split is not None and output.path is None:
+        raise ExportError("--split writes one file per page: it needs --out")
+    if output.base_url is not None and output.path is None:
+        raise ExportError("--base-url names the published files: it needs --out")
+    if output.base_url is not None and not output.base_url.endswith("/"):
+        output = replace(output, base_url=output.base_url + "/")
+    checked = CheckedAnnotations(PROFILES[output.profile])
+    layout = Layout(
+        checked.profile,
+        output.format,
+        collection_id(filters, output),
+        "Image classification labels: " + filters.describe(),
+        output.base_url,
     )
+    annotations = checked.build(iter_label_rows(db, filters))
+    if output.path is None:
+        assert stream is not None, "export to a stream needs the stream"
+        write_document(annotations, stream, layout)
+        files = []
+    elif output.split is None:
+        with AtomicFiles() as atomic, atomic.create(output.path) as out:
+            write_document(annotations, out, layout)
+        files = [output.path]
+    else:
+        files = write_split(annotations, output.path, output.split, layout)
+    return ExportReport(checked.written, checked.skipped, checked.problems, files)
 
 
-def w3c_annotation(row: LabelRow) -> dict[str, Any]:
-    """One label as a W3C Annotation; the confidence is a project term of the added context."""
-    target: dict[str, Any] | str = (
-        {"source": row.image_url, "scope": row.item_uri} if row.image_url else row.item_uri
-    )
-    return {
-        "id": annotation_id(row.record_id, row.concept_uri, row.model_version),
-        "type": "Annotation",
-        "motivation": "classifying",
-        "body": row.concept_uri,
-        "target": target,
-        "generator": {"type": "Software", "name": PROJECT_NAME, "version": row.model_version},
-        "created": row.classified_at.replace(microsecond=0).isoformat() + "Z",
-        "confidence": round(row.confidence, 6),
+def collection_id(filters: ExportFilter, output: Output) -> str:
+    """The published file's URL, or a URN derived from the filters.
+
+    The same filters name the same collection on every export, so a nightly
+    export of a dataset is one collection whose content changes over time.
+    """
+    if output.base_url is not None and output.path is not None:
+        return output.base_url + output.path.name
+    key = {
+        **asdict(filters),
+        "datasets": sorted(filters.datasets),
+        "labels": sorted(filters.labels),
+        "thresholds": dict(filters.thresholds or {}),
     }
+    name = "collection\n" + json.dumps(key, sort_keys=True, default=str)
+    return f"urn:uuid:{uuid.uuid5(ANNOTATION_ID_NAMESPACE, name)}"
 
 
-def _selection(filters: ExportFilter) -> sa.Select:
-    """Labels of each record's latest result (by classification time), filtered."""
-    latest = (
-        sa.select(Result.record_id, sa.func.max(Result.classified_at).label("classified_at"))
-        .group_by(Result.record_id)
-        .subquery()
+def read_thresholds(path: Path) -> dict[str, float]:
+    """Parse a thresholds file: a JSON object of label key -> threshold in [0, 1]."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ExportError(f"cannot read thresholds file {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ExportError(f"thresholds file {path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict) or not document:
+        raise ExportError(
+            f'thresholds file {path} must be a JSON object such as {{"photograph": 0.7}}'
+        )
+    thresholds = {}
+    for key, value in document.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise ExportError(f"thresholds file {path}: {key!r} must be a number in [0, 1]")
+        thresholds[key] = float(value)
+    return thresholds
+
+
+@dataclass(frozen=True)
+class _ModelLabels:
+    """A model version's labels in score order, with the thresholds an export applies."""
+
+    keys: list[str]
+    concepts: list[str]
+    thresholds: np.ndarray
+
+
+def check_filter(db: Database, filters: ExportFilter) -> None:
+    """Refuse filters that name a run, model version or label key the database does not know."""
+    with db.engine.connect() as connection:
+        run = sa.select(Run.id).where(Run.id == filters.run_id)
+        if filters.run_id is not None and connection.execute(run).first() is None:
+            raise ExportError(f"run {filters.run_id} does not exist")
+        models = _model_labels(connection, None)
+    if filters.model_version is not None and filters.model_version not in models:
+        known = ", ".join(sorted(models)) or "none yet"
+        raise ExportError(f"unknown model version {filters.model_version} (known: {known})")
+    keys = {key for model in models.values() for key in model.keys}
+    for option, named in (("--label", filters.labels), ("--thresholds", filters.thresholds or {})):
+        unknown = sorted(set(named) - keys)
+        if unknown:
+            raise ExportError(
+                f"{option} names label keys no model has: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(keys)) or 'none yet'})"
+            )
+
+
+def iter_label_rows(db: Database, filters: ExportFilter) -> Iterator[LabelRow]:
+    """The selected labels, ordered by record, model version and label key."""
+    with db.engine.connect() as connection:
+        if filters.thresholds is None:
+            rows = _stream(connection, _stored_labels(filters))
+            yield from (LabelRow(*row) for row in rows)
+        else:
+            models = _model_labels(connection, filters.thresholds)
+            for row in _stream(connection, _classified_results(filters)):
+                yield from _rethreshold(row, models[row.model_version], filters)
+
+
+def _stream(connection: sa.Connection, query: sa.Select) -> sa.CursorResult[Any]:
+    """Rows fetched in chunks through a server-side cursor (PostgreSQL) or SQLite's cursor."""
+    return connection.execution_options(stream_results=True, yield_per=STREAM_ROWS).execute(query)
+
+
+def _model_labels(
+    connection: sa.Connection, overrides: Mapping[str, float] | None
+) -> dict[str, _ModelLabels]:
+    models = {}
+    for version, labels, thresholds in connection.execute(
+        sa.select(ModelRow.version, ModelRow.labels, ModelRow.thresholds)
+    ):
+        keys = [label["key"] for label in labels]
+        applied = [
+            (overrides or {}).get(key, own) for key, own in zip(keys, thresholds, strict=True)
+        ]
+        models[version] = _ModelLabels(
+            keys,
+            [label["concept"] for label in labels],
+            # float32, as the classifier compares: the same scores give the same labels.
+            np.asarray(applied, dtype=np.float32),
+        )
+    return models
+
+
+def _chosen_results(filters: ExportFilter) -> sa.Subquery:
+    """One result per record: of the run, of the model version, or else the latest classified."""
+    columns = (
+        Result.record_id,
+        Result.model_version,
+        Result.image_url,
+        Result.classified_at,
     )
+    scope = [Result.status.in_(CLASSIFIED)]
+    if filters.datasets:
+        scope.append(
+            Result.record_id.in_(
+                sa.select(RecordRow.id).where(RecordRow.dataset.in_(filters.datasets))
+            )
+        )
+    if filters.run_id is not None:
+        scope.append(Result.run_id == filters.run_id)
+    if filters.model_version is not None:
+        scope.append(Result.model_version == filters.model_version)
+    if filters.run_id is not None or filters.model_version is not None:
+        return sa.select(*columns).where(*scope).subquery("chosen")
+    newest_first = sa.func.row_number().over(
+        partition_by=Result.record_id,
+        order_by=(Result.classified_at.desc(), Result.model_version.desc()),
+    )
+    ranked = sa.select(*columns, newest_first.label("rank")).where(*scope).subquery("ranked")
+    return (
+        sa.select(*(ranked.c[column.key] for column in columns))
+        .where(ranked.c.rank == 1)
+        .subquery("chosen")
+    )
+
+
+def _stored_labels(filters: ExportFilter) -> sa.Select:
+    chosen = _chosen_results(filters)
     query = (
         sa.select(
             Label.record_id,
             RecordRow.item_uri,
-            Result.image_url,
+            chosen.c.image_url,
             Label.model_version,
+            Label.label_key,
             Label.concept_uri,
             Label.confidence,
-            Result.classified_at,
+            chosen.c.classified_at,
         )
         .join(
-            Result,
-            (Result.record_id == Label.record_id) & (Result.model_version == Label.model_version),
-        )
-        .join(
-            latest,
-            (latest.c.record_id == Result.record_id)
-            & (latest.c.classified_at == Result.classified_at),
+            chosen,
+            (chosen.c.record_id == Label.record_id)
+            & (chosen.c.model_version == Label.model_version),
         )
         .join(RecordRow, RecordRow.id == Label.record_id)
+        .order_by(Label.record_id, Label.model_version, Label.label_key)
     )
-    if filters.run_id is not None:
-        query = query.where(Result.run_id == filters.run_id)
-    if filters.datasets:
-        query = query.where(RecordRow.dataset.in_(filters.datasets))
+    if filters.since is not None:
+        query = query.where(chosen.c.classified_at >= filters.since)
+    if filters.labels:
+        query = query.where(Label.label_key.in_(filters.labels))
+    if filters.min_confidence is not None:
+        query = query.where(Label.confidence >= filters.min_confidence)
     return query
 
 
-def iter_label_rows(db: Database, filters: ExportFilter) -> Iterator[LabelRow]:
-    query = _selection(filters).order_by(Label.record_id, Label.concept_uri)
-    with db.engine.connect() as connection:
-        result = connection.execution_options(stream_results=True, yield_per=PAGE_ROWS).execute(
-            query
+def _classified_results(filters: ExportFilter) -> sa.Select:
+    chosen = _chosen_results(filters)
+    query = (
+        sa.select(
+            chosen.c.record_id,
+            RecordRow.item_uri,
+            chosen.c.image_url,
+            chosen.c.model_version,
+            chosen.c.classified_at,
+            Result.scores,
         )
-        for row in result:
-            yield LabelRow(*row)
-
-
-def count_labels(db: Database, filters: ExportFilter) -> int:
-    with db.engine.connect() as connection:
-        return connection.execute(
-            sa.select(sa.func.count()).select_from(_selection(filters).subquery())
-        ).scalar_one()
-
-
-def write_collection(db: Database, filters: ExportFilter, out: IO[str], label: str) -> int:
-    """Write one AnnotationCollection with its annotations in a single page; returns the count."""
-    total = count_labels(db, filters)
-    collection_id = f"urn:{PROJECT_NAME}:export:{uuid.uuid4()}"
-    head = {
-        "@context": [ANNO_CONTEXT, PROJECT_CONTEXT],
-        "id": collection_id,
-        "type": "AnnotationCollection",
-        "label": label,
-        "total": total,
-    }
-    page = {
-        "id": collection_id + "#page-0",
-        "type": "AnnotationPage",
-        "partOf": collection_id,
-        "startIndex": 0,
-    }
-    out.write(
-        json.dumps(head, indent=1)[:-2] + ',\n "first": ' + json.dumps(page)[:-1] + ', "items": [\n'
+        .join(RecordRow, RecordRow.id == chosen.c.record_id)
+        .join(
+            Result,
+            (Result.record_id == chosen.c.record_id)
+            & (Result.model_version == chosen.c.model_version),
+        )
+        .order_by(chosen.c.record_id, chosen.c.model_version)
     )
-    written = 0
-    for row in iter_label_rows(db, filters):
-        out.write((",\n" if written else "") + json.dumps(w3c_annotation(row), ensure_ascii=False))
-        written += 1
-    out.write("\n]}\n}\n")
-    return written
+    if filters.since is not None:
+        query = query.where(chosen.c.classified_at >= filters.since)
+    return query
+
+
+def _rethreshold(row: Any, model: _ModelLabels, filters: ExportFilter) -> Iterator[LabelRow]:
+    """The labels one stored score vector yields under the export's thresholds, by key."""
+    if not row.scores:
+        return
+    scores = np.asarray(row.scores, dtype=np.float32)
+    kept = sorted(
+        (model.keys[i], model.concepts[i], float(row.scores[i]))
+        for i in np.flatnonzero(scores >= model.thresholds)
+    )
+    for key, concept, confidence in kept:
+        if filters.labels and key not in filters.labels:
+            continue
+        if filters.min_confidence is not None and confidence < filters.min_confidence:
+            continue
+        yield LabelRow(
+            row.record_id,
+            row.item_uri,
+            row.image_url,
+            row.model_version,
+            key,
+            concept,
+            confidence,
+            row.classified_at,
+        )

@@ -1,8 +1,9 @@
-"""`enrich export`: labels as W3C Web Annotations in JSON-LD."""
+"""`enrich export`: labels as W3C Web Annotations in JSON-LD, for any consumer or for Europeana."""
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -10,27 +11,126 @@ import click
 from enrichment.cli.base import open_db
 
 
+class Moment(click.ParamType):
+    """An ISO 8601 date or date-time; without an offset it is UTC, as the database stores."""
+
+    name = "DATE"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, datetime):
+            return value
+        from enrichment.schema import as_utc_naive
+
+        try:
+            return as_utc_naive(datetime.fromisoformat(str(value)))
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date such as 2024-05-01", param, ctx)
+
+
 @click.command()
 @click.option(
     "--out",
     "out_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Output file (default: stdout).",
+    help="Output file (default: stdout). Written under a temporary name, renamed when complete.",
 )
-@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
+@click.option(
+    "--profile",
+    type=click.Choice(["w3c", "europeana"]),
+    default="w3c",
+    show_default=True,
+    help="w3c: classifying, image target, confidence; "
+    "europeana: tagging, item target, pages for POST /annotations/.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonld", "jsonl"]),
+    default="jsonld",
+    show_default=True,
+    help="jsonld: one collection (W3C) or AnnotationPage (Europeana); "
+    "jsonl: one annotation per line.",
+)
+@click.option(
+    "--split",
+    type=click.IntRange(1),
+    metavar="N",
+    help="N annotations per page, each page in its own file OUT-00001.jsonld, ... "
+    "(W3C JSON-LD: OUT holds the collection that links them).",
+)
+@click.option(
+    "--base-url",
+    metavar="URL",
+    help="Where the files will be published: the collection and page ids become URLs there.",
+)
 @click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
-def export(out_path: Path | None, run_id: int | None, datasets: tuple[str, ...]) -> None:
-    """Export labels as a W3C Web Annotation collection in JSON-LD."""
-    from enrichment.export import ExportFilter, write_collection
+@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
+@click.option(
+    "--model",
+    "model_version",
+    metavar="VERSION",
+    help="Only this model version (default: each record's latest classification).",
+)
+@click.option("--since", type=Moment(), help="Only labels classified at or after DATE (UTC).")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    metavar="X",
+    help="Only labels with confidence >= X, on top of the per-class thresholds.",
+)
+@click.option(
+    "--thresholds",
+    "thresholds_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help='Re-threshold the stored scores: a JSON object {"label_key": threshold, ...}; '
+    "labels it does not name keep their model's threshold.",
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
+)
+def export(
+    out_path: Path | None,
+    profile: str,
+    fmt: str,
+    split: int | None,
+    base_url: str | None,
+    datasets: tuple[str, ...],
+    run_id: int | None,
+    model_version: str | None,
+    since: datetime | None,
+    min_confidence: float | None,
+    thresholds_file: Path | None,
+    labels: tuple[str, ...],
+) -> None:
+    """Export labels as W3C Web Annotations in JSON-LD, streamed.
 
-    db = open_db()
-    filters = ExportFilter(run_id=run_id, datasets=datasets)
-    label = "Image classification labels" + (f" of run {run_id}" if run_id else "")
-    if out_path is None:
-        count = write_collection(db, filters, sys.stdout, label)
-    else:
-        partial = out_path.with_name(out_path.name + ".partial")
-        with partial.open("w", encoding="utf-8") as out:
-            count = write_collection(db, filters, out, label)
-        partial.replace(out_path)
-        click.echo(f"wrote {count} annotations to {out_path}", err=True)
+    Annotation ids are derived from (record, concept, model version): exporting
+    again gives the same ids. Annotations that would not validate are skipped
+    and reported on stderr.
+    """
+    from enrichment.export import ExportFilter, Output, export, read_thresholds
+
+    filters = ExportFilter(
+        datasets=datasets,
+        run_id=run_id,
+        model_version=model_version,
+        since=since,
+        min_confidence=min_confidence,
+        labels=labels,
+        thresholds=read_thresholds(thresholds_file) if thresholds_file else None,
+    )
+    output = Output(profile, fmt, out_path, split, base_url)
+    report = export(open_db(), filters, output, sys.stdout)
+    if report.skipped:
+        click.echo(f"skipped {report.skipped} annotations that would not validate, e.g.:", err=True)
+        for problem in report.problems:
+            click.echo(f"  {problem}", err=True)
+    if out_path is not None:
+        click.echo(f"wrote {report.written} annotations to {_files(report.files)}", err=True)
+
+
+def _files(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return str(paths[0])
+    names = ", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return f"{len(paths)} files ({names})" if paths else "no files"

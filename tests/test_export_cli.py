@@ -1,0 +1,119 @@
+"""`enrich export` end to end: real runs of the tiny model into PostgreSQL, then the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from enrichment.model import read_model_json
+from tests.conftest import VOCABULARY, enrich
+from tests.scenario import build_scenario
+
+
+def labels(document: dict) -> dict[tuple[str, str], float]:
+    """(record, label key) -> confidence, from a W3C collection."""
+    by_concept = {concept: key for key, concept in VOCABULARY.items()}
+    return {
+        (
+            a["target"]["scope"].removeprefix("http://data.europeana.eu/item"),
+            by_concept[a["body"]],
+        ): a["confidence"]
+        for a in document["first"]["items"]
+    }
+
+
+def test_export_filters_reexport_and_profiles_through_the_cli(
+    tmp_path: Path, image_host, tiny_model: Path, pg_url: str
+) -> None:
+    records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/export")
+    spec, version, _ = read_model_json(tiny_model)
+    env = {
+        "DATABASE_URL": pg_url,
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    lines = records.read_text().splitlines()
+    first_half = tmp_path / "first.jsonl"
+    first_half.write_text("\n".join(lines[:4]) + "\n")
+    first_ids = {json.loads(line)["id"] for line in lines[:4]}
+    started = enrich("run", "--records", str(first_half), "--json", "--no-progress", env=env)
+    assert started.returncode == 0, started.stderr
+    first_run = json.loads(started.stdout)["id"]
+    rest = enrich("run", "--records", str(records), "--json", "--no-progress", env=env)
+    assert rest.returncode == 0, rest.stderr
+
+    def export(*options: str) -> dict:
+        done = enrich("export", *options, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    want = {
+        (record, key): confidence
+        for record, item in expected.items()
+        for key, confidence in item.labels.items()
+    }
+    everything = export()
+    assert sorted(labels(everything)) == sorted(want)
+    assert {a["generator"]["version"] for a in everything["first"]["items"]} == {version}
+    by_run = labels(export("--run", str(first_run)))
+    assert sorted(by_run) == sorted(key for key in want if key[0] in first_ids)
+
+    # Re-running the same records with the same model gives the same annotation ids.
+    again = enrich("run", "--records", str(records), "--full", "--json", "--no-progress", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["records_enqueued"] == len(expected)
+    reexported = export()
+    ids = [a["id"] for a in everything["first"]["items"]]
+    assert [a["id"] for a in reexported["first"]["items"]] == ids
+    assert json.dumps(ids) == json.dumps([a["id"] for a in reexported["first"]["items"]])
+
+    cut = sorted(want.values())[len(want) // 2]
+    confident = labels(export("--min-confidence", str(cut)))
+    assert sorted(confident) == sorted(k for k, c in want.items() if c >= cut)
+
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps({"map": 0.0, "photograph": 0.9}))
+    own = {label.key: label.threshold for label in spec.labels}
+    applied = np.asarray(
+        [{**own, "map": 0.0, "photograph": 0.9}[label.key] for label in spec.labels], np.float32
+    )
+    rescored = {
+        (record, label.key)
+        for record, item in expected.items()
+        if item.scores is not None
+        for label, score in zip(spec.labels, np.float32(item.scores) >= applied, strict=True)
+        if score
+    }
+    assert ("/e2e/white", "map") in rescored
+    assert sorted(labels(export("--thresholds", str(thresholds)))) == sorted(rescored)
+    assert labels(export("--since", "2999-01-01")) == {}
+    assert sorted(labels(export("--since", "2000-01-01T00:00:00Z", "--dataset", "e2e"))) == sorted(
+        want
+    )
+
+    out = tmp_path / "europeana.jsonld"
+    paged = enrich("export", "--profile", "europeana", "--split", "2", "--out", str(out), env=env)
+    assert paged.returncode == 0, paged.stderr
+    pages = sorted(tmp_path.glob("europeana-*.jsonld"))
+    assert len(pages) == -(-len(want) // 2)
+    assert f"wrote {len(want)} annotations to {len(pages)} files" in paged.stderr
+    items = [item for page in pages for item in json.loads(page.read_text())["items"]]
+    assert all(item["motivation"] == "tagging" for item in items) and len(items) == len(want)
+
+
+def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3"}
+    cases = [
+        (("--split", "10"), "--split writes one file per page: it needs --out"),
+        (("--model", "nope@123"), "unknown model version nope@123 (known: none yet)"),
+        (("--since", "last week"), "'last week' is not an ISO 8601 date"),
+        (("--thresholds", str(tmp_path / "missing.json")), "cannot read thresholds file"),
+    ]
+    for options, message in cases:
+        done = enrich("export", *options, env=env)
+        assert done.returncode != 0
+        assert message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

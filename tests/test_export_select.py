@@ -1,0 +1,127 @@
+"""Which labels an export holds, on SQLite and on PostgreSQL (server-side cursors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from enrichment.export import ExportError, ExportFilter, read_thresholds
+from enrichment.store import Database
+from tests.export_support import (
+    NEW,
+    OLD,
+    Catalogue,
+    annotations_in,
+    build_catalogue,
+    export_text,
+    exported_labels,
+    open_database,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalogue(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Database, Catalogue]:
+    url = (
+        f"sqlite:///{tmp_path}/export.sqlite3"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    db = open_database(url)
+    yield db, build_catalogue(db)
+    db.dispose()
+
+
+def exported(db: Database, **filters) -> dict[tuple[str, str, str], float]:
+    return exported_labels(annotations_in(export_text(db, ExportFilter(**filters))))
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    assert all(abs(got[key] - want[key]) < 1e-6 for key in want)
+
+
+def test_each_record_shows_its_latest_classification_by_default(catalogue) -> None:
+    db, stored = catalogue
+    got = exported(db)
+    assert_same(got, stored.expected())
+    versions = {record: version for record, version, _ in got}
+    assert versions["/1001/item_00"] == NEW
+    # NEW failed on items 6 and 7: their OLD labels stay exported.
+    assert {versions.get("/1001/item_06"), versions.get("/1001/item_07")} <= {OLD, None}
+    assert {version for record, version in versions.items() if record.startswith("/1002/")} == {OLD}
+
+
+def test_model_version_dataset_label_and_since_filters(catalogue) -> None:
+    db, stored = catalogue
+    assert_same(exported(db, model_version=OLD), stored.expected(version=OLD))
+    assert_same(exported(db, model_version=NEW), stored.expected(version=NEW))
+    assert_same(exported(db, datasets=("1002",)), stored.expected(datasets=("1002",)))
+    assert_same(
+        exported(db, datasets=("1001", "1002"), labels=("map", "drawing")),
+        stored.expected(keys=("map", "drawing")),
+    )
+    assert_same(exported(db, since=stored.saved_at[NEW]), stored.expected(only_versions=(NEW,)))
+    assert exported(db, datasets=("9999",)) == {}
+
+
+def test_min_confidence_and_thresholds_change_exactly_the_expected_set(
+    catalogue, tmp_path: Path
+) -> None:
+    db, stored = catalogue
+    assert_same(exported(db, min_confidence=0.75), stored.expected(min_confidence=0.75))
+    assert len(stored.expected(min_confidence=0.75)) < len(stored.expected())
+
+    lower = {"photograph": 0.2, "map": 0.3}
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(lower))
+    thresholds = read_thresholds(path)
+    got = exported(db, thresholds=thresholds)
+    assert_same(got, stored.expected(thresholds=lower))
+    assert set(got) > set(stored.expected()), "lower thresholds add labels, keep the others"
+
+    higher = {"drawing": 0.9}
+    assert_same(exported(db, thresholds=higher), stored.expected(thresholds=higher))
+    assert_same(
+        exported(db, thresholds=lower, min_confidence=0.5, labels=("map",), model_version=OLD),
+        stored.expected(version=OLD, thresholds=lower, min_confidence=0.5, keys=("map",)),
+    )
+
+
+def test_rethresholding_with_the_models_own_thresholds_reproduces_the_stored_labels(
+    catalogue,
+) -> None:
+    db, _ = catalogue
+    own = {"photograph": 0.5, "drawing": 0.4, "map": 0.6}
+    stored_text = export_text(db, ExportFilter(datasets=("1001",)))
+    rescored = export_text(db, ExportFilter(datasets=("1001",), thresholds=own))
+    assert annotations_in(rescored) == annotations_in(stored_text)
+
+
+def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
+    db, _ = catalogue
+    with pytest.raises(ExportError, match="unknown model version nope@1"):
+        export_text(db, ExportFilter(model_version="nope@1"))
+    with pytest.raises(ExportError, match="run 42 does not exist"):
+        export_text(db, ExportFilter(run_id=42))
+    with pytest.raises(ExportError, match="--label names label keys no model has: portrait"):
+        export_text(db, ExportFilter(labels=("portrait",)))
+    with pytest.raises(ExportError, match="--thresholds names label keys no model has: mapp"):
+        export_text(db, ExportFilter(thresholds={"mapp": 0.3}))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[0.5]", "must be a JSON object"),
+        ('{"map": 1.5}', "'map' must be a number in \\[0, 1\\]"),
+        ('{"map": true}', "'map' must be a number"),
+        ("{map: 0.5}", "is not valid JSON"),
+    ],
+)
+def test_a_bad_thresholds_file_is_one_clear_error(tmp_path: Path, content: str, message) -> None:
+    path = tmp_path / "thresholds.json"
+    path.write_text(content)
+    with pytest.raises(ExportError, match=message):
+        read_thresholds(path)
