@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from enrichment.errors import EnrichError
-from enrichment.schema import Batch, Label, RecordRow, Result, Run
+from enrichment.schema import Batch, Label, RecordRow, Result, Run, utc_now
 from enrichment.store import Database
 
 PAGE = 500
@@ -31,12 +31,26 @@ class RunSummary:
     created_at: datetime
     finished_at: datetime | None
     error: str | None
+    records_done: int
+    rate: float | None  # records per second since the run started
+    eta_seconds: float | None
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["created_at"] = self.created_at.isoformat() + "Z"
         document["finished_at"] = self.finished_at.isoformat() + "Z" if self.finished_at else None
         return document
+
+
+def _progress(
+    started: datetime, finished: datetime | None, done: int, enqueued: int
+) -> tuple[float | None, float | None]:
+    """Throughput so far and, while the run goes on, the time left at that pace."""
+    elapsed = ((finished or utc_now()) - started).total_seconds()
+    if done == 0 or elapsed <= 0:
+        return None, None
+    rate = done / elapsed
+    return round(rate, 2), (None if finished else round(max(enqueued - done, 0) / rate, 1))
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,10 @@ def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
                 .order_by(sa.func.count().desc())
             ).all()
         )
+        done = sum(outcomes.values())
+        rate, eta = _progress(
+            run.started_at or run.created_at, run.finished_at, done, run.records_enqueued
+        )
         return RunSummary(
             id=run.id,
             kind=run.kind,
@@ -101,6 +119,9 @@ def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
             created_at=run.created_at,
             finished_at=run.finished_at,
             error=run.error,
+            records_done=done,
+            rate=rate,
+            eta_seconds=eta,
         )
 
 

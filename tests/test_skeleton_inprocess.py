@@ -26,7 +26,8 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     assert summary["status"] == "completed"
     assert summary["batches"] == {"done": 3}
     assert summary["records_enqueued"] == len(expected)
-    assert sum(summary["outcomes"].values()) == len(expected)
+    assert sum(summary["outcomes"].values()) == summary["records_done"] == len(expected)
+    assert summary["rate"] > 0 and summary["eta_seconds"] is None  # finished: nothing left
     assert summary["errors_by_reason"] == {"http_404": 1, "not_an_image": 1, "no_image": 1}
     assert_rows_match(stored_rows(database), expected, version)
 

@@ -186,17 +186,21 @@ def report_run(db: Database, run_id: int, as_json: bool) -> None:
 
 def print_summary_counts(summary) -> None:
     click.echo(f"  model          {summary.model_version}")
-    click.echo(f"  records        {summary.records_seen} seen, {summary.records_enqueued} enqueued")
     click.echo(
-        "  batches        "
-        + (", ".join(f"{n} {s}" for s, n in sorted(summary.batches.items())) or "none")
+        f"  records        {summary.records_seen} seen, {summary.records_enqueued} enqueued, "
+        f"{summary.records_done} done, {summary.outcomes.get('error', 0)} failed"
     )
-    click.echo(
-        "  outcomes       "
-        + (", ".join(f"{n} {s}" for s, n in sorted(summary.outcomes.items())) or "none yet")
-    )
+    if summary.rate is not None:
+        eta = f", about {summary.eta_seconds:.0f} s left" if summary.eta_seconds else ""
+        click.echo(f"  rate           {summary.rate:g} records/s{eta}")
+    batches = ", ".join(f"{n} {s}" for s, n in sorted(summary.batches.items())) or "none"
+    outcomes = ", ".join(f"{n} {s}" for s, n in sorted(summary.outcomes.items())) or "none yet"
+    click.echo(f"  batches        {batches}")
+    click.echo(f"  outcomes       {outcomes}")
     for reason, count in summary.errors_by_reason.items():
         click.echo(f"    error {reason:<20} {count}")
+    if summary.error:
+        click.echo(f"  stopped by     {summary.error}")
 
 
 @click.command()
