@@ -168,8 +168,13 @@ def test_bad_key_stops_the_run_before_anything_is_enqueued(
         "run", "--dataset", "2048128", env=env_for(api, database, tiny_model, key="wrong")
     )
     assert result.returncode == 1
+    recorded = json.loads(
+        (
+            Path(__file__).parent / "data/search-api/search-error-401-apikey-does-not-exist.json"
+        ).read_text()
+    )
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: Europeana Search API refused the request: API key doesn't exist (401-AX)"
+        f"Error: Europeana Search API refused the request: {recorded['error']} ({recorded['code']})"
     )
     assert "wrong" not in result.stderr
     assert scalar(database, "SELECT count(*) FROM batches") == 0

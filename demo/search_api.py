@@ -1,0 +1,154 @@
+"""A local Europeana Search API for the demo, the tests and the benchmarks.
+
+It serves Europeana-format items the way `/record/v2/search.json` does: `rows`
+capped at 100, an opaque `nextCursor` until the last page, a `wskey` check
+with Europeana's own 401 body, `{"success": false, ...}` errors, the dataset
+query and the `TYPE` and `timestamp_update` filters the scheduler sends, and
+(for tests) failures scripted by request number.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+KEY = "test-key"
+UNKNOWN_KEY = {
+    "apikey": "APIKEY",
+    "success": False,
+    "error": "API key doesn't exist",
+    "code": "401-AX",
+}
+
+
+def generated_item(
+    dataset: str, index: int, image_url: str, updated: str = "2024-01-01T00:00:00.000Z"
+) -> dict[str, Any]:
+    return {
+        "id": f"/{dataset}/item_{index:05d}",
+        "type": "IMAGE",
+        "edmPreview": [image_url],
+        "edmIsShownBy": [image_url + "?full"],
+        "dataProvider": [f"Provider of {dataset}"],
+        "provider": ["Test aggregator"],
+        "edmDatasetName": [f"{dataset}_Test_dataset"],
+        "timestamp_update": updated,
+    }
+
+
+@dataclass
+class SearchAPI:
+    items: list[dict[str, Any]] = field(default_factory=list)
+    failures: dict[int, tuple] = field(default_factory=dict)  # by request number, from 1
+    requests: list[dict[str, list[str]]] = field(default_factory=list)
+    key: str = KEY
+
+    def __post_init__(self) -> None:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                params = parse_qs(parts.query, keep_blank_values=True)
+                api.requests.append(params)
+                status, headers, body = api.answer(parts.path, params)
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, path: str, params: dict[str, list[str]]) -> tuple[int, dict[str, str], bytes]:
+        if path != "/record/v2/search.json":
+            return 404, {}, b"not found"
+        failure = self.failures.get(len(self.requests))
+        if failure:
+            kind, *arguments = failure
+            if kind == "status":
+                status, retry_after = arguments
+                headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+                return status, headers, b'{"success": false, "error": "busy"}'
+            if kind == "html":
+                return (
+                    200,
+                    {"Content-Type": "text/html"},
+                    b"<html><body>Gateway hiccup</body></html>",
+                )
+            if kind == "truncated":
+                return (
+                    200,
+                    {"Content-Type": "application/json"},
+                    b'{"success": true, "items": [{"id": "/1/',
+                )
+        if params.get("wskey", [""])[0] != self.key:
+            body = {**UNKNOWN_KEY, "apikey": params.get("wskey", [""])[0]}
+            return 401, {"Content-Type": "application/json"}, json.dumps(body).encode()
+        if "start" in params:
+            return 400, {}, json.dumps({"success": False, "error": "use cursor"}).encode()
+        try:
+            selected = self.select(params["query"][0], params.get("qf", []))
+        except ValueError as error:
+            body = {
+                "apikey": self.key,
+                "success": False,
+                "error": "Invalid query parameter",
+                "message": str(error),
+                "code": "400-SQ",
+            }
+            return 400, {"Content-Type": "application/json"}, json.dumps(body).encode()
+        rows = min(int(params.get("rows", ["12"])[0]), 100)
+        cursor = params.get("cursor", ["*"])[0]
+        start = 0 if cursor == "*" else int(base64.urlsafe_b64decode(cursor.encode()).decode())
+        page = selected[start : start + rows]
+        document: dict[str, Any] = {
+            "apikey": self.key,
+            "success": True,
+            "requestNumber": len(self.requests),
+            "itemsCount": len(page),
+            "totalResults": len(selected),
+            "items": page,
+        }
+        if start + rows < len(selected):
+            document["nextCursor"] = base64.urlsafe_b64encode(str(start + rows).encode()).decode()
+        return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+    def select(self, query: str, filters: list[str]) -> list[dict[str, Any]]:
+        chosen = sorted(self.items, key=lambda item: item["id"])
+        dataset = re.fullmatch(r"edm_datasetName:(\w+?)_\*", query)
+        if dataset:
+            chosen = [item for item in chosen if item["id"].split("/")[1] == dataset.group(1)]
+        elif query not in ("*", "*:*"):
+            raise ValueError(f"this test server does not understand {query!r}")
+        for value in filters:
+            since = re.fullmatch(r"timestamp_update:\[(\S+) TO \*\]", value)
+            if value == "TYPE:IMAGE":
+                chosen = [item for item in chosen if item.get("type") == "IMAGE"]
+            elif since:
+                chosen = [
+                    item for item in chosen if item.get("timestamp_update", "") >= since.group(1)
+                ]
+            else:
+                raise ValueError(f"this test server does not understand qf {value!r}")
+        return chosen
