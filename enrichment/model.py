@@ -4,12 +4,17 @@ A model's identity is `name@` + the first 12 hex digits of its weights'
 SHA-256, checked on every load, so a result row always names the exact
 weights that produced it. Weights are read with safetensors only: a checkpoint
 is never unpickled.
+
+Thresholds are not part of that identity: calibration rewrites them in
+model.json (counting up `thresholds_version`) without touching the weights,
+and stored score vectors stay valid because they are kept whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +65,19 @@ class ModelSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     metrics: dict[str, Any] = field(default_factory=dict)
+    # When no class reaches its threshold, label the k best-scoring ones anyway (0: never).
+    top_k_fallback: int = 0
+    thresholds_version: int = 1
+    calibration: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
 
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(self.input_size, self.mean, self.std)
+
+    @property
+    def keys(self) -> list[str]:
+        return [label.key for label in self.labels]
 
 
 def classification_architectures() -> list[str]:
@@ -78,6 +92,27 @@ def build_network(architecture: str, num_labels: int) -> torch.nn.Module:
             f"model such as resnet50, mobilenet_v3_large or efficientnet_b0"
         )
     return torchvision.models.get_model(architecture, weights=None, num_classes=num_labels)
+
+
+def head_parameter_names(architecture: str) -> set[str]:
+    """The state-dict entries whose shape depends on the number of labels: the head.
+
+    Found by comparing the architecture built for two label counts (on the meta
+    device where it can be, so nothing is allocated), which works for every
+    torchvision layout (`fc`, `classifier[-1]`, `heads.head`, auxiliary heads)
+    without a table to maintain.
+    """
+    one, two = _state_shapes(architecture, 1), _state_shapes(architecture, 2)
+    return {name for name, shape in one.items() if shape != two[name]}
+
+
+def _state_shapes(architecture: str, num_labels: int) -> dict[str, torch.Size]:
+    try:
+        with torch.device("meta"):
+            network = build_network(architecture, num_labels)
+    except NotImplementedError:  # RegNet's initialisation copies data, which meta cannot
+        network = build_network(architecture, num_labels)
+    return {name: tensor.shape for name, tensor in network.state_dict().items()}
 
 
 def weights_sha256(path: Path) -> str:
@@ -100,7 +135,15 @@ def save_model_dir(directory: Path, spec: ModelSpec, network: torch.nn.Module) -
         name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()
     }
     save_file(state, str(weights_path))
-    sha256 = weights_sha256(weights_path)
+    return write_model_json(directory, spec, weights_sha256(weights_path))
+
+
+def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
+    """Write model.json for weights with this hash; returns the model version.
+
+    Written to a temporary file and renamed, so a worker loading the model while
+    thresholds are recalibrated reads the old or the new file, never half of one.
+    """
     document = {
         "format": 1,
         "name": spec.name,
@@ -110,10 +153,30 @@ def save_model_dir(directory: Path, spec: ModelSpec, network: torch.nn.Module) -
         "input_size": spec.input_size,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
         "labels": [label.as_json() for label in spec.labels],
+        "top_k_fallback": spec.top_k_fallback,
+        "thresholds_version": spec.thresholds_version,
+        "calibration": spec.calibration,
         "metrics": spec.metrics,
+        "training": spec.training,
     }
-    (directory / MODEL_JSON).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    temporary = directory / f".{MODEL_JSON}.tmp"
+    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, directory / MODEL_JSON)
     return document["version"]
+
+
+def update_model_json(directory: Path, spec: ModelSpec) -> str:
+    """Rewrite model.json (thresholds, calibration) for the weights already in the directory.
+
+    The weights are hashed again first: if they were replaced since model.json
+    was read, the new thresholds would be attached to weights they were not
+    chosen for.
+    """
+    _, _, recorded = read_model_json(directory)
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file() or weights_sha256(weights_path) != recorded:
+        raise ModelError(f"{weights_path} no longer matches model.json: not updating it")
+    return write_model_json(directory, spec, recorded)
 
 
 def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
@@ -143,6 +206,10 @@ def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
             mean=tuple(normalization.get("mean", IMAGENET_MEAN)),
             std=tuple(normalization.get("std", IMAGENET_STD)),
             metrics=dict(document.get("metrics", {})),
+            top_k_fallback=int(document.get("top_k_fallback", 0)),
+            thresholds_version=int(document.get("thresholds_version", 1)),
+            calibration=dict(document.get("calibration", {})),
+            training=dict(document.get("training", {})),
         )
         sha256 = str(document["weights_sha256"])
     except json.JSONDecodeError as error:
@@ -153,11 +220,44 @@ def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
         raise ModelError(f"{path} lists no labels")
     if len({label.key for label in labels}) != len(labels):
         raise ModelError(f"{path} lists a label key twice")
+    if not 0 <= spec.top_k_fallback <= len(labels):
+        raise ModelError(
+            f"{path}: top_k_fallback must be between 0 (off) and the number of labels "
+            f"({len(labels)}), not {spec.top_k_fallback}"
+        )
     return spec, model_version(spec.name, sha256), sha256
 
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype() -> torch.dtype:
+    """bf16 where the GPU has it (no overflow risk), fp16 on older GPUs."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask and its cgroup CPU quota.
+
+    torch defaults to the host's physical cores, which in a container limited to
+    a few CPUs oversubscribes them and makes inference several times slower.
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = count or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def set_cpu_threads() -> None:
+    """Size torch's CPU thread pool to the usable CPUs, unless OMP_NUM_THREADS says otherwise."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(usable_cpus())
 
 
 class Classifier:
@@ -202,6 +302,8 @@ class Classifier:
         network.eval().to(device)
         if device.type == "cuda":
             network = network.to(memory_format=torch.channels_last)
+        else:
+            set_cpu_threads()
         return cls(spec, version, network, device)
 
     def scores(self, inputs: np.ndarray) -> np.ndarray:
@@ -210,20 +312,36 @@ class Classifier:
             tensor = torch.from_numpy(inputs).to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast("cuda", dtype=autocast_dtype()):
                     logits = self.network(tensor)
             else:
                 logits = self.network(tensor)
             return torch.sigmoid(logits.float()).cpu().numpy()
 
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        """Which labels each row of a (batch, labels) score matrix gets, as booleans.
+
+        A label is given at or above its own class threshold. With
+        `top_k_fallback` = k, a row where no class reaches its threshold gets its
+        k best-scoring classes instead of none; ties go to the earlier label.
+        """
+        chosen = scores >= self.thresholds
+        k = self.spec.top_k_fallback
+        if k:
+            empty = ~chosen.any(axis=1)
+            best = np.argsort(-scores[empty], axis=1, kind="stable")[:, :k]
+            fallback = np.zeros_like(chosen[empty])
+            np.put_along_axis(fallback, best, True, axis=1)
+            chosen[empty] = fallback
+        return chosen
+
     def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
-        """The labels of one score vector at or above their own class threshold."""
+        """The labels one score vector gets (see `decide`), with their confidence."""
+        chosen = self.decide(np.asarray(scores)[np.newaxis, :])[0]
         return [
             LabelScore(label.key, label.concept, float(score))
-            for label, score, threshold in zip(
-                self.spec.labels, scores, self.thresholds, strict=True
-            )
-            if score >= threshold
+            for label, score, given in zip(self.spec.labels, scores, chosen, strict=True)
+            if given
         ]
 
 

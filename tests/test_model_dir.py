@@ -103,3 +103,30 @@ def test_missing_model_json(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=r"has no model\.json"):
         read_model_json(tmp_path / "empty")
+
+
+def test_top_k_fallback_labels_the_best_classes_only_when_none_passes(model_copy: Path) -> None:
+    assert Classifier.load(model_copy).spec.top_k_fallback == 0  # off unless model.json says
+    below = np.asarray([0.3, 0.6, 0.45], dtype=np.float32)
+    document = json.loads((model_copy / "model.json").read_text())
+    document["top_k_fallback"] = 2
+    (model_copy / "model.json").write_text(json.dumps(document))
+    classifier = Classifier.load(model_copy)
+    classifier.thresholds = np.asarray([0.9, 0.9, 0.9], dtype=np.float32)
+    labels = classifier.labels_above_threshold(below)
+    assert [(label.key, round(label.confidence, 2)) for label in labels] == [
+        ("drawing", 0.6),
+        ("map", 0.45),
+    ]
+    above = np.asarray([0.95, 0.6, 0.45], dtype=np.float32)
+    assert [label.key for label in classifier.labels_above_threshold(above)] == ["photograph"]
+    rows = classifier.decide(np.stack([below, above]))
+    assert rows.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_top_k_fallback_beyond_the_label_count_is_refused(model_copy: Path) -> None:
+    document = json.loads((model_copy / "model.json").read_text())
+    document["top_k_fallback"] = 4
+    (model_copy / "model.json").write_text(json.dumps(document))
+    with pytest.raises(ModelError, match=r"top_k_fallback must be between 0 \(off\) and"):
+        Classifier.load(model_copy)

@@ -1,4 +1,4 @@
-"""`enrich model`: inspecting model directories."""
+"""`enrich model`: inspecting, training, calibrating and evaluating model directories."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json
+from enrichment.cli.base import emit_json, settings
+from enrichment.errors import EnrichError
+
+DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.group()
 def model() -> None:
-    """Inspect model directories."""
+    """Inspect, train, calibrate and evaluate model directories."""
 
 
 @model.command()
@@ -29,10 +32,309 @@ def info(directory: Path, as_json: bool) -> None:
                 "version": classifier.version,
                 "architecture": spec.architecture,
                 "input_size": spec.input_size,
+                "thresholds_version": spec.thresholds_version,
+                "top_k_fallback": spec.top_k_fallback,
                 "labels": [label.as_json() for label in spec.labels],
             }
         )
         return
-    click.echo(f"{classifier.version}  {spec.architecture}  input {spec.input_size}px")
+    click.echo(
+        f"{classifier.version}  {spec.architecture}  input {spec.input_size}px  "
+        f"thresholds v{spec.thresholds_version}"
+        + (f"  top-{spec.top_k_fallback} fallback" if spec.top_k_fallback else "")
+    )
     for label in spec.labels:
-        click.echo(f"  {label.key:<20} threshold {label.threshold:.3f}  {label.concept}")
+        click.echo(f"  {label.key:<20} threshold {label.threshold:<8.5g} {label.concept}")
+
+
+@model.command()
+@click.option("--data", "data_path", type=DATA, required=True, help="Labelled set (.csv/.jsonl).")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="New model directory to write.",
+)
+@click.option(
+    "--vocabulary",
+    type=DATA,
+    default=None,
+    help="{key: concept URI} JSON; default: the shipped 20-class vocabulary.",
+)
+@click.option("--validation", type=DATA, default=None, help="Validation set; default: a split.")
+@click.option("--validation-fraction", type=float, default=0.2, show_default=True)
+@click.option("--name", default=None, help="Model name; default: the output directory's name.")
+@click.option("--architecture", default=None, help="torchvision model  [default: resnet50]")
+@click.option("--input-size", type=click.IntRange(min=16), default=None, help="[default: 224]")
+@click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (downloads once).")
+@click.option(
+    "--init",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Start from this model directory's weights (and its architecture).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW, cosine decay.")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Epochs without a better validation mAP before stopping.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Decoding processes (0: in the training process).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def train(
+    data_path: Path,
+    output: Path,
+    vocabulary: Path | None,
+    validation: Path | None,
+    validation_fraction: float,
+    name: str | None,
+    architecture: str | None,
+    input_size: int | None,
+    pretrained: bool,
+    init: Path | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    patience: int,
+    seed: int,
+    workers: int,
+    as_json: bool,
+) -> None:
+    """Fine-tune a torchvision network on a labelled set and write a model directory.
+
+    Rows name an image (path relative to the file, or URL, fetched with the
+    SSRF-safe fetcher) and its label keys; an object/record id column keeps
+    each object's images on one side of the validation split. Training stops
+    early when validation mAP stops improving and keeps the best epoch.
+    Thresholds start at 0.5: run `enrich model calibrate` next. --pretrained
+    downloads torchvision's ImageNet weights into $TORCH_HOME once; offline,
+    place the file there or use --init DIR.
+    """
+    from enrichment.fetch import Fetcher
+    from enrichment.labelled import DEFAULT_VOCABULARY, read_labelled, read_vocabulary
+    from enrichment.training import TrainingOptions
+    from enrichment.training import train as run_training
+
+    terms = read_vocabulary(vocabulary or DEFAULT_VOCABULARY)
+    data = read_labelled(data_path, terms)
+    held_out = read_labelled(validation, terms) if validation else None
+    options = TrainingOptions(
+        name=name or output.resolve().name,
+        architecture=architecture,
+        input_size=input_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        weight_decay=weight_decay,
+        patience=patience,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        pretrained=pretrained,
+        init=init,
+        workers=workers,
+        progress=not as_json,
+    )
+    fetcher = Fetcher(settings())
+    try:
+        result = run_training(data, terms, options, output, fetcher, held_out)
+    finally:
+        fetcher.close()
+    if as_json:
+        emit_json(
+            {
+                "version": result.version,
+                "directory": str(output),
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "seconds": round(result.seconds, 1),
+                "skipped": [item.as_json() for item in result.skipped],
+                "validation": result.validation.as_json(),
+            }
+        )
+        return
+    for item in result.skipped:
+        click.echo(f"skipped line {item.line}: {item.reason}: {item.message}", err=True)
+    metrics = result.validation
+    click.echo(
+        f"{result.version} written to {output}: best epoch {result.best_epoch} of "
+        f"{result.epochs_run}, validation mAP {metrics.mean_average_precision or 0:.3f}, "
+        f"macro F1 at 0.5 {metrics.macro_f1:.3f} ({result.seconds:.0f} s)"
+    )
+
+
+@model.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=DATA, required=True, help="Validation set.")
+@click.option(
+    "--min-precision",
+    "min_precision",
+    multiple=True,
+    metavar="[KEY=]P",
+    help="Most recall at precision >= P instead of best F1; KEY=P for one class. Repeatable.",
+)
+@click.option(
+    "--top-k-fallback",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Label the K best classes when none reaches its threshold (0: off; default: keep).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the thresholds as JSON.")
+def calibrate(
+    directory: Path,
+    data_path: Path,
+    min_precision: tuple[str, ...],
+    top_k_fallback: int | None,
+    batch_size: int,
+    as_json: bool,
+) -> None:
+    """Choose each class's threshold from a validation set and store it in model.json.
+
+    By default the threshold with the best F1; with --min-precision, the one
+    with the most recall whose precision meets the target. The weights and the
+    model version stay; model.json's thresholds_version goes up by one.
+    """
+    from dataclasses import replace
+
+    from enrichment.calibration import choose_thresholds, write_calibration
+    from enrichment.evaluation import score_labelled
+    from enrichment.fetch import Fetcher
+    from enrichment.labelled import read_labelled
+    from enrichment.model import Classifier
+
+    classifier = Classifier.load(directory)
+    spec = classifier.spec
+    targets = _precision_targets(min_precision, spec.keys)
+    data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
+    fetcher = Fetcher(settings())
+    try:
+        scored = score_labelled(classifier, data, fetcher, batch_size)
+    finally:
+        fetcher.close()
+    previous = {label.key: label.threshold for label in spec.labels}
+    chosen = choose_thresholds(scored, previous, targets)
+    if top_k_fallback is not None:
+        spec = replace(spec, top_k_fallback=top_k_fallback)
+    updated = write_calibration(
+        directory, spec, chosen, data.path, len(scored.targets), len(scored.skipped)
+    )
+    if as_json:
+        emit_json(
+            {
+                "version": classifier.version,
+                "thresholds_version": updated.thresholds_version,
+                "top_k_fallback": updated.top_k_fallback,
+                "calibration": updated.calibration,
+            }
+        )
+        return
+    click.echo(
+        f"{classifier.version}: thresholds v{updated.thresholds_version} from "
+        f"{len(scored.targets)} images ({len(scored.skipped)} skipped)"
+    )
+    click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
+    for item in chosen:
+        note = ""
+        if not item.calibrated:
+            note = "  kept: no positive example"
+        elif item.target_met is False:
+            note = f"  precision {item.min_precision} not reachable: most precise threshold"
+        click.echo(
+            f"  {item.key:<20} {item.threshold:>9.5g} {item.precision:>9.3f} "
+            f"{item.recall:>6.3f} {item.f1:>6.3f}{note}"
+        )
+
+
+@model.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=DATA, required=True, help="Test set.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(directory: Path, data_path: Path, batch_size: int, as_json: bool) -> None:
+    """Per-class precision, recall, F1, support and AP; macro/micro F1 and mAP.
+
+    Labels are decided as the deployed model decides them: its per-class
+    thresholds and top-k fallback from model.json.
+    """
+    from enrichment.evaluation import evaluate as evaluate_model
+    from enrichment.evaluation import score_labelled
+    from enrichment.fetch import Fetcher
+    from enrichment.labelled import read_labelled
+    from enrichment.model import Classifier
+
+    classifier = Classifier.load(directory)
+    spec = classifier.spec
+    data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
+    fetcher = Fetcher(settings())
+    try:
+        scored = score_labelled(classifier, data, fetcher, batch_size)
+    finally:
+        fetcher.close()
+    metrics = evaluate_model(classifier, scored)
+    if as_json:
+        emit_json(
+            {
+                "version": classifier.version,
+                "thresholds_version": spec.thresholds_version,
+                "data": str(data.path),
+                "images": len(scored.targets),
+                "skipped": [item.as_json() for item in scored.skipped],
+                **metrics.as_json(),
+            }
+        )
+        return
+    click.echo(
+        f"{classifier.version}, thresholds v{spec.thresholds_version}, on {data.path.name}: "
+        f"{len(scored.targets)} images ({len(scored.skipped)} skipped)"
+    )
+    header = ("class", "support", "threshold", "precision", "recall", "f1", "AP")
+    click.echo(f"  {header[0]:<20}" + "".join(f"{name:>10}" for name in header[1:]))
+    for item in metrics.classes:
+        ap = "-" if item.average_precision is None else f"{item.average_precision:.3f}"
+        click.echo(
+            f"  {item.key:<20}{item.support:>10}{item.threshold:>10.5g}{item.precision:>10.3f}"
+            f"{item.recall:>10.3f}{item.f1:>10.3f}{ap:>10}"
+        )
+    mean_ap = metrics.mean_average_precision
+    click.echo(
+        f"  macro F1 {metrics.macro_f1:.3f}  micro F1 {metrics.micro_f1:.3f}  "
+        f"mAP {'-' if mean_ap is None else f'{mean_ap:.3f}'}"
+    )
+
+
+def _precision_targets(values: tuple[str, ...], keys: list[str]) -> dict[str, float] | None:
+    """`0.9` for every class and/or `map=0.95` for one; None when no option was given."""
+    if not values:
+        return None
+    default: float | None = None
+    per_class: dict[str, float] = {}
+    for value in values:
+        key, _, number = value.rpartition("=")
+        try:
+            target = float(number)
+        except ValueError:
+            raise EnrichError(f"--min-precision {value!r}: expected P or KEY=P") from None
+        if not 0.0 < target <= 1.0:
+            raise EnrichError(f"--min-precision {value!r}: P must be in (0, 1]")
+        if not key:
+            default = target
+        elif key not in keys:
+            raise EnrichError(f"--min-precision {value!r}: the model has no label {key!r}")
+        else:
+            per_class[key] = target
+    return {
+        key: per_class.get(key, default) for key in keys if key in per_class or default is not None
+    }

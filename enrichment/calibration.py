@@ -1,0 +1,169 @@
+"""Choosing one threshold per class from validation scores, and recording it in model.json.
+
+A flat 0.5 suits no class in particular: rare classes score low, easy ones
+high. For each class the candidate thresholds are the distinct validation
+scores; the default picks the one with the best F1, `min_precision` picks the
+one with the most recall whose precision meets the target. The threshold is
+then placed halfway to the next lower score, so it makes the same decisions
+on the validation set but with a margin either side.
+
+Weights are not touched, so the model version stays; `thresholds_version`
+counts calibrations, and the `calibration` block says on what data and with
+what precision and recall each threshold was chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enrichment.evaluation import ScoredSet, precision_recall_f1, ranked_counts
+from enrichment.model import ModelSpec, update_model_json
+
+
+@dataclass(frozen=True)
+class ClassThreshold:
+    """The threshold chosen for one class and what it achieves on the validation set."""
+
+    key: str
+    threshold: float
+    previous: float
+    support: int
+    precision: float
+    recall: float
+    f1: float
+    min_precision: float | None = None
+    target_met: bool | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.support > 0
+
+    def as_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "method": "max_f1" if self.min_precision is None else "min_precision",
+            "threshold": self.threshold,
+            "previous": self.previous,
+            "support": self.support,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+        }
+        if self.min_precision is not None:
+            document["min_precision"] = self.min_precision
+            document["target_met"] = self.target_met
+        if not self.calibrated:
+            document["method"] = "kept: no positive example in the data"
+        return document
+
+
+def choose_threshold(
+    key: str,
+    truth: np.ndarray,
+    scores: np.ndarray,
+    previous: float,
+    min_precision: float | None = None,
+) -> ClassThreshold:
+    """The threshold for one class (boolean `truth`, float32 `scores`)."""
+    positives = int(truth.sum())
+    if positives == 0:  # nothing to calibrate against: keep what there was
+        tp, fp, fn = 0, int(np.sum(scores >= previous)), 0
+        return ClassThreshold(key, previous, previous, 0, *precision_recall_f1(tp, fp, fn))
+    candidates, tp, fp = ranked_counts(truth, scores)
+    precision = tp / (tp + fp)
+    recall = tp / positives
+    f1 = 2 * tp / (tp + fp + positives)
+    target_met: bool | None = None
+    if min_precision is None:
+        best = int(np.argmax(f1))  # the first maximum: the highest threshold among equals
+    else:
+        meeting = np.flatnonzero(precision >= min_precision)
+        target_met = bool(meeting.size)
+        if target_met:
+            most_recall = recall[meeting].max()
+            best = int(meeting[np.argmax(recall[meeting] == most_recall)])
+        else:  # unreachable: the most precise threshold, flagged, rather than silently none
+            best = int(np.flatnonzero(precision == precision.max())[-1])
+    lower = candidates[best + 1] if best + 1 < len(candidates) else None
+    return ClassThreshold(
+        key=key,
+        threshold=_between(candidates[best], lower),
+        previous=previous,
+        support=positives,
+        precision=float(precision[best]),
+        recall=float(recall[best]),
+        f1=float(f1[best]),
+        min_precision=min_precision,
+        target_met=target_met,
+    )
+
+
+def _between(score: np.float32, lower: np.float32 | None) -> float:
+    """A short number near the middle of (lower, score], compared in float32 as inference does.
+
+    Rounded only as far as it stays within a quarter of the gap from the
+    middle, so model.json reads 0.43 rather than 0.4312 without losing the margin.
+    """
+    if lower is None:
+        return float(score)
+    middle = (float(score) + float(lower)) / 2
+    slack = (float(score) - float(lower)) / 4
+    for digits in range(2, 9):
+        tidy = round(middle, digits)
+        if abs(tidy - middle) <= slack and lower < np.float32(tidy) <= score:
+            return tidy
+    return float(score)
+
+
+def choose_thresholds(
+    scored: ScoredSet,
+    previous: Mapping[str, float],
+    min_precision: Mapping[str, float] | None = None,
+) -> list[ClassThreshold]:
+    """One threshold per class; `min_precision` maps keys to targets (absent key: best F1)."""
+    targets = min_precision or {}
+    return [
+        choose_threshold(
+            key,
+            scored.targets[:, column],
+            scored.scores[:, column],
+            previous[key],
+            targets.get(key),
+        )
+        for column, key in enumerate(scored.keys)
+    ]
+
+
+def write_calibration(
+    directory: Path,
+    spec: ModelSpec,
+    chosen: list[ClassThreshold],
+    data: Path,
+    images: int,
+    skipped: int,
+) -> ModelSpec:
+    """Store the thresholds and how they were chosen in model.json; the weights stay as they are."""
+    by_key = {item.key: item for item in chosen}
+    calibration = {
+        "thresholds_version": spec.thresholds_version + 1,
+        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": str(data),
+        "images": images,
+        "skipped": skipped,
+        "classes": {item.key: item.as_json() for item in chosen},
+    }
+    updated = replace(
+        spec,
+        labels=tuple(
+            replace(label, threshold=by_key[label.key].threshold) for label in spec.labels
+        ),
+        thresholds_version=spec.thresholds_version + 1,
+        calibration=calibration,
+    )
+    update_model_json(directory, updated)
+    return updated

@@ -1,0 +1,188 @@
+"""Metric definitions against scikit-learn and by hand; threshold choice against brute force."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+from enrichment.calibration import choose_threshold, choose_thresholds, write_calibration
+from enrichment.cli.model import _precision_targets
+from enrichment.errors import EnrichError, ModelError
+from enrichment.evaluation import ScoredSet, average_precision, compute_metrics
+from enrichment.model import Classifier, read_model_json, update_model_json
+
+
+def random_case(seed: int, images: int = 200, classes: int = 5):
+    rng = np.random.default_rng(seed)
+    truth = rng.random((images, classes)) < rng.uniform(0.05, 0.5, classes)
+    noise = rng.normal(0, 1.0, (images, classes))
+    scores = (1 / (1 + np.exp(-(2.5 * truth - 1.2 + noise)))).astype(np.float32)
+    scores[:20] = np.round(scores[:20], 1)  # ties, as saturated sigmoids produce
+    thresholds = rng.uniform(0.2, 0.8, classes).astype(np.float32)
+    return truth, scores, thresholds
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_sklearn(seed: int) -> None:
+    truth, scores, thresholds = random_case(seed)
+    truth[:, 4] = False  # a class with no positives: F1 0, AP undefined, left out of mAP
+    predicted = scores >= thresholds
+    keys = [f"c{i}" for i in range(5)]
+    metrics = compute_metrics(keys, thresholds.tolist(), truth, scores, predicted)
+    p, r, f, support = precision_recall_fscore_support(
+        truth, predicted, average=None, zero_division=0
+    )
+    for column, item in enumerate(metrics.classes):
+        assert (item.precision, item.recall, item.f1) == pytest.approx(
+            (p[column], r[column], f[column])
+        )
+        assert item.support == support[column]
+    aps = [average_precision_score(truth[:, c], scores[:, c]) for c in range(4)]
+    assert [item.average_precision for item in metrics.classes[:4]] == pytest.approx(aps)
+    assert metrics.classes[4].average_precision is None
+    assert metrics.mean_average_precision == pytest.approx(np.mean(aps))
+    assert metrics.macro_f1 == pytest.approx(
+        f1_score(truth, predicted, average="macro", zero_division=0)
+    )
+    assert metrics.micro_f1 == pytest.approx(f1_score(truth, predicted, average="micro"))
+
+
+def test_metrics_by_hand() -> None:
+    # Six images, one class; threshold 0.5.
+    #   score: 0.9  0.8  0.7  0.6  0.3  0.2
+    #   truth:  1    0    1    1    1    0
+    # Predicted positive: the first four -> TP 3, FP 1, FN 1.
+    # precision 3/4, recall 3/4, F1 2*3/(2*3+1+1) = 0.75.
+    # AP: ranks 1..6 give precision 1/1, 1/2, 2/3, 3/4, 4/5, 4/6 with recall steps of 1/4
+    # at ranks 1, 3, 4, 5: (1 + 2/3 + 3/4 + 4/5) / 4 = 0.8041666...
+    truth = np.array([[1], [0], [1], [1], [1], [0]], dtype=bool)
+    scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.3], [0.2]], dtype=np.float32)
+    metrics = compute_metrics(["k"], [0.5], truth, scores, scores >= 0.5)
+    item = metrics.classes[0]
+    assert (item.precision, item.recall, item.f1, item.support) == (0.75, 0.75, 0.75, 4)
+    assert item.average_precision == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
+    assert metrics.macro_f1 == metrics.micro_f1 == 0.75
+
+
+def test_average_precision_takes_tied_scores_together() -> None:
+    truth = np.array([1, 0, 1, 0, 1], dtype=bool)
+    scores = np.array([0.5, 0.5, 0.5, 0.1, 0.9], dtype=np.float32)
+    # Threshold 0.9: P 1, R 1/3; threshold 0.5: P 3/4, R 1 -> 1/3 * 1 + 2/3 * 3/4 = 0.8333
+    assert average_precision(truth, scores) == pytest.approx(1 / 3 + 2 / 3 * 3 / 4)
+    assert average_precision(truth, scores) == pytest.approx(average_precision_score(truth, scores))
+    assert average_precision(np.zeros(3, dtype=bool), scores[:3]) is None
+
+
+def brute_force(truth: np.ndarray, scores: np.ndarray) -> list[tuple[float, float, float]]:
+    """(precision, recall, F1) at every distinct score used as the threshold."""
+    rows = []
+    for threshold in np.unique(scores):
+        p, r, f, _ = precision_recall_fscore_support(
+            truth, scores >= threshold, average="binary", zero_division=0
+        )
+        rows.append((p, r, f))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_best_f1_threshold_beats_every_other_and_keeps_a_margin(seed: int) -> None:
+    truth, scores, _ = random_case(seed, classes=3)
+    for column in range(3):
+        chosen = choose_threshold("k", truth[:, column], scores[:, column], previous=0.5)
+        best_f1 = max(f for _, _, f in brute_force(truth[:, column], scores[:, column]))
+        predicted = scores[:, column] >= np.float32(chosen.threshold)
+        p, r, f, _ = precision_recall_fscore_support(
+            truth[:, column], predicted, average="binary", zero_division=0
+        )
+        assert chosen.f1 == pytest.approx(best_f1) == pytest.approx(f)
+        assert (chosen.precision, chosen.recall) == pytest.approx((p, r))
+        assert f >= f1_score(truth[:, column], scores[:, column] >= 0.5)
+        below = scores[:, column][scores[:, column] < chosen.threshold]
+        if below.size:  # placed between two scores, not on one
+            assert chosen.threshold > below.max() and chosen.threshold not in scores[:, column]
+
+
+@pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
+def test_min_precision_threshold_has_the_most_recall_meeting_the_target(target: float) -> None:
+    truth, scores, _ = random_case(5, classes=1)
+    chosen = choose_threshold("k", truth[:, 0], scores[:, 0], 0.5, min_precision=target)
+    meeting = [r for p, r, _ in brute_force(truth[:, 0], scores[:, 0]) if p >= target]
+    assert chosen.target_met is True
+    assert chosen.precision >= target and chosen.recall == pytest.approx(max(meeting))
+
+
+def test_unreachable_precision_is_flagged_not_hidden() -> None:
+    truth = np.array([0, 1, 0, 1], dtype=bool)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32)
+    chosen = choose_threshold("k", truth, scores, 0.5, min_precision=0.9)
+    assert chosen.target_met is False
+    assert chosen.precision == 0.5 and chosen.recall == 1.0  # the most precise point
+    assert chosen.as_json()["target_met"] is False
+
+
+def test_a_class_without_positives_keeps_its_threshold() -> None:
+    scored = ScoredSet(
+        keys=["a", "b"],
+        targets=np.array([[True, False], [False, False]]),
+        scores=np.array([[0.9, 0.7], [0.2, 0.1]], dtype=np.float32),
+        skipped=[],
+    )
+    a, b = choose_thresholds(scored, {"a": 0.5, "b": 0.42})
+    assert a.calibrated and a.threshold == pytest.approx(0.55)
+    assert not b.calibrated and b.threshold == 0.42 and b.support == 0
+    assert b.as_json()["method"] == "kept: no positive example in the data"
+
+
+def test_calibration_rewrites_model_json_but_not_the_version(tiny_model: Path, tmp_path) -> None:
+    directory = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    spec, version, sha256 = read_model_json(directory)
+    scored = ScoredSet(
+        keys=spec.keys,
+        targets=np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=bool),
+        scores=np.array(
+            [[0.8, 0.1, 0.0], [0.3, 0.6, 0.1], [0.7, 0.9, 0.2], [0.1, 0.2, 0.3]], dtype=np.float32
+        ),
+        skipped=[],
+    )
+    chosen = choose_thresholds(scored, {key: 0.5 for key in spec.keys})
+    updated = write_calibration(directory, spec, chosen, tmp_path / "val.csv", 4, 1)
+    again, same_version, same_sha = read_model_json(directory)
+    assert (same_version, same_sha) == (version, sha256)
+    assert again == updated
+    assert again.thresholds_version == 2 and again.calibration["thresholds_version"] == 2
+    assert [label.threshold for label in again.labels] == [0.5, 0.4, 0.25]
+    assert again.calibration["images"] == 4 and again.calibration["skipped"] == 1
+    assert again.calibration["classes"]["drawing"]["f1"] == 1.0
+    classifier = Classifier.load(directory)
+    assert classifier.version == version
+    assert classifier.thresholds.tolist() == pytest.approx([0.5, 0.4, 0.25])
+
+    weights = directory / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ModelError, match=r"no longer matches model\.json"):
+        update_model_json(directory, again)
+    document = json.loads((directory / "model.json").read_text())
+    assert document["weights_sha256"] == sha256  # untouched
+
+
+def test_min_precision_option_parsing() -> None:
+    keys = ["map", "drawing"]
+    assert _precision_targets((), keys) is None
+    assert _precision_targets(("0.9",), keys) == {"map": 0.9, "drawing": 0.9}
+    assert _precision_targets(("map=0.95",), keys) == {"map": 0.95}
+    assert _precision_targets(("0.8", "map=0.95"), keys) == {"map": 0.95, "drawing": 0.8}
+    with pytest.raises(EnrichError, match="has no label 'mpa'"):
+        _precision_targets(("mpa=0.9",), keys)
+    with pytest.raises(EnrichError, match=r"P must be in \(0, 1\]"):
+        _precision_targets(("1.5",), keys)
+    with pytest.raises(EnrichError, match="expected P or KEY=P"):
+        _precision_targets(("high",), keys)

@@ -1,0 +1,432 @@
+"""Train, calibrate and evaluate through the real CLI, on a synthetic multilabel image set.
+
+Two independent labels a small CNN must learn from pixels: `red_background`
+(against green, blue, grey, yellow and orange grounds) and `circle` (against a
+bar or no shape). Each object is photographed twice, so the object column
+matters for the validation split. The model is trained once per module.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+)
+
+from enrichment.config import Settings
+from enrichment.errors import EnrichError, ModelError
+from enrichment.fetch import Fetcher
+from enrichment.images import decode
+from enrichment.labelled import read_labelled
+from enrichment.model import Classifier, head_parameter_names, read_model_json
+from enrichment.training import (
+    Augmentation,
+    InferenceView,
+    TrainingOptions,
+    split_by_group,
+    starting_point,
+)
+from tests.conftest import enrich
+
+KEYS = ["red_background", "circle"]
+VOCABULARY = {
+    "red_background": "http://example.org/concept/red-background",
+    "circle": "http://example.org/concept/circle",
+}
+RED = (200, 40, 40)
+OTHER_GROUNDS = [(40, 160, 60), (50, 70, 190), (128, 128, 128), (210, 190, 60), (225, 125, 45)]
+STATED_MACRO_F1 = 0.85  # on held-out images, uncalibrated (flat 0.5 thresholds)
+STATED_MAP = 0.9
+TRAIN_ARGS = ("--architecture", "resnet18", "--input-size", "32", "--epochs", "8")
+TRAIN_ARGS += ("--patience", "3", "--lr", "0.003", "--seed", "0", "--workers", "0")
+
+
+def picture(rng: np.random.Generator, red: bool, circle: bool) -> Image.Image:
+    ground = RED if red else OTHER_GROUNDS[rng.integers(len(OTHER_GROUNDS))]
+    colour = tuple(int(np.clip(c + rng.integers(-30, 31), 0, 255)) for c in ground)
+    image = Image.new("RGB", (40, 32), colour)
+    draw = ImageDraw.Draw(image)
+    ink = (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
+    r = int(rng.integers(6, 11))
+    x, y = int(rng.integers(r, 40 - r)), int(rng.integers(r, 32 - r))
+    if circle:
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=ink)
+    elif rng.random() < 0.5:
+        draw.rectangle((4, y - 2, 36, y + 2), fill=ink)
+    return image
+
+
+def write_set(directory: Path, name: str, objects: int, seed: int) -> Path:
+    """`objects` objects with two PNG views each, listed in `name`.csv."""
+    rng = np.random.default_rng(seed)
+    (directory / name).mkdir(parents=True)
+    rows = []
+    for number in range(objects):
+        red, circle = bool(rng.random() < 0.4), bool(rng.random() < 0.3)
+        labels = " ".join(key for key, on in zip(KEYS, (red, circle), strict=True) if on)
+        for view in range(2):
+            path = f"{name}/{number:03d}_{view}.png"
+            picture(rng, red, circle).save(directory / path)
+            rows.append({"object_id": f"{name}-{number}", "image": path, "labels": labels})
+    target = directory / f"{name}.csv"
+    with target.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["object_id", "image", "labels"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return target
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("synthetic")
+    write_set(directory, "train", 130, seed=1)
+    write_set(directory, "validation", 60, seed=2)
+    write_set(directory, "test", 60, seed=3)
+    (directory / "vocabulary.json").write_text(json.dumps(VOCABULARY))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The model, trained once through `enrich model train`, and its --json report."""
+    output = tmp_path_factory.mktemp("trained") / "shapes"
+    started = time.monotonic()
+    result = enrich(
+        "model", "train",
+        "--data", str(synthetic / "train.csv"),
+        "--vocabulary", str(synthetic / "vocabulary.json"),
+        "--output", str(output),
+        *TRAIN_ARGS,
+        "--json",
+        env={},
+        timeout=300,  # the time budget; training takes 6-15 s on 2 idle CPU cores
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    report["wall_seconds"] = time.monotonic() - started
+    return output, report
+
+
+@pytest.fixture(scope="module")
+def calibrated(trained: tuple[Path, dict], synthetic: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the trained model, calibrated through `enrich model calibrate`."""
+    directory = Path(shutil.copytree(trained[0], tmp_path_factory.mktemp("calibrated") / "m"))
+    result = enrich(
+        "model", "calibrate", str(directory),
+        "--data", str(synthetic / "validation.csv"),
+        "--json",
+        env={},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return directory, json.loads(result.stdout)
+
+
+def reference_scores(directory: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Truth and scores computed without the evaluation module: decode, score, compare."""
+    classifier = Classifier.load(directory)
+    with data.open() as handle:
+        rows = list(csv.DictReader(handle))
+    inputs = np.stack(
+        [decode((data.parent / row["image"]).read_bytes(), classifier.spec.preprocessing)
+         for row in rows]
+    )  # fmt: skip
+    truth = np.array([[key in row["labels"].split() for key in KEYS] for row in rows])
+    return truth, classifier.scores(inputs)
+
+
+def test_training_learns_the_labels(trained: tuple[Path, dict], synthetic: Path) -> None:
+    directory, report = trained
+    spec, version, _ = read_model_json(directory)
+    assert report["version"] == version == Classifier.load(directory).version
+    assert spec.architecture == "resnet18" and spec.input_size == 32
+    assert spec.keys == KEYS
+    assert [label.concept for label in spec.labels] == list(VOCABULARY.values())
+    assert all(label.threshold == 0.5 for label in spec.labels)
+    assert spec.training["loss"] == "BCEWithLogitsLoss"
+    assert set(spec.training["pos_weight"]) == set(KEYS)
+    assert spec.training["pos_weight"]["circle"] > 1.0  # the rarer label weighs more
+    assert spec.metrics["validation"]["mAP"] == report["validation"]["mAP"]
+
+    truth, scores = reference_scores(directory, synthetic / "test.csv")
+    macro_f1 = f1_score(truth, scores >= 0.5, average="macro")
+    mean_ap = average_precision_score(truth, scores, average="macro")
+    print(
+        f"\ntrained in {report['seconds']} s ({report['wall_seconds']:.1f} s wall, "
+        f"{report['epochs_run']} epochs, best {report['best_epoch']}); held-out macro-F1 "
+        f"{macro_f1:.3f}, mAP {mean_ap:.3f}"
+    )
+    assert macro_f1 >= STATED_MACRO_F1
+    assert mean_ap >= STATED_MAP
+
+
+def test_validation_split_keeps_each_objects_views_together(trained: tuple[Path, dict]) -> None:
+    training = read_model_json(trained[0])[0].training
+    assert training["images"] == {"train": 208, "validation": 52, "skipped": 0}
+    assert "by object_id" in training["validation"]
+    groups = [f"o{i // 3}" for i in range(30)] + ["lonely"]
+    train_rows, val_rows = split_by_group(groups, 0.25, seed=7)
+    assert sorted(train_rows + val_rows) == list(range(31))
+    assert {groups[i] for i in train_rows}.isdisjoint(groups[i] for i in val_rows)
+    assert 8 <= len(val_rows) <= 10
+    assert split_by_group(groups, 0.25, seed=7) == (train_rows, val_rows)
+    with pytest.raises(EnrichError, match="single object"):
+        split_by_group(["same"] * 5, 0.2, seed=0)
+
+
+def test_early_stopping_keeps_the_best_epoch(trained: tuple[Path, dict]) -> None:
+    training = read_model_json(trained[0])[0].training
+    history = training["history"]
+    assert len(history) == training["epochs_run"] <= 8
+    best = max(history, key=lambda row: (row["val_mAP"], -row["val_loss"]))
+    assert training["best_epoch"] == best["epoch"]
+
+
+def test_training_and_inference_see_the_same_input(synthetic: Path, trained) -> None:
+    spec = read_model_json(trained[0])[0]
+    data = (synthetic / "test" / "000_0.png").read_bytes()
+    torch.manual_seed(0)
+    augmented = Augmentation(spec.preprocessing)(data)
+    plain = InferenceView(spec.preprocessing)(data)
+    assert augmented.shape == plain.shape == (3, 32, 32)
+    assert torch.equal(plain, torch.from_numpy(decode(data, spec.preprocessing)))
+    # Same normalisation: mild augmentation keeps the mean colour close.
+    assert torch.allclose(augmented.mean(dim=(1, 2)), plain.mean(dim=(1, 2)), atol=0.6)
+
+
+def test_calibration_raises_or_keeps_each_class_f1(calibrated, trained, synthetic) -> None:
+    directory, report = calibrated
+    spec, version, _ = read_model_json(directory)
+    assert version == read_model_json(trained[0])[1]  # same weights, same version
+    assert report["thresholds_version"] == spec.thresholds_version == 2
+    assert Classifier.load(directory).version == version  # hash check still passes
+
+    truth, scores = reference_scores(directory, synthetic / "validation.csv")
+    thresholds = np.array([label.threshold for label in spec.labels], dtype=np.float32)
+    before = f1_score(truth, scores >= 0.5, average=None)
+    after = f1_score(truth, scores >= thresholds, average=None)
+    print("\ncalibration F1 on validation (0.5 -> calibrated):")
+    for key, old, new, threshold in zip(KEYS, before, after, thresholds, strict=True):
+        print(f"  {key:<15} {old:.3f} -> {new:.3f} at threshold {threshold:.4f}")
+    assert np.all(after >= before)
+    for column, key in enumerate(KEYS):
+        stored = report["calibration"]["classes"][key]
+        p, r, f, _ = precision_recall_fscore_support(
+            truth[:, column], scores[:, column] >= thresholds[column], average="binary"
+        )
+        assert stored["threshold"] == pytest.approx(float(thresholds[column]))
+        assert (stored["precision"], stored["recall"], stored["f1"]) == pytest.approx((p, r, f))
+        assert stored["support"] == truth[:, column].sum()
+        assert stored["previous"] == 0.5
+        # No other threshold does better on the validation set.
+        precision, recall, _ = precision_recall_curve(truth[:, column], scores[:, column])
+        best = np.max(np.nan_to_num(2 * precision * recall / (precision + recall)))
+        assert f == pytest.approx(best)
+
+
+def test_min_precision_calibration(trained, synthetic: Path, tmp_path: Path) -> None:
+    directory = Path(shutil.copytree(trained[0], tmp_path / "m"))
+    result = enrich(
+        "model", "calibrate", str(directory),
+        "--data", str(synthetic / "validation.csv"),
+        "--min-precision", "0.9", "--min-precision", "circle=0.99",
+        env={},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "thresholds v2" in result.stdout
+    spec = read_model_json(directory)[0]
+    truth, scores = reference_scores(directory, synthetic / "validation.csv")
+    for column, (key, target) in enumerate(zip(KEYS, (0.9, 0.99), strict=True)):
+        stored = spec.calibration["classes"][key]
+        assert stored["method"] == "min_precision" and stored["min_precision"] == target
+        predicted = scores[:, column] >= spec.labels[column].threshold
+        p, r, _, _ = precision_recall_fscore_support(truth[:, column], predicted, average="binary")
+        precision, recall, _ = precision_recall_curve(truth[:, column], scores[:, column])
+        reachable = recall[precision >= target]
+        assert stored["target_met"] == bool(reachable.size)
+        if reachable.size:
+            assert p >= target and r == pytest.approx(reachable.max())
+
+
+def test_evaluate_table_and_json_match_sklearn(calibrated, synthetic: Path) -> None:
+    directory, _ = calibrated
+    as_json = enrich(
+        "model", "evaluate", str(directory), "--data", str(synthetic / "test.csv"), "--json",
+        env={},
+    )  # fmt: skip
+    table = enrich(
+        "model", "evaluate", str(directory), "--data", str(synthetic / "test.csv"), env={}
+    )
+    assert as_json.returncode == 0 and table.returncode == 0, as_json.stderr + table.stderr
+    report = json.loads(as_json.stdout)
+    spec, version, _ = read_model_json(directory)
+    assert report["version"] == version and report["thresholds_version"] == 2
+    assert report["images"] == 120 and report["skipped"] == []
+
+    truth, scores = reference_scores(directory, synthetic / "test.csv")
+    thresholds = np.array([label.threshold for label in spec.labels], dtype=np.float32)
+    predicted = scores >= thresholds
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, average=None, zero_division=0
+    )
+    ap = average_precision_score(truth, scores, average=None)
+    lines = table.stdout.splitlines()
+    for column, item in enumerate(report["classes"]):
+        assert item["key"] == KEYS[column]
+        assert item["support"] == support[column]
+        assert item["precision"] == pytest.approx(precision[column])
+        assert item["recall"] == pytest.approx(recall[column])
+        assert item["f1"] == pytest.approx(f1[column])
+        assert item["average_precision"] == pytest.approx(ap[column])
+        row = next(line.split() for line in lines if line.split()[:1] == [item["key"]])
+        assert row[1:] == [
+            str(item["support"]),
+            f"{item['threshold']:.5g}",
+            *(f"{item[name]:.3f}" for name in ("precision", "recall", "f1", "average_precision")),
+        ]
+    assert report["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
+    assert report["micro_f1"] == pytest.approx(f1_score(truth, predicted, average="micro"))
+    assert report["mAP"] == pytest.approx(average_precision_score(truth, scores, average="macro"))
+    assert f"macro F1 {report['macro_f1']:.3f}  micro F1 {report['micro_f1']:.3f}" in lines[-1]
+
+    # One by hand: circle's precision and recall from counted outcomes.
+    column = KEYS.index("circle")
+    tp = fp = fn = 0
+    for is_circle, score in zip(truth[:, column], scores[:, column], strict=True):
+        said_circle = score >= thresholds[column]
+        tp += bool(is_circle and said_circle)
+        fp += bool(not is_circle and said_circle)
+        fn += bool(is_circle and not said_circle)
+    circle = report["classes"][column]
+    assert circle["precision"] == pytest.approx(tp / (tp + fp))
+    assert circle["recall"] == pytest.approx(tp / (tp + fn))
+    assert circle["support"] == tp + fn
+
+
+def test_info_shows_the_calibrated_thresholds(calibrated) -> None:
+    directory, _ = calibrated
+    result = enrich("model", "info", str(directory), "--json", env={})
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    spec = read_model_json(directory)[0]
+    assert info["thresholds_version"] == 2 and info["top_k_fallback"] == 0
+    assert [label["threshold"] for label in info["labels"]] == [
+        label.threshold for label in spec.labels
+    ]
+
+
+def test_init_carries_the_body_and_keeps_the_head_only_for_the_same_labels(trained) -> None:
+    directory = trained[0]
+    source = Classifier.load(directory, torch.device("cpu")).network.state_dict()
+    same = starting_point(TrainingOptions(name="again", init=directory), KEYS)
+    assert same.architecture == "resnet18" and same.input_size == 32
+    assert same.description.startswith("model shapes@")
+    assert all(torch.equal(t, source[n]) for n, t in same.network.state_dict().items())
+
+    other = starting_point(TrainingOptions(name="other", init=directory), ["circle"])
+    head = head_parameter_names("resnet18")
+    state = other.network.state_dict()
+    assert head == {"fc.weight", "fc.bias"} and state["fc.weight"].shape == (1, 512)
+    assert all(torch.equal(t, source[n]) for n, t in state.items() if n not in head)
+    with pytest.raises(EnrichError, match="is a resnet18, not a mobilenet_v3_small"):
+        starting_point(
+            TrainingOptions(name="x", init=directory, architecture="mobilenet_v3_small"), KEYS
+        )
+
+
+def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path) -> None:
+    result = enrich(
+        "model", "train",
+        "--data", str(synthetic / "train.csv"),
+        "--vocabulary", str(synthetic / "vocabulary.json"),
+        "--output", str(tmp_path / "tuned"),
+        "--init", str(trained[0]), "--epochs", "1", "--workers", "0",
+        env={},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "best epoch 1 of 1" in result.stdout
+    spec = read_model_json(tmp_path / "tuned")[0]
+    assert spec.training["start"] == f"model {read_model_json(trained[0])[1]}"
+    assert spec.input_size == 32 and spec.architecture == "resnet18"
+    again = enrich(
+        "model", "train", "--data", str(synthetic / "train.csv"),
+        "--vocabulary", str(synthetic / "vocabulary.json"), "--output", str(tmp_path / "tuned"),
+        env={},
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"Error: {tmp_path / 'tuned'} already holds a model; " + (
+        "choose a new --output directory"
+    )
+
+
+def test_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
+    """No download in tests: the download itself is replaced by a network failure."""
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    options = TrainingOptions(name="x", architecture="resnet18", pretrained=True)
+    with pytest.raises(ModelError) as raised:
+        starting_point(options, KEYS)
+    message = str(raised.value)
+    assert message.startswith("--pretrained needs the ImageNet weights ")
+    assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message
+    assert "Temporary failure in name resolution" in message
+    assert "train without --pretrained or with --init DIR" in message
+
+
+def test_unknown_label_in_the_data_is_a_one_line_error(synthetic: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,labels\ntrain/000_0.png,red_backgrund\n")
+    shutil.copytree(synthetic / "train", tmp_path / "train")
+    result = enrich(
+        "model", "train", "--data", str(bad), "--vocabulary", str(synthetic / "vocabulary.json"),
+        "--output", str(tmp_path / "out"),
+        env={},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"Error: {bad}:2: unknown label 'red_backgrund' (known: red_background, circle)"
+    )
+
+
+def test_scoring_fetches_urls_through_the_guarded_fetcher(trained, image_host, synthetic) -> None:
+    from enrichment.evaluation import score_labelled
+
+    directory = trained[0]
+    url = image_host.add("/train/red.png", (synthetic / "train" / "000_0.png").read_bytes())
+    rows = [
+        {"image": url, "labels": []},
+        {"image": image_host.url("/gone.png"), "labels": ["circle"]},
+        {"image": "test/000_0.png", "labels": []},
+    ]
+    data = synthetic / "mixed.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    classifier = Classifier.load(directory)
+    labelled = read_labelled(data, VOCABULARY)
+    allowed = Fetcher(Settings(fetch_allow=("127.0.0.1",)))
+    guarded = Fetcher(Settings())
+    try:
+        scored = score_labelled(classifier, labelled, allowed, batch_size=2)
+        with pytest.raises(EnrichError, match="blocked_address"):
+            score_labelled(classifier, labelled.select([0, 1]), guarded, batch_size=2)
+    finally:
+        allowed.close()
+        guarded.close()
+    assert len(scored.scores) == 2
+    assert [(item.line, item.reason) for item in scored.skipped] == [(2, "http_404")]
+    assert "/train/red.png" in image_host.requests
