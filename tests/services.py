@@ -7,6 +7,7 @@ on the machine. `TEST_DATABASE_URL` / `TEST_REDIS_URL` use existing ones instead
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -238,14 +239,12 @@ class CeleryWorker:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        try:
+        with contextlib.suppress(AssertionError):  # reported below, with the worker's log
             wait_for(
                 lambda: "ready." in self.output() or self.process.poll() is not None,
                 90,
                 "celery worker start",
             )
-        except AssertionError:
-            pass  # reported below, with the worker's log
         if "ready." not in self.output():
             self.stop()
             raise RuntimeError("celery worker did not start:\n" + self.output())
@@ -263,10 +262,8 @@ class CeleryWorker:
     def kill(self) -> None:
         """SIGKILL the whole worker, main process and pool alike, as a crash or OOM would."""
         for pid in [*self.pool_pids(), self.process.pid]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         self.process.wait(10)
         self.log.close()
 
