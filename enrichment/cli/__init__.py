@@ -1,7 +1,7 @@
 """The `enrich` command line: one module per group of subcommands, each a thin layer
 over the library."""
 
-from enrichment.cli import db, export, model, runs, worker
+from enrichment.cli import db, export, model, report, runs, worker
 from enrichment.cli.base import cli
 
 cli.add_command(runs.run)
@@ -12,6 +12,8 @@ cli.add_command(export.export)
 cli.add_command(db.db)
 cli.add_command(model.model)
 cli.add_command(worker.worker)
+cli.add_command(report.explain)
+cli.add_command(report.report)
 
 
 def main() -> None:

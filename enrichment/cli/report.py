@@ -1,0 +1,115 @@
+"""`enrich explain` and `enrich report`: what curators look at before labels enter a catalogue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from enrichment.cli.base import emit_json, open_db, settings
+
+
+@click.command()
+@click.argument("target")
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    help="Model directory (default: $ENRICH_MODEL).",
+)
+@click.option(
+    "--label",
+    "label_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Explain this label (repeatable; default: the labels above threshold).",
+)
+@click.option(
+    "--layer",
+    metavar="NAME",
+    help="The convolutional layer to explain, e.g. layer4 or features.7 "
+    "(default: the last stage of the architecture's family).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("explanations"),
+    show_default=True,
+    help="Directory for the PNG overlays.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the labels and files as JSON.")
+def explain(
+    target: str,
+    model_dir: Path | None,
+    label_keys: tuple[str, ...],
+    layer: str | None,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Draw Grad-CAM heatmaps of what drove each label, for one image.
+
+    TARGET is an http(s) URL (fetched with the same safeguards as a run), a
+    local image file, or the id of a record in the database (its image URL is
+    fetched). One PNG per label is written to --out, with the label and its
+    confidence drawn in. Runs on the CPU when there is no GPU.
+    """
+    from enrichment import explain as explaining
+    from enrichment.model import Classifier
+
+    config = settings()
+    classifier = Classifier.load(model_dir or config.require_model_dir())
+    if "://" in target:
+        source = explaining.from_url(target, config)
+    elif Path(target).is_file():
+        source = explaining.from_file(Path(target))
+    else:
+        source = explaining.from_record(open_db(), target, config)
+    explanations = explaining.explain(
+        classifier, source.data, label_keys, layer, config.max_image_pixels
+    )
+    paths = explaining.write_overlays(source, explanations, out_dir, config.max_image_pixels)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "label": item.key,
+                    "confidence": round(item.confidence, 6),
+                    "threshold": item.threshold,
+                    "path": str(path),
+                }
+                for item, path in zip(explanations, paths, strict=True)
+            ]
+        )
+        return
+    for item, path in zip(explanations, paths, strict=True):
+        click.echo(f"{item.key}\t{item.confidence:.3f}\t{path}")
+
+
+@click.command()
+@click.argument("run_id", type=int, required=False)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Directory for the page; it is written as run-RUN_ID.html.",
+)
+@click.option(
+    "--per-class",
+    type=click.IntRange(1, 50),
+    default=4,
+    show_default=True,
+    help="Gallery size: this many of the most and of the least confident labels per class.",
+)
+def report(run_id: int | None, out_dir: Path, per_class: int) -> None:
+    """Write a self-contained HTML report of a run (default: the latest) from its stored results.
+
+    Summary, labels per class, confidence histograms with the thresholds,
+    error reasons, and thumbnails of the labels to check. The page loads
+    nothing from the network: charts and thumbnails are inline.
+    """
+    from enrichment.report import write_report
+
+    path = write_report(open_db(), run_id, out_dir, settings(), per_class)
+    click.echo(str(path))
