@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python demo/run_demo.py
+	$(BIN)/python -m demo.run_demo
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: $(STAMP)

@@ -1,14 +1,20 @@
-"""`make demo`: the whole job on the embedded default (SQLite, in-process), end to end.
+"""`make demo`: the whole mission on real images, on the embedded default (SQLite, in-process).
 
-It serves a small generated sample collection from a local HTTP server, makes
-a placeholder model directory (random weights: it shows the plumbing, not
-useful labels), then runs the real `enrich` commands a user would type and
-prints where the JSON-LD went.
+1. A local Europeana Search API serves the demo collection (31 real images from
+   Debian and PyPI packages, never used in training; see demo/sample/manifest.csv)
+   in Europeana's response format with cursor paging, and an image host serves
+   the images.
+2. The real commands a user types: `enrich run --dataset demo` with the demo
+   model the project trained itself (demo/model, see demo/train_model.sh),
+   `enrich status`, `enrich export` as W3C JSON-LD and as Europeana-profile
+   pages, and `enrich report`.
+3. A table of labels per record next to the labels the manifest gives, and the
+   paths written.
 """
 
 from __future__ import annotations
 
-import io
+import csv
 import json
 import os
 import shutil
@@ -19,13 +25,14 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
+from demo.search_api import SearchAPI, generated_item
 
-from enrichment.model import LabelSpec, ModelSpec, build_network, save_model_dir
-
+HERE = Path(__file__).resolve().parent
+SAMPLE = HERE / "sample"
+MODEL = HERE / "model"
 OUT = Path("demo-output")
-VOCABULARY = Path(__file__).resolve().parent.parent / "enrichment" / "data" / "vocabulary.json"
+DATASET = "demo"
+KEY = "demo-key"
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -33,45 +40,9 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def sample_images(directory: Path) -> list[str]:
-    """Twelve small pictures: line drawings and colour fields."""
-    directory.mkdir(parents=True)
-    names = []
-    for index in range(12):
-        image = Image.new(
-            "RGB", (320, 240), (250, 248, 240) if index % 2 else (40 + 15 * index, 90, 160)
-        )
-        draw = ImageDraw.Draw(image)
-        for step in range(index + 2):
-            offset = 12 * step
-            draw.line((offset, 20, 300 - offset, 220), fill=(20, 20, 20), width=3)
-            draw.ellipse(
-                (100 + offset // 2, 60, 200, 160 - offset // 3), outline=(120, 30, 30), width=2
-            )
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        name = f"object_{index:02d}.jpg"
-        (directory / name).write_bytes(buffer.getvalue())
-        names.append(name)
-    return names
-
-
-def placeholder_model(directory: Path) -> str:
-    vocabulary = json.loads(VOCABULARY.read_text())
-    keys = ["photograph", "drawing", "map"]
-    labels = tuple(LabelSpec(key, key.capitalize(), vocabulary[key], 0.5) for key in keys)
-    torch.manual_seed(7)
-    network = build_network("resnet18", len(labels))
-    spec = ModelSpec(
-        name="demo-placeholder",
-        architecture="resnet18",
-        input_size=64,
-        labels=labels,
-        metrics={
-            "note": "random weights: a placeholder that shows the pipeline, not a trained model"
-        },
-    )
-    return save_model_dir(directory, spec, network)
+def collection() -> list[dict[str, str]]:
+    with (SAMPLE / "manifest.csv").open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["split"] == "collection"]
 
 
 def enrich(*args: str, env: dict[str, str]) -> None:
@@ -79,40 +50,89 @@ def enrich(*args: str, env: dict[str, str]) -> None:
     subprocess.run([sys.executable, "-m", "enrichment", *args], env=env, check=True)
 
 
+def labels_table(env: dict[str, str], expected: dict[str, set[str]]) -> None:
+    """Predicted labels next to the manifest's, with per-class agreement on this collection."""
+    listing = subprocess.run(
+        [sys.executable, "-m", "enrichment", "results", "--json"],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    print(f"\n{'record':<46} {'labels (confidence)':<40} manifest")
+    hits = {key: [0, 0, 0] for key in ("drawing", "map", "photograph")}  # tp, fp, fn
+    for line in listing:
+        result = json.loads(line)
+        predicted = {label["key"]: label["confidence"] for label in result["labels"]}
+        truth = expected[result["record_id"]]
+        shown = (
+            ", ".join(f"{key} {conf:.2f}" for key, conf in predicted.items()) or result["status"]
+        )
+        print(f"{result['record_id']:<46} {shown:<40} {' '.join(sorted(truth))}")
+        for key, counts in hits.items():
+            counts[0] += key in predicted and key in truth
+            counts[1] += key in predicted and key not in truth
+            counts[2] += key not in predicted and key in truth
+    print(
+        "\nagreement with the manifest on this collection (the model's test-set scores are in "
+        "demo/model/EVALUATION.txt):"
+    )
+    for key, (tp, fp, fn) in hits.items():
+        print(f"  {key:<11} {tp} right, {fp} wrongly added, {fn} missed")
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
-    names = sample_images(OUT / "images")
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(QuietHandler, directory=str(OUT / "images"))
+    OUT.mkdir()
+    images = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(SAMPLE)))
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{images.server_port}"
+    api = SearchAPI(key=KEY)
+    expected: dict[str, set[str]] = {}
+    for index, row in enumerate(collection()):
+        item = generated_item(DATASET, index, f"{base}/{row['image']}")
+        item["id"] = f"/{DATASET}/{Path(row['image']).stem}"
+        item["title"] = [row["source"]]
+        item["dataProvider"] = [row["package"]]
+        api.items.append(item)
+        expected[item["id"]] = set(row["labels"].split())
+    print(
+        f"demo collection: {len(api.items)} records served as Europeana dataset '{DATASET}' "
+        f"by a local Search API at {api.url}; images at {base}"
     )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    records = OUT / "records.jsonl"
-    with records.open("w") as handle:
-        for name in names:
-            record = {
-                "id": f"/demo/{name.removesuffix('.jpg')}",
-                "image_url": f"{base}/{name}",
-                "provider": "Demo",
-            }
-            handle.write(json.dumps(record) + "\n")
-    version = placeholder_model(OUT / "model")
-    print(f"sample: {len(names)} records in {records}, images served at {base}; model {version}")
-
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{OUT / 'enrich.sqlite3'}",
-        "ENRICH_MODEL": str(OUT / "model"),
+        "EUROPEANA_API_URL": api.url,
+        "EUROPEANA_API_KEY": KEY,
+        "ENRICH_MODEL": str(MODEL),
         "ENRICH_FETCH_ALLOW": "127.0.0.1",  # the demo's image host is local
+        "ENRICH_BATCH_SIZE": "8",
     }
     try:
-        enrich("run", "--records", str(records), "--batch-size", "4", env=env)
+        enrich("model", "info", str(MODEL), env=env)
+        enrich("run", "--dataset", DATASET, env=env)
         enrich("status", env=env)
-        enrich("results", env=env)
         enrich("export", "--out", str(OUT / "annotations.jsonld"), env=env)
+        enrich(
+            "export",
+            "--profile",
+            "europeana",
+            "--split",
+            "10",
+            "--out",
+            str(OUT / "europeana" / "annotations.jsonld"),
+            env=env,
+        )
+        enrich("report", "--out", str(OUT / "report"), env=env)
+        labels_table(env, expected)
     finally:
-        server.shutdown()
-    print(f"\nW3C JSON-LD written to {OUT / 'annotations.jsonld'}")
+        api.close()
+        images.shutdown()
+    print("\nwritten:")
+    for path in sorted(OUT.rglob("*")):
+        if path.is_file() and path.suffix in (".jsonld", ".html"):
+            print(f"  {path}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class AtomicFiles:
     @contextmanager
     def create(self, path: Path) -> Iterator[IO[str]]:
         partial = path.with_name(path.name + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
         self._pending.append((partial, path))
         with partial.open("w", encoding="utf-8") as handle:
             yield handle
