@@ -45,6 +45,7 @@ TARGET_LAYERS = (
     ("convnext", "features"),
     ("densenet", "features"),
     ("regnet", "trunk_output"),
+    ("shufflenet_v2", "conv5"),
 )
 DISPLAY_SIDE = 448  # the overlay's longer side, in pixels
 HEAT_WEIGHT = 0.5  # how much of the overlay is heatmap colour

@@ -38,7 +38,11 @@ def as_utc_naive(value: datetime | None) -> datetime | None:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+    # None is SQL NULL, not JSON null, so `IS NULL` means what it says.
+    type_annotation_map = {  # noqa: RUF012
+        dict[str, Any]: JSON(none_as_null=True),
+        list[Any]: JSON(none_as_null=True),
+    }
 
 
 class RunStatus:

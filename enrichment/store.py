@@ -168,7 +168,7 @@ def register_model(
     labels: list[dict[str, str]],
     thresholds: list[float],
 ) -> None:
-    """Record a model version once; re-registering the same version changes nothing."""
+    """Record a model version; registering it again updates its labels and thresholds."""
     statement = upsert_statement(session, ModelRow.__table__).values(
         version=version,
         name=name,
@@ -177,7 +177,13 @@ def register_model(
         thresholds=thresholds,
         registered_at=utc_now(),
     )
-    session.execute(statement.on_conflict_do_nothing(index_elements=["version"]))
+    # Recalibration keeps the version (same weights) but changes thresholds: keep the latest.
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["version"],
+            set_={"labels": statement.excluded.labels, "thresholds": statement.excluded.thresholds},
+        )
+    )
 
 
 def save_outcomes(
