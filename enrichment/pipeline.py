@@ -9,7 +9,7 @@ idempotently, so a batch that runs twice leaves the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from enrichment.fetch import Fetcher
 from enrichment.images import ImageError, decode
 from enrichment.model import Classifier
 from enrichment.schedule import complete_run_if_done
-from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Run, utc_now
+from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
 from enrichment.store import Database, RecordOutcome, save_outcomes
 
 DEFAULT_MODEL_BATCH = 32
@@ -33,6 +33,18 @@ class BatchReport:
     run_id: int
     skipped: bool
     outcomes: dict[str, int]
+    model_inputs: int = 0  # images the model actually ran on
+    reused: int = 0  # records whose image (by SHA-256) already had scores
+
+
+@dataclass(frozen=True)
+class Classified:
+    outcomes: list[RecordOutcome]
+    model_inputs: int
+    reused: int
+
+
+ScoreLookup = Callable[[Sequence[str]], dict[str, list[float]]]
 
 
 @dataclass(frozen=True)
@@ -104,7 +116,10 @@ def process_batch(
             f"run {run.id} was scheduled for model {run.model_version}, "
             f"this worker has {classifier.version}"
         )
-    outcomes = classify_records(records, classifier, fetcher, model_batch)
+    classified = classify_records(
+        records, classifier, fetcher, model_batch, stored_scores(db, classifier.version)
+    )
+    outcomes = classified.outcomes
     with db.transaction() as session:
         save_outcomes(session, run.id, classifier.version, outcomes)
         session.execute(
@@ -116,13 +131,39 @@ def process_batch(
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    return BatchReport(batch_id, run.id, False, counts)
+    return BatchReport(batch_id, run.id, False, counts, classified.model_inputs, classified.reused)
+
+
+def stored_scores(db: Database, version: str) -> ScoreLookup:
+    """Scores this model version already gave to images with these SHA-256s, from any record."""
+
+    def lookup(digests: Sequence[str]) -> dict[str, list[float]]:
+        with db.transaction() as session:
+            rows = session.execute(
+                sa.select(Result.image_sha256, Result.scores).where(
+                    Result.model_version == version,
+                    Result.image_sha256.in_(digests),
+                    Result.status.in_([Outcome.LABELLED, Outcome.BELOW_THRESHOLD]),
+                )
+            )
+            return {digest: scores for digest, scores in rows if scores}
+
+    return lookup
 
 
 def classify_records(
-    records: Sequence[RecordRow], classifier: Classifier, fetcher: Fetcher, model_batch: int
-) -> list[RecordOutcome]:
-    """One outcome per record, in order; a bad image never fails the others."""
+    records: Sequence[RecordRow],
+    classifier: Classifier,
+    fetcher: Fetcher,
+    model_batch: int,
+    lookup: ScoreLookup | None = None,
+) -> Classified:
+    """One outcome per record, in order; a bad image never fails the others.
+
+    Identical images (same SHA-256), whether reached through several records
+    or URLs in this batch or already classified by this model version before,
+    go through the model once.
+    """
     preprocessing = classifier.spec.preprocessing
 
     def prepare(record: RecordRow) -> _Prepared:
@@ -157,16 +198,29 @@ def classify_records(
 
     futures: list[Future[_Prepared]] = [fetcher.submit(prepare, record) for record in records]
     outcomes: list[RecordOutcome] = []
+    known: dict[str, np.ndarray] = {}  # image SHA-256 -> scores
+    model_inputs = reused = 0
     for start in range(0, len(futures), model_batch):
         chunk = [future.result() for future in futures[start : start + model_batch]]
         ready = [item for item in chunk if item.failure is None]
-        scores = classifier.scores(np.stack([item.inputs for item in ready])) if ready else []
-        by_record = dict(zip((item.record.id for item in ready), scores, strict=True))
+        unseen = sorted({item.sha256 for item in ready if item.sha256 not in known})
+        if lookup is not None and unseen:
+            for digest, scores in lookup(unseen).items():
+                known[digest] = np.asarray(scores, dtype=np.float32)
+        to_run: dict[str, _Prepared] = {}
+        for item in ready:
+            if item.sha256 not in known:
+                to_run.setdefault(item.sha256, item)
+        if to_run:
+            scores = classifier.scores(np.stack([item.inputs for item in to_run.values()]))
+            known.update(zip(to_run, scores, strict=True))
+        model_inputs += len(to_run)
+        reused += len(ready) - len(to_run)
         for item in chunk:
             if item.failure is not None:
                 outcomes.append(item.failure)
                 continue
-            vector = by_record[item.record.id]
+            vector = known[item.sha256]
             labels = classifier.labels_above_threshold(vector)
             outcomes.append(
                 RecordOutcome(
@@ -179,7 +233,7 @@ def classify_records(
                     source_timestamp=item.record.timestamp_update,
                 )
             )
-    return outcomes
+    return Classified(outcomes, model_inputs, reused)
 
 
 def note_batch_error(db: Database, batch_id: int, message: str) -> None:
