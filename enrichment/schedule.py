@@ -117,6 +117,13 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
         yield
 
 
+def get_run(session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise EnrichError(f"run {run_id} does not exist")
+    return run
+
+
 def start_run(
     db: Database, model: ModelIdentity, kind: str, scope: dict[str, Any], full: bool
 ) -> int:
@@ -195,9 +202,7 @@ def fill_run(
     `failed` with its checkpoint intact; `enrich resume` continues from there.
     """
     with db.transaction() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise EnrichError(f"run {run_id} does not exist")
+        run = get_run(session, run_id)
         version, queue_name = run.model_version, run.queue
         checkpoint = dict(run.checkpoint or {"pending": []})
         run.status, run.error = RunStatus.SCHEDULING, None
@@ -241,10 +246,7 @@ def resume_run(
 ) -> RunProgress:
     """Re-dispatch the batches that never finished, then page on from the checkpoint."""
     with db.transaction() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise EnrichError(f"run {run_id} does not exist")
-        queue_name = run.queue
+        queue_name = get_run(session, run_id).queue
     leftovers = unfinished_batches(db, run_id)
     if leftovers:
         dispatcher.dispatch(db, run_id, queue_name, leftovers)

@@ -19,11 +19,11 @@ from enrichment.schedule import (
     ModelIdentity,
     RunProgress,
     fill_run,
+    get_run,
     resume_run,
     scope_lock,
     start_run,
 )
-from enrichment.schema import Run
 from enrichment.sources import RecordsFileSource, source_for_scope
 from enrichment.store import Database
 
@@ -76,10 +76,7 @@ def resume(
 ) -> RunProgress:
     """Continue a run from its checkpoint and re-dispatch its unfinished batches."""
     with db.transaction() as session:
-        run = session.get(Run, run_id)
-        if run is None:
-            raise EnrichError(f"run {run_id} does not exist")
-        scope = run.scope
+        scope = get_run(session, run_id).scope
     check_scope(scope, settings)
     with scope_lock(db, scope):
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
@@ -87,6 +84,5 @@ def resume(
 
 def _source(db: Database, settings: Settings, run_id: int):
     with db.transaction() as session:
-        run = session.get(Run, run_id)
-        assert run is not None
+        run = get_run(session, run_id)
         return source_for_scope(run.scope, settings, (run.checkpoint or {}).get("since"))

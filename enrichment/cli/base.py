@@ -7,6 +7,7 @@ exit status 1; every reporting command has `--json` for scripts.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -51,3 +52,19 @@ def cli(ctx: click.Context) -> None:
     ENRICH_MODEL, ...): see the README's configuration table.
     """
     ctx.obj = Settings.from_env()
+
+
+model_dir_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    help="Model directory (default: $ENRICH_MODEL).",
+)
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    help="Records per batch (default: $ENRICH_BATCH_SIZE or 128).",
+)
+progress_option = click.option(
+    "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."
+)

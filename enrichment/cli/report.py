@@ -6,17 +6,12 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, open_db, settings
+from enrichment.cli.base import emit_json, model_dir_option, open_db, settings
 
 
 @click.command()
 @click.argument("target")
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    help="Model directory (default: $ENRICH_MODEL).",
-)
+@model_dir_option
 @click.option(
     "--label",
     "label_keys",

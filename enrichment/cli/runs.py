@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, open_db, settings
+from enrichment.cli.base import (
+    batch_size_option,
+    emit_json,
+    model_dir_option,
+    open_db,
+    progress_option,
+    settings,
+)
 from enrichment.config import Settings
 from enrichment.store import Database
 
@@ -41,23 +48,12 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
     show_default=True,
     help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
 )
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    help="Model directory (default: $ENRICH_MODEL).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 10_000),
-    help="Records per batch (default: $ENRICH_BATCH_SIZE or 128).",
-)
+@model_dir_option
+@batch_size_option
 @click.option(
     "--full", is_flag=True, help="Enqueue every record in scope, not only new or changed ones."
 )
-@click.option(
-    "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."
-)
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def run(
     records_file: Path | None,
@@ -129,20 +125,9 @@ def run(
 
 @click.command()
 @click.argument("run_id", type=int)
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=Path),
-    help="Model directory (default: $ENRICH_MODEL).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, 10_000),
-    help="Records per batch (default: $ENRICH_BATCH_SIZE or 128).",
-)
-@click.option(
-    "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."
-)
+@model_dir_option
+@batch_size_option
+@progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def resume(
     run_id: int, model_dir: Path | None, batch_size: int | None, progress: bool, as_json: bool
