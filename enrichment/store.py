@@ -79,7 +79,12 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         try:
-            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, future=True)
+            options: dict[str, Any] = {}
+            if sa.engine.make_url(url).drivername == "postgresql+psycopg2":
+                # Upserts, which insertmanyvalues does not take, go as pages of statements
+                # (execute_batch) rather than one round trip per row.
+                options["executemany_mode"] = "values_plus_batch"
+            self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **options)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as error:
             raise DatabaseError(f"invalid DATABASE_URL {redact_url(url)}: {error}") from None
         if self.engine.dialect.name == "sqlite":
@@ -209,19 +214,22 @@ def save_outcomes(
         }
         for outcome in outcomes
     ]
+    # Core executemany on the session's connection: SQLAlchemy sends it as a few multi-row
+    # INSERTs ("insertmanyvalues") from one cached compilation, without the ORM's bulk path.
+    connection = session.connection()
     insert = upsert_statement(session, Result.__table__)
     updated = {
         name: insert.excluded[name]
         for name in rows[0]
         if name not in ("record_id", "model_version")
     }
-    session.execute(
+    connection.execute(
         insert.on_conflict_do_update(index_elements=["record_id", "model_version"], set_=updated),
         rows,
     )
     record_ids = [outcome.record_id for outcome in outcomes]
-    session.execute(
-        sa.delete(Label).where(
+    connection.execute(
+        sa.delete(Label.__table__).where(
             Label.model_version == model_version, Label.record_id.in_(record_ids)
         )
     )
@@ -237,4 +245,4 @@ def save_outcomes(
         for label in outcome.labels
     ]
     if label_rows:
-        session.execute(sa.insert(Label), label_rows)
+        connection.execute(sa.insert(Label.__table__), label_rows)
