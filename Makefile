@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test bench bench-quick lint format clean
 
 # torch and torchvision are installed first at the release this project is tested
 # with (on this project's machines pip takes them from local disk, CPU or CUDA).
@@ -24,6 +24,13 @@ test: $(STAMP)
 	$(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
+
+# Benchmarks print ratios measured side by side; exit 1 means a target was missed.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

@@ -3,8 +3,9 @@
 Bulk-loads N labels (1,000,000; 100,000 with --quick) with COPY, then runs the
 real `enrich export` in a child process twice: over a tenth of the labels and
 over all of them. Memory must not grow with the number of annotations (peak RSS
-of the child, from wait4's rusage), and the marginal export rate (extra labels
-over extra seconds, which cancels interpreter start-up) says how fast it streams.
+of the child: its own VmHWM, read as it exits), and the marginal export rate
+(extra labels over extra seconds, which cancels interpreter start-up) says how
+fast it streams.
 
     BENCH_DATABASE_URL=postgresql+psycopg2://... python benchmarks/bench_export.py [--quick]
 
@@ -141,25 +142,51 @@ def load(url: str, labels: int) -> dict[str, int]:
     return {"small": small * LABELS_PER_RECORD, "large": records * LABELS_PER_RECORD}
 
 
+# The child's own high-water mark, written as it exits. wait4's ru_maxrss will not do:
+# Linux carries the parent's size at fork across exec, so from a large parent
+# (run_all.py, with torch loaded) both exports would report the parent's size.
+PEAK_RSS_CHILD = """
+import atexit, pathlib, runpy, sys
+peak = pathlib.Path(sys.argv.pop(1))
+
+def record() -> None:
+    status = pathlib.Path("/proc/self/status").read_text()
+    peak.write_text(status.split("VmHWM:")[1].split()[0])
+
+atexit.register(record)
+runpy.run_module("enrichment", run_name="__main__", alter_sys=True)
+"""
+
+
 def export_child(url: str, out: Path, *options: str) -> dict[str, float]:
     """Run `enrich export` as a child process; its wall time, peak RSS and annotation count."""
-    log = out.with_suffix(".log")
+    log, peak = out.with_suffix(".log"), out.with_suffix(".peak")
     started = time.perf_counter()
     with log.open("w") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "enrichment", "export", "--out", str(out), *options],
+            [
+                sys.executable,
+                "-c",
+                PEAK_RSS_CHILD,
+                str(peak),
+                "export",
+                "--out",
+                str(out),
+                *options,
+            ],
             cwd=REPO,
             env={**os.environ, "DATABASE_URL": url},
             stderr=stderr,
         )
-        _, status, usage = os.wait4(child.pid, 0)
+        code = child.wait()
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    if code != 0:
         raise RuntimeError(f"enrich export failed: {log.read_text()}")
     with out.open("rb") as handle:
         handle.seek(max(0, out.stat().st_size - 200))
         total = json.loads('{"last"' + handle.read().decode().rsplit(', "last"', 1)[1])["total"]
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "annotations": total}
+    peak_mb = int(peak.read_text()) / 1024  # VmHWM is in kB
+    return {"seconds": seconds, "peak_rss_mb": peak_mb, "annotations": total}
 
 
 def run(quick: bool) -> dict:

@@ -1,0 +1,458 @@
+"""The whole pipeline against the model alone and against the naive way (items 1 and 2).
+
+For each model (resnet50: compute-heavy for a CPU; mobilenet_v3_large: light),
+the same `Classifier` and model batch (32) are timed three ways, round by
+round, side by side, so that other work on the machine slows all three alike:
+
+- model only: `Classifier.scores` on preprocessed inputs already in memory,
+  as many images as a batch holds: the most this machine allows;
+- pipeline: `enrichment.pipeline.process_batch` on one batch cut by the real
+  scheduler (`service.start` over a records file), fetching every image from
+  local providers that answer after 200 ms, decoding, classifying and
+  upserting into PostgreSQL, as a worker does;
+- naive: one task per image, `requests.get`, full decode, batch size 1, and
+  one ORM INSERT per row (result, then each label), committed per image.
+
+Many providers are modelled as 16 hosts on 127.0.0.10-25 (all allow-listed),
+with the fetcher's own defaults (4 connections per host, 64 in all): raising
+the per-host cap instead would model one provider that lets a worker in 64
+times at once, which none does.
+
+    python benchmarks/bench_e2e.py [--quick]
+
+Not a test: it measures time, which the tests never do. `run(quick)` returns
+the figures for `benchmarks/run_all.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+import numpy as np
+import requests
+import sqlalchemy as sa
+import torch
+from bench_decode import naive as naive_decode
+from peers import PICTURES, PREVIEW_SIZE, preview_jpeg
+
+from enrichment import service
+from enrichment.config import Settings
+from enrichment.fetch import Fetcher
+from enrichment.images import decode
+from enrichment.model import (
+    Classifier,
+    ModelSpec,
+    build_network,
+    head_parameter_names,
+    save_model_dir,
+)
+from enrichment.pipeline import DEFAULT_MODEL_BATCH, process_batch
+from enrichment.schedule import ModelIdentity, RunKind, mark_queued
+from enrichment.schema import Batch, Label, Outcome, RecordRow, Result, utc_now
+from enrichment.store import Database
+
+LATENCY = 0.2
+HOSTS = 16
+INPUT_SIZE = 224
+LABELS_GIVEN = 2  # the head is biased so that each image gets this many labels, a typical count
+MODEL_TARGET = 0.9
+NAIVE_TARGET = 10.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of one model to measure: `rounds` batches of `batch_size` records each way."""
+
+    architecture: str
+    role: str
+    batch_size: int
+    rounds: int
+    naive_per_round: int
+
+
+def plans(quick: bool, cuda: bool) -> tuple[Plan, Plan]:
+    """Sizes for about 4 minutes on 2 loaded CPU cores (1 minute quick), or a GPU."""
+    if cuda:
+        return Plan("resnet50", "heavy", 128, 12, 3), Plan(
+            "mobilenet_v3_large", "light", 128, 12, 3
+        )
+    if quick:
+        return Plan("resnet50", "heavy", 64, 1, 3), Plan("mobilenet_v3_large", "light", 64, 1, 6)
+    return Plan("resnet50", "heavy", 128, 4, 3), Plan("mobilenet_v3_large", "light", 128, 4, 6)
+
+
+class InMemoryQueue:
+    """A dispatcher that keeps the scheduler's batch ids, for this process to work like a worker."""
+
+    def __init__(self) -> None:
+        self.batch_ids: list[int] = []
+
+    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+        mark_queued(db, batch_ids)
+        self.batch_ids.extend(batch_ids)
+
+
+class ForwardClock:
+    """Notes when each forward pass starts and ends, by wrapping the classifier's `scores`.
+
+    The real method still runs. Inside the pipeline this splits the batch's
+    time into the model working and the model waiting (for the first images,
+    for the database), and shows whether its forwards ran slower than alone.
+    """
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.calls: list[tuple[float, float]] = []
+        scores = classifier.scores
+
+        def timed_scores(inputs: np.ndarray) -> np.ndarray:
+            started = time.perf_counter()
+            try:
+                return scores(inputs)
+            finally:
+                self.calls.append((started, time.perf_counter()))
+
+        classifier.scores = timed_scores  # type: ignore[method-assign]
+
+
+def make_model(directory: Path, architecture: str) -> Classifier:
+    """Random weights in the real model-directory format, loaded back the way a worker does.
+
+    The head's weights are scaled down and its bias set so that the first
+    LABELS_GIVEN classes are always above threshold: the database then gets as
+    many label rows as a real run would, not half of the 20 classes per image.
+    """
+    torch.manual_seed(0)
+    labels = common.vocabulary_labels()
+    network = build_network(architecture, len(labels))
+    state = network.state_dict()
+    with torch.no_grad():
+        for name in head_parameter_names(architecture):
+            if name.endswith("weight"):
+                state[name].mul_(0.01)
+            else:
+                state[name].fill_(-4.0)
+                state[name][:LABELS_GIVEN] = 4.0
+    spec = ModelSpec(
+        name=f"bench-{architecture}",
+        architecture=architecture,
+        input_size=INPUT_SIZE,
+        labels=labels,
+    )
+    save_model_dir(directory, spec, network)
+    return Classifier.load(directory)
+
+
+def write_records(path: Path, count: int, hosts: list[str]) -> Path:
+    """A records file whose images are spread over the providers in turn."""
+    with path.open("w", encoding="utf-8") as handle:
+        for number in range(count):
+            row = {
+                "id": f"/9100001/item_{number:06d}",
+                "image_url": f"{hosts[number % len(hosts)]}/img/{number}.jpg",
+                "provider": f"Provider {number % len(hosts)}",
+                "timestamp_update": "2024-01-01T00:00:00Z",
+            }
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def naive_task(db: Database, run_id: int, classifier: Classifier, record: RecordRow) -> None:
+    """One image as first written: one task, one GET, one forward pass, one row at a time."""
+    response = requests.get(record.image_url or "", timeout=30)
+    response.raise_for_status()
+    inputs = naive_decode(response.content, classifier.spec.preprocessing)
+    scores = classifier.scores(inputs[np.newaxis])[0]
+    labels = classifier.labels_above_threshold(scores)
+    with db.sessions() as session:
+        session.add(
+            Result(
+                record_id=record.id,
+                model_version=classifier.version,
+                run_id=run_id,
+                status=Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
+                scores=[float(score) for score in scores],
+                image_url=record.image_url,
+                source_timestamp=record.timestamp_update,
+                classified_at=utc_now(),
+            )
+        )
+        session.flush()
+        for label in labels:
+            session.add(
+                Label(
+                    record_id=record.id,
+                    model_version=classifier.version,
+                    label_key=label.key,
+                    concept_uri=label.concept_uri,
+                    confidence=label.confidence,
+                )
+            )
+            session.flush()
+        session.commit()
+
+
+def preprocessed(classifier: Classifier, count: int) -> np.ndarray:
+    """The model's inputs for `count` images, decoded beforehand: what model-only is fed."""
+    decoded = [
+        decode(preview_jpeg(seed), classifier.spec.preprocessing) for seed in range(PICTURES)
+    ]
+    return np.stack([decoded[number % len(decoded)] for number in range(count)])
+
+
+def model_only(classifier: Classifier, inputs: np.ndarray) -> None:
+    for start in range(0, len(inputs), DEFAULT_MODEL_BATCH):
+        classifier.scores(inputs[start : start + DEFAULT_MODEL_BATCH])
+
+
+def decode_ms(classifier: Classifier) -> float:
+    """One preview to model input on one core, fastest of a few: the CPU cost per image."""
+    data = preview_jpeg(0)
+    timings = [
+        common.timed(lambda: decode(data, classifier.spec.preprocessing))[0] for _ in range(9)
+    ]
+    return 1000 * min(timings)
+
+
+def warm_up(classifier: Classifier, fetcher: Fetcher, inputs: np.ndarray, hosts: list[str]) -> None:
+    """First calls build oneDNN kernels, threads and connections: none of that is steady state."""
+    classifier.scores(inputs[:DEFAULT_MODEL_BATCH])
+    classifier.scores(inputs[:1])
+    urls = [f"{hosts[n % len(hosts)]}/img/{n}.jpg" for n in range(len(inputs))]
+    for future in [fetcher.submit(fetcher.fetch, url) for url in urls]:
+        future.result()
+    requests.get(urls[0], timeout=30).raise_for_status()
+
+
+def measure(plan: Plan, base_url: str, hosts: list[str]) -> dict[str, Any]:
+    """Schedule (rounds + 1) batches; run `rounds` through the pipeline, the last one naively."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp,
+        common.fresh_database(base_url) as url,
+    ):
+        classifier = make_model(Path(tmp) / "model", plan.architecture)
+        db = Database(url)
+        db.upgrade()
+        settings = Settings(
+            database_url=url, batch_size=plan.batch_size, fetch_allow=("127.0.0.0/8",)
+        )
+        queue = InMemoryQueue()
+        records = write_records(
+            Path(tmp) / "records.jsonl", (plan.rounds + 1) * plan.batch_size, hosts
+        )
+        progress = service.start(
+            db,
+            settings,
+            service.records_scope(records),
+            RunKind.ON_DEMAND,
+            ModelIdentity(classifier.version, classifier.spec),
+            queue,
+            plan.batch_size,
+        )
+        with db.transaction() as session:
+            spare_batch = session.get(Batch, queue.batch_ids[plan.rounds])
+            assert spare_batch is not None
+            spare = list(
+                session.scalars(
+                    sa.select(RecordRow)
+                    .where(RecordRow.id.in_(spare_batch.record_ids))
+                    .order_by(RecordRow.id)
+                )
+            )
+        inputs = preprocessed(classifier, plan.batch_size)
+        fetcher = Fetcher(settings)
+        try:
+            warm_up(classifier, fetcher, inputs, hosts)
+            figures = _rounds(plan, db, progress.run_id, classifier, fetcher, inputs, queue, spare)
+        finally:
+            fetcher.close()
+        figures["decode_ms_per_image"] = round(decode_ms(classifier), 2)
+        figures["database"] = db.dialect
+        figures["device"] = str(classifier.device)
+        figures["torch_threads"] = torch.get_num_threads()
+        db.dispose()
+    return figures
+
+
+def _rounds(
+    plan: Plan,
+    db: Database,
+    run_id: int,
+    classifier: Classifier,
+    fetcher: Fetcher,
+    inputs: np.ndarray,
+    queue: InMemoryQueue,
+    spare: list[RecordRow],
+) -> dict[str, Any]:
+    """Each round times all three ways; the order flips every round, to cancel drift in load."""
+    model_s: list[float] = []
+    pipeline_s: list[float] = []
+    naive_s: list[float] = []
+    forward_s: list[float] = []  # the model's own time inside each pipeline batch
+    first_wait_s: list[float] = []  # from the batch's start to its first forward pass
+    model_inputs: list[int] = []
+    outcomes: dict[str, int] = {}
+    clock = ForwardClock(classifier)
+    for number in range(plan.rounds):
+        naive_records = spare[number * plan.naive_per_round : (number + 1) * plan.naive_per_round]
+
+        def run_model() -> None:
+            model_s.append(common.timed(lambda: model_only(classifier, inputs))[0])
+
+        def run_pipeline(batch_id: int = queue.batch_ids[number]) -> None:
+            clock.calls.clear()
+            started = time.perf_counter()
+            report = process_batch(db, batch_id, classifier, fetcher, DEFAULT_MODEL_BATCH)
+            pipeline_s.append(time.perf_counter() - started)
+            forward_s.append(sum(end - begin for begin, end in clock.calls))
+            first_wait_s.append(clock.calls[0][0] - started)
+            model_inputs.append(report.model_inputs)
+            for status, count in report.outcomes.items():
+                outcomes[status] = outcomes.get(status, 0) + count
+
+        def run_naive(chosen: list[RecordRow] = naive_records) -> None:
+            for record in chosen:
+                naive_s.append(
+                    common.timed(lambda r=record: naive_task(db, run_id, classifier, r))[0]
+                )
+
+        steps: list[Callable[[], None]] = [run_model, run_pipeline, run_naive]
+        for step in steps if number % 2 == 0 else reversed(steps):
+            step()
+        common.say(
+            f"    round {number + 1}/{plan.rounds}: model only {model_s[-1]:6.2f} s, "
+            f"pipeline {pipeline_s[-1]:6.2f} s for {plan.batch_size} images (its forwards "
+            f"{forward_s[-1]:.2f} s, the first after {first_wait_s[-1]:.2f} s); "
+            f"naive {sum(naive_s[-len(naive_records) :]) / len(naive_records):5.2f} s per image"
+        )
+    images = plan.batch_size * plan.rounds
+    if outcomes.get(Outcome.ERROR) or sum(model_inputs) != images:
+        raise RuntimeError(
+            f"the pipeline ran the model on {sum(model_inputs)} of {images} images "
+            f"({outcomes}): it would measure failures or shortcuts, not the work"
+        )
+    model_rate, pipeline_rate = images / sum(model_s), images / sum(pipeline_s)
+    naive_rate = len(naive_s) / sum(naive_s)
+    return {
+        "plan": asdict(plan),
+        "images": images,
+        "outcomes": outcomes,
+        "model_inputs": sum(model_inputs),
+        "model_only_s": [round(s, 3) for s in model_s],
+        "pipeline_s": [round(s, 3) for s in pipeline_s],
+        "naive_s": [round(s, 3) for s in naive_s],
+        "pipeline_forward_s": [round(s, 3) for s in forward_s],
+        "pipeline_first_forward_after_s": [round(s, 3) for s in first_wait_s],
+        "pipeline_model_busy": round(sum(forward_s) / sum(pipeline_s), 3),
+        "pipeline_forwards_over_model_only": round(sum(forward_s) / sum(model_s), 3),
+        "model_only_rate": round(model_rate, 2),
+        "pipeline_rate": round(pipeline_rate, 2),
+        "naive_rate": round(naive_rate, 3),
+        "e2e_over_model": round(pipeline_rate / model_rate, 3),
+        "e2e_over_naive": round(pipeline_rate / naive_rate, 2),
+        "model_over_naive": round(model_rate / naive_rate, 2),
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    heavy, light = plans(quick, torch.cuda.is_available())
+    settings = Settings()
+    cap = min(settings.fetch_concurrency, HOSTS * settings.fetch_per_host)
+    paths = (max(heavy.rounds, light.rounds) + 1) * max(heavy.batch_size, light.batch_size)
+    figures: dict[str, Any] = {
+        "latency_s": LATENCY,
+        "hosts": HOSTS,
+        "fetch_per_host": settings.fetch_per_host,
+        "fetch_concurrency": settings.fetch_concurrency,
+        "network_ceiling_rate": cap / LATENCY,
+        "preview": "x".join(map(str, PREVIEW_SIZE)),
+        "preview_kb": round(len(preview_jpeg(0)) / 1024, 1),
+        "model_batch": DEFAULT_MODEL_BATCH,
+    }
+    with (
+        common.database_server() as base,
+        common.peers("images", str(HOSTS), str(paths), str(LATENCY)) as served,
+    ):
+        for plan in (heavy, light):
+            common.say(
+                f"  {plan.architecture} ({plan.role}), input {INPUT_SIZE}, model batch "
+                f"{DEFAULT_MODEL_BATCH}, {plan.rounds} batch(es) of {plan.batch_size} records:"
+            )
+            figures[plan.role] = measure(plan, base, served["hosts"])
+    return figures
+
+
+def report(figures: dict[str, Any]) -> list[str]:
+    lines = [
+        f"  providers: {figures['hosts']} local hosts (127.0.0.10-{9 + figures['hosts']}, all "
+        f"allow-listed), each answering after {figures['latency_s'] * 1000:.0f} ms; "
+        f"{figures['preview']} JPEG previews ({figures['preview_kb']} KB); fetcher defaults: "
+        f"{figures['fetch_per_host']} per host, {figures['fetch_concurrency']} in all -> at most "
+        f"{figures['network_ceiling_rate']:.0f} images/s from the network"
+    ]
+    for role in ("heavy", "light"):
+        part = figures[role]
+        first = sum(part["pipeline_first_forward_after_s"]) / part["plan"]["rounds"]
+        lines += [
+            f"  {part['plan']['architecture']}: model only {part['model_only_rate']:.2f} images/s "
+            f"| pipeline {part['pipeline_rate']:.2f} images/s ({part['database']}, "
+            f"{part['device']}, {part['torch_threads']} torch threads) | naive "
+            f"{part['naive_rate']:.2f} images/s | decode {part['decode_ms_per_image']} ms per "
+            "preview on one core",
+            f"    in the pipeline the model works {part['pipeline_model_busy']:.0%} of the time; "
+            f"its forwards take {part['pipeline_forwards_over_model_only']:.2f}x their time "
+            f"alone; the first starts {first:.2f} s into a batch",
+        ]
+    return lines
+
+
+def summary(figures: dict[str, Any]) -> list[common.Figure]:
+    heavy, light = figures["heavy"], figures["light"]
+    lines = []
+    for suffix, part in (("", heavy), ("_light", light)):
+        name = part["plan"]["architecture"]
+        lines.append(
+            common.Figure(
+                f"e2e_over_model{suffix}",
+                part["e2e_over_model"],
+                f">= {MODEL_TARGET}" if part is heavy else None,
+                note=name,
+            )
+        )
+    for suffix, part in (("", heavy), ("_light", light)):
+        lines.append(
+            common.Figure(
+                f"e2e_over_naive{suffix}",
+                part["e2e_over_naive"],
+                f">= {NAIVE_TARGET}",
+                note=f"{part['plan']['architecture']}; model only over naive, the most any "
+                f"pipeline could reach here: {part['model_over_naive']:.1f}x",
+            )
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one batch per model")
+    started = time.perf_counter()
+    figures = run(parser.parse_args(argv).quick)
+    for line in report(figures):
+        common.say(line)
+    common.say(f"  ({time.perf_counter() - started:.0f} s)")
+    lines = summary(figures)
+    for line in lines:
+        common.say(line.line())
+    return 0 if all(line.met is not False for line in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
