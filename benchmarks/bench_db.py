@@ -98,10 +98,10 @@ def prepare(url: str, records: int, sample: int) -> int:
     """A database as production has it when a new model's results arrive; returns a run id.
 
     The records are there, and so are an earlier model's results and labels for
-    them, analysed: on tables created empty in the same minute PostgreSQL would
-    plan the label inserts' foreign-key check as a scan of a tiny `results` and
-    keep that plan while the table grows (see benchmarks/README.md).
-    Also creates the unindexed copies of the two tables that COPY writes to.
+    them, analysed: PostgreSQL then plans the writes from statistics of a
+    table in use, not of tables created empty a minute before, whose plans can
+    stay those of a tiny table as it grows. Also creates the unindexed copies
+    of the two tables that COPY writes to.
     """
     db = Database(url)
     db.upgrade()

@@ -26,9 +26,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import sqlalchemy as sa  # noqa: E402
+import torch  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
-from enrichment.model import LabelSpec  # noqa: E402
+from enrichment.model import LabelSpec, usable_cpus  # noqa: E402
 from tests.services import PostgresServer, RedisServer, _as_postgres, _pg_bin  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers.py"
@@ -91,10 +92,6 @@ def say(text: str) -> None:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on: they mean little without it."""
-    import torch  # only here: the peers' process never needs it
-
-    from enrichment.model import usable_cpus
-
     model = next(
         (
             line.split(":", 1)[1].strip()
