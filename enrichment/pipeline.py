@@ -198,7 +198,7 @@ def classify_records(
 
     futures: list[Future[_Prepared]] = [fetcher.submit(prepare, record) for record in records]
     outcomes: list[RecordOutcome] = []
-    known: dict[str, np.ndarray] = {}  # image SHA-256 -> scores
+    known: dict[str, np.ndarray] = {}  # image SHA-256 -> scores, as stored
     model_inputs = reused = 0
     for start in range(0, len(futures), model_batch):
         chunk = [future.result() for future in futures[start : start + model_batch]]
@@ -206,14 +206,16 @@ def classify_records(
         unseen = sorted({item.sha256 for item in ready if item.sha256 not in known})
         if lookup is not None and unseen:
             for digest, scores in lookup(unseen).items():
-                known[digest] = np.asarray(scores, dtype=np.float32)
+                known[digest] = np.asarray(scores, dtype=np.float64)
         to_run: dict[str, _Prepared] = {}
         for item in ready:
             if item.sha256 not in known:
                 to_run.setdefault(item.sha256, item)
         if to_run:
             scores = classifier.scores(np.stack([item.inputs for item in to_run.values()]))
-            known.update(zip(to_run, scores, strict=True))
+            # Stored scores keep 6 decimals; thresholds see exactly what is stored, so a
+            # reused or re-run image gives the same labels and confidences to the digit.
+            known.update(zip(to_run, np.round(scores.astype(np.float64), 6), strict=True))
         model_inputs += len(to_run)
         reused += len(ready) - len(to_run)
         for item in chunk:
@@ -226,7 +228,7 @@ def classify_records(
                 RecordOutcome(
                     record_id=item.record.id,
                     status=Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
-                    scores=[round(float(score), 6) for score in vector],
+                    scores=[float(score) for score in vector],
                     labels=labels,
                     image_url=item.record.image_url,
                     image_sha256=item.sha256,

@@ -111,10 +111,11 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
             zip(model.labels, model.thresholds, strict=True)
         ):
             key = str(label["key"])
-            highest = _gallery(session, run, key, Label.confidence.desc(), per_class, ())
-            lowest = _gallery(
-                session, run, key, Label.confidence.asc(), per_class, [s.record_id for s in highest]
-            )
+            ranking = (Label.confidence.desc(), Label.record_id)
+            highest = _gallery(session, run, key, ranking, per_class, ())
+            # The ranking read from its other end, ties included.
+            reverse = (Label.confidence.asc(), Label.record_id.desc())
+            lowest = _gallery(session, run, key, reverse, per_class, [s.record_id for s in highest])
             classes.append(
                 ClassReport(
                     key=key,
@@ -174,7 +175,12 @@ def _histograms(session: Session, run: Run, classes: int) -> tuple[np.ndarray, i
 
 
 def _gallery(
-    session: Session, run: Run, key: str, order: sa.ColumnElement, limit: int, skip: Sequence[str]
+    session: Session,
+    run: Run,
+    key: str,
+    order: Sequence[sa.ColumnElement],
+    limit: int,
+    skip: Sequence[str],
 ) -> list[Shown]:
     query = (
         _run_labels(run)
@@ -187,7 +193,7 @@ def _gallery(
             Label.confidence,
         )
         .where(Label.label_key == key)
-        .order_by(order, Label.record_id)
+        .order_by(*order)
         .limit(limit)
     )
     if skip:

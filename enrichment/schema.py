@@ -151,9 +151,9 @@ class Label(Base):
     """A label above its class threshold, materialised from its result for querying and export."""
 
     __tablename__ = "labels"
-    # No foreign key to results: labels are only written by `save_outcomes`, in the
-    # transaction of their result, and a per-row check halved batch write speed.
-    __table_args__ = (Index("ix_labels_model_label", "model_version", "label_key"),)
+    # No foreign key to results (labels are only written by `save_outcomes`, in the
+    # transaction of their result; a per-row check halved batch write speed) and no
+    # index beyond the primary key, whose record_id prefix serves every query.
 
     record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120), primary_key=True)

@@ -1,8 +1,11 @@
-"""Labels without a foreign key to results.
+"""Labels without a foreign key to results, and without the (model_version, label_key) index.
 
 A label row is derived from its result and written only by `save_outcomes`, in
 the same transaction as the result it comes from; the per-row foreign-key check
 cost more than half of a batch's database time (see benchmarks/bench_db.py).
+The (model_version, label_key) index served no query the primary key does not,
+and on a table without planner statistics yet (a new model's first run) it made
+PostgreSQL clear a batch's old labels by scanning every label of the version.
 
 Revision ID: 0002
 Revises: 0001
@@ -22,6 +25,7 @@ SQLITE_CONVENTION = {"fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table
 
 
 def upgrade() -> None:
+    op.drop_index("ix_labels_model_label", table_name="labels")
     if op.get_bind().dialect.name == "sqlite":
         with op.batch_alter_table("labels", naming_convention=SQLITE_CONVENTION) as batch:
             batch.drop_constraint("fk_labels_record_id_results", type_="foreignkey")
@@ -30,6 +34,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.create_index("ix_labels_model_label", "labels", ["model_version", "label_key"])
     with op.batch_alter_table("labels") as batch:
         batch.create_foreign_key(
             POSTGRES_NAME,
