@@ -25,12 +25,10 @@ the figures for `benchmarks/run_all.py`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -189,17 +187,9 @@ def summary(figures: dict[str, Any]) -> list[common.Figure]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10,000 records instead of 100,000")
-    started = time.perf_counter()
-    figures = run(parser.parse_args(argv).quick)
-    for line in report(figures):
-        common.say(line)
-    common.say(f"  ({time.perf_counter() - started:.0f} s)")
-    lines = summary(figures)
-    for line in lines:
-        common.say(line.line())
-    return 0 if all(line.met is not False for line in lines) else 1
+    return common.stand_alone(
+        __doc__, "10,000 records instead of 100,000", run, report, summary, argv
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ tests use) is importable from a script in `benchmarks/`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -250,3 +251,25 @@ def peers(*arguments: str) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def stand_alone(
+    doc: str,
+    quick_help: str,
+    run: Callable[[bool], dict[str, Any]],
+    report: Callable[[dict[str, Any]], list[str]],
+    summary: Callable[[dict[str, Any]], list[Figure]],
+    argv: list[str] | None = None,
+) -> int:
+    """Run one benchmark module on its own: figures, then summary lines; 1 if a target is missed."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    started = time.perf_counter()
+    figures = run(parser.parse_args(argv).quick)
+    for line in report(figures):
+        say(line)
+    say(f"  ({time.perf_counter() - started:.0f} s)")
+    lines = summary(figures)
+    for line in lines:
+        say(line.line())
+    return 0 if all(line.met is not False for line in lines) else 1
