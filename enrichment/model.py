@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,18 @@ def _state_shapes(architecture: str, num_labels: int) -> dict[str, torch.Size]:
     except NotImplementedError:  # RegNet's initialisation copies data, which meta cannot
         network = build_network(architecture, num_labels)
     return {name: tensor.shape for name, tensor in network.state_dict().items()}
+
+
+def load_weights(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load plain tensors into a network built by this torchvision.
+
+    safetensors keeps tensors only, not the per-module version metadata a
+    `state_dict()` carries; some families (mnasnet) refuse a state without it.
+    The network's own metadata is the right one: it was built by the same code.
+    """
+    weights = OrderedDict(state)
+    weights._metadata = getattr(network.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    network.load_state_dict(weights)
 
 
 def weights_sha256(path: Path) -> str:
@@ -297,7 +310,7 @@ class Classifier:
             raise ModelError(f"{weights_path} is not a safetensors file: {error}") from None
         network = build_network(spec.architecture, len(spec.labels))
         _check_shapes(network, state, len(spec.labels), weights_path)
-        network.load_state_dict(state)
+        load_weights(network, state)
         device = device or pick_device()
         network.eval().to(device)
         if device.type == "cuda":

@@ -55,6 +55,7 @@ from enrichment.model import (
     autocast_dtype,
     build_network,
     head_parameter_names,
+    load_weights,
     pick_device,
     save_model_dir,
     set_cpu_threads,
@@ -355,7 +356,7 @@ def train(
         network, train_loader, val_loader, val_targets, keys, pos_weight, options, device
     )
     seconds = time.monotonic() - started
-    network.load_state_dict(best.state)
+    load_weights(network, best.state)
 
     spec = ModelSpec(
         name=options.name,

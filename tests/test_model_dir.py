@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from enrichment.errors import ModelError
-from enrichment.model import Classifier, read_model_json
+from enrichment.model import (
+    Classifier,
+    LabelSpec,
+    ModelSpec,
+    build_network,
+    read_model_json,
+    save_model_dir,
+)
 from tests.conftest import make_tiny_model
 
 
@@ -130,3 +137,16 @@ def test_top_k_fallback_beyond_the_label_count_is_refused(model_copy: Path) -> N
     (model_copy / "model.json").write_text(json.dumps(document))
     with pytest.raises(ModelError, match=r"top_k_fallback must be between 0 \(off\) and"):
         Classifier.load(model_copy)
+
+
+@pytest.mark.parametrize("architecture", ["mnasnet0_5", "shufflenet_v2_x0_5"])
+def test_families_with_versioned_modules_round_trip(tmp_path: Path, architecture: str) -> None:
+    """safetensors keeps no module version metadata; mnasnet refuses a state without it."""
+    torch.manual_seed(0)
+    network = build_network(architecture, 3).eval()
+    labels = tuple(LabelSpec(key, key, f"http://example.org/{key}") for key in ("a", "b", "c"))
+    save_model_dir(tmp_path, ModelSpec("fam", architecture, 32, labels), network)
+    inputs = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    with torch.inference_mode():
+        expected = torch.sigmoid(network(torch.from_numpy(inputs))).numpy()
+    assert np.allclose(Classifier.load(tmp_path).scores(inputs), expected, atol=1e-5)
