@@ -53,6 +53,28 @@ def slow_records(tmp: Path, host, name: str, count: int, delay: float) -> Path:
     return write_jsonl(tmp / f"{name}.jsonl", rows)
 
 
+def slow_collection(host, prefix: str, datasets: dict[str, int]) -> SearchAPI:
+    """A local Search API over datasets whose images each take a second to arrive."""
+    api = SearchAPI()
+    for dataset, count in datasets.items():
+        for index in range(count):
+            body = image_bytes((index * 5 % 255, 100, 50))
+            url = host.add(f"/{prefix}/{dataset}/{index}.png", body, delay=1.0)
+            api.items.append(generated_item(dataset, index, url))
+    return api
+
+
+def api_env(database_url: str, broker_url: str, model: Path, api: SearchAPI) -> dict[str, str]:
+    return stack_env(
+        database_url,
+        broker_url,
+        model,
+        EUROPEANA_API_KEY=KEY,
+        EUROPEANA_API_URL=api.url,
+        ENRICH_BATCH_SIZE="4",
+    )
+
+
 class Db:
     """Direct reads of what the workers wrote."""
 
@@ -97,21 +119,8 @@ def workers(tmp_path: Path) -> Iterator[list[CeleryWorker]]:
 def test_on_demand_dataset_overtakes_a_nightly_backlog(
     tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
 ) -> None:
-    api = SearchAPI()
-    for dataset, count in (("1000", 40), ("2000", 12)):
-        for index in range(count):
-            url = image_host.add(
-                f"/prio/{dataset}/{index}.png", image_bytes((index * 5, 100, 50)), delay=1.0
-            )
-            api.items.append(generated_item(dataset, index, url))
-    env = stack_env(
-        pg_url,
-        broker,
-        tiny_model,
-        EUROPEANA_API_KEY=KEY,
-        EUROPEANA_API_URL=api.url,
-        ENRICH_BATCH_SIZE="4",
-    )
+    api = slow_collection(image_host, "prio", {"1000": 40, "2000": 12})
+    env = api_env(pg_url, broker, tiny_model, api)
     assert enrich("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     workers.append(CeleryWorker(env, tmp_path / "worker.log"))
@@ -254,18 +263,8 @@ def test_poison_batch_is_given_up_after_its_attempts(
 def test_nightly_task_runs_the_whole_collection_and_never_overlaps(
     tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
 ) -> None:
-    api = SearchAPI()
-    for index in range(40):
-        url = image_host.add(f"/nightly/{index}.png", image_bytes((index * 20, 30, 90)), delay=1.0)
-        api.items.append(generated_item("3000", index, url))
-    env = stack_env(
-        pg_url,
-        broker,
-        tiny_model,
-        EUROPEANA_API_KEY=KEY,
-        EUROPEANA_API_URL=api.url,
-        ENRICH_BATCH_SIZE="4",
-    )
+    api = slow_collection(image_host, "nightly", {"3000": 40})
+    env = api_env(pg_url, broker, tiny_model, api)
     assert enrich("db", "upgrade", env=env).returncode == 0
     scheduler_argv = [
         sys.executable,
