@@ -38,8 +38,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from enrichment.config import Settings
-from enrichment.schema import Label, Result, Run, RunStatus, utc_now
-from enrichment.store import Database, LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.model.spec import LabelScore
+from enrichment.store.database import Database, RecordOutcome, register_model, save_outcomes
+from enrichment.store.schema import Label, Result, Run, RunStatus, utc_now
 
 VERSION = "bench@000000000001"
 PREVIOUS = "bench@000000000000"  # an earlier model's results, already in the tables
@@ -56,7 +57,7 @@ RESULT_COLUMNS = (
     "source_timestamp",
     "classified_at",
 )
-LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept_uri", "confidence")
+LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
 REAL_TABLES = ("results", "labels")
 BARE_TABLES = ("copy_results", "copy_labels")
 PREVIOUS_CHUNK = 20_000
@@ -186,7 +187,7 @@ def write_rowwise(db: Database, run_id: int, chunk: Sequence[RecordOutcome]) -> 
                         record_id=outcome.record_id,
                         model_version=VERSION,
                         label_key=label.key,
-                        concept_uri=label.concept_uri,
+                        concept=label.concept,
                         confidence=label.confidence,
                     )
                 )
@@ -221,7 +222,7 @@ def write_copy(
         )
         for label in outcome.labels:
             label_writer.writerow(
-                (outcome.record_id, version, label.key, label.concept_uri, label.confidence)
+                (outcome.record_id, version, label.key, label.concept, label.confidence)
             )
     raw = db.engine.raw_connection()
     try:

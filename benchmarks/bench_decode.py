@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from enrichment.images import Preprocessing, decode, normalise
+from enrichment.media.decode import Preprocessing, decode, normalise
 
 WIDTH, HEIGHT = 4000, 3000
 INPUT_SIZE = 224

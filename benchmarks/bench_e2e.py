@@ -48,21 +48,21 @@ import torch
 from bench_decode import naive as naive_decode
 from peers import PICTURES, PREVIEW_SIZE, preview_jpeg
 
-from enrichment import service
 from enrichment.config import Settings
-from enrichment.fetch import Fetcher
-from enrichment.images import decode
-from enrichment.model import (
+from enrichment.media.decode import decode
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import (
     Classifier,
-    ModelSpec,
     build_network,
     head_parameter_names,
     save_model_dir,
 )
-from enrichment.pipeline import DEFAULT_MODEL_BATCH, process_batch
-from enrichment.schedule import ModelIdentity, RunKind, mark_queued
-from enrichment.schema import Batch, Label, Outcome, RecordRow, Result, utc_now
-from enrichment.store import Database
+from enrichment.model.spec import ModelSpec
+from enrichment.runs import service
+from enrichment.runs.pipeline import DEFAULT_MODEL_BATCH, process_batch
+from enrichment.runs.schedule import ModelIdentity, RunKind, mark_queued
+from enrichment.store.database import Database
+from enrichment.store.schema import Batch, Label, Outcome, RecordRow, Result, utc_now
 
 LATENCY = 0.2
 HOSTS = 16
@@ -196,7 +196,7 @@ def naive_task(db: Database, run_id: int, classifier: Classifier, record: Record
                     record_id=record.id,
                     model_version=classifier.version,
                     label_key=label.key,
-                    concept_uri=label.concept_uri,
+                    concept=label.concept,
                     confidence=label.confidence,
                 )
             )
@@ -314,7 +314,7 @@ def _rounds(
         def run_pipeline(batch_id: int = queue.batch_ids[number]) -> None:
             clock.calls.clear()
             started = time.perf_counter()
-            report = process_batch(db, batch_id, classifier, fetcher, DEFAULT_MODEL_BATCH)
+            report = process_batch(db, batch_id, classifier, fetcher, 3, DEFAULT_MODEL_BATCH)
             pipeline_s.append(time.perf_counter() - started)
             forward_s.append(sum(end - begin for begin, end in clock.calls))
             first_wait_s.append(clock.calls[0][0] - started)

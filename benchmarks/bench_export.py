@@ -34,7 +34,7 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from enrichment.store import Database, register_model  # noqa: E402
+from enrichment.store.database import Database, register_model  # noqa: E402
 from tests.services import PostgresServer  # noqa: E402
 
 VERSION = "bench@000000000000"
@@ -128,7 +128,7 @@ def load(url: str, labels: int) -> dict[str, int]:
         _copy(
             cursor,
             "labels",
-            "record_id, model_version, label_key, concept_uri, confidence",
+            "record_id, model_version, label_key, concept, confidence",
             (
                 f"{record_id(n)},{VERSION},{label['key']},{label['concept']},0.{n % 9000 + 1000}\n"
                 for n in range(records)

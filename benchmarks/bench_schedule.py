@@ -37,11 +37,11 @@ import redis
 import sqlalchemy as sa
 
 from enrichment.config import Settings
-from enrichment.europeana import SearchClient, whole_collection_query
-from enrichment.model import ModelSpec
-from enrichment.schedule import ModelIdentity, RunKind
-from enrichment.schema import Batch, RecordRow, Run
-from enrichment.store import Database
+from enrichment.model.spec import ModelSpec
+from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.sources.europeana import SearchClient, whole_collection_query
+from enrichment.store.database import Database
+from enrichment.store.schema import Batch, RecordRow, Run
 from tests.search_api import KEY
 
 LATENCY = 0.02
@@ -52,7 +52,7 @@ VERSION = "bench@000000000000"
 def measure(api_url: str, database_url: str, broker_url: str) -> dict[str, Any]:
     """In the child: pages alone, the scheduler, pages alone; seconds of each and what was done."""
     os.environ["CELERY_BROKER_URL"] = broker_url
-    from enrichment import service
+    from enrichment.runs import service
     from worker.dispatch import CeleryDispatcher  # builds the Celery app from the environment
 
     settings = Settings(

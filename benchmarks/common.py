@@ -30,7 +30,8 @@ import sqlalchemy as sa  # noqa: E402
 import torch  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
-from enrichment.model import LabelSpec, usable_cpus  # noqa: E402
+from enrichment.model.classifier import usable_cpus  # noqa: E402
+from enrichment.model.spec import LabelSpec  # noqa: E402
 from tests.services import PostgresServer, RedisServer, _as_postgres, _pg_bin  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers.py"

@@ -39,6 +39,16 @@ class Settings:
     fetch_read_timeout: float = 10.0
     max_image_pixels: int = 80_000_000
     contact_url: str = "https://github.com/heritage-enrichment/heritage-enrichment"
+    # A batch is given up (an error result per record) after this many attempts.
+    max_attempts: int = 3
+    # Celery's redelivery timeout for an unacknowledged batch, in seconds.
+    visibility_timeout: int = 3600
+    # When Celery beat starts the nightly run, (hour, minute) in UTC.
+    nightly_at: tuple[int, int] = (2, 0)
+    # GPU indices for `enrich worker`, one pool process each; empty: every visible GPU.
+    gpus: tuple[str, ...] = ()
+    # Load the model when a worker process starts (the scheduler worker needs none).
+    preload_model: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -60,6 +70,19 @@ class Settings:
                 raise ConfigError(f"{name} must be positive, got {raw}")
             return value
 
+        def flag(name: str, default: bool) -> bool:
+            raw = text(name)
+            if raw is None:
+                return default
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}={raw!r} must be 1 or 0")
+
+        visibility = int(number("ENRICH_VISIBILITY_TIMEOUT", cls.visibility_timeout, int))
+        if visibility < 10:
+            raise ConfigError(f"ENRICH_VISIBILITY_TIMEOUT={visibility} must be >= 10 seconds")
         model = text("ENRICH_MODEL")
         allow = text("ENRICH_FETCH_ALLOW") or ""
         return cls(
@@ -80,12 +103,27 @@ class Settings:
             fetch_read_timeout=number("ENRICH_FETCH_READ_TIMEOUT", cls.fetch_read_timeout, float),
             max_image_pixels=int(number("ENRICH_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
             contact_url=text("ENRICH_CONTACT_URL") or cls.contact_url,
+            max_attempts=int(number("ENRICH_MAX_ATTEMPTS", cls.max_attempts, int)),
+            visibility_timeout=visibility,
+            nightly_at=parse_clock("ENRICH_NIGHTLY_AT", text("ENRICH_NIGHTLY_AT") or "02:00"),
+            gpus=tuple(
+                gpu.strip() for gpu in (text("ENRICH_GPUS") or "").split(",") if gpu.strip()
+            ),
+            preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
         )
 
     def require_model_dir(self) -> Path:
         if self.model_dir is None:
-            raise ConfigError("no model directory: set ENRICH_MODEL or pass --model DIR")
+            raise ConfigError("no model directory: set ENRICH_MODEL or pass --model-dir DIR")
         return self.model_dir
+
+
+def parse_clock(name: str, raw: str) -> tuple[int, int]:
+    """HH:MM as (hour, minute), refused with the variable's name when it is not a time of day."""
+    hour, _, minute = raw.partition(":")
+    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
+        raise ConfigError(f"{name}={raw!r} must be HH:MM")
+    return int(hour), int(minute)
 
 
 def redact_url(url: str) -> str:

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from enrichment.schema import Base
+from enrichment.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

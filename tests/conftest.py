@@ -17,7 +17,8 @@ import sqlalchemy as sa
 import torch
 from PIL import Image, ImageDraw
 
-from enrichment.model import LabelSpec, ModelSpec, build_network, save_model_dir
+from enrichment.model.classifier import build_network, save_model_dir
+from enrichment.model.spec import LabelSpec, ModelSpec
 from tests.services import ImageHost, PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent

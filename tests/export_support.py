@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.export import ExportFilter, Output, export
-from enrichment.records import Record
-from enrichment.schedule import upsert_records
-from enrichment.schema import Outcome, utc_now
-from enrichment.store import Database, LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.model.spec import LabelScore
+from enrichment.publish.export import ExportFilter, Output, export
+from enrichment.runs.schedule import upsert_records
+from enrichment.sources.records_file import Record
+from enrichment.store.database import Database, RecordOutcome, register_model, save_outcomes
+from enrichment.store.schema import Outcome, utc_now
 from tests.conftest import VOCABULARY
 
 KEYS = ("photograph", "drawing", "map")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from enrichment.images import decode
-from enrichment.model import Classifier
+from enrichment.media.decode import decode
+from enrichment.model.classifier import Classifier
 from tests.conftest import image_bytes, write_jsonl
 from tests.services import ImageHost
 
@@ -75,7 +75,7 @@ def stored_rows(database_url: str) -> dict[str, dict]:
             sa.text("SELECT record_id, model_version, status, error_reason, scores FROM results")
         ).all()
         labels = connection.execute(
-            sa.text("SELECT record_id, label_key, confidence, concept_uri FROM labels")
+            sa.text("SELECT record_id, label_key, confidence, concept FROM labels")
         ).all()
     engine.dispose()
     rows: dict[str, dict] = {}

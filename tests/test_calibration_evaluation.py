@@ -14,11 +14,12 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from enrichment.calibration import choose_threshold, choose_thresholds, write_calibration
 from enrichment.cli.model import _precision_targets
 from enrichment.errors import EnrichError, ModelError
-from enrichment.evaluation import ScoredSet, average_precision, compute_metrics
-from enrichment.model import Classifier, read_model_json, update_model_json
+from enrichment.model.calibration import choose_threshold, choose_thresholds, write_calibration
+from enrichment.model.classifier import Classifier
+from enrichment.model.evaluation import ScoredSet, average_precision, compute_metrics
+from enrichment.model.spec import read_model_json, update_model_json
 
 
 def random_case(seed: int, images: int = 200, classes: int = 5):

@@ -102,7 +102,7 @@ def test_no_model_configured(tmp_path: Path) -> None:
         env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3", "ENRICH_MODEL": ""},
     )
     assert result.returncode == 1
-    assert "set ENRICH_MODEL or pass --model DIR" in error_line(result)
+    assert "set ENRICH_MODEL or pass --model-dir DIR" in error_line(result)
 
 
 def test_unreachable_database_url_is_one_line_without_the_password(

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enrichment.images import decode
-from enrichment.jsonld import expand
-from enrichment.model import Classifier
+from enrichment.media.decode import decode
+from enrichment.model.classifier import Classifier
+from enrichment.publish.jsonld import expand
 from tests.conftest import REPO
 
 DEMO_MODEL = REPO / "demo" / "model"

@@ -9,21 +9,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment import service
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.europeana import (
+from enrichment.model.spec import read_model_json
+from enrichment.runs import service
+from enrichment.runs.inprocess import InProcessDispatcher
+from enrichment.runs.locks import scope_lock
+from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.sources.europeana import (
     SearchClient,
     SearchPageError,
     SearchQuery,
     dataset_query,
     record_from_item,
 )
-from enrichment.inprocess import InProcessDispatcher
-from enrichment.model import read_model_json
-from enrichment.records import parse_timestamp
-from enrichment.schedule import ModelIdentity, RunKind, scope_lock
-from enrichment.store import Database
+from enrichment.sources.records_file import parse_timestamp
+from enrichment.store.database import Database
 from tests.conftest import enrich, image_bytes, make_tiny_model
 from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
 

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 
 from enrichment.cli import cli
 from enrichment.errors import EnrichError
-from enrichment.explain import (
+from enrichment.model.classifier import Classifier, build_network, save_model_dir
+from enrichment.model.explain import (
     DISPLAY_SIDE,
     class_activation_map,
     explain,
@@ -24,10 +25,10 @@ from enrichment.explain import (
     forward_with_features,
     target_layer_name,
 )
-from enrichment.model import Classifier, LabelSpec, ModelSpec, build_network, save_model_dir
-from enrichment.records import Record
-from enrichment.schedule import upsert_records
-from enrichment.store import Database
+from enrichment.model.spec import LabelSpec, ModelSpec
+from enrichment.runs.schedule import upsert_records
+from enrichment.sources.records_file import Record
+from enrichment.store.database import Database
 
 SIDE = 64  # resnet18's layer4 is 2x2 here: one cell per quadrant
 SUPPRESS = 100.0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enrichment.model import read_model_json
+from enrichment.model.spec import read_model_json
 from tests.conftest import VOCABULARY, enrich
 from tests.scenario import build_scenario
 
@@ -110,7 +110,7 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3"}
     cases = [
         (("--split", "10"), "--split writes one file per page: it needs --out"),
-        (("--model", "nope@123"), "unknown model version nope@123 (known: none yet)"),
+        (("--model-version", "nope@123"), "unknown model version nope@123 (known: none yet)"),
         (("--since", "last week"), "'last week' is not an ISO 8601 date"),
         (("--thresholds", str(tmp_path / "missing.json")), "cannot read thresholds file"),
     ]

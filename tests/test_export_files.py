@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from enrichment.annotations import (
+from enrichment.errors import EnrichError
+from enrichment.publish.annotations import (
     PROFILES,
     W3C_CONTEXT,
     CheckedAnnotations,
@@ -20,10 +21,9 @@ from enrichment.annotations import (
     w3c_annotation,
     w3c_problems,
 )
-from enrichment.errors import EnrichError
-from enrichment.export import ExportFilter
-from enrichment.pages import AtomicFiles, Layout, write_document, write_split
-from enrichment.store import Database
+from enrichment.publish.export import ExportFilter
+from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
+from enrichment.store.database import Database
 from tests.conftest import VOCABULARY
 from tests.export_support import (
     NEW,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from pyld import jsonld
 
-from enrichment.annotations import PROJECT_NAMESPACE
-from enrichment.export import ExportFilter
-from enrichment.jsonld import document_loader, expand
-from enrichment.store import Database
+from enrichment.publish.annotations import PROJECT_NAMESPACE
+from enrichment.publish.export import ExportFilter
+from enrichment.publish.jsonld import document_loader, expand
+from enrichment.store.database import Database
 from tests.conftest import VOCABULARY
 from tests.export_support import (
     Catalogue,

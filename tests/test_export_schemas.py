@@ -19,8 +19,8 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
-from enrichment.export import ExportFilter
-from enrichment.store import Database
+from enrichment.publish.export import ExportFilter
+from enrichment.store.database import Database
 from tests.export_support import (
     Catalogue,
     build_catalogue,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from enrichment.export import ExportError, ExportFilter, read_thresholds
-from enrichment.store import Database
+from enrichment.publish.export import ExportError, ExportFilter, read_thresholds
+from enrichment.store.database import Database
 from tests.export_support import (
     NEW,
     OLD,

@@ -27,8 +27,8 @@ import pytest
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.fetch import MAX_RETRIES, AddressPolicy, Fetcher, is_public
-from enrichment.images import ImageError, Preprocessing, decode
+from enrichment.media.decode import ImageError, Preprocessing, decode
+from enrichment.media.fetch import MAX_RETRIES, AddressPolicy, Fetcher, is_public
 from tests.conftest import image_bytes
 
 Handler = Callable[[BaseHTTPRequestHandler], None]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enrichment.images import ImageError, Preprocessing, decode, load_rgb
+from enrichment.media.decode import ImageError, Preprocessing, decode, load_rgb
 
 IMAGES = Path(__file__).resolve().parent / "data" / "images"
 # mean 0, std 1: the model input is then exactly the RGB pixels divided by 255.

@@ -11,9 +11,9 @@ from PIL import Image
 
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.fetch import Fetcher
-from enrichment.images import Preprocessing
-from enrichment.labelled import load_images, read_labelled, read_vocabulary
+from enrichment.media.decode import Preprocessing
+from enrichment.media.fetch import Fetcher
+from enrichment.model.labelled import load_images, read_labelled, read_vocabulary
 
 # The first rows of the pilot's multilabel evaluation list, as published.
 PILOT_CSV = """category,skos_concept,URI,ID,URL,Unnamed: 5

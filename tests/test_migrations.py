@@ -10,8 +10,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from enrichment.errors import DatabaseError
-from enrichment.schema import Base
-from enrichment.store import Database
+from enrichment.store.database import Database
+from enrichment.store.schema import Base
 
 TABLES = {"runs", "batches", "records", "models", "results", "labels"}
 

@@ -12,14 +12,8 @@ import pytest
 import torch
 
 from enrichment.errors import ModelError
-from enrichment.model import (
-    Classifier,
-    LabelSpec,
-    ModelSpec,
-    build_network,
-    read_model_json,
-    save_model_dir,
-)
+from enrichment.model.classifier import Classifier, build_network, save_model_dir
+from enrichment.model.spec import LabelSpec, ModelSpec, read_model_json
 from tests.conftest import make_tiny_model
 
 

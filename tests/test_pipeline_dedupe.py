@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enrichment import service
 from enrichment.config import Settings
-from enrichment.fetch import Fetcher
-from enrichment.model import Classifier
-from enrichment.pipeline import BatchReport, process_batch
-from enrichment.schedule import ModelIdentity, RunKind
-from enrichment.store import Database
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier
+from enrichment.runs import service
+from enrichment.runs.pipeline import BatchReport, process_batch
+from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.store.database import Database
 from tests.conftest import image_bytes, write_jsonl
 from tests.scenario import stored_rows
 
@@ -25,7 +25,7 @@ class RecordingDispatcher:
 
     def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
         for batch_id in batch_ids:
-            self.reports.append(process_batch(db, batch_id, self.classifier, self.fetcher))
+            self.reports.append(process_batch(db, batch_id, self.classifier, self.fetcher, 3))
 
 
 def run_file(settings: Settings, classifier: Classifier, records: Path) -> list[BatchReport]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from enrichment.model import read_model_json
+from enrichment.model.spec import read_model_json
 from tests.conftest import VOCABULARY, enrich
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
 from tests.services import CeleryWorker, wait_for

@@ -27,11 +27,12 @@ from sklearn.metrics import (
 
 from enrichment.config import Settings
 from enrichment.errors import EnrichError, ModelError
-from enrichment.fetch import Fetcher
-from enrichment.images import decode
-from enrichment.labelled import read_labelled
-from enrichment.model import Classifier, head_parameter_names, read_model_json
-from enrichment.training import (
+from enrichment.media.decode import decode
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier, head_parameter_names
+from enrichment.model.labelled import read_labelled
+from enrichment.model.spec import read_model_json
+from enrichment.model.training import (
     Augmentation,
     InferenceView,
     TrainingOptions,
@@ -405,7 +406,7 @@ def test_unknown_label_in_the_data_is_a_one_line_error(synthetic: Path, tmp_path
 
 
 def test_scoring_fetches_urls_through_the_guarded_fetcher(trained, image_host, synthetic) -> None:
-    from enrichment.evaluation import score_labelled
+    from enrichment.model.evaluation import score_labelled
 
     directory = trained[0]
     url = image_host.add("/train/red.png", (synthetic / "train" / "000_0.png").read_bytes())

@@ -14,7 +14,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from enrichment.schema import utc_now
+from enrichment.store.schema import utc_now
 from tests.conftest import enrich, image_bytes, write_jsonl
 from tests.search_api import KEY, SearchAPI, generated_item
 from tests.services import CeleryWorker, PostgresServer, RedisServer, wait_for

@@ -21,37 +21,13 @@ Configuration comes from the same environment as the CLI. Delivery settings:
 
 from __future__ import annotations
 
-import os
-
 from celery import Celery
 from celery.schedules import crontab
 
 from enrichment.config import Settings
-from enrichment.errors import ConfigError
-from enrichment.schedule import QUEUES, RunKind
+from enrichment.runs.schedule import QUEUES, RunKind
 
-DEFAULT_VISIBILITY_TIMEOUT = 3600
 SCHEDULER_QUEUE = "enrich.scheduler"
-
-
-def visibility_timeout() -> int:
-    raw = os.environ.get("ENRICH_VISIBILITY_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_VISIBILITY_TIMEOUT
-    if not raw.isdigit() or int(raw) < 10:
-        raise ConfigError(
-            f"ENRICH_VISIBILITY_TIMEOUT={raw!r} must be a whole number of seconds >= 10"
-        )
-    return int(raw)
-
-
-def nightly_schedule() -> crontab:
-    """ENRICH_NIGHTLY_AT (HH:MM, UTC; default 02:00) as a daily crontab."""
-    raw = os.environ.get("ENRICH_NIGHTLY_AT", "").strip() or "02:00"
-    hour, _, minute = raw.partition(":")
-    if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
-        raise ConfigError(f"ENRICH_NIGHTLY_AT={raw!r} must be HH:MM")
-    return crontab(hour=int(hour), minute=int(minute))
 
 
 def make_app(settings: Settings) -> Celery:
@@ -60,7 +36,7 @@ def make_app(settings: Settings) -> Celery:
         broker=settings.broker_url or "redis://localhost:6379/0",
         include=["worker.tasks", "worker.signals"],
     )
-    timeout = visibility_timeout()
+    timeout = settings.visibility_timeout
     hard_limit = timeout // 2
     transport = {"visibility_timeout": timeout, "queue_order_strategy": "priority"}
     app.conf.update(
@@ -87,7 +63,10 @@ def make_app(settings: Settings) -> Celery:
         # The nightly run pages the API on a small scheduler worker, never on a GPU worker.
         task_routes={"enrichment.nightly_run": {"queue": SCHEDULER_QUEUE}},
         beat_schedule={
-            "nightly-enrichment": {"task": "enrichment.nightly_run", "schedule": nightly_schedule()}
+            "nightly-enrichment": {
+                "task": "enrichment.nightly_run",
+                "schedule": crontab(hour=settings.nightly_at[0], minute=settings.nightly_at[1]),
+            }
         },
     )
     return app

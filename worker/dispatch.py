@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from enrichment.schedule import mark_queued
-from enrichment.store import Database
+from enrichment.runs.schedule import mark_queued
+from enrichment.store.database import Database
 from worker.app import app
 
 

@@ -7,10 +7,11 @@ and decodes on its own threads beside the model.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
-from enrichment.schedule import QUEUES, RunKind
+from enrichment.runs.schedule import QUEUES, RunKind
 
 DEFAULT_QUEUES = (QUEUES[RunKind.ON_DEMAND], QUEUES[RunKind.NIGHTLY])
 
@@ -53,3 +54,12 @@ def worker_argv(
         "--loglevel",
         loglevel,
     ]
+
+
+def launch(queues: tuple[str, ...], gpus: tuple[str, ...], loglevel: str, name: str | None) -> None:
+    """Replace this process with the Celery worker; `gpus` empty means every visible GPU."""
+    chosen = list(gpus) or visible_gpus()
+    if chosen:
+        os.environ["ENRICH_GPUS"] = ",".join(chosen)  # read by each pool process's Settings
+    argv = worker_argv(queues, max(1, len(chosen)), loglevel, name)
+    os.execv(argv[0], argv)

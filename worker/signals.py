@@ -11,14 +11,15 @@ import os
 from billiard.process import current_process
 from celery.signals import worker_process_init
 
+from enrichment.config import Settings
 from worker.tasks import runtime
 
 
 @worker_process_init.connect
 def bind_gpu_and_load_model(**_: object) -> None:
-    gpus = [gpu for gpu in os.environ.get("ENRICH_GPUS", "").split(",") if gpu.strip()]
-    if gpus:
+    settings = Settings.from_env()
+    if settings.gpus:
         index = getattr(current_process(), "index", 0) or 0
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)].strip()
-    if os.environ.get("ENRICH_PRELOAD_MODEL", "1") != "0":  # the scheduler worker needs no model
+        os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[index % len(settings.gpus)]
+    if settings.preload_model:  # the scheduler worker needs no model
         runtime()

@@ -1,43 +1,45 @@
-"""Celery tasks: thin adapters over `enrichment.pipeline` and `enrichment.service`.
+"""Celery tasks: thin adapters over `enrichment.runs.pipeline` and `enrichment.runs.service`.
 
 The model and the fetcher are created once per worker process, inside that
-process (see `worker.signals`). Database and broker blips are retried with
+process (see `worker.signals`); torch is imported only there, so the scheduler
+worker that runs the nightly task never loads it. Database and broker blips are retried with
 exponential backoff and jitter; a batch that has used up its attempts is given
 up with an error result for each of its records.
 """
 
 from __future__ import annotations
 
-import os
 from functools import cache
+from typing import TYPE_CHECKING
 
 from celery import Task
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from enrichment import service
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.europeana import whole_collection_query
-from enrichment.fetch import Fetcher
-from enrichment.model import Classifier, read_model_json
-from enrichment.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
-from enrichment.schedule import ModelIdentity, RunKind
-from enrichment.store import Database
+from enrichment.media.fetch import Fetcher
+from enrichment.model.spec import read_model_json
+from enrichment.runs import service
+from enrichment.runs.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
+from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.sources.europeana import whole_collection_query
+from enrichment.store.database import Database
 from worker.app import app
 from worker.dispatch import CeleryDispatcher
 
 log = get_task_logger(__name__)
 
+if TYPE_CHECKING:
+    from enrichment.model.classifier import Classifier
+
 BLIPS = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
-
-
-def max_attempts() -> int:
-    return int(os.environ.get("ENRICH_MAX_ATTEMPTS", "3"))
 
 
 @cache
 def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
+    from enrichment.model.classifier import Classifier
+
     settings = Settings.from_env()
     return (
         settings,
@@ -57,9 +59,9 @@ def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
     max_retries=10,
 )
 def process_batch_task(self: Task, batch_id: int) -> dict:
-    _, db, classifier, fetcher = runtime()
+    settings, db, classifier, fetcher = runtime()
     try:
-        report = process_batch(db, batch_id, classifier, fetcher, max_attempts=max_attempts())
+        report = process_batch(db, batch_id, classifier, fetcher, settings.max_attempts)
     except PoisonBatch as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}

@@ -15,7 +15,7 @@ import click
 from enrichment import __version__
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.store import Database
+from enrichment.store.database import Database
 
 
 class Commands(click.Group):
@@ -55,8 +55,7 @@ def cli(ctx: click.Context) -> None:
 
 
 model_dir_option = click.option(
-    "--model",
-    "model_dir",
+    "--model-dir",
     type=click.Path(path_type=Path),
     help="Model directory (default: $ENRICH_MODEL).",
 )

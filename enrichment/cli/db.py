@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from enrichment.cli.base import settings
-from enrichment.store import Database
+from enrichment.store.database import Database
 
 
 @click.group()

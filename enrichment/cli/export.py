@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from enrichment.cli.base import open_db
+from enrichment.publish.annotations import PROFILES
+from enrichment.publish.pages import FORMATS
 
 
 class Moment(click.ParamType):
@@ -19,7 +21,7 @@ class Moment(click.ParamType):
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
         if isinstance(value, datetime):
             return value
-        from enrichment.schema import as_utc_naive
+        from enrichment.store.schema import as_utc_naive
 
         try:
             return as_utc_naive(datetime.fromisoformat(str(value)))
@@ -36,7 +38,7 @@ class Moment(click.ParamType):
 )
 @click.option(
     "--profile",
-    type=click.Choice(["w3c", "europeana"]),
+    type=click.Choice(list(PROFILES)),
     default="w3c",
     show_default=True,
     help="w3c: classifying, image target, confidence; "
@@ -45,7 +47,7 @@ class Moment(click.ParamType):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["jsonld", "jsonl"]),
+    type=click.Choice(FORMATS),
     default="jsonld",
     show_default=True,
     help="jsonld: one collection (W3C) or AnnotationPage (Europeana); "
@@ -66,8 +68,7 @@ class Moment(click.ParamType):
 @click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
 @click.option("--run", "run_id", type=int, help="Only labels written by this run.")
 @click.option(
-    "--model",
-    "model_version",
+    "--model-version",
     metavar="VERSION",
     help="Only this model version (default: each record's latest classification).",
 )
@@ -108,7 +109,7 @@ def export(
     again gives the same ids. Annotations that would not validate are skipped
     and reported on stderr.
     """
-    from enrichment.export import ExportFilter, Output, export, read_thresholds
+    from enrichment.publish.export import ExportFilter, Output, export, read_thresholds
 
     filters = ExportFilter(
         datasets=datasets,

@@ -10,6 +10,13 @@ from enrichment.cli.base import emit_json, settings
 from enrichment.errors import EnrichError
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
+inference_batch_option = click.option(
+    "--inference-batch",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Images per forward pass.",
+)
 
 
 @click.group()
@@ -22,7 +29,7 @@ def model() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(directory: Path, as_json: bool) -> None:
     """Print a model directory's version, architecture, labels and thresholds (verified)."""
-    from enrichment.model import Classifier
+    from enrichment.model.classifier import Classifier
 
     classifier = Classifier.load(directory)
     spec = classifier.spec
@@ -74,7 +81,13 @@ def info(directory: Path, as_json: bool) -> None:
     help="Start from this model directory's weights (and its architecture).",
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--train-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images per training step.",
+)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW, cosine decay.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option(
@@ -105,7 +118,7 @@ def train(
     pretrained: bool,
     init: Path | None,
     epochs: int,
-    batch_size: int,
+    train_batch: int,
     lr: float,
     weight_decay: float,
     patience: int,
@@ -123,10 +136,10 @@ def train(
     downloads torchvision's ImageNet weights into $TORCH_HOME once; offline,
     place the file there or use --init DIR.
     """
-    from enrichment.fetch import Fetcher
-    from enrichment.labelled import DEFAULT_VOCABULARY, read_labelled, read_vocabulary
-    from enrichment.training import TrainingOptions
-    from enrichment.training import train as run_training
+    from enrichment.media.fetch import Fetcher
+    from enrichment.model.labelled import DEFAULT_VOCABULARY, read_labelled, read_vocabulary
+    from enrichment.model.training import TrainingOptions
+    from enrichment.model.training import train as run_training
 
     terms = read_vocabulary(vocabulary or DEFAULT_VOCABULARY)
     data = read_labelled(data_path, terms)
@@ -136,7 +149,7 @@ def train(
         architecture=architecture,
         input_size=input_size,
         epochs=epochs,
-        batch_size=batch_size,
+        batch_size=train_batch,
         learning_rate=lr,
         weight_decay=weight_decay,
         patience=patience,
@@ -191,14 +204,14 @@ def train(
     default=None,
     help="Label the K best classes when none reaches its threshold (0: off; default: keep).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@inference_batch_option
 @click.option("--json", "as_json", is_flag=True, help="Print the thresholds as JSON.")
 def calibrate(
     directory: Path,
     data_path: Path,
     min_precision: tuple[str, ...],
     top_k_fallback: int | None,
-    batch_size: int,
+    inference_batch: int,
     as_json: bool,
 ) -> None:
     """Choose each class's threshold from a validation set and store it in model.json.
@@ -209,11 +222,11 @@ def calibrate(
     """
     from dataclasses import replace
 
-    from enrichment.calibration import choose_thresholds, write_calibration
-    from enrichment.evaluation import score_labelled
-    from enrichment.fetch import Fetcher
-    from enrichment.labelled import read_labelled
-    from enrichment.model import Classifier
+    from enrichment.media.fetch import Fetcher
+    from enrichment.model.calibration import choose_thresholds, write_calibration
+    from enrichment.model.classifier import Classifier
+    from enrichment.model.evaluation import score_labelled
+    from enrichment.model.labelled import read_labelled
 
     classifier = Classifier.load(directory)
     spec = classifier.spec
@@ -221,7 +234,7 @@ def calibrate(
     data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
     fetcher = Fetcher(settings())
     try:
-        scored = score_labelled(classifier, data, fetcher, batch_size)
+        scored = score_labelled(classifier, data, fetcher, inference_batch)
     finally:
         fetcher.close()
     previous = {label.key: label.threshold for label in spec.labels}
@@ -261,26 +274,26 @@ def calibrate(
 @model.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "data_path", type=DATA, required=True, help="Test set.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@inference_batch_option
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(directory: Path, data_path: Path, batch_size: int, as_json: bool) -> None:
+def evaluate(directory: Path, data_path: Path, inference_batch: int, as_json: bool) -> None:
     """Per-class precision, recall, F1, support and AP; macro/micro F1 and mAP.
 
     Labels are decided as the deployed model decides them: its per-class
     thresholds and top-k fallback from model.json.
     """
-    from enrichment.evaluation import evaluate as evaluate_model
-    from enrichment.evaluation import score_labelled
-    from enrichment.fetch import Fetcher
-    from enrichment.labelled import read_labelled
-    from enrichment.model import Classifier
+    from enrichment.media.fetch import Fetcher
+    from enrichment.model.classifier import Classifier
+    from enrichment.model.evaluation import evaluate as evaluate_model
+    from enrichment.model.evaluation import score_labelled
+    from enrichment.model.labelled import read_labelled
 
     classifier = Classifier.load(directory)
     spec = classifier.spec
     data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
     fetcher = Fetcher(settings())
     try:
-        scored = score_labelled(classifier, data, fetcher, batch_size)
+        scored = score_labelled(classifier, data, fetcher, inference_batch)
     finally:
         fetcher.close()
     metrics = evaluate_model(classifier, scored)

@@ -49,8 +49,8 @@ def explain(
     fetched). One PNG per label is written to --out, with the label and its
     confidence drawn in. Runs on the CPU when there is no GPU.
     """
-    from enrichment import explain as explaining
-    from enrichment.model import Classifier
+    from enrichment.model import explain as explaining
+    from enrichment.model.classifier import Classifier
 
     config = settings()
     classifier = Classifier.load(model_dir or config.require_model_dir())
@@ -104,7 +104,7 @@ def report(run_id: int | None, out_dir: Path, per_class: int) -> None:
     error reasons, and thumbnails of the labels to check. The page loads
     nothing from the network: charts and thumbnails are inline.
     """
-    from enrichment.report import write_report
+    from enrichment.report.report import write_report
 
     path = write_report(open_db(), run_id, out_dir, settings(), per_class)
     click.echo(str(path))

@@ -15,8 +15,8 @@ from enrichment.cli.base import (
     progress_option,
     settings,
 )
-from enrichment.config import Settings
-from enrichment.store import Database
+from enrichment.sources.europeana import IMAGE_SOURCES, REUSABILITY
+from enrichment.store.database import Database
 
 SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to enrich."
 
@@ -34,7 +34,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
     "--all", "everything", is_flag=True, help="The whole collection the key can see (TYPE:IMAGE)."
 )
 @click.option("--qf", multiple=True, help="Extra Search API filter query (repeatable).")
-@click.option("--reusability", type=click.Choice(["open", "restricted", "permission"]))
+@click.option("--reusability", type=click.Choice(REUSABILITY))
 @click.option(
     "--media", is_flag=True, default=None, help="Only records with a resolvable media file."
 )
@@ -43,7 +43,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
 )
 @click.option(
     "--image-source",
-    type=click.Choice(["auto", "preview", "full"]),
+    type=click.Choice(IMAGE_SOURCES),
     default="auto",
     show_default=True,
     help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
@@ -78,10 +78,10 @@ def run(
     (`--all` on the nightly queue, everything else on the on-demand queue) and
     the command returns once they are queued. Prints the run id first.
     """
-    from enrichment import service
-    from enrichment.europeana import SearchQuery, dataset_query, whole_collection_query
-    from enrichment.model import read_model_json
-    from enrichment.schedule import ModelIdentity, RunKind
+    from enrichment.model.spec import read_model_json
+    from enrichment.runs import service
+    from enrichment.runs.schedule import ModelIdentity, RunKind
+    from enrichment.sources.europeana import SearchQuery, dataset_query, whole_collection_query
 
     chosen = [bool(records_file), bool(datasets), query is not None, everything]
     if sum(chosen) != 1:
@@ -108,6 +108,8 @@ def run(
         if not as_json:
             click.echo(f"run {run_id} started for model {version}", err=True)
 
+    from enrichment.runs.dispatchers import make_dispatcher
+
     with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
         started = service.start(
             db,
@@ -133,31 +135,22 @@ def resume(
     run_id: int, model_dir: Path | None, batch_size: int | None, progress: bool, as_json: bool
 ) -> None:
     """Continue RUN_ID from its checkpoint and re-dispatch its batches that never finished."""
-    from enrichment import service
+    from enrichment.runs import service
 
     config = settings()
     db = open_db()
     model_dir = model_dir or config.require_model_dir()
+    from enrichment.runs.dispatchers import make_dispatcher
+
     with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
         service.resume(db, config, run_id, dispatcher, batch_size or config.batch_size)
     report_run(db, run_id, as_json)
 
 
 def _summary(db: Database, run_id: int | None):
-    from enrichment.query import run_summary
+    from enrichment.store.query import run_summary
 
     return run_summary(db, run_id)
-
-
-def make_dispatcher(config: Settings, model_dir: Path, progress: bool):
-    """In-process without a broker; Celery workers with one."""
-    if config.broker_url:
-        from worker.dispatch import CeleryDispatcher
-
-        return CeleryDispatcher()
-    from enrichment.inprocess import InProcessDispatcher
-
-    return InProcessDispatcher(config, model_dir, show_progress=progress)
 
 
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
@@ -214,8 +207,8 @@ def results(
     run_id: int | None, datasets: tuple[str, ...], record_ids: tuple[str, ...], as_json: bool
 ) -> None:
     """List what happened to each record: outcome, error reason, labels with confidence."""
-    from enrichment.query import record_results
-    from enrichment.records import normalise_id
+    from enrichment.sources.records_file import normalise_id
+    from enrichment.store.query import record_results
 
     db = open_db()
     wanted = [normalise_id(record_id) for record_id in record_ids]

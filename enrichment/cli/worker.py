@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from enrichment.cli.base import settings
 from enrichment.errors import ConfigError
+from enrichment.runs.schedule import QUEUES, RunKind
+
+DEFAULT_QUEUES = f"{QUEUES[RunKind.ON_DEMAND]},{QUEUES[RunKind.NIGHTLY]}"
 
 
 @click.command()
 @click.option(
     "--queues",
-    default="enrich.on_demand,enrich.nightly",
+    default=DEFAULT_QUEUES,
     show_default=True,
     help="Queues to consume, in priority order.",
 )
 @click.option(
     "--gpus",
-    help="Comma-separated GPU indices, one process each (default: every visible GPU).",
+    help="GPU indices, comma-separated, one process each (default: $ENRICH_GPUS or all).",
 )
 @click.option("--name", help="Worker node name (default: enrich@HOSTNAME).")
 @click.option("--loglevel", default="INFO", show_default=True)
@@ -28,14 +29,11 @@ def worker(queues: str, gpus: str | None, name: str | None, loglevel: str) -> No
 
     Needs CELERY_BROKER_URL, DATABASE_URL and ENRICH_MODEL; start one per machine.
     """
-    from worker.launch import visible_gpus, worker_argv
+    from enrichment.runs.dispatchers import celery_entry
 
     config = settings()
     if not config.broker_url:
         raise ConfigError("CELERY_BROKER_URL is not set: a worker needs a broker")
     config.require_model_dir()
-    chosen = [gpu.strip() for gpu in gpus.split(",")] if gpus else visible_gpus()
-    if chosen:
-        os.environ["ENRICH_GPUS"] = ",".join(chosen)
-    argv = worker_argv(tuple(queues.split(",")), max(1, len(chosen)), loglevel, name)
-    os.execv(argv[0], argv)
+    chosen = tuple(gpu.strip() for gpu in gpus.split(",") if gpu.strip()) if gpus else config.gpus
+    celery_entry("launch")(tuple(queues.split(",")), chosen, loglevel, name)

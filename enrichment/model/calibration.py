@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.evaluation import ScoredSet, precision_recall_f1, ranked_counts
-from enrichment.model import ModelSpec, update_model_json
+from enrichment.model.evaluation import ScoredSet, precision_recall_f1, ranked_counts
+from enrichment.model.spec import ModelSpec, update_model_json
 
 
 @dataclass(frozen=True)

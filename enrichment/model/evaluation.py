@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from enrichment.errors import EnrichError
-from enrichment.fetch import Fetcher
-from enrichment.labelled import LabelledSet, Skipped, load_images, skipped
-from enrichment.model import Classifier
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier
+from enrichment.model.labelled import LabelledSet, Skipped, load_images, skipped
 
 
 @dataclass(frozen=True)

@@ -15,25 +15,22 @@ over an unchanged collection costs little more than one query.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
-from enrichment.model import ModelSpec
-from enrichment.records import Record
-from enrichment.schema import (
+from enrichment.model.spec import ModelSpec
+from enrichment.sources import Source
+from enrichment.sources.records_file import Record
+from enrichment.store.database import Database, register_model, upsert_statement
+from enrichment.store.schema import (
     Batch,
     BatchStatus,
     Outcome,
@@ -44,8 +41,6 @@ from enrichment.schema import (
     as_utc_naive,
     utc_now,
 )
-from enrichment.sources import Source
-from enrichment.store import Database, register_model, upsert_statement
 
 T = TypeVar("T")
 SINCE_MARGIN = timedelta(days=1)
@@ -78,43 +73,6 @@ class RunProgress:
     run_id: int
     records_seen: int
     batches: int
-
-
-def scope_key(scope: dict[str, Any]) -> int:
-    """A stable signed 64-bit key for a scope, as PostgreSQL advisory locks want."""
-    digest = hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-@contextmanager
-def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
-    """Hold the scheduler lock for a scope: a second scheduler on it is refused, not queued.
-
-    PostgreSQL: a session advisory lock on a dedicated connection, released if
-    the process dies. SQLite: an flock on a file beside the database.
-    """
-    key = scope_key(scope)
-    refused = EnrichError("another scheduler is working on this scope right now; try again later")
-    if db.dialect == "postgresql":
-        with db.engine.connect() as connection:
-            if not connection.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
-                raise refused
-            try:
-                yield
-            finally:
-                connection.execute(sa.select(sa.func.pg_advisory_unlock(key)))
-                connection.commit()
-        return
-    database = db.engine.url.database
-    if not database or database == ":memory:":
-        yield
-        return
-    with Path(f"{database}.scope-{key & 0xFFFFFFFF:08x}.lock").open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise refused from None
-        yield
 
 
 def get_run(session: Session, run_id: int) -> Run:

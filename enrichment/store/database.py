@@ -27,14 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 import migrations
 from enrichment.config import redact_url
 from enrichment.errors import DatabaseError
-from enrichment.schema import Label, ModelRow, Outcome, Result, utc_now
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    key: str
-    concept_uri: str
-    confidence: float
+from enrichment.model.spec import LabelScore
+from enrichment.store.schema import Label, ModelRow, Outcome, Result, utc_now
 
 
 @dataclass(frozen=True)
@@ -238,7 +232,7 @@ def save_outcomes(
             "record_id": outcome.record_id,
             "model_version": model_version,
             "label_key": label.key,
-            "concept_uri": label.concept_uri,
+            "concept": label.concept,
             "confidence": label.confidence,
         }
         for outcome in outcomes

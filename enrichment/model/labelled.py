@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from enrichment.errors import EnrichError
-from enrichment.fetch import Fetcher
-from enrichment.images import ImageError, Preprocessing, decode
+from enrichment.media.decode import ImageError, Preprocessing, decode
+from enrichment.media.fetch import Fetcher
 
 DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "vocabulary.json"
 IMAGE_FIELDS = ("image", "image_url", "image_path", "url", "path", "file")

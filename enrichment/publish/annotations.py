@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from enrichment import PROJECT_NAME
 from enrichment.errors import EnrichError
-from enrichment.jsonld import ANNO_CONTEXT, round_trips
+from enrichment.publish.jsonld import ANNO_CONTEXT, round_trips
 
 PROJECT_NAMESPACE = "https://w3id.org/heritage-enrichment/ns#"
 PROJECT_CONTEXT = {
@@ -69,18 +69,18 @@ class LabelRow(NamedTuple):
     image_url: str | None
     model_version: str
     label_key: str
-    concept_uri: str
+    concept: str
     confidence: float
     classified_at: datetime
 
 
-def annotation_id(record_id: str, concept_uri: str, model_version: str) -> str:
+def annotation_id(record_id: str, concept: str, model_version: str) -> str:
     """`urn:uuid:` + uuid5(ANNOTATION_ID_NAMESPACE, "record\nconcept\nversion").
 
     Written out from the SHA-1 digest as RFC 4122 (section 4.3) defines UUIDv5:
     `uuid.uuid5` builds two UUID objects per call, a fifth of an export's time.
     """
-    name = f"{record_id}\n{concept_uri}\n{model_version}".encode()
+    name = f"{record_id}\n{concept}\n{model_version}".encode()
     digest = hashlib.sha1(_ID_NAMESPACE_BYTES + name, usedforsecurity=False).hexdigest()
     variant = "89ab"[int(digest[16], 16) & 0x3]
     return (
@@ -101,10 +101,10 @@ def w3c_annotation(row: LabelRow) -> dict[str, Any]:
         {"source": row.image_url, "scope": row.item_uri} if row.image_url else row.item_uri
     )
     return {
-        "id": annotation_id(row.record_id, row.concept_uri, row.model_version),
+        "id": annotation_id(row.record_id, row.concept, row.model_version),
         "type": "Annotation",
         "motivation": "classifying",
-        "body": row.concept_uri,
+        "body": row.concept,
         "target": target,
         "generator": {"type": "Software", "name": PROJECT_NAME, "version": row.model_version},
         "created": _created(row.classified_at),
@@ -117,7 +117,7 @@ def europeana_annotation(row: LabelRow) -> dict[str, Any]:
     return {
         "type": "Annotation",
         "motivation": "tagging",
-        "body": row.concept_uri,
+        "body": row.concept,
         "target": row.item_uri,
         "generator": {"type": "Software", "name": f"{PROJECT_NAME} {row.model_version}"},
         "created": _created(row.classified_at),

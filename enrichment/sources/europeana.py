@@ -21,13 +21,14 @@ from urllib3.util.retry import Retry
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
 from enrichment.errors import ConfigError, EnrichError
-from enrichment.records import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
+from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
 
 SEARCH_PATH = "/record/v2/search.json"
 ROWS = 100
 SORT = "europeana_id asc"
 PROFILE = "standard"
 IMAGE_SOURCES = ("auto", "preview", "full")
+REUSABILITY = ("open", "restricted", "permission")
 MALFORMED_ATTEMPTS = 3
 
 

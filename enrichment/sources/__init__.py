@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from enrichment.config import Settings
-from enrichment.europeana import SearchClient, SearchQuery, record_from_item
-from enrichment.records import Record, read_records_file
+from enrichment.sources.europeana import SearchClient, SearchQuery, record_from_item
+from enrichment.sources.records_file import Record, read_records_file
 
 log = logging.getLogger(__name__)
 FILE_PAGE = 1000

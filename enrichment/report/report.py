@@ -29,14 +29,15 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from enrichment import PROJECT_NAME, __version__, plots
+from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.fetch import Fetcher
-from enrichment.images import ImageError, load_rgb
-from enrichment.query import RunSummary, run_summary
-from enrichment.schema import Label, ModelRow, Outcome, RecordRow, Result, Run, utc_now
-from enrichment.store import Database
+from enrichment.media.decode import ImageError, load_rgb
+from enrichment.media.fetch import Fetcher
+from enrichment.report import plots
+from enrichment.store.database import Database
+from enrichment.store.query import RunSummary, run_summary
+from enrichment.store.schema import Label, ModelRow, Outcome, RecordRow, Result, Run, utc_now
 
 BIN_EDGES = np.linspace(0.0, 1.0, 21)
 THUMBNAIL_SIDE = 160

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from enrichment.annotations import Profile
+from enrichment.publish.annotations import Profile
 
 FORMATS = ("jsonld", "jsonl")
 

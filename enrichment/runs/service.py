@@ -13,19 +13,19 @@ from typing import Any
 
 from enrichment.config import Settings
 from enrichment.errors import ConfigError, EnrichError
-from enrichment.europeana import IMAGE_SOURCES, SearchQuery
-from enrichment.schedule import (
+from enrichment.runs.locks import scope_lock
+from enrichment.runs.schedule import (
     Dispatcher,
     ModelIdentity,
     RunProgress,
     fill_run,
     get_run,
     resume_run,
-    scope_lock,
     start_run,
 )
 from enrichment.sources import RecordsFileSource, source_for_scope
-from enrichment.store import Database
+from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
+from enrichment.store.database import Database
 
 
 def records_scope(path: Path) -> dict[str, Any]:

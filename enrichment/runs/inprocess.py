@@ -1,8 +1,9 @@
 """Running batches in this process: the embedded default, with no broker.
 
 The same `process_batch` a Celery worker calls, with a progress bar. A batch
-that raises is retried once, then given up with an error result per record,
-so the run still ends with every record accounted for.
+that raises is retried until it has used its attempts (`ENRICH_MAX_ATTEMPTS`),
+then given up with an error result per record, so the run still ends with
+every record accounted for.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from enrichment.config import Settings
-from enrichment.fetch import Fetcher
-from enrichment.model import Classifier
-from enrichment.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
-from enrichment.store import Database
-
-ATTEMPTS = 2
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier
+from enrichment.runs.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
+from enrichment.store.database import Database
 
 
 class InProcessDispatcher:
     """Runs each batch as soon as it is dispatched; use as a context manager."""
 
     def __init__(self, settings: Settings, model_dir: Path, show_progress: bool = True) -> None:
+        self.max_attempts = settings.max_attempts
         self.classifier = Classifier.load(model_dir)
         self.fetcher = Fetcher(settings)
         self.progress = tqdm(unit="record", desc="classified", disable=not show_progress)
@@ -45,10 +45,10 @@ class InProcessDispatcher:
         A batch that cannot even start (its attempts are never counted) is left
         unfinished for `enrich resume` rather than retried forever.
         """
-        for _ in range(ATTEMPTS + 1):
+        for _ in range(self.max_attempts + 1):
             try:
                 report = process_batch(
-                    db, batch_id, self.classifier, self.fetcher, max_attempts=ATTEMPTS
+                    db, batch_id, self.classifier, self.fetcher, max_attempts=self.max_attempts
                 )
                 return sum(report.outcomes.values())
             except PoisonBatch as error:

@@ -158,5 +158,5 @@ class Label(Base):
     record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120), primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
-    concept_uri: Mapped[str] = mapped_column(Text)
+    concept: Mapped[str] = mapped_column(Text)
     confidence: Mapped[float] = mapped_column(Float)

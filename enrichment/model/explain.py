@@ -26,12 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.fetch import Fetcher
-from enrichment.images import ImageError, decode, load_rgb
-from enrichment.model import Classifier
-from enrichment.records import normalise_id
-from enrichment.schema import RecordRow
-from enrichment.store import Database
+from enrichment.media.decode import ImageError, decode, load_rgb
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier
+from enrichment.sources.records_file import normalise_id
+from enrichment.store.database import Database
+from enrichment.store.schema import RecordRow
 
 # The last convolutional stage of each supported torchvision family: the
 # deepest layer that still has a spatial layout. Matched on the name's prefix.

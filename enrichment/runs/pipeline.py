@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import sqlalchemy as sa
 
-from enrichment.fetch import Fetcher
-from enrichment.images import ImageError, decode
-from enrichment.model import Classifier
-from enrichment.schedule import complete_run_if_done
-from enrichment.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
-from enrichment.store import Database, RecordOutcome, save_outcomes
+from enrichment.media.decode import ImageError, decode
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import Classifier
+from enrichment.runs.schedule import complete_run_if_done
+from enrichment.store.database import Database, RecordOutcome, save_outcomes
+from enrichment.store.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
 
 DEFAULT_MODEL_BATCH = 32
-DEFAULT_MAX_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class PoisonBatch(Exception):
 
 
 def start_batch(
-    db: Database, batch_id: int, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    db: Database, batch_id: int, max_attempts: int
 ) -> tuple[Batch, Run, list[RecordRow]] | None:
     """Count an attempt and load the batch's records; None if it already finished.
 
@@ -96,8 +95,8 @@ def process_batch(
     batch_id: int,
     classifier: Classifier,
     fetcher: Fetcher,
+    max_attempts: int,
     model_batch: int = DEFAULT_MODEL_BATCH,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> BatchReport:
     """Classify one batch and commit its results; a finished batch is skipped.
 

@@ -42,16 +42,10 @@ from torchvision.transforms import ColorJitter
 from tqdm import tqdm
 
 from enrichment.errors import EnrichError, ModelError
-from enrichment.evaluation import Metrics, compute_metrics
-from enrichment.fetch import Fetcher
-from enrichment.images import Preprocessing, decode
-from enrichment.labelled import LabelledSet, Skipped, is_url, load_images, skipped
-from enrichment.model import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from enrichment.media.decode import Preprocessing, decode
+from enrichment.media.fetch import Fetcher
+from enrichment.model.classifier import (
     Classifier,
-    LabelSpec,
-    ModelSpec,
     autocast_dtype,
     build_network,
     head_parameter_names,
@@ -60,6 +54,9 @@ from enrichment.model import (
     save_model_dir,
     set_cpu_threads,
 )
+from enrichment.model.evaluation import Metrics, compute_metrics
+from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
+from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224

@@ -29,16 +29,16 @@ from typing import IO, Any
 import numpy as np
 import sqlalchemy as sa
 
-from enrichment.annotations import (
+from enrichment.errors import EnrichError
+from enrichment.publish.annotations import (
     ANNOTATION_ID_NAMESPACE,
     PROFILES,
     CheckedAnnotations,
     LabelRow,
 )
-from enrichment.errors import EnrichError
-from enrichment.pages import AtomicFiles, Layout, write_document, write_split
-from enrichment.schema import Label, ModelRow, Outcome, RecordRow, Result, Run
-from enrichment.store import Database
+from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
+from enrichment.store.database import Database
+from enrichment.store.schema import Label, ModelRow, Outcome, RecordRow, Result, Run
 
 STREAM_ROWS = 2000
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
@@ -279,7 +279,7 @@ def _stored_labels(filters: ExportFilter) -> sa.Select:
             chosen.c.image_url,
             Label.model_version,
             Label.label_key,
-            Label.concept_uri,
+            Label.concept,
             Label.confidence,
             chosen.c.classified_at,
         )

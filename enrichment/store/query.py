@@ -10,8 +10,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from enrichment.errors import EnrichError
-from enrichment.schema import Batch, Label, RecordRow, Result, Run, utc_now
-from enrichment.store import Database
+from enrichment.store.database import Database
+from enrichment.store.schema import Batch, Label, RecordRow, Result, Run, utc_now
 
 PAGE = 500
 
@@ -161,7 +161,7 @@ def record_results(
                 labels.setdefault((label.record_id, label.model_version), []).append(
                     {
                         "key": label.label_key,
-                        "concept": label.concept_uri,
+                        "concept": label.concept,
                         "confidence": label.confidence,
                     }
                 )

@@ -1,0 +1,1 @@
+"""Third-party images: fetched safely (SSRF guard, limits, per-host politeness) and decoded."""

@@ -1,0 +1,1 @@
+"""The run report for curators: one self-contained HTML page."""

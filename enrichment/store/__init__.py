@@ -1,0 +1,1 @@
+"""The database: schema, connection and migrations, batched writes, reads for reporting."""
