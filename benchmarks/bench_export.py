@@ -34,7 +34,8 @@ import sqlalchemy as sa
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from enrichment.store.database import Database, register_model  # noqa: E402
+from enrichment.store.database import Database  # noqa: E402
+from enrichment.store.writes import register_model  # noqa: E402
 from tests.services import PostgresServer  # noqa: E402
 
 VERSION = "bench@000000000000"

@@ -22,6 +22,7 @@ from enrichment.model.spec import (
     WEIGHTS_FILE,
     LabelScore,
     ModelSpec,
+    decide,
     read_model_json,
     weights_sha256,
     write_model_json,
@@ -179,21 +180,8 @@ class Classifier:
             return torch.sigmoid(logits.float()).cpu().numpy()
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Which labels each row of a (batch, labels) score matrix gets, as booleans.
-
-        A label is given at or above its own class threshold. With
-        `top_k_fallback` = k, a row where no class reaches its threshold gets its
-        k best-scoring classes instead of none; ties go to the earlier label.
-        """
-        chosen = scores >= self.thresholds
-        k = self.spec.top_k_fallback
-        if k:
-            empty = ~chosen.any(axis=1)
-            best = np.argsort(-scores[empty], axis=1, kind="stable")[:, :k]
-            fallback = np.zeros_like(chosen[empty])
-            np.put_along_axis(fallback, best, True, axis=1)
-            chosen[empty] = fallback
-        return chosen
+        """Which labels each row of a (batch, labels) score matrix gets (see `spec.decide`)."""
+        return decide(scores, self.thresholds, self.spec.top_k_fallback)
 
     def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
         """The labels one score vector gets (see `decide`), with their confidence."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from enrichment.errors import ModelError
 from enrichment.media.decode import Preprocessing
 
@@ -71,6 +73,25 @@ class ModelSpec:
     @property
     def keys(self) -> list[str]:
         return [label.key for label in self.labels]
+
+
+def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) -> np.ndarray:
+    """Which labels each row of a (batch, labels) score matrix gets, as booleans.
+
+    The one rule that the classifier and every re-thresholding (exports) apply,
+    so stored scores always give the labels a worker would. A label is given at
+    or above its own class threshold. With `top_k_fallback` = k, a row where no
+    class reaches its threshold gets its k best-scoring classes instead of
+    none; ties go to the earlier label.
+    """
+    chosen = scores >= thresholds
+    if top_k_fallback:
+        empty = ~chosen.any(axis=1)
+        best = np.argsort(-scores[empty], axis=1, kind="stable")[:, :top_k_fallback]
+        fallback = np.zeros_like(chosen[empty])
+        np.put_along_axis(fallback, best, True, axis=1)
+        chosen[empty] = fallback
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from enrichment.errors import EnrichError
+from enrichment.model.spec import decide
 from enrichment.publish.annotations import (
     ANNOTATION_ID_NAMESPACE,
     PROFILES,
@@ -178,6 +179,7 @@ class _ModelLabels:
     keys: list[str]
     concepts: list[str]
     thresholds: np.ndarray
+    top_k_fallback: int
 
 
 def check_filter(db: Database, filters: ExportFilter) -> None:
@@ -221,8 +223,8 @@ def _model_labels(
     connection: sa.Connection, overrides: Mapping[str, float] | None
 ) -> dict[str, _ModelLabels]:
     models = {}
-    for version, labels, thresholds in connection.execute(
-        sa.select(ModelRow.version, ModelRow.labels, ModelRow.thresholds)
+    for version, labels, thresholds, top_k_fallback in connection.execute(
+        sa.select(ModelRow.version, ModelRow.labels, ModelRow.thresholds, ModelRow.top_k_fallback)
     ):
         keys = [label["key"] for label in labels]
         applied = [
@@ -233,6 +235,7 @@ def _model_labels(
             [label["concept"] for label in labels],
             # float32, as the classifier compares: the same scores give the same labels.
             np.asarray(applied, dtype=np.float32),
+            top_k_fallback,
         )
     return models
 
@@ -328,10 +331,10 @@ def _rethreshold(row: Any, model: _ModelLabels, filters: ExportFilter) -> Iterat
     """The labels one stored score vector yields under the export's thresholds, by key."""
     if not row.scores:
         return
-    scores = np.asarray(row.scores, dtype=np.float32)
+    scores = np.asarray(row.scores, dtype=np.float32)[np.newaxis, :]
+    chosen = decide(scores, model.thresholds, model.top_k_fallback)[0]
     kept = sorted(
-        (model.keys[i], model.concepts[i], float(row.scores[i]))
-        for i in np.flatnonzero(scores >= model.thresholds)
+        (model.keys[i], model.concepts[i], float(row.scores[i])) for i in np.flatnonzero(chosen)
     )
     for key, concept, confidence in kept:
         if filters.labels and key not in filters.labels:

@@ -20,8 +20,9 @@ from enrichment.media.decode import ImageError, decode
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
 from enrichment.runs.schedule import complete_run_if_done
-from enrichment.store.database import Database, RecordOutcome, save_outcomes
+from enrichment.store.database import Database
 from enrichment.store.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
+from enrichment.store.writes import RecordOutcome, save_outcomes
 
 DEFAULT_MODEL_BATCH = 32
 

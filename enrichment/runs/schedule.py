@@ -29,7 +29,7 @@ from enrichment.errors import EnrichError
 from enrichment.model.spec import ModelSpec
 from enrichment.sources import Source
 from enrichment.sources.records_file import Record
-from enrichment.store.database import Database, register_model, upsert_statement
+from enrichment.store.database import Database
 from enrichment.store.schema import (
     Batch,
     BatchStatus,
@@ -41,6 +41,7 @@ from enrichment.store.schema import (
     as_utc_naive,
     utc_now,
 )
+from enrichment.store.writes import register_model, upsert_statement
 
 T = TypeVar("T")
 SINCE_MARGIN = timedelta(days=1)
@@ -103,6 +104,7 @@ def start_run(
                 for label in model.spec.labels
             ],
             [label.threshold for label in model.spec.labels],
+            model.spec.top_k_fallback,
         )
         previous = None if full else _last_completed(session, scope, model.version)
         checkpoint: dict[str, Any] = {"pending": []}

@@ -98,6 +98,8 @@ class Batch(Base):
     record_ids: Mapped[list[Any]]
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now, onupdate=utc_now)
+    # Touched by the worker running the batch; a stale one means the worker died.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class RecordRow(Base):
@@ -108,6 +110,7 @@ class RecordRow(Base):
     item_uri: Mapped[str] = mapped_column(Text)
     image_url: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(Text)
+    title: Mapped[str | None] = mapped_column(Text)
     timestamp_update: Mapped[datetime | None] = mapped_column(DateTime)
     first_seen: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
     last_seen: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
@@ -121,6 +124,7 @@ class ModelRow(Base):
     architecture: Mapped[str] = mapped_column(String(100))
     labels: Mapped[list[Any]]
     thresholds: Mapped[list[Any]]
+    top_k_fallback: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
 
 
