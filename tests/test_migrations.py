@@ -13,7 +13,7 @@ from enrichment.errors import DatabaseError
 from enrichment.store.database import Database
 from enrichment.store.schema import Base
 
-TABLES = {"runs", "batches", "records", "models", "results", "labels"}
+TABLES = {"runs", "batches", "records", "models", "results", "labels", "publications", "reviews"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -164,3 +164,8 @@ class Label(Base):
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
     concept: Mapped[str] = mapped_column(Text)
     confidence: Mapped[float] = mapped_column(Float)
+
+
+# Tables of later stages live beside the code that owns them; importing them here
+# registers them on Base, so migrations and the schema check see every table.
+from enrichment.store import ledger, reviews  # noqa: E402, F401
