@@ -30,6 +30,7 @@ class Record:
     image_url: str | None
     provider: str | None = None
     timestamp_update: datetime | None = None
+    title: str | None = None
 
 
 def normalise_id(raw: str) -> str:
@@ -78,7 +79,17 @@ def record_from_mapping(fields: Mapping[str, Any]) -> Record:
         image_url=image_url.strip() if image_url else None,
         provider=fields.get("provider") or None,
         timestamp_update=timestamp,
+        title=_optional_text(fields, "title"),
     )
+
+
+def _optional_text(fields: Mapping[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name!r} must be a string")
+    return value.strip() or None
 
 
 def read_records_file(path: Path) -> Iterator[Record]:
