@@ -1,0 +1,88 @@
+"""The layout's promises: stages in sub-packages, small modules, torch only where a model runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOSE_MODULES = {"__init__.py", "__main__.py", "config.py", "errors.py"}
+
+# Runs a command in this interpreter and prints which heavy modules it imported.
+PROBE = """
+import json, runpy, sys
+sys.argv = {argv!r}
+try:
+    {body}
+except SystemExit:
+    pass
+heavy = sorted(name for name in ("torch", "torchvision", "celery", "worker") if name in sys.modules)
+print("\\nIMPORTED " + json.dumps(heavy))
+"""
+
+
+def imported(argv: list[str], body: str, env: dict[str, str] | None = None) -> list[str]:
+    code = PROBE.format(argv=argv, body=body)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+        check=True,
+    )
+    line = next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED "))
+    return json.loads(line.removeprefix("IMPORTED "))
+
+
+def test_importing_the_celery_app_loads_no_torch() -> None:
+    """The beat and scheduler processes import worker.app (and its tasks) without a model."""
+    heavy = imported(["celery"], "import worker.app, worker.tasks")
+    assert "celery" in heavy  # the probe sees what it imports
+    assert "torch" not in heavy and "torchvision" not in heavy
+
+
+@pytest.mark.parametrize("command", [["status"], ["export", "--out", "-"]])
+def test_reporting_commands_load_neither_torch_nor_celery(
+    command: list[str], tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "CELERY_BROKER_URL": ""}
+    body = "from enrichment.cli import main; main()"
+    heavy = imported(["enrich", *command], body, env)
+    assert heavy == [], f"`enrich {' '.join(command)}` imported {heavy}"
+
+
+def test_in_process_runs_load_torch_and_not_celery(tmp_path: Path) -> None:
+    """The probe can fail: a command that classifies does import torch."""
+    body = "import enrichment.runs.inprocess"
+    assert imported(["x"], body) == ["torch", "torchvision"]
+
+
+def test_no_module_over_600_lines_and_at_most_four_loose_modules() -> None:
+    long = {
+        str(path.relative_to(ROOT)): count
+        for folder in ("enrichment", "worker")
+        for path in (ROOT / folder).rglob("*.py")
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > 600
+    }
+    assert long == {}
+    loose = {path.name for path in (ROOT / "enrichment").glob("*.py")}
+    assert loose <= LOOSE_MODULES, loose - LOOSE_MODULES
+
+
+def test_enrichment_never_imports_worker() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "enrichment").rglob("*.py")
+        if any(
+            line.lstrip().startswith(("from worker", "import worker"))
+            for line in path.read_text(encoding="utf-8").splitlines()
+        )
+    ]
+    assert offenders == []
