@@ -11,6 +11,7 @@ import click
 from enrichment.cli.base import open_db
 from enrichment.publish.annotations import PROFILES
 from enrichment.publish.pages import FORMATS
+from enrichment.store.reviews import REVIEWED
 
 
 class Moment(click.ParamType):
@@ -89,6 +90,14 @@ class Moment(click.ParamType):
 @click.option(
     "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
 )
+@click.option(
+    "--reviewed",
+    type=click.Choice(REVIEWED),
+    default="any",
+    show_default=True,
+    help="Curators' decisions (enrich review): any ignores them, not-rejected leaves out "
+    "rejected labels, accepted keeps only accepted ones.",
+)
 def export(
     out_path: Path | None,
     profile: str,
@@ -102,6 +111,7 @@ def export(
     min_confidence: float | None,
     thresholds_file: Path | None,
     labels: tuple[str, ...],
+    reviewed: str,
 ) -> None:
     """Export labels as W3C Web Annotations in JSON-LD, streamed.
 
@@ -119,6 +129,7 @@ def export(
         min_confidence=min_confidence,
         labels=labels,
         thresholds=read_thresholds(thresholds_file) if thresholds_file else None,
+        reviewed=reviewed,
     )
     output = Output(profile, fmt, out_path, split, base_url)
     report = export(open_db(), filters, output, sys.stdout)

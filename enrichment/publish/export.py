@@ -8,6 +8,12 @@ thresholds, are recomputed from the stored score vectors without running the
 model. Rows are read through a server-side cursor and handed on one by one:
 memory does not grow with the size of the export.
 
+`--reviewed` brings curators' decisions in (`enrichment.store.reviews`, the
+last decision per record and label): `any` ignores them, `not-rejected`
+leaves out labels a curator rejected, `accepted` keeps only labels a curator
+accepted. Labels a curator added below threshold are not exported: they are
+not the model's, and `enrich review export` hands them to training instead.
+
 A thresholds file is a JSON object mapping label keys to thresholds in [0, 1],
 `{"photograph": 0.7, "map": 0.35}`; a label it does not name keeps its model's
 own threshold.
@@ -39,6 +45,7 @@ from enrichment.publish.annotations import (
 )
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
+from enrichment.store.reviews import REVIEWED, Decision, latest_decisions
 from enrichment.store.schema import Label, ModelRow, Outcome, RecordRow, Result, Run
 
 STREAM_ROWS = 2000
@@ -60,6 +67,7 @@ class ExportFilter:
     min_confidence: float | None = None
     labels: Sequence[str] = ()
     thresholds: Mapping[str, float] | None = None
+    reviewed: str = "any"
 
     def describe(self) -> str:
         """The filters in words, for the collection's label."""
@@ -79,6 +87,8 @@ class ExportFilter:
             parts.append(
                 "thresholds " + ", ".join(f"{k}={v:g}" for k, v in sorted(self.thresholds.items()))
             )
+        if self.reviewed != "any":
+            parts.append(f"reviewed {self.reviewed}")
         return "; ".join(parts)
 
 
@@ -148,6 +158,8 @@ def collection_id(filters: ExportFilter, output: Output) -> str:
         "labels": sorted(filters.labels),
         "thresholds": dict(filters.thresholds or {}),
     }
+    if filters.reviewed == "any":  # as before reviews existed: the same filters, the same id
+        del key["reviewed"]
     name = "collection\n" + json.dumps(key, sort_keys=True, default=str)
     return f"urn:uuid:{uuid.uuid5(ANNOTATION_ID_NAMESPACE, name)}"
 
@@ -184,6 +196,10 @@ class _ModelLabels:
 
 def check_filter(db: Database, filters: ExportFilter) -> None:
     """Refuse filters that name a run, model version or label key the database does not know."""
+    if filters.reviewed not in REVIEWED:
+        raise ExportError(
+            f"reviewed must be one of {', '.join(REVIEWED)}, not {filters.reviewed!r}"
+        )
     with db.engine.connect() as connection:
         run = sa.select(Run.id).where(Run.id == filters.run_id)
         if filters.run_id is not None and connection.execute(run).first() is None:
@@ -210,8 +226,9 @@ def iter_label_rows(db: Database, filters: ExportFilter) -> Iterator[LabelRow]:
             yield from (LabelRow(*row) for row in rows)
         else:
             models = _model_labels(connection, filters.thresholds)
+            decisions = _decisions(connection) if filters.reviewed != "any" else {}
             for row in _stream(connection, _classified_results(filters)):
-                yield from _rethreshold(row, models[row.model_version], filters)
+                yield from _rethreshold(row, models[row.model_version], filters, decisions)
 
 
 def _stream(connection: sa.Connection, query: sa.Select) -> sa.CursorResult[Any]:
@@ -300,7 +317,36 @@ def _stored_labels(filters: ExportFilter) -> sa.Select:
         query = query.where(Label.label_key.in_(filters.labels))
     if filters.min_confidence is not None:
         query = query.where(Label.confidence >= filters.min_confidence)
+    if filters.reviewed != "any":
+        query = query.where(reviewed_condition(Label.record_id, Label.label_key, filters.reviewed))
     return query
+
+
+def reviewed_condition(
+    record_id: sa.ColumnElement[str], label_key: sa.ColumnElement[str], reviewed: str
+) -> sa.ColumnElement[bool]:
+    """SQL for `--reviewed`: the label's last decision is positive, or is not a rejection."""
+    decisions = latest_decisions()
+    decided = sa.select(decisions.c.id).where(
+        decisions.c.record_id == record_id, decisions.c.label_key == label_key
+    )
+    if reviewed == "accepted":
+        return decided.where(decisions.c.decision.in_(Decision.POSITIVE)).exists()
+    return ~decided.where(decisions.c.decision == Decision.REJECT).exists()
+
+
+def _decisions(connection: sa.Connection) -> dict[tuple[str, str], str]:
+    """(record, label key) -> last decision; curators' decisions are few enough to hold."""
+    decisions = latest_decisions()
+    query = sa.select(decisions.c.record_id, decisions.c.label_key, decisions.c.decision)
+    return {(record, key): decision for record, key, decision in connection.execute(query)}
+
+
+def _review_keeps(decision: str | None, reviewed: str) -> bool:
+    """The same rule as `reviewed_condition`, for labels recomputed from scores."""
+    if reviewed == "accepted":
+        return decision in Decision.POSITIVE
+    return reviewed == "any" or decision != Decision.REJECT
 
 
 def _classified_results(filters: ExportFilter) -> sa.Select:
@@ -327,7 +373,12 @@ def _classified_results(filters: ExportFilter) -> sa.Select:
     return query
 
 
-def _rethreshold(row: Any, model: _ModelLabels, filters: ExportFilter) -> Iterator[LabelRow]:
+def _rethreshold(
+    row: Any,
+    model: _ModelLabels,
+    filters: ExportFilter,
+    decisions: Mapping[tuple[str, str], str],
+) -> Iterator[LabelRow]:
     """The labels one stored score vector yields under the export's thresholds, by key."""
     if not row.scores:
         return
@@ -340,6 +391,8 @@ def _rethreshold(row: Any, model: _ModelLabels, filters: ExportFilter) -> Iterat
         if filters.labels and key not in filters.labels:
             continue
         if filters.min_confidence is not None and confidence < filters.min_confidence:
+            continue
+        if not _review_keeps(decisions.get((row.record_id, key)), filters.reviewed):
             continue
         yield LabelRow(
             row.record_id,

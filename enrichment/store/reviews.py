@@ -1,13 +1,17 @@
 """Curators' decisions on machine labels: accept, reject, or add a label the model missed.
 
-Every decision is kept for audit; the last one per (record, label, model
-version) counts. Exports, publishing, calibration and training read them.
+Every decision is kept for audit; the last one per (record, label) counts,
+whichever model version it was made on: it says what the image shows, which
+does not change when a new model labels it again. `model_version` records
+what the reviewer was shown. Exports, publishing, calibration and training
+read the last decisions through `latest_decisions`.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlalchemy import Boolean, DateTime, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -19,6 +23,12 @@ class Decision:
     REJECT = "reject"
     ADD = "add"
     ALL = (ACCEPT, REJECT, ADD)
+    # Decisions that say the label is right: accepted, or added by the reviewer.
+    POSITIVE = (ACCEPT, ADD)
+
+
+# What exports may ask of the decisions (`--reviewed`); the first ignores them.
+REVIEWED = ("any", "not-rejected", "accepted")
 
 
 class Review(Base):
@@ -34,3 +44,30 @@ class Review(Base):
     # Reviewed as part of the random audit sample, not picked by uncertainty.
     audit: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     decided_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+def latest_decisions(audit_only: bool = False) -> sa.Subquery:
+    """The last decision per (record, label): the row with the highest id, ids being in order.
+
+    With `audit_only`, the last decision made in the audit sample, so that
+    precision estimated from it is not biased by the uncertainty ordering.
+    """
+    last = sa.select(sa.func.max(Review.id).label("id")).group_by(
+        Review.record_id, Review.label_key
+    )
+    if audit_only:
+        last = last.where(Review.audit.is_(True))
+    return (
+        sa.select(
+            Review.id,
+            Review.record_id,
+            Review.label_key,
+            Review.model_version,
+            Review.decision,
+            Review.reviewer,
+            Review.audit,
+            Review.decided_at,
+        )
+        .where(Review.id.in_(last))
+        .subquery("audit_decisions" if audit_only else "decisions")
+    )
