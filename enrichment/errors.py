@@ -14,8 +14,23 @@ class ConfigError(EnrichError):
     """A setting is missing or invalid."""
 
 
-class RecordsFileError(EnrichError):
+class InputFileError(EnrichError):
+    """A file given as input cannot be read as what it should be; the message names the line."""
+
+
+class RecordsFileError(InputFileError):
     """A records file cannot be read; the message names the line."""
+
+
+class RecordIdError(EnrichError, ValueError):
+    """A record id is not of the form /DATASET/LOCAL_ID, or holds a character it may not.
+
+    Also a ValueError, so a source skipping unusable items catches it with the rest.
+    """
+
+
+class OutputError(EnrichError):
+    """An output file or directory cannot be created or written; nothing was left half-written."""
 
 
 class ModelError(EnrichError):
@@ -23,4 +38,4 @@ class ModelError(EnrichError):
 
 
 class DatabaseError(EnrichError):
-    """The database cannot be reached or is not at the expected schema."""
+    """The database cannot be reached, is not this project's, or is not at the expected schema."""

@@ -13,7 +13,6 @@ SSRF-safe `Fetcher`, because a labelled set is often someone else's metadata.
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import deque
@@ -25,17 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, InputFileError
 from enrichment.media.decode import ImageError, Preprocessing, decode
 from enrichment.media.fetch import Fetcher
+from enrichment.sources.tabular import check_regular_file, read_rows, table_format
 
-DEFAULT_VOCABULARY = Path(__file__).parent / "data" / "vocabulary.json"
+DEFAULT_VOCABULARY = Path(__file__).parent.parent / "data" / "vocabulary.json"
 IMAGE_FIELDS = ("image", "image_url", "image_path", "url", "path", "file")
 LABEL_FIELDS = ("labels", "label", "category", "categories")
 GROUP_FIELDS = ("object_id", "record_id", "record", "id", "group")
 LABEL_SEPARATOR = re.compile(r"[\s,;|]+")
-CSV_SUFFIXES = (".csv",)
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 @dataclass(frozen=True)
@@ -118,19 +116,17 @@ def read_vocabulary(path: Path = DEFAULT_VOCABULARY) -> dict[str, str]:
 
 def read_labelled(path: Path, known: Mapping[str, str]) -> LabelledSet:
     """Read a labelled set; every label key must be one of `known` (a typo is an error)."""
-    if not path.is_file():
-        raise EnrichError(f"labelled set {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in CSV_SUFFIXES:
-        rows = _csv_rows(path)
-    elif suffix in JSONL_SUFFIXES:
-        rows = _jsonl_rows(path)
-    else:
-        raise EnrichError(f"{path}: a labelled set is a .csv or .jsonl file, not {suffix!r}")
+    fmt = table_format(path)
+    if fmt is None:
+        check_regular_file(path, "labelled set")
+        raise InputFileError(
+            f"{path}: a labelled set is a .csv or .jsonl file, not {path.suffix.lower()!r}"
+        )
     images: list[LabelledImage] = []
     group_field: str | None = None
-    for line, row in rows:
-        fields = {name.strip().lower(): value for name, value in row.items() if name}
+    for row in read_rows(path, fmt, "labelled set"):
+        line = row.line
+        fields = {name.strip().lower(): value for name, value in row.fields.items() if name}
         image = _first(fields, IMAGE_FIELDS)
         if not image:
             raise EnrichError(
@@ -154,27 +150,6 @@ def read_labelled(path: Path, known: Mapping[str, str]) -> LabelledSet:
     if not images:
         raise EnrichError(f"labelled set {path} has no rows")
     return LabelledSet(path.resolve(), tuple(images), group_field)
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        for row in reader:
-            yield reader.line_num, row
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise EnrichError(f"{path}:{line}: not valid JSON: {error}") from None
-            if not isinstance(row, dict):
-                raise EnrichError(f"{path}:{line}: expected a JSON object")
-            yield line, row
 
 
 def _field(fields: Mapping[str, Any], names: Sequence[str]) -> str | None:

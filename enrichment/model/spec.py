@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from enrichment.media.decode import Preprocessing
 
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+SCHEMA = Path(__file__).parent.parent / "data" / "model.schema.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -120,6 +124,8 @@ def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
 
     Written to a temporary file and renamed, so a worker loading the model while
     thresholds are recalibrated reads the old or the new file, never half of one.
+    Checked as `read_model_json` checks it first, so nothing writes a file that
+    would then be refused.
     """
     document = {
         "format": 1,
@@ -136,6 +142,7 @@ def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
         "metrics": spec.metrics,
         "training": spec.training,
     }
+    check_model_document(json.loads(json.dumps(document)), directory / MODEL_JSON)
     temporary = directory / f".{MODEL_JSON}.tmp"
     temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, directory / MODEL_JSON)
@@ -157,7 +164,14 @@ def update_model_json(directory: Path, spec: ModelSpec) -> str:
 
 
 def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
-    """Parse and check model.json; returns the spec, the recorded version and hash."""
+    """Parse and check model.json; returns the spec, the recorded version and hash.
+
+    The whole file is checked before anything uses it (the schema in
+    `enrichment/data/model.schema.json`, then `check_model_document`): a wrong
+    value is refused with one line naming its field, instead of an OOM-killed
+    worker (a huge `input_size`), NaN scores (a zero `std`) or labels silently
+    changed (a threshold of 1.5).
+    """
     if not directory.is_dir():
         raise ModelError(f"model directory {directory} does not exist")
     path = directory / MODEL_JSON
@@ -165,41 +179,90 @@ def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
         raise ModelError(f"{directory} has no {MODEL_JSON}: not a model directory")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        labels = tuple(
-            LabelSpec(
-                key=str(item["key"]),
-                label=str(item.get("label", item["key"])),
-                concept=str(item["concept"]),
-                threshold=float(item.get("threshold", 0.5)),
-            )
-            for item in document["labels"]
-        )
-        normalization = document.get("normalization", {})
-        spec = ModelSpec(
-            name=str(document["name"]),
-            architecture=str(document["architecture"]),
-            input_size=int(document["input_size"]),
-            labels=labels,
-            mean=tuple(normalization.get("mean", IMAGENET_MEAN)),
-            std=tuple(normalization.get("std", IMAGENET_STD)),
-            metrics=dict(document.get("metrics", {})),
-            top_k_fallback=int(document.get("top_k_fallback", 0)),
-            thresholds_version=int(document.get("thresholds_version", 1)),
-            calibration=dict(document.get("calibration", {})),
-            training=dict(document.get("training", {})),
-        )
-        sha256 = str(document["weights_sha256"])
-    except json.JSONDecodeError as error:
+    except OSError as error:
+        raise ModelError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{path} is not UTF-8 text") from None
+    except (json.JSONDecodeError, RecursionError) as error:
         raise ModelError(f"{path} is not valid JSON: {error}") from None
-    except (KeyError, TypeError, ValueError) as error:
-        raise ModelError(f"{path} is missing or has an invalid field: {error}") from None
-    if not labels:
-        raise ModelError(f"{path} lists no labels")
-    if len({label.key for label in labels}) != len(labels):
-        raise ModelError(f"{path} lists a label key twice")
-    if not 0 <= spec.top_k_fallback <= len(labels):
+    check_model_document(document, path)
+    labels = tuple(
+        LabelSpec(
+            key=item["key"],
+            label=item.get("label", item["key"]),
+            concept=item["concept"],
+            threshold=float(item.get("threshold", 0.5)),
+        )
+        for item in document["labels"]
+    )
+    normalization = document.get("normalization", {})
+    spec = ModelSpec(
+        name=document["name"],
+        architecture=document["architecture"],
+        input_size=int(document["input_size"]),
+        labels=labels,
+        mean=tuple(float(value) for value in normalization.get("mean", IMAGENET_MEAN)),
+        std=tuple(float(value) for value in normalization.get("std", IMAGENET_STD)),
+        metrics=dict(document.get("metrics", {})),
+        top_k_fallback=int(document.get("top_k_fallback", 0)),
+        thresholds_version=int(document.get("thresholds_version", 1)),
+        calibration=dict(document.get("calibration", {})),
+        training=dict(document.get("training", {})),
+    )
+    sha256 = document["weights_sha256"]
+    return spec, model_version(spec.name, sha256), sha256
+
+
+def check_model_document(document: Any, path: Path) -> None:
+    """Refuse a model.json that breaks the schema or a rule a schema cannot state."""
+    # Imported here: jsonschema costs 0.1 s, and exports and reports import this module.
+    from jsonschema.exceptions import best_match
+
+    if not isinstance(document, dict):
+        raise ModelError(f"{path} must hold a JSON object, not {type(document).__name__}")
+    error = best_match(_validator().iter_errors(document))
+    if error is not None:
+        where = _field_name(error.absolute_path)
+        hint = error.schema.get("description") if error.absolute_path else None
+        if error.validator in ("required", "additionalProperties"):
+            hint = None
+        message = error.message
+        if error.validator == "const":
+            message = f"is {json.dumps(error.instance)}, {error.message}"
+        raise ModelError(f"{path}: {where}: {message}" + (f" ({hint})" if hint else ""))
+    numbers: list[tuple[str, Any]] = [
+        (f"labels[{index}].threshold", item.get("threshold", 0.5))
+        for index, item in enumerate(document["labels"])
+    ]
+    for name, values in document.get("normalization", {}).items():
+        numbers += [(f"normalization.{name}[{index}]", value) for index, value in enumerate(values)]
+    for where, value in numbers:
+        if not math.isfinite(value):
+            raise ModelError(f"{path}: {where}: {value} is not a finite number")
+    keys = [item["key"] for item in document["labels"]]
+    for index, key in enumerate(keys):
+        if key in keys[:index]:
+            raise ModelError(f"{path}: labels[{index}].key: {key!r} is listed twice")
+    top_k = document.get("top_k_fallback", 0)
+    if top_k > len(keys):
         raise ModelError(
             f"{path}: top_k_fallback must be between 0 (off) and the number of labels "
-            f"({len(labels)}), not {spec.top_k_fallback}"
+            f"({len(keys)}), not {top_k}"
         )
-    return spec, model_version(spec.name, sha256), sha256
+
+
+@cache
+def _validator() -> Any:
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _field_name(parts: Iterable[str | int]) -> str:
+    """`labels[2].threshold` for the path jsonschema gives as ('labels', 2, 'threshold')."""
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "the document"

@@ -7,17 +7,23 @@ a file and from the Search API land in the same table the same way.
 
 from __future__ import annotations
 
-import csv
-import json
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from enrichment.errors import RecordsFileError
+from enrichment.errors import RecordIdError, RecordsFileError
+from enrichment.sources.tabular import CSV, JSONL, read_rows, table_format
 
 ITEM_URI_BASE = "http://data.europeana.eu/item"
+MAX_ID_LENGTH = 512  # records.id
+MAX_DATASET_LENGTH = 128  # records.dataset
+FORBIDDEN_IN_ID = frozenset('<>"{}|\\^`?#')
+# Control, format (bidi, zero-width), separators (every whitespace), private use, surrogates.
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cs"})
+CSV_COLUMNS = ("id", "image_url")
 
 
 @dataclass(frozen=True)
@@ -34,14 +40,43 @@ class Record:
 
 
 def normalise_id(raw: str) -> str:
-    """`2048128/object_1` and `/2048128/object_1` name the same record."""
+    """`2048128/object_1` and `/2048128/object_1` name the same record.
+
+    An id becomes the path of the item URI and of every annotation's target, so
+    it must be a valid IRI path: see `check_id`.
+    """
     value = raw.strip()
     if not value.startswith("/"):
         value = "/" + value
     segments = value.split("/")
     if len(segments) < 3 or not all(segments[1:]):
-        raise ValueError(f"record id {raw!r} is not of the form /DATASET/LOCAL_ID")
+        raise RecordIdError(f"record id {raw!r} is not of the form /DATASET/LOCAL_ID")
+    check_id(value)
     return value
+
+
+def check_id(value: str) -> None:
+    """Refuse what would make the item URI an invalid IRI or could mislead a reader.
+
+    Not allowed: whitespace, control characters (NUL, tab, newline), Unicode
+    format characters (bidi overrides such as U+202E, zero-width spaces), private
+    use code points, and the characters RFC 3987 keeps out of IRIs (`<>"{}|\\^` and
+    the backtick), plus `?` and `#`, which would end the IRI's path.
+    """
+    if len(value) > MAX_ID_LENGTH:
+        raise RecordIdError(f"record id {value[:40]!r}... is over {MAX_ID_LENGTH} characters")
+    if len(value.split("/")[1]) > MAX_DATASET_LENGTH:
+        raise RecordIdError(
+            f"record id {value!r}: the dataset is over {MAX_DATASET_LENGTH} characters"
+        )
+    for character in value:
+        if character in FORBIDDEN_IN_ID or unicodedata.category(character) in FORBIDDEN_CATEGORIES:
+            code = f"U+{ord(character):04X}"
+            name = unicodedata.name(character, "")
+            raise RecordIdError(
+                f"record id {value!r} contains {f'{name} ({code})' if name else code}, "
+                "which an id may not hold: ids become IRIs"
+            )
 
 
 def parse_timestamp(raw: Any) -> datetime | None:
@@ -60,8 +95,15 @@ def parse_timestamp(raw: Any) -> datetime | None:
 def record_from_mapping(fields: Mapping[str, Any]) -> Record:
     """Build a Record from a file row; raises ValueError with a readable reason."""
     raw_id = fields.get("id")
-    if not isinstance(raw_id, str) or not raw_id.strip():
+    if isinstance(raw_id, int | float) and not isinstance(raw_id, bool):
+        raise ValueError(
+            f"'id' is the number {raw_id!r}: an id is a string /DATASET/LOCAL_ID, "
+            f'such as "/2048128/{raw_id}"'
+        )
+    if raw_id is None or raw_id == "":
         raise ValueError("missing 'id'")
+    if not isinstance(raw_id, str):
+        raise ValueError(f"'id' must be a string /DATASET/LOCAL_ID, not {type(raw_id).__name__}")
     record_id = normalise_id(raw_id)
     image_url = fields.get("image_url") or None
     if image_url is not None and not isinstance(image_url, str):
@@ -72,12 +114,15 @@ def record_from_mapping(fields: Mapping[str, Any]) -> Record:
         raise ValueError(
             f"'timestamp_update' {fields.get('timestamp_update')!r} is not ISO 8601"
         ) from None
+    item_uri = fields.get("item_uri") or ITEM_URI_BASE + record_id
+    if not isinstance(item_uri, str):
+        raise ValueError("'item_uri' must be a string")
     return Record(
         id=record_id,
         dataset=record_id.split("/")[1],
-        item_uri=fields.get("item_uri") or ITEM_URI_BASE + record_id,
+        item_uri=item_uri,
         image_url=image_url.strip() if image_url else None,
-        provider=fields.get("provider") or None,
+        provider=_optional_text(fields, "provider"),
         timestamp_update=timestamp,
         title=_optional_text(fields, "title"),
     )
@@ -93,50 +138,27 @@ def _optional_text(fields: Mapping[str, Any], name: str) -> str | None:
 
 
 def read_records_file(path: Path) -> Iterator[Record]:
-    """Yield records from `.jsonl`/`.ndjson`/`.json` (one object per line) or `.csv`.
+    """Yield records from `.csv` or JSON Lines (`.jsonl`, `.ndjson`, or any other name).
 
     Errors name the file and line, so a 2-million-line export with one bad
-    line can be fixed without a search.
+    line can be fixed without a search. Refused, rather than guessed at: a CSV
+    header without `id` or `image_url` (every record would be `no_image`), a
+    column named twice, and an id on two lines (one of the two image URLs
+    would silently win). A JSON line may leave out `image_url`: that record
+    has no image.
     """
-    if not path.is_file():
-        raise RecordsFileError(f"records file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        yield from _read_csv(path)
-    else:
-        yield from _read_jsonl(path)
-
-
-def _read_jsonl(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise RecordsFileError(
-                    f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-                ) from None
-            if not isinstance(fields, dict):
-                raise RecordsFileError(f"{path}:{number}: expected a JSON object per line")
-            yield _checked(path, number, fields)
-
-
-def _read_csv(path: Path) -> Iterator[Record]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "id" not in reader.fieldnames:
-            raise RecordsFileError(f"{path}:1: the CSV header must name an 'id' column")
-        for row in reader:
-            if None in row:
-                raise RecordsFileError(
-                    f"{path}:{reader.line_num}: more fields than the header names"
-                )
-            yield _checked(path, reader.line_num, row)
-
-
-def _checked(path: Path, number: int, fields: Mapping[str, Any]) -> Record:
-    try:
-        return record_from_mapping(fields)
-    except ValueError as error:
-        raise RecordsFileError(f"{path}:{number}: {error}") from None
+    fmt = table_format(path, default=JSONL)
+    columns = CSV_COLUMNS if fmt == CSV else ()
+    seen: dict[str, int] = {}
+    for row in read_rows(path, fmt or JSONL, "records file", columns, RecordsFileError):
+        try:
+            record = record_from_mapping(row.fields)
+        except ValueError as error:
+            raise RecordsFileError(f"{path}:{row.line}: {error}") from None
+        first = seen.setdefault(record.id, row.line)
+        if first != row.line:
+            raise RecordsFileError(
+                f"{path}:{row.line}: record {record.id} is already on line {first}: "
+                "give each record once"
+            )
+        yield record

@@ -1,0 +1,158 @@
+"""Reading the tabular files users hand in: CSV or JSON Lines, as numbered rows of fields.
+
+Records files and labelled sets are both written by other tools (Excel's "CSV
+UTF-8" with its byte-order mark, pandas, jq), so both go through this one
+reader and fail the same way: one `EnrichError` naming the file and line, for
+a file that is not a regular file, text that is not UTF-8, a binary file, a
+CSV field over `MAX_FIELD` bytes, a header that names a column twice, a row
+with more fields than the header, or a JSON line that is not an object.
+
+Rows come out one at a time; callers that act on a file read it whole first
+(a records file is checked before its run exists, a labelled set is read into
+a list), so an error on the last line leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enrichment.errors import EnrichError, InputFileError
+
+CSV = "csv"
+JSONL = "jsonl"
+CSV_SUFFIXES = (".csv",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+MAX_FIELD = 128 * 1024  # csv's own limit, stated here so the message can name it
+BOM = "\ufeff"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: its line number (the first line of a multi-line CSV record) and its fields."""
+
+    line: int
+    fields: dict[str, Any]
+
+
+def table_format(path: Path, default: str | None = None) -> str | None:
+    """`csv` or `jsonl` by the file's suffix, else `default`."""
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        return CSV
+    if suffix in JSONL_SUFFIXES:
+        return JSONL
+    return default
+
+
+def check_regular_file(path: Path, what: str, error: type[EnrichError] = InputFileError) -> None:
+    """A missing path, a directory, a FIFO or a device each get their own message."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except OSError as failure:
+        raise error(f"cannot read {what} {path}: {failure.strerror or failure}") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        # A FIFO would be read once by the check and found empty by the run.
+        raise error(f"{what} {path} is not a regular file (a pipe or a device): save it to a file")
+
+
+def read_rows(
+    path: Path,
+    fmt: str,
+    what: str,
+    required_columns: Iterable[str] = (),
+    error: type[EnrichError] = InputFileError,
+) -> Iterator[Row]:
+    """The rows of a CSV (`fmt="csv"`, first line the header) or JSON Lines file.
+
+    `required_columns` must appear in a CSV header (JSON Lines rows are checked
+    by the caller, since each line names its own fields). Blank lines are skipped.
+    """
+    check_regular_file(path, what, error)
+    try:
+        with path.open("rb") as handle:
+            lines = _decoded_lines(path, handle, error)
+            if fmt == CSV:
+                yield from _csv_rows(path, lines, tuple(required_columns), error)
+            else:
+                yield from _jsonl_rows(path, lines, error)
+    except OSError as failure:
+        raise error(f"cannot read {what} {path}: {failure.strerror or failure}") from None
+
+
+def _decoded_lines(path: Path, handle: Iterable[bytes], error: type[EnrichError]) -> Iterator[str]:
+    """Each line as text, decoded on its own so a bad byte is named by its line."""
+    for number, raw in enumerate(handle, start=1):
+        if b"\0" in raw:
+            raise error(f"{path}:{number}: contains a NUL byte: this is not a text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as failure:
+            raise error(
+                f"{path}:{number}: not UTF-8 text (byte 0x{raw[failure.start]:02x} at "
+                f"column {failure.start + 1}): save the file as UTF-8"
+            ) from None
+        yield text.removeprefix(BOM) if number == 1 else text
+
+
+def _csv_rows(
+    path: Path, lines: Iterator[str], required: tuple[str, ...], error: type[EnrichError]
+) -> Iterator[Row]:
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if not header or not any(name.strip() for name in header):
+            raise error(f"{path}:1: the file is empty; the first line must be the CSV header")
+        names = [name.strip() for name in header]
+        for index, name in enumerate(names):
+            if name and name in names[:index]:
+                raise error(
+                    f"{path}:1: the CSV header names the column {name!r} twice: "
+                    "one of them would be silently ignored"
+                )
+        missing = [name for name in required if name not in names]
+        if missing:
+            raise error(
+                f"{path}:1: the CSV header must name the column"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                f"(it names {', '.join(map(repr, names))})"
+            )
+        start = reader.line_num + 1
+        for values in reader:
+            if any(value.strip() for value in values):
+                if len(values) > len(names):
+                    raise error(f"{path}:{start}: more fields than the header names")
+                fields = {name: value for name, value in zip(names, values, strict=False) if name}
+                yield Row(start, fields)
+            start = reader.line_num + 1
+    except csv.Error as failure:
+        reason = str(failure)
+        if "field larger than field limit" in reason:
+            reason = f"a field is longer than {MAX_FIELD // 1024} KiB (an unclosed quote?)"
+        raise error(f"{path}:{reader.line_num}: not valid CSV: {reason}") from None
+
+
+def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> Iterator[Row]:
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as failure:
+            raise error(
+                f"{path}:{number}: not valid JSON ({failure.msg} at column {failure.colno})"
+            ) from None
+        except RecursionError:
+            raise error(f"{path}:{number}: not valid JSON (nested too deeply)") from None
+        if not isinstance(fields, dict):
+            raise error(f"{path}:{number}: expected a JSON object per line")
+        yield Row(number, fields)
