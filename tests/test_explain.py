@@ -254,3 +254,32 @@ def test_explain_cli_for_a_file_an_url_and_a_record(
     ]:
         failed = invoke("explain", *args, "--out", str(out), env=allowed)
         assert failed.exit_code == 1 and message in failed.output, failed.output
+
+
+def test_explain_into_a_path_that_cannot_be_written(quadrant_model: Path, tmp_path: Path) -> None:
+    """One line on stderr and exit 1, and no partial file or temporary left behind."""
+    picture = tmp_path / "scan.png"
+    picture.write_bytes(squares(TOP_LEFT, TOP_RIGHT))
+    env = {"ENRICH_MODEL": str(quadrant_model), "DATABASE_URL": f"sqlite:///{tmp_path}/e.db"}
+
+    failed = invoke("explain", str(picture), "--out", "/proc/enrich/heatmaps", env=env)
+    assert failed.exit_code == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        "Error: cannot create the directory /proc/enrich/heatmaps:"
+        " No such file or directory: /proc/enrich"
+    ]
+
+    # The second overlay's name is taken by a directory: the first is whole, no temporary stays.
+    out = tmp_path / "out"
+    (out / "scan-top_right.png").mkdir(parents=True)
+    failed = invoke("explain", str(picture), "--out", str(out), env=env)
+    assert failed.exit_code == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        f"Error: cannot write {out}/scan-top_right.png: Is a directory"
+    ]
+    assert sorted(path.name for path in out.iterdir()) == [
+        "scan-top_left.png",
+        "scan-top_right.png",
+    ]
+    with Image.open(out / "scan-top_left.png") as written:
+        written.verify()

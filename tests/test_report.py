@@ -15,20 +15,34 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from html import escape
+from datetime import datetime
 from html.parser import HTMLParser
+from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from enrichment.report.report import (
+    ClassReport,
+    ErrorReason,
+    RunReport,
+    Shown,
+    Thumbnail,
+    render,
+)
+from enrichment.store.query import RunSummary
 from tests.conftest import enrich, image_bytes, write_jsonl
 from tests.scenario import PICTURES, build_scenario
 
 PER_CLASS = 2
-HOSTILE_ID = '/e2e/x"><img src=x onerror=alert(1)>'
+# What a record id may hold that means something in HTML (ids refuse <, > and ").
+HOSTILE_ID = "/e2e/x'&amp;onerror=alert(1)"
 HOSTILE_PROVIDER = "<b>Evil & Co</b>"
+# Ends the style sheet, opens a script, and leaves both kinds of attribute quote.
+HOSTILE_TEXT = """</style><script>alert('x')</script>"><a title='y' href="z">&amp;"""
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -102,6 +116,11 @@ def parse(page: str) -> Node:
     builder.close()
     assert builder.stack == [builder.root], "unclosed elements"
     return builder.root
+
+
+def descendants(node: Node) -> list[Node]:
+    children = [child for child in node.children if isinstance(child, Node)]
+    return [*children, *(found for child in children for found in descendants(child))]
 
 
 def rows(table: Node) -> list[list[str]]:
@@ -287,7 +306,7 @@ def test_report_escapes_third_party_text_and_survives_missing_images(
 ) -> None:
     raw = finished_run.page.read_text(encoding="utf-8")
     document = parse(raw)
-    assert HOSTILE_ID not in raw and escape(HOSTILE_ID) in raw
+    assert HOSTILE_ID not in raw  # and it is found below by its text: escaped, not dropped
     assert "<b>Evil" not in raw and "javascript:" not in raw
     assert all("onerror" not in node.attrs for node in document.all("img"))
     assert not document.all("script") and not document.all("link")
@@ -308,6 +327,141 @@ def test_report_escapes_third_party_text_and_survives_missing_images(
     assert sources and all(src.startswith("data:") for src in sources)
     csp = document.one("meta", http_equiv="Content-Security-Policy").attrs["content"]
     assert "default-src 'none'" in csp
+
+
+def test_every_text_from_the_database_is_escaped_where_it_is_shown() -> None:
+    """Rendered directly, with hostile text in every field a record, a model, a fetch or
+    a run can fill: the page keeps its one style sheet, gains no element, and shows each
+    text as it was."""
+    hostile = {
+        name: f"{name} {HOSTILE_TEXT}"
+        for name in (
+            "id",
+            "item",
+            "provider",
+            "label",
+            "key",
+            "reason",
+            "record",
+            "message",
+            "fetch_reason",
+            "fetch_message",
+            "version",
+            "error",
+            "outcome",
+            "scope",
+        )
+    }
+    summary = RunSummary(
+        id=7,
+        kind="full",
+        scope={"source": "records_file", "path": hostile["scope"]},
+        model_version=hostile["version"],
+        status="failed",
+        records_seen=3,
+        records_enqueued=3,
+        batches={},
+        outcomes={"labelled": 2, hostile["outcome"]: 1},
+        errors_by_reason={hostile["reason"]: 1},
+        created_at=datetime(2026, 1, 2, 3, 4, 5),
+        finished_at=datetime(2026, 1, 2, 3, 5, 5),
+        error=hostile["error"],
+        records_done=3,
+        rate=0.05,
+        eta_seconds=None,
+    )
+    highest = Shown(
+        hostile["id"], "https://x.org/" + hostile["item"], hostile["provider"], "u1", 0.9
+    )
+    lowest = Shown("/plain/1", "https://x.org/1", None, "u2", 0.6)
+    report = RunReport(
+        summary,
+        summary.created_at,
+        60.0,
+        [
+            ClassReport(
+                hostile["key"], hostile["label"], 0.5, 2, 2, np.ones(20, int), [highest], [lowest]
+            )
+        ],
+        [ErrorReason(hostile["reason"], 1, hostile["record"], hostile["message"])],
+    )
+    thumbnails = {
+        "u1": Thumbnail("data:image/jpeg;base64,AAAA"),
+        "u2": Thumbnail(reason=hostile["fetch_reason"], message=hostile["fetch_message"]),
+    }
+    raw = render(report, thumbnails)
+    document = parse(raw)
+
+    assert "<script" not in raw and raw.count("</style>") == 1
+    (style,) = document.all("style")
+    css = resources.files("enrichment.report").joinpath("templates/report.css").read_text()
+    assert style.text().strip() == css.strip()
+    assert not document.all("script") and len(document.all("a")) == 2  # the two item links
+    assert [a.attrs["href"] for a in document.all("a")] == [
+        "https://x.org/" + hostile["item"],
+        "https://x.org/1",
+    ]
+    attributes = [value for node in descendants(document) for value in node.attrs.values()]
+    for name, text in hostile.items():
+        assert text not in raw, f"{name} is not escaped"
+        if name == "scope":  # shown as JSON, its quotes escaped: checked below
+            continue
+        assert text in document.text() or any(text in value for value in attributes), name
+    facts = {
+        row.one("th").text(): row.one("td").text()
+        for row in document.one("table", class_="facts").all("tr")
+    }
+    assert facts["Model version"] == hostile["version"] and facts["Run error"] == hostile["error"]
+    assert json.loads(facts["Scope"])["path"] == hostile["scope"]
+    assert document.one("title").text() == f"Run 7 report: {hostile['version']}"
+    assert [row[0] for row in rows(document.one("table", id="outcomes"))] == [
+        "labelled",
+        "below_threshold",
+        "error",
+        hostile["outcome"],
+    ]
+    (label_row,) = rows(document.one("section", id="labels").one("table"))
+    assert label_row[:2] == [hostile["label"], hostile["key"]]
+    assert [f.attrs["data-class"] for f in document.all("figure") if "data-class" in f.attrs] == [
+        hostile["key"]
+    ]
+    assert rows(document.one("section", id="errors").one("table")) == [
+        [hostile["reason"], "1", hostile["record"], hostile["message"]]
+    ]
+    block = document.one("section", id="gallery").one("section", data_class=hostile["key"])
+    assert block.one("h3").children[0] == hostile["label"] + " "
+    (shown,) = block.by("figure", data_kind="highest")
+    assert shown.attrs["data-record"] == hostile["id"]
+    assert shown.one("img").attrs["alt"] == hostile["id"]
+    assert shown.one("code").text() == hostile["id"] and hostile["provider"] in shown.text()
+    placeholder = block.one("figure", data_kind="lowest").one("div", class_="placeholder")
+    assert placeholder.attrs["title"] == hostile["fetch_message"]
+    assert placeholder.one("code").text() == hostile["fetch_reason"]
+
+
+def test_report_into_a_path_that_cannot_be_written(
+    finished_run: FinishedRun, image_host, tmp_path: Path
+) -> None:
+    """One line and exit 1, before any thumbnail is fetched; nothing left behind."""
+    env = {"DATABASE_URL": finished_run.database, "ENRICH_FETCH_ALLOW": "127.0.0.1"}
+    run = str(finished_run.run_id)
+    before = len(image_host.requests)
+    failed = enrich("report", run, "--out", "/proc/enrich/reports", env=env)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        "Error: cannot create the directory /proc/enrich/reports:"
+        " No such file or directory: /proc/enrich"
+    ]
+    assert len(image_host.requests) == before, "it failed before fetching the thumbnails"
+
+    # The page's own name is taken by a directory: the write fails, no temporary stays.
+    (tmp_path / f"run-{run}.html").mkdir()
+    failed = enrich("report", run, "--out", str(tmp_path), env=env)
+    assert failed.returncode == 1 and failed.stdout == ""
+    assert failed.stderr.splitlines() == [
+        f"Error: cannot write {tmp_path}/run-{run}.html: Is a directory"
+    ]
+    assert [path.name for path in tmp_path.iterdir()] == [f"run-{run}.html"]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,9 @@ stored; URLs and records' image URLs go through the SSRF-safe `Fetcher`.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, OutputError
 from enrichment.media.decode import ImageError, decode, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
@@ -262,13 +264,34 @@ def write_overlays(
     out_dir: Path,
     max_pixels: int = Settings.max_image_pixels,
 ) -> list[Path]:
-    """One PNG per explanation, named after the source and the label key."""
+    """One PNG per explanation, named after the source and the label key.
+
+    Every PNG is written under a temporary name before any is renamed into
+    place, so a path that cannot be made or written (a full disk, a directory
+    under /proc) leaves no partial file behind: one line naming the path instead.
+    """
     image = display_image(source.data, max_pixels)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # mkdir names the first directory it could not make, which may be a parent.
+        raise OutputError(
+            f"cannot create the directory {out_dir}: {error.strerror}: {error.filename}"
+        ) from None
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name).strip("._")[:80] or "image"
-    paths = []
-    for explanation in explanations:
-        path = out_dir / f"{stem}-{re.sub(r'[^A-Za-z0-9._-]+', '_', explanation.key)}.png"
-        overlay(image, explanation).save(path, format="PNG")
-        paths.append(path)
-    return paths
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for explanation in explanations:
+            path = out_dir / f"{stem}-{re.sub(r'[^A-Za-z0-9._-]+', '_', explanation.key)}.png"
+            # A unique name, opened exclusively, with the permissions of any new file.
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            staged.append((temporary, path))
+            with open(temporary, "xb") as file:
+                overlay(image, explanation).save(file, format="PNG")
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except OSError as error:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+    return [path for _, path in staged]

@@ -7,9 +7,11 @@ of the most and the least confident labels, the latter being the cases to check.
 
 The page holds everything inline (charts and thumbnails as `data:` URIs, CSS
 in a `<style>`), so it opens offline and can be mailed around; its
-Content-Security-Policy forbids loading anything else. Every text that comes
-from the database is escaped: record ids, providers and URLs are third-party
-input. Thumbnails are fetched with the project's `Fetcher` (address policy,
+Content-Security-Policy forbids loading anything else. The page is the
+package's Jinja2 template `templates/report.html.j2` with autoescape on, so
+every text that comes from the database is escaped without a call to forget:
+record ids, providers, URLs, labels and error messages are third-party input.
+Thumbnails are fetched with the project's `Fetcher` (address policy,
 caps, deadline); one that cannot be had becomes a placeholder with its reason.
 """
 
@@ -19,19 +21,20 @@ import base64
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from html import escape
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, OutputError
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.report import plots
@@ -43,7 +46,6 @@ BIN_EDGES = np.linspace(0.0, 1.0, 21)
 THUMBNAIL_SIDE = 160
 SCORE_PAGE = 2000
 OUTCOME_ORDER = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD, Outcome.ERROR)
-CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 @dataclass(frozen=True)
@@ -246,190 +248,64 @@ def thumbnails(report: RunReport, settings: Settings) -> dict[str | None, Thumbn
 def write_report(
     db: Database, run_id: int | None, out_dir: Path, settings: Settings, per_class: int
 ) -> Path:
-    """Gather, fetch thumbnails, render; written under a temporary name, then renamed."""
+    """Gather, fetch thumbnails, render, write `run-ID.html` into `out_dir`.
+
+    The directory is made before the thumbnails are fetched, so a path that
+    cannot be written fails at once rather than after every fetch.
+    """
     report = gather(db, run_id, per_class)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # mkdir names the first directory it could not make, which may be a parent.
+        raise OutputError(
+            f"cannot create the directory {out_dir}: {error.strerror}: {error.filename}"
+        ) from None
     page = render(report, thumbnails(report, settings))
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"run-{report.summary.id}.html"
-    temporary = out_dir / f".{path.name}.tmp"
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomically(path, page.encode("utf-8"))
     return path
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a temporary file beside `path`, then rename it over `path`: a reader sees
+    the old page or the new one, never part of one, and a failed write leaves nothing.
+
+    The temporary name is unique (two reports of one run at once cannot mix) and
+    created with `open(..., "x")`, so it gets the same permissions as any new file.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
+
+
 def render(report: RunReport, shown: dict[str | None, Thumbnail]) -> str:
-    """The whole page as one string."""
-    summary = report.summary
-    sections = "\n".join(
-        [
-            _summary_section(report),
-            _labels_section(report),
-            _confidence_section(report),
-            _errors_section(report),
-            _gallery_section(report, shown),
-        ]
-    )
-    title = f"Run {summary.id} report: {summary.model_version}"
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title>
-<style>{STYLE}</style>
-</head>
-<body>
-<header><h1>{escape(title)}</h1>
-<p>Generated {utc_now():%Y-%m-%d %H:%M} UTC by {PROJECT_NAME} {__version__}.</p></header>
-<main>
-{sections}
-</main>
-</body>
-</html>
-"""
-
-
-def _summary_section(report: RunReport) -> str:
-    summary = report.summary
-    facts = [
-        ("Status", summary.status),
-        ("Kind", summary.kind),
-        ("Scope", json.dumps(summary.scope, sort_keys=True)),
-        ("Model version", summary.model_version),
-        ("Records seen", str(summary.records_seen)),
-        ("Records enqueued", str(summary.records_enqueued)),
-        ("Records done", str(summary.records_done)),
-        ("Started", f"{report.started_at:%Y-%m-%d %H:%M:%S} UTC"),
-        (
-            "Finished",
-            f"{summary.finished_at:%Y-%m-%d %H:%M:%S} UTC" if summary.finished_at else "not yet",
+    """The whole page as one string; the charts are drawn here, the rest is the template's."""
+    counts = report.summary.outcomes
+    return TEMPLATES.get_template("report.html.j2").render(
+        report=report,
+        thumbnails=shown,
+        no_image=Thumbnail(reason="no_image"),
+        outcomes=[
+            (name, counts.get(name, 0))
+            for name in (*OUTCOME_ORDER, *sorted(set(counts) - set(OUTCOME_ORDER)))
+        ],
+        labels_chart=plots.labels_per_class(
+            [cls.label for cls in report.classes], [cls.labelled for cls in report.classes]
         ),
-        ("Duration", _duration(report.seconds)),
-        ("Throughput", f"{summary.rate:.2f} records/s" if summary.rate is not None else "n/a"),
-    ]
-    if summary.eta_seconds is not None:
-        facts.append(("Estimated time left", _duration(summary.eta_seconds)))
-    if summary.error:
-        facts.append(("Run error", summary.error))
-    outcomes = [*OUTCOME_ORDER, *sorted(set(summary.outcomes) - set(OUTCOME_ORDER))]
-    return f"""<section id="summary"><h2>Summary</h2>
-<table class="facts">{_rows(facts)}</table>
-<h3>Outcomes</h3>
-<table class="counts" id="outcomes"><thead><tr><th>Outcome</th><th>Records</th></tr></thead>
-<tbody>{_rows((name, str(summary.outcomes.get(name, 0))) for name in outcomes)}</tbody>
-<tfoot>{_rows([("total", str(summary.records_done))])}</tfoot></table>
-</section>"""
-
-
-def _labels_section(report: RunReport) -> str:
-    chart = plots.labels_per_class(
-        [cls.label for cls in report.classes], [cls.labelled for cls in report.classes]
+        histograms=[
+            plots.confidence_histogram(cls.histogram, BIN_EDGES, cls.threshold, cls.label)
+            for cls in report.classes
+        ],
+        generated=utc_now(),
+        project=PROJECT_NAME,
+        version=__version__,
     )
-    rows = "".join(
-        f'<tr data-class="{escape(cls.key)}"><td>{escape(cls.label)}</td>'
-        f"<td><code>{escape(cls.key)}</code></td><td>{cls.threshold:.2f}</td>"
-        f"<td>{cls.labelled}</td><td>{cls.scored}</td>"
-        f"<td>{_share(cls.labelled, cls.scored)}</td></tr>"
-        for cls in report.classes
-    )
-    return f"""<section id="labels"><h2>Labels per class</h2>
-<img class="chart" src="{chart}" alt="Bar chart of labels per class">
-<table class="counts"><thead><tr><th>Class</th><th>Key</th><th>Threshold</th><th>Labels</th>
-<th>Records scored</th><th>Share</th></tr></thead><tbody>{rows}</tbody></table>
-</section>"""
-
-
-def _confidence_section(report: RunReport) -> str:
-    figures = "".join(
-        f'<figure data-class="{escape(cls.key)}"><img src="{_histogram(cls)}"'
-        f' alt="Confidence histogram for {escape(cls.label)}">'
-        f"<figcaption>{escape(cls.label)}: {cls.labelled} of {cls.scored} labelled, "
-        f"threshold {cls.threshold:.2f}</figcaption></figure>"
-        for cls in report.classes
-    )
-    return f"""<section id="confidence"><h2>Confidence per class</h2>
-<p>Scores of every record the run classified; the dashed line is the class threshold.</p>
-<div class="grid">{figures}</div>
-</section>"""
-
-
-def _histogram(cls: ClassReport) -> str:
-    return plots.confidence_histogram(cls.histogram, BIN_EDGES, cls.threshold, cls.label)
-
-
-def _errors_section(report: RunReport) -> str:
-    if not report.errors:
-        return '<section id="errors"><h2>Errors</h2><p>No record failed.</p></section>'
-    rows = "".join(
-        f"<tr><td><code>{escape(error.reason)}</code></td><td>{error.count}</td>"
-        f"<td><code>{escape(error.example_record or '')}</code></td>"
-        f"<td>{escape(error.example_message or '')}</td></tr>"
-        for error in report.errors
-    )
-    return f"""<section id="errors"><h2>Errors</h2>
-<table class="counts"><thead><tr><th>Reason</th><th>Records</th><th>Example record</th>
-<th>Example message</th></tr></thead><tbody>{rows}</tbody></table>
-</section>"""
-
-
-def _gallery_section(report: RunReport, shown: dict[str | None, Thumbnail]) -> str:
-    blocks = []
-    for cls in report.classes:
-        if not cls.highest:
-            body = "<p>No record got this label.</p>"
-        else:
-            body = (
-                "<h4>Most confident</h4>"
-                + _thumbs(cls.highest, shown, "highest")
-                + "<h4>Least confident above the threshold: check these</h4>"
-                + (
-                    _thumbs(cls.lowest, shown, "lowest")
-                    if cls.lowest
-                    else "<p>All of them are shown above.</p>"
-                )
-            )
-        blocks.append(
-            f'<section class="class" data-class="{escape(cls.key)}">'
-            f"<h3>{escape(cls.label)} <small>threshold {cls.threshold:.2f}, "
-            f"{cls.labelled} labelled</small></h3>{body}</section>"
-        )
-    return f"""<section id="gallery"><h2>Gallery</h2>
-{"".join(blocks)}
-</section>"""
-
-
-def _thumbs(items: Iterable[Shown], shown: dict[str | None, Thumbnail], kind: str) -> str:
-    figures = []
-    for item in items:
-        picture = shown.get(item.image_url) or Thumbnail(reason="no_image")
-        if picture.data_uri:
-            body = f'<img src="{picture.data_uri}" alt="{escape(item.record_id)}">'
-        else:
-            body = (
-                f'<div class="placeholder" title="{escape(picture.message or "")}">'
-                f"<span>image unavailable</span>"
-                f"<code>{escape(picture.reason or 'unknown')}</code></div>"
-            )
-        if item.item_uri.startswith(("http://", "https://")):
-            body = f'<a href="{escape(item.item_uri)}">{body}</a>'
-        provider = f"<br>{escape(item.provider)}" if item.provider else ""
-        figures.append(
-            f'<figure class="thumb" data-record="{escape(item.record_id)}" data-kind="{kind}">'
-            f"{body}<figcaption><strong>{item.confidence:.3f}</strong> "
-            f"<code>{escape(item.record_id)}</code>{provider}</figcaption></figure>"
-        )
-    return f'<div class="thumbs">{"".join(figures)}</div>'
-
-
-def _rows(pairs: Iterable[tuple[str, str]]) -> str:
-    return "".join(
-        f"<tr><th>{escape(name)}</th><td>{escape(value)}</td></tr>" for name, value in pairs
-    )
-
-
-def _share(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f} %" if whole else "n/a"
 
 
 def _duration(seconds: float) -> str:
@@ -443,33 +319,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
-  color: #1d2733; background: #f6f7f9; }
-header { background: #1d3557; color: #fff; padding: 1rem 2rem; }
-header h1 { margin: 0 0 .3rem; font-size: 1.4rem; }
-header p { margin: 0; opacity: .8; font-size: .9rem; }
-main { padding: 0 2rem 2rem; max-width: 1200px; }
-section { background: #fff; margin: 1.2rem 0; padding: .8rem 1.2rem 1.2rem;
-  border-radius: 6px; box-shadow: 0 1px 3px rgba(0,0,0,.08); }
-h2 { font-size: 1.15rem; border-bottom: 1px solid #e1e4e8; padding-bottom: .3rem; }
-h3 small { font-weight: normal; color: #5b6673; font-size: .8rem; }
-h4 { margin: .8rem 0 .4rem; font-size: .9rem; color: #3b4754; }
-table { border-collapse: collapse; font-size: .9rem; margin: .4rem 0; }
-th, td { text-align: left; padding: .25rem .8rem .25rem 0; border-bottom: 1px solid #eef0f2;
-  vertical-align: top; }
-table.facts th { color: #5b6673; font-weight: normal; }
-td code, th code { word-break: break-all; }
-img.chart { max-width: 100%; display: block; }
-.grid { display: flex; flex-wrap: wrap; gap: .6rem; }
-.grid figure { margin: 0; }
-.grid figcaption { font-size: .8rem; color: #5b6673; }
-.thumbs { display: flex; flex-wrap: wrap; gap: .8rem; }
-figure.thumb { margin: 0; width: 168px; font-size: .75rem; }
-figure.thumb img, .placeholder { display: block; max-width: 160px; max-height: 160px;
-  border: 1px solid #d6dbe1; }
-.placeholder { width: 160px; height: 120px; background: repeating-linear-gradient(45deg,
-  #f0f1f3, #f0f1f3 8px, #e4e6ea 8px, #e4e6ea 16px); color: #6b7682; text-align: center;
-  display: flex; flex-direction: column; justify-content: center; }
-figcaption code { word-break: break-all; }
-"""
+# Every expression in the templates is HTML-escaped (autoescape), and a name the
+# template does not get is an error rather than an empty string (StrictUndefined).
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("enrichment.report", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+TEMPLATES.filters["duration"] = _duration
+TEMPLATES.filters["json"] = lambda value: json.dumps(value, sort_keys=True)
