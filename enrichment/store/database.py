@@ -7,8 +7,11 @@ reporting reads in `query`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import fcntl
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +37,46 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     return config
 
 
+SUPPORTED = {"postgresql": "postgresql://USER:PASSWORD@HOST/DB", "sqlite": "sqlite:///PATH"}
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def database_failure(url: str, error: Exception, doing: str = "cannot use") -> DatabaseError:
+    """The one error path: a driver's error as one line, with the URL's password hidden."""
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    reason = lines[0] if lines else type(original).__name__
+    return DatabaseError(f"{doing} database {redact_url(url)}: {reason}")
+
+
 class Database:
     """An engine and session factory for one DATABASE_URL."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         try:
+            parsed = sa.engine.make_url(url)
+        except (sa.exc.ArgumentError, ValueError) as error:
+            raise DatabaseError(f"invalid DATABASE_URL {redact_url(url)}: {error}") from None
+        if parsed.get_backend_name() not in SUPPORTED:
+            raise DatabaseError(
+                f"DATABASE_URL {redact_url(url)}: {parsed.get_backend_name()!r} is not supported; "
+                f"use PostgreSQL ({SUPPORTED['postgresql']}) or SQLite ({SUPPORTED['sqlite']})"
+            )
+        try:
             options: dict[str, Any] = {}
-            if sa.engine.make_url(url).drivername == "postgresql+psycopg2":
+            if parsed.drivername == "postgresql+psycopg2":
                 # Upserts, which insertmanyvalues does not take, go as pages of statements
                 # (execute_batch) rather than one round trip per row.
                 options["executemany_mode"] = "values_plus_batch"
             self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **options)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as error:
             raise DatabaseError(f"invalid DATABASE_URL {redact_url(url)}: {error}") from None
+        except ImportError as error:
+            raise DatabaseError(
+                f"DATABASE_URL {redact_url(url)}: its driver {parsed.drivername!r} is not "
+                f"installed ({error.name or error})"
+            ) from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -56,48 +85,136 @@ class Database:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The SQLite database's file, or None (a server database, or SQLite in memory)."""
+        database = self.engine.url.database if self.dialect == "sqlite" else None
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return Path(database)
+
     def check_connection(self) -> None:
+        """Connect once; an SQLite file is first checked to be this project's (`check_owned`)."""
+        self.check_owned()
         try:
             with self.engine.connect() as connection:
                 connection.execute(sa.text("SELECT 1"))
-        except sa.exc.OperationalError as error:
-            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        except sa.exc.DBAPIError as error:
+            raise database_failure(self.url, error, "cannot connect to") from None
+
+    def check_owned(self) -> None:
+        """Refuse an SQLite file that is not a database, or is another application's.
+
+        Read without our connection pragmas (WAL would already change the file),
+        so a refused file is left exactly as it was. Ours: missing, empty, no
+        tables at all, or an `alembic_version` table empty or holding one of this
+        project's revisions (alembic creates it first, so an interrupted first
+        migration still counts as ours).
+        """
+        path = self.sqlite_file
+        if path is None or not path.is_file() or path.stat().st_size == 0:
+            return
+        where = redact_url(self.url)
+        try:
+            with path.open("rb") as handle:
+                magic = handle.read(len(SQLITE_MAGIC))
+        except OSError as error:
+            raise DatabaseError(f"cannot read database {where}: {error.strerror}") from None
+        if magic != SQLITE_MAGIC:
             raise DatabaseError(
-                f"cannot connect to database {redact_url(self.url)}: {reason}"
-            ) from None
+                f"database {where}: {path} is not an SQLite database; "
+                "point DATABASE_URL at a new or empty file"
+            )
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as raw:
+                tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
+                versions = (
+                    {row[0] for row in raw.execute("SELECT version_num FROM alembic_version")}
+                    if "alembic_version" in tables
+                    else None
+                )
+        except sqlite3.Error as error:
+            raise DatabaseError(f"cannot read database {where}: {error}") from None
+        tables = {name for name in tables if not name.startswith("sqlite_")}
+        if not tables:
+            return
+        ours = {script.revision for script in _scripts().walk_revisions()}
+        if versions is None or not versions <= ours:
+            found = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise DatabaseError(
+                f"database {where} belongs to another application (tables {found}; "
+                f"{'no alembic_version' if versions is None else 'revisions not of enrich'}): "
+                "nothing was written; point DATABASE_URL at a new file"
+            )
 
     def current_revision(self) -> str | None:
         with self.engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
 
     def upgrade(self, revision: str = "head") -> None:
-        self.check_connection()
-        with self.engine.begin() as connection:
-            command.upgrade(alembic_config(connection), revision)
+        with self._migration_lock():
+            self.check_connection()
+            self._migrate(command.upgrade, revision)
 
     def downgrade(self, revision: str) -> None:
-        self.check_connection()
-        with self.engine.begin() as connection:
-            command.downgrade(alembic_config(connection), revision)
+        with self._migration_lock():
+            self.check_connection()
+            self._migrate(command.downgrade, revision)
 
     def ensure_schema(self) -> None:
         """Refuse to work on a database whose schema is not the one this code expects.
 
         The embedded SQLite default is migrated on first use so a newcomer needs
-        no setup step; a shared server database is only changed on request.
+        no setup step; a shared server database is only changed on request. Two
+        processes starting on a new SQLite file at once take turns (an flock
+        beside the file): the second finds the schema made and uses it.
         """
-        self.check_connection()
-        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        current = self.current_revision()
-        if current == head:
-            return
-        if self.dialect == "sqlite" and current is None:
-            self.upgrade()
-            return
+        head = _scripts().get_current_head()
+        with self._migration_lock():
+            self.check_connection()
+            try:
+                current = self.current_revision()
+            except sa.exc.DBAPIError as error:
+                raise database_failure(self.url, error) from None
+            if current == head:
+                return
+            if self.sqlite_file is not None and current is None:
+                self._migrate(command.upgrade, "head")
+                return
         raise DatabaseError(
             f"database {redact_url(self.url)} is at schema revision {current or 'none'}, "
             f"this version needs {head}: run `enrich db upgrade`"
         )
+
+    def _migrate(self, step: Callable[[Config, str], None], revision: str) -> None:
+        try:
+            with self.engine.begin() as connection:
+                step(alembic_config(connection), revision)
+        except sa.exc.DBAPIError as error:
+            raise database_failure(self.url, error, "cannot migrate") from None
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        """One migrating process at a time per SQLite file; PostgreSQL's DDL is transactional.
+
+        The file is checked to be ours first, so nothing (not even the lock
+        file) is written beside another application's database.
+        """
+        self.check_owned()
+        path = self.sqlite_file
+        if path is None or not path.parent.is_dir():
+            yield
+            return
+        try:
+            handle = open(f"{path}.migrate.lock", "w")  # noqa: SIM115 - held across the yield
+        except OSError as error:
+            raise DatabaseError(
+                f"cannot use database {redact_url(self.url)}: cannot create its lock file "
+                f"beside it: {error.strerror}"
+            ) from None
+        with handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -108,9 +225,15 @@ class Database:
         self.engine.dispose()
 
 
+@cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
+    # The busy timeout first: switching to WAL itself waits for other connections.
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

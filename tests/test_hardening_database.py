@@ -1,0 +1,149 @@
+"""DATABASE_URL: another application's file, a file that is no database, an unsupported dialect,
+and two first runs at once on a new SQLite file (issue 15.5, 15.6)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from enrichment.errors import DatabaseError
+from enrichment.store.database import Database
+from tests.conftest import enrich
+
+
+def one_line(result) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def another_application(path: Path, alembic_revision: str | None = None) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE records (id TEXT PRIMARY KEY, body TEXT)")
+        connection.execute("INSERT INTO records VALUES ('a', 'theirs')")
+        if alembic_revision:
+            connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+            connection.execute("INSERT INTO alembic_version VALUES (?)", (alembic_revision,))
+    connection.close()
+
+
+@pytest.mark.parametrize("revision", [None, "1f2e3d4c5b6a"])
+def test_another_applications_sqlite_file_is_refused_and_left_untouched(
+    tmp_path: Path, revision: str | None
+) -> None:
+    path = tmp_path / "theirs.db"
+    another_application(path, revision)
+    before = snapshot(tmp_path)
+    url = f"sqlite:///{path}"
+    for command in (["status"], ["db", "upgrade"]) if revision is None else (["results"],):
+        line = one_line(enrich(*command, env={"DATABASE_URL": url}))
+        assert line.startswith(f"Error: database {url} belongs to another application (tables")
+        assert "nothing was written" in line
+        assert snapshot(tmp_path) == before  # no table, no WAL switch, not even a lock file
+
+
+@pytest.mark.parametrize(
+    "content", [b"id,image_url\n/d/1,http://example.org/1.jpg\n", b"\xff\xd8\xff\xe0" * 64]
+)
+def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "records.csv"
+    path.write_bytes(content)
+    before = snapshot(tmp_path)
+    line = one_line(enrich("status", env={"DATABASE_URL": f"sqlite:///{path}"}))
+    assert line == (
+        f"Error: database sqlite:///{path}: {path} is not an SQLite database; "
+        "point DATABASE_URL at a new or empty file"
+    )
+    assert snapshot(tmp_path) == before
+
+
+def test_an_empty_file_or_our_own_database_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.touch()
+    Database(f"sqlite:///{path}").ensure_schema()
+    again = Database(f"sqlite:///{path}")
+    again.ensure_schema()  # now ours, at head: used as it is
+    with again.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM runs")).scalar_one() == 0
+    # An SQLite file with no tables at all (created by sqlite3 but never used) is ours too.
+    bare = tmp_path / "bare.db"
+    sqlite3.connect(bare).execute("PRAGMA user_version=0").connection.close()
+    Database(f"sqlite:///{bare}").ensure_schema()
+
+
+def _first_use(url: str, barrier, results) -> None:
+    database = Database(url)
+    barrier.wait()
+    try:
+        database.ensure_schema()
+        results.put("ok")
+    except Exception as error:  # what the test reports when the race is lost
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_two_first_runs_at_once_on_a_new_sqlite_file_both_work(tmp_path: Path) -> None:
+    """Without the lock, this loses the race almost every time ('table models already exists')."""
+    context = multiprocessing.get_context("fork")
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path}/new-{attempt}.db"
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [
+            context.Process(target=_first_use, args=(url, barrier, results)) for _ in range(4)
+        ]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == ["ok"] * 4
+        database = Database(url)
+        database.ensure_schema()
+        assert database.current_revision() is not None
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("mysql://enrich:s3cret@127.0.0.1/enrich", "'mysql' is not supported; use PostgreSQL"),
+        ("mysql+pymysql://enrich:s3cret@db/enrich", "'mysql' is not supported; use PostgreSQL"),
+        ("oracle://enrich:s3cret@db/enrich", "'oracle' is not supported"),
+        ("postgresql+nosuchdriver://enrich:s3cret@db/enrich", "invalid DATABASE_URL"),
+        ("not a url", "invalid DATABASE_URL"),
+    ],
+)
+def test_an_unsupported_database_url_is_one_clear_error_without_the_password(
+    url: str, message: str
+) -> None:
+    with pytest.raises(DatabaseError, match=message) as caught:
+        Database(url)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_mysql_on_the_command_line_is_one_line_without_the_password() -> None:
+    result = enrich("status", env={"DATABASE_URL": "mysql://enrich:s3cret@127.0.0.1/enrich"})
+    assert one_line(result) == (
+        "Error: DATABASE_URL mysql://enrich:***@127.0.0.1/enrich: 'mysql' is not supported; "
+        "use PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) or SQLite (sqlite:///PATH)"
+    )
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_a_database_in_a_directory_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3"
+    line = one_line(enrich("status", env={"DATABASE_URL": url}))
+    assert line.startswith(f"Error: cannot connect to database {url}: unable to open")
+    assert not (tmp_path / "no").exists()
+    assert os.listdir(tmp_path) == []
