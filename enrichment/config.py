@@ -28,6 +28,8 @@ class Settings:
     broker_url: str | None = None
     europeana_api_key: str | None = field(default=None, repr=False)
     europeana_api_url: str = DEFAULT_EUROPEANA_API_URL
+    europeana_annotation_api_url: str = "https://api.europeana.eu/annotation"
+    europeana_annotation_token: str | None = field(default=None, repr=False)
     model_dir: Path | None = None
     batch_size: int = 128
     fetch_allow: tuple[str, ...] = ()
@@ -90,6 +92,10 @@ class Settings:
             broker_url=text("CELERY_BROKER_URL"),
             europeana_api_key=text("EUROPEANA_API_KEY"),
             europeana_api_url=(text("EUROPEANA_API_URL") or DEFAULT_EUROPEANA_API_URL).rstrip("/"),
+            europeana_annotation_api_url=(
+                text("EUROPEANA_ANNOTATION_API_URL") or cls.europeana_annotation_api_url
+            ).rstrip("/"),
+            europeana_annotation_token=text("EUROPEANA_ANNOTATION_TOKEN"),
             model_dir=Path(model) if model else None,
             batch_size=int(number("ENRICH_BATCH_SIZE", cls.batch_size, int)),
             fetch_allow=tuple(item.strip() for item in allow.split(",") if item.strip()),

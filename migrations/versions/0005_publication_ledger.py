@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("content_sha256", sa.String(64), nullable=False),
         sa.Column("annotation_id", sa.Text(), nullable=True),
         sa.Column("owner", sa.Text(), nullable=True),
+        sa.Column("adopted", sa.Boolean(), server_default="0", nullable=False),
         sa.Column("state", sa.String(20), nullable=False),
         sa.Column("published_at", sa.DateTime(), nullable=True),
         sa.Column("updated_at", sa.DateTime(), nullable=False),

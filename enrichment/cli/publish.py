@@ -1,0 +1,156 @@
+"""`enrich publish`: keep Europeana's Annotations API in step with the labels (docs/publish.md)."""
+
+from __future__ import annotations
+
+import click
+
+from enrichment.cli.base import emit_json, open_db, settings
+from enrichment.errors import ConfigError
+
+REVIEWED_CHOICES = ("accepted", "not-rejected", "any")
+
+
+@click.command()
+@click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
+@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
+@click.option(
+    "--model-version",
+    metavar="VERSION",
+    help="Only this model version (default: each record's latest classification). "
+    "With --withdraw: what this version published.",
+)
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    metavar="X",
+    help="Only labels with confidence >= X; published ones below it are withdrawn.",
+)
+@click.option(
+    "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
+)
+@click.option(
+    "--reviewed",
+    type=click.Choice(REVIEWED_CHOICES),
+    default="not-rejected",
+    show_default=True,
+    help="Curators' decisions: accepted labels only, all but rejected ones, or ignore them.",
+)
+@click.option(
+    "--withdraw",
+    "withdraw_all",
+    is_flag=True,
+    help="Withdraw every published annotation of the selection instead of publishing.",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be created, updated, withdrawn.")
+@click.option("--status", "show_status", is_flag=True, help="Summarise the publication ledger.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 32),
+    default=4,
+    show_default=True,
+    help="Requests at once.",
+)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 1000),
+    default=100,
+    show_default=True,
+    help="New annotations per AnnotationPage.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def publish(
+    datasets: tuple[str, ...],
+    run_id: int | None,
+    model_version: str | None,
+    min_confidence: float | None,
+    labels: tuple[str, ...],
+    reviewed: str,
+    withdraw_all: bool,
+    dry_run: bool,
+    show_status: bool,
+    concurrency: int,
+    page_size: int,
+    as_json: bool,
+) -> None:
+    """Publish labels to Europeana's Annotations API and keep them in step.
+
+    The selection is the export's: Europeana then holds exactly its current
+    labels. New ones are created, changed ones updated by their Europeana id,
+    ones no longer current withdrawn; every annotation is recorded in the
+    publication ledger. Needs EUROPEANA_ANNOTATION_TOKEN (an OAuth access
+    token with write access); EUROPEANA_ANNOTATION_API_URL names the API.
+    """
+    from enrichment.publish.annotations_api import AnnotationsAPI
+    from enrichment.publish.export import ExportFilter
+    from enrichment.publish.sync import Publisher
+    from enrichment.store.ledger import publication_status
+
+    config = settings()
+    api_url = config.europeana_annotation_api_url
+    db = open_db()
+    if show_status:
+        status = publication_status(db, api_url)
+        if as_json:
+            emit_json(status)
+            return
+        _print_status(status)
+        return
+    filters = ExportFilter(
+        datasets=datasets,
+        run_id=run_id,
+        model_version=model_version,
+        min_confidence=min_confidence,
+        labels=labels,
+        reviewed=reviewed,
+    )
+    api = None
+    if not dry_run:
+        if config.europeana_annotation_token is None:
+            raise ConfigError(
+                "publishing needs EUROPEANA_ANNOTATION_TOKEN, an OAuth access token with "
+                "write access to the Annotations API (or use --dry-run)"
+            )
+        api = AnnotationsAPI(
+            api_url, config.europeana_annotation_token, config.europeana_api_key, concurrency
+        )
+    try:
+        publisher = Publisher(db, api_url, api, concurrency=concurrency, page_size=page_size)
+        report = publisher.publish(filters, withdraw_all=withdraw_all)
+    finally:
+        if api is not None:
+            api.close()
+    if as_json:
+        emit_json(report.as_json())
+    elif dry_run:
+        click.echo(
+            f"dry run against {api_url}: would create {report.created}, update {report.updated}, "
+            f"withdraw {report.withdrawn}; {report.unchanged} unchanged"
+            + (f"; {report.adopted} unsettled rows to resolve first" if report.adopted else "")
+        )
+    else:
+        click.echo(
+            f"published to {api_url}: {report.created} created, {report.updated} updated, "
+            f"{report.withdrawn} withdrawn, {report.unchanged} unchanged; "
+            f"{report.adopted} adopted and {report.forgotten} forgotten from an interrupted publish"
+        )
+    if report.rejected or report.invalid or report.not_owned:
+        click.echo(
+            f"{report.rejected} refused by the server, {report.invalid} not valid, "
+            f"{report.not_owned} owned by another account, e.g.:",
+            err=True,
+        )
+    for problem in report.problems:
+        click.echo(f"  {problem}", err=True)
+
+
+def _print_status(status: dict) -> None:
+    click.echo(f"publication ledger for {status['api_url']}")
+    states = ", ".join(f"{n} {s}" for s, n in sorted(status["by_state"].items())) or "empty"
+    click.echo(f"  annotations    {states}")
+    for version, states_of in status["by_model_version"].items():
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(states_of.items()))
+        click.echo(f"  {version:<30} {counts}")
+    if status["last_change"]:
+        click.echo(f"  last change    {status['last_change']}")
+    for error in status["rejected"]:
+        click.echo(f"  rejected       {error}")

@@ -1,0 +1,529 @@
+"""Publishing kept in step: Europeana's Annotations API holds exactly the current labels.
+
+`publish` compares two things: the labels the export would write for a
+selection (the same `ExportFilter`, the same query, the same Europeana-profile
+annotations and local checks) and the publication ledger (`store.ledger`).
+Per (record, label):
+
+- a current label with no held annotation is *created*;
+- one whose annotation would now read differently (another model version,
+  another classification time) is *updated* by its Europeana id;
+- a held annotation whose label is no longer current is *withdrawn*, for
+  every record the selection covers (a record re-enriched by a model version
+  that no longer gives the label, a label the curators rejected, a label
+  below a new `--min-confidence`);
+- everything else is left alone, so publishing twice changes nothing.
+
+Crash safety rests on intents. Before any request, its rows are written to
+the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
+settles them (`published`, `withdrawn`, `rejected`). A publish that starts and
+finds unsettled rows (its predecessor was killed, or a page's answer was lost)
+resolves them first: a `creating` row is looked up with the search endpoint
+by its record and adopted when the server holds it (surplus copies of ours,
+which cannot arise unless the server misbehaved, are withdrawn), and
+forgotten when it does not; a `withdrawing` row is deleted again (DELETE is
+idempotent); an `updating` row is treated as content unknown and updated
+again (PUT is idempotent). New annotations go in pages (`POST .../annotations/`,
+no duplicate check), which is safe because a page is never re-sent blind:
+only a page the server surely did not carry out is retried, any other is
+resolved through the search. A page the server rejects (one bad item rejects
+it all, and then nothing was stored) is split in halves until the bad item is
+alone; it is reported with the server's message and every other item is
+published.
+
+Only the owner may update or withdraw an annotation: rows whose recorded owner
+is not this publish's account (learned from the server's answers) are left
+alone and reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from enrichment.errors import EnrichError
+from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations, LabelRow
+from enrichment.publish.annotations_api import (
+    AnnotationsAPI,
+    Duplicate,
+    Rejected,
+    Stored,
+    Unsettled,
+    agent_id,
+)
+from enrichment.publish.export import ExportFilter, _chosen_results, check_filter, iter_label_rows
+from enrichment.publish.unsettled import count_unsettled, known_account, resolve_unsettled
+from enrichment.runs.locks import scope_lock
+from enrichment.store.database import Database
+from enrichment.store.ledger import Publication, PublicationState
+from enrichment.store.schema import RecordRow, Result, utc_now
+
+PAGE_SIZE = 100
+CONCURRENCY = 4
+S = PublicationState
+
+
+@dataclass
+class Entry:
+    """A ledger row as the plan needs it."""
+
+    id: int
+    record_id: str
+    label_key: str
+    state: str
+    content_sha256: str
+    annotation_id: str | None
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A current label as the annotation that should be published for it."""
+
+    row: LabelRow
+    annotation: dict[str, Any]
+    sha256: str
+
+
+@dataclass
+class PublishReport:
+    """What a publish did (or, dry, would do)."""
+
+    dry_run: bool = False
+    created: int = 0
+    updated: int = 0
+    withdrawn: int = 0
+    unchanged: int = 0
+    # Unsettled rows of an interrupted publish: adopted (the server held them) or forgotten.
+    adopted: int = 0
+    forgotten: int = 0
+    rejected: int = 0
+    not_owned: int = 0
+    invalid: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < PROBLEMS_KEPT:
+            self.problems.append(text)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PublishError(EnrichError):
+    """A publish cannot start: another one is running against the same API."""
+
+
+@contextmanager
+def publish_lock(db: Database, api_url: str) -> Iterator[None]:
+    """One publish per API at a time: a second would resolve the first one's intents."""
+    lock = scope_lock(db, {"publish": api_url})
+    try:
+        lock.__enter__()
+    except EnrichError:
+        raise PublishError(
+            f"another publish to {api_url} is running right now; try again later"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def content_sha256(annotation: dict[str, Any]) -> str:
+    """The annotation's content, canonically serialised and hashed."""
+    canonical = json.dumps(annotation, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass
+class _Op:
+    """One planned write: `create` (wanted, entry or None), `update` (both), `withdraw` (entry)."""
+
+    kind: str
+    wanted: Wanted | None
+    entry: Entry | None
+    row_id: int = 0
+
+
+class Publisher:
+    """One publish of one selection to one Annotations API.
+
+    `api` may be None for a dry run, which reads and plans and writes nothing.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        api_url: str,
+        api: AnnotationsAPI | None,
+        concurrency: int = CONCURRENCY,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.db = db
+        self.api_url = api_url
+        self.api = api
+        self.concurrency = concurrency
+        self.page_size = page_size
+        self.report = PublishReport(dry_run=api is None)
+        self.account = known_account(db, api_url)
+
+    # -- the whole publish ---------------------------------------------------------------
+
+    def publish(self, filters: ExportFilter, withdraw_all: bool = False) -> PublishReport:
+        """Make the server hold exactly the current labels of the selection, or none."""
+        check_filter(self.db, filters)
+        if self.api is None:
+            self.report.adopted = count_unsettled(self.db, self.api_url)
+            for op in self._plan(filters, withdraw_all):
+                self._count_dry(op)
+            return self.report
+        with (
+            publish_lock(self.db, self.api_url),
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish") as pool,
+        ):
+            self._resolve(pool)
+            self._execute(pool, self._plan(filters, withdraw_all))
+            self._resolve(pool)
+        return self.report
+
+    def _resolve(self, pool: ThreadPoolExecutor) -> None:
+        """Settle what an interrupted publish (or a lost answer) left (`publish.unsettled`)."""
+        assert self.api is not None
+        resolved = resolve_unsettled(self.db, self.api, self.api_url, self.account, pool)
+        self.report.adopted += resolved.adopted
+        self.report.forgotten += resolved.forgotten
+        self.report.withdrawn += resolved.withdrawn
+
+    def _count_dry(self, op: _Op) -> None:
+        if op.kind == "create":
+            self.report.created += 1
+        elif op.kind == "update":
+            self.report.updated += 1
+        else:
+            self.report.withdrawn += 1
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _plan(self, filters: ExportFilter, withdraw_all: bool) -> Iterator[_Op]:
+        """Creates and updates while the selection streams by; then the withdrawals."""
+        held = self._ledger(filters, withdraw_all)
+        if not withdraw_all:
+            for wanted in self._wanted(filters):
+                entry = held.pop((wanted.row.record_id, wanted.row.label_key), None)
+                op = self._decide(wanted, entry)
+                if op is not None:
+                    yield op
+        for entry in held.values():
+            if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
+                yield _Op("withdraw", None, entry)
+
+    def _decide(self, wanted: Wanted, entry: Entry | None) -> _Op | None:
+        if entry is None or entry.state in (S.WITHDRAWN, S.REJECTED):
+            return _Op("create", wanted, entry)
+        if entry.state == S.PUBLISHED and entry.content_sha256 == wanted.sha256:
+            self.report.unchanged += 1
+            return None
+        if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
+            return _Op("update", wanted, entry)
+        return None  # unsettled (a dry run) or not ours
+
+    def _may_change(self, entry: Entry) -> bool:
+        if entry.owner is None or self.account is None or entry.owner == self.account:
+            return True
+        self.report.not_owned += 1
+        self.report.problem(
+            f"{entry.record_id} ({entry.label_key}): {entry.annotation_id} belongs to "
+            f"{entry.owner}, not to this account: left as it is"
+        )
+        return False
+
+    def _wanted(self, filters: ExportFilter) -> Iterator[Wanted]:
+        """The export's selection as Europeana-profile annotations, each checked locally."""
+        checked = CheckedAnnotations(PROFILES["europeana"])
+        for row in iter_label_rows(self.db, filters):
+            for annotation in checked.build((row,)):
+                yield Wanted(row, annotation, content_sha256(annotation))
+        self.report.invalid = checked.skipped
+        for problem in checked.problems:
+            self.report.problem(f"not valid, not published: {problem}")
+
+    def _ledger(self, filters: ExportFilter, withdraw_all: bool) -> dict[tuple[str, str], Entry]:
+        """The ledger rows of the records the selection covers (for `withdraw_all`, its filters).
+
+        Held in memory, about 200 bytes a row: they are the annotations this
+        selection has on the server.
+        """
+        query = sa.select(
+            Publication.id,
+            Publication.record_id,
+            Publication.label_key,
+            Publication.state,
+            Publication.content_sha256,
+            Publication.annotation_id,
+            Publication.owner,
+        ).where(Publication.api_url == self.api_url)
+        if filters.labels:
+            query = query.where(Publication.label_key.in_(filters.labels))
+        if withdraw_all:
+            if filters.model_version is not None:
+                query = query.where(Publication.model_version == filters.model_version)
+            if filters.datasets:
+                query = query.where(
+                    Publication.record_id.in_(
+                        sa.select(RecordRow.id).where(RecordRow.dataset.in_(filters.datasets))
+                    )
+                )
+            if filters.run_id is not None:
+                query = query.where(
+                    Publication.record_id.in_(
+                        sa.select(Result.record_id).where(Result.run_id == filters.run_id)
+                    )
+                )
+        else:
+            query = query.where(
+                Publication.record_id.in_(sa.select(_chosen_results(filters).c.record_id))
+            )
+        with self.db.engine.connect() as connection:
+            return {
+                (row.record_id, row.label_key): Entry(*row) for row in connection.execute(query)
+            }
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _execute(self, pool: ThreadPoolExecutor, ops: Iterable[_Op]) -> None:
+        """Intents for a chunk committed, its requests run `concurrency` at a time, settled."""
+        in_flight: set[Future] = set()
+        creates: list[_Op] = []
+        others: list[_Op] = []
+
+        def drain(limit: int) -> None:
+            """Settle what is done (raising what a request raised), waiting while over `limit`."""
+            while in_flight:
+                done = {future for future in in_flight if future.done()}
+                if not done and len(in_flight) <= limit:
+                    return
+                if not done:
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    in_flight.discard(future)
+                    future.result()()  # settles in this thread
+
+        def flush_creates() -> None:
+            self._intend(creates)
+            chunk = list(creates)
+            creates.clear()
+            in_flight.add(pool.submit(self._create_page, chunk))
+            drain(self.concurrency)
+
+        def flush_others() -> None:
+            self._intend(others)
+            for op in others:
+                task = self._update if op.kind == "update" else self._withdraw
+                in_flight.add(pool.submit(task, op))
+                drain(self.concurrency)
+            others.clear()
+
+        try:
+            for op in ops:
+                (creates if op.kind == "create" else others).append(op)
+                if len(creates) >= self.page_size:
+                    flush_creates()
+                if len(others) >= self.page_size:
+                    flush_others()
+            if creates:
+                flush_creates()
+            if others:
+                flush_others()
+            drain(0)
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+
+    def _intend(self, ops: list[_Op]) -> None:
+        """Write the rows' intents and commit them before any request goes out."""
+        now = utc_now()
+        with self.db.transaction() as session:
+            for op in ops:
+                if op.kind == "create":
+                    assert op.wanted is not None
+                    values = {
+                        "concept": op.wanted.row.concept,
+                        "model_version": op.wanted.row.model_version,
+                        "content_sha256": op.wanted.sha256,
+                        "annotation_id": None,
+                        "owner": None,
+                        "adopted": False,
+                        "state": S.CREATING,
+                        "last_error": None,
+                        "updated_at": now,
+                    }
+                    if op.entry is None:
+                        row = Publication(
+                            api_url=self.api_url,
+                            record_id=op.wanted.row.record_id,
+                            label_key=op.wanted.row.label_key,
+                            **values,
+                        )
+                        session.add(row)
+                        session.flush()
+                        op.row_id = row.id
+                        continue
+                else:
+                    values = {"state": S.UPDATING if op.kind == "update" else S.WITHDRAWING}
+                assert op.entry is not None
+                op.row_id = op.entry.id
+                session.execute(
+                    sa.update(Publication).where(Publication.id == op.entry.id).values(**values)
+                )
+
+    def _settle_rows(self, changes: list[tuple[int, dict[str, Any]]]) -> None:
+        with self.db.transaction() as session:
+            for row_id, values in changes:
+                session.execute(
+                    sa.update(Publication)
+                    .where(Publication.id == row_id)
+                    .values(updated_at=utc_now(), **values)
+                )
+
+    def _learn(self, stored: Stored) -> None:
+        if stored.owner is not None:
+            self.account = stored.owner
+
+    def _create_page(self, ops: list[_Op]) -> Callable[[], None]:
+        """Runs in a pool thread: post the page, split it where the server rejects it."""
+        assert self.api is not None
+        outcomes: list[tuple[_Op, Stored | Rejected | Unsettled]] = []
+
+        def post(part: list[_Op]) -> None:
+            try:
+                stored = self.api.create_page([op.wanted.annotation for op in part])  # type: ignore[union-attr]
+            except Rejected as error:
+                if len(part) == 1:
+                    outcomes.append((part[0], error))
+                    return
+                middle = len(part) // 2
+                post(part[:middle])
+                post(part[middle:])
+                return
+            except Unsettled as error:
+                outcomes.extend((op, error) for op in part)
+                return
+            outcomes.extend(zip(part, stored, strict=True))
+
+        post(ops)
+
+        def settle() -> None:
+            changes = []
+            now = utc_now()
+            for op, outcome in outcomes:
+                if isinstance(outcome, Stored):
+                    self._learn(outcome)
+                    self.report.created += 1
+                    changes.append(
+                        (
+                            op.row_id,
+                            {
+                                "annotation_id": outcome.id,
+                                "owner": outcome.owner,
+                                "state": S.PUBLISHED,
+                                "published_at": now,
+                                "withdrawn_at": None,
+                            },
+                        )
+                    )
+                elif isinstance(outcome, Rejected):
+                    self._rejected(op, outcome)
+                    changes.append(
+                        (op.row_id, {"state": S.REJECTED, "last_error": outcome.message})
+                    )
+                # Unsettled: the row stays `creating`; the closing settle looks it up.
+            self._settle_rows(changes)
+
+        return settle
+
+    def _rejected(self, op: _Op, error: Rejected) -> None:
+        self.report.rejected += 1
+        assert op.wanted is not None
+        row = op.wanted.row
+        self.report.problem(
+            f"{row.record_id} ({row.label_key}): refused by the server: {error.message}"
+        )
+
+    def _update(self, op: _Op) -> Callable[[], None]:
+        """Runs in a pool thread: PUT the new content; an annotation gone is created again."""
+        assert self.api is not None and op.wanted is not None and op.entry is not None
+        wanted = op.wanted
+        adopted = False
+        try:
+            if op.entry.annotation_id is None:
+                raise Rejected(404, "no annotation id")
+            try:
+                outcome: Stored | Rejected = self.api.update(
+                    op.entry.annotation_id, wanted.annotation
+                )
+            except Rejected as error:
+                if error.status not in (404, 410):
+                    raise
+                outcome, adopted = self._create_one(wanted.annotation)
+        except Rejected as error:
+            outcome = error
+
+        def settle() -> None:
+            if isinstance(outcome, Rejected):
+                self._rejected(op, outcome)
+                self._settle_rows(
+                    [(op.row_id, {"state": S.PUBLISHED, "last_error": outcome.message})]
+                )
+                return
+            if not adopted:
+                self._learn(outcome)
+            self.report.updated += 1
+            self._settle_rows(
+                [
+                    (
+                        op.row_id,
+                        {
+                            "annotation_id": outcome.id,
+                            "owner": outcome.owner,
+                            "adopted": adopted,
+                            "state": S.PUBLISHED,
+                            "content_sha256": wanted.sha256,
+                            "model_version": wanted.row.model_version,
+                            "concept": wanted.row.concept,
+                            "last_error": None,
+                        },
+                    )
+                ]
+            )
+
+        return settle
+
+    def _create_one(self, annotation: dict[str, Any]) -> tuple[Stored, bool]:
+        """A duplicate-checked single create; the same annotation already there is adopted."""
+        assert self.api is not None
+        try:
+            return self.api.create(annotation), False
+        except Duplicate as duplicate:
+            existing = self.api.get(duplicate.ids[0])
+            return Stored(duplicate.ids[0], agent_id(existing.get("creator"))), True
+
+    def _withdraw(self, op: _Op) -> Callable[[], None]:
+        assert self.api is not None and op.entry is not None and op.entry.annotation_id
+        self.api.withdraw(op.entry.annotation_id)
+
+        def settle() -> None:
+            self.report.withdrawn += 1
+            self._settle_rows(
+                [(op.row_id, {"state": S.WITHDRAWN, "withdrawn_at": utc_now(), "last_error": None})]
+            )
+
+        return settle
