@@ -23,13 +23,16 @@ when the whole export has succeeded.
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
+from enrichment.errors import OutputError
 from enrichment.publish.annotations import Profile
 
 FORMATS = ("jsonld", "jsonl")
@@ -63,21 +66,43 @@ class Layout:
 class AtomicFiles:
     """Files that appear under their own names only once the whole export has succeeded.
 
-    Each file is written as `NAME.partial` and renamed at the end, in the
-    order they were created (pages before the collection that links them); if
-    anything fails, the partial files are removed and earlier exports stay.
+    Each regular file (or new path) is written as `NAME.partial` and renamed at
+    the end, in the order they were created (pages before the collection that
+    links them); if anything fails, the partial files are removed and earlier
+    exports stay. A path that is not a regular file is written through instead,
+    since renaming over it would replace the node itself: a FIFO or a character
+    device (`/dev/stdout`, a pipe's reader) gets the bytes as they come, and a
+    symlink keeps pointing where it did while its target is replaced. Problems
+    writing are one `OutputError` naming the path.
     """
 
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
+        self._finals: list[Path] = []
 
     @contextmanager
-    def create(self, path: Path) -> Iterator[IO[str]]:
-        partial = path.with_name(path.name + ".partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._pending.append((partial, path))
-        with partial.open("w", encoding="utf-8") as handle:
-            yield handle
+    def create(self, path: Path) -> Iterator[Writable]:
+        final, atomic = output_target(path)
+        self._finals.append(path)
+        target = final
+        try:
+            if atomic:
+                target = final.with_name(final.name + ".partial")
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._pending.append((target, final))
+            handle = target.open("w", encoding="utf-8")
+        except OSError as error:
+            raise _output_error(path, error) from None
+        try:
+            yield _Checked(handle, path)
+        except BaseException:
+            with suppress(OSError):
+                handle.close()
+            raise
+        try:
+            handle.close()  # the last buffered bytes: a full disk says so here
+        except OSError as error:
+            raise _output_error(path, error) from None
 
     def __enter__(self) -> AtomicFiles:
         return self
@@ -88,14 +113,70 @@ class AtomicFiles:
                 partial.unlink(missing_ok=True)
             return
         for partial, final in self._pending:
-            partial.replace(final)
+            try:
+                partial.replace(final)
+            except OSError as error:
+                for left, _final in self._pending:
+                    left.unlink(missing_ok=True)
+                raise _output_error(final, error) from None
 
     @property
     def paths(self) -> list[Path]:
-        return [final for _partial, final in self._pending]
+        return list(self._finals)
 
 
-def write_document(annotations: Iterable[dict[str, Any]], out: IO[str], layout: Layout) -> None:
+class Writable(Protocol):
+    def write(self, text: str, /) -> int: ...
+
+
+class _Checked:
+    """A file whose write errors (a full disk, a closed pipe) are one OutputError naming it."""
+
+    def __init__(self, handle: IO[str], path: Path) -> None:
+        self._handle, self._path = handle, path
+
+    def write(self, text: str) -> int:
+        try:
+            return self._handle.write(text)
+        except OSError as error:
+            raise _output_error(self._path, error) from None
+
+
+def output_target(path: Path) -> tuple[Path, bool]:
+    """Where to write for `path`, and whether through a temporary file and a rename.
+
+    A new path or a regular file: atomically, at the path (or, for a symlink,
+    at the file it points to, so the link stays). A FIFO, a device, or a name
+    for an open descriptor (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`):
+    written through, as it is.
+    """
+    if _names_a_descriptor(path):
+        return path, False
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
+    except OSError as error:
+        raise _output_error(path, error) from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"cannot write {path}: it is a directory")
+    if not stat.S_ISREG(mode):
+        return path, False
+    return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
+
+
+def _names_a_descriptor(path: Path) -> bool:
+    text = os.path.abspath(path)
+    if text.startswith(("/proc/", "/dev/fd/")):
+        return True
+    return path.is_symlink() and os.readlink(path).startswith("/proc/")
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"cannot write {path}: {error.strerror or error}")
+
+
+def write_document(annotations: Iterable[dict[str, Any]], out: Writable, layout: Layout) -> None:
     """The whole export as one document (or JSON Lines) on `out`."""
     if layout.format == "jsonl":
         for annotation in annotations:
@@ -128,7 +209,16 @@ def page_path(out_path: Path, number: int, fmt: str) -> Path:
 def write_split(
     annotations: Iterable[dict[str, Any]], out_path: Path, size: int, layout: Layout
 ) -> list[Path]:
-    """Pages of `size` annotations in files beside `out_path`; returns the files written."""
+    """Pages of `size` annotations in files beside `out_path`; returns the files written.
+
+    The pages are new files named after `out_path`, so it must be a file path
+    (not `/dev/stdout` or a FIFO); a symlink's pages go beside its target.
+    """
+    out_path, atomic = output_target(out_path)
+    if not atomic:
+        raise OutputError(
+            f"--split writes page files beside {out_path}: give a file path, not a pipe or a device"
+        )
 
     def path_of(number: int) -> Path:
         return page_path(out_path, number, layout.format)
@@ -177,7 +267,7 @@ def _line(annotation: dict[str, Any], profile: Profile) -> str:
     return dumps({"@context": profile.context, **annotation}) + "\n"
 
 
-def _write_items(annotations: Iterable[dict[str, Any]], out: IO[str]) -> int:
+def _write_items(annotations: Iterable[dict[str, Any]], out: Writable) -> int:
     count = 0
     for annotation in annotations:
         out.write((",\n" if count else "") + dumps(annotation))
