@@ -51,6 +51,8 @@ class Settings:
     gpus: tuple[str, ...] = ()
     # Load the model when a worker process starts (the scheduler worker needs none).
     preload_model: bool = True
+    # The login of `enrich review` when it is bound to anything but loopback.
+    review_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,6 +118,7 @@ class Settings:
                 gpu.strip() for gpu in (text("ENRICH_GPUS") or "").split(",") if gpu.strip()
             ),
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
+            review_token=text("ENRICH_REVIEW_TOKEN"),
         )
 
     def require_model_dir(self) -> Path:

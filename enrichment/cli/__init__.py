@@ -4,6 +4,7 @@ over the library."""
 from enrichment.cli import db, export, model, report, runs, worker
 from enrichment.cli.base import cli
 from enrichment.cli.publish import publish
+from enrichment.cli.review import review
 
 cli.add_command(runs.run)
 cli.add_command(runs.resume)
@@ -15,6 +16,7 @@ cli.add_command(model.model)
 cli.add_command(worker.worker)
 cli.add_command(report.explain)
 cli.add_command(report.report)
+cli.add_command(review)
 cli.add_command(publish)
 
 

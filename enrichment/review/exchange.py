@@ -1,0 +1,275 @@
+"""Decisions out and in: a labelled set for training, and Label Studio tasks and exports.
+
+The labelled set (JSON Lines, as `enrich model train`/`calibrate` read it) has
+one row per reviewed record: its image URL, its labels, and its record id as
+the group, so training keeps a record on one side of its split. A record's
+labels are those decided positive (accepted or added) plus the model's own
+labels that nobody decided on: a row lists every positive label, so leaving
+an unreviewed machine label out would teach the model it was wrong.
+
+Label Studio (labelstud.io/guide/tasks, /guide/predictions, /guide/export):
+tasks carry `data.image` and one prediction per task with `model_version`,
+a `score` (the least confident of its labels, so sorting by it puts the
+doubtful first) and one `choices` result per label above threshold. Its JSON
+export carries each task's `annotations[].result`; the last annotation that
+was not cancelled is read back as decisions on the task's record: a machine
+label kept is accepted, one removed is rejected, a class chosen that the
+model did not give is added.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from enrichment.review.queue import (
+    MAX_LIMIT,
+    DecisionIn,
+    Item,
+    QueueFilter,
+    ReviewError,
+    all_items,
+    image_url,
+    model_classes,
+    record_decisions,
+)
+from enrichment.store.reviews import Decision, latest_decisions
+from enrichment.store.schema import Label, RecordRow
+
+FROM_NAME = "labels"
+TO_NAME = "image"
+
+
+def _by_record(items: Iterable[Item]) -> Iterator[list[Item]]:
+    """Items (ordered by record, then model version) grouped per (record, model version)."""
+    group: list[Item] = []
+    for item in items:
+        if group and (item.record_id, item.model_version) != (
+            group[0].record_id,
+            group[0].model_version,
+        ):
+            yield group
+            group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def write_labelled_set(connection: sa.Connection, filters: QueueFilter, out: IO[str]) -> int:
+    """The reviewed records as JSON Lines rows {image, labels, record_id}; returns the count."""
+    every = QueueFilter(
+        labels=(),
+        datasets=filters.datasets,
+        run_id=filters.run_id,
+        model_version=filters.model_version,
+        state="any",
+        limit=MAX_LIMIT,
+    )
+    written = 0
+    for items in _by_record(all_items(connection, every)):
+        if not any(item.decision for item in items):
+            continue
+        url = image_url(connection, items[0].record_id, items[0].model_version)
+        if not url:
+            continue
+        labels = sorted(
+            item.label_key
+            for item in items
+            if item.decision in Decision.POSITIVE or (item.decision is None and item.labelled)
+        )
+        row = {"image": url, "labels": labels, "record_id": items[0].record_id}
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        written += 1
+    return written
+
+
+def label_config(names: dict[str, str]) -> str:
+    """A Label Studio labelling config: the image and one multiple-choice list of classes."""
+    choices = "\n".join(
+        f'    <Choice value="{escape(key)}" alias="{escape(key)}" hint="{escape(name)}"/>'
+        for key, name in names.items()
+    )
+    return (
+        "<View>\n"
+        f'  <Image name="{TO_NAME}" value="$image"/>\n'
+        '  <Header value="$title"/>\n'
+        f'  <Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="multiple" showInline="true">\n'
+        f"{choices}\n"
+        "  </Choices>\n"
+        "</View>\n"
+    )
+
+
+def label_studio_tasks(connection: sa.Connection, filters: QueueFilter) -> Iterator[dict[str, Any]]:
+    """One task per (record, model version) of the chosen results, with the model's prediction."""
+    every = QueueFilter(
+        labels=(),
+        datasets=filters.datasets,
+        run_id=filters.run_id,
+        model_version=filters.model_version,
+        state="any",
+        limit=MAX_LIMIT,
+    )
+    for items in _by_record(all_items(connection, every)):
+        first = items[0]
+        if filters.state == "pending" and any(item.decision for item in items):
+            continue
+        url = image_url(connection, first.record_id, first.model_version)
+        if not url:
+            continue
+        labelled = [item for item in items if item.labelled]
+        if filters.labels and not any(item.label_key in filters.labels for item in labelled):
+            continue
+        result = [
+            {
+                "id": uuid.uuid5(uuid.NAMESPACE_URL, f"{first.record_id} {item.label_key}").hex[
+                    :10
+                ],
+                "from_name": FROM_NAME,
+                "to_name": TO_NAME,
+                "type": "choices",
+                "value": {"choices": [item.label_key]},
+                "score": item.confidence,
+            }
+            for item in labelled
+        ]
+        yield {
+            "data": {
+                "image": url,
+                "record_id": first.record_id,
+                "model_version": first.model_version,
+                "title": first.title or first.record_id,
+                "item_page": first.item_page,
+            },
+            "predictions": [
+                {
+                    "model_version": first.model_version,
+                    "score": min((item.confidence or 0.0 for item in labelled), default=0.0),
+                    "result": result,
+                }
+            ],
+        }
+
+
+def write_label_studio(
+    connection: sa.Connection, filters: QueueFilter, tasks_path: Path, config_path: Path
+) -> int:
+    """Write the tasks (a JSON list) and the labelling config; returns the number of tasks."""
+    names: dict[str, str] = {}
+    for model in model_classes(connection).values():
+        if filters.model_version is None or model.version == filters.model_version:
+            names.update(zip(model.keys, model.names, strict=True))
+    tasks = list(label_studio_tasks(connection, filters))
+    tasks_path.write_text(json.dumps(tasks, indent=1, ensure_ascii=False), encoding="utf-8")
+    config_path.write_text(label_config(names), encoding="utf-8")
+    return len(tasks)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    tasks: int
+    decisions: int
+    unchanged: int
+    skipped: list[str]
+
+
+def _reviewer(annotation: dict[str, Any], default: str) -> str:
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        return str(who.get("email") or who.get("id") or default)[:200]
+    if who is not None:
+        return f"{default}:{who}"[:200]
+    return default
+
+
+def _last_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
+    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    if not kept:
+        return None
+    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),))
+
+
+def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportReport:
+    """Read a Label Studio JSON export as decisions; a decision already standing is not repeated."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ReviewError(f"cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ReviewError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(document, list):
+        raise ReviewError(f"{path}: a Label Studio JSON export is a list of tasks")
+    connection = session.connection()
+    models = model_classes(connection)
+    latest = latest_decisions()
+    standing = {
+        (row.record_id, row.label_key): row.decision
+        for row in connection.execute(
+            sa.select(latest.c.record_id, latest.c.label_key, latest.c.decision)
+        )
+    }
+    decisions: list[DecisionIn] = []
+    skipped: list[str] = []
+    unchanged = 0
+    for number, task in enumerate(document, 1):
+        data = task.get("data") if isinstance(task, dict) else None
+        record_id = data.get("record_id") if isinstance(data, dict) else None
+        annotation = _last_annotation(task) if isinstance(task, dict) else None
+        if not record_id or annotation is None:
+            skipped.append(f"task {number}: no record_id in its data, or no annotation")
+            continue
+        version = data.get("model_version") or next(
+            (p.get("model_version") for p in task.get("predictions") or []), None
+        )
+        if version not in models:
+            skipped.append(f"task {number}: unknown model version {version!r}")
+            continue
+        chosen = {
+            choice
+            for result in annotation.get("result") or []
+            if result.get("type") == "choices" and result.get("from_name") == FROM_NAME
+            for choice in (result.get("value") or {}).get("choices") or []
+        }
+        exists = connection.execute(
+            sa.select(RecordRow.id).where(RecordRow.id == record_id)
+        ).first()
+        if exists is None:
+            skipped.append(f"task {number}: unknown record {record_id}")
+            continue
+        view_labels = _machine_labels(connection, record_id, version)
+        unknown = sorted(chosen - set(models[version].keys))
+        if unknown:
+            skipped.append(f"task {number}: unknown classes {', '.join(unknown)}")
+            continue
+        who = _reviewer(annotation, reviewer)
+        for key in models[version].keys:
+            if key in view_labels:
+                decision = Decision.ACCEPT if key in chosen else Decision.REJECT
+            elif key in chosen:
+                decision = Decision.ADD
+            else:
+                continue
+            if standing.get((record_id, key)) == decision:
+                unchanged += 1
+                continue
+            decisions.append(DecisionIn(record_id, key, version, decision, who))
+    record_decisions(session, decisions)
+    return ImportReport(len(document), len(decisions), unchanged, skipped)
+
+
+def _machine_labels(connection: sa.Connection, record_id: str, version: str) -> set[str]:
+    return set(
+        connection.execute(
+            sa.select(Label.label_key).where(
+                Label.record_id == record_id, Label.model_version == version
+            )
+        ).scalars()
+    )

@@ -1,0 +1,264 @@
+// enrich review: keyboard-first decisions over the server-rendered pages. No dependencies.
+"use strict";
+
+(function () {
+  const REVIEWER_KEY = "enrichReviewer";
+  const RECORDS_KEY = "enrichReviewRecords";
+  const QUEUE_KEY = "enrichReviewQueue";
+  const undoStack = [];
+
+  function toast(message) {
+    const box = document.getElementById("toast");
+    box.textContent = message;
+    box.classList.add("shown");
+    clearTimeout(toast.timer);
+    toast.timer = setTimeout(() => box.classList.remove("shown"), 2500);
+  }
+
+  function reviewer() {
+    const input = document.getElementById("reviewer");
+    const name = input.value.trim();
+    if (!name) {
+      toast("Type your name as reviewer first");
+      input.focus();
+      return null;
+    }
+    return name;
+  }
+
+  async function post(path, body) {
+    const response = await fetch(path, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      throw new Error(answer.error || response.statusText);
+    }
+    return answer;
+  }
+
+  // A tile or class row carries its state in data-state and in a state-* class.
+  function setState(element, state) {
+    element.classList.remove("state-" + element.dataset.state);
+    element.dataset.state = state;
+    element.classList.add("state-" + state);
+    const badge = element.querySelector(".badge");
+    if (badge) badge.textContent = state;
+  }
+
+  function decisionFor(element, yes) {
+    if (!yes) return "reject";
+    return element.dataset.labelled === "1" ? "accept" : "add";
+  }
+
+  // Send decisions for elements; on success update them and remember how to undo.
+  async function decide(elements, yesOrNo, base) {
+    const name = reviewer();
+    if (!name || elements.length === 0) return false;
+    const decisions = elements.map((element, i) => ({
+      record_id: base.record || element.dataset.record,
+      model_version: base.version || element.dataset.version,
+      label_key: element.dataset.label,
+      decision: decisionFor(element, yesOrNo[i]),
+      reviewer: name,
+      audit: base.audit,
+    }));
+    try {
+      const answer = await post("/api/decisions", { decisions: decisions });
+      const previous = elements.map((element) => element.dataset.state);
+      elements.forEach((element, i) => setState(element, decisions[i].decision));
+      undoStack.push({ ids: answer.ids, elements: elements, previous: previous });
+      updateUndo();
+      toast(decisions.length === 1 ? decisions[0].decision + "ed " + decisions[0].label_key
+        : decisions.length + " decisions saved");
+      return true;
+    } catch (error) {
+      toast("Not saved: " + error.message);
+      return false;
+    }
+  }
+
+  async function undoLast() {
+    const last = undoStack.pop();
+    updateUndo();
+    if (!last) return;
+    try {
+      await post("/api/undo", { ids: last.ids });
+      last.elements.forEach((element, i) => setState(element, last.previous[i]));
+      toast("Undone");
+    } catch (error) {
+      undoStack.push(last);
+      updateUndo();
+      toast("Undo failed: " + error.message);
+    }
+  }
+
+  function updateUndo() {
+    const button = document.getElementById("undo");
+    if (button) button.disabled = undoStack.length === 0;
+  }
+
+  function typing(event) {
+    const tag = event.target.tagName;
+    return tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey;
+  }
+
+  function markMissing(img) {
+    const failed = () => img.classList.add("missing");
+    img.addEventListener("error", failed);
+    if (img.complete && img.naturalWidth === 0 && img.currentSrc) failed();
+  }
+
+  function grid(list) {
+    const tiles = Array.from(list.querySelectorAll(".tile"));
+    const audit = list.dataset.audit === "1";
+    const selected = new Set();
+    let focus = 0;
+    let anchor = null;
+
+    sessionStorage.setItem(QUEUE_KEY, location.pathname + location.search);
+    sessionStorage.setItem(RECORDS_KEY, JSON.stringify(
+      Array.from(new Set(tiles.map((tile) => tile.dataset.recordUrl)))));
+
+    function setFocus(index) {
+      if (tiles.length === 0) return;
+      focus = Math.max(0, Math.min(tiles.length - 1, index));
+      tiles.forEach((tile) => tile.classList.remove("focused"));
+      tiles[focus].classList.add("focused");
+      tiles[focus].scrollIntoView({ block: "nearest" });
+    }
+
+    function refreshSelection() {
+      tiles.forEach((tile) => tile.classList.toggle("selected", selected.has(tile)));
+      const count = selected.size;
+      document.getElementById("selected-count").textContent = count ? count + " selected" : "";
+      document.getElementById("accept-selected").disabled = count === 0;
+      document.getElementById("reject-selected").disabled = count === 0;
+    }
+
+    function toggle(tile) {
+      if (selected.has(tile)) selected.delete(tile); else selected.add(tile);
+      refreshSelection();
+    }
+
+    function targets() {
+      return selected.size ? tiles.filter((tile) => selected.has(tile)) : [tiles[focus]];
+    }
+
+    async function act(yes) {
+      const chosen = targets().filter(Boolean);
+      const done = await decide(chosen, chosen.map(() => yes), { audit: audit });
+      if (!done) return;
+      selected.clear();
+      refreshSelection();
+      const after = tiles.indexOf(chosen[chosen.length - 1]);
+      const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending");
+      setFocus(next === -1 ? after : next);
+    }
+
+    tiles.forEach((tile, index) => {
+      tile.addEventListener("click", (event) => {
+        if (event.shiftKey && anchor !== null) {
+          const [from, to] = [Math.min(anchor, index), Math.max(anchor, index)];
+          tiles.slice(from, to + 1).forEach((t) => selected.add(t));
+          refreshSelection();
+        } else {
+          toggle(tile);
+          anchor = index;
+        }
+        setFocus(index);
+      });
+      tile.addEventListener("dblclick", () => { location.href = tile.dataset.recordUrl; });
+      markMissing(tile.querySelector("img"));
+    });
+
+    document.getElementById("accept-selected").addEventListener("click", () => act(true));
+    document.getElementById("reject-selected").addEventListener("click", () => act(false));
+    document.getElementById("select-all").addEventListener("click", () => {
+      tiles.forEach((tile) => selected.add(tile));
+      refreshSelection();
+    });
+    document.getElementById("undo").addEventListener("click", undoLast);
+
+    document.addEventListener("keydown", (event) => {
+      if (typing(event)) return;
+      const key = event.key;
+      if (key === "j" || key === "ArrowRight") setFocus(focus + 1);
+      else if (key === "k" || key === "ArrowLeft") setFocus(focus - 1);
+      else if (key === "a") act(true);
+      else if (key === "r") act(false);
+      else if (key === "x" || key === " ") toggle(tiles[focus]);
+      else if (key === "*") { tiles.forEach((tile) => selected.add(tile)); refreshSelection(); }
+      else if (key === "Escape") { selected.clear(); refreshSelection(); }
+      else if (key === "u") undoLast();
+      else if (key === "Enter" && tiles[focus]) location.href = tiles[focus].dataset.recordUrl;
+      else return;
+      event.preventDefault();
+    });
+    setFocus(0);
+  }
+
+  function record(article) {
+    const rows = Array.from(article.querySelectorAll(".class-row"));
+    const base = {
+      record: article.dataset.record,
+      version: article.dataset.version,
+      audit: article.dataset.audit === "1",
+    };
+    const positive = (row) => row.dataset.state === "accept" || row.dataset.state === "add"
+      || (row.dataset.state === "pending" && row.dataset.labelled === "1");
+
+    function step(offset) {
+      const records = JSON.parse(sessionStorage.getItem(RECORDS_KEY) || "[]");
+      const here = records.indexOf(location.pathname + location.search);
+      const target = records[here + offset];
+      if (here === -1 || !target) { toast("No " + (offset > 0 ? "next" : "previous") + " record in the queue"); return; }
+      location.href = target;
+    }
+    const labelled = () => rows.filter((row) => row.dataset.labelled === "1");
+
+    document.getElementById("accept-labels").addEventListener("click", () => {
+      const todo = labelled().filter((row) => row.dataset.state !== "accept");
+      decide(todo, todo.map(() => true), base);
+    });
+    document.getElementById("reject-labels").addEventListener("click", () => {
+      const todo = labelled().filter((row) => row.dataset.state !== "reject");
+      decide(todo, todo.map(() => false), base);
+    });
+    document.getElementById("undo").addEventListener("click", undoLast);
+    document.getElementById("next-record").addEventListener("click", (e) => { e.preventDefault(); step(1); });
+    document.getElementById("prev-record").addEventListener("click", (e) => { e.preventDefault(); step(-1); });
+    const back = sessionStorage.getItem(QUEUE_KEY);
+    if (back) document.getElementById("back").href = back;
+    markMissing(article.querySelector("figure img"));
+
+    document.addEventListener("keydown", (event) => {
+      if (typing(event)) return;
+      const key = event.key;
+      if (/^[1-9]$/.test(key) && rows[Number(key) - 1]) {
+        const row = rows[Number(key) - 1];
+        decide([row], [!positive(row)], base);
+      } else if (key === "a") document.getElementById("accept-labels").click();
+      else if (key === "r") document.getElementById("reject-labels").click();
+      else if (key === "n") step(1);
+      else if (key === "p") step(-1);
+      else if (key === "u") undoLast();
+      else if (key === "Escape") location.href = document.getElementById("back").href;
+      else return;
+      event.preventDefault();
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const input = document.getElementById("reviewer");
+    input.value = localStorage.getItem(REVIEWER_KEY) || "";
+    input.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, input.value.trim()));
+    const list = document.getElementById("grid");
+    if (list) grid(list);
+    const article = document.getElementById("record");
+    if (article) record(article);
+  });
+})();

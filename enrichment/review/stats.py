@@ -1,0 +1,145 @@
+"""What the decisions say about the model: observed precision, recall errors, better thresholds.
+
+Per class, over the items of the chosen results that have a decision:
+
+- precision of the labels above threshold: accepted / (accepted + rejected), with
+  a Wilson score interval, which stays inside [0, 1] and is honest for the
+  small counts a review gives (the normal approximation is not);
+- the same from the audit sample only (random, so unbiased for the class's
+  labels as a whole; the uncertainty ordering over-samples doubtful ones);
+- labels added by reviewers (the model's misses);
+- a suggested threshold: the one with the best F1 on the reviewed items,
+  halfway to the next lower score, as `enrich model calibrate` places it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import sqlalchemy as sa
+
+from enrichment.review.queue import MAX_LIMIT, Item, QueueFilter, all_items
+from enrichment.store.reviews import Decision, latest_decisions
+
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    low: float
+    high: float
+
+
+def wilson(successes: int, trials: int, z: float = Z_95) -> Interval | None:
+    """The Wilson score interval for a binomial proportion; None without trials."""
+    if trials == 0:
+        return None
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    key: str
+    model_version: str
+    threshold: float
+    reviewed: int
+    accepted: int
+    rejected_above: int
+    added: int
+    rejected_below: int
+    precision: Interval | None
+    audited: int
+    audit_precision: Interval | None
+    suggested_threshold: float | None
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def suggest_threshold(truth: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """The threshold with the best F1 on reviewed items (ties: the highest), or None.
+
+    Needs at least one positive and one negative: otherwise any threshold
+    below or above all scores would do, and the decisions do not say which.
+    """
+    truth_array = np.asarray(truth, dtype=bool)
+    score_array = np.asarray(scores, dtype=np.float64)
+    if truth_array.all() or not truth_array.any():
+        return None
+    order = np.argsort(-score_array, kind="stable")
+    ranked = score_array[order]
+    true_positives = np.cumsum(truth_array[order])
+    # The last position of each distinct score: labelling down to it labels all its ties.
+    ends = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
+    f1 = 2 * true_positives[ends] / (ends + 1 + truth_array.sum())
+    best = int(np.argmax(f1))
+    score = float(ranked[ends[best]])
+    if best + 1 == len(ends):
+        return score
+    lower = float(ranked[ends[best + 1]])
+    tidy = round((score + lower) / 2, 4)
+    return tidy if lower < tidy <= score else (score + lower) / 2
+
+
+def class_stats(connection: sa.Connection, filters: QueueFilter) -> list[ClassStats]:
+    """Per (model version, class) of the chosen results, the figures above."""
+    reviewed = QueueFilter(
+        labels=filters.labels,
+        datasets=filters.datasets,
+        run_id=filters.run_id,
+        model_version=filters.model_version,
+        state="reviewed",
+        limit=MAX_LIMIT,
+    )
+    audited = {
+        (row.record_id, row.label_key): row.decision
+        for row in connection.execute(sa.select(latest_decisions(audit_only=True)))
+    }
+    groups: dict[tuple[str, str], list[Item]] = {}
+    for item in all_items(connection, reviewed):
+        groups.setdefault((item.model_version, item.label_key), []).append(item)
+    return [
+        _one_class(version, key, items, audited) for (version, key), items in sorted(groups.items())
+    ]
+
+
+def _one_class(
+    version: str, key: str, items: Iterable[Item], audited: dict[tuple[str, str], str]
+) -> ClassStats:
+    items = list(items)
+    positive = [item.decision in Decision.POSITIVE for item in items]
+    above = [(item, good) for item, good in zip(items, positive, strict=True) if item.labelled]
+    accepted = sum(good for _, good in above)
+    audit = [
+        audited[(item.record_id, item.label_key)] in Decision.POSITIVE
+        for item, _ in above
+        if (item.record_id, item.label_key) in audited
+    ]
+    scored = [(good, item.confidence) for item, good in zip(items, positive, strict=True)]
+    scored = [(good, score) for good, score in scored if score is not None]
+    return ClassStats(
+        key=key,
+        model_version=version,
+        threshold=items[0].threshold,
+        reviewed=len(items),
+        accepted=accepted,
+        rejected_above=len(above) - accepted,
+        added=sum(item.decision == Decision.ADD for item in items),
+        rejected_below=sum(
+            item.decision == Decision.REJECT and not item.labelled for item in items
+        ),
+        precision=wilson(accepted, len(above)),
+        audited=len(audit),
+        audit_precision=wilson(sum(audit), len(audit)),
+        suggested_threshold=suggest_threshold(
+            [good for good, _ in scored], [score for _, score in scored]
+        ),
+    )
