@@ -12,7 +12,8 @@ inserts the others without a duplicate check, answering 201 with the items in
 input order; `PUT` and `DELETE /annotation/{n}` for the owner only (403
 otherwise), DELETE a soft delete (410 afterwards); `GET /annotation/search`
 by `target_record_id`. Faults on demand: a write lock (423, Europeana's
-message, `Retry-After: 0`) every `lock_every`-th write, and `hold_after`,
+message, `Retry-After`) every `lock_every`-th write, an answer lost (the write
+carried out, then 502) every `lose_answer_every`-th, and `hold_after`,
 which applies the n-th write and then keeps its answer back until `release()`,
 so a test can kill a client whose request the server already carried out.
 """
@@ -45,6 +46,9 @@ class AnnotationsServer:
 
     tokens: dict[str, str] = field(default_factory=lambda: {"good-token": "publisher"})
     lock_every: int = 0
+    retry_after: str = "0"
+    # Every n-th write is carried out and then answered 502, as if a gateway lost the answer.
+    lose_answer_every: int = 0
     hold_after: int | None = None
     # Targets the server refuses though they look valid locally (its own validation).
     refuse_targets: set[str] = field(default_factory=set)
@@ -151,8 +155,11 @@ class AnnotationsServer:
             if write:
                 self._writes += 1
                 if self.lock_every and self._writes % self.lock_every == 0:
-                    return 423, {"success": False, "error": LOCK_MESSAGE}, {"Retry-After": "0"}
+                    headers = {"Retry-After": self.retry_after}
+                    return 423, {"success": False, "error": LOCK_MESSAGE}, headers
             answer = self._apply(method, path, body, account or "")
+            if write and self.lose_answer_every and self._writes % self.lose_answer_every == 0:
+                return 502, {"success": False, "error": "Bad Gateway"}, {}
             if write and answer[0] < 300:
                 self._applied += 1
                 hold = self.hold_after is not None and self._applied > self.hold_after

@@ -21,13 +21,14 @@ import pytest
 import sqlalchemy as sa
 
 from enrichment.publish.annotations import europeana_annotation
-from enrichment.publish.annotations_api import AnnotationsAPI
+from enrichment.publish.annotations_api import AnnotationsAPI, AuthError
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher, PublishReport
 from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.ledger import Publication, PublicationState, publications_for_record
+from enrichment.store.reviews import Decision, Review
 from enrichment.store.writes import register_model
 from tests.annotations_api import ITEM_BASE, AnnotationsServer
 from tests.conftest import REPO, VOCABULARY, enrich
@@ -283,3 +284,73 @@ def test_a_publish_killed_mid_way_and_started_again_leaves_no_duplicates(
     status = enrich("publish", "--status", env=env)
     assert f"{len(expected)} published" in status.stdout and OLD in status.stdout
     db.dispose()
+
+
+def test_lost_answers_and_write_locks_end_with_exactly_the_labels(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """Every 3rd write is carried out and its answer lost (502); every 4th meets the lock."""
+    catalogue = catalogue_of(db)
+    server.lose_answer_every, server.lock_every, server.retry_after = 3, 4, "1"
+    started = time.monotonic()
+    report = publish(db, server)
+    # Retry-After: 1 on each lock was honoured, not the 0.01 s backoff.
+    locks = sum(1 for _, _, status in server.requests if status == 423)
+    assert locks >= 2 and time.monotonic() - started >= 1.0
+    # Pages whose answer was lost were not posted again: they were found and adopted.
+    assert report.adopted >= 1
+    assert held(server) == wanted(catalogue)
+    assert {row.state for row in ledger(db).values()} == {PublicationState.PUBLISHED}
+    server.lose_answer_every = server.lock_every = 0
+    again = publish(db, server)
+    assert (again.created, again.updated, again.withdrawn) == (0, 0, 0)
+
+
+def test_annotations_of_another_account_are_left_alone(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    # One published annotation now belongs to someone else, on the server and in the ledger.
+    record_id, concept = sorted(wanted(catalogue))[0]
+    with db.transaction() as session:
+        row = session.scalars(
+            sa.select(Publication).where(
+                Publication.record_id == record_id, Publication.concept == concept
+            )
+        ).one()
+        row.owner = "http://data.europeana.eu/user/other"
+        annotation_id = row.annotation_id
+    number = int(annotation_id.rsplit("/", 1)[1])
+    server.annotations[number]["creator"] = {"id": "http://data.europeana.eu/user/other"}
+    # The server refuses its owner's annotation to anyone else, and stops a publish that tries.
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    with pytest.raises(AuthError, match="not authorized to perform the given action"):
+        api.withdraw(annotation_id)
+    api.close()
+
+    report = publish(db, server, withdraw_all=True)
+    assert report.not_owned == 1 and report.withdrawn == len(wanted(catalogue)) - 1
+    assert [a["id"] for a in server.active()] == [annotation_id]
+
+
+def test_a_label_the_curators_reject_is_withdrawn(db: Database, server: AnnotationsServer) -> None:
+    catalogue = catalogue_of(db)
+    publish(db, server, reviewed="not-rejected")
+    record_id, concept = sorted(wanted(catalogue))[0]
+    key = next(k for k, uri in VOCABULARY.items() if uri == concept)
+    with db.transaction() as session:
+        session.add(
+            Review(
+                record_id=record_id,
+                label_key=key,
+                model_version=OLD,
+                decision=Decision.REJECT,
+                reviewer="curator",
+            )
+        )
+    dry = Publisher(db, server.url, None).publish(ExportFilter(reviewed="not-rejected"))
+    assert (dry.created, dry.updated, dry.withdrawn) == (0, 0, 1)
+    report = publish(db, server, reviewed="not-rejected")
+    assert (report.created, report.updated, report.withdrawn) == (0, 0, 1)
+    assert held(server) == wanted(catalogue) - {(record_id, concept)}

@@ -125,13 +125,17 @@ def publish(
         click.echo(
             f"dry run against {api_url}: would create {report.created}, update {report.updated}, "
             f"withdraw {report.withdrawn}; {report.unchanged} unchanged"
-            + (f"; {report.adopted} unsettled rows to resolve first" if report.adopted else "")
+            + (f"; {report.unsettled} unsettled rows to resolve first" if report.unsettled else "")
         )
     else:
         click.echo(
             f"published to {api_url}: {report.created} created, {report.updated} updated, "
-            f"{report.withdrawn} withdrawn, {report.unchanged} unchanged; "
-            f"{report.adopted} adopted and {report.forgotten} forgotten from an interrupted publish"
+            f"{report.withdrawn} withdrawn, {report.unchanged} unchanged"
+            + (
+                f"; of the unsettled, {report.adopted} adopted, {report.forgotten} forgotten"
+                if report.adopted or report.forgotten
+                else ""
+            )
         )
     if report.rejected or report.invalid or report.not_owned:
         click.echo(

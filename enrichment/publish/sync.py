@@ -101,7 +101,9 @@ class PublishReport:
     updated: int = 0
     withdrawn: int = 0
     unchanged: int = 0
-    # Unsettled rows of an interrupted publish: adopted (the server held them) or forgotten.
+    # Unsettled rows (an interrupted publish, a lost answer): adopted (the server held
+    # them) or forgotten; a dry run only counts them.
+    unsettled: int = 0
     adopted: int = 0
     forgotten: int = 0
     rejected: int = 0
@@ -181,7 +183,7 @@ class Publisher:
         """Make the server hold exactly the current labels of the selection, or none."""
         check_filter(self.db, filters)
         if self.api is None:
-            self.report.adopted = count_unsettled(self.db, self.api_url)
+            self.report.unsettled = count_unsettled(self.db, self.api_url)
             for op in self._plan(filters, withdraw_all):
                 self._count_dry(op)
             return self.report
