@@ -7,7 +7,10 @@ tests can build the exact settings they need.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,14 @@ from enrichment.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "sqlite:///enrichment.sqlite3"
 DEFAULT_EUROPEANA_API_URL = "https://api.europeana.eu"
+# Europeana's thumbnail service (api.europeana.eu/thumbnail/v2) serves nearly every
+# image of a run: `--image-source auto` prefers it. It is Europeana's own service,
+# built to serve the portal's result pages, so one worker may keep 256 requests in
+# flight there (a GPU at 3,000 images/s with ~80 ms answers needs about 240); the
+# limit is adaptive, so a 429 or 503 from it still halves that at once.
+# docs/throughput.md gives the reasoning in full.
+DEFAULT_HOST_LIMITS: tuple[tuple[str, int], ...] = (("api.europeana.eu", 256),)
+HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?$|^\[?[0-9a-f:.]+\]?$")
 
 
 @dataclass(frozen=True)
@@ -37,7 +48,12 @@ class Settings:
     fetch_connect_timeout: float = 5.0
     fetch_concurrency: int = 64
     fetch_max_bytes: int = 20 * 1024 * 1024
+    # A host without its own limit starts at `fetch_per_host` downloads at once and,
+    # while its answers stay as fast as its best, is let up to `fetch_per_host_max`.
     fetch_per_host: int = 4
+    fetch_per_host_max: int = 64
+    # (host pattern, limit): exact names or `*.domain`; the first match wins.
+    fetch_host_limits: tuple[tuple[str, int], ...] = DEFAULT_HOST_LIMITS
     fetch_read_timeout: float = 10.0
     max_image_pixels: int = 80_000_000
     contact_url: str = "https://github.com/heritage-enrichment/heritage-enrichment"
@@ -53,6 +69,14 @@ class Settings:
     preload_model: bool = True
     # The login of `enrich review` when it is bound to anything but loopback.
     review_token: str | None = field(default=None, repr=False)
+    # Pool processes per GPU (or for the CPU): while one classifies, the next fetches.
+    worker_batches: int = 2
+    # A running batch's worker touches `batches.heartbeat_at` this often (seconds); a
+    # batch whose heartbeat is `heartbeat_stale` intervals old is re-dispatched.
+    heartbeat_interval: float = 15.0
+    heartbeat_stale: int = 8
+    # How long a run's dispatch keeps retrying an unreachable broker, in seconds.
+    broker_retry_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +94,8 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={raw!r} must be a finite number")
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {raw}")
             return value
@@ -88,7 +114,14 @@ class Settings:
         if visibility < 10:
             raise ConfigError(f"ENRICH_VISIBILITY_TIMEOUT={visibility} must be >= 10 seconds")
         model = text("ENRICH_MODEL")
-        allow = text("ENRICH_FETCH_ALLOW") or ""
+        allow = parse_allow_list("ENRICH_FETCH_ALLOW", text("ENRICH_FETCH_ALLOW") or "")
+        per_host = int(number("ENRICH_FETCH_PER_HOST", cls.fetch_per_host, int))
+        per_host_max = int(number("ENRICH_FETCH_PER_HOST_MAX", max(per_host, 64), int))
+        if per_host_max < per_host:
+            raise ConfigError(
+                f"ENRICH_FETCH_PER_HOST_MAX={per_host_max} is below "
+                f"ENRICH_FETCH_PER_HOST={per_host}"
+            )
         return cls(
             database_url=text("DATABASE_URL") or DEFAULT_DATABASE_URL,
             broker_url=text("CELERY_BROKER_URL"),
@@ -100,14 +133,21 @@ class Settings:
             europeana_annotation_token=text("EUROPEANA_ANNOTATION_TOKEN"),
             model_dir=Path(model) if model else None,
             batch_size=int(number("ENRICH_BATCH_SIZE", cls.batch_size, int)),
-            fetch_allow=tuple(item.strip() for item in allow.split(",") if item.strip()),
+            fetch_allow=allow,
             fetch_timeout=number("ENRICH_FETCH_TIMEOUT", cls.fetch_timeout, float),
             fetch_connect_timeout=number(
                 "ENRICH_FETCH_CONNECT_TIMEOUT", cls.fetch_connect_timeout, float
             ),
             fetch_concurrency=int(number("ENRICH_FETCH_CONCURRENCY", cls.fetch_concurrency, int)),
             fetch_max_bytes=int(number("ENRICH_MAX_IMAGE_BYTES", cls.fetch_max_bytes, int)),
-            fetch_per_host=int(number("ENRICH_FETCH_PER_HOST", cls.fetch_per_host, int)),
+            fetch_per_host=per_host,
+            fetch_per_host_max=per_host_max,
+            fetch_host_limits=(
+                *parse_host_limits(
+                    "ENRICH_FETCH_HOST_LIMITS", text("ENRICH_FETCH_HOST_LIMITS") or ""
+                ),
+                *DEFAULT_HOST_LIMITS,
+            ),
             fetch_read_timeout=number("ENRICH_FETCH_READ_TIMEOUT", cls.fetch_read_timeout, float),
             max_image_pixels=int(number("ENRICH_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
             contact_url=text("ENRICH_CONTACT_URL") or cls.contact_url,
@@ -119,6 +159,12 @@ class Settings:
             ),
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
             review_token=text("ENRICH_REVIEW_TOKEN"),
+            worker_batches=int(number("ENRICH_WORKER_BATCHES", cls.worker_batches, int)),
+            heartbeat_interval=number("ENRICH_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
+            heartbeat_stale=int(number("ENRICH_HEARTBEAT_STALE", cls.heartbeat_stale, int)),
+            broker_retry_seconds=number(
+                "ENRICH_BROKER_RETRY_SECONDS", cls.broker_retry_seconds, float
+            ),
         )
 
     def require_model_dir(self) -> Path:
@@ -133,6 +179,41 @@ def parse_clock(name: str, raw: str) -> tuple[int, int]:
     if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
         raise ConfigError(f"{name}={raw!r} must be HH:MM")
     return int(hour), int(minute)
+
+
+def parse_allow_list(name: str, raw: str) -> tuple[str, ...]:
+    """ENRICH_FETCH_ALLOW: host names and CIDRs; anything else is refused, never guessed at.
+
+    An entry with a slash or a colon, or of digits and dots only, is meant as an
+    address or network, so `127.0.0.1/33` or `10.0.0.256` is an error rather than
+    silently a host name that nothing will ever match.
+    """
+    entries = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for entry in entries:
+        if "/" in entry or ":" in entry or re.fullmatch(r"[0-9.]+", entry):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ConfigError(f"{name}: {entry!r} is not a valid address or network") from None
+        elif not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?", entry):
+            raise ConfigError(f"{name}: {entry!r} is not a host name, address or network")
+    return entries
+
+
+def parse_host_limits(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    """`host=N,*.domain=N` as ((host, N), ...); a malformed entry is refused with its text."""
+    limits: list[tuple[str, int]] = []
+    for entry in (item.strip() for item in raw.split(",")):
+        if not entry:
+            continue
+        host, equals, value = (part.strip() for part in entry.partition("="))
+        host = host.lower().rstrip(".")
+        if not equals or not HOST_PATTERN.match(host) or not value.isdigit() or int(value) < 1:
+            raise ConfigError(
+                f"{name}: {entry!r} must be HOST=N or *.DOMAIN=N with N a positive whole number"
+            )
+        limits.append((host.strip("[]"), int(value)))
+    return tuple(limits)
 
 
 def redact_url(url: str) -> str:

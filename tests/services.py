@@ -166,37 +166,61 @@ class Route:
 
 @dataclass
 class ImageHost:
-    """A local HTTP server with programmable routes, recording every request path."""
+    """A local HTTP server with programmable routes, recording every request path.
+
+    HTTP/1.1 with keep-alive and a deep listen backlog, so that the host itself is
+    never what limits a client at high concurrency; `active` and `most` count the
+    requests being answered at once (now, and at most since `reset_counts`).
+    """
 
     routes: dict[str, Route] = field(default_factory=dict)
     requests: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
+    active: int = 0
+    most: int = 0
 
     def __post_init__(self) -> None:
         host = self
+        counting = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self) -> None:
                 host.requests.append(self.path)
                 route = host.routes.get(self.path, Route(404, "text/plain", b"not found"))
-                if route.delay:
-                    time.sleep(route.delay)
-                self.send_response(route.status)
-                self.send_header("Content-Type", route.content_type)
-                self.send_header("Content-Length", str(len(route.body)))
-                self.end_headers()
-                self.wfile.write(route.body)
+                with counting:
+                    host.active += 1
+                    host.most = max(host.most, host.active)
+                try:
+                    if route.delay:
+                        time.sleep(route.delay)
+                    self.send_response(route.status)
+                    self.send_header("Content-Type", route.content_type)
+                    self.send_header("Content-Length", str(len(route.body)))
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                finally:
+                    with counting:
+                        host.active -= 1
 
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((self.host, 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024
+            daemon_threads = True
+
+        self.server = Server((self.host, 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.server.server_port}{path}"
+
+    def reset_counts(self) -> None:
+        self.most = self.active
 
     def add(
         self,

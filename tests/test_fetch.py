@@ -489,3 +489,28 @@ def test_fetch_settings_from_the_environment() -> None:
     assert settings.max_image_pixels == 1_000_000
     defaults = Settings.from_env({})
     assert (defaults.fetch_concurrency, defaults.fetch_per_host) == (64, 4)
+
+
+def test_a_body_cut_short_of_its_content_length_is_truncated_and_not_retried(
+    server: Server, make_fetcher
+) -> None:
+    url = server.route(
+        "/cut.png", send(body=PICTURE[:40], headers={"Content-Length": "5000"}, length=False)
+    )
+    result = make_fetcher().fetch(url)
+    assert result.error_reason == "truncated", result
+    assert result.error_message == "the image server sent less than the Content-Length it announced"
+    assert server.hits("/cut.png") == 1
+
+
+def test_deadlines_share_one_watchdog_thread(server: Server, make_fetcher) -> None:
+    fetcher = make_fetcher()
+    urls = [server.route(f"/many{n}.png", send()) for n in range(40)]
+    before = threading.active_count()
+    assert all(
+        f.result().content == PICTURE for f in [fetcher.submit(fetcher.fetch, u) for u in urls]
+    )
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    assert timers == [], "no timer thread per URL"
+    assert sum(t.name == "deadlines" for t in threading.enumerate()) == 1
+    assert threading.active_count() <= before + BASE.fetch_concurrency + 2 * BASE.batch_size + 1

@@ -1,8 +1,10 @@
 """The command line `enrich worker` runs: a Celery worker configured for this machine.
 
-One pool process per GPU (each bound to its GPU in `worker.signals`), or one on
-a CPU-only machine, where torch already uses every core. Each process fetches
-and decodes on its own threads beside the model.
+`ENRICH_WORKER_BATCHES` pool processes per GPU (each bound to its GPU in
+`worker.signals`), or that many on a CPU-only machine. Each process runs one
+batch at a time, fetching and decoding on its own threads beside the model;
+with two per GPU, one process's batch downloads while the other's is
+classified and written, so the GPU never waits on the network or a commit.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import sys
 
+from enrichment.config import Settings
 from enrichment.runs.schedule import QUEUES, RunKind
 
 DEFAULT_QUEUES = (QUEUES[RunKind.ON_DEMAND], QUEUES[RunKind.NIGHTLY])
@@ -58,8 +61,15 @@ def worker_argv(
 
 def launch(queues: tuple[str, ...], gpus: tuple[str, ...], loglevel: str, name: str | None) -> None:
     """Replace this process with the Celery worker; `gpus` empty means every visible GPU."""
+    from enrichment.model.classifier import usable_cpus
+
+    settings = Settings.from_env()
     chosen = list(gpus) or visible_gpus()
     if chosen:
         os.environ["ENRICH_GPUS"] = ",".join(chosen)  # read by each pool process's Settings
-    argv = worker_argv(queues, max(1, len(chosen)), loglevel, name)
+    processes = max(1, len(chosen)) * settings.worker_batches
+    if not chosen and not os.environ.get("OMP_NUM_THREADS"):
+        # On CPU the processes share the cores rather than each taking them all.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // processes))
+    argv = worker_argv(queues, processes, loglevel, name)
     os.execv(argv[0], argv)

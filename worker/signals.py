@@ -1,7 +1,9 @@
-"""Per-process setup: one GPU per pool process, and the model loaded there, once.
+"""Per-process setup: one GPU per pool process, the model loaded there once, and the heartbeat.
 
 `worker_process_init` runs in each pool process after the fork, so CUDA is
 first touched there and never in the parent (CUDA does not survive a fork).
+Pool processes are bound to the GPUs in turn, so with ENRICH_WORKER_BATCHES=2
+each GPU gets two.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from billiard.process import current_process
 from celery.signals import worker_process_init
 
 from enrichment.config import Settings
-from worker.tasks import runtime
+from worker.tasks import runtime, start_keeper
 
 
 @worker_process_init.connect
@@ -23,3 +25,4 @@ def bind_gpu_and_load_model(**_: object) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[index % len(settings.gpus)]
     if settings.preload_model:  # the scheduler worker needs no model
         runtime()
+    start_keeper(settings)

@@ -5,13 +5,22 @@ process (see `worker.signals`); torch is imported only there, so the scheduler
 worker that runs the nightly task never loads it. Database and broker blips are retried with
 exponential backoff and jitter; a batch that has used up its attempts is given
 up with an error result for each of its records.
+
+Every worker process also runs a keeper thread: it beats the heartbeat of the
+batch in progress there and sweeps for batches whose worker stopped beating
+(a machine that died), sending them again. With the defaults a dead worker's
+batch is re-sent within about two and a half minutes (8 beats of 15 s, plus a
+sweep), rather than after the broker's visibility timeout of an hour.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import cache
 from typing import TYPE_CHECKING
 
+import sqlalchemy as sa
 from celery import Task
 from celery.utils.log import get_task_logger
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -21,10 +30,18 @@ from enrichment.errors import EnrichError
 from enrichment.media.fetch import Fetcher
 from enrichment.model.spec import read_model_json
 from enrichment.runs import service
-from enrichment.runs.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
+from enrichment.runs.pipeline import (
+    Heartbeat,
+    PoisonBatch,
+    fail_batch,
+    note_batch_error,
+    process_batch,
+    sweep_stale,
+)
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.sources.europeana import whole_collection_query
 from enrichment.store.database import Database
+from enrichment.store.schema import Batch, Run, RunStatus, utc_now
 from worker.app import app
 from worker.dispatch import CeleryDispatcher
 
@@ -49,6 +66,48 @@ def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
     )
 
 
+@cache
+def heartbeat() -> Heartbeat:
+    settings = Settings.from_env()
+    return Heartbeat(Database(settings.database_url), settings.heartbeat_interval)
+
+
+def start_keeper(settings: Settings) -> threading.Thread:
+    """The heartbeat-and-sweep thread of this worker process."""
+    thread = threading.Thread(target=keep, args=(settings,), name="keeper", daemon=True)
+    thread.start()
+    return thread
+
+
+def keep(settings: Settings) -> None:
+    beat = heartbeat()
+    stale_after = settings.heartbeat_interval * settings.heartbeat_stale
+    while True:
+        time.sleep(settings.heartbeat_interval)
+        try:
+            beat.touch()
+            resend_stale(beat.db, stale_after)
+        except Exception as error:  # a database blip: the next beat tries again
+            log.warning("heartbeat or sweep failed: %s", error)
+
+
+def resend_stale(db: Database, stale_after: float) -> list[int]:
+    """Send again each batch whose worker stopped beating; this process claimed each alone."""
+    sent: list[int] = []
+    for batch_id, queue in sweep_stale(db, stale_after):
+        try:
+            app.send_task("enrichment.process_batch", args=[batch_id], queue=queue)
+        except Exception:
+            with db.transaction() as session:  # not sent: let the next sweep claim it again
+                session.execute(
+                    sa.update(Batch).where(Batch.id == batch_id).values(heartbeat_at=utc_now())
+                )
+            raise
+        log.warning("batch %s: its worker stopped beating; sent again", batch_id)
+        sent.append(batch_id)
+    return sent
+
+
 @app.task(
     name="enrichment.process_batch",
     bind=True,
@@ -61,7 +120,9 @@ def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
 def process_batch_task(self: Task, batch_id: int) -> dict:
     settings, db, classifier, fetcher = runtime()
     try:
-        report = process_batch(db, batch_id, classifier, fetcher, settings.max_attempts)
+        report = process_batch(
+            db, batch_id, classifier, fetcher, settings.max_attempts, heartbeat=heartbeat()
+        )
     except PoisonBatch as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}
@@ -73,16 +134,30 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
     return {"batch": report.batch_id, "run": report.run_id, "skipped": report.skipped}
 
 
+def scope_busy(db: Database, scope: dict) -> bool:
+    """Whether a run over `scope` is being scheduled or run now: the one refusal that is normal."""
+    with db.transaction() as session:
+        scopes = session.scalars(
+            sa.select(Run.scope).where(Run.status.in_([RunStatus.SCHEDULING, RunStatus.RUNNING]))
+        )
+        return any(found == scope for found in scopes)
+
+
 @app.task(name="enrichment.nightly_run")
 def nightly_run_task() -> dict:
-    """The incremental nightly run over the whole collection, as `enrich run --all` starts it."""
+    """The incremental nightly run over the whole collection, as `enrich run --all` starts it.
+
+    Last night's run still going is the one expected refusal: it is logged and
+    the task ends. Anything else (a missing or refused API key, a page that
+    failed mid-run, an unreachable broker) fails the task, visibly.
+    """
     settings = Settings.from_env()
     db = Database(settings.database_url)
     db.ensure_schema()
     spec, version, _ = read_model_json(settings.require_model_dir())
     scope = service.europeana_scope([whole_collection_query()])
     try:
-        with CeleryDispatcher() as dispatcher:
+        with CeleryDispatcher(settings) as dispatcher:
             progress = service.start(
                 db,
                 settings,
@@ -92,7 +167,9 @@ def nightly_run_task() -> dict:
                 dispatcher,
                 settings.batch_size,
             )
-    except EnrichError as error:  # e.g. last night's run still holds the scope
+    except EnrichError as error:
+        if not scope_busy(db, scope):
+            raise
         log.warning("nightly run not started: %s", error)
         return {"started": False, "reason": str(error)}
     return {"started": True, "run": progress.run_id, "records_seen": progress.records_seen}

@@ -11,11 +11,19 @@ Image URLs come from other people's metadata, so:
   URL, enforced on the sockets themselves, so a server that trickles bytes is
   cut off on time;
 - timeouts, connection errors, 429 (honouring Retry-After) and 5xx are retried
-  with backoff while the deadline allows; other 4xx are not.
+  with backoff while the deadline allows; other 4xx are not, and neither is a
+  body cut short of its Content-Length (`truncated`: a server that cuts an image
+  off does it the same way each time);
+- per-host concurrency adapts to each host (`enrichment.media.hosts`): a small
+  start for an unknown host, an operator's limit where one is set, halved on
+  429/503; each thread keeps its own keep-alive connections, per host.
+
+The deadlines of all fetches in flight share one watchdog thread, so a URL
+costs no thread of its own to time.
 
 `Fetcher.fetch` never raises: every failure is a `FetchResult` with a short
 machine-readable reason (http_404, timeout, too_large, blocked_address,
-bad_scheme, bad_url, dns_error, tls_error, too_many_redirects,
+bad_scheme, bad_url, dns_error, tls_error, too_many_redirects, truncated,
 connection_error, fetch_error) and a human message.
 """
 
@@ -23,14 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import http.client
 import ipaddress
+import itertools
 import random
 import socket
 import sys
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +56,7 @@ from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
+from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer
 
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -60,6 +70,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE = frozenset(
     {"timeout", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"}
 )
+# What an attempt's failure says about its host's load (see enrichment.media.hosts).
+BUSY_REASONS = frozenset({"http_429", "http_503", "timeout", "connection_error"})
 # Non-global ranges that `ipaddress.is_global` misses on older Pythons.
 EXTRA_NON_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("fec0::/10"))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -153,7 +165,7 @@ class Deadline:
     """One URL's whole time budget, enforced on the sockets it uses.
 
     Socket timeouts bound each wait, not their sum: a server that sends a byte
-    every second never trips them. At the deadline a timer shuts down the
+    every second never trips them. At the deadline the watchdog shuts down the
     sockets of the fetch, which ends any read in progress at once.
     """
 
@@ -164,16 +176,13 @@ class Deadline:
         self._finished = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
 
     def __enter__(self) -> Deadline:
         _current.deadline = self
-        self._timer.start()
+        _WATCHDOG.watch(self)
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._timer.cancel()
         with self._lock:
             self._finished = True
             self._sockets.clear()
@@ -189,13 +198,48 @@ class Deadline:
             elif not self._finished:
                 self._sockets.append(sock)
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
         with self._lock:
             if self._finished:
                 return
             self.expired = True
             for sock in self._sockets:
                 _shut(sock)
+
+
+class _Watchdog:
+    """One thread for every deadline in the process: a heap of ends, woken by the earliest.
+
+    A timer thread per URL cost a thread start and two context switches per
+    image; at thousands of images a second that is a core's worth of work.
+    A finished fetch is not removed from the heap: its entry is skipped when due.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: Deadline) -> None:
+        with self._wake:
+            heapq.heappush(self._heap, (deadline.end, next(self._order), deadline))
+            if self._heap[0][2] is deadline:
+                self._wake.notify()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._wake.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, due = heapq.heappop(self._heap)
+            due.expire()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def _shut(sock: socket.socket) -> None:
@@ -277,10 +321,12 @@ class FetchResult:
 
 
 class Fetcher:
-    """Downloads many images at once, with a total and a per-host concurrency cap.
+    """Downloads many images at once, each host at its own adaptive pace (see media.hosts).
 
-    The thread pool is larger than the total cap by a batch, so that records
-    waiting for a busy host's slot never hold up downloads from other hosts.
+    The thread pool is larger than the downloads allowed at once by two
+    batches, so that records waiting for a busy host's slot never hold up
+    downloads from other hosts, and the next batch can be fetched while this
+    one is classified.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -288,18 +334,22 @@ class Fetcher:
         self.policy = AddressPolicy.from_allow_list(settings.fetch_allow)
         self.user_agent = f"{PROJECT_NAME}/{__version__} (+{settings.contact_url})"
         self._local = threading.local()
-        self._host_slots: defaultdict[str, threading.BoundedSemaphore] = defaultdict(
-            lambda: threading.BoundedSemaphore(settings.fetch_per_host)
+        self.pacer = HostPacer(
+            start=settings.fetch_per_host,
+            ceiling=settings.fetch_per_host_max,
+            overrides=settings.fetch_host_limits,
+            total=settings.fetch_concurrency,
+            max_pause=settings.fetch_timeout,
         )
-        self._slots_lock = threading.Lock()
-        self._downloads = threading.BoundedSemaphore(settings.fetch_concurrency)
+        largest = max((limit for _, limit in settings.fetch_host_limits), default=0)
         self._pool = ThreadPoolExecutor(
-            max_workers=settings.fetch_concurrency + settings.batch_size,
+            max_workers=settings.fetch_concurrency + largest + 2 * settings.batch_size,
             thread_name_prefix="fetch",
         )
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the fetch threads; without `wait`, queued fetches are dropped and none awaited."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
         """Run work that fetches (and decodes) on the fetch threads."""
@@ -310,14 +360,20 @@ class Fetcher:
         refusal = _refuse_url(url, url)
         if refusal is not None:
             return refusal
+        host = (urlsplit(url).hostname or "").lower().rstrip(".")
         with (
-            self._host_slot(url),
-            self._downloads,
+            self.pacer.slot(host) as slot,
             Deadline(self.settings.fetch_timeout) as deadline,
         ):
             for attempt in range(MAX_RETRIES + 1):
-                result, retry_after = self._attempt(url, deadline)
-                if result.error_reason not in RETRYABLE or attempt == MAX_RETRIES:
+                began = time.monotonic()
+                result, retry_after, answered = self._attempt(url, deadline)
+                reason = result.error_reason
+                if reason is None:
+                    slot.report(OK, answered - began if answered else None, None)
+                else:
+                    slot.report(BUSY if reason in BUSY_REASONS else NEUTRAL, None, retry_after)
+                if reason not in RETRYABLE or attempt == MAX_RETRIES:
                     break
                 pause = retry_after if retry_after is not None else _backoff(attempt)
                 if pause >= deadline.remaining():
@@ -340,19 +396,20 @@ class Fetcher:
             self._local.session = session
         return session
 
-    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
-        host = (urlsplit(url).hostname or "").lower()
-        with self._slots_lock:
-            return self._host_slots[host]
-
-    def _attempt(self, url: str, deadline: Deadline) -> tuple[FetchResult, float | None]:
-        """One try, following redirects; with the Retry-After of a 429 or 503, if any."""
+    def _attempt(
+        self, url: str, deadline: Deadline
+    ) -> tuple[FetchResult, float | None, float | None]:
+        """One try, following redirects: the result, a 429/503's Retry-After, when headers came."""
+        answered: list[float] = []
         try:
-            return self._follow(url, deadline)
+            result, retry_after = self._follow(url, deadline, answered)
         except Exception as error:  # every failure is a result; classified below
-            return _classify(url, error, deadline), None
+            return _classify(url, error, deadline), None, None
+        return result, retry_after, answered[-1] if answered else None
 
-    def _follow(self, url: str, deadline: Deadline) -> tuple[FetchResult, float | None]:
+    def _follow(
+        self, url: str, deadline: Deadline, answered: list[float]
+    ) -> tuple[FetchResult, float | None]:
         settings = self.settings
         original = url
         for _ in range(MAX_REDIRECTS + 1):
@@ -366,6 +423,7 @@ class Fetcher:
             with self._session().get(
                 url, stream=True, allow_redirects=False, timeout=timeout
             ) as response:
+                answered.append(time.monotonic())
                 location = response.headers.get("Location")
                 if response.status_code in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
@@ -432,6 +490,10 @@ def _classify(url: str, error: Exception, deadline: Deadline) -> FetchResult:
     """The reason for one failed try, from the exception requests/urllib3 raised."""
     if deadline.expired:
         return _timed_out(url, deadline)
+    if _caused_by(error, http.client.IncompleteRead) is not None:
+        return FetchResult.failed(
+            url, "truncated", "the image server sent less than the Content-Length it announced"
+        )
     blocked = _caused_by(error, BlockedAddress)
     if blocked is not None:
         return FetchResult.failed(url, "blocked_address", str(blocked))

@@ -34,7 +34,7 @@ def celery_entry(name: str) -> Any:
 def make_dispatcher(settings: Settings, model_dir: Path, show_progress: bool) -> Dispatcher:
     """In-process without a broker; Celery workers with one."""
     if settings.broker_url:
-        return celery_entry("dispatcher")()
+        return celery_entry("dispatcher")(settings)
     from enrichment.runs.inprocess import InProcessDispatcher
 
     return InProcessDispatcher(settings, model_dir, show_progress=show_progress)

@@ -1,59 +1,219 @@
 """Running batches in this process: the embedded default, with no broker.
 
-The same `process_batch` a Celery worker calls, with a progress bar. A batch
-that raises is retried until it has used its attempts (`ENRICH_MAX_ATTEMPTS`),
-then given up with an error result per record, so the run still ends with
-every record accounted for.
+The same stages a Celery worker runs (`enrichment.runs.pipeline`), overlapped
+across batches so that the model never waits on the network or the database:
+
+    dispatch -> [starter] count the attempt, submit the images (fetch + decode)
+             -> [model]   classify as images become ready
+             -> [writer]  commit, mark done, maybe complete the run
+
+Each stage is one thread joined to the next by a short queue. The starter
+runs up to `AHEAD` batches ahead of the model, so while one batch is
+classified the next ones are downloading and decoding; the writer commits
+behind the model, so a commit never holds up a forward pass.
+
+`dispatch` only queues the batch ids and returns: the scheduler keeps paging
+meanwhile. Leaving the context waits for every dispatched batch; leaving it
+with an exception (Ctrl-C) stops at once and leaves unfinished batches for
+`enrich resume`. A batch that raises is retried until it has used its attempts
+(`ENRICH_MAX_ATTEMPTS`), then given up with an error result per record, so the
+run still ends with every record accounted for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from enrichment.config import Settings
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
-from enrichment.runs.pipeline import PoisonBatch, fail_batch, note_batch_error, process_batch
+from enrichment.runs.pipeline import (
+    DEFAULT_MODEL_BATCH,
+    Classified,
+    PoisonBatch,
+    StartedBatch,
+    begin_batch,
+    classify_started,
+    commit_batch,
+    fail_batch,
+    note_batch_error,
+)
 from enrichment.store.database import Database
+
+AHEAD = 2  # batches started (images downloading) beyond the one being classified
+_STOP = object()
 
 
 class InProcessDispatcher:
-    """Runs each batch as soon as it is dispatched; use as a context manager."""
+    """Runs dispatched batches on a three-stage pipeline in this process; a context manager."""
 
-    def __init__(self, settings: Settings, model_dir: Path, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model_dir: Path,
+        show_progress: bool = True,
+        model_batch: int = DEFAULT_MODEL_BATCH,
+        classifier: Classifier | None = None,
+    ) -> None:
         self.max_attempts = settings.max_attempts
-        self.classifier = Classifier.load(model_dir)
+        self.model_batch = model_batch
+        self.classifier = classifier or Classifier.load(model_dir)
         self.fetcher = Fetcher(settings)
         self.progress = tqdm(unit="record", desc="classified", disable=not show_progress)
+        self._incoming: queue.Queue[Any] = queue.Queue()
+        self._started: queue.Queue[Any] = queue.Queue(maxsize=AHEAD - 1)
+        self._classified: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self._tries: dict[int, int] = {}
+        self._outstanding = 0
+        self._idle = threading.Condition()
+        self._stopping = threading.Event()
+        self._failure: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._guard(stage), name=f"batches-{stage.__name__}")
+            for stage in (self._starter, self._model, self._writer)
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
 
     def __enter__(self) -> InProcessDispatcher:
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self.progress.close()
-        self.fetcher.close()
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self.close(wait=kind is None)
 
     def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+        with self._idle:
+            self._outstanding += len(batch_ids)
         for batch_id in batch_ids:
-            self.progress.update(self._run_batch(db, batch_id))
+            self._incoming.put((db, batch_id))
 
-    def _run_batch(self, db: Database, batch_id: int) -> int:
-        """Process one batch, retrying it until its attempts are used up; returns records done.
+    def wait(self) -> None:
+        """Until every dispatched batch is finished (done, given up, or left for resume)."""
+        with self._idle:
+            while self._outstanding and self._failure is None:
+                self._idle.wait(0.5)
+        if self._failure is not None:
+            raise self._failure
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the stages; without `wait` (an interrupt), downloads in flight are abandoned."""
+        self._stopping.set()
+        self._incoming.put(_STOP)
+        self.fetcher.close(wait=wait)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.progress.close()
+
+    # The stages. Each passes (db, batch_id, payload) on; a failure goes to `_retry`.
+
+    def _starter(self) -> None:
+        while not self._stopping.is_set():
+            item = self._incoming.get()
+            if item is _STOP:
+                self._put(self._started, _STOP)
+                return
+            db, batch_id = item
+            try:
+                started = begin_batch(
+                    db, batch_id, self.classifier, self.fetcher, self.max_attempts
+                )
+            except PoisonBatch as error:
+                fail_batch(db, batch_id, "batch_failed", str(error))
+                self._finished(0)
+                continue
+            except Exception as error:
+                self._retry(db, batch_id, error)
+                continue
+            if started is None:
+                self._finished(0)
+                continue
+            self._put(self._started, (db, batch_id, started))
+
+    def _model(self) -> None:
+        while True:
+            item = self._started.get()
+            if item is _STOP or self._stopping.is_set():
+                self._put(self._classified, _STOP)
+                return
+            db, batch_id, started = item
+            try:
+                classified = classify_started(db, started, self.classifier, self.model_batch)
+            except Exception as error:
+                self._retry(db, batch_id, error)
+                continue
+            self._put(self._classified, (db, batch_id, (started, classified)))
+
+    def _writer(self) -> None:
+        while True:
+            item = self._classified.get()
+            if item is _STOP or self._stopping.is_set():
+                return
+            db, batch_id, (started, classified) = item
+            try:
+                report = self._commit(db, started, classified)
+            except Exception as error:
+                self._retry(db, batch_id, error)
+                continue
+            self._finished(sum(report.outcomes.values()))
+
+    def _commit(self, db: Database, started: StartedBatch, classified: Classified):
+        return commit_batch(db, started, self.classifier.version, classified)
+
+    def _retry(self, db: Database, batch_id: int, error: Exception) -> None:
+        """Send a batch that raised round again; the database's attempts counter ends it.
 
         A batch that cannot even start (its attempts are never counted) is left
         unfinished for `enrich resume` rather than retried forever.
         """
-        for _ in range(self.max_attempts + 1):
+        # If the database is what failed, the retry below meets it again.
+        with contextlib.suppress(Exception):
+            note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
+        tries = self._tries[batch_id] = self._tries.get(batch_id, 0) + 1
+        if tries > self.max_attempts or self._stopping.is_set():
+            self._finished(0)
+            return
+        self._incoming.put((db, batch_id))
+
+    def _finished(self, records: int) -> None:
+        self.progress.update(records)
+        with self._idle:
+            self._outstanding -= 1
+            self._idle.notify_all()
+
+    def _put(self, target: queue.Queue[Any], item: Any) -> None:
+        """Hand on to the next stage, giving up when the dispatcher stops."""
+        while not self._stopping.is_set():
             try:
-                report = process_batch(
-                    db, batch_id, self.classifier, self.fetcher, max_attempts=self.max_attempts
-                )
-                return sum(report.outcomes.values())
-            except PoisonBatch as error:
-                fail_batch(db, batch_id, "batch_failed", str(error))
-                return 0
-            except Exception as error:  # one broken batch must not end the run
-                note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
-        return 0
+                target.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if item is _STOP:
+            with contextlib.suppress(queue.Full):
+                target.put_nowait(item)
+
+    def _guard(self, stage: Callable[[], None]) -> Callable[[], None]:
+        """A stage that dies of a bug ends the run with that error, rather than hanging it."""
+
+        def run() -> None:
+            try:
+                stage()
+            except BaseException as error:
+                self._failure = error
+                with self._idle:
+                    self._idle.notify_all()
+
+        run.__name__ = stage.__name__
+        return run

@@ -2,12 +2,18 @@
 
 Writes are batched and idempotent: `save_outcomes` upserts a whole batch's
 results and replaces its labels in one transaction, so a batch that runs twice
-leaves the same rows.
+leaves the same rows. On PostgreSQL a batch is streamed with COPY into
+session-local staging tables and merged with one `INSERT ... SELECT ... ON
+CONFLICT` per table: COPY parses rows several times faster than multi-row
+INSERTs, and the merge keeps the upsert's idempotence. SQLite, the embedded
+default, upserts with multi-row INSERTs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -91,11 +97,43 @@ def register_model(
     )
 
 
+RESULT_COLUMNS = (
+    "record_id",
+    "model_version",
+    "run_id",
+    "status",
+    "error_reason",
+    "error_message",
+    "scores",
+    "image_url",
+    "image_sha256",
+    "source_timestamp",
+    "classified_at",
+)
+LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
+STAGING = (
+    # Temporary, so private to the session; emptied at each commit, so never merged twice.
+    "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
+    " (LIKE results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;"
+    " CREATE TEMPORARY TABLE IF NOT EXISTS stage_labels"
+    " (LIKE labels INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+
+
 def save_outcomes(
     session: Session, run_id: int | None, model_version: str, outcomes: Sequence[RecordOutcome]
 ) -> None:
-    """Upsert a batch of results and replace their labels, in the caller's transaction."""
+    """Upsert a batch of results and replace their labels, in the caller's transaction.
+
+    A record that appears twice is written once, with its last outcome: one
+    statement may not upsert the same row twice.
+    """
+    outcomes = list({outcome.record_id: outcome for outcome in outcomes}.values())
     if not outcomes:
+        return
+    connection = session.connection()
+    if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
+        _copy_outcomes(connection, run_id, model_version, outcomes)
         return
     now = utc_now()
     rows = [
@@ -146,3 +184,84 @@ def save_outcomes(
     ]
     if label_rows:
         connection.execute(sa.insert(Label.__table__), label_rows)
+
+
+def _copy_outcomes(
+    connection: sa.Connection,
+    run_id: int | None,
+    model_version: str,
+    outcomes: Sequence[RecordOutcome],
+) -> None:
+    """PostgreSQL: COPY into the staging tables, then one merge per table."""
+    now = utc_now()
+    results = _copy_text(
+        (
+            outcome.record_id,
+            model_version,
+            run_id,
+            outcome.status,
+            outcome.error_reason,
+            outcome.error_message,
+            None if outcome.scores is None else json.dumps(outcome.scores),
+            outcome.image_url,
+            outcome.image_sha256,
+            outcome.source_timestamp,
+            now,
+        )
+        for outcome in outcomes
+    )
+    labels = _copy_text(
+        (outcome.record_id, model_version, label.key, label.concept, label.confidence)
+        for outcome in outcomes
+        for label in outcome.labels
+    )
+    cursor = connection.connection.dbapi_connection.cursor()  # the session's own connection
+    try:
+        cursor.execute(STAGING)
+        cursor.execute("TRUNCATE stage_results, stage_labels")
+        cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
+        updated = ", ".join(
+            f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:]
+        )  # every column but the key
+        columns = ", ".join(RESULT_COLUMNS)
+        cursor.execute(
+            f"INSERT INTO results ({columns}) SELECT {columns} FROM stage_results"
+            f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
+        )
+        cursor.execute(
+            "DELETE FROM labels USING stage_results"
+            " WHERE labels.model_version = stage_results.model_version"
+            " AND labels.record_id = stage_results.record_id"
+        )
+        if labels.getvalue():
+            columns = ", ".join(LABEL_COLUMNS)
+            cursor.copy_expert(f"COPY stage_labels ({columns}) FROM STDIN", labels)
+            cursor.execute(f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels")
+    finally:
+        cursor.close()
+
+
+def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:
+    """Rows in COPY's text format: tab-separated, \\N for NULL, backslash escapes."""
+    buffer = io.StringIO()
+    for row in rows:
+        buffer.write("\t".join(_copy_value(value) for value in row))
+        buffer.write("\n")
+    buffer.seek(0)
+    return buffer
+
+
+def _copy_value(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, float):
+        return repr(value)
+    return (
+        str(value)
+        .replace("\\", "\\\\")
+        .replace("\t", "\\t")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+    )

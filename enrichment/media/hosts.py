@@ -1,0 +1,181 @@
+"""Per-host politeness that finds each host's pace: how many downloads at once, host by host.
+
+Nearly every image of a real run comes from one host (Europeana's thumbnail
+service), the rest from thousands of small museum servers. One fixed cap fits
+neither, so each host gets an adaptive limit, in the manner of TCP congestion
+control:
+
+- a host named in ENRICH_FETCH_HOST_LIMITS (or Europeana's thumbnail host, which
+  has a built-in default) starts at its limit and never goes above it;
+- any other host starts at ENRICH_FETCH_PER_HOST (a museum's server) and is let
+  up to ENRICH_FETCH_PER_HOST_MAX only while its answers stay as fast as the
+  fastest it has given. As in TCP Vegas, `limit * (1 - best / median)` estimates
+  how many of our requests wait in the host's own queue; a server that starts
+  queueing them (its answers slow down as we add more) is not pushed further;
+- a 429 or 503 (with or without Retry-After), a timeout or a refused connection
+  halves the limit at once; a Retry-After (capped) also pauses new requests to
+  that host; then the limit grows back by one per window of good answers.
+
+Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
+burst never raises a limit on the strength of a few lucky timings.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+MIN_WINDOW = 16
+# Answers within this many seconds of the best count as no slower: sub-millisecond
+# local answers and a busy client's own scheduling jitter by that much.
+SLOWER_SLACK = 0.05
+# Signals: what a finished attempt tells the limiter about the host.
+OK, BUSY, NEUTRAL = "ok", "busy", "neutral"
+
+
+@dataclass
+class HostLimit:
+    """One host's current concurrency, its ceiling, and what it has been seen to bear."""
+
+    limit: int
+    ceiling: int
+    fixed: bool  # an operator's (or built-in) limit: starts at the ceiling
+    in_use: int = 0
+    most: int = 0  # the most downloads at once so far, for tests and logs
+    paused_until: float = 0.0
+    threshold: int = 0  # below it the limit doubles per window; above, it adds one
+    best: float | None = None  # the fastest window's median time to headers
+    window: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.threshold = self.ceiling
+
+    def record(self, signal: str, latency: float | None, retry_after: float | None) -> None:
+        """Adjust the limit after one attempt (called with the pacer's lock held)."""
+        now = time.monotonic()
+        if signal == BUSY:
+            self.limit = max(1, self.limit // 2)
+            self.threshold = self.limit
+            self.window.clear()
+            if retry_after:
+                self.paused_until = max(self.paused_until, now + retry_after)
+            return
+        if signal != OK or latency is None:
+            return
+        self.window.append(latency)
+        if len(self.window) < max(MIN_WINDOW, 2 * self.limit):
+            return
+        median = statistics.median(self.window)
+        self.window.clear()
+        if self.best is None or median < self.best:
+            self.best = median
+        slower = max(self.best, median - SLOWER_SLACK)
+        queued = self.limit * (1 - self.best / slower) if slower > 0 else 0.0
+        if queued > max(1.0, self.limit / 8):
+            self.threshold = self.limit  # the host queues us: stop doubling, hold here
+            return
+        if self.limit < self.ceiling:
+            grown = self.limit * 2 if self.limit < self.threshold else self.limit + 1
+            self.limit = min(self.ceiling, grown)
+
+
+class HostPacer:
+    """The limits of every host one fetcher talks to, plus a total over hosts without their own.
+
+    Hosts with a limit of their own (an override or a built-in default) count
+    only against it: their limit is the operator's statement of what that host
+    bears, and a total cap below it would silently override it.
+    """
+
+    def __init__(
+        self,
+        start: int,
+        ceiling: int,
+        overrides: tuple[tuple[str, int], ...],
+        total: int,
+        max_pause: float,
+    ) -> None:
+        self.start = start
+        self.ceiling = max(start, ceiling)
+        self.overrides = overrides
+        self.total = total
+        self.total_in_use = 0
+        self.total_most = 0
+        self.max_pause = max_pause
+        self.hosts: dict[str, HostLimit] = {}
+        self._changed = threading.Condition()
+
+    def override_for(self, host: str) -> int | None:
+        """The first matching `host=N` or `*.domain=N` (which also covers `domain` itself)."""
+        for pattern, limit in self.overrides:
+            if pattern.startswith("*."):
+                domain = pattern[2:]
+                if host == domain or host.endswith("." + domain):
+                    return limit
+            elif host == pattern:
+                return limit
+        return None
+
+    def host(self, host: str) -> HostLimit:
+        """This host's limit, created on first sight (call with the lock held)."""
+        found = self.hosts.get(host)
+        if found is None:
+            override = self.override_for(host)
+            if override is None:
+                found = HostLimit(self.start, self.ceiling, fixed=False)
+            else:
+                found = HostLimit(override, override, fixed=True)
+            self.hosts[host] = found
+        return found
+
+    @contextmanager
+    def slot(self, host: str) -> Iterator[Slot]:
+        """Wait for a slot at `host` (and in the total, where it counts); report, then release."""
+        with self._changed:
+            limit = self.host(host)
+            while True:
+                now = time.monotonic()
+                total_free = limit.fixed or self.total_in_use < self.total
+                if limit.paused_until > now:
+                    self._changed.wait(limit.paused_until - now)
+                elif limit.in_use < limit.limit and total_free:
+                    break
+                else:
+                    self._changed.wait()
+            limit.in_use += 1
+            limit.most = max(limit.most, limit.in_use)
+            if not limit.fixed:
+                self.total_in_use += 1
+                self.total_most = max(self.total_most, self.total_in_use)
+        slot = Slot(self, limit)
+        try:
+            yield slot
+        finally:
+            with self._changed:
+                limit.in_use -= 1
+                if not limit.fixed:
+                    self.total_in_use -= 1
+                self._changed.notify_all()
+
+    def record(
+        self, limit: HostLimit, signal: str, latency: float | None, retry_after: float | None
+    ) -> None:
+        with self._changed:
+            pause = min(retry_after, self.max_pause) if retry_after else None
+            limit.record(signal, latency, pause)
+            self._changed.notify_all()
+
+
+@dataclass
+class Slot:
+    """A download's place at its host, through which each attempt reports how it went."""
+
+    pacer: HostPacer
+    limit: HostLimit
+
+    def report(self, signal: str, latency: float | None, retry_after: float | None) -> None:
+        self.pacer.record(self.limit, signal, latency, retry_after)

@@ -1,0 +1,149 @@
+"""Per-host limits against a real local host that counts the requests it answers at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from enrichment.config import DEFAULT_HOST_LIMITS, Settings
+from enrichment.errors import ConfigError
+from enrichment.media.fetch import Fetcher
+from enrichment.media.hosts import HostPacer
+from tests.conftest import image_bytes
+from tests.services import ImageHost
+
+PICTURE = image_bytes((10, 120, 200), "bar")
+BASE = Settings(fetch_allow=("127.0.0.1",), fetch_timeout=10.0, batch_size=8)
+
+
+@pytest.fixture
+def host() -> Iterator[ImageHost]:
+    server = ImageHost()
+    yield server
+    server.close()
+
+
+def fetch_all(settings: Settings, urls: list[str]) -> tuple[Fetcher, list[str | None]]:
+    fetcher = Fetcher(settings)
+    try:
+        futures = [fetcher.submit(fetcher.fetch, url) for url in urls]
+        return fetcher, [future.result().error_reason for future in futures]
+    finally:
+        fetcher.close()
+
+
+def test_an_override_is_the_limit_and_is_reached(host: ImageHost) -> None:
+    urls = [host.add(f"/override/{n}.png", PICTURE, delay=0.3) for n in range(30)]
+    settings = dataclasses.replace(BASE, fetch_host_limits=(("127.0.0.1", 6),))
+    fetcher, reasons = fetch_all(settings, urls)
+    assert reasons == [None] * 30
+    assert host.most == 6, "the override is both honoured and used"
+    assert fetcher.pacer.hosts["127.0.0.1"].most == 6
+
+
+def test_an_unknown_host_never_goes_past_the_per_host_ceiling(host: ImageHost) -> None:
+    urls = [host.add(f"/ceiling/{n}.png", PICTURE, delay=0.05) for n in range(200)]
+    settings = dataclasses.replace(BASE, fetch_per_host=2, fetch_per_host_max=5)
+    fetcher, reasons = fetch_all(settings, urls)
+    assert reasons == [None] * 200
+    assert host.most <= 5
+    assert fetcher.pacer.hosts["127.0.0.1"].limit > 2, "a host that keeps pace is let up"
+
+
+def test_a_host_that_slows_down_under_load_is_not_pushed(host: ImageHost) -> None:
+    """A small server that queues: each request waits for the ones ahead of it."""
+    fetcher = Fetcher(dataclasses.replace(BASE, fetch_per_host=2, fetch_per_host_max=32))
+    limit = fetcher.pacer.host("127.0.0.1")
+    try:
+        for _window in range(6):  # windows whose answers slow down as concurrency rises
+            for _ in range(max(16, 2 * limit.limit)):
+                fetcher.pacer.record(limit, "ok", 0.1 * limit.limit, None)
+    finally:
+        fetcher.close()
+    assert limit.limit <= 4, limit
+
+
+def test_a_429_and_503_storm_lowers_concurrency_and_it_recovers(host: ImageHost) -> None:
+    settings = dataclasses.replace(BASE, fetch_host_limits=(("127.0.0.1", 8),), fetch_timeout=1.0)
+    fetcher = Fetcher(settings)
+    try:
+        storm = [
+            host.add(f"/storm/{n}.png", b"busy", "text/plain", status=(429, 503)[n % 2])
+            for n in range(10)
+        ]
+        results = [f.result() for f in [fetcher.submit(fetcher.fetch, url) for url in storm]]
+        assert {r.error_reason for r in results} <= {"http_429", "http_503"}
+        limit = fetcher.pacer.hosts["127.0.0.1"]
+        assert limit.limit == 1, "every busy answer halves the limit"
+        calm = [host.add(f"/calm/{n}.png", PICTURE) for n in range(400)]
+        host.reset_counts()
+        results = [f.result() for f in [fetcher.submit(fetcher.fetch, url) for url in calm]]
+        assert all(r.error_reason is None for r in results)
+        assert limit.limit == 8, "the limit grows back to the override once the host is well"
+        assert host.most <= 8
+    finally:
+        fetcher.close()
+
+
+def test_retry_after_pauses_the_host() -> None:
+    pacer = HostPacer(start=4, ceiling=4, overrides=(), total=10, max_pause=0.5)
+    with pacer.slot("h") as slot:
+        slot.report("busy", None, 3600.0)
+    limit = pacer.hosts["h"]
+    assert limit.limit == 2
+    assert 0 < limit.paused_until - time.monotonic() <= 0.5, "capped"
+
+
+def test_wildcards_and_the_europeana_default() -> None:
+    pacer = HostPacer(
+        start=4,
+        ceiling=64,
+        overrides=(("*.example.org", 2), ("img.example.org", 50), *DEFAULT_HOST_LIMITS),
+        total=64,
+        max_pause=1,
+    )
+    assert pacer.override_for("img.example.org") == 2, "the first match wins"
+    assert pacer.override_for("example.org") == 2
+    assert pacer.override_for("badexample.org") is None
+    assert pacer.override_for("api.europeana.eu") == 256
+    defaults = Settings.from_env({})
+    assert defaults.fetch_host_limits == DEFAULT_HOST_LIMITS
+    operator = Settings.from_env({"ENRICH_FETCH_HOST_LIMITS": "api.europeana.eu=64,*.Museum.org=2"})
+    assert operator.fetch_host_limits[:2] == (("api.europeana.eu", 64), ("*.museum.org", 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("ENRICH_FETCH_HOST_LIMITS", "api.europeana.eu", "HOST=N"),
+        ("ENRICH_FETCH_HOST_LIMITS", "api.europeana.eu=0", "HOST=N"),
+        ("ENRICH_FETCH_HOST_LIMITS", "a b=3", "HOST=N"),
+        ("ENRICH_FETCH_HOST_LIMITS", "x=1.5", "HOST=N"),
+        ("ENRICH_FETCH_ALLOW", "127.0.0.1/33", "not a valid address or network"),
+        ("ENRICH_FETCH_ALLOW", "10.0.0.256", "not a valid address or network"),
+        ("ENRICH_FETCH_ALLOW", "http://images.example.org", "not a valid address or network"),
+        ("ENRICH_FETCH_ALLOW", "images example", "not a host name"),
+        ("ENRICH_FETCH_TIMEOUT", "nan", "finite"),
+        ("ENRICH_FETCH_TIMEOUT", "inf", "finite"),
+        ("ENRICH_FETCH_READ_TIMEOUT", "-inf", "finite"),
+        ("ENRICH_HEARTBEAT_INTERVAL", "NaN", "finite"),
+        ("ENRICH_FETCH_PER_HOST_MAX", "2", "below ENRICH_FETCH_PER_HOST"),
+    ],
+)
+def test_bad_fetch_settings_are_one_line_errors(name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says) as raised:
+        Settings.from_env({name: value})
+    assert "\n" not in str(raised.value) and name in str(raised.value)
+
+
+def test_cli_refuses_a_bad_allow_list_at_start_up(tmp_path) -> None:
+    from tests.conftest import enrich
+
+    result = enrich("status", env={"ENRICH_FETCH_ALLOW": "127.0.0.1/33"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        next(line for line in result.stderr.splitlines() if "127.0.0.1/33" in line)
+    ]
