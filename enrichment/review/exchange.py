@@ -191,7 +191,9 @@ def _reviewer(annotation: dict[str, Any], default: str) -> str:
 
 
 def _last_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
-    kept = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    # `completions` is what Label Studio before 1.0 called annotations.
+    annotations = task.get("annotations") or task.get("completions") or []
+    kept = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
     if not kept:
         return None
     return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),))
@@ -227,7 +229,12 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             skipped.append(f"task {number}: no record_id in its data, or no annotation")
             continue
         version = data.get("model_version") or next(
-            (p.get("model_version") for p in task.get("predictions") or []), None
+            (
+                p.get("model_version")
+                for p in task.get("predictions") or []
+                if isinstance(p, dict)  # the export may list predictions by id only
+            ),
+            None,
         )
         if version not in models:
             skipped.append(f"task {number}: unknown model version {version!r}")

@@ -148,15 +148,20 @@
       return selected.size ? tiles.filter((tile) => selected.has(tile)) : [tiles[focus]];
     }
 
+    // Focus moves on at once, so that a quick reviewer's next key is for the next tile
+    // even while this decision is on its way.
     async function act(yes) {
       const chosen = targets().filter(Boolean);
-      const done = await decide(chosen, chosen.map(() => yes), { audit: audit });
-      if (!done) return;
+      if (chosen.length === 0 || !reviewer()) return;
+      chosen.forEach((tile) => { tile.dataset.busy = "1"; });
       selected.clear();
       refreshSelection();
       const after = tiles.indexOf(chosen[chosen.length - 1]);
-      const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending");
+      const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending"
+        && !tile.dataset.busy);
       setFocus(next === -1 ? after : next);
+      await decide(chosen, chosen.map(() => yes), { audit: audit });
+      chosen.forEach((tile) => { delete tile.dataset.busy; });
     }
 
     tiles.forEach((tile, index) => {
