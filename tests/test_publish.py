@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from enrichment.publish.annotations import europeana_annotation
-from enrichment.publish.annotations_api import AnnotationsAPI, AuthError
+from enrichment.publish.annotations_api import AnnotationsAPI, AnnotationsAPIError, AuthError
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher, PublishReport
 from enrichment.runs.schedule import upsert_records
@@ -44,6 +44,7 @@ from tests.export_support import (
     open_database,
     record_ids,
 )
+from tests.services import free_port
 
 ALL = record_ids("1001") + record_ids("1002")
 TOKEN = "good-token"
@@ -354,3 +355,32 @@ def test_a_label_the_curators_reject_is_withdrawn(db: Database, server: Annotati
     report = publish(db, server, reviewed="not-rejected")
     assert (report.created, report.updated, report.withdrawn) == (0, 0, 1)
     assert held(server) == wanted(catalogue) - {(record_id, concept)}
+
+
+def test_an_annotation_deleted_on_the_server_is_created_again_on_update(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6])
+    old = {(r, k) for r, _, k in catalogue.expected(version=OLD)}
+    new = {(r, k) for r, _, k in catalogue.expected(version=NEW)}
+    kept = sorted((r, VOCABULARY[k]) for r, k in old & new)[0]  # to be updated
+    gone = ledger(db)[kept].annotation_id
+    server.deleted.add(int(gone.rsplit("/", 1)[1]))  # withdrawn by someone at Europeana
+    publish(db, server)
+    assert held(server) == wanted(catalogue)
+    assert ledger(db)[kept].annotation_id != gone
+
+
+def test_an_unreachable_server_is_retried_then_reported_without_the_token(
+    db: Database,
+) -> None:
+    catalogue_of(db)
+    closed = f"http://127.0.0.1:{free_port()}/annotation"
+    api = AnnotationsAPI(closed, "secret-token-9d2e", backoff=0.01)
+    with pytest.raises(AnnotationsAPIError, match="cannot reach the server") as caught:
+        Publisher(db, closed, api).publish(ExportFilter())
+    api.close()
+    assert "secret-token-9d2e" not in str(caught.value)

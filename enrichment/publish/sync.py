@@ -16,14 +16,11 @@ Per (record, label):
 
 Crash safety rests on intents. Before any request, its rows are written to
 the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
-settles them (`published`, `withdrawn`, `rejected`). A publish that starts and
-finds unsettled rows (its predecessor was killed, or a page's answer was lost)
-resolves them first: a `creating` row is looked up with the search endpoint
-by its record and adopted when the server holds it (surplus copies of ours,
-which cannot arise unless the server misbehaved, are withdrawn), and
-forgotten when it does not; a `withdrawing` row is deleted again (DELETE is
-idempotent); an `updating` row is treated as content unknown and updated
-again (PUT is idempotent). New annotations go in pages (`POST .../annotations/`,
+settles them (`published`, `withdrawn`, `rejected`). Rows left unsettled (the
+publish was killed, or an answer was lost) are resolved before the next
+writes, and again at the end (`publish.unsettled`): a `creating` row is looked
+up with the search endpoint and adopted when the server holds it, forgotten
+when it does not. New annotations go in pages (`POST .../annotations/`,
 no duplicate check), which is safe because a page is never re-sent blind:
 only a page the server surely did not carry out is retried, any other is
 resolved through the search. A page the server rejects (one bad item rejects
@@ -153,6 +150,11 @@ class _Op:
     wanted: Wanted | None
     entry: Entry | None
     row_id: int = 0
+
+    @property
+    def annotation(self) -> dict[str, Any]:
+        assert self.wanted is not None, "only creates and updates carry an annotation"
+        return self.wanted.annotation
 
 
 class Publisher:
@@ -402,12 +404,13 @@ class Publisher:
 
     def _create_page(self, ops: list[_Op]) -> Callable[[], None]:
         """Runs in a pool thread: post the page, split it where the server rejects it."""
-        assert self.api is not None
+        api = self.api
+        assert api is not None
         outcomes: list[tuple[_Op, Stored | Rejected | Unsettled]] = []
 
         def post(part: list[_Op]) -> None:
             try:
-                stored = self.api.create_page([op.wanted.annotation for op in part])  # type: ignore[union-attr]
+                stored = api.create_page([op.annotation for op in part])
             except Rejected as error:
                 if len(part) == 1:
                     outcomes.append((part[0], error))
@@ -465,19 +468,17 @@ class Publisher:
         assert self.api is not None and op.wanted is not None and op.entry is not None
         wanted = op.wanted
         adopted = False
+        assert op.entry.annotation_id is not None  # a held row has its id
+        outcome: Stored | Rejected
         try:
-            if op.entry.annotation_id is None:
-                raise Rejected(404, "no annotation id")
-            try:
-                outcome: Stored | Rejected = self.api.update(
-                    op.entry.annotation_id, wanted.annotation
-                )
-            except Rejected as error:
-                if error.status not in (404, 410):
-                    raise
-                outcome, adopted = self._create_one(wanted.annotation)
+            outcome = self.api.update(op.entry.annotation_id, wanted.annotation)
         except Rejected as error:
             outcome = error
+        if isinstance(outcome, Rejected) and outcome.status in (404, 410):
+            try:
+                outcome, adopted = self._create_one(wanted.annotation)
+            except Rejected as error:
+                outcome = error
 
         def settle() -> None:
             if isinstance(outcome, Rejected):
