@@ -3,8 +3,11 @@
 It serves Europeana-format items the way `/record/v2/search.json` does: `rows`
 capped at 100, an opaque `nextCursor` until the last page, a `wskey` check
 with Europeana's own 401 body, `{"success": false, ...}` errors, the dataset
-query and the `TYPE` and `timestamp_update` filters the scheduler sends, and
-(for tests) failures scripted by request number.
+query and the `TYPE` and `timestamp_update` filters the scheduler sends, the
+field filters a harvest sends (`skos_concept:"<uri>"`, `what:`, `DATA_PROVIDER:`,
+`COUNTRY:`), `reusability` (open, restricted, permission, comma-separated, from
+each item's `rights`) and `media`, and (for tests) failures scripted by
+request number.
 """
 
 from __future__ import annotations
@@ -27,19 +30,58 @@ UNKNOWN_KEY = {
 }
 
 
+# Europeana's reusability groups, by the start of a rights statement URI.
+OPEN_RIGHTS = (
+    "http://creativecommons.org/publicdomain/mark/",
+    "http://creativecommons.org/publicdomain/zero/",
+    "http://creativecommons.org/licenses/by/",
+    "http://creativecommons.org/licenses/by-sa/",
+)
+RESTRICTED_RIGHTS = (
+    "http://creativecommons.org/licenses/by-nc",
+    "http://creativecommons.org/licenses/by-nd/",
+    "http://rightsstatements.org/vocab/NoC-NC/",
+    "http://rightsstatements.org/vocab/NoC-OKLR/",
+)
+# Search API fields a harvest filters on, and the item field each one reads.
+FIELDS = {
+    "skos_concept": "edmConcept",
+    "what": "edmConcept",
+    "DATA_PROVIDER": "dataProvider",
+    "COUNTRY": "country",
+}
+
+
 def generated_item(
-    dataset: str, index: int, image_url: str, updated: str = "2024-01-01T00:00:00.000Z"
+    dataset: str,
+    index: int,
+    image_url: str,
+    updated: str = "2024-01-01T00:00:00.000Z",
+    concepts: tuple[str, ...] = (),
+    rights: str = "http://creativecommons.org/publicdomain/zero/1.0/",
 ) -> dict[str, Any]:
     return {
         "id": f"/{dataset}/item_{index:05d}",
         "type": "IMAGE",
+        "title": [f"Object {index} of dataset {dataset}"],
         "edmPreview": [image_url],
         "edmIsShownBy": [image_url + "?full"],
+        "edmConcept": list(concepts),
+        "rights": [rights],
         "dataProvider": [f"Provider of {dataset}"],
         "provider": ["Test aggregator"],
+        "country": ["Europe"],
         "edmDatasetName": [f"{dataset}_Test_dataset"],
         "timestamp_update": updated,
     }
+
+
+def reusability(rights: str) -> str:
+    if rights.startswith(OPEN_RIGHTS):
+        return "open"
+    if rights.startswith(RESTRICTED_RIGHTS):
+        return "restricted"
+    return "permission"
 
 
 @dataclass
@@ -48,6 +90,7 @@ class SearchAPI:
     failures: dict[int, tuple] = field(default_factory=dict)  # by request number, from 1
     requests: list[dict[str, list[str]]] = field(default_factory=list)
     key: str = KEY
+    loop: bool = False  # every nextCursor points back at the page just served
 
     def __post_init__(self) -> None:
         api = self
@@ -102,6 +145,12 @@ class SearchAPI:
                     {"Content-Type": "application/json"},
                     b'{"success": true, "items": [{"id": "/1/',
                 )
+            if kind == "not_objects":
+                return (
+                    200,
+                    {"Content-Type": "application/json"},
+                    b'{"success": true, "items": ["/1/a"]}',
+                )
         if params.get("wskey", [""])[0] != self.key:
             body = {**UNKNOWN_KEY, "apikey": params.get("wskey", [""])[0]}
             return 401, {"Content-Type": "application/json"}, json.dumps(body).encode()
@@ -109,6 +158,7 @@ class SearchAPI:
             return 400, {}, json.dumps({"success": False, "error": "use cursor"}).encode()
         try:
             selected = self.select(params["query"][0], params.get("qf", []))
+            selected = self.reusable(selected, params)
         except ValueError as error:
             body = {
                 "apikey": self.key,
@@ -132,6 +182,8 @@ class SearchAPI:
         }
         if start + rows < len(selected):
             document["nextCursor"] = base64.urlsafe_b64encode(str(start + rows).encode()).decode()
+        if self.loop:  # a broken server: the next page is always this one again
+            document["nextCursor"] = base64.urlsafe_b64encode(str(start).encode()).decode()
         return 200, {"Content-Type": "application/json"}, json.dumps(document).encode()
 
     def select(self, query: str, filters: list[str]) -> list[dict[str, Any]]:
@@ -149,6 +201,24 @@ class SearchAPI:
                 chosen = [
                     item for item in chosen if item.get("timestamp_update", "") >= since.group(1)
                 ]
+            elif field_filter := re.fullmatch(r'(\w+):"?([^"]+)"?', value):
+                name, wanted = field_filter.groups()
+                if name not in FIELDS:
+                    raise ValueError(f"this test server does not understand qf {value!r}")
+                chosen = [item for item in chosen if wanted in item.get(FIELDS[name], [])]
             else:
                 raise ValueError(f"this test server does not understand qf {value!r}")
+        return chosen
+
+    def reusable(
+        self, chosen: list[dict[str, Any]], params: dict[str, list[str]]
+    ) -> list[dict[str, Any]]:
+        """The `reusability` and `media` parameters, as Europeana applies them."""
+        groups = {g for value in params.get("reusability", []) for g in value.split(",") if g}
+        if groups - {"open", "restricted", "permission"}:
+            raise ValueError(f"unknown reusability {sorted(groups)}")
+        if groups:
+            chosen = [item for item in chosen if reusability(item["rights"][0]) in groups]
+        if params.get("media", [""])[0] == "true":
+            chosen = [item for item in chosen if item.get("edmIsShownBy")]
         return chosen

@@ -320,3 +320,102 @@ def test_postgres_advisory_lock_refuses_a_second_scheduler(pg_url: str) -> None:
             lock_once(Database(pg_url), scope)
         assert lock_once(Database(pg_url), service.europeana_scope([dataset_query("32")]))
     assert lock_once(Database(pg_url), scope)  # released when the holder is done
+
+
+def test_a_record_served_twice_and_a_repeated_dataset_are_enqueued_once(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    fill_collection(api, image_host, "6060", 150)
+    # The API's order is not stable between pages: item 99 ends page 1 and starts page 2.
+    api.items.append(dict(api.items[99]))
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    env = env_for(api, database, tiny_model)
+    result = enrich("run", "--dataset", "6060", "--dataset", "6060", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["records_seen"] == 150 and summary["records_enqueued"] == 150
+    assert summary["outcomes"].get("error", 0) == 0
+    assert scalar(database, "SELECT count(*) FROM results WHERE status != 'error'") == 150
+    assert len(json.loads(run_row(database, 1)["scope"])["queries"]) == 1
+    assert len(api.requests) == 2  # the dataset paged once, not twice
+    assert (
+        scalar(database, "SELECT title FROM records WHERE id = '/6060/item_00007'")
+        == "Object 7 of dataset 6060"
+    )
+
+
+def test_a_cursor_that_never_moves_on_fails_the_run_with_a_clear_message(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    fill_collection(api, image_host, "7070", 1)
+    api.loop = True
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    started = time.monotonic()
+    result = enrich("run", "--dataset", "7070", env=env_for(api, database, tiny_model))
+    assert result.returncode == 1
+    assert "Search API paging is going round in a loop" in result.stderr.splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert len(api.requests) <= 3 and time.monotonic() - started < 60
+    assert run_row(database, 1)["status"] == "failed"
+    assert "going round in a loop" in run_row(database, 1)["error"]
+
+
+def test_a_page_whose_items_are_not_objects_is_one_clear_error(api: SearchAPI) -> None:
+    api.failures = {n: ("not_objects",) for n in (1, 2, 3)}
+    client = SearchClient(
+        Settings(europeana_api_key=KEY, europeana_api_url=api.url), backoff_factor=0.01
+    )
+    with pytest.raises(SearchPageError) as raised:
+        client.page(SearchQuery("*"), "*")
+    assert isinstance(raised.value, EnrichError)  # one line on stderr, not a traceback
+    assert str(raised.value) == (
+        "Europeana Search API page failed: an item is a JSON str, not an object"
+    )
+
+
+def test_a_connection_failure_is_retried_in_one_place() -> None:
+    """urllib3's Retry alone: 1 request + RETRIES retries, not RETRIES x the page loop's tries."""
+    import socket
+    import threading
+
+    from enrichment.sources.europeana import RETRIES
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    connections: list[int] = []
+
+    def close_every_connection() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(1)
+            sock.close()  # no answer at all: a connection failure for the client
+
+    threading.Thread(target=close_every_connection, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    client = SearchClient(
+        Settings(europeana_api_key=KEY, europeana_api_url=url), backoff_factor=0.0
+    )
+    with pytest.raises(SearchPageError, match="request failed"):
+        client.page(SearchQuery("*"), "*")
+    listener.close()
+    assert len(connections) == 1 + RETRIES
+
+
+def test_resuming_a_completed_run_leaves_it_as_it_finished(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    fill_collection(api, image_host, "8080", 5)
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    env = env_for(api, database, tiny_model)
+    assert enrich("run", "--dataset", "8080", env=env).returncode == 0
+    finished = run_row(database, 1)
+    api.requests.clear()
+    resumed = enrich("resume", "1", "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["status"] == "completed"
+    assert run_row(database, 1) == finished  # finished_at, counts and checkpoint untouched
+    assert api.requests == []

@@ -3,6 +3,7 @@ over the library."""
 
 from enrichment.cli import db, export, model, report, runs, worker
 from enrichment.cli.base import cli
+from enrichment.cli.harvest import harvest
 from enrichment.cli.publish import publish
 from enrichment.cli.review import review
 
@@ -17,6 +18,7 @@ cli.add_command(worker.worker)
 cli.add_command(report.explain)
 cli.add_command(report.report)
 cli.add_command(review)
+cli.add_command(harvest)
 cli.add_command(publish)
 
 

@@ -8,8 +8,9 @@ then placed halfway to the next lower score, so it makes the same decisions
 on the validation set but with a margin either side.
 
 Weights are not touched, so the model version stays; `thresholds_version`
-counts calibrations, and the `calibration` block says on what data and with
-what precision and recall each threshold was chosen.
+counts calibrations (training's own, on its validation split, is the first),
+and the `calibration` block says on what data and with what precision and
+recall each threshold was chosen.
 """
 
 from __future__ import annotations
@@ -139,6 +140,38 @@ def choose_thresholds(
     ]
 
 
+def calibrated_spec(
+    spec: ModelSpec,
+    chosen: list[ClassThreshold],
+    data: str,
+    images: int,
+    skipped: int,
+    thresholds_version: int,
+) -> ModelSpec:
+    """`spec` with the chosen thresholds and the `calibration` block saying how they were chosen.
+
+    Used by `enrich model calibrate` and by training, which ends by calibrating
+    on its own validation split (thresholds_version 1).
+    """
+    by_key = {item.key: item for item in chosen}
+    calibration = {
+        "thresholds_version": thresholds_version,
+        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": data,
+        "images": images,
+        "skipped": skipped,
+        "classes": {item.key: item.as_json() for item in chosen},
+    }
+    return replace(
+        spec,
+        labels=tuple(
+            replace(label, threshold=by_key[label.key].threshold) for label in spec.labels
+        ),
+        thresholds_version=thresholds_version,
+        calibration=calibration,
+    )
+
+
 def write_calibration(
     directory: Path,
     spec: ModelSpec,
@@ -148,22 +181,6 @@ def write_calibration(
     skipped: int,
 ) -> ModelSpec:
     """Store the thresholds and how they were chosen in model.json; the weights stay as they are."""
-    by_key = {item.key: item for item in chosen}
-    calibration = {
-        "thresholds_version": spec.thresholds_version + 1,
-        "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": str(data),
-        "images": images,
-        "skipped": skipped,
-        "classes": {item.key: item.as_json() for item in chosen},
-    }
-    updated = replace(
-        spec,
-        labels=tuple(
-            replace(label, threshold=by_key[label.key].threshold) for label in spec.labels
-        ),
-        thresholds_version=spec.thresholds_version + 1,
-        calibration=calibration,
-    )
+    updated = calibrated_spec(spec, chosen, str(data), images, skipped, spec.thresholds_version + 1)
     update_model_json(directory, updated)
     return updated

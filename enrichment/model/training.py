@@ -15,16 +15,17 @@ matter for heritage collections:
   `enrichment.images.decode` with the model's `Preprocessing` (validation
   exactly as inference; training at a slightly larger size and then cropped
   back, see `Augmentation`), so the seed's 128 px training / 224 px inference
-  mismatch cannot recur.
-
-The new model's thresholds are a flat 0.5 until `enrich model calibrate`.
+  mismatch cannot recur;
+- a model is usable as soon as it is written: training ends by choosing each
+  class's threshold on its validation split by best F1, as `enrich model
+  calibrate` does (thresholds_version 1); calibrating on a separate set later
+  refines them. A flat 0.5 suits no class: rare classes score low.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import pickle
 import sys
 import time
@@ -38,12 +39,14 @@ import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import ColorJitter
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from enrichment.errors import EnrichError, ModelError
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.media.fetch import Fetcher
+from enrichment.model.calibration import ClassThreshold, calibrated_spec, choose_thresholds
 from enrichment.model.classifier import (
     Classifier,
     autocast_dtype,
@@ -54,9 +57,9 @@ from enrichment.model.classifier import (
     save_model_dir,
     set_cpu_threads,
 )
-from enrichment.model.evaluation import Metrics, compute_metrics
+from enrichment.model.evaluation import Metrics, ScoredSet, compute_metrics
 from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
-from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec
+from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec, decide
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224
@@ -64,9 +67,9 @@ DEFAULT_INPUT_SIZE = 224
 # and make the loss, and the gradients, unstable.
 MAX_POS_WEIGHT = 100.0
 AUGMENTATION = (
-    "decode at 8/7 of the input size, crop 80-100 % of the area at the image's "
-    "proportions, horizontal flip, brightness/contrast/saturation jitter 0.2; "
-    "hue kept, never flipped upside down"
+    "torchvision.transforms.v2: decode at 8/7 of the input size, RandomResizedCrop "
+    "80-100 % of the area at the image's proportions, RandomHorizontalFlip, ColorJitter "
+    "brightness/contrast/saturation 0.2; hue kept, never flipped upside down"
 )
 
 
@@ -96,9 +99,11 @@ class TrainingResult:
     spec: ModelSpec
     best_epoch: int
     epochs_run: int
-    validation: Metrics
+    validation: Metrics  # at a flat 0.5
     seconds: float
     skipped: list[Skipped]
+    thresholds: list[ClassThreshold]  # chosen on the validation split, by best F1
+    calibrated: Metrics  # on the validation split at those thresholds
 
 
 @dataclass(frozen=True)
@@ -127,25 +132,21 @@ class Augmentation:
     def __init__(self, preprocessing: Preprocessing) -> None:
         self.preprocessing = preprocessing
         working = round(preprocessing.input_size * 8 / 7)
+        # Decoded square, unnormalised, in [0, 1]: the crop keeps that 1:1 proportion.
         self.working = Preprocessing(working, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-        self.jitter = ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2)
-        self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
-        self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
+        size = preprocessing.input_size
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop((size, size), scale=(0.8, 1.0), ratio=(1.0, 1.0)),
+                v2.RandomHorizontalFlip(p=0.5),
+                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+                v2.Normalize(list(preprocessing.mean), list(preprocessing.std)),
+            ]
+        )
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        image = torch.from_numpy(decode(data, self.working))  # (3, side, side) in [0, 1]
-        side = image.shape[-1]
-        crop = max(1, round(side * math.sqrt(float(torch.empty(()).uniform_(0.8, 1.0)))))
-        top, left = torch.randint(0, side - crop + 1, (2,)).tolist()
-        image = image[:, top : top + crop, left : left + crop]
-        size = self.preprocessing.input_size
-        image = torch.nn.functional.interpolate(
-            image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )[0]
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        image = self.jitter(image.clamp(0.0, 1.0))
-        return (image - self.mean) / self.std
+        image = tv_tensors.Image(torch.from_numpy(decode(data, self.working)))
+        return self.transform(image).as_subclass(torch.Tensor)
 
 
 class InferenceView:
@@ -297,6 +298,7 @@ class _Best:
     epoch: int
     state: dict[str, torch.Tensor]
     metrics: Metrics
+    scores: np.ndarray  # on the validation images, for choosing the thresholds
 
 
 def train(
@@ -354,6 +356,14 @@ def train(
     )
     seconds = time.monotonic() - started
     load_weights(network, best.state)
+    truth = val_targets > 0.5
+    chosen = choose_thresholds(
+        ScoredSet(list(keys), truth, best.scores, []), dict.fromkeys(keys, 0.5)
+    )
+    thresholds = np.array([item.threshold for item in chosen], dtype=np.float32)
+    calibrated = compute_metrics(
+        keys, thresholds.tolist(), truth, best.scores, decide(best.scores, thresholds)
+    )
 
     spec = ModelSpec(
         name=options.name,
@@ -362,7 +372,10 @@ def train(
         labels=tuple(LabelSpec(key, _human(key), vocabulary[key], 0.5) for key in keys),
         mean=start.mean,
         std=start.std,
-        metrics={"validation": {"threshold": 0.5, **best.metrics.as_json()}},
+        metrics={
+            "validation": {"thresholds": "calibrated", **calibrated.as_json()},
+            "validation_at_0.5": {"threshold": 0.5, **best.metrics.as_json()},
+        },
         training={
             "data": str(data.path),
             "data_sha256": hashlib.sha256(data.path.read_bytes()).hexdigest(),
@@ -394,9 +407,25 @@ def train(
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
+    spec = calibrated_spec(
+        spec,
+        chosen,
+        f"the validation split of training ({split.description})",
+        len(split.validation),
+        0,
+        thresholds_version=1,
+    )
     version = save_model_dir(output, spec, network.cpu())
     return TrainingResult(
-        version, spec, best.epoch, len(history), best.metrics, seconds, split.skipped
+        version,
+        spec,
+        best.epoch,
+        len(history),
+        best.metrics,
+        seconds,
+        split.skipped,
+        chosen,
+        calibrated,
     )
 
 
@@ -458,7 +487,7 @@ def _fit(
                 network, train_loader, loss_function, optimiser, scaler, device, bar
             )
             schedule.step()
-            metrics, val_loss = _validate(
+            metrics, val_loss, scores = _validate(
                 network, val_loader, val_targets, keys, pos_weight, device
             )
             mean_ap = metrics.mean_average_precision or 0.0
@@ -477,7 +506,7 @@ def _fit(
         rank = (mean_ap, -val_loss)
         if best is None or rank > best.rank:
             state = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
-            best = _Best(rank, epoch, state, metrics)
+            best = _Best(rank, epoch, state, metrics, scores)
         elif epoch - best.epoch >= options.patience:
             break
     assert best is not None
@@ -517,8 +546,8 @@ def _validate(
     keys: Sequence[str],
     pos_weight: np.ndarray,
     device: torch.device,
-) -> tuple[Metrics, float]:
-    """Metrics at a flat 0.5 (calibration comes later) and the loss, on the validation images."""
+) -> tuple[Metrics, float, np.ndarray]:
+    """Metrics at a flat 0.5, the loss and the scores, on the validation images."""
     network.eval()
     chunks: list[torch.Tensor] = []
     with torch.inference_mode(), _autocast(device):
@@ -530,7 +559,7 @@ def _validate(
     )
     scores = torch.sigmoid(logits).numpy()
     metrics = compute_metrics(keys, [0.5] * len(keys), targets > 0.5, scores, scores >= 0.5)
-    return metrics, float(loss)
+    return metrics, float(loss), scores
 
 
 def _usable(

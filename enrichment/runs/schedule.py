@@ -204,9 +204,17 @@ def fill_run(
 def resume_run(
     db: Database, run_id: int, source: Source, dispatcher: Dispatcher, batch_size: int
 ) -> RunProgress:
-    """Re-dispatch the batches that never finished, then page on from the checkpoint."""
+    """Re-dispatch the batches that never finished, then page on from the checkpoint.
+
+    A completed run has nothing left to do and is left exactly as it finished
+    (its finished_at, and so its rate, stay).
+    """
     with db.transaction() as session:
-        queue_name = get_run(session, run_id).queue
+        run = get_run(session, run_id)
+        queue_name, status = run.queue, run.status
+        seen, total = run.records_seen, run.batches_total
+    if status == RunStatus.COMPLETED:
+        return RunProgress(run_id, seen, total)
     leftovers = unfinished_batches(db, run_id)
     if leftovers:
         dispatcher.dispatch(db, run_id, queue_name, leftovers)
@@ -249,7 +257,10 @@ def _commit_page(
         unique = list({record.id: record for record in records}.values())
         upsert_records(session, unique)
         fresh = unique if full else list(_needing_work(session, unique, version))
-        pending = [*checkpoint["pending"], *(record.id for record in fresh)]
+        # A record still waiting for a batch is not added again: one id twice in a
+        # batch would collide with itself on the results' and labels' keys.
+        waiting = set(checkpoint["pending"])
+        pending = [*checkpoint["pending"], *(r.id for r in fresh if r.id not in waiting)]
         cut = len(pending) - len(pending) % batch_size
         batch_ids = _add_batches(session, run_id, pending[:cut], batch_size)
         checkpoint = {**checkpoint, "position": position, "pending": pending[cut:]}
@@ -288,7 +299,8 @@ def _commit_tail(
                     Result.status == Outcome.ERROR,
                 )
             ).all()
-            pending.extend(record_id for record_id in retry if record_id not in set(pending))
+            waiting = set(pending)
+            pending.extend(record_id for record_id in retry if record_id not in waiting)
         batch_ids = _add_batches(session, run_id, pending, batch_size)
         checkpoint = {**checkpoint, "pending": [], "done": True}
         session.execute(
@@ -320,6 +332,7 @@ def upsert_records(session: Session, records: list[Record]) -> None:
                     "item_uri",
                     "image_url",
                     "provider",
+                    "title",
                     "timestamp_update",
                     "last_seen",
                 )
@@ -332,6 +345,7 @@ def upsert_records(session: Session, records: list[Record]) -> None:
                 "item_uri": record.item_uri,
                 "image_url": record.image_url,
                 "provider": record.provider,
+                "title": record.title,
                 "timestamp_update": as_utc_naive(record.timestamp_update),
                 "first_seen": now,
                 "last_seen": now,

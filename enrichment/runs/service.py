@@ -33,11 +33,13 @@ def records_scope(path: Path) -> dict[str, Any]:
 
 
 def europeana_scope(queries: Sequence[SearchQuery], image_source: str = "auto") -> dict[str, Any]:
+    """The stored scope of a Search API run; a query given twice (`--dataset X --dataset X`)
+    is kept once, so its records are not paged twice."""
     if image_source not in IMAGE_SOURCES:
         raise EnrichError(f"--image-source must be one of {', '.join(IMAGE_SOURCES)}")
     return {
         "source": "europeana",
-        "queries": [query.as_json() for query in queries],
+        "queries": [query.as_json() for query in dict.fromkeys(queries)],
         "image_source": image_source,
     }
 

@@ -8,6 +8,7 @@ run) is all that is needed to build its source again.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -20,6 +21,9 @@ from enrichment.sources.records_file import Record, read_records_file
 
 log = logging.getLogger(__name__)
 FILE_PAGE = 1000
+# Pages of record ids a Search API source remembers to drop a record served twice:
+# the API's order is not guaranteed between pages, so one can reappear a page later.
+REPEAT_WINDOW = 20
 
 
 @dataclass(frozen=True)
@@ -51,13 +55,22 @@ class RecordsFileSource:
 
 @dataclass
 class EuropeanaSource:
-    """Search API queries paged in order by cursor; `since` keeps recently updated records."""
+    """Search API queries paged in order by cursor; `since` keeps recently updated records.
+
+    A record that comes again within the last REPEAT_WINDOW pages (the API's
+    order is not stable between pages, and two queries of a scope can overlap)
+    is passed on once; the scheduler also never puts one id in a batch twice.
+    """
 
     client: SearchClient
     queries: Sequence[SearchQuery]
     image_source: str = "auto"
     since: str | None = None
     skipped: int = field(default=0, init=False)
+    repeated: int = field(default=0, init=False)
+    _recent: deque[set[str]] = field(
+        default_factory=lambda: deque(maxlen=REPEAT_WINDOW), init=False, repr=False
+    )
 
     def pages(self, checkpoint: dict[str, Any] | None) -> Iterator[SourcePage]:
         state = checkpoint or {}
@@ -75,14 +88,20 @@ class EuropeanaSource:
                 yield SourcePage(self._records(page.items), after)
 
     def _records(self, items: list[dict[str, Any]]) -> list[Record]:
-        records = []
+        records: dict[str, Record] = {}
         for item in items:
             try:
-                records.append(record_from_item(item, self.image_source))
+                record = record_from_item(item, self.image_source)
             except (KeyError, ValueError) as error:
                 self.skipped += 1
                 log.warning("skipped a Search API item without a usable id: %s", error)
-        return records
+                continue
+            if record.id in records or any(record.id in ids for ids in self._recent):
+                self.repeated += 1
+                continue
+            records[record.id] = record
+        self._recent.append(set(records))
+        return list(records.values())
 
 
 def source_for_scope(scope: dict[str, Any], settings: Settings, since: str | None = None) -> Source:

@@ -3,13 +3,18 @@
 Runs page with `cursor` (never `start`, which stops at 1000 results), sorted by
 a stable field, 100 rows a page (the server's cap). The API's own error
 messages are surfaced: a bad key or query stops a run before anything is
-enqueued. 429 and 5xx are retried with backoff, honouring Retry-After.
+enqueued. Connection failures, 429 and 5xx are retried in one place, urllib3's
+`Retry` on the session (with backoff, honouring Retry-After); only a 200 whose
+body is not a usable page, which urllib3 cannot see, is fetched again here.
+A cursor that does not move on, or pages that bring nothing new, stop the
+query with a clear error instead of paging forever.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +35,9 @@ PROFILE = "standard"
 IMAGE_SOURCES = ("auto", "preview", "full")
 REUSABILITY = ("open", "restricted", "permission")
 MALFORMED_ATTEMPTS = 3
+RETRIES = 5
+# How many recent pages a query remembers, to notice a cursor going round in a loop.
+LOOP_WINDOW = 50
 
 
 class SearchAPIError(EnrichError):
@@ -99,6 +107,8 @@ class SearchClient:
 
     settings: Settings
     session: requests.Session = field(default_factory=requests.Session)
+    # urllib3 waits backoff_factor * 2**(n - 1) s before the n-th retry (none before the 1st).
+    backoff_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.settings.europeana_api_key:
@@ -106,9 +116,9 @@ class SearchClient:
                 "EUROPEANA_API_KEY is not set: get a key at https://pro.europeana.eu/get-api"
             )
         retries = Retry(
-            total=5,
+            total=RETRIES,
             status_forcelist=(429, 500, 502, 503, 504),
-            backoff_factor=1.0,
+            backoff_factor=self.backoff_factor,
             backoff_jitter=0.5,
             respect_retry_after_header=True,
             raise_on_status=False,
@@ -141,12 +151,15 @@ class SearchClient:
         problem = ""
         for attempt in range(MALFORMED_ATTEMPTS):
             if attempt:
-                time.sleep(min(2**attempt, 10))
+                time.sleep(min(self.backoff_factor * 2**attempt, 10))
             try:
                 response = self.session.get(url, params=params, timeout=(10, 60))
             except requests.RequestException as error:
-                problem = f"request failed ({type(error).__name__})"
-                continue
+                # The adapter already retried connection and read failures with backoff.
+                raise SearchPageError(
+                    f"Europeana Search API page failed: request failed "
+                    f"({type(error).__name__}) after {RETRIES} retries"
+                ) from None
             if response.status_code == 429 or response.status_code >= 500:
                 # The adapter already retried these with backoff and Retry-After.
                 raise SearchPageError(
@@ -167,16 +180,44 @@ class SearchClient:
             if not isinstance(items, list):
                 problem = "the response has no list of items"
                 continue
-            return SearchPage(items, body.get("nextCursor") or None, body.get("totalResults"))
+            strange = next((item for item in items if not isinstance(item, dict)), None)
+            if strange is not None:
+                problem = f"an item is a JSON {type(strange).__name__}, not an object"
+                continue
+            cursor_after = body.get("nextCursor") or None
+            if cursor_after is not None and not isinstance(cursor_after, str):
+                problem = "its nextCursor is not a string"
+                continue
+            return SearchPage(items, cursor_after, body.get("totalResults"))
         raise SearchPageError(f"Europeana Search API page failed: {problem}")
 
     def pages(self, query: SearchQuery, cursor: str = "*") -> Iterator[SearchPage]:
-        """Pages from `cursor` on, until `nextCursor` is absent."""
+        """Pages from `cursor` on, until `nextCursor` is absent.
+
+        A cursor seen before among the recent pages, or a page whose records
+        all came on the recent pages already, means the server is going round
+        in a loop: that is an error, not the end, since records may be missing.
+        """
+        cursors: deque[str] = deque([cursor], maxlen=LOOP_WINDOW)
+        recent: deque[frozenset[str]] = deque(maxlen=LOOP_WINDOW)
         while True:
             page = self.page(query, cursor)
+            ids = frozenset(str(item.get("id")) for item in page.items)
+            if ids and ids <= frozenset().union(*recent):
+                raise SearchPageError(
+                    "Europeana Search API paging is going round in a loop: the page after "
+                    f"cursor {cursor[:40]!r} brought no record that was not on a recent page"
+                )
             yield page
             if page.next_cursor is None or not page.items:
                 return
+            if page.next_cursor in cursors:
+                raise SearchPageError(
+                    "Europeana Search API paging is going round in a loop: nextCursor "
+                    f"{page.next_cursor[:40]!r} was already used; the run stops here"
+                )
+            recent.append(ids)
+            cursors.append(page.next_cursor)
             cursor = page.next_cursor
 
 
@@ -213,4 +254,5 @@ def record_from_item(item: Mapping[str, Any], image_source: str = "auto") -> Rec
         image_url=image_url,
         provider=_first(item.get("dataProvider")) or _first(item.get("provider")),
         timestamp_update=updated,
+        title=_first(item.get("title")),
     )

@@ -1,0 +1,289 @@
+"""`enrich harvest` against the local Search API and a local image host.
+
+The Search API serves a labelled fixture collection (tests/harvest_fixture.py)
+to concept queries; the tests check what reaches labels.csv against what the
+fixture says, and count requests at the image hosts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from enrichment.sources.harvest import HarvestOptions, read_exclusions
+from tests.conftest import REPO, enrich
+from tests.harvest_fixture import VOCABULARY, Fixture, fill
+from tests.search_api import KEY, SearchAPI, generated_item
+from tests.services import ImageHost
+
+COUNT = 36
+
+
+class Redirector:
+    """An image host that sends every request elsewhere (here: to the canary)."""
+
+    def __init__(self, target: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(302)
+                self.send_header("Location", target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[SearchAPI, ImageHost, Fixture, ImageHost, Path]]:
+    """The API, its image host, the fixture, a canary host (not allow-listed), a vocabulary."""
+    api, host = SearchAPI(), ImageHost()
+    canary = ImageHost(host="127.0.0.2")
+    fixture = fill(api, host.add, COUNT)
+    vocabulary = tmp_path / "vocabulary.json"
+    vocabulary.write_text(json.dumps(VOCABULARY))
+    yield api, host, fixture, canary, vocabulary
+    api.close()
+    host.close()
+    canary.close()
+
+
+def env_for(api: SearchAPI) -> dict[str, str]:
+    return {
+        "EUROPEANA_API_KEY": KEY,
+        "EUROPEANA_API_URL": api.url,
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",  # the canary at 127.0.0.2 is not
+    }
+
+
+def rows(directory: Path) -> list[dict[str, str]]:
+    with (directory / "labels.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_record_once_with_the_union_of_its_concepts(world, tmp_path: Path) -> None:
+    api, host, fixture, canary, vocabulary = world
+    canary_url = canary.add("/secret.png", b"never served")
+    redirector = Redirector(canary_url)
+    item = generated_item("950", 1, redirector.url("/art.png"), concepts=(VOCABULARY["map"],))
+    api.items.append(item)
+    missing = generated_item("950", 2, host.url("/gone.png"), concepts=(VOCABULARY["drawing"],))
+    not_image = generated_item("950", 3, host.add("/text.png", b"hello", "text/plain"))
+    not_image["edmConcept"] = [VOCABULARY["photograph"]]
+    # Two records of one image: kept once, with both records' labels, and flagged.
+    twin = generated_item("951", 1, host.add("/twin.png", fixture_image(host, fixture, 1)))
+    twin["edmConcept"] = [VOCABULARY["photograph"]]
+    api.items += [missing, not_image, twin]
+    excluded = sorted(fixture.labels)[:3]
+    exclude = tmp_path / "eval.csv"
+    exclude.write_text("category,ID,URL\n" + "".join(f"map,{i},http://x/y\n" for i in excluded))
+
+    out = tmp_path / "set"
+    result = enrich(
+        "harvest", "--vocabulary", str(vocabulary), "--out", str(out),
+        "--per-class", "100", "--exclude", str(exclude), "--no-progress",
+        env=env_for(api),
+    )  # fmt: skip
+    redirector.close()
+    assert result.returncode == 0, result.stderr
+    assert canary.requests == []  # the redirect was refused before any connection to it
+
+    found = rows(out)
+    by_record: dict[str, set[str]] = {}
+    for row in found:
+        assert (out / row["image"]).is_file()
+        for record_id in [row["europeana_id"], *row["duplicates"].split()]:
+            assert record_id not in by_record, f"{record_id} twice"
+            by_record[record_id] = set(row["labels"].split())
+        assert row["group"] == row["europeana_id"].split("/")[1]  # the dataset
+        assert row["rights"] == fixture.rights.get(row["europeana_id"], row["rights"])
+    twin_of = fixture_record(fixture, 1)
+    expected = {rid: labels for rid, labels in fixture.labels.items() if rid not in excluded}
+    expected[twin_of] = expected[twin_of] | {"photograph"}
+    expected[twin["id"]] = expected[twin_of]
+    assert by_record == expected
+    assert not set(excluded) & set(by_record)
+    twin_row = next(row for row in found if twin["id"] in row["duplicates"].split())
+    assert twin_row["europeana_id"] == twin_of  # the first record in id order keeps the row
+    assert len({row["image"] for row in found}) == len(found)
+
+    summary = json.loads((out / "summary.json").read_text())
+    failed = {item["record"]: item["reason"] for item in summary["failed"]}
+    assert failed == {
+        item["id"]: "blocked_address",
+        missing["id"]: "http_404",
+        not_image["id"]: "not_an_image",
+    }
+    assert summary["records"]["left_out"] == {"excluded": 3}
+    assert summary["images"]["duplicates"] == 1
+    assert summary["duplicates"] == [{"record": twin["id"], "same_image_as": twin_of}]
+    for key in VOCABULARY:
+        images = sum(key in row["labels"].split() for row in found)
+        assert summary["classes"][key]["images"] == images
+    pairs = Counter(
+        f"{a}+{b}"
+        for labels in {row["europeana_id"]: row["labels"].split() for row in found}.values()
+        for i, a in enumerate(labels)
+        for b in labels[i + 1 :]
+    )
+    assert summary["co_occurrence"] == dict(pairs)
+    assert set(summary["reusability"]) == {"open", "restricted", "permission"}
+    assert "photograph" in result.stdout and "failures: " in result.stdout
+    assert "blocked_address 1" in result.stdout
+
+    # Each image requested once; each concept paged with the harvest's filters.
+    paths = Counter(host.requests)
+    assert paths and max(paths.values()) == 1
+    concept_filters = {qf for request in api.requests for qf in request["qf"]}
+    assert {f'skos_concept:"{uri}"' for uri in VOCABULARY.values()} <= concept_filters
+    assert all("TYPE:IMAGE" in r["qf"] and r["media"] == ["true"] for r in api.requests)
+
+
+def fixture_record(fixture: Fixture, index: int) -> str:
+    return sorted(fixture.labels)[index + 3]  # past the three the test excludes
+
+
+def fixture_image(host: ImageHost, fixture: Fixture, index: int) -> bytes:
+    return host.routes[fixture.paths[fixture_record(fixture, index)]].body
+
+
+def test_per_class_cap_holds_and_the_seeded_selection_is_stable(world, tmp_path: Path) -> None:
+    api, _, fixture, _, vocabulary = world
+
+    def harvest(name: str, *options: str) -> list[dict[str, str]]:
+        result = enrich(
+            "harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / name),
+            "--no-progress", *options, env=env_for(api),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return rows(tmp_path / name)
+
+    capped = harvest("a", "--per-class", "4")
+    counts = Counter(label for row in capped for label in row["labels"].split())
+    # Every class reaches its cap (there are enough single-label records) and none passes it.
+    assert counts == dict.fromkeys(VOCABULARY, 4)
+    multilabel = [row for row in capped if len(row["labels"].split()) > 1]
+    assert multilabel, "multilabel records are kept where the caps allow"
+    for row in capped:
+        assert set(row["labels"].split()) == fixture.labels[row["europeana_id"]]
+    assert harvest("b", "--per-class", "4") == capped  # same seed, same set, same files
+    assert harvest("c", "--per-class", "4", "--seed", "7") != capped
+
+    open_only = harvest("open", "--per-class", "100", "--reusability", "open")
+    assert open_only and {row["rights"] for row in open_only} == {
+        "http://creativecommons.org/publicdomain/zero/1.0/"
+    }
+    assert {row["europeana_id"] for row in open_only} == {
+        rid for rid, rights in fixture.rights.items() if "publicdomain" in rights
+    }
+    assert api.requests[-1]["reusability"] == ["open"]
+    summary = json.loads((tmp_path / "open" / "summary.json").read_text())
+    assert summary["reusability"] == {"open": len(open_only)}
+
+
+def test_a_killed_harvest_continues_without_downloading_anything_again(
+    world, tmp_path: Path
+) -> None:
+    api, host, fixture, _, vocabulary = world
+    for route in host.routes.values():
+        route.delay = 0.15  # a slow provider, so the kill lands mid-download
+    args = ["--vocabulary", str(vocabulary), "--per-class", "100", "--no-progress"]
+    env = {**os.environ, **env_for(api), "ENRICH_FETCH_PER_HOST": "2"}
+    out = tmp_path / "killed"
+    journal = out / ".harvest" / "downloads.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichment", "harvest", *args, "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 10):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = [json.loads(line)["record_id"] for line in journal.read_text().splitlines()]
+    assert 10 <= len(before) < COUNT and not (out / "labels.csv").exists()
+    completed = {fixture.paths[record_id] for record_id in before}
+    assert Counter(host.requests)[fixture.paths[before[0]]] == 1
+
+    again = subprocess.run(
+        [sys.executable, "-m", "enrichment", "harvest", *args, "--out", str(out)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    requests = Counter(host.requests)
+    assert all(requests[path] == 1 for path in completed)  # nothing it had was fetched again
+    assert set(requests) == set(fixture.paths.values())  # and everything else was
+    assert max(requests.values()) <= 2  # at most the downloads the kill cut short, once more
+
+    for route in host.routes.values():
+        route.delay = 0.0
+    reference = tmp_path / "reference"
+    fresh = enrich("harvest", *args, "--out", str(reference), env=env_for(api))
+    assert fresh.returncode == 0, fresh.stderr
+    assert (out / "labels.csv").read_text() == (reference / "labels.csv").read_text()
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        p.name for p in (reference / "images").iterdir()
+    )
+
+
+def test_a_harvest_dir_is_continued_only_with_the_same_options(world, tmp_path: Path) -> None:
+    api, _, _, _, vocabulary = world
+    out = str(tmp_path / "set")
+    first = enrich("harvest", "--vocabulary", str(vocabulary), "--out", out, env=env_for(api))
+    assert first.returncode == 0, first.stderr
+    other = enrich(
+        "harvest", "--vocabulary", str(vocabulary), "--out", out, "--per-class", "3",
+        env=env_for(api),
+    )  # fmt: skip
+    assert other.returncode == 1
+    assert (
+        other.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"Error: {out} holds a harvest made with other options")
+    )
+
+
+def test_bad_options_are_one_line_errors(world, tmp_path: Path) -> None:
+    api, _, _, _, vocabulary = world
+    base = ("harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "x"))
+    cases = {
+        ("--reusability", "free"): "--reusability free: choose from open, restricted, permission",
+        ("--concept-query", "what:x"): "--concept-query 'what:x' must contain {uri}",
+    }
+    for extra, message in cases.items():
+        result = enrich(*base, *extra, env=env_for(api))
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    bad = tmp_path / "ids.txt"
+    bad.write_text("/1/ok\nnot-an-id\n")
+    with pytest.raises(Exception, match=r"ids.txt:2: record id 'not-an-id'"):
+        read_exclusions([bad])
+    with pytest.raises(Exception, match="must contain"):
+        HarvestOptions(concept_query="skos_concept:x")
