@@ -420,3 +420,39 @@ def test_review_export_is_a_labelled_set_that_calibrate_reads(
     assert (calibration["images"], calibration["skipped"]) == (3, 0)
     support = {key: value["support"] for key, value in calibration["classes"].items()}
     assert support == {"photograph": 1, "drawing": 3, "map": 0}
+
+
+def test_audit_sample_draws_labels_above_threshold_until_each_is_audited(
+    app_server: ReviewServer,
+) -> None:
+    labelled = {
+        (record, key)
+        for record, scores in SCORES.items()
+        for key, score, threshold in zip(KEYS, scores, THRESHOLDS, strict=True)
+        if score >= threshold
+    }
+
+    def audit_queue() -> list[tuple[str, str]]:
+        answer = requests.get(f"{app_server.url}/api/queue?audit=1&limit=100", timeout=10)
+        return [(i["record_id"], i["label_key"]) for i in answer.json()["items"]]
+
+    drawn = audit_queue()
+    assert sorted(drawn) == sorted(labelled) and len(drawn) == 8
+    # A decision from the uncertainty queue leaves the label in the audit sample...
+    assert decide(app_server, (*drawn[0], "accept", "ada")).status_code == 201
+    assert sorted(audit_queue()) == sorted(labelled)
+    # ...one made in the audit sample takes it out, and is marked as such.
+    body = {
+        "record_id": drawn[1][0],
+        "label_key": drawn[1][1],
+        "model_version": VERSION,
+        "decision": "reject",
+        "reviewer": "ada",
+        "audit": True,
+    }
+    assert requests.post(f"{app_server.url}/api/decisions", json=body, timeout=10).ok
+    assert sorted(audit_queue()) == sorted(labelled - {drawn[1]})
+    assert app_server.decisions()[-1] == (*drawn[1], "reject", "ada", True)
+    # The draw is random: over a few draws the first item is not always the same one.
+    firsts = {audit_queue()[0] for _ in range(12)}
+    assert len(firsts) > 1

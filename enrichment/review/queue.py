@@ -50,6 +50,7 @@ class QueueFilter:
     max_score: float | None = None
     side: str = "any"  # above: the model gave the label; below: it did not
     state: str = "pending"
+    # The audit sample: labels without an audit decision, in random order; `state` is ignored.
     audit: bool = False
     limit: int = 50
     offset: int = 0
@@ -215,14 +216,7 @@ def _items_query(filters: QueueFilter, models: dict[str, ModelClasses]) -> sa.Se
         query = query.where(labelled)
     elif filters.side == "below":
         query = query.where(~labelled)
-    if filters.state == "pending":
-        query = query.where(decided.c.decision.is_(None))
-    elif filters.state == "reviewed":
-        query = query.where(decided.c.decision.is_not(None))
-    elif filters.state != "any":
-        state = {"accepted": Decision.ACCEPT, "rejected": Decision.REJECT, "added": Decision.ADD}
-        query = query.where(decided.c.decision == state[filters.state])
-    if filters.audit:
+    if filters.audit:  # pending in the audit sample: no audit decision yet
         audited = latest_decisions(audit_only=True)
         query = query.where(
             ~sa.exists().where(
@@ -230,6 +224,13 @@ def _items_query(filters: QueueFilter, models: dict[str, ModelClasses]) -> sa.Se
                 audited.c.label_key == items.c.label_key,
             )
         )
+    elif filters.state == "pending":
+        query = query.where(decided.c.decision.is_(None))
+    elif filters.state == "reviewed":
+        query = query.where(decided.c.decision.is_not(None))
+    elif filters.state != "any":
+        state = {"accepted": Decision.ACCEPT, "rejected": Decision.REJECT, "added": Decision.ADD}
+        query = query.where(decided.c.decision == state[filters.state])
     return query
 
 
