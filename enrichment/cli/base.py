@@ -18,6 +18,20 @@ from enrichment.errors import EnrichError
 from enrichment.store.database import Database
 
 
+class RunId(click.ParamType):
+    """A run id. One beyond what a database stores names no run, and says so in one line."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from enrichment.store.query import check_run_id
+
+        return check_run_id(click.INT.convert(value, param, ctx))
+
+
+RUN_ID = RunId()
+
+
 class Commands(click.Group):
     """Turns user-facing errors into one clean line instead of a traceback."""
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import click
 
 from enrichment.cli.base import (
+    RUN_ID,
     batch_size_option,
     emit_json,
     model_dir_option,
@@ -15,8 +19,10 @@ from enrichment.cli.base import (
     progress_option,
     settings,
 )
+from enrichment.errors import EnrichError
 from enrichment.sources.europeana import IMAGE_SOURCES, REUSABILITY
 from enrichment.store.database import Database
+from enrichment.store.query import INTERRUPTED
 
 SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to enrich."
 
@@ -104,13 +110,17 @@ def run(
     service.check_scope(scope, config)
     db = open_db()
 
+    from enrichment.runs.dispatchers import make_dispatcher
+    from enrichment.runs.locks import scope_lock
+
+    executing = ExitStack()
+
     def announce(run_id: int) -> None:
+        executing.enter_context(scope_lock(db, execution_scope(run_id)))
         if not as_json:
             click.echo(f"run {run_id} started for model {version}", err=True)
 
-    from enrichment.runs.dispatchers import make_dispatcher
-
-    with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
+    with executing, make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
         started = service.start(
             db,
             config,
@@ -126,7 +136,7 @@ def run(
 
 
 @click.command()
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @model_dir_option
 @batch_size_option
 @progress_option
@@ -141,8 +151,12 @@ def resume(
     db = open_db()
     model_dir = model_dir or config.require_model_dir()
     from enrichment.runs.dispatchers import make_dispatcher
+    from enrichment.runs.locks import scope_lock
 
-    with make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
+    with (
+        scope_lock(db, execution_scope(run_id)),
+        make_dispatcher(config, model_dir, progress and not as_json) as dispatcher,
+    ):
         service.resume(db, config, run_id, dispatcher, batch_size or config.batch_size)
     report_run(db, run_id, as_json)
 
@@ -150,7 +164,39 @@ def resume(
 def _summary(db: Database, run_id: int | None):
     from enrichment.store.query import run_summary
 
-    return run_summary(db, run_id)
+    return run_summary(db, run_id, LockLiveness(db))
+
+
+class LockLiveness:
+    """Liveness read from the locks a live process holds, released when it dies (even SIGKILL).
+
+    A scheduler holds its scope's lock while it pages; `enrich run` and
+    `enrich resume` hold `execution_scope(run)`'s lock until the batches they
+    run in-process are finished. Probed by taking the lock for an instant.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def scheduling(self, scope: dict[str, Any]) -> bool:
+        return self._held(scope)
+
+    def executing(self, run_id: int) -> bool:
+        return self._held(execution_scope(run_id))
+
+    def _held(self, scope: dict[str, Any]) -> bool:
+        from enrichment.runs.locks import scope_lock
+
+        try:
+            with scope_lock(self.db, scope):
+                return False
+        except EnrichError:
+            return True
+
+
+def execution_scope(run_id: int) -> dict[str, Any]:
+    """The lock key of a run's executing process: no real scope looks like it."""
+    return {"executing_run": run_id}
 
 
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
@@ -179,10 +225,15 @@ def print_summary_counts(summary) -> None:
         click.echo(f"    error {reason:<20} {count}")
     if summary.error:
         click.echo(f"  stopped by     {summary.error}")
+    if summary.status == INTERRUPTED:
+        click.echo(
+            "  interrupted    no process is scheduling it: "
+            f"continue with `enrich resume {summary.id}`"
+        )
 
 
 @click.command()
-@click.argument("run_id", type=int, required=False)
+@click.argument("run_id", type=RUN_ID, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(run_id: int | None, as_json: bool) -> None:
     """Show a run's state and its counts by outcome (default: the latest run)."""
@@ -197,7 +248,7 @@ def status(run_id: int | None, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--run", "run_id", type=int, help="Only records written by this run.")
+@click.option("--run", "run_id", type=RUN_ID, help="Only records written by this run.")
 @click.option(
     "--dataset", "datasets", multiple=True, help="Only records of this dataset (repeatable)."
 )
@@ -206,13 +257,20 @@ def status(run_id: int | None, as_json: bool) -> None:
 def results(
     run_id: int | None, datasets: tuple[str, ...], record_ids: tuple[str, ...], as_json: bool
 ) -> None:
-    """List what happened to each record: outcome, error reason, labels with confidence."""
-    from enrichment.sources.records_file import normalise_id
-    from enrichment.store.query import record_results
+    """List what happened to each record: outcome, error reason, labels with confidence.
 
-    db = open_db()
+    One line per record and model version, fields separated by tabs; a tab,
+    newline or backslash inside a field is written as \\t, \\n or \\\\. When
+    nothing matches, says so on stderr and exits with status 1.
+    """
+    from enrichment.sources.records_file import normalise_id
+    from enrichment.store.query import record_results, run_exists
+
     wanted = [normalise_id(record_id) for record_id in record_ids]
+    db = open_db()
+    found = 0
     for result in record_results(db, run_id, datasets, wanted):
+        found += 1
         if as_json:
             click.echo(json.dumps(result.as_json()))
             continue
@@ -224,4 +282,32 @@ def results(
             detail = f"{result.error_reason}: {result.error_message}"
         else:
             detail = "no label above threshold"
-        click.echo(f"{result.record_id}\t{result.status}\t{detail}")
+        click.echo("\t".join(map(tsv_field, (result.record_id, result.status, detail))))
+    if found:
+        return
+    if run_id is not None and not run_exists(db, run_id):
+        raise EnrichError(f"run {run_id} does not exist")
+    asked = [f"--run {run_id}"] if run_id is not None else []
+    asked += [f"--dataset {tsv_field(dataset)}" for dataset in datasets]
+    asked += [f"--record {record_id}" for record_id in wanted]
+    raise EnrichError(
+        f"no results match {' '.join(asked)}" if asked else "no results yet: run `enrich run`"
+    )
+
+
+def tsv_field(text: str) -> str:
+    """A field that cannot break its line or column: backslash, tab, CR and LF escaped.
+
+    Other control and bidi characters are shown as \\uXXXX, so an id or an
+    error message can never rewrite what the terminal shows.
+    """
+    return _UNSAFE.sub(_escape, text)
+
+
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    character = match.group()
+    return _NAMED.get(character) or f"\\u{ord(character):04x}"

@@ -5,15 +5,28 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
 from enrichment.errors import EnrichError
 from enrichment.store.database import Database
-from enrichment.store.schema import Batch, Label, RecordRow, Result, Run, utc_now
+from enrichment.store.schema import (
+    Batch,
+    BatchStatus,
+    Label,
+    RecordRow,
+    Result,
+    Run,
+    RunStatus,
+    utc_now,
+)
 
 PAGE = 500
+# A run that no process is working on although its status says it is going on (see
+# `Liveness`): it was stopped by Ctrl-C or killed. Shown, never stored.
+INTERRUPTED = "interrupted"
+MAX_ID = 2**63 - 1  # the largest id either database stores
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,28 @@ def _progress(
     return round(rate, 2), (None if finished else round(max(enqueued - done, 0) / rate, 1))
 
 
+class Liveness(Protocol):
+    """Whether some process is working on a run: its scheduler, or its in-process executor."""
+
+    def scheduling(self, scope: dict[str, Any]) -> bool: ...
+
+    def executing(self, run_id: int) -> bool: ...
+
+
+def abandoned(status: str, batches: dict[str, int], run: Run, liveness: Liveness) -> bool:
+    """A run left `scheduling` by a dead scheduler, or `running` with work nobody will do.
+
+    Batches sent to a broker are `queued` (the workers and their sweep own
+    them); a running run whose unfinished batches are all still `pending` can
+    only progress in the process that runs it in-process.
+    """
+    if status == RunStatus.SCHEDULING:
+        return not liveness.scheduling(run.scope)
+    if status == RunStatus.RUNNING and batches.get(BatchStatus.PENDING):
+        return not batches.get(BatchStatus.QUEUED) and not liveness.executing(run.id)
+    return False
+
+
 @dataclass(frozen=True)
 class RecordResult:
     record_id: str
@@ -68,15 +103,22 @@ class RecordResult:
         return asdict(self)
 
 
-def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
-    """The given run, or the latest one; counts come from the rows, not from counters."""
+def run_summary(
+    db: Database, run_id: int | None = None, liveness: Liveness | None = None
+) -> RunSummary:
+    """The given run, or the latest one; counts come from the rows, not from counters.
+
+    With `liveness`, a run that no process is working on (`abandoned`) is
+    shown as `interrupted`, with no time left, rather than as going on with an
+    ETA that grows for ever.
+    """
     with db.transaction() as session:
         if run_id is None:
             run = session.scalars(sa.select(Run).order_by(Run.id.desc()).limit(1)).first()
             if run is None:
                 raise EnrichError("no runs yet: start one with `enrich run`")
         else:
-            run = session.get(Run, run_id)
+            run = session.get(Run, check_run_id(run_id))
             if run is None:
                 raise EnrichError(f"run {run_id} does not exist")
         batches = dict(
@@ -105,12 +147,15 @@ def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
         rate, eta = _progress(
             run.started_at or run.created_at, run.finished_at, done, run.records_enqueued
         )
+        status = run.status
+        if liveness is not None and abandoned(status, batches, run, liveness):
+            status, eta = INTERRUPTED, None
         return RunSummary(
             id=run.id,
             kind=run.kind,
             scope=run.scope,
             model_version=run.model_version,
-            status=run.status,
+            status=status,
             records_seen=run.records_seen,
             records_enqueued=run.records_enqueued,
             batches=batches,
@@ -125,6 +170,18 @@ def run_summary(db: Database, run_id: int | None = None) -> RunSummary:
         )
 
 
+def check_run_id(run_id: int) -> int:
+    """A run id the database could hold; any other cannot name a run (and would overflow)."""
+    if not 1 <= run_id <= MAX_ID:
+        raise EnrichError(f"run {run_id} does not exist")
+    return run_id
+
+
+def run_exists(db: Database, run_id: int) -> bool:
+    with db.transaction() as session:
+        return session.get(Run, check_run_id(run_id)) is not None
+
+
 def record_results(
     db: Database,
     run_id: int | None = None,
@@ -134,7 +191,7 @@ def record_results(
     """One entry per (record, model version), ordered by record id, read page by page."""
     query = sa.select(Result).order_by(Result.record_id, Result.model_version)
     if run_id is not None:
-        query = query.where(Result.run_id == run_id)
+        query = query.where(Result.run_id == check_run_id(run_id))
     if datasets:
         query = query.join(RecordRow, RecordRow.id == Result.record_id).where(
             RecordRow.dataset.in_(datasets)

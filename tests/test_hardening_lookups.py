@@ -1,0 +1,173 @@
+"""Lookups that name nothing, ids that could break a line, and a run whose scheduler died."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from enrichment.runs.schedule import upsert_records
+from enrichment.sources.records_file import Record
+from enrichment.store.writes import RecordOutcome, save_outcomes
+from tests.conftest import REPO, enrich, image_bytes, write_jsonl
+from tests.export_support import build_catalogue, open_database
+from tests.services import wait_for
+
+HOSTILE_ID = "/9/tab\there\nnew\u202eline"
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('lookups')}/lookups.sqlite3"
+    db = open_database(url)
+    build_catalogue(db)
+    # An id from before ids were checked (or from a source that did not check): it must
+    # still print as one line with three fields.
+    with db.transaction() as session:
+        upsert_records(session, [Record(HOSTILE_ID, "9", "urn:x", None)])
+        save_outcomes(
+            session,
+            None,
+            "pilot@aaaaaaaaaaaa",
+            [RecordOutcome.failed(HOSTILE_ID, "http_404", "first line\nsecond\tline\\")],
+        )
+    db.dispose()
+    return url
+
+
+def one_line(result) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["results", "--record", "/demo/x/"],
+            "record id '/demo/x/' is not of the form /DATASET/LOCAL_ID",
+        ),
+        (["results", "--record", "/demo/a b"], "record id '/demo/a b' contains SPACE"),
+        (["status", "99999999999999999999999"], "run 99999999999999999999999 does not exist"),
+        (["resume", "99999999999999999999999"], "run 99999999999999999999999 does not exist"),
+        (["results", "--run", "-99999999999999999999"], "run -99999999999999999999 does not exist"),
+        (["results", "--run", "77"], "run 77 does not exist"),
+        (["results", "--record", "/1001/none"], "no results match --record /1001/none"),
+        (["results", "--dataset", "nope", "--record", "/1001/item_00"], "no results match"),
+        (["results", "--dataset", "nope"], "no results match --dataset nope"),
+    ],
+)
+def test_a_lookup_that_names_nothing_is_one_line_and_exit_1(
+    database: str, args: list[str], message: str
+) -> None:
+    assert one_line(enrich(*args, env={"DATABASE_URL": database})).startswith(f"Error: {message}")
+
+
+def test_plain_results_keep_one_line_and_three_fields_per_result(database: str) -> None:
+    result = enrich("results", "--dataset", "9", env={"DATABASE_URL": database})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    fields = result.stdout.rstrip("\n").split("\t")
+    assert fields == [
+        "/9/tab\\there\\nnew\\u202eline",
+        "error",
+        "http_404: first line\\nsecond\\tline\\\\",
+    ]
+    everything = enrich("results", env={"DATABASE_URL": database}).stdout.splitlines()
+    assert len(everything) == 29 and all(line.count("\t") == 2 for line in everything)
+    as_json = enrich("results", "--dataset", "9", "--json", env={"DATABASE_URL": database})
+    assert json.loads(as_json.stdout)["record_id"] == HOSTILE_ID
+
+
+def test_no_results_on_an_empty_database(tmp_path: Path) -> None:
+    line = one_line(enrich("results", env={"DATABASE_URL": f"sqlite:///{tmp_path}/new.db"}))
+    assert line == "Error: no results yet: run `enrich run`"
+
+
+def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    """While its process lives the run is `running`; once it is killed, `interrupted`."""
+    rows = [
+        {"id": "/kill/fast", "image_url": image_host.add("/kill/fast.png", image_bytes((9, 9, 9)))}
+    ]
+    for n in range(4):
+        url = image_host.add(f"/kill/slow{n}.png", image_bytes((n, 0, 0)), delay=30)
+        rows.append({"id": f"/kill/slow{n}", "image_url": url})
+    records = write_jsonl(tmp_path / "records.jsonl", rows)
+    database = f"sqlite:///{tmp_path}/kill.sqlite3"
+    env = {
+        "DATABASE_URL": database,
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichment", "run", "--records", str(records), "--batch-size", "1"],
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    engine = sa.create_engine(database)
+
+    def first_result_stored() -> bool:
+        try:
+            with engine.connect() as connection:
+                return connection.execute(sa.text("SELECT count(*) FROM results")).scalar() > 0
+        except sa.exc.OperationalError:
+            return False
+
+    try:
+        wait_for(first_result_stored, 90, "the first batch")
+        live = json.loads(enrich("status", "--json", env=env).stdout)
+        assert live["status"] == "running"  # batches pending, but its process is alive
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        engine.dispose()
+    shown = enrich("status", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == f"run {live['id']} (on_demand) interrupted"
+    assert (
+        f"  interrupted    no process is scheduling it: continue with `enrich resume {live['id']}`"
+        in lines
+    )
+    assert "s left" not in shown.stdout  # no ETA for a run nobody is working on
+    summary = json.loads(enrich("status", "--json", env=env).stdout)
+    assert summary["status"] == "interrupted" and summary["eta_seconds"] is None
+
+
+def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from enrichment.cli.runs import LockLiveness, execution_scope
+    from enrichment.model.spec import read_model_json
+    from enrichment.runs.locks import scope_lock
+    from enrichment.runs.schedule import ModelIdentity, start_run
+    from enrichment.store.query import run_summary
+
+    spec, version, _ = read_model_json(tiny_model)
+    db = open_database(f"sqlite:///{tmp_path}/scheduling.sqlite3")
+    scope = {"source": "records_file", "path": str(tmp_path / "records.jsonl")}
+    run_id = start_run(db, ModelIdentity(version, spec), "on_demand", scope, full=False)
+    liveness = LockLiveness(db)
+    with scope_lock(db, scope):  # a scheduler at work: shown as it is
+        assert run_summary(db, run_id, liveness).status == "scheduling"
+    summary = run_summary(db, run_id, liveness)
+    assert (summary.status, summary.eta_seconds) == ("interrupted", None)
+    assert run_summary(db, run_id).status == "scheduling"  # stored as it was: not rewritten
+    # The probe leaves the lock free for the next scheduler (`enrich resume`).
+    with scope_lock(db, scope), scope_lock(db, execution_scope(run_id)):
+        pass
+    db.dispose()
