@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from enrichment.errors import ModelError
+from enrichment.errors import ModelError, OutputError
 from enrichment.model.spec import LabelSpec, ModelSpec, read_model_json, write_model_json
 from tests.conftest import enrich
 
@@ -56,6 +56,8 @@ def test_write_model_json_writes_what_read_accepts(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="input_size"):
         write_model_json(tmp_path, bad, SHA)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OutputError, match=r"cannot write /proc/no-such-model/model\.json: "):
+        write_model_json(Path("/proc/no-such-model"), spec, SHA)
 
 
 def change(document: dict[str, Any], where: str, value: Any) -> dict[str, Any]:

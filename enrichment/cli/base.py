@@ -7,6 +7,7 @@ exit status 1; every reporting command has `--json` for scripts.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,33 @@ class RunId(click.ParamType):
 
 
 RUN_ID = RunId()
+
+
+class FiniteFloat(click.ParamType):
+    """A finite number within bounds. click.FloatRange lets NaN through (NaN compares false)."""
+
+    name = "number"
+
+    def __init__(
+        self, low: float | None = None, high: float | None = None, low_open: bool = False
+    ) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.low is not None and (number < self.low or (self.low_open and number == self.low)):
+            self.fail(
+                f"{number:g} must be {'above' if self.low_open else 'at least'} {self.low:g}",
+                param,
+                ctx,
+            )
+        if self.high is not None and number > self.high:
+            self.fail(f"{number:g} must be at most {self.high:g}", param, ctx)
+        return number
 
 
 class Commands(click.Group):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, settings
-from enrichment.errors import EnrichError
+from enrichment.cli.base import FiniteFloat, emit_json, settings
+from enrichment.errors import EnrichError, OutputError
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 inference_batch_option = click.option(
@@ -69,7 +70,12 @@ def info(directory: Path, as_json: bool) -> None:
     help="{key: concept URI} JSON; default: the shipped 20-class vocabulary.",
 )
 @click.option("--validation", type=DATA, default=None, help="Validation set; default: a split.")
-@click.option("--validation-fraction", type=float, default=0.2, show_default=True)
+@click.option(
+    "--validation-fraction",
+    type=FiniteFloat(0, 0.9, low_open=True),
+    default=0.2,
+    show_default=True,
+)
 @click.option("--name", default=None, help="Model name; default: the output directory's name.")
 @click.option("--architecture", default=None, help="torchvision model  [default: resnet50]")
 @click.option("--input-size", type=click.IntRange(min=16), default=None, help="[default: 224]")
@@ -88,8 +94,14 @@ def info(directory: Path, as_json: bool) -> None:
     show_default=True,
     help="Images per training step.",
 )
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW, cosine decay.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--lr",
+    type=FiniteFloat(0, 10, low_open=True),
+    default=1e-3,
+    show_default=True,
+    help="Learning rate (AdamW, cosine decay): a finite number above 0.",
+)
+@click.option("--weight-decay", type=FiniteFloat(0, 10), default=1e-4, show_default=True)
 @click.option(
     "--patience",
     type=click.IntRange(min=1),
@@ -141,6 +153,7 @@ def train(
     from enrichment.model.training import TrainingOptions
     from enrichment.model.training import train as run_training
 
+    check_creatable(output)
     terms = read_vocabulary(vocabulary or DEFAULT_VOCABULARY)
     data = read_labelled(data_path, terms)
     held_out = read_labelled(validation, terms) if validation else None
@@ -351,3 +364,21 @@ def _precision_targets(values: tuple[str, ...], keys: list[str]) -> dict[str, fl
     return {
         key: per_class.get(key, default) for key in keys if key in per_class or default is not None
     }
+
+
+def check_creatable(directory: Path) -> None:
+    """Fail before training, not after it, if the model directory cannot be made.
+
+    Tried for real (a temporary directory made and removed where the first
+    missing part would go), since permission bits say nothing under /proc or
+    for root; nothing is left behind.
+    """
+    existing = directory.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot create {directory}: {existing} is not a directory")
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".enrich-probe-").cleanup()
+    except OSError as error:
+        raise OutputError(f"cannot create {directory}: {error.strerror or error}") from None

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.errors import ModelError
+from enrichment.errors import ModelError, OutputError
 from enrichment.media.decode import Preprocessing
 
 MODEL_JSON = "model.json"
@@ -144,8 +144,14 @@ def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
     }
     check_model_document(json.loads(json.dumps(document)), directory / MODEL_JSON)
     temporary = directory / f".{MODEL_JSON}.tmp"
-    temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, directory / MODEL_JSON)
+    try:
+        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, directory / MODEL_JSON)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write {directory / MODEL_JSON}: {error.strerror or error}"
+        ) from None
     return document["version"]
 
 
