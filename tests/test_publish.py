@@ -19,15 +19,23 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from enrichment.cli import cli
 from enrichment.publish.annotations import europeana_annotation
 from enrichment.publish.annotations_api import AnnotationsAPI, AnnotationsAPIError, AuthError
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher, PublishReport
+from enrichment.publish.unsettled import PublishError, publish_lock
 from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
-from enrichment.store.ledger import Publication, PublicationState, publications_for_record
+from enrichment.store.ledger import (
+    Publication,
+    PublicationState,
+    publication_status,
+    publications_for_record,
+)
 from enrichment.store.reviews import Decision, Review
 from enrichment.store.writes import register_model
 from tests.annotations_api import ITEM_BASE, AnnotationsServer
@@ -138,6 +146,11 @@ def test_publish_then_publish_again_creates_nothing_new(
     assert second.unchanged == len(expected)
     assert len(server.writes()) == writes
     assert held(server) == expected
+
+    env = {"DATABASE_URL": db.url, "EUROPEANA_ANNOTATION_API_URL": server.url}
+    status = CliRunner().invoke(cli, ["publish", "--status"], env=env)
+    assert status.exit_code == 0, status.output
+    assert f"{len(expected)} published" in status.output and OLD in status.output
 
     shown = publications_for_record(db, ALL[0])
     assert {entry["concept"] for entry in shown} == {c for r, c in expected if r == ALL[0]}
@@ -282,8 +295,9 @@ def test_a_publish_killed_mid_way_and_started_again_leaves_no_duplicates(
 
     dry = enrich("publish", "--dry-run", env=env)
     assert dry.returncode == 0 and "would create 0, update 0, withdraw 0" in dry.stdout
-    status = enrich("publish", "--status", env=env)
-    assert f"{len(expected)} published" in status.stdout and OLD in status.stdout
+    status = publication_status(db, server.url)
+    assert status["by_state"] == {"published": len(expected)}
+    assert status["by_model_version"] == {OLD: {"published": len(expected)}}
     db.dispose()
 
 
@@ -384,3 +398,12 @@ def test_an_unreachable_server_is_retried_then_reported_without_the_token(
         Publisher(db, closed, api).publish(ExportFilter())
     api.close()
     assert "secret-token-9d2e" not in str(caught.value)
+
+
+def test_a_second_publish_to_the_same_api_is_refused_while_one_runs(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue_of(db)
+    with publish_lock(db, server.url), pytest.raises(PublishError, match="another publish"):
+        publish(db, server)
+    assert server.requests == []

@@ -187,6 +187,20 @@ class AnnotationsAPI:
             raise Unsettled(f"the page of {len(items)} came back with {len(stored)} items")
         return stored
 
+    def update_page(self, items: list[tuple[str, dict[str, Any]]]) -> list[Stored]:
+        """POST an AnnotationPage of updates, (id, content) each; idempotent, so retried.
+
+        Raises `Rejected` when the page is refused (an item invalid, or 404 for an
+        id the server does not know) and then nothing was changed.
+        """
+        page = {"@context": "http://www.w3.org/ns/anno.jsonld", "type": "AnnotationPage"}
+        updates = [{"id": annotation_id, **content} for annotation_id, content in items]
+        response = self._send(self._safe, "POST", self.base_url + "s/", {**page, "items": updates})
+        stored = [Stored.of(item) for item in response.get("items", [])]
+        if len(stored) != len(items):
+            raise Unsettled(f"the page of {len(items)} came back with {len(stored)} items")
+        return stored
+
     def create(self, annotation: dict[str, Any]) -> Stored:
         """POST one annotation; `Duplicate` names the ids of the same annotation if it exists."""
         return Stored.of(self._send(self._safe, "POST", self.base_url + "/", annotation))

@@ -23,10 +23,11 @@ up with the search endpoint and adopted when the server holds it, forgotten
 when it does not. New annotations go in pages (`POST .../annotations/`,
 no duplicate check), which is safe because a page is never re-sent blind:
 only a page the server surely did not carry out is retried, any other is
-resolved through the search. A page the server rejects (one bad item rejects
-it all, and then nothing was stored) is split in halves until the bad item is
-alone; it is reported with the server's message and every other item is
-published.
+resolved through the search. Updates go in pages too (items with their id),
+retried like any idempotent request; withdrawals are one DELETE each. A page
+the server rejects (one bad item rejects it all, and then nothing was stored)
+is split in halves until the bad item is alone; it is reported with the
+server's message and every other item is published.
 
 Only the owner may update or withdraw an annotation: rows whose recorded owner
 is not this publish's account (learned from the server's answers) are left
@@ -39,13 +40,11 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from enrichment.errors import EnrichError
 from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations, LabelRow
 from enrichment.publish.annotations_api import (
     AnnotationsAPI,
@@ -56,8 +55,12 @@ from enrichment.publish.annotations_api import (
     agent_id,
 )
 from enrichment.publish.export import ExportFilter, _chosen_results, check_filter, iter_label_rows
-from enrichment.publish.unsettled import count_unsettled, known_account, resolve_unsettled
-from enrichment.runs.locks import scope_lock
+from enrichment.publish.unsettled import (
+    count_unsettled,
+    known_account,
+    publish_lock,
+    resolve_unsettled,
+)
 from enrichment.store.database import Database
 from enrichment.store.ledger import Publication, PublicationState
 from enrichment.store.schema import RecordRow, Result, utc_now
@@ -116,26 +119,6 @@ class PublishReport:
         return asdict(self)
 
 
-class PublishError(EnrichError):
-    """A publish cannot start: another one is running against the same API."""
-
-
-@contextmanager
-def publish_lock(db: Database, api_url: str) -> Iterator[None]:
-    """One publish per API at a time: a second would resolve the first one's intents."""
-    lock = scope_lock(db, {"publish": api_url})
-    try:
-        lock.__enter__()
-    except EnrichError:
-        raise PublishError(
-            f"another publish to {api_url} is running right now; try again later"
-        ) from None
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
-
-
 def content_sha256(annotation: dict[str, Any]) -> str:
     """The annotation's content, canonically serialised and hashed."""
     canonical = json.dumps(annotation, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -150,6 +133,11 @@ class _Op:
     wanted: Wanted | None
     entry: Entry | None
     row_id: int = 0
+
+    @property
+    def annotation_id(self) -> str:
+        assert self.entry is not None and self.entry.annotation_id is not None, "a held row"
+        return self.entry.annotation_id
 
     @property
     def annotation(self) -> dict[str, Any]:
@@ -178,6 +166,7 @@ class Publisher:
         self.page_size = page_size
         self.report = PublishReport(dry_run=api is None)
         self.account = known_account(db, api_url)
+        self._unwritten: list[tuple[int, dict[str, Any]]] = []
 
     # -- the whole publish ---------------------------------------------------------------
 
@@ -305,8 +294,8 @@ class Publisher:
     def _execute(self, pool: ThreadPoolExecutor, ops: Iterable[_Op]) -> None:
         """Intents for a chunk committed, its requests run `concurrency` at a time, settled."""
         in_flight: set[Future] = set()
-        creates: list[_Op] = []
-        others: list[_Op] = []
+        buffers: dict[str, list[_Op]] = {"create": [], "update": [], "withdraw": []}
+        tasks = {"create": self._create_page, "update": self._update_page}
 
         def drain(limit: int) -> None:
             """Settle what is done (raising what a request raised), waiting while over `limit`."""
@@ -320,83 +309,96 @@ class Publisher:
                     in_flight.discard(future)
                     future.result()()  # settles in this thread
 
-        def flush_creates() -> None:
-            self._intend(creates)
-            chunk = list(creates)
-            creates.clear()
-            in_flight.add(pool.submit(self._create_page, chunk))
-            drain(self.concurrency)
-
-        def flush_others() -> None:
-            self._intend(others)
-            for op in others:
-                task = self._update if op.kind == "update" else self._withdraw
-                in_flight.add(pool.submit(task, op))
+        def flush(kind: str) -> None:
+            """Creates and updates go as one page, withdrawals one DELETE each."""
+            chunk = list(buffers[kind])
+            buffers[kind].clear()
+            self._intend(chunk)
+            if kind in tasks:
+                in_flight.add(pool.submit(tasks[kind], chunk))
                 drain(self.concurrency)
-            others.clear()
+                return
+            for op in chunk:
+                in_flight.add(pool.submit(self._withdraw, op))
+                drain(self.concurrency)
 
         try:
             for op in ops:
-                (creates if op.kind == "create" else others).append(op)
-                if len(creates) >= self.page_size:
-                    flush_creates()
-                if len(others) >= self.page_size:
-                    flush_others()
-            if creates:
-                flush_creates()
-            if others:
-                flush_others()
+                buffers[op.kind].append(op)
+                if len(buffers[op.kind]) >= self.page_size:
+                    flush(op.kind)
+            for kind, buffer in buffers.items():
+                if buffer:
+                    flush(kind)
             drain(0)
         except BaseException:
             for future in in_flight:
                 future.cancel()
             raise
+        finally:
+            self._write_settled()
 
     def _intend(self, ops: list[_Op]) -> None:
         """Write the rows' intents and commit them before any request goes out."""
         now = utc_now()
-        with self.db.transaction() as session:
-            for op in ops:
-                if op.kind == "create":
-                    assert op.wanted is not None
-                    values = {
-                        "concept": op.wanted.row.concept,
-                        "model_version": op.wanted.row.model_version,
-                        "content_sha256": op.wanted.sha256,
-                        "annotation_id": None,
-                        "owner": None,
-                        "adopted": False,
-                        "state": S.CREATING,
-                        "last_error": None,
-                        "updated_at": now,
-                    }
-                    if op.entry is None:
-                        row = Publication(
-                            api_url=self.api_url,
-                            record_id=op.wanted.row.record_id,
-                            label_key=op.wanted.row.label_key,
-                            **values,
-                        )
-                        session.add(row)
-                        session.flush()
-                        op.row_id = row.id
-                        continue
-                else:
-                    values = {"state": S.UPDATING if op.kind == "update" else S.WITHDRAWING}
+        inserts, changes = [], []
+        for op in ops:
+            if op.kind != "create":
                 assert op.entry is not None
                 op.row_id = op.entry.id
-                session.execute(
-                    sa.update(Publication).where(Publication.id == op.entry.id).values(**values)
+                state = S.UPDATING if op.kind == "update" else S.WITHDRAWING
+                changes.append((op.row_id, {"state": state}))
+                continue
+            assert op.wanted is not None
+            values = {
+                "concept": op.wanted.row.concept,
+                "model_version": op.wanted.row.model_version,
+                "content_sha256": op.wanted.sha256,
+                "annotation_id": None,
+                "owner": None,
+                "adopted": False,
+                "state": S.CREATING,
+                "last_error": None,
+            }
+            if op.entry is None:
+                inserts.append(
+                    {
+                        "api_url": self.api_url,
+                        "record_id": op.wanted.row.record_id,
+                        "label_key": op.wanted.row.label_key,
+                        "updated_at": now,
+                        **values,
+                    }
                 )
+            else:
+                op.row_id = op.entry.id
+                changes.append((op.row_id, values))
+        with self.db.engine.begin() as connection:
+            if inserts:
+                table = Publication.__table__
+                ids = connection.execute(
+                    sa.insert(table).returning(table.c.id, sort_by_parameter_order=True), inserts
+                ).scalars()
+                new = (op for op in ops if op.kind == "create" and op.entry is None)
+                for op, row_id in zip(new, ids, strict=True):
+                    op.row_id = row_id
+            _update_rows(connection, changes)
 
-    def _settle_rows(self, changes: list[tuple[int, dict[str, Any]]]) -> None:
-        with self.db.transaction() as session:
-            for row_id, values in changes:
-                session.execute(
-                    sa.update(Publication)
-                    .where(Publication.id == row_id)
-                    .values(updated_at=utc_now(), **values)
-                )
+    def _settled(self, changes: list[tuple[int, dict[str, Any]]], now: bool = False) -> None:
+        """Record answers; written at once (`now`, the ids of new annotations) or in batches.
+
+        An update or withdrawal settled late costs nothing after a crash: its
+        row is still an intent, and PUT and DELETE are idempotent.
+        """
+        self._unwritten.extend(changes)
+        if now or len(self._unwritten) >= self.page_size:
+            self._write_settled()
+
+    def _write_settled(self) -> None:
+        if self._unwritten:
+            with self.db.engine.begin() as connection:
+                _update_rows(connection, self._unwritten)
+            self._unwritten = []
 
     def _learn(self, stored: Stored) -> None:
         if stored.owner is not None:
@@ -451,7 +453,7 @@ class Publisher:
                         (op.row_id, {"state": S.REJECTED, "last_error": outcome.message})
                     )
                 # Unsettled: the row stays `creating`; the closing settle looks it up.
-            self._settle_rows(changes)
+            self._settled(changes, now=True)
 
         return settle
 
@@ -463,35 +465,49 @@ class Publisher:
             f"{row.record_id} ({row.label_key}): refused by the server: {error.message}"
         )
 
-    def _update(self, op: _Op) -> Callable[[], None]:
-        """Runs in a pool thread: PUT the new content; an annotation gone is created again."""
-        assert self.api is not None and op.wanted is not None and op.entry is not None
-        wanted = op.wanted
-        adopted = False
-        assert op.entry.annotation_id is not None  # a held row has its id
-        outcome: Stored | Rejected
-        try:
-            outcome = self.api.update(op.entry.annotation_id, wanted.annotation)
-        except Rejected as error:
-            outcome = error
-        if isinstance(outcome, Rejected) and outcome.status in (404, 410):
+    def _update_page(self, ops: list[_Op]) -> Callable[[], None]:
+        """Runs in a pool thread: a page of updates by id, split where the server rejects it.
+
+        Updates cannot duplicate anything, so a page of them is retried like
+        any idempotent request, and one whose outcome is unknown goes again
+        item by item (PUT).
+        """
+        api = self.api
+        assert api is not None
+        outcomes: list[tuple[_Op, Stored | Rejected, bool]] = []
+
+        def post(part: list[_Op]) -> None:
             try:
-                outcome, adopted = self._create_one(wanted.annotation)
+                stored = api.update_page([(op.annotation_id, op.annotation) for op in part])
             except Rejected as error:
-                outcome = error
+                if len(part) == 1:
+                    outcomes.append(self._update_one(part[0], error))
+                    return
+                middle = len(part) // 2
+                post(part[:middle])
+                post(part[middle:])
+                return
+            except Unsettled:
+                outcomes.extend(self._update_one(op) for op in part)
+                return
+            outcomes.extend((op, one, False) for op, one in zip(part, stored, strict=True))
+
+        post(ops)
 
         def settle() -> None:
-            if isinstance(outcome, Rejected):
-                self._rejected(op, outcome)
-                self._settle_rows(
-                    [(op.row_id, {"state": S.PUBLISHED, "last_error": outcome.message})]
-                )
-                return
-            if not adopted:
-                self._learn(outcome)
-            self.report.updated += 1
-            self._settle_rows(
-                [
+            changes: list[tuple[int, dict[str, Any]]] = []
+            for op, outcome, adopted in outcomes:
+                if isinstance(outcome, Rejected):
+                    self._rejected(op, outcome)
+                    changes.append(
+                        (op.row_id, {"state": S.PUBLISHED, "last_error": outcome.message})
+                    )
+                    continue
+                if not adopted:
+                    self._learn(outcome)
+                self.report.updated += 1
+                assert op.wanted is not None
+                changes.append(
                     (
                         op.row_id,
                         {
@@ -499,16 +515,35 @@ class Publisher:
                             "owner": outcome.owner,
                             "adopted": adopted,
                             "state": S.PUBLISHED,
-                            "content_sha256": wanted.sha256,
-                            "model_version": wanted.row.model_version,
-                            "concept": wanted.row.concept,
+                            "content_sha256": op.wanted.sha256,
+                            "model_version": op.wanted.row.model_version,
+                            "concept": op.wanted.row.concept,
                             "last_error": None,
                         },
                     )
-                ]
-            )
+                )
+            self._settled(changes)
 
         return settle
+
+    def _update_one(
+        self, op: _Op, refused: Rejected | None = None
+    ) -> tuple[_Op, Stored | Rejected, bool]:
+        """PUT one update (unless the page already refused it); one gone is created again."""
+        assert self.api is not None
+        outcome: Stored | Rejected | None = refused
+        if outcome is None:
+            try:
+                outcome = self.api.update(op.annotation_id, op.annotation)
+            except Rejected as error:
+                outcome = error
+        if isinstance(outcome, Rejected) and outcome.status in (404, 410):
+            try:
+                created, adopted = self._create_one(op.annotation)
+            except Rejected as error:
+                return op, error, False
+            return op, created, adopted
+        return op, outcome, False
 
     def _create_one(self, annotation: dict[str, Any]) -> tuple[Stored, bool]:
         """A duplicate-checked single create; the same annotation already there is adopted."""
@@ -520,13 +555,31 @@ class Publisher:
             return Stored(duplicate.ids[0], agent_id(existing.get("creator"))), True
 
     def _withdraw(self, op: _Op) -> Callable[[], None]:
-        assert self.api is not None and op.entry is not None and op.entry.annotation_id
-        self.api.withdraw(op.entry.annotation_id)
+        assert self.api is not None
+        self.api.withdraw(op.annotation_id)
 
         def settle() -> None:
             self.report.withdrawn += 1
-            self._settle_rows(
+            self._settled(
                 [(op.row_id, {"state": S.WITHDRAWN, "withdrawn_at": utc_now(), "last_error": None})]
             )
 
         return settle
+
+
+def _update_rows(connection: sa.Connection, changes: list[tuple[int, dict[str, Any]]]) -> None:
+    """UPDATE rows by id, one executemany per set of columns changed."""
+    table = Publication.__table__
+    now = utc_now()
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row_id, values in changes:
+        groups.setdefault(tuple(sorted(values)), []).append(
+            {"row_id": row_id, **{f"new_{column}": value for column, value in values.items()}}
+        )
+    for columns, rows in groups.items():
+        statement = (
+            sa.update(table)
+            .where(table.c.id == sa.bindparam("row_id"))
+            .values(updated_at=now, **{c: sa.bindparam(f"new_{c}") for c in columns})
+        )
+        connection.execute(statement, rows)

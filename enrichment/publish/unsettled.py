@@ -12,23 +12,51 @@ carried out (the publish was killed, or the answer was lost):
 - `withdrawing`: DELETE again; it is idempotent (an annotation already gone
   counts as withdrawn).
 - `updating` needs no request here: the plan treats its content as unknown
-  and sends the PUT again, which is idempotent too.
+  and sends the update again, which is idempotent too.
+
+Resolving another publish's intents while its requests are in flight would
+forget creates that are about to succeed, so only one publish per API runs
+at a time (`publish_lock`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from enrichment.errors import EnrichError
 from enrichment.publish.annotations_api import AnnotationsAPI, Stored, agent_id
+from enrichment.runs.locks import scope_lock
 from enrichment.store.database import Database
 from enrichment.store.ledger import Publication, PublicationState
 from enrichment.store.schema import RecordRow, utc_now
 
 S = PublicationState
+
+
+class PublishError(EnrichError):
+    """A publish cannot start: another one is running against the same API."""
+
+
+@contextmanager
+def publish_lock(db: Database, api_url: str) -> Iterator[None]:
+    """One publish per API at a time: a second would resolve the first one's intents."""
+    lock = scope_lock(db, {"publish": api_url})
+    try:
+        lock.__enter__()
+    except EnrichError:
+        raise PublishError(
+            f"another publish to {api_url} is running right now; try again later"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 @dataclass
