@@ -147,3 +147,16 @@ def test_a_database_in_a_directory_that_does_not_exist_is_one_line(tmp_path: Pat
     assert line.startswith(f"Error: cannot connect to database {url}: unable to open")
     assert not (tmp_path / "no").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_database_failing_under_a_command_is_one_line(tmp_path: Path) -> None:
+    """Ours and at head, but damaged (a table dropped by hand): no traceback, one line."""
+    url = f"sqlite:///{tmp_path}/damaged.db"
+    Database(url).ensure_schema()
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE labels"))
+        connection.execute(sa.text("DROP TABLE results"))
+    engine.dispose()
+    line = one_line(enrich("results", env={"DATABASE_URL": url}))
+    assert line == f"Error: cannot use database {url}: no such table: results"

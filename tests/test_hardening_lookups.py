@@ -148,8 +148,9 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     assert summary["status"] == "interrupted" and summary["eta_seconds"] is None
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, dialect: str, request: pytest.FixtureRequest
 ) -> None:
     from enrichment.cli.runs import LockLiveness, execution_scope
     from enrichment.model.spec import read_model_json
@@ -158,7 +159,12 @@ def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
     from enrichment.store.query import run_summary
 
     spec, version, _ = read_model_json(tiny_model)
-    db = open_database(f"sqlite:///{tmp_path}/scheduling.sqlite3")
+    url = (
+        request.getfixturevalue("pg_url")
+        if dialect == "postgresql"
+        else f"sqlite:///{tmp_path}/scheduling.sqlite3"
+    )
+    db = open_database(url)
     scope = {"source": "records_file", "path": str(tmp_path / "records.jsonl")}
     run_id = start_run(db, ModelIdentity(version, spec), "on_demand", scope, full=False)
     liveness = LockLiveness(db)

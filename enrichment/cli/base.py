@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import click
+import sqlalchemy as sa
 
 from enrichment import __version__
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.store.database import Database
+from enrichment.store.database import Database, database_failure
 
 
 class RunId(click.ParamType):
@@ -61,13 +62,21 @@ class FiniteFloat(click.ParamType):
 
 
 class Commands(click.Group):
-    """Turns user-facing errors into one clean line instead of a traceback."""
+    """Turns user-facing errors into one clean line instead of a traceback.
+
+    A database that fails under a command (a damaged file, a dropped table, a
+    server gone) is one line too, with the URL's password hidden: the same
+    message `Database` gives when it cannot connect.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EnrichError as error:
             raise click.ClickException(str(error)) from None
+        except sa.exc.DBAPIError as error:
+            url = ctx.obj.database_url if isinstance(ctx.obj, Settings) else ""
+            raise click.ClickException(str(database_failure(url, error))) from None
 
 
 def settings() -> Settings:
