@@ -368,6 +368,7 @@ def test_review_stats_precision_by_hand(review_db: Database, pg_url: str) -> Non
     assert rows["map"]["precision"] is None and rows["map"]["rejected_below"] == 1
     assert rows["map"]["suggested_threshold"] is None  # no positive: nothing to place it by
     text = enrich("review", "stats", env={"DATABASE_URL": pg_url})
+    assert text.returncode == 0, text.stderr
     assert "0.67 [" in text.stdout and "0.395" in text.stdout
 
 
