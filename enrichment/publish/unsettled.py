@@ -5,8 +5,9 @@ carried out (the publish was killed, or the answer was lost):
 
 - `creating`: the record's annotations are looked up with the search endpoint
   (`target_record_id`). The one that is this tag (tagging, this concept, this
-  item) and is this account's is adopted: its id and owner go into the row.
-  Found twice (which only a misbehaving server could cause), the surplus is
+  item) and is this account's (any account's while this one is not yet
+  known) is adopted: its id and owner go into the row. Found twice (which
+  only a misbehaving server could cause), this account's surplus is
   withdrawn. Not found, the create never happened and the row is forgotten,
   so the label is planned afresh.
 - `withdrawing`: DELETE again; it is idempotent (an annotation already gone
@@ -153,8 +154,9 @@ def _resolve(
         ),
         key=lambda annotation: str(annotation["id"]),
     )
-    for surplus in found[1:]:
-        api.withdraw(str(surplus["id"]))
+    if account is not None:  # then every one found is this account's own
+        for surplus in found[1:]:
+            api.withdraw(str(surplus["id"]))
     return row, Stored.of(found[0]) if found else None
 
 
@@ -164,7 +166,11 @@ def same_tag(annotation: dict[str, Any], concept: str, item_uri: str) -> bool:
     body_id = body.get("id") if isinstance(body, dict) else body
     target = annotation.get("target")
     targets = target if isinstance(target, list) else [target]
-    target_ids = {t.get("source") or t.get("id") if isinstance(t, dict) else t for t in targets}
+    target_ids = {
+        uri
+        for t in targets
+        for uri in ((t.get("source"), t.get("scope"), t.get("id")) if isinstance(t, dict) else (t,))
+    }
     return (
         annotation.get("motivation") == "tagging" and body_id == concept and item_uri in target_ids
     )
