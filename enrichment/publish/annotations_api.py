@@ -272,7 +272,13 @@ class AnnotationsAPI:
                 raise Unsettled(f"{where}: {type(error).__name__}") from None
             raise AnnotationsAPIError(f"{where}: {_reason(error)}") from None
         if response.status_code in (200, 201):
-            return _json(response)
+            try:
+                document = response.json()
+            except ValueError:
+                # Carried out, but what was stored (its id) cannot be read.
+                kind = Unsettled if unsettled else AnnotationsAPIError
+                raise kind(f"{where}: {response.status_code} without a JSON body") from None
+            return document if isinstance(document, dict) else {}
         if response.status_code == 204:
             return {}
         message = error_message(response)
@@ -301,17 +307,9 @@ def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
 
 
 def _reason(error: requests.exceptions.RequestException) -> str:
-    """The cause in a few words: the exception's class chain, never headers or bodies."""
-    cause = error.__context__ or error.__cause__
-    return type(cause).__name__ if cause is not None else type(error).__name__
-
-
-def _json(response: requests.Response) -> dict[str, Any]:
-    try:
-        document = response.json()
-    except ValueError:
-        raise Unsettled(f"{response.request.method} {response.url}: not JSON") from None
-    return document if isinstance(document, dict) else {}
+    """The cause in a word (urllib3's reason, such as NewConnectionError), never a header."""
+    reason = getattr(error.args[0], "reason", None) if error.args else None
+    return type(reason or error).__name__
 
 
 def error_message(response: requests.Response) -> str:
