@@ -215,6 +215,11 @@ def test_new_model_version_leaves_exactly_the_new_labels(
             assert annotation["created"] == sent_created(db, record_id, concept, NEW)
 
     # Withdrawing everything NEW published leaves only the OLD labels of the other records.
+    env = {"DATABASE_URL": db.url, "EUROPEANA_ANNOTATION_API_URL": server.url}
+    dry = CliRunner().invoke(
+        cli, ["publish", "--withdraw", "--model-version", NEW, "--dry-run"], env=env
+    )
+    assert f"would create 0, update 0, withdraw {len(new)};" in dry.output, dry.output
     gone = publish(db, server, withdraw_all=True, model_version=NEW)
     assert gone.withdrawn == len(new) and gone.created == gone.updated == 0
     assert held(server) == {(r, VOCABULARY[k]) for r, v, k in catalogue.expected() if v == OLD}
