@@ -27,6 +27,7 @@ import bench_db
 import bench_decode
 import bench_e2e
 import bench_export
+import bench_feed
 import bench_schedule
 import common
 
@@ -103,6 +104,12 @@ BENCHMARKS = {
         bench_e2e,
         bench_e2e.report,
         bench_e2e.summary,
+    ),
+    "feed": Benchmark(
+        "feeding the model from one host (issue 14)",
+        bench_feed,
+        bench_feed.report,
+        bench_feed.summary,
     ),
     "db": Benchmark("database writes (item 4)", bench_db, bench_db.report, bench_db.summary),
     "schedule": Benchmark(

@@ -195,14 +195,18 @@ class ImageHost:
                 try:
                     if route.delay:
                         time.sleep(route.delay)
+                    self.answer(route)
+                finally:
+                    with counting:
+                        host.active -= 1
+
+            def answer(self, route: Route) -> None:
+                with contextlib.suppress(OSError):  # the client hung up (killed, or too slow)
                     self.send_response(route.status)
                     self.send_header("Content-Type", route.content_type)
                     self.send_header("Content-Length", str(len(route.body)))
                     self.end_headers()
                     self.wfile.write(route.body)
-                finally:
-                    with counting:
-                        host.active -= 1
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -262,6 +266,7 @@ class CeleryWorker:
             cwd=Path(__file__).resolve().parent.parent,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as on a machine of its own
         )
         with contextlib.suppress(AssertionError):  # reported below, with the worker's log
             wait_for(
@@ -288,6 +293,13 @@ class CeleryWorker:
         for pid in [*self.pool_pids(), self.process.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
+        self.process.wait(10)
+        self.log.close()
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker's whole process group at once: the machine is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, 9)
         self.process.wait(10)
         self.log.close()
 

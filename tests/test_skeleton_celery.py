@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from enrichment.model.spec import read_model_json
-from tests.conftest import VOCABULARY, enrich
+from tests.conftest import VOCABULARY, enrich, image_bytes, write_jsonl
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
-from tests.services import CeleryWorker, wait_for
+from tests.services import CeleryWorker, free_port, wait_for
 
 
 def test_run_through_celery_worker_redis_and_postgres(
@@ -62,3 +68,81 @@ def test_run_through_celery_worker_redis_and_postgres(
     assert [(r, b) for r, b, _ in exported] == [(r, b) for r, b, _ in want]
     assert all(abs(got[2] - w[2]) < 1e-5 for got, w in zip(exported, want, strict=True))
     assert all(a["generator"]["version"] == version for a in document["first"]["items"])
+
+
+def _records(tmp_path: Path, image_host) -> Path:
+    return write_jsonl(
+        tmp_path / "one.jsonl",
+        [{"id": "/broker/a", "image_url": image_host.add("/broker/a.png", image_bytes((1, 2, 3)))}],
+    )
+
+
+def _runs(database_url: str) -> int:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sa.text("SELECT count(*) FROM runs")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_a_broker_url_with_an_unknown_scheme_is_refused_before_any_run(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "CELERY_BROKER_URL": "rabbit://guest:secret@127.0.0.1/",
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    result = enrich("run", "--records", str(_records(tmp_path, image_host)), env=env)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "unknown scheme 'rabbit'" in line and "secret" not in line
+    assert _runs(env["DATABASE_URL"]) == 0
+
+
+def test_an_unreachable_broker_is_retried_for_a_while_then_one_clear_line(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+        "ENRICH_BROKER_RETRY_SECONDS": "3",
+    }
+    assert enrich("db", "upgrade", env=env).returncode == 0
+    began = time.monotonic()
+    result = enrich("run", "--records", str(_records(tmp_path, image_host)), env=env)
+    waited = time.monotonic() - began
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: cannot reach the broker at redis://127.0.0.1:"), line
+    assert "retried for about 3 s" in line
+    assert 2 <= waited < 60
+    assert _runs(env["DATABASE_URL"]) == 0
+
+
+def test_the_nightly_task_fails_visibly_when_it_cannot_start(
+    tmp_path: Path, tiny_model: Path, redis_server
+) -> None:
+    """A missing API key is not 'the scope is busy': the task fails, it is not logged away."""
+    broker = redis_server if isinstance(redis_server, str) else redis_server.url
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "CELERY_BROKER_URL": broker,
+        "ENRICH_MODEL": str(tiny_model),
+        "EUROPEANA_API_KEY": "",
+    }
+    task = subprocess.run(
+        [sys.executable, "-c", "from worker.tasks import nightly_run_task; nightly_run_task()"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert task.returncode != 0
+    assert "ConfigError: EUROPEANA_API_KEY is not set" in task.stderr

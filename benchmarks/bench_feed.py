@@ -1,0 +1,413 @@
+"""Feeding the model from one host: the case of real runs (Europeana's thumbnail service).
+
+Every way below classifies the same N distinct 400x300 JPEG previews served by
+ONE local host (`peers.py images 1 N LATENCY`), with the fetcher's defaults
+(only the loopback allow-listed), timed side by side in this run:
+
+- pipeline, stand-in model: the in-process dispatcher (the overlapped stages of
+  `enrichment.runs.inprocess`) with a model that costs a fixed 0.3 ms per image,
+  what a GPU's resnet50 costs, over a host answering after 200 ms and over one
+  answering at once: `feed_latency_hidden` is their ratio;
+- decode only: the same bytes, already in memory, decoded to model input on
+  every core (a thread per core): the most any feed could deliver here;
+  `feed_over_decode` is the 200 ms pipeline over it;
+- img2dataset (installed by this benchmark into its own virtualenv, pinned), on
+  the same host and URLs, `--processes_count` = cores, resizing to 224:
+  `feed_over_img2dataset` is the 200 ms pipeline over it; the same pipeline
+  with the real CPU model (the demo model) is reported beside it;
+- through Celery: a real `enrich worker` on Redis and PostgreSQL with the demo
+  model, against the in-process dispatcher with the same model, both at 200 ms.
+
+    python benchmarks/bench_feed.py [--quick]
+
+Not a test: it measures time, which the tests never do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import common
+import numpy as np
+import sqlalchemy as sa
+import torch
+from peers import PICTURES, distinct, preview_jpeg
+
+from enrichment.config import Settings
+from enrichment.media.decode import Preprocessing, decode
+from enrichment.model.classifier import Classifier, usable_cpus
+from enrichment.model.spec import LabelScore, ModelSpec, decide
+from enrichment.runs import service
+from enrichment.runs.inprocess import InProcessDispatcher
+from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.store.database import Database
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "demo" / "model"
+LATENCY = 0.2
+STAND_IN_SECONDS = 0.0003  # per image: resnet50 in bf16 on a recent GPU
+IMG2DATASET = "img2dataset==1.47.0"
+IMG2DATASET_VENV = Path(
+    os.environ.get("BENCH_IMG2DATASET_VENV", Path.home() / ".cache" / "enrich-bench-img2dataset")
+)
+TARGETS = {"feed_latency_hidden": 0.8, "feed_over_img2dataset": 1.0, "feed_over_decode": 0.6}
+
+
+class StandInModel:
+    """A model that costs a fixed time per image and decides like the real one.
+
+    What a GPU would cost, on a machine that has none: the feed, not the
+    model, is then what the rate measures.
+    """
+
+    def __init__(self, seconds_per_image: float) -> None:
+        self.spec = ModelSpec(
+            name="stand-in",
+            architecture="resnet50",
+            input_size=224,
+            labels=common.vocabulary_labels(),
+        )
+        self.version = "stand-in@000000000000"
+        self.seconds = seconds_per_image
+        self.thresholds = np.asarray([label.threshold for label in self.spec.labels])
+
+    def scores(self, inputs: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds * len(inputs))
+        means = inputs.reshape(len(inputs), -1).mean(axis=1, keepdims=True)
+        return 1 / (1 + np.exp(-np.repeat(means, len(self.spec.labels), axis=1)))
+
+    def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
+        chosen = decide(np.asarray(scores)[np.newaxis, :], self.thresholds, 0)[0]
+        return [
+            LabelScore(label.key, label.concept, float(score))
+            for label, score, given in zip(self.spec.labels, scores, chosen, strict=True)
+            if given
+        ]
+
+
+def write_records(path: Path, host: str, count: int) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for number in range(count):
+            row = {"id": f"/9200001/item_{number:06d}", "image_url": f"{host}/img/{number}.jpg"}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def settings_for(url: str) -> Settings:
+    """The defaults; on a GPU, batches of 512 so that enough images are in flight to feed it."""
+    batch_size = 512 if torch.cuda.is_available() else Settings.batch_size
+    return Settings(database_url=url, fetch_allow=("127.0.0.0/8",), batch_size=batch_size)
+
+
+def in_process(base_url: str, host: str, count: int, model: Any, tmp: Path) -> dict[str, Any]:
+    """One run of `count` records through the in-process dispatcher; model already loaded."""
+    with common.fresh_database(base_url) as url:
+        db = Database(url)
+        db.upgrade()
+        records = write_records(tmp / f"records-{time.monotonic_ns()}.jsonl", host, count)
+        settings = settings_for(url)
+        began = time.perf_counter()
+        with InProcessDispatcher(
+            settings, DEMO_MODEL, show_progress=False, classifier=model
+        ) as dispatcher:
+            progress = service.start(
+                db,
+                settings,
+                service.records_scope(records),
+                RunKind.ON_DEMAND,
+                ModelIdentity(model.version, model.spec),
+                dispatcher,
+                settings.batch_size,
+            )
+        seconds = time.perf_counter() - began
+        errors = _errors(db, progress.run_id)
+        db.dispose()
+    return {"seconds": round(seconds, 2), "rate": round(count / seconds, 1), "errors": errors}
+
+
+def _errors(db: Database, run_id: int) -> dict[str, int]:
+    with db.engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT coalesce(error_reason, status), count(*) FROM results"
+                " WHERE run_id = :id GROUP BY 1"
+            ),
+            {"id": run_id},
+        ).all()
+    found = dict(rows)
+    if sum(found.values()) == 0 or any(key not in ("labelled", "below_threshold") for key in found):
+        raise RuntimeError(f"the run did not classify every image: {found}")
+    return found
+
+
+def decode_only(count: int, preprocessing: Preprocessing) -> dict[str, Any]:
+    """The same bytes decoded from memory, one thread per core: the CPU's ceiling."""
+    pictures = [preview_jpeg(seed) for seed in range(PICTURES)]
+    bodies = [distinct(pictures[number % PICTURES], number) for number in range(count)]
+    cores = usable_cpus()
+    with ThreadPoolExecutor(cores) as pool:
+        list(pool.map(lambda body: decode(body, preprocessing), bodies[:cores]))  # warm
+        began = time.perf_counter()
+        list(pool.map(lambda body: decode(body, preprocessing), bodies))
+        seconds = time.perf_counter() - began
+    return {"seconds": round(seconds, 2), "rate": round(count / seconds, 1), "threads": cores}
+
+
+def img2dataset(host: str, count: int, tmp: Path) -> dict[str, Any]:
+    """img2dataset on the same URLs, from its own pinned virtualenv (made on first use)."""
+    binary = IMG2DATASET_VENV / "bin" / "img2dataset"
+    if not binary.exists():
+        common.say(f"    installing {IMG2DATASET} into {IMG2DATASET_VENV} ...")
+        subprocess.run([sys.executable, "-m", "venv", str(IMG2DATASET_VENV)], check=True)
+        subprocess.run(
+            [str(IMG2DATASET_VENV / "bin" / "pip"), "install", "-q", IMG2DATASET], check=True
+        )
+    urls = tmp / "urls.txt"
+    urls.write_text("".join(f"{host}/img/{number}.jpg\n" for number in range(count)))
+    out = tmp / f"img2dataset-{time.monotonic_ns()}"
+    cores = usable_cpus()
+    began = time.perf_counter()
+    subprocess.run(
+        [
+            str(binary),
+            "--url_list",
+            str(urls),
+            "--input_format",
+            "txt",
+            "--output_folder",
+            str(out),
+            "--output_format",
+            "files",
+            "--processes_count",
+            str(cores),
+            "--thread_count",
+            "64",
+            "--image_size",
+            "224",
+            "--resize_mode",
+            "center_crop",
+            "--timeout",
+            "20",
+            "--retries",
+            "0",
+            "--disallowed_header_directives",
+            "[]",
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    seconds = time.perf_counter() - began
+    stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
+    succeeded = sum(stat.get("successes", 0) for stat in stats)
+    if succeeded < count * 0.99:
+        raise RuntimeError(f"img2dataset fetched {succeeded} of {count} images")
+    return {
+        "seconds": round(seconds, 2),
+        "rate": round(count / seconds, 1),
+        "processes": cores,
+        "successes": succeeded,
+    }
+
+
+def through_celery(
+    base_url: str, host: str, count: int, tmp: Path, model_dir: Path
+) -> dict[str, Any]:
+    """A real `enrich worker` (Redis, PostgreSQL, the demo model); timed from `enrich run`."""
+    from tests.services import CeleryWorker
+
+    with common.fresh_database(base_url) as url, common.redis_server() as broker:
+        env = {
+            "DATABASE_URL": url,
+            "CELERY_BROKER_URL": broker,
+            "ENRICH_MODEL": str(model_dir),
+            "ENRICH_FETCH_ALLOW": "127.0.0.0/8",
+            "ENRICH_BATCH_SIZE": str(settings_for(url).batch_size),
+        }
+        full_env = {**os.environ, **env}
+        enrich = [sys.executable, "-m", "enrichment"]
+        subprocess.run([*enrich, "db", "upgrade"], env=full_env, check=True, capture_output=True)
+        worker = CeleryWorker(env, tmp / "worker.log")
+        try:
+            records = write_records(tmp / "celery.jsonl", host, count)
+            began = time.perf_counter()
+            started = subprocess.run(
+                [*enrich, "run", "--records", str(records), "--json"],
+                env=full_env,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            run_id = json.loads(started.stdout)["id"]
+            db = Database(url)
+            done = threading.Event()
+            while not done.wait(0.2):
+                with db.engine.connect() as connection:
+                    status = connection.execute(
+                        sa.text("SELECT status FROM runs WHERE id = :id"), {"id": run_id}
+                    ).scalar()
+                if status in ("completed", "failed"):
+                    break
+                if time.perf_counter() - began > 600:
+                    raise RuntimeError("the Celery run did not finish in 10 minutes")
+            seconds = time.perf_counter() - began
+            errors = _errors(db, run_id)
+            db.dispose()
+        finally:
+            worker.stop()
+    return {"seconds": round(seconds, 2), "rate": round(count / seconds, 1), "errors": errors}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """On a CPU the real model is the demo model; on a GPU, resnet50 (bf16, channels_last)."""
+    cuda = torch.cuda.is_available()
+    count = (600 if quick else 3000) * (4 if cuda else 1)
+    figures: dict[str, Any] = {"images": count, "latency_s": LATENCY, "cores": usable_cpus()}
+    defaults = settings_for("sqlite://")
+    figures["defaults"] = {
+        "fetch_per_host": defaults.fetch_per_host,
+        "fetch_per_host_max": defaults.fetch_per_host_max,
+        "fetch_concurrency": defaults.fetch_concurrency,
+        "batch_size": defaults.batch_size,
+    }
+    stand_in = StandInModel(STAND_IN_SECONDS)
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-feed-") as directory,
+        common.database_server() as base,
+        common.peers("images", "1", str(count), str(LATENCY)) as slow,
+        common.peers("images", "1", str(count), "0") as fast,
+    ):
+        tmp = Path(directory)
+        if cuda:
+            from bench_e2e import make_model
+
+            model_dir = tmp / "resnet50"
+            real = make_model(model_dir, "resnet50")
+        else:
+            model_dir, real = DEMO_MODEL, Classifier.load(DEMO_MODEL)
+        figures["real_model"] = f"{real.spec.architecture} on {real.device}"
+        slow_host, fast_host = slow["hosts"][0], fast["hosts"][0]
+        common.say(f"  {count} images from one host; stand-in model, 200 ms then no latency")
+        figures["stand_in_slow"] = in_process(base, slow_host, count, stand_in, tmp)
+        figures["stand_in_fast"] = in_process(base, fast_host, count, stand_in, tmp)
+        common.say("  decode only, every core")
+        figures["decode_only"] = decode_only(count, stand_in.spec.preprocessing)
+        common.say(f"  {figures['real_model']}, 200 ms then no latency")
+        figures["demo_slow"] = in_process(base, slow_host, count, real, tmp)
+        figures["demo_fast"] = in_process(base, fast_host, count, real, tmp)
+        common.say("  img2dataset, 200 ms")
+        try:
+            figures["img2dataset"] = img2dataset(slow_host, count, tmp)
+        except (subprocess.CalledProcessError, RuntimeError, OSError) as error:
+            figures["img2dataset"] = {"error": str(error)[:300]}
+        common.say(f"  a real Celery worker with {figures['real_model']}, 200 ms")
+        figures["celery_slow"] = through_celery(base, slow_host, count, tmp, model_dir)
+    slow_rate = figures["stand_in_slow"]["rate"]
+    figures["feed_latency_hidden"] = round(slow_rate / figures["stand_in_fast"]["rate"], 3)
+    figures["feed_over_decode"] = round(slow_rate / figures["decode_only"]["rate"], 3)
+    figures["demo_latency_hidden"] = round(
+        figures["demo_slow"]["rate"] / figures["demo_fast"]["rate"], 3
+    )
+    if "rate" in figures["img2dataset"]:
+        i2d = figures["img2dataset"]["rate"]
+        figures["feed_over_img2dataset"] = round(slow_rate / i2d, 3)
+        figures["feed_over_img2dataset_cpu_model"] = round(figures["demo_slow"]["rate"] / i2d, 3)
+    figures["feed_celery_over_inprocess"] = round(
+        figures["celery_slow"]["rate"] / figures["demo_slow"]["rate"], 3
+    )
+    return figures
+
+
+def report(figures: dict[str, Any]) -> list[str]:
+    d = figures["defaults"]
+    lines = [
+        f"  {figures['images']} distinct 400x300 JPEGs from ONE local host, "
+        f"{figures['cores']} cores; fetcher defaults: {d['fetch_per_host']} per unknown host "
+        f"at first, up to {d['fetch_per_host_max']} while it keeps pace, {d['fetch_concurrency']}"
+        f" in all; batches of {d['batch_size']}"
+    ]
+    for key, title in (
+        ("stand_in_slow", "pipeline, stand-in model (0.3 ms/image), 200 ms"),
+        ("stand_in_fast", "pipeline, stand-in model, no latency"),
+        ("decode_only", "decode only, from memory, every core"),
+        ("demo_slow", f"pipeline, {figures['real_model']}, 200 ms"),
+        ("demo_fast", f"pipeline, {figures['real_model']}, no latency"),
+        ("img2dataset", f"{IMG2DATASET}, 200 ms"),
+        ("celery_slow", f"Celery worker (Redis, PostgreSQL), {figures['real_model']}, 200 ms"),
+    ):
+        part = figures[key]
+        if "rate" in part:
+            lines.append(f"    {title:<58} {part['rate']:8.1f} images/s ({part['seconds']} s)")
+        else:
+            lines.append(f"    {title:<58} not run: {part.get('error')}")
+    return lines
+
+
+def summary(figures: dict[str, Any]) -> list[common.Figure]:
+    lines = [
+        common.Figure(
+            "feed_latency_hidden",
+            figures["feed_latency_hidden"],
+            f">= {TARGETS['feed_latency_hidden']}",
+            note="one host, stand-in model: 200 ms over no latency",
+        ),
+        common.Figure(
+            "feed_latency_hidden_cpu_model",
+            figures["demo_latency_hidden"],
+            note=f"the same with {figures['real_model']}",
+        ),
+        common.Figure(
+            "feed_end_to_end_rate",
+            figures["demo_slow"]["rate"],
+            ">= 3000" if "cuda" in figures["real_model"] else None,
+            unit="images/s",
+            note=f"{figures['real_model']}, one host at 200 ms",
+        ),
+    ]
+    if "feed_over_img2dataset" in figures:
+        lines += [
+            common.Figure(
+                "feed_over_img2dataset",
+                figures["feed_over_img2dataset"],
+                f">= {TARGETS['feed_over_img2dataset']}",
+                note="stand-in model; one host at 200 ms",
+            ),
+            common.Figure(
+                "feed_over_img2dataset_cpu_model",
+                figures["feed_over_img2dataset_cpu_model"],
+                note=figures["real_model"],
+            ),
+        ]
+    lines += [
+        common.Figure(
+            "feed_over_decode",
+            figures["feed_over_decode"],
+            f">= {TARGETS['feed_over_decode']}",
+            note="stand-in model at 200 ms over decoding from memory on every core",
+        ),
+        common.Figure(
+            "feed_celery_over_inprocess",
+            figures["feed_celery_over_inprocess"],
+            note=f"{figures['real_model']}, 200 ms: Celery "
+            f"{figures['celery_slow']['rate']:.0f} images/s, "
+            f"in-process {figures['demo_slow']['rate']:.0f}",
+        ),
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.stand_alone(__doc__, "600 images instead of 3,000", run, report, summary, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
