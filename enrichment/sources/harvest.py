@@ -242,7 +242,12 @@ def read_exclusions(paths: Sequence[Path]) -> frozenset[str]:
                 raise EnrichError(
                     f"--exclude {path}: no record id column (one of {', '.join(EXCLUDE_FIELDS)})"
                 )
+            # A harvest's labels.csv also names the records whose image a row stands for.
+            extra = header.get("duplicates")
             values = [row[column] for row in rows]
+            values += (
+                [value for row in rows for value in (row[extra] or "").split()] if extra else []
+            )
         else:
             values = text.splitlines()
         for line, value in enumerate(values, start=2 if path.suffix.lower() == ".csv" else 1):
