@@ -16,7 +16,12 @@ from sklearn.metrics import (
 
 from enrichment.cli.model import _precision_targets
 from enrichment.errors import EnrichError, ModelError
-from enrichment.model.calibration import choose_threshold, choose_thresholds, write_calibration
+from enrichment.model.calibration import (
+    calibrated_spec,
+    choose_threshold,
+    choose_thresholds,
+    write_calibration,
+)
 from enrichment.model.classifier import Classifier
 from enrichment.model.evaluation import ScoredSet, average_precision, compute_metrics
 from enrichment.model.spec import read_model_json, update_model_json
@@ -187,3 +192,23 @@ def test_min_precision_option_parsing() -> None:
         _precision_targets(("1.5",), keys)
     with pytest.raises(EnrichError, match="expected P or KEY=P"):
         _precision_targets(("high",), keys)
+
+
+def test_training_calibration_is_version_one_and_calibrate_refines_it(tiny_model: Path) -> None:
+    """Training ends with `calibrated_spec(..., thresholds_version=1)`; calibrate then counts on."""
+    spec = read_model_json(tiny_model)[0]
+    scored = ScoredSet(
+        keys=spec.keys,
+        targets=np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0]], dtype=bool),
+        scores=np.array([[0.3, 0.1, 0.0], [0.1, 0.6, 0.9], [0.2, 0.7, 0.2]], dtype=np.float32),
+        skipped=[],
+    )
+    chosen = choose_thresholds(scored, {key: 0.5 for key in spec.keys})
+    trained = calibrated_spec(spec, chosen, "the validation split of training", 3, 0, 1)
+    assert trained.thresholds_version == 1 and trained.calibration["thresholds_version"] == 1
+    assert [label.threshold for label in trained.labels] == [item.threshold for item in chosen]
+    assert trained.labels[0].threshold < 0.5  # a class that scores low gets a low threshold
+    assert trained.calibration["data"] == "the validation split of training"
+    assert {c["method"] for c in trained.calibration["classes"].values()} == {"max_f1"}
+    refined = calibrated_spec(trained, chosen, "val.csv", 3, 0, trained.thresholds_version + 1)
+    assert refined.thresholds_version == 2 and refined.labels == trained.labels
