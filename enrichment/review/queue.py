@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
@@ -142,22 +143,37 @@ def check_scope(connection: sa.Connection, filters: QueueFilter) -> dict[str, Mo
     return models
 
 
-def _items_query(filters: QueueFilter, models: dict[str, ModelClasses]) -> sa.Select | None:
-    """Every matching item, unordered, as one SELECT; None when no class matches."""
+def _items_query(
+    connection: sa.Connection,
+    filters: QueueFilter,
+    models: dict[str, ModelClasses],
+    record_id: str | None = None,
+    labelled_column: bool = True,
+) -> sa.Select | None:
+    """Every matching item (of one record, with `record_id`), unordered, as one SELECT;
+    None when no class matches.
+
+    Without `labelled_column` (and unless the filters need it) whether the model gave
+    the label is left to `_with_records`, which looks it up for a page's rows only:
+    looked up for every item, it is most of the cost of a queue over all classes.
+    """
     chosen = _chosen_results(
         ExportFilter(
             datasets=filters.datasets, run_id=filters.run_id, model_version=filters.model_version
         )
     )
-    scored = (
-        sa.select(chosen.c.record_id, chosen.c.model_version, Result.scores)
-        .join(
-            Result,
-            (Result.record_id == chosen.c.record_id)
-            & (Result.model_version == chosen.c.model_version),
-        )
-        .cte("scored")
+    scores: Any = Result.scores
+    if connection.dialect.name == "postgresql":  # parsed once, not once per class
+        scores = sa.cast(Result.scores, postgresql.JSONB)
+    with_scores = sa.select(
+        chosen.c.record_id, chosen.c.model_version, scores.label("scores")
+    ).join(
+        Result,
+        (Result.record_id == chosen.c.record_id) & (Result.model_version == chosen.c.model_version),
     )
+    if record_id is not None:  # on the window's partition key: the database pushes it down
+        with_scores = with_scores.where(chosen.c.record_id == record_id)
+    scored = with_scores.cte("scored")
     arms = []
     for model in models.values():
         if filters.model_version is not None and model.version != filters.model_version:
@@ -181,41 +197,36 @@ def _items_query(filters: QueueFilter, models: dict[str, ModelClasses]) -> sa.Se
         return None
     items = sa.union_all(*arms).subquery("items")
     decided = latest_decisions()
-    labelled = sa.exists().where(
-        Label.record_id == items.c.record_id,
-        Label.model_version == items.c.model_version,
-        Label.label_key == items.c.label_key,
+    # The records' own columns are joined later, for the page only (`_with_records`).
+    query = sa.select(
+        items.c.record_id,
+        items.c.label_key,
+        items.c.label_name,
+        items.c.model_version,
+        items.c.confidence,
+        items.c.threshold,
+        decided.c.decision,
+        decided.c.reviewer,
+        decided.c.decided_at,
+    ).outerjoin(
+        decided,
+        (decided.c.record_id == items.c.record_id) & (decided.c.label_key == items.c.label_key),
     )
-    query = (
-        sa.select(
-            items.c.record_id,
-            items.c.label_key,
-            items.c.label_name,
-            items.c.model_version,
-            items.c.confidence,
-            items.c.threshold,
-            labelled.label("labelled"),
-            decided.c.decision,
-            decided.c.reviewer,
-            decided.c.decided_at,
-            RecordRow.title,
-            RecordRow.provider,
-            RecordRow.dataset,
+    if labelled_column or filters.side != "any" or filters.audit:
+        query = query.add_columns(Label.record_id.is_not(None).label("labelled")).outerjoin(
+            Label,
+            (Label.record_id == items.c.record_id)
+            & (Label.model_version == items.c.model_version)
+            & (Label.label_key == items.c.label_key),
         )
-        .join(RecordRow, RecordRow.id == items.c.record_id)
-        .outerjoin(
-            decided,
-            (decided.c.record_id == items.c.record_id) & (decided.c.label_key == items.c.label_key),
-        )
-    )
     if filters.min_score is not None:
         query = query.where(items.c.confidence >= filters.min_score)
     if filters.max_score is not None:
         query = query.where(items.c.confidence <= filters.max_score)
     if filters.side == "above" or filters.audit:
-        query = query.where(labelled)
+        query = query.where(Label.record_id.is_not(None))
     elif filters.side == "below":
-        query = query.where(~labelled)
+        query = query.where(Label.record_id.is_(None))
     if filters.audit:  # pending in the audit sample: no audit decision yet
         audited = latest_decisions(audit_only=True)
         query = query.where(
@@ -253,31 +264,62 @@ def _item(row: Any) -> Item:
     )
 
 
+def _with_records(items: sa.Subquery) -> sa.Select:
+    """Items with their record's title, provider and dataset (and `labelled`, if missing)."""
+    query = sa.select(items, RecordRow.title, RecordRow.provider, RecordRow.dataset).join(
+        RecordRow, RecordRow.id == items.c.record_id
+    )
+    if "labelled" not in items.c:
+        labelled = sa.exists().where(
+            Label.record_id == items.c.record_id,
+            Label.model_version == items.c.model_version,
+            Label.label_key == items.c.label_key,
+        )
+        query = query.add_columns(labelled.label("labelled"))
+    return query
+
+
 def queue(connection: sa.Connection, filters: QueueFilter) -> tuple[list[Item], int]:
     """One page of items, most uncertain first (audit: in random order), and how many match."""
     models = check_scope(connection, filters)
-    query = _items_query(filters, models)
+    query = _items_query(connection, filters, models, labelled_column=False)
     if query is None:
         return [], 0
     inner = query.subquery("matching")
+
+    def uncertainty(items: Any) -> list[Any]:
+        margin = sa.func.abs(items.c.confidence - items.c.threshold)
+        return [margin.asc().nulls_last(), items.c.record_id, items.c.label_key]
+
+    order = [sa.func.random()] if filters.audit else uncertainty(inner)
+    # The count as a window over the same rows: one pass over the items instead of two.
+    page = (
+        sa.select(inner, sa.func.count().over().label("total"))
+        .order_by(*order)
+        .limit(filters.limit)
+        .offset(filters.offset)
+        .subquery("page")
+    )
+    with_records = _with_records(page)
+    if not filters.audit:  # the page in the same order (the audit's random one needs none)
+        with_records = with_records.order_by(*uncertainty(page))
+    rows = connection.execute(with_records).all()
+    if rows:
+        return [_item(row) for row in rows], rows[0].total
     total = connection.execute(sa.select(sa.func.count()).select_from(inner)).scalar_one()
-    if filters.audit:
-        order: list[Any] = [sa.func.random()]
-    else:
-        margin = sa.func.abs(inner.c.confidence - inner.c.threshold)
-        order = [margin.asc().nulls_last(), inner.c.record_id, inner.c.label_key]
-    page = sa.select(inner).order_by(*order).limit(filters.limit).offset(filters.offset)
-    return [_item(row) for row in connection.execute(page)], total
+    return [], total
 
 
 def all_items(connection: sa.Connection, filters: QueueFilter) -> Iterable[Item]:
     """Every matching item, by record and label (for stats and exports), streamed."""
     models = check_scope(connection, filters)
-    query = _items_query(filters, models)
+    query = _items_query(connection, filters, models)
     if query is None:
         return
     inner = query.subquery("matching")
-    ordered = sa.select(inner).order_by(inner.c.record_id, inner.c.model_version, inner.c.label_key)
+    ordered = _with_records(inner).order_by(
+        inner.c.record_id, inner.c.model_version, inner.c.label_key
+    )
     rows = connection.execution_options(stream_results=True, yield_per=2000).execute(ordered)
     yield from (_item(row) for row in rows)
 
@@ -311,12 +353,12 @@ def record_view(
     """A record with every class of its chosen result (or of `model_version`)."""
     filters = QueueFilter(model_version=model_version, state="any", limit=MAX_LIMIT)
     models = check_scope(connection, filters)
-    query = _items_query(filters, models)
+    query = _items_query(connection, filters, models, record_id)
     if query is None:
         raise ReviewError(f"record {record_id} has no classified result")
     inner = query.subquery("matching")
     rows = connection.execute(
-        sa.select(inner).where(inner.c.record_id == record_id).order_by(inner.c.label_key)
+        _with_records(inner).where(inner.c.record_id == record_id).order_by(inner.c.label_key)
     ).all()
     if not rows:
         raise ReviewError(f"record {record_id} has no classified result")
