@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from enrichment.errors import EnrichError, RecordsFileError
 from enrichment.model.labelled import read_labelled, read_vocabulary
 from enrichment.sources.records_file import read_records_file
+from enrichment.store.database import Database
 from tests.conftest import enrich
 
 URL = "http://example.org/1.jpg"
@@ -209,7 +210,7 @@ def test_enrich_run_gives_one_line_and_starts_no_run(
     path.write_bytes(content)
     database = tmp_path / "db.sqlite3"
     env = {"DATABASE_URL": f"sqlite:///{database}", "ENRICH_MODEL": str(tiny_model)}
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    Database(env["DATABASE_URL"]).upgrade()
     result = enrich("run", "--records", str(path), env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
