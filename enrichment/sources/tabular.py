@@ -93,7 +93,10 @@ def _decoded_lines(path: Path, handle: Iterable[bytes], error: type[EnrichError]
     """Each line as text, decoded on its own so a bad byte is named by its line."""
     for number, raw in enumerate(handle, start=1):
         if b"\0" in raw:
-            raise error(f"{path}:{number}: contains a NUL byte: not a text file (an image or another binary file?)")
+            raise error(
+                f"{path}:{number}: contains a NUL byte: "
+                "not a text file (an image or another binary file?)"
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as failure:
