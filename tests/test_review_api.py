@@ -5,7 +5,10 @@ labelled set that `enrich review` derives from the decisions."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from enrichment.store.reviews import Review
 from enrichment.store.schema import Outcome
 from enrichment.store.writes import RecordOutcome, register_model, save_outcomes
 from tests.conftest import VOCABULARY, enrich, image_bytes
+from tests.services import free_port, wait_for
 
 KEYS = ("photograph", "drawing", "map")
 THRESHOLDS = (0.5, 0.4, 0.6)
@@ -367,8 +371,8 @@ def test_review_stats_precision_by_hand(review_db: Database, pg_url: str) -> Non
     assert photo["suggested_threshold"] == pytest.approx(0.395)
     assert rows["map"]["precision"] is None and rows["map"]["rejected_below"] == 1
     assert rows["map"]["suggested_threshold"] is None  # no positive: nothing to place it by
-    text = enrich("review", "stats", env={"DATABASE_URL": pg_url})
-    assert text.returncode == 0, text.stderr
+    text = CliRunner().invoke(cli, ["review", "stats"], env={"DATABASE_URL": pg_url})
+    assert text.exit_code == 0, text.output
     assert "0.67 [" in text.stdout and "0.395" in text.stdout
 
 
@@ -457,3 +461,48 @@ def test_audit_sample_draws_labels_above_threshold_until_each_is_audited(
     # The draw is random: over a few draws the first item is not always the same one.
     firsts = {audit_queue()[0] for _ in range(12)}
     assert len(firsts) > 1
+
+
+def test_enrich_review_serves_on_loopback_and_refuses_the_network_without_a_token(
+    review_db: Database, pg_url: str, tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": pg_url, "ENRICH_REVIEW_TOKEN": ""}
+    refused = enrich("review", "--host", "0.0.0.0", env=env)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "Error: binding to 0.0.0.0 (not loopback) needs a login: set ENRICH_REVIEW_TOKEN"
+    ]
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enrichment",
+            "review",
+            "--port",
+            str(port),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        env={**os.environ, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            try:
+                return requests.get(f"{url}/api/queue?limit=1", timeout=2).ok
+            except requests.ConnectionError:
+                assert process.poll() is None, process.stderr.read()
+                return False
+
+        wait_for(answers, 60, "enrich review to answer")
+        assert requests.get(f"{url}/api/queue?limit=1", timeout=5).json()["total"] == 15
+        page = requests.get(f"{url}/queue", timeout=5)
+        assert page.ok and "Object C" in page.text
+    finally:
+        process.terminate()
+        process.wait(20)
+    assert f"review app on http://127.0.0.1:{port}/" in process.stderr.read()
