@@ -146,6 +146,13 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     assert "s left" not in shown.stdout  # no ETA for a run nobody is working on
     summary = json.loads(enrich("status", "--json", env=env).stdout)
     assert summary["status"] == "interrupted" and summary["eta_seconds"] is None
+    # The hint works: with the images answering again, resume finishes the run.
+    for n in range(4):
+        image_host.add(f"/kill/slow{n}.png", image_bytes((n, 0, 0)))
+    resumed = enrich("resume", str(live["id"]), "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    done = json.loads(resumed.stdout)
+    assert (done["status"], done["records_done"]) == ("completed", len(rows))
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
