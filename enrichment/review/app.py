@@ -100,7 +100,6 @@ def create_app(
         SESSION_COOKIE_NAME="enrich_review",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        JSON_SORT_KEYS=False,
         MAX_CONTENT_LENGTH=4 * 1024 * 1024,
     )
     images = ImageCache(settings, cache_dir)
