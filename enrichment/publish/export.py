@@ -257,7 +257,7 @@ def _model_labels(
     return models
 
 
-def _chosen_results(filters: ExportFilter) -> sa.Subquery:
+def chosen_results(filters: ExportFilter) -> sa.Subquery:
     """One result per record: of the run, of the model version, or else the latest classified."""
     columns = (
         Result.record_id,
@@ -291,7 +291,7 @@ def _chosen_results(filters: ExportFilter) -> sa.Subquery:
 
 
 def _stored_labels(filters: ExportFilter) -> sa.Select:
-    chosen = _chosen_results(filters)
+    chosen = chosen_results(filters)
     query = (
         sa.select(
             Label.record_id,
@@ -350,7 +350,7 @@ def _review_keeps(decision: str | None, reviewed: str) -> bool:
 
 
 def _classified_results(filters: ExportFilter) -> sa.Select:
-    chosen = _chosen_results(filters)
+    chosen = chosen_results(filters)
     query = (
         sa.select(
             chosen.c.record_id,

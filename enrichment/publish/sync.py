@@ -54,7 +54,7 @@ from enrichment.publish.annotations_api import (
     Unsettled,
     agent_id,
 )
-from enrichment.publish.export import ExportFilter, _chosen_results, check_filter, iter_label_rows
+from enrichment.publish.export import ExportFilter, check_filter, chosen_results, iter_label_rows
 from enrichment.publish.unsettled import (
     count_unsettled,
     known_account,
@@ -282,7 +282,7 @@ class Publisher:
                 )
         else:
             query = query.where(
-                Publication.record_id.in_(sa.select(_chosen_results(filters).c.record_id))
+                Publication.record_id.in_(sa.select(chosen_results(filters).c.record_id))
             )
         with self.db.engine.connect() as connection:
             return {
