@@ -43,10 +43,11 @@ RESTRICTED_RIGHTS = (
     "http://rightsstatements.org/vocab/NoC-NC/",
     "http://rightsstatements.org/vocab/NoC-OKLR/",
 )
-# Search API fields a harvest filters on, and the item field each one reads.
+# Search API fields a harvest filters on, and the item field each one reads (`what`
+# searches subjects and types in Europeana; here a list of concept URIs of its own).
 FIELDS = {
     "skos_concept": "edmConcept",
-    "what": "edmConcept",
+    "what": "what",
     "DATA_PROVIDER": "dataProvider",
     "COUNTRY": "country",
 }

@@ -287,3 +287,22 @@ def test_bad_options_are_one_line_errors(world, tmp_path: Path) -> None:
         read_exclusions([bad])
     with pytest.raises(Exception, match="must contain"):
         HarvestOptions(concept_query="skos_concept:x")
+
+
+def test_labels_are_merged_across_the_concept_queries(world, tmp_path: Path) -> None:
+    """With --concept-query what:"{uri}" and no edmConcept, a record's labels can only come
+    from the queries that returned it: one row, every concept whose query found it."""
+    api, _, fixture, _, vocabulary = world
+    for item in api.items:
+        item["what"], item["edmConcept"] = item["edmConcept"], []
+    out = tmp_path / "what"
+    result = enrich(
+        "harvest", "--vocabulary", str(vocabulary), "--out", str(out), "--per-class", "100",
+        "--concept-query", 'what:"{uri}"', "--no-progress", env=env_for(api),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = {row["europeana_id"]: set(row["labels"].split()) for row in rows(out)}
+    assert found == fixture.labels
+    assert {qf for r in api.requests for qf in r["qf"]} >= {
+        f'what:"{uri}"' for uri in VOCABULARY.values()
+    }
