@@ -148,12 +148,12 @@ def train(
     downloads torchvision's ImageNet weights into $TORCH_HOME once; offline,
     place the file there or use --init DIR.
     """
+    check_creatable(output)  # before torch is even imported
     from enrichment.media.fetch import Fetcher
     from enrichment.model.labelled import DEFAULT_VOCABULARY, read_labelled, read_vocabulary
     from enrichment.model.training import TrainingOptions
     from enrichment.model.training import train as run_training
 
-    check_creatable(output)
     terms = read_vocabulary(vocabulary or DEFAULT_VOCABULARY)
     data = read_labelled(data_path, terms)
     held_out = read_labelled(validation, terms) if validation else None
