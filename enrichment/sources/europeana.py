@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,11 +199,12 @@ class SearchClient:
         in a loop: that is an error, not the end, since records may be missing.
         """
         cursors: deque[str] = deque([cursor], maxlen=LOOP_WINDOW)
-        recent: deque[frozenset[str]] = deque(maxlen=LOOP_WINDOW)
+        recent: deque[frozenset[str]] = deque()
+        in_window: Counter[str] = Counter()  # ids on the recent pages, kept as pages come and go
         while True:
             page = self.page(query, cursor)
             ids = frozenset(str(item.get("id")) for item in page.items)
-            if ids and ids <= frozenset().union(*recent):
+            if ids and all(record_id in in_window for record_id in ids):
                 raise SearchPageError(
                     "Europeana Search API paging is going round in a loop: the page after "
                     f"cursor {cursor[:40]!r} brought no record that was not on a recent page"
@@ -217,6 +218,12 @@ class SearchClient:
                     f"{page.next_cursor[:40]!r} was already used; the run stops here"
                 )
             recent.append(ids)
+            in_window.update(ids)
+            if len(recent) > LOOP_WINDOW:
+                for record_id in recent.popleft():
+                    in_window[record_id] -= 1
+                    if not in_window[record_id]:
+                        del in_window[record_id]
             cursors.append(page.next_cursor)
             cursor = page.next_cursor
 
