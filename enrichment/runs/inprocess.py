@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,9 @@ class InProcessDispatcher:
         self._stopping.set()
         self._incoming.put(_STOP)
         self.fetcher.close(wait=wait)
+        deadline = time.monotonic() + 5  # a stage stuck in a download is a daemon: left behind
         for thread in self._threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.progress.close()
 
     # The stages. Each passes (db, batch_id, payload) on; a failure goes to `_retry`.

@@ -215,30 +215,33 @@ def _copy_outcomes(
         for outcome in outcomes
         for label in outcome.labels
     )
-    cursor = connection.connection.dbapi_connection.cursor()  # the session's own connection
+    # The merges go through SQLAlchemy (its statement events see them); COPY needs the
+    # driver's cursor, on the same connection and so in the same transaction.
+    connection.exec_driver_sql(STAGING)
+    connection.exec_driver_sql("TRUNCATE stage_results, stage_labels")
+    cursor = connection.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(STAGING)
-        cursor.execute("TRUNCATE stage_results, stage_labels")
         cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
-        updated = ", ".join(
-            f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:]
-        )  # every column but the key
-        columns = ", ".join(RESULT_COLUMNS)
-        cursor.execute(
-            f"INSERT INTO results ({columns}) SELECT {columns} FROM stage_results"
-            f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
-        )
-        cursor.execute(
-            "DELETE FROM labels USING stage_results"
-            " WHERE labels.model_version = stage_results.model_version"
-            " AND labels.record_id = stage_results.record_id"
-        )
         if labels.getvalue():
-            columns = ", ".join(LABEL_COLUMNS)
-            cursor.copy_expert(f"COPY stage_labels ({columns}) FROM STDIN", labels)
-            cursor.execute(f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels")
+            cursor.copy_expert(f"COPY stage_labels ({', '.join(LABEL_COLUMNS)}) FROM STDIN", labels)
     finally:
         cursor.close()
+    updated = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
+    columns = ", ".join(RESULT_COLUMNS)
+    connection.exec_driver_sql(
+        f"INSERT INTO results ({columns}) SELECT {columns} FROM stage_results"
+        f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
+    )
+    connection.exec_driver_sql(
+        "DELETE FROM labels USING stage_results"
+        " WHERE labels.model_version = stage_results.model_version"
+        " AND labels.record_id = stage_results.record_id"
+    )
+    if labels.getvalue():
+        columns = ", ".join(LABEL_COLUMNS)
+        connection.exec_driver_sql(
+            f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
+        )
 
 
 def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:
