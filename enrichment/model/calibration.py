@@ -15,7 +15,7 @@ recall each threshold was chosen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.model.evaluation import ScoredSet, precision_recall_f1, ranked_counts
-from enrichment.model.spec import ModelSpec, update_model_json
+from enrichment.model.evaluation import (
+    Metrics,
+    ScoredSet,
+    compute_metrics,
+    precision_recall_f1,
+    ranked_counts,
+)
+from enrichment.model.spec import ModelSpec, decide, update_model_json
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,19 @@ def choose_thresholds(
         )
         for column, key in enumerate(scored.keys)
     ]
+
+
+def best_f1_thresholds(
+    keys: Sequence[str], truth: np.ndarray, scores: np.ndarray
+) -> tuple[list[ClassThreshold], Metrics]:
+    """Best-F1 thresholds from a flat 0.5, and the metrics they give on the same images.
+
+    What training does on its validation split, so a new model is usable at once.
+    """
+    chosen = choose_thresholds(ScoredSet(list(keys), truth, scores, []), dict.fromkeys(keys, 0.5))
+    thresholds = np.array([item.threshold for item in chosen], dtype=np.float32)
+    metrics = compute_metrics(keys, thresholds.tolist(), truth, scores, decide(scores, thresholds))
+    return chosen, metrics
 
 
 def calibrated_spec(

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from enrichment.errors import EnrichError, ModelError
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.media.fetch import Fetcher
-from enrichment.model.calibration import ClassThreshold, calibrated_spec, choose_thresholds
+from enrichment.model.calibration import ClassThreshold, best_f1_thresholds, calibrated_spec
 from enrichment.model.classifier import (
     Classifier,
     autocast_dtype,
@@ -57,9 +57,9 @@ from enrichment.model.classifier import (
     save_model_dir,
     set_cpu_threads,
 )
-from enrichment.model.evaluation import Metrics, ScoredSet, compute_metrics
+from enrichment.model.evaluation import Metrics, compute_metrics
 from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
-from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec, decide
+from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224
@@ -356,14 +356,7 @@ def train(
     )
     seconds = time.monotonic() - started
     load_weights(network, best.state)
-    truth = val_targets > 0.5
-    chosen = choose_thresholds(
-        ScoredSet(list(keys), truth, best.scores, []), dict.fromkeys(keys, 0.5)
-    )
-    thresholds = np.array([item.threshold for item in chosen], dtype=np.float32)
-    calibrated = compute_metrics(
-        keys, thresholds.tolist(), truth, best.scores, decide(best.scores, thresholds)
-    )
+    chosen, calibrated = best_f1_thresholds(keys, val_targets > 0.5, best.scores)
 
     spec = ModelSpec(
         name=options.name,
@@ -417,16 +410,9 @@ def train(
     )
     version = save_model_dir(output, spec, network.cpu())
     return TrainingResult(
-        version,
-        spec,
-        best.epoch,
-        len(history),
-        best.metrics,
-        seconds,
-        split.skipped,
-        chosen,
+        version, spec, best.epoch, len(history), best.metrics, seconds, split.skipped, chosen,
         calibrated,
-    )
+    )  # fmt: skip
 
 
 def _split(
