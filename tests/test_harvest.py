@@ -96,7 +96,10 @@ def test_every_record_once_with_the_union_of_its_concepts(world, tmp_path: Path)
     # Two records of one image: kept once, with both records' labels, and flagged.
     twin = generated_item("951", 1, host.add("/twin.png", fixture_image(host, fixture, 1)))
     twin["edmConcept"] = [VOCABULARY["photograph"]]
-    api.items += [missing, not_image, twin]
+    # A record with another's very URL: one download for both.
+    same_url = generated_item("952", 1, host.url(fixture.paths[fixture_record(fixture, 2)]))
+    same_url["edmConcept"] = [VOCABULARY["map"]]
+    api.items += [missing, not_image, twin, same_url]
     excluded = sorted(fixture.labels)[:3]
     exclude = tmp_path / "eval.csv"
     exclude.write_text("category,ID,URL\n" + "".join(f"map,{i},http://x/y\n" for i in excluded))
@@ -124,6 +127,9 @@ def test_every_record_once_with_the_union_of_its_concepts(world, tmp_path: Path)
     expected = {rid: labels for rid, labels in fixture.labels.items() if rid not in excluded}
     expected[twin_of] = expected[twin_of] | {"photograph"}
     expected[twin["id"]] = expected[twin_of]
+    first_of_url = fixture_record(fixture, 2)
+    expected[first_of_url] = expected[first_of_url] | {"map"}
+    expected[same_url["id"]] = expected[first_of_url]
     assert by_record == expected
     assert not set(excluded) & set(by_record)
     twin_row = next(row for row in found if twin["id"] in row["duplicates"].split())
@@ -138,8 +144,11 @@ def test_every_record_once_with_the_union_of_its_concepts(world, tmp_path: Path)
         not_image["id"]: "not_an_image",
     }
     assert summary["records"]["left_out"] == {"excluded": 3}
-    assert summary["images"]["duplicates"] == 1
-    assert summary["duplicates"] == [{"record": twin["id"], "same_image_as": twin_of}]
+    assert summary["images"]["duplicates"] == 2
+    assert summary["duplicates"] == [
+        {"record": twin["id"], "same_image_as": twin_of},
+        {"record": same_url["id"], "same_image_as": first_of_url},
+    ]
     for key in VOCABULARY:
         images = sum(key in row["labels"].split() for row in found)
         assert summary["classes"][key]["images"] == images

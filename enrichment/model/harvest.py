@@ -29,7 +29,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
@@ -151,32 +151,40 @@ def download_images(
     max_pixels: int,
     progress: bool = True,
 ) -> dict[str, Download]:
-    """Every selected record's image, fetched and checked unless the journal has it already."""
+    """Every selected record's image, fetched and checked unless the journal has it already.
+
+    Records that share an image URL share one download.
+    """
     done = directory.downloads()
-    todo = [record for record in records if still_needed(done.get(record["id"]), directory.root)]
+    todo: dict[str, list[str]] = {}
+    for record in records:
+        if still_needed(done.get(record["id"]), directory.root):
+            todo.setdefault(record["image_url"], []).append(record["id"])
     window = 4 * fetcher.settings.fetch_concurrency
-    pending: set[Future[Download]] = set()
-    queue = iter(todo)
+    pending: set[Future[list[Download]]] = set()
+    queue = iter(todo.items())
     with tqdm(
         total=len(records),
-        initial=len(records) - len(todo),
+        initial=len(records) - sum(map(len, todo.values())),
         desc="images",
         unit="image",
         disable=not progress,
     ) as bar:
         try:
             while True:
-                for record in queue:
-                    pending.add(fetcher.submit(_fetch, directory, fetcher, record, max_pixels))
+                for url, record_ids in queue:
+                    pending.add(
+                        fetcher.submit(_fetch, directory, fetcher, url, record_ids, max_pixels)
+                    )
                     if len(pending) >= window:
                         break
                 if not pending:
                     break
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    download = future.result()
-                    done[download.record_id] = download
-                    bar.update()
+                    for download in future.result():
+                        done[download.record_id] = download
+                    bar.update(len(future.result()))
         finally:
             for future in pending:
                 future.cancel()
@@ -184,25 +192,24 @@ def download_images(
 
 
 def _fetch(
-    directory: HarvestDir, fetcher: Fetcher, record: Mapping[str, Any], max_pixels: int
-) -> Download:
-    """On a fetch thread: download, decode once, store, journal."""
-    fetched = fetcher.fetch(record["image_url"])
+    directory: HarvestDir, fetcher: Fetcher, url: str, record_ids: list[str], max_pixels: int
+) -> list[Download]:
+    """On a fetch thread: download once, decode once, store, journal each record."""
+    fetched = fetcher.fetch(url)
     if fetched.content is None or fetched.sha256 is None:
-        return directory.keep(
-            Download(record["id"], reason=fetched.error_reason, message=fetched.error_message)
-        )
-    try:
-        image_format = str(open_image(fetched.content, max_pixels).format)
-        load_rgb(fetched.content, CHECK_SIDE, max_pixels)
-    except ImageError as error:
-        return directory.keep(
-            Download(
-                record["id"], sha256=fetched.sha256, reason=error.reason, message=error.message
+        outcome = Download("", reason=fetched.error_reason, message=fetched.error_message)
+    else:
+        try:
+            image_format = str(open_image(fetched.content, max_pixels).format)
+            load_rgb(fetched.content, CHECK_SIDE, max_pixels)
+        except ImageError as error:
+            outcome = Download(
+                "", sha256=fetched.sha256, reason=error.reason, message=error.message
             )
-        )
-    name = directory.store(fetched.content, fetched.sha256, image_format)
-    return directory.keep(Download(record["id"], name, fetched.sha256))
+        else:
+            name = directory.store(fetched.content, fetched.sha256, image_format)
+            outcome = Download("", name, fetched.sha256)
+    return [directory.keep(replace(outcome, record_id=record_id)) for record_id in record_ids]
 
 
 def write_set(
