@@ -14,6 +14,10 @@ class ConfigError(EnrichError):
     """A setting is missing or invalid."""
 
 
+class ScopeBusy(EnrichError):
+    """Another process holds this scope (a scheduler, a run's executor, a publish): try later."""
+
+
 class InputFileError(EnrichError):
     """A file given as input cannot be read as what it should be; the message names the line."""
 

@@ -159,9 +159,8 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
 def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
     tmp_path: Path, tiny_model: Path, dialect: str, request: pytest.FixtureRequest
 ) -> None:
-    from enrichment.cli.runs import LockLiveness, execution_scope
     from enrichment.model.spec import read_model_json
-    from enrichment.runs.locks import scope_lock
+    from enrichment.runs.locks import LockLiveness, execution_scope, scope_lock
     from enrichment.runs.schedule import ModelIdentity, start_run
     from enrichment.store.query import run_summary
 

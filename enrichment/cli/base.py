@@ -118,3 +118,37 @@ batch_size_option = click.option(
 progress_option = click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."
 )
+
+
+def selection_options(model_version_help: str, min_confidence_help: str, reviewed_default: str):
+    """The options that choose labels, shared by `export` and `publish` (one ExportFilter)."""
+    from enrichment.store.reviews import REVIEWED
+
+    options = [
+        click.option(
+            "--dataset", "datasets", multiple=True, help="Only this dataset (repeatable)."
+        ),
+        click.option("--run", "run_id", type=RUN_ID, help="Only labels written by this run."),
+        click.option("--model-version", metavar="VERSION", help=model_version_help),
+        click.option(
+            "--min-confidence", type=FiniteFloat(0, 1), metavar="X", help=min_confidence_help
+        ),
+        click.option(
+            "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
+        ),
+        click.option(
+            "--reviewed",
+            type=click.Choice(REVIEWED),
+            default=reviewed_default,
+            show_default=True,
+            help="Curators' decisions (enrich review): any ignores them, not-rejected leaves "
+            "out rejected labels, accepted keeps only accepted ones.",
+        ),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import open_db
+from enrichment.cli.base import open_db, selection_options
 from enrichment.publish.annotations import PROFILES
 from enrichment.publish.pages import FORMATS
-from enrichment.store.reviews import REVIEWED
 
 
 class Moment(click.ParamType):
@@ -35,7 +34,9 @@ class Moment(click.ParamType):
     "--out",
     "out_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Output file (default: stdout). Written under a temporary name, renamed when complete.",
+    help="Output file (default: stdout). A regular file or new path is written under a "
+    "temporary name and renamed when complete; a FIFO or device (/dev/stdout) is written "
+    "through; a symlink keeps pointing at its target, which gets the export.",
 )
 @click.option(
     "--profile",
@@ -66,37 +67,18 @@ class Moment(click.ParamType):
     metavar="URL",
     help="Where the files will be published: the collection and page ids become URLs there.",
 )
-@click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
-@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
-@click.option(
-    "--model-version",
-    metavar="VERSION",
-    help="Only this model version (default: each record's latest classification).",
+@selection_options(
+    model_version_help="Only this model version (default: each record's latest classification).",
+    min_confidence_help="Only labels with confidence >= X, on top of the per-class thresholds.",
+    reviewed_default="any",
 )
 @click.option("--since", type=Moment(), help="Only labels classified at or after DATE (UTC).")
-@click.option(
-    "--min-confidence",
-    type=click.FloatRange(0, 1),
-    metavar="X",
-    help="Only labels with confidence >= X, on top of the per-class thresholds.",
-)
 @click.option(
     "--thresholds",
     "thresholds_file",
     type=click.Path(path_type=Path, dir_okay=False),
     help='Re-threshold the stored scores: a JSON object {"label_key": threshold, ...}; '
     "labels it does not name keep their model's threshold.",
-)
-@click.option(
-    "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
-)
-@click.option(
-    "--reviewed",
-    type=click.Choice(REVIEWED),
-    default="any",
-    show_default=True,
-    help="Curators' decisions (enrich review): any ignores them, not-rejected leaves out "
-    "rejected labels, accepted keeps only accepted ones.",
 )
 def export(
     out_path: Path | None,

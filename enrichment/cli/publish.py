@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import click
 
-from enrichment.cli.base import emit_json, open_db, settings
+from enrichment.cli.base import emit_json, open_db, selection_options, settings
 from enrichment.errors import ConfigError
-
-REVIEWED_CHOICES = ("accepted", "not-rejected", "any")
 
 
 @click.command()
-@click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable).")
-@click.option("--run", "run_id", type=int, help="Only labels written by this run.")
-@click.option(
-    "--model-version",
-    metavar="VERSION",
-    help="Only this model version (default: each record's latest classification). "
+@selection_options(
+    model_version_help="Only this model version (default: each record's latest classification). "
     "With --withdraw: what this version published.",
-)
-@click.option(
-    "--min-confidence",
-    type=click.FloatRange(0, 1),
-    metavar="X",
-    help="Only labels with confidence >= X; published ones below it are withdrawn.",
-)
-@click.option(
-    "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
-)
-@click.option(
-    "--reviewed",
-    type=click.Choice(REVIEWED_CHOICES),
-    default="not-rejected",
-    show_default=True,
-    help="Curators' decisions: accepted labels only, all but rejected ones, or ignore them.",
+    min_confidence_help="Only labels with confidence >= X; published ones below it are withdrawn.",
+    # A label a curator rejected is no longer current: publishing withdraws it.
+    reviewed_default="not-rejected",
 )
 @click.option(
     "--withdraw",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, model_dir_option, open_db, settings
+from enrichment.cli.base import RUN_ID, emit_json, model_dir_option, open_db, settings
 
 
 @click.command()
@@ -82,7 +82,7 @@ def explain(
 
 
 @click.command()
-@click.argument("run_id", type=int, required=False)
+@click.argument("run_id", type=RUN_ID, required=False)
 @click.option(
     "--out",
     "out_dir",

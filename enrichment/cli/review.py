@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, open_db, settings
+from enrichment.cli.base import RUN_ID, emit_json, open_db, settings
 
 DEFAULT_PORT = 8765
 
@@ -18,7 +18,7 @@ def default_cache_dir() -> Path:
 
 scope_options = [
     click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable)."),
-    click.option("--run", "run_id", type=int, help="Only results of this run."),
+    click.option("--run", "run_id", type=RUN_ID, help="Only results of this run."),
     click.option(
         "--model-version",
         metavar="VERSION",

@@ -6,7 +6,6 @@ import json
 import re
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -111,7 +110,7 @@ def run(
     db = open_db()
 
     from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.runs.locks import scope_lock
+    from enrichment.runs.locks import execution_scope, scope_lock
 
     executing = ExitStack()
 
@@ -151,7 +150,7 @@ def resume(
     db = open_db()
     model_dir = model_dir or config.require_model_dir()
     from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.runs.locks import scope_lock
+    from enrichment.runs.locks import execution_scope, scope_lock
 
     with (
         scope_lock(db, execution_scope(run_id)),
@@ -162,41 +161,10 @@ def resume(
 
 
 def _summary(db: Database, run_id: int | None):
+    from enrichment.runs.locks import LockLiveness
     from enrichment.store.query import run_summary
 
     return run_summary(db, run_id, LockLiveness(db))
-
-
-class LockLiveness:
-    """Liveness read from the locks a live process holds, released when it dies (even SIGKILL).
-
-    A scheduler holds its scope's lock while it pages; `enrich run` and
-    `enrich resume` hold `execution_scope(run)`'s lock until the batches they
-    run in-process are finished. Probed by taking the lock for an instant.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def scheduling(self, scope: dict[str, Any]) -> bool:
-        return self._held(scope)
-
-    def executing(self, run_id: int) -> bool:
-        return self._held(execution_scope(run_id))
-
-    def _held(self, scope: dict[str, Any]) -> bool:
-        from enrichment.runs.locks import scope_lock
-
-        try:
-            with scope_lock(self.db, scope):
-                return False
-        except EnrichError:
-            return True
-
-
-def execution_scope(run_id: int) -> dict[str, Any]:
-    """The lock key of a run's executing process: no real scope looks like it."""
-    return {"executing_run": run_id}
 
 
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
@@ -264,15 +232,25 @@ def results(
     nothing matches, says so on stderr and exits with status 1.
     """
     from enrichment.sources.records_file import normalise_id
+    from enrichment.store.ledger import publications_for_record
     from enrichment.store.query import record_results, run_exists
 
     wanted = [normalise_id(record_id) for record_id in record_ids]
     db = open_db()
     found = 0
+    shown: set[str] = set()
     for result in record_results(db, run_id, datasets, wanted):
         found += 1
+        # Asked for by id: what was published to Europeana for it too, once per record.
+        published = []
+        if wanted and result.record_id not in shown:
+            shown.add(result.record_id)
+            published = publications_for_record(db, result.record_id)
         if as_json:
-            click.echo(json.dumps(result.as_json()))
+            document = result.as_json()
+            if published:
+                document["publications"] = published
+            click.echo(json.dumps(document))
             continue
         if result.labels:
             detail = ", ".join(
@@ -283,6 +261,10 @@ def results(
         else:
             detail = "no label above threshold"
         click.echo("\t".join(map(tsv_field, (result.record_id, result.status, detail))))
+        for entry in published:
+            where = f"{entry['label']} {entry['annotation_id'] or '-'} ({entry['model_version']})"
+            fields = (result.record_id, f"published:{entry['state']}", where)
+            click.echo("\t".join(map(tsv_field, fields)))
     if found:
         return
     if run_id is not None and not run_exists(db, run_id):

@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.publish.annotations_api import AnnotationsAPI, Stored, agent_id
 from enrichment.runs.locks import scope_lock
 from enrichment.store.database import Database
@@ -50,7 +50,7 @@ def publish_lock(db: Database, api_url: str) -> Iterator[None]:
     lock = scope_lock(db, {"publish": api_url})
     try:
         lock.__enter__()
-    except EnrichError:
+    except ScopeBusy:
         raise PublishError(
             f"another publish to {api_url} is running right now; try again later"
         ) from None

@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from enrichment.errors import EnrichError
+from enrichment.errors import ScopeBusy
 from enrichment.store.database import Database
 
 
@@ -35,7 +35,7 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
     the process dies. SQLite: an flock on a file beside the database.
     """
     key = scope_key(scope)
-    refused = EnrichError("another scheduler is working on this scope right now; try again later")
+    refused = ScopeBusy("another scheduler is working on this scope right now; try again later")
     if db.dialect == "postgresql":
         with db.engine.connect() as connection:
             if not connection.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
@@ -56,3 +56,33 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
         except BlockingIOError:
             raise refused from None
         yield
+
+
+def execution_scope(run_id: int) -> dict[str, Any]:
+    """The lock key of a run's executing process: no real scope looks like it."""
+    return {"executing_run": run_id}
+
+
+class LockLiveness:
+    """Liveness read from the locks a live process holds, released when it dies (even SIGKILL).
+
+    A scheduler holds its scope's lock while it pages; `enrich run` and
+    `enrich resume` hold `execution_scope(run)`'s lock until the batches they
+    run in-process are finished. Probed by taking the lock for an instant.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def scheduling(self, scope: dict[str, Any]) -> bool:
+        return self._held(scope)
+
+    def executing(self, run_id: int) -> bool:
+        return self._held(execution_scope(run_id))
+
+    def _held(self, scope: dict[str, Any]) -> bool:
+        try:
+            with scope_lock(self.db, scope):
+                return False
+        except ScopeBusy:
+            return True
