@@ -217,8 +217,9 @@ def _copy_outcomes(
     )
     # The merges go through SQLAlchemy (its statement events see them); COPY needs the
     # driver's cursor, on the same connection and so in the same transaction.
+    # No TRUNCATE: the staging tables empty at each commit, and rows left by an earlier
+    # call in the same transaction would only be merged again to the same result.
     connection.exec_driver_sql(STAGING)
-    connection.exec_driver_sql("TRUNCATE stage_results, stage_labels")
     cursor = connection.connection.dbapi_connection.cursor()
     try:
         cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
