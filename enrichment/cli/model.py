@@ -144,7 +144,9 @@ def train(
     SSRF-safe fetcher) and its label keys; an object/record id column keeps
     each object's images on one side of the validation split. Training stops
     early when validation mAP stops improving and keeps the best epoch.
-    Thresholds start at 0.5: run `enrich model calibrate` next. --pretrained
+    It ends by choosing each class's threshold on the validation split by best
+    F1, so the model is usable at once; `enrich model calibrate` on a separate
+    set refines them. --pretrained
     downloads torchvision's ImageNet weights into $TORCH_HOME once; offline,
     place the file there or use --init DIR.
     """
@@ -188,6 +190,8 @@ def train(
                 "seconds": round(result.seconds, 1),
                 "skipped": [item.as_json() for item in result.skipped],
                 "validation": result.validation.as_json(),
+                "calibrated": result.calibrated.as_json(),
+                "thresholds": {item.key: item.as_json() for item in result.thresholds},
             }
         )
         return
@@ -197,8 +201,15 @@ def train(
     click.echo(
         f"{result.version} written to {output}: best epoch {result.best_epoch} of "
         f"{result.epochs_run}, validation mAP {metrics.mean_average_precision or 0:.3f}, "
-        f"macro F1 at 0.5 {metrics.macro_f1:.3f} ({result.seconds:.0f} s)"
+        f"macro F1 {result.calibrated.macro_f1:.3f} at the thresholds chosen on it "
+        f"({metrics.macro_f1:.3f} at 0.5) ({result.seconds:.0f} s)"
     )
+    click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
+    for item in result.thresholds:
+        click.echo(
+            f"  {item.key:<20} {item.threshold:>9.5g} {item.precision:>9.3f} "
+            f"{item.recall:>6.3f} {item.f1:>6.3f}"
+        )
 
 
 @model.command()

@@ -30,6 +30,7 @@ from enrichment.model.spec import ModelSpec
 from enrichment.sources import Source
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
+from enrichment.store.query import outcome_counts
 from enrichment.store.schema import (
     Batch,
     BatchStatus,
@@ -238,7 +239,15 @@ def complete_run_if_done(db: Database, run_id: int) -> bool:
             .where(Run.id == run_id, Run.status == RunStatus.RUNNING, ~unfinished)
             .values(status=RunStatus.COMPLETED, finished_at=utc_now())
         )
-        return result.rowcount == 1
+        if result.rowcount != 1:
+            return False
+        # Frozen now: a later run over the same records takes these result rows over.
+        session.execute(
+            sa.update(Run)
+            .where(Run.id == run_id)
+            .values(final_counts=outcome_counts(session, run_id))
+        )
+        return True
 
 
 def _commit_page(

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
 from enrichment.store.database import Database
@@ -128,21 +129,8 @@ def run_summary(
                 .group_by(Batch.status)
             ).all()
         )
-        outcomes = dict(
-            session.execute(
-                sa.select(Result.status, sa.func.count())
-                .where(Result.run_id == run.id)
-                .group_by(Result.status)
-            ).all()
-        )
-        errors = dict(
-            session.execute(
-                sa.select(Result.error_reason, sa.func.count())
-                .where(Result.run_id == run.id, Result.error_reason.is_not(None))
-                .group_by(Result.error_reason)
-                .order_by(sa.func.count().desc())
-            ).all()
-        )
+        counts = run.final_counts or outcome_counts(session, run.id)
+        outcomes, errors = counts["outcomes"], counts["errors_by_reason"]
         done = sum(outcomes.values())
         rate, eta = _progress(
             run.started_at or run.created_at, run.finished_at, done, run.records_enqueued
@@ -168,6 +156,22 @@ def run_summary(
             rate=rate,
             eta_seconds=eta,
         )
+
+
+def outcome_counts(session: Session, run_id: int) -> dict[str, dict[str, int]]:
+    """A run's results by outcome and its errors by reason, from the rows it wrote."""
+    outcomes = session.execute(
+        sa.select(Result.status, sa.func.count())
+        .where(Result.run_id == run_id)
+        .group_by(Result.status)
+    ).all()
+    errors = session.execute(
+        sa.select(Result.error_reason, sa.func.count())
+        .where(Result.run_id == run_id, Result.error_reason.is_not(None))
+        .group_by(Result.error_reason)
+        .order_by(sa.func.count().desc())
+    ).all()
+    return {"outcomes": dict(outcomes), "errors_by_reason": dict(errors)}
 
 
 def check_run_id(run_id: int) -> int:

@@ -84,6 +84,9 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The counts by outcome when the run completed: a later run over the same records takes
+    # their result rows over, and must not rewrite what this run did.
+    final_counts: Mapped[dict[str, Any] | None]
 
 
 class Batch(Base):
