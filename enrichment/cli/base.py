@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from enrichment import __version__
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
+from enrichment.sources.europeana import IMAGE_SOURCES
 from enrichment.store.database import Database, database_failure
 
 
@@ -114,6 +115,13 @@ batch_size_option = click.option(
     "--batch-size",
     type=click.IntRange(1, 10_000),
     help="Records per batch (default: $ENRICH_BATCH_SIZE or 128).",
+)
+image_source_option = click.option(
+    "--image-source",
+    type=click.Choice(IMAGE_SOURCES),
+    default="auto",
+    show_default=True,
+    help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
 )
 progress_option = click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."

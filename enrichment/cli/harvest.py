@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, progress_option, settings
-from enrichment.sources.europeana import IMAGE_SOURCES
+from enrichment.cli.base import emit_json, image_source_option, progress_option, settings
 from enrichment.sources.harvest import DEFAULT_CONCEPT_QUERY, DEFAULT_PER_CLASS
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -39,13 +38,7 @@ DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
     help="open, restricted, permission, or several comma-separated (e.g. open,permission).",
 )
 @click.option("--qf", multiple=True, help="Extra Search API filter, e.g. COUNTRY:france.")
-@click.option(
-    "--image-source",
-    type=click.Choice(IMAGE_SOURCES),
-    default="auto",
-    show_default=True,
-    help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
-)
+@image_source_option
 @click.option(
     "--concept-query",
     default=DEFAULT_CONCEPT_QUERY,

@@ -13,13 +13,14 @@ from enrichment.cli.base import (
     RUN_ID,
     batch_size_option,
     emit_json,
+    image_source_option,
     model_dir_option,
     open_db,
     progress_option,
     settings,
 )
 from enrichment.errors import EnrichError
-from enrichment.sources.europeana import IMAGE_SOURCES, REUSABILITY
+from enrichment.sources.europeana import REUSABILITY
 from enrichment.store.database import Database
 from enrichment.store.query import INTERRUPTED
 
@@ -46,13 +47,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
 @click.option(
     "--thumbnail", is_flag=True, default=None, help="Only records with a generated thumbnail."
 )
-@click.option(
-    "--image-source",
-    type=click.Choice(IMAGE_SOURCES),
-    default="auto",
-    show_default=True,
-    help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
-)
+@image_source_option
 @model_dir_option
 @batch_size_option
 @click.option(
