@@ -56,7 +56,7 @@ from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer
+from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer, PacerClosed
 
 T = TypeVar("T")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -348,7 +348,9 @@ class Fetcher:
         )
 
     def close(self, wait: bool = True) -> None:
-        """Stop the fetch threads; without `wait`, queued fetches are dropped and none awaited."""
+        """Stop the fetch threads; without `wait`, fetches not yet under way are dropped."""
+        if not wait:
+            self.pacer.close()
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
@@ -361,6 +363,12 @@ class Fetcher:
         if refusal is not None:
             return refusal
         host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        try:
+            return self._fetch_at(url, host)
+        except PacerClosed as closed:
+            return FetchResult.failed(url, "fetch_error", str(closed))
+
+    def _fetch_at(self, url: str, host: str) -> FetchResult:
         with (
             self.pacer.slot(host) as slot,
             Deadline(self.settings.fetch_timeout) as deadline,

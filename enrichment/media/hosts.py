@@ -83,6 +83,10 @@ class HostLimit:
             self.limit = min(self.ceiling, grown)
 
 
+class PacerClosed(RuntimeError):
+    """The fetcher closed while a download still waited for its host's turn."""
+
+
 class HostPacer:
     """The limits of every host one fetcher talks to, plus a total over hosts without their own.
 
@@ -107,7 +111,14 @@ class HostPacer:
         self.total_most = 0
         self.max_pause = max_pause
         self.hosts: dict[str, HostLimit] = {}
+        self.closed = False
         self._changed = threading.Condition()
+
+    def close(self) -> None:
+        """Wake every download still waiting for a slot: it ends with PacerClosed."""
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
 
     def override_for(self, host: str) -> int | None:
         """The first matching `host=N` or `*.domain=N` (which also covers `domain` itself)."""
@@ -138,6 +149,8 @@ class HostPacer:
         with self._changed:
             limit = self.host(host)
             while True:
+                if self.closed:
+                    raise PacerClosed("the fetcher closed before this download's turn")
                 now = time.monotonic()
                 total_free = limit.fixed or self.total_in_use < self.total
                 if limit.paused_until > now:

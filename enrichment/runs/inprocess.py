@@ -88,11 +88,15 @@ class InProcessDispatcher:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        interrupted = kind is not None
         try:
-            if kind is None:
-                self.wait()
+            if not interrupted:
+                self.wait()  # Ctrl-C usually lands here, while the last batches run
+        except BaseException:
+            interrupted = True
+            raise
         finally:
-            self.close(wait=kind is None)
+            self.close(wait=not interrupted)
 
     def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
         with self._idle:
@@ -122,7 +126,7 @@ class InProcessDispatcher:
 
     def _starter(self) -> None:
         while not self._stopping.is_set():
-            item = self._incoming.get()
+            item = self._get(self._incoming)
             if item is _STOP:
                 self._put(self._started, _STOP)
                 return
@@ -145,7 +149,7 @@ class InProcessDispatcher:
 
     def _model(self) -> None:
         while True:
-            item = self._started.get()
+            item = self._get(self._started)
             if item is _STOP or self._stopping.is_set():
                 self._put(self._classified, _STOP)
                 return
@@ -159,7 +163,7 @@ class InProcessDispatcher:
 
     def _writer(self) -> None:
         while True:
-            item = self._classified.get()
+            item = self._get(self._classified)
             if item is _STOP or self._stopping.is_set():
                 return
             db, batch_id, (started, classified) = item
@@ -193,6 +197,15 @@ class InProcessDispatcher:
         with self._idle:
             self._outstanding -= 1
             self._idle.notify_all()
+
+    def _get(self, source: queue.Queue[Any]) -> Any:
+        """The next item from the stage before, or _STOP once the dispatcher stops."""
+        while not self._stopping.is_set():
+            try:
+                return source.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        return _STOP
 
     def _put(self, target: queue.Queue[Any], item: Any) -> None:
         """Hand on to the next stage, giving up when the dispatcher stops."""
