@@ -26,7 +26,7 @@ from celery.utils.log import get_task_logger
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.media.fetch import Fetcher
 from enrichment.model.spec import read_model_json
 from enrichment.runs import service
@@ -168,7 +168,9 @@ def nightly_run_task() -> dict:
                 settings.batch_size,
             )
     except EnrichError as error:
-        if not scope_busy(db, scope):
+        # The scope lock says ScopeBusy; an unfinished run over the scope is read from
+        # the database, as start_run raises a plain EnrichError for it.
+        if not isinstance(error, ScopeBusy) and not scope_busy(db, scope):
             raise
         log.warning("nightly run not started: %s", error)
         return {"started": False, "reason": str(error)}
