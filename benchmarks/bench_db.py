@@ -4,7 +4,7 @@
 per record on average (1 to 3), written three ways from the same in-memory
 `RecordOutcome`s:
 
-- bulk: `enrichment.store.save_outcomes`, one transaction per batch of 128
+- bulk: `enrichment.store.writes.save_outcomes`, one transaction per batch of 128
   records, as `process_batch` commits them;
 - row-by-row: one ORM object and one INSERT per row (the result, then each
   label), committed per record, as a task per image would. Too slow to run on

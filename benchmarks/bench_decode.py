@@ -1,4 +1,4 @@
-"""Preprocessing multi-megapixel JPEGs: `enrichment.images.decode` against a naive baseline.
+"""Preprocessing multi-megapixel JPEGs: `enrichment.media.decode.decode` against a naive baseline.
 
 The naive baseline is what most loaders do: decode the whole file, convert to
 RGB, resize to the model's input. `decode` asks libjpeg for the smallest DCT
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "one thread, fastest of repeats"
     )
     print(f"  naive (full decode, then resize): {figures['naive_ms']:8.1f} ms per image")
-    print(f"  enrichment.images.decode:         {figures['decode_ms']:8.1f} ms per image")
+    print(f"  enrichment.media.decode.decode:         {figures['decode_ms']:8.1f} ms per image")
     print(
         f"  outputs differ by {figures['mean_abs_diff']} on average, "
         f"{figures['p99_abs_diff']} at the 99th percentile, {figures['max_abs_diff']} at most "

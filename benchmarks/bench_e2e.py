@@ -6,7 +6,7 @@ round, side by side (the order flipping every round):
 
 - model only: `Classifier.scores` on preprocessed inputs already in memory,
   as many images as a batch holds: the most this machine allows;
-- pipeline: `enrichment.pipeline.process_batch` on one batch cut by the real
+- pipeline: `enrichment.runs.pipeline.process_batch` on one batch cut by the real
   scheduler (`service.start` over a records file), fetching every image from
   local providers that answer after 200 ms, decoding, classifying and
   upserting into PostgreSQL, as a worker does;

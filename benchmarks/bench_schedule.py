@@ -5,7 +5,7 @@ records (10,000 with --quick), 100 a page by cursor, each page after 20 ms.
 Timed side by side, in one child process:
 
 - pages alone: `SearchClient.pages` over the whole query, nothing else;
-- the scheduler: `enrichment.service.start` for a nightly run over the same
+- the scheduler: `enrichment.runs.service.start` for a nightly run over the same
   query, with the real `CeleryDispatcher` sending one message per batch of
   128 to a throwaway Redis, and every record, the run, its checkpoint and its
   batches written to PostgreSQL (as production does; the embedded default is

@@ -47,7 +47,7 @@ def decode_report(figures: dict[str, Any]) -> list[str]:
         f"  {figures['images']} JPEGs of {figures['image_size']} ({figures['mean_file_mb']} MB) "
         f"to {figures['input_size']}x{figures['input_size']}, one thread, fastest of repeats",
         f"    naive (full decode, then resize): {figures['naive_ms']:8.1f} ms per image",
-        f"    enrichment.images.decode:         {figures['decode_ms']:8.1f} ms per image",
+        f"    enrichment.media.decode.decode:         {figures['decode_ms']:8.1f} ms per image",
         f"    outputs differ by {figures['mean_abs_diff']} on average (0..255; tolerance "
         f"{figures['tolerance_mean_abs_diff']}), {figures['p99_abs_diff']} at the 99th percentile",
     ]

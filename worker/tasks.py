@@ -26,7 +26,7 @@ from celery.utils.log import get_task_logger
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from enrichment.config import Settings
-from enrichment.errors import EnrichError, ScopeBusy
+from enrichment.errors import ScopeBusy
 from enrichment.media.fetch import Fetcher
 from enrichment.model.spec import read_model_json
 from enrichment.runs import service
@@ -41,7 +41,7 @@ from enrichment.runs.pipeline import (
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.sources.europeana import whole_collection_query
 from enrichment.store.database import Database
-from enrichment.store.schema import Batch, Run, RunStatus, utc_now
+from enrichment.store.schema import Batch, utc_now
 from worker.app import app
 from worker.dispatch import CeleryDispatcher
 
@@ -134,15 +134,6 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
     return {"batch": report.batch_id, "run": report.run_id, "skipped": report.skipped}
 
 
-def scope_busy(db: Database, scope: dict) -> bool:
-    """Whether a run over `scope` is being scheduled or run now: the one refusal that is normal."""
-    with db.transaction() as session:
-        scopes = session.scalars(
-            sa.select(Run.scope).where(Run.status.in_([RunStatus.SCHEDULING, RunStatus.RUNNING]))
-        )
-        return any(found == scope for found in scopes)
-
-
 @app.task(name="enrichment.nightly_run")
 def nightly_run_task() -> dict:
     """The incremental nightly run over the whole collection, as `enrich run --all` starts it.
@@ -167,11 +158,7 @@ def nightly_run_task() -> dict:
                 dispatcher,
                 settings.batch_size,
             )
-    except EnrichError as error:
-        # The scope lock says ScopeBusy; an unfinished run over the scope is read from
-        # the database, as start_run raises a plain EnrichError for it.
-        if not isinstance(error, ScopeBusy) and not scope_busy(db, scope):
-            raise
+    except ScopeBusy as error:  # last night's run still holds the scope: the normal refusal
         log.warning("nightly run not started: %s", error)
         return {"started": False, "reason": str(error)}
     return {"started": True, "run": progress.run_id, "records_seen": progress.records_seen}

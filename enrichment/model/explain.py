@@ -7,7 +7,7 @@ score were found. It is a forward hook and one `torch.autograd.grad` per label,
 written here in a few lines rather than taken from the `grad-cam` package, which
 brings OpenCV and more along for the same few tensor operations.
 
-Images are read as inference reads them (`enrichment.images.decode` with the
+Images are read as inference reads them (`enrichment.media.decode.decode` with the
 model directory's preprocessing), so the heatmap explains the score the run
 stored; URLs and records' image URLs go through the SSRF-safe `Fetcher`.
 """

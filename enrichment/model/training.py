@@ -12,7 +12,7 @@ matter for heritage collections:
 - early stopping on validation mAP (validation loss breaking ties), and the best
   epoch's weights are saved;
 - training and inference see the same input: images are decoded by
-  `enrichment.images.decode` with the model's `Preprocessing` (validation
+  `enrichment.media.decode.decode` with the model's `Preprocessing` (validation
   exactly as inference; training at a slightly larger size and then cropped
   back, see `Augmentation`), so the seed's 128 px training / 224 px inference
   mismatch cannot recur;

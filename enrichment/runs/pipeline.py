@@ -21,17 +21,20 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlalchemy as sa
 
 from enrichment.media.decode import ImageError, decode
 from enrichment.media.fetch import Fetcher
-from enrichment.model.classifier import Classifier
 from enrichment.runs.schedule import complete_run_if_done
 from enrichment.store.database import Database
 from enrichment.store.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
 from enrichment.store.writes import RecordOutcome, save_outcomes
+
+if TYPE_CHECKING:  # the scheduler worker imports this module and never loads a model
+    from enrichment.model.classifier import Classifier
 
 DEFAULT_MODEL_BATCH = 32
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.model.spec import ModelSpec
 from enrichment.sources import Source
 from enrichment.sources.records_file import Record
@@ -91,7 +91,7 @@ def start_run(
     with db.transaction() as session:
         busy = _busy_run(session, scope)
         if busy is not None:
-            raise EnrichError(
+            raise ScopeBusy(
                 f"run {busy} over the same scope has not finished: "
                 f"follow it with `enrich status {busy}` or continue it with `enrich resume {busy}`"
             )
