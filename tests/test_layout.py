@@ -86,3 +86,18 @@ def test_enrichment_never_imports_worker() -> None:
         )
     ]
     assert offenders == []
+
+
+def test_urllib3_is_pinned_below_the_major_version_the_ssrf_guard_was_written_for() -> None:
+    """The SSRF guard subclasses urllib3 internals; a new major version must be a decision."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    (pin,) = [
+        Requirement(line) for line in project["dependencies"] if Requirement(line).name == "urllib3"
+    ]
+    assert not pin.specifier.contains("3.0.0")
+    assert pin.specifier.contains(version("urllib3"))
