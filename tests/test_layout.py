@@ -17,16 +17,20 @@ LOOSE_MODULES = {"__init__.py", "__main__.py", "config.py", "errors.py"}
 PROBE = """
 import json, runpy, sys
 sys.argv = {argv!r}
+code = 0
 try:
     {body}
-except SystemExit:
-    pass
+except SystemExit as exit:
+    code = exit.code or 0
 heavy = sorted(name for name in ("torch", "torchvision", "celery", "worker") if name in sys.modules)
 print("\\nIMPORTED " + json.dumps(heavy))
+print("EXIT " + json.dumps(code))
 """
 
 
-def imported(argv: list[str], body: str, env: dict[str, str] | None = None) -> list[str]:
+def imported(
+    argv: list[str], body: str, env: dict[str, str] | None = None, exit_code: int = 0
+) -> list[str]:
     code = PROBE.format(argv=argv, body=body)
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -37,7 +41,10 @@ def imported(argv: list[str], body: str, env: dict[str, str] | None = None) -> l
         timeout=120,
         check=True,
     )
-    line = next(line for line in result.stdout.splitlines() if line.startswith("IMPORTED "))
+    lines = result.stdout.splitlines()
+    exited = json.loads(next(line for line in lines if line.startswith("EXIT ")).split()[1])
+    assert exited == exit_code, f"{argv} exited {exited}: {result.stderr}"
+    line = next(line for line in lines if line.startswith("IMPORTED "))
     return json.loads(line.removeprefix("IMPORTED "))
 
 
@@ -48,13 +55,15 @@ def test_importing_the_celery_app_loads_no_torch() -> None:
     assert "torch" not in heavy and "torchvision" not in heavy
 
 
-@pytest.mark.parametrize("command", [["status"], ["export"]])
+# On a new database `status` ends with "no runs yet" (exit 1), `export` with an empty
+# collection: both have done their real work by then.
+@pytest.mark.parametrize(("command", "exit_code"), [(["status"], 1), (["export"], 0)])
 def test_reporting_commands_load_neither_torch_nor_celery(
-    command: list[str], tmp_path: Path
+    command: list[str], exit_code: int, tmp_path: Path
 ) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "CELERY_BROKER_URL": ""}
     body = "from enrichment.cli import main; main()"
-    heavy = imported(["enrich", *command], body, env)
+    heavy = imported(["enrich", *command], body, env, exit_code)
     assert heavy == [], f"`enrich {' '.join(command)}` imported {heavy}"
 
 

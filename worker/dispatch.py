@@ -55,11 +55,7 @@ class CeleryDispatcher:
         try:
             with app.connection_for_write() as connection:
                 connection.ensure_connection(
-                    max_retries=retry_policy(self.settings.broker_retry_seconds)["max_retries"],
-                    interval_start=0,
-                    interval_step=1,
-                    interval_max=5,
-                    timeout=5,
+                    timeout=5, **retry_policy(self.settings.broker_retry_seconds)
                 )
         except (OperationalError, OSError) as error:
             raise self._unreachable(error) from None

@@ -54,22 +54,24 @@ BLIPS = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
 
 
 @cache
+def database() -> tuple[Settings, Database]:
+    """This process's settings and its one engine, shared by the tasks and the keeper."""
+    settings = Settings.from_env()
+    return settings, Database(settings.database_url)
+
+
+@cache
 def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
     from enrichment.model.classifier import Classifier
 
-    settings = Settings.from_env()
-    return (
-        settings,
-        Database(settings.database_url),
-        Classifier.load(settings.require_model_dir()),
-        Fetcher(settings),
-    )
+    settings, db = database()
+    return settings, db, Classifier.load(settings.require_model_dir()), Fetcher(settings)
 
 
 @cache
 def heartbeat() -> Heartbeat:
-    settings = Settings.from_env()
-    return Heartbeat(Database(settings.database_url), settings.heartbeat_interval)
+    settings, db = database()
+    return Heartbeat(db, settings.heartbeat_interval)
 
 
 def start_keeper(settings: Settings) -> threading.Thread:
@@ -94,13 +96,16 @@ def keep(settings: Settings) -> None:
 def resend_stale(db: Database, stale_after: float) -> list[int]:
     """Send again each batch whose worker stopped beating; this process claimed each alone."""
     sent: list[int] = []
-    for batch_id, queue in sweep_stale(db, stale_after):
+    claimed = sweep_stale(db, stale_after)
+    for batch_id, queue in claimed:
         try:
             app.send_task("enrichment.process_batch", args=[batch_id], queue=queue)
         except Exception:
-            with db.transaction() as session:  # not sent: let the next sweep claim it again
+            # Not sent, this one and the rest claimed with it: let a later sweep claim them.
+            unsent = [claim for claim, _ in claimed if claim not in sent]
+            with db.transaction() as session:
                 session.execute(
-                    sa.update(Batch).where(Batch.id == batch_id).values(heartbeat_at=utc_now())
+                    sa.update(Batch).where(Batch.id.in_(unsent)).values(heartbeat_at=utc_now())
                 )
             raise
         log.warning("batch %s: its worker stopped beating; sent again", batch_id)

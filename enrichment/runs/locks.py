@@ -40,6 +40,9 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
         with db.engine.connect() as connection:
             if not connection.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
                 raise refused
+            # The lock is the session's, not the transaction's: end the transaction, so a
+            # scheduler paging for hours is not "idle in transaction" on the server.
+            connection.commit()
             try:
                 yield
             finally:

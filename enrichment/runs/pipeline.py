@@ -275,19 +275,6 @@ def _prepare(record: RecordRow, fetcher: Fetcher, preprocessing) -> _Prepared:
     return _Prepared(record, inputs, fetched.sha256, None)
 
 
-def classify_records(
-    records: Sequence[RecordRow],
-    classifier: Classifier,
-    fetcher: Fetcher,
-    model_batch: int,
-    lookup: ScoreLookup | None = None,
-) -> Classified:
-    """One outcome per record, in order; a bad image never fails the others."""
-    preprocessing = classifier.spec.preprocessing
-    futures = [fetcher.submit(prepare_record, record, fetcher, preprocessing) for record in records]
-    return classify_prepared(futures, classifier, model_batch, lookup)
-
-
 def classify_prepared(
     futures: Sequence[Future[_Prepared]],
     classifier: Classifier,

@@ -236,7 +236,8 @@ def _json_body(response: requests.Response) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def _first(values: Any) -> str | None:
+def first_text(values: Any) -> str | None:
+    """The first string of a Search API field, which may be a string or a list of them."""
     if isinstance(values, str):
         return values or None
     if isinstance(values, Sequence) and values and isinstance(values[0], str):
@@ -247,7 +248,7 @@ def _first(values: Any) -> str | None:
 def record_from_item(item: Mapping[str, Any], image_source: str = "auto") -> Record:
     """Map a Search API item to a Record; `image_source` is preview, full, or auto (either)."""
     record_id = normalise_id(str(item["id"]))
-    preview, full = _first(item.get("edmPreview")), _first(item.get("edmIsShownBy"))
+    preview, full = first_text(item.get("edmPreview")), first_text(item.get("edmIsShownBy"))
     image_url = {"preview": preview, "full": full, "auto": preview or full}[image_source]
     timestamp = item.get("timestamp_update") or item.get("timestamp_update_epoch")
     try:
@@ -259,7 +260,7 @@ def record_from_item(item: Mapping[str, Any], image_source: str = "auto") -> Rec
         dataset=record_id.split("/")[1],
         item_uri=ITEM_URI_BASE + record_id,
         image_url=image_url,
-        provider=_first(item.get("dataProvider")) or _first(item.get("provider")),
+        provider=first_text(item.get("dataProvider")) or first_text(item.get("provider")),
         timestamp_update=updated,
-        title=_first(item.get("title")),
+        title=first_text(item.get("title")),
     )

@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from enrichment.errors import EnrichError
-from enrichment.sources.europeana import REUSABILITY, SearchClient, SearchQuery, record_from_item
+from enrichment.sources.europeana import (
+    REUSABILITY,
+    SearchClient,
+    SearchQuery,
+    first_text,
+    record_from_item,
+)
 from enrichment.sources.records_file import Record, normalise_id
 
 DEFAULT_CONCEPT_QUERY = 'skos_concept:"{uri}"'
@@ -190,7 +196,7 @@ def _merge(
     if known is not None:
         known.labels.add(key)
         return 1
-    rights = _first_text(item.get("rights"))
+    rights = first_text(item.get("rights"))
     if record.id in options.exclude:
         collected.leave_out(record.id, "excluded")
         return 0
@@ -258,11 +264,3 @@ def read_exclusions(paths: Sequence[Path]) -> frozenset[str]:
             except ValueError as error:
                 raise EnrichError(f"--exclude {path}:{line}: {error}") from None
     return frozenset(ids)
-
-
-def _first_text(values: Any) -> str | None:
-    if isinstance(values, str):
-        return values or None
-    if isinstance(values, list) and values and isinstance(values[0], str):
-        return values[0] or None
-    return None

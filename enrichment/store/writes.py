@@ -154,7 +154,6 @@ def save_outcomes(
     ]
     # Core executemany on the session's connection: SQLAlchemy sends it as a few multi-row
     # INSERTs ("insertmanyvalues") from one cached compilation, without the ORM's bulk path.
-    connection = session.connection()
     insert = upsert_statement(session, Result.__table__)
     updated = {
         name: insert.excluded[name]
