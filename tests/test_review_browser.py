@@ -42,7 +42,7 @@ def press(browser: DevTools, session: str, key: str) -> None:
         )
 
 
-def until(browser: DevTools, what: str, condition: Callable[[], bool], seconds: float = 20) -> None:
+def until(browser: DevTools, what: str, condition: Callable[[], bool], seconds: float = 60) -> None:
     """Wait for `condition`, reading the browser's events meanwhile."""
     deadline = time.monotonic() + seconds
     while not condition():
