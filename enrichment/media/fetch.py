@@ -16,7 +16,7 @@ Image URLs come from other people's metadata, so:
   off does it the same way each time);
 - per-host concurrency adapts to each host (`enrichment.media.hosts`): a small
   start for an unknown host, an operator's limit where one is set, halved on
-  429/503; each thread keeps its own keep-alive connections, per host.
+  429/503 (once per round); each thread keeps its own keep-alive connections, per host.
 
 The deadlines of all fetches in flight share one watchdog thread, so a URL
 costs no thread of its own to time.
@@ -373,16 +373,24 @@ class Fetcher:
             self.pacer.slot(host) as slot,
             Deadline(self.settings.fetch_timeout) as deadline,
         ):
+            answer: FetchResult | None = None  # what the host said before the deadline cut in
             for attempt in range(MAX_RETRIES + 1):
                 began = time.monotonic()
                 result, retry_after, answered = self._attempt(url, deadline)
                 reason = result.error_reason
                 if reason is None:
-                    slot.report(OK, answered - began if answered else None, None)
+                    slot.report(OK, began, answered - began if answered else None, None)
+                elif answer is not None and deadline.expired:
+                    # Our deadline cut a retry short: that says nothing new about the
+                    # host, and its last real answer (a 429, a 503) is the truer reason.
+                    slot.report(NEUTRAL, began, None, None)
+                    return answer
                 else:
-                    slot.report(BUSY if reason in BUSY_REASONS else NEUTRAL, None, retry_after)
+                    signal = BUSY if reason in BUSY_REASONS else NEUTRAL
+                    slot.report(signal, began, None, retry_after)
                 if reason not in RETRYABLE or attempt == MAX_RETRIES:
                     break
+                answer = result
                 pause = retry_after if retry_after is not None else _backoff(attempt)
                 if pause >= deadline.remaining():
                     break  # the answer would come too late: give up now, with the last reason

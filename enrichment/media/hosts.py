@@ -13,8 +13,12 @@ control:
   how many of our requests wait in the host's own queue; a server that starts
   queueing them (its answers slow down as we add more) is not pushed further;
 - a 429 or 503 (with or without Retry-After), a timeout or a refused connection
-  halves the limit at once; a Retry-After (capped) also pauses new requests to
-  that host; then the limit grows back by one per window of good answers.
+  halves the limit at once, but only once per round: busy answers to requests
+  sent before the cut tell of the load that caused it, not of more (as TCP cuts
+  its window once per loss event), so a burst of 429s from 256 downloads in
+  flight halves the limit once instead of taking it to 1. A Retry-After (capped)
+  also pauses new requests to that host; then the limit grows back by one per
+  window of good answers.
 
 Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
 burst never raises a limit on the strength of a few lucky timings.
@@ -50,17 +54,22 @@ class HostLimit:
     threshold: int = 0  # below it the limit doubles per window; above, it adds one
     best: float | None = None  # the fastest window's median time to headers
     window: list[float] = field(default_factory=list)
+    cut_at: float = float("-inf")  # when the limit was last halved (time.monotonic)
 
     def __post_init__(self) -> None:
         self.threshold = self.ceiling
 
-    def record(self, signal: str, latency: float | None, retry_after: float | None) -> None:
-        """Adjust the limit after one attempt (called with the pacer's lock held)."""
+    def record(
+        self, signal: str, began: float, latency: float | None, retry_after: float | None
+    ) -> None:
+        """Adjust the limit after one attempt that began at `began` (with the pacer's lock held)."""
         now = time.monotonic()
         if signal == BUSY:
-            self.limit = max(1, self.limit // 2)
-            self.threshold = self.limit
-            self.window.clear()
+            if began > self.cut_at:
+                self.limit = max(1, self.limit // 2)
+                self.threshold = self.limit
+                self.window.clear()
+                self.cut_at = now
             if retry_after:
                 self.paused_until = max(self.paused_until, now + retry_after)
             return
@@ -175,11 +184,16 @@ class HostPacer:
                 self._changed.notify_all()
 
     def record(
-        self, limit: HostLimit, signal: str, latency: float | None, retry_after: float | None
+        self,
+        limit: HostLimit,
+        signal: str,
+        began: float,
+        latency: float | None,
+        retry_after: float | None,
     ) -> None:
         with self._changed:
             pause = min(retry_after, self.max_pause) if retry_after else None
-            limit.record(signal, latency, pause)
+            limit.record(signal, began, latency, pause)
             self._changed.notify_all()
 
 
@@ -190,5 +204,8 @@ class Slot:
     pacer: HostPacer
     limit: HostLimit
 
-    def report(self, signal: str, latency: float | None, retry_after: float | None) -> None:
-        self.pacer.record(self.limit, signal, latency, retry_after)
+    def report(
+        self, signal: str, began: float, latency: float | None, retry_after: float | None
+    ) -> None:
+        """How the attempt sent at `began` (time.monotonic) went."""
+        self.pacer.record(self.limit, signal, began, latency, retry_after)
