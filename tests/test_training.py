@@ -434,9 +434,9 @@ def test_scoring_fetches_urls_through_the_guarded_fetcher(trained, image_host, s
     allowed = Fetcher(Settings(fetch_allow=("127.0.0.1",)))
     guarded = Fetcher(Settings())
     try:
-        scored = score_labelled(classifier, labelled, allowed, batch_size=2)
+        scored = score_labelled(classifier, labelled, allowed, inference_batch=2)
         with pytest.raises(EnrichError, match="blocked_address"):
-            score_labelled(classifier, labelled.select([0, 1]), guarded, batch_size=2)
+            score_labelled(classifier, labelled.select([0, 1]), guarded, inference_batch=2)
     finally:
         allowed.close()
         guarded.close()

@@ -164,7 +164,7 @@ def train(
         architecture=architecture,
         input_size=input_size,
         epochs=epochs,
-        batch_size=train_batch,
+        train_batch=train_batch,
         learning_rate=lr,
         weight_decay=weight_decay,
         patience=patience,

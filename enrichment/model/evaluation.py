@@ -71,7 +71,7 @@ class Metrics:
 
 
 def score_labelled(
-    classifier: Classifier, labelled: LabelledSet, fetcher: Fetcher, batch_size: int
+    classifier: Classifier, labelled: LabelledSet, fetcher: Fetcher, inference_batch: int
 ) -> ScoredSet:
     """Score every readable image of the set in batches; unreadable ones are listed, not fatal."""
     keys = classifier.spec.keys
@@ -86,7 +86,7 @@ def score_labelled(
             continue
         rows.append(loaded.index)
         batch.append(loaded.inputs)
-        if len(batch) == batch_size:
+        if len(batch) == inference_batch:
             chunks.append(classifier.scores(np.stack(batch)))
             batch = []
     if batch:

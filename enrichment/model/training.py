@@ -81,7 +81,7 @@ class TrainingOptions:
     architecture: str | None = None  # default: the --init model's, else DEFAULT_ARCHITECTURE
     input_size: int | None = None  # default: the --init model's, else DEFAULT_INPUT_SIZE
     epochs: int = 20
-    batch_size: int = 32
+    train_batch: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 3
@@ -333,9 +333,9 @@ def train(
         network = network.to(memory_format=torch.channels_last)
     train_loader = DataLoader(
         _Images([source for _, source in split.train], train_targets, Augmentation(preprocessing)),
-        batch_size=options.batch_size,
+        batch_size=options.train_batch,
         shuffle=True,
-        drop_last=len(split.train) > options.batch_size,  # BatchNorm cannot take one image
+        drop_last=len(split.train) > options.train_batch,  # BatchNorm cannot take one image
         num_workers=options.workers,
         persistent_workers=options.workers > 0,
         pin_memory=device.type == "cuda",
@@ -345,7 +345,7 @@ def train(
         _Images(
             [source for _, source in split.validation], val_targets, InferenceView(preprocessing)
         ),
-        batch_size=options.batch_size,
+        batch_size=options.train_batch,
         num_workers=options.workers,
         persistent_workers=options.workers > 0,
     )
@@ -385,7 +385,7 @@ def train(
             "epochs_run": len(history),
             "best_epoch": best.epoch,
             "patience": options.patience,
-            "batch_size": options.batch_size,
+            "train_batch": options.train_batch,
             "learning_rate": options.learning_rate,
             "weight_decay": options.weight_decay,
             "seed": options.seed,
