@@ -11,7 +11,11 @@ Configuration comes from the same environment as the CLI. Delivery settings:
 - One visibility timeout (`ENRICH_VISIBILITY_TIMEOUT`) is given to every place
   Celery reads it (broker and result backend transport options); the task
   time limits are derived from it and stay well below it, so a slow batch is
-  never redelivered while it is still running.
+  never redelivered while it is still running. Kombu looks for messages past
+  it every `unacked_restore_interval` (10 s) but by default scans only every
+  tenth time; `unacked_restore_throttle=1` makes it every time (one small Redis
+  query), so a message whose worker machine died comes back within the timeout
+  plus 10 s rather than plus 100 s.
 - `queue_order_strategy="priority"`: a worker always drains the on-demand queue
   before the nightly one, so `enrich run --dataset X` overtakes a nightly backlog.
 - Celery beat starts the incremental nightly run (`enrichment.nightly_run`) at
@@ -38,7 +42,11 @@ def make_app(settings: Settings) -> Celery:
     )
     timeout = settings.visibility_timeout
     hard_limit = timeout // 2
-    transport = {"visibility_timeout": timeout, "queue_order_strategy": "priority"}
+    transport = {
+        "visibility_timeout": timeout,
+        "unacked_restore_throttle": 1,
+        "queue_order_strategy": "priority",
+    }
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

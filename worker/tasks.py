@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import suppress
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -131,8 +132,14 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
     except PoisonBatch as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}
-    except BLIPS:
-        raise  # retried by Celery with backoff; the attempt is already counted
+    except BLIPS as error:
+        # Celery retries it with backoff (the attempt is already counted). Where the
+        # database answers again, stop its heartbeat now, so that the sweep does not
+        # send it a second time while that retry waits; where it does not, a sweep
+        # after the outage may, and the batch's idempotent writes absorb the extra try.
+        with suppress(*BLIPS):
+            note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
+        raise
     except Exception as error:
         note_batch_error(db, batch_id, f"{type(error).__name__}: {error}")
         raise self.retry(exc=error, countdown=5) from error

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from enrichment.cli.base import FiniteFloat, emit_json, settings
 from enrichment.errors import EnrichError, OutputError
+
+if TYPE_CHECKING:  # the model commands import their libraries when they run
+    from enrichment.model.calibration import ClassThreshold
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 inference_batch_option = click.option(
@@ -204,12 +208,7 @@ def train(
         f"macro F1 {result.calibrated.macro_f1:.3f} at the thresholds chosen on it "
         f"({metrics.macro_f1:.3f} at 0.5) ({result.seconds:.0f} s)"
     )
-    click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
-    for item in result.thresholds:
-        click.echo(
-            f"  {item.key:<20} {item.threshold:>9.5g} {item.precision:>9.3f} "
-            f"{item.recall:>6.3f} {item.f1:>6.3f}"
-        )
+    echo_thresholds(result.thresholds)
 
 
 @model.command()
@@ -282,17 +281,7 @@ def calibrate(
         f"{classifier.version}: thresholds v{updated.thresholds_version} from "
         f"{len(scored.targets)} images ({len(scored.skipped)} skipped)"
     )
-    click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
-    for item in chosen:
-        note = ""
-        if not item.calibrated:
-            note = "  kept: no positive example"
-        elif item.target_met is False:
-            note = f"  precision {item.min_precision} not reachable: most precise threshold"
-        click.echo(
-            f"  {item.key:<20} {item.threshold:>9.5g} {item.precision:>9.3f} "
-            f"{item.recall:>6.3f} {item.f1:>6.3f}{note}"
-        )
+    echo_thresholds(chosen)
 
 
 @model.command()
@@ -393,3 +382,18 @@ def check_creatable(directory: Path) -> None:
         tempfile.TemporaryDirectory(dir=existing, prefix=".enrich-probe-").cleanup()
     except OSError as error:
         raise OutputError(f"cannot create {directory}: {error.strerror or error}") from None
+
+
+def echo_thresholds(chosen: list[ClassThreshold]) -> None:
+    """The table `train` and `calibrate` end with: each class's threshold and what it gives."""
+    click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
+    for item in chosen:
+        note = ""
+        if not item.calibrated:
+            note = "  kept: no positive example"
+        elif item.target_met is False:
+            note = f"  precision {item.min_precision} not reachable: most precise threshold"
+        click.echo(
+            f"  {item.key:<20} {item.threshold:>9.5g} {item.precision:>9.3f} "
+            f"{item.recall:>6.3f} {item.f1:>6.3f}{note}"
+        )

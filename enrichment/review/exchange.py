@@ -31,7 +31,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from enrichment.review.queue import (
-    MAX_LIMIT,
     DecisionIn,
     Item,
     QueueFilter,
@@ -65,14 +64,7 @@ def _by_record(items: Iterable[Item]) -> Iterator[list[Item]]:
 
 def write_labelled_set(connection: sa.Connection, filters: QueueFilter, out: IO[str]) -> int:
     """The reviewed records as JSON Lines rows {image, labels, record_id}; returns the count."""
-    every = QueueFilter(
-        labels=(),
-        datasets=filters.datasets,
-        run_id=filters.run_id,
-        model_version=filters.model_version,
-        state="any",
-        limit=MAX_LIMIT,
-    )
+    every = filters.whole_scope("any")
     written = 0
     for items in _by_record(all_items(connection, every)):
         if not any(item.decision for item in items):
@@ -110,14 +102,7 @@ def label_config(names: dict[str, str]) -> str:
 
 def label_studio_tasks(connection: sa.Connection, filters: QueueFilter) -> Iterator[dict[str, Any]]:
     """One task per (record, model version) of the chosen results, with the model's prediction."""
-    every = QueueFilter(
-        labels=(),
-        datasets=filters.datasets,
-        run_id=filters.run_id,
-        model_version=filters.model_version,
-        state="any",
-        limit=MAX_LIMIT,
-    )
+    every = filters.whole_scope("any")
     for items in _by_record(all_items(connection, every)):
         first = items[0]
         if filters.state == "pending" and any(item.decision for item in items):

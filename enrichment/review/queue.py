@@ -69,6 +69,18 @@ class QueueFilter:
             if value is not None and not 0 <= value <= 1:
                 raise ReviewError(f"{name} must be in [0, 1]")
 
+    def whole_scope(self, state: str, labels: Sequence[str] = ()) -> QueueFilter:
+        """Every item in `state` of the same datasets, run and model version: what an
+        export or a summary reads whole, whatever page of the queue the filter showed."""
+        return QueueFilter(
+            labels=labels,
+            datasets=self.datasets,
+            run_id=self.run_id,
+            model_version=self.model_version,
+            state=state,
+            limit=MAX_LIMIT,
+        )
+
 
 @dataclass(frozen=True)
 class ModelClasses:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import sqlalchemy as sa
 
-from enrichment.review.queue import MAX_LIMIT, Item, QueueFilter, all_items
+from enrichment.review.queue import Item, QueueFilter, all_items
 from enrichment.store.reviews import Decision, latest_decisions
 
 Z_95 = 1.959963984540054
@@ -91,14 +91,7 @@ def suggest_threshold(truth: Sequence[bool], scores: Sequence[float]) -> float |
 
 def class_stats(connection: sa.Connection, filters: QueueFilter) -> list[ClassStats]:
     """Per (model version, class) of the chosen results, the figures above."""
-    reviewed = QueueFilter(
-        labels=filters.labels,
-        datasets=filters.datasets,
-        run_id=filters.run_id,
-        model_version=filters.model_version,
-        state="reviewed",
-        limit=MAX_LIMIT,
-    )
+    reviewed = filters.whole_scope("reviewed", filters.labels)
     audited = {
         (row.record_id, row.label_key): row.decision
         for row in connection.execute(sa.select(latest_decisions(audit_only=True)))

@@ -136,8 +136,7 @@ class InProcessDispatcher:
                     db, batch_id, self.classifier, self.fetcher, self.max_attempts
                 )
             except PoisonBatch as error:
-                fail_batch(db, batch_id, "batch_failed", str(error))
-                self._finished(0)
+                self._give_up(db, batch_id, error)
                 continue
             except Exception as error:
                 self._retry(db, batch_id, error)
@@ -176,6 +175,16 @@ class InProcessDispatcher:
 
     def _commit(self, db: Database, started: StartedBatch, classified: Classified):
         return commit_batch(db, started, self.classifier.version, classified)
+
+    def _give_up(self, db: Database, batch_id: int, poison: PoisonBatch) -> None:
+        """Mark a batch that used up its attempts failed; a database that fails meanwhile
+        sends it round again (it is given up on the next pass), not the run down."""
+        try:
+            fail_batch(db, batch_id, "batch_failed", str(poison))
+        except Exception as error:
+            self._retry(db, batch_id, error)
+            return
+        self._finished(0)
 
     def _retry(self, db: Database, batch_id: int, error: Exception) -> None:
         """Send a batch that raised round again; the database's attempts counter ends it.
