@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from enrichment.errors import OutputError
+from enrichment.files import write_atomically
 from enrichment.model.classifier import Classifier
 from enrichment.model.spec import LabelScore, read_model_json
 from enrichment.publish.export import ExportFilter, Output, export
@@ -143,6 +144,24 @@ def test_a_failed_write_removes_its_partial_files(tmp_path: Path) -> None:
         with files.create(full) as out:
             out.write("x" * 100_000)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["full"]
+
+
+def test_one_file_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """model.json, harvest files, reports and the review cache all write through this."""
+    target = tmp_path / "model.json"
+    target.write_text("old")
+    write_atomically(target, "new é")
+    assert target.read_bytes() == "new é".encode()
+    blocked = tmp_path / "gone" / "report.html"
+    with pytest.raises(OutputError, match=r"cannot write .*gone/report\.html"):
+        write_atomically(blocked, b"<html>")
+    occupied = tmp_path / "images"
+    (occupied / "inside").mkdir(parents=True)  # the rename fails once the bytes are written
+    with pytest.raises(OutputError, match="images"):
+        write_atomically(occupied, b"jpeg")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "model.json"], (
+        "the temporary file is gone"
+    )
 
 
 def test_rethresholded_export_keeps_the_classifiers_top_k_fallback(

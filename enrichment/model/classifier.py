@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from enrichment.errors import ModelError
+from enrichment.files import make_directory
 from enrichment.model.spec import (
     WEIGHTS_FILE,
     LabelScore,
@@ -80,7 +81,7 @@ def load_weights(network: torch.nn.Module, state: dict[str, torch.Tensor]) -> No
 
 def save_model_dir(directory: Path, spec: ModelSpec, network: torch.nn.Module) -> str:
     """Write weights and model.json; returns the model version."""
-    directory.mkdir(parents=True, exist_ok=True)
+    make_directory(directory)
     weights_path = directory / WEIGHTS_FILE
     state = {
         name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()

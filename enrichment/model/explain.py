@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from enrichment.config import Settings
 from enrichment.errors import EnrichError, OutputError
+from enrichment.files import make_directory
 from enrichment.media.decode import ImageError, decode, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
@@ -271,13 +272,7 @@ def write_overlays(
     under /proc) leaves no partial file behind: one line naming the path instead.
     """
     image = display_image(source.data, max_pixels)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        # mkdir names the first directory it could not make, which may be a parent.
-        raise OutputError(
-            f"cannot create the directory {out_dir}: {error.strerror}: {error.filename}"
-        ) from None
+    make_directory(out_dir)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name).strip("._")[:80] or "image"
     staged: list[tuple[Path, Path]] = []
     try:

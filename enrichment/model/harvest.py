@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from enrichment.errors import EnrichError
+from enrichment.files import write_atomically
 from enrichment.media.decode import ImageError, load_rgb, open_image
 from enrichment.media.fetch import RETRYABLE, Fetcher
 from enrichment.sources.harvest import reusability_of
@@ -101,7 +101,7 @@ class HarvestDir:
                 )
             return stored
         plan = {"format": FORMAT_VERSION, "identity": dict(identity), **make()}
-        _write_atomically(path, json.dumps(plan, indent=1, ensure_ascii=False))
+        write_atomically(path, json.dumps(plan, indent=1, ensure_ascii=False))
         return plan
 
     def downloads(self) -> dict[str, Download]:
@@ -129,9 +129,7 @@ class HarvestDir:
         name = f"images/{sha256}.{EXTENSIONS.get(image_format, 'img')}"
         target = self.root / name
         if not target.exists():
-            temporary = target.with_name(f".{target.name}.{threading.get_ident()}.part")
-            temporary.write_bytes(data)
-            os.replace(temporary, target)
+            write_atomically(target, data)
         return name
 
 
@@ -250,9 +248,9 @@ def write_set(
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomically(directory.root / "labels.csv", buffer.getvalue())
+    write_atomically(directory.root / "labels.csv", buffer.getvalue())
     summary = _summary(plan, records, downloads, image_labels, duplicates, order)
-    _write_atomically(
+    write_atomically(
         directory.root / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False)
     )
     return summary
@@ -340,9 +338,3 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
     reuse = ", ".join(f"{group} {n}" for group, n in summary["reusability"].items()) or "none"
     lines.append(f"  reusability: {reuse}")
     return lines
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.part")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

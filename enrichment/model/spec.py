@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
@@ -25,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from enrichment.errors import ModelError, OutputError
+from enrichment.errors import ModelError
+from enrichment.files import write_atomically
 from enrichment.media.decode import Preprocessing
 
 MODEL_JSON = "model.json"
@@ -143,15 +143,7 @@ def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
         "training": spec.training,
     }
     check_model_document(json.loads(json.dumps(document)), directory / MODEL_JSON)
-    temporary = directory / f".{MODEL_JSON}.tmp"
-    try:
-        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, directory / MODEL_JSON)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise OutputError(
-            f"cannot write {directory / MODEL_JSON}: {error.strerror or error}"
-        ) from None
+    write_atomically(directory / MODEL_JSON, json.dumps(document, indent=2) + "\n")
     return document["version"]
 
 

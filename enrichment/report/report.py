@@ -20,8 +20,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +32,8 @@ from sqlalchemy.orm import Session
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.errors import EnrichError, OutputError
+from enrichment.errors import EnrichError
+from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.report import plots
@@ -254,34 +253,11 @@ def write_report(
     cannot be written fails at once rather than after every fetch.
     """
     report = gather(db, run_id, per_class)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        # mkdir names the first directory it could not make, which may be a parent.
-        raise OutputError(
-            f"cannot create the directory {out_dir}: {error.strerror}: {error.filename}"
-        ) from None
+    make_directory(out_dir)
     page = render(report, thumbnails(report, settings))
     path = out_dir / f"run-{report.summary.id}.html"
     write_atomically(path, page.encode("utf-8"))
     return path
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file beside `path`, then rename it over `path`: a reader sees
-    the old page or the new one, never part of one, and a failed write leaves nothing.
-
-    The temporary name is unique (two reports of one run at once cannot mix) and
-    created with `open(..., "x")`, so it gets the same permissions as any new file.
-    """
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def render(report: RunReport, shown: dict[str | None, Thumbnail]) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from enrichment.config import Settings
+from enrichment.files import write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 
@@ -70,17 +69,10 @@ class ImageCache:
             copy.thumbnail((side, side))
             buffer = io.BytesIO()
             copy.save(buffer, format="JPEG", quality=85)
-            self._write(self._path(url, name), buffer.getvalue())
+            write_atomically(self._path(url, name), buffer.getvalue())
         return Shrunk(path.read_bytes())
 
     def _failed(self, url: str, reason: str) -> Shrunk:
         with self._lock:
             self._failures[url] = (time.monotonic(), reason)
         return Shrunk(None, reason)
-
-    def _write(self, path: Path, data: bytes) -> None:
-        """Under a temporary name, then renamed: a reader never sees half a file."""
-        handle, temporary = tempfile.mkstemp(dir=self.directory, suffix=".part")
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temporary, path)
