@@ -139,6 +139,8 @@ def test_label_studio_round_trip(image_host, tmp_path: Path) -> None:
         annotated(by_record["/9001/c"], 3, ["photograph"], was_cancelled=True),
         annotated(by_record["/9002/d"], 4, ["photograph", "drawing", "map"]),
         annotated(by_record["/9002/e"], 5, []),
+        # a task for a record this database never classified: skipped, the rest imported
+        annotated({"data": {**by_record["/9002/e"]["data"], "record_id": "/9003/gone"}}, 6, []),
     ]
     later = annotated(by_record["/9002/d"], 4, ["drawing"])["annotations"][0]
     later.update(updated_at="2026-12-01T11:00:00.000000Z", completed_by=7)
@@ -146,7 +148,8 @@ def test_label_studio_round_trip(image_host, tmp_path: Path) -> None:
     export_path = tmp_path / "export.json"
     export_path.write_text(json.dumps(export))
     done = run("review", "label-studio", "import", str(export_path), url=url)
-    assert "5 tasks: 8 decisions recorded, 0 already standing, 1 tasks skipped" in done.output
+    assert "6 tasks: 8 decisions recorded, 0 already standing, 2 tasks skipped" in done.output
+    assert "task 6: record /9003/gone has no result of model" in done.output
     ada, seven = "ada@example.org", "label-studio:7"
     want = [
         ("/9001/a", "photograph", "accept", ada),  # the model's labels: photograph, drawing

@@ -39,9 +39,9 @@ from enrichment.review.queue import (
     image_url,
     model_classes,
     record_decisions,
+    results_and_labels,
 )
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow
 
 FROM_NAME = "labels"
 TO_NAME = "image"
@@ -203,9 +203,8 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             sa.select(latest.c.record_id, latest.c.label_key, latest.c.decision)
         )
     }
-    decisions: list[DecisionIn] = []
     skipped: list[str] = []
-    unchanged = 0
+    annotated: list[tuple[int, str, str, set[str], str]] = []
     for number, task in enumerate(document, 1):
         data = task.get("data") if isinstance(task, dict) else None
         record_id = data.get("record_id") if isinstance(data, dict) else None
@@ -230,20 +229,22 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             if result.get("type") == "choices" and result.get("from_name") == FROM_NAME
             for choice in (result.get("value") or {}).get("choices") or []
         }
-        exists = connection.execute(
-            sa.select(RecordRow.id).where(RecordRow.id == record_id)
-        ).first()
-        if exists is None:
-            skipped.append(f"task {number}: unknown record {record_id}")
-            continue
-        view_labels = _machine_labels(connection, record_id, version)
         unknown = sorted(chosen - set(models[version].keys))
         if unknown:
             skipped.append(f"task {number}: unknown classes {', '.join(unknown)}")
             continue
-        who = _reviewer(annotation, reviewer)
+        annotated.append((number, str(record_id), version, chosen, _reviewer(annotation, reviewer)))
+    results, labels = results_and_labels(
+        connection, [(record_id, version) for _, record_id, version, _, _ in annotated]
+    )
+    decisions: list[DecisionIn] = []
+    unchanged = 0
+    for number, record_id, version, chosen, who in annotated:
+        if (record_id, version) not in results:
+            skipped.append(f"task {number}: record {record_id} has no result of model {version}")
+            continue
         for key in models[version].keys:
-            if key in view_labels:
+            if (record_id, version, key) in labels:
                 decision = Decision.ACCEPT if key in chosen else Decision.REJECT
             elif key in chosen:
                 decision = Decision.ADD
@@ -255,13 +256,3 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             decisions.append(DecisionIn(record_id, key, version, decision, who))
     record_decisions(session, decisions)
     return ImportReport(len(document), len(decisions), unchanged, skipped)
-
-
-def _machine_labels(connection: sa.Connection, record_id: str, version: str) -> set[str]:
-    return set(
-        connection.execute(
-            sa.select(Label.label_key).where(
-                Label.record_id == record_id, Label.model_version == version
-            )
-        ).scalars()
-    )

@@ -32,6 +32,7 @@ from enrichment.store.schema import Label, ModelRow, RecordRow, Result, Run
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
 MAX_LIMIT = 500
+LOOKUP_CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
 EUROPEANA_ITEM_PAGE = "https://www.europeana.eu/item"
 
 
@@ -438,7 +439,6 @@ def record_decisions(session: Session, decisions: Sequence[DecisionIn]) -> list[
     """
     connection = session.connection()
     models = model_classes(connection)
-    reviews = []
     for decision in decisions:
         if decision.decision not in Decision.ALL:
             raise ReviewError(
@@ -448,28 +448,21 @@ def record_decisions(session: Session, decisions: Sequence[DecisionIn]) -> list[
         if model is None:
             raise ReviewError(f"unknown model version {decision.model_version}")
         model.index(decision.label_key)
-        result = connection.execute(
-            sa.select(Result.status).where(
-                Result.record_id == decision.record_id,
-                Result.model_version == decision.model_version,
-            )
-        ).first()
-        if result is None:
+    results, labels = results_and_labels(
+        connection, [(decision.record_id, decision.model_version) for decision in decisions]
+    )
+    reviews = []
+    for decision in decisions:
+        if (decision.record_id, decision.model_version) not in results:
             raise ReviewError(
                 f"record {decision.record_id} has no result of model {decision.model_version}"
             )
-        labelled = connection.execute(
-            sa.select(Label.label_key).where(
-                Label.record_id == decision.record_id,
-                Label.model_version == decision.model_version,
-                Label.label_key == decision.label_key,
-            )
-        ).first()
-        if decision.decision == Decision.ACCEPT and labelled is None:
+        labelled = (decision.record_id, decision.model_version, decision.label_key) in labels
+        if decision.decision == Decision.ACCEPT and not labelled:
             raise ReviewError(
                 f"{decision.label_key} is not a label of {decision.record_id}: add it instead"
             )
-        if decision.decision == Decision.ADD and labelled is not None:
+        if decision.decision == Decision.ADD and labelled:
             raise ReviewError(
                 f"{decision.label_key} is already a label of {decision.record_id}: accept it"
             )
@@ -483,10 +476,43 @@ def record_decisions(session: Session, decisions: Sequence[DecisionIn]) -> list[
                 audit=decision.audit,
             )
         )
-    for review in reviews:  # one at a time, so ids follow the order decisions were made in
-        session.add(review)
-        session.flush()
+    session.add_all(reviews)  # inserted in this order, so ids follow the decisions' order
+    session.flush()
     return [review.id for review in reviews]
+
+
+def results_and_labels(
+    connection: sa.Connection, pairs: Iterable[tuple[str, str]]
+) -> tuple[set[tuple[str, str]], set[tuple[str, str, str]]]:
+    """Of these (record, model version) pairs: those that have a result, and the (record,
+    model version, label) triples the model gave; a few queries for a whole Label Studio
+    import rather than two per decision."""
+    wanted: dict[str, set[str]] = {}
+    for record_id, version in pairs:
+        wanted.setdefault(version, set()).add(record_id)
+    results: set[tuple[str, str]] = set()
+    labels: set[tuple[str, str, str]] = set()
+    for version, record_ids in wanted.items():
+        ordered = sorted(record_ids)
+        for start in range(0, len(ordered), LOOKUP_CHUNK):
+            chunk = ordered[start : start + LOOKUP_CHUNK]
+            results.update(
+                (record_id, version)
+                for record_id in connection.scalars(
+                    sa.select(Result.record_id).where(
+                        Result.model_version == version, Result.record_id.in_(chunk)
+                    )
+                )
+            )
+            labels.update(
+                (row.record_id, version, row.label_key)
+                for row in connection.execute(
+                    sa.select(Label.record_id, Label.label_key).where(
+                        Label.model_version == version, Label.record_id.in_(chunk)
+                    )
+                )
+            )
+    return results, labels
 
 
 def undo(session: Session, ids: Sequence[int]) -> int:
