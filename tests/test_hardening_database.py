@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from enrichment.errors import DatabaseError
+from enrichment.store import database as database_module
 from enrichment.store.database import Database
 from tests.conftest import enrich
 
@@ -160,3 +163,21 @@ def test_a_database_failing_under_a_command_is_one_line(tmp_path: Path) -> None:
     engine.dispose()
     line = one_line(enrich("results", env={"DATABASE_URL": url}))
     assert line == f"Error: cannot use database {url}: no such table: results"
+
+
+def test_a_postgresql_server_that_never_answers_is_given_up_soon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A listening socket that never speaks: without a connect timeout libpq would wait
+    as long as TCP does, and a worker would hang through a database outage."""
+    monkeypatch.setattr(database_module, "CONNECT_TIMEOUT", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        db = Database(f"postgresql+psycopg2://enrich:secret@127.0.0.1:{port}/enrich")
+        began = time.monotonic()
+        with pytest.raises(sa.exc.OperationalError, match="timeout expired"):
+            db.engine.connect()
+        assert time.monotonic() - began < 10
+        db.dispose()

@@ -38,6 +38,7 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
 
 
 SUPPORTED = {"postgresql": "postgresql://USER:PASSWORD@HOST/DB", "sqlite": "sqlite:///PATH"}
+CONNECT_TIMEOUT = 10  # seconds; a DATABASE_URL with ?connect_timeout=N keeps its own
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -69,6 +70,10 @@ class Database:
                 # Upserts, which insertmanyvalues does not take, go as pages of statements
                 # (execute_batch) rather than one round trip per row.
                 options["executemany_mode"] = "values_plus_batch"
+            if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+                # libpq waits on an unanswering server for as long as TCP does (minutes):
+                # a worker should meet a database outage as a retryable error soon.
+                options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
             self.engine: Engine = sa.create_engine(url, pool_pre_ping=True, **options)
         except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as error:
             raise DatabaseError(f"invalid DATABASE_URL {redact_url(url)}: {error}") from None
