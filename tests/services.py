@@ -192,21 +192,39 @@ class ImageHost:
                 with counting:
                     host.active += 1
                     host.most = max(host.most, host.active)
+                answered = False
+
+                def finished() -> None:
+                    nonlocal answered
+                    if not answered:
+                        answered = True
+                        with counting:
+                            host.active -= 1
+
                 try:
                     if route.delay:
                         time.sleep(route.delay)
-                    self.answer(route)
+                    self.answer(route, finished)
                 finally:
-                    with counting:
-                        host.active -= 1
+                    finished()
 
-            def answer(self, route: Route) -> None:
+            def answer(self, route: Route, finished: Callable[[], None]) -> None:
+                """The request stops counting just before its last byte goes out: the client
+                cannot have the whole answer (and send its next request) before that, so a
+                client that keeps to a limit is never seen above it."""
+                body = route.body
                 with contextlib.suppress(OSError):  # the client hung up (killed, or too slow)
                     self.send_response(route.status)
                     self.send_header("Content-Type", route.content_type)
-                    self.send_header("Content-Length", str(len(route.body)))
+                    self.send_header("Content-Length", str(len(body)))
+                    if not body:
+                        finished()
                     self.end_headers()
-                    self.wfile.write(route.body)
+                    if body:
+                        self.wfile.write(body[:-1])
+                        self.wfile.flush()
+                        finished()
+                        self.wfile.write(body[-1:])
 
             def log_message(self, *args: object) -> None:
                 pass
