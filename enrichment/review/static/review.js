@@ -54,7 +54,9 @@
     return element.dataset.labelled === "1" ? "accept" : "add";
   }
 
-  // Send decisions for elements; on success update them and remember how to undo.
+  // Send decisions for elements; on success update them. Each is on the undo stack from
+  // the moment it is sent, so "u" straight after "r" undoes that reject even while its
+  // answer is still on the way (not the decision before it).
   async function decide(elements, yesOrNo, base) {
     const name = reviewer();
     if (!name || elements.length === 0) return false;
@@ -66,27 +68,39 @@
       reviewer: name,
       audit: base.audit,
     }));
+    const previous = elements.map((element) => element.dataset.state);
+    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous };
+    undoStack.push(entry);
+    updateUndo();
     try {
-      const answer = await post("/api/decisions", { decisions: decisions });
-      const previous = elements.map((element) => element.dataset.state);
+      await entry.sent;
       elements.forEach((element, i) => setState(element, decisions[i].decision));
-      undoStack.push({ ids: answer.ids, elements: elements, previous: previous });
-      updateUndo();
       toast(decisions.length === 1 ? decisions[0].decision + "ed " + decisions[0].label_key
         : decisions.length + " decisions saved");
       return true;
     } catch (error) {
+      const at = undoStack.indexOf(entry);
+      if (at !== -1) undoStack.splice(at, 1);
+      updateUndo();
       toast("Not saved: " + error.message);
       return false;
     }
   }
 
+  // Waits for the last decision's answer (its continuation in decide runs first, as it
+  // awaited first), then takes it back.
   async function undoLast() {
     const last = undoStack.pop();
     updateUndo();
     if (!last) return;
+    let answer;
     try {
-      await post("/api/undo", { ids: last.ids });
+      answer = await last.sent;
+    } catch (error) {
+      return; // never saved, so nothing to take back; decide has said so
+    }
+    try {
+      await post("/api/undo", { ids: answer.ids });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
       toast("Undone");
     } catch (error) {
