@@ -373,24 +373,24 @@ class Fetcher:
             self.pacer.slot(host) as slot,
             Deadline(self.settings.fetch_timeout) as deadline,
         ):
-            answer: FetchResult | None = None  # what the host said before the deadline cut in
+            host_said: FetchResult | None = None  # the host's last answer before the deadline
             for attempt in range(MAX_RETRIES + 1):
                 began = time.monotonic()
                 result, retry_after, answered = self._attempt(url, deadline)
                 reason = result.error_reason
                 if reason is None:
                     slot.report(OK, began, answered - began if answered else None, None)
-                elif answer is not None and deadline.expired:
+                elif host_said is not None and deadline.expired:
                     # Our deadline cut a retry short: that says nothing new about the
                     # host, and its last real answer (a 429, a 503) is the truer reason.
                     slot.report(NEUTRAL, began, None, None)
-                    return answer
+                    return host_said
                 else:
                     signal = BUSY if reason in BUSY_REASONS else NEUTRAL
                     slot.report(signal, began, None, retry_after)
                 if reason not in RETRYABLE or attempt == MAX_RETRIES:
                     break
-                answer = result
+                host_said = result
                 pause = retry_after if retry_after is not None else _backoff(attempt)
                 if pause >= deadline.remaining():
                     break  # the answer would come too late: give up now, with the last reason
