@@ -38,10 +38,9 @@ import numpy as np
 import sqlalchemy as sa
 
 from enrichment.config import Settings
-from enrichment.model.spec import LabelScore
 from enrichment.store.database import Database
 from enrichment.store.schema import Label, Result, Run, RunStatus, utc_now
-from enrichment.store.writes import RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
 
 VERSION = "bench@000000000001"
 PREVIOUS = "bench@000000000000"  # an earlier model's results, already in the tables

@@ -45,11 +45,12 @@ from peers import PICTURES, distinct, preview_jpeg
 from enrichment.config import Settings
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.model.classifier import Classifier, usable_cpus
-from enrichment.model.spec import LabelScore, ModelSpec, decide
+from enrichment.model.spec import ModelSpec, decide
 from enrichment.runs import service
 from enrichment.runs.inprocess import InProcessDispatcher
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
+from enrichment.store.writes import LabelScore
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "demo" / "model"

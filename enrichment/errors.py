@@ -43,3 +43,16 @@ class ModelError(EnrichError):
 
 class DatabaseError(EnrichError):
     """The database cannot be reached, is not this project's, or is not at the expected schema."""
+
+
+class InvalidValue(EnrichError):
+    """A value the library was given is unknown or out of range.
+
+    `field` names it as the library knows it (`image_source`, `classes`); the
+    CLI's error boundary turns that into its own option name, so the Celery
+    task and the review API never hand out command-line advice.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field

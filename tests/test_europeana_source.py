@@ -14,7 +14,6 @@ from enrichment.errors import EnrichError
 from enrichment.model.spec import read_model_json
 from enrichment.runs import service
 from enrichment.runs.inprocess import InProcessDispatcher
-from enrichment.runs.locks import scope_lock
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.sources.europeana import (
     SearchClient,
@@ -25,6 +24,7 @@ from enrichment.sources.europeana import (
 )
 from enrichment.sources.records_file import parse_timestamp
 from enrichment.store.database import Database
+from enrichment.store.locks import scope_lock
 from tests.conftest import enrich, image_bytes, make_tiny_model
 from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
 

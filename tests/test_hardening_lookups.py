@@ -160,8 +160,8 @@ def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
     tmp_path: Path, tiny_model: Path, dialect: str, request: pytest.FixtureRequest
 ) -> None:
     from enrichment.model.spec import read_model_json
-    from enrichment.runs.locks import LockLiveness, execution_scope, scope_lock
     from enrichment.runs.schedule import ModelIdentity, start_run
+    from enrichment.store.locks import LockLiveness, execution_scope, scope_lock
     from enrichment.store.query import run_summary
 
     spec, version, _ = read_model_json(tiny_model)

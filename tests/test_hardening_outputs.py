@@ -17,13 +17,13 @@ import pytest
 from enrichment.errors import OutputError
 from enrichment.files import write_atomically
 from enrichment.model.classifier import Classifier
-from enrichment.model.spec import LabelScore, read_model_json
+from enrichment.model.spec import read_model_json
 from enrichment.publish.export import ExportFilter, Output, export
 from enrichment.publish.pages import AtomicFiles
 from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.schema import Outcome
-from enrichment.store.writes import RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
 from tests.conftest import enrich
 from tests.export_support import annotations_in, build_catalogue, export_text, open_database
 

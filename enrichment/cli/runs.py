@@ -105,7 +105,7 @@ def run(
     db = open_db()
 
     from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.runs.locks import execution_scope, scope_lock
+    from enrichment.store.locks import execution_scope, scope_lock
 
     executing = ExitStack()
 
@@ -145,7 +145,7 @@ def resume(
     db = open_db()
     model_dir = model_dir or config.require_model_dir()
     from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.runs.locks import execution_scope, scope_lock
+    from enrichment.store.locks import execution_scope, scope_lock
 
     with (
         scope_lock(db, execution_scope(run_id)),
@@ -156,7 +156,7 @@ def resume(
 
 
 def _summary(db: Database, run_id: int | None):
-    from enrichment.runs.locks import LockLiveness
+    from enrichment.store.locks import LockLiveness
     from enrichment.store.query import run_summary
 
     return run_summary(db, run_id, LockLiveness(db))

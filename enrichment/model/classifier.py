@@ -21,13 +21,13 @@ from enrichment.errors import ModelError
 from enrichment.files import make_directory
 from enrichment.model.spec import (
     WEIGHTS_FILE,
-    LabelScore,
     ModelSpec,
     decide,
     read_model_json,
     weights_sha256,
     write_model_json,
 )
+from enrichment.store.writes import LabelScore
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
@@ -132,7 +132,7 @@ class Classifier:
         self.version = version
         self.network = network
         self.device = device
-        self.thresholds = np.asarray([label.threshold for label in spec.labels], dtype=np.float32)
+        self.thresholds = np.asarray([label.threshold for label in spec.labels], dtype=np.float64)
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Classifier:

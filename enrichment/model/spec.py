@@ -88,7 +88,10 @@ def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) 
     class reaches its threshold gets its k best-scoring classes instead of
     none; ties go to the earlier label.
     """
-    chosen = scores >= thresholds
+    # One number type for both sides: a float32 threshold against a float64 score (or the
+    # reverse) turns a tie such as 0.43 >= 0.43 into a miss on one path and a hit on another.
+    scores = np.asarray(scores, dtype=np.float64)
+    chosen = scores >= np.asarray(thresholds, dtype=np.float64)
     if top_k_fallback:
         empty = ~chosen.any(axis=1)
         best = np.argsort(-scores[empty], axis=1, kind="stable")[:, :top_k_fallback]
@@ -96,15 +99,6 @@ def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) 
         np.put_along_axis(fallback, best, True, axis=1)
         chosen[empty] = fallback
     return chosen
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    """One label a record gets from a model, with its confidence."""
-
-    key: str
-    concept: str
-    confidence: float
 
 
 def weights_sha256(path: Path) -> str:

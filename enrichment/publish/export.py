@@ -44,12 +44,12 @@ from enrichment.publish.annotations import (
     LabelRow,
 )
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
+from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.reviews import REVIEWED, Decision, latest_decisions
-from enrichment.store.schema import Label, ModelRow, Outcome, RecordRow, Result, Run
+from enrichment.store.schema import Label, ModelRow, RecordRow, Result, Run
 
 STREAM_ROWS = 2000
-CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
 
 
 class ExportError(EnrichError):
@@ -250,48 +250,14 @@ def _model_labels(
         models[version] = _ModelLabels(
             keys,
             [label["concept"] for label in labels],
-            # float32, as the classifier compares: the same scores give the same labels.
-            np.asarray(applied, dtype=np.float32),
+            np.asarray(applied, dtype=np.float64),
             top_k_fallback,
         )
     return models
 
 
-def chosen_results(filters: ExportFilter) -> sa.Subquery:
-    """One result per record: of the run, of the model version, or else the latest classified."""
-    columns = (
-        Result.record_id,
-        Result.model_version,
-        Result.image_url,
-        Result.classified_at,
-    )
-    scope = [Result.status.in_(CLASSIFIED)]
-    if filters.datasets:
-        scope.append(
-            Result.record_id.in_(
-                sa.select(RecordRow.id).where(RecordRow.dataset.in_(filters.datasets))
-            )
-        )
-    if filters.run_id is not None:
-        scope.append(Result.run_id == filters.run_id)
-    if filters.model_version is not None:
-        scope.append(Result.model_version == filters.model_version)
-    if filters.run_id is not None or filters.model_version is not None:
-        return sa.select(*columns).where(*scope).subquery("chosen")
-    newest_first = sa.func.row_number().over(
-        partition_by=Result.record_id,
-        order_by=(Result.classified_at.desc(), Result.model_version.desc()),
-    )
-    ranked = sa.select(*columns, newest_first.label("rank")).where(*scope).subquery("ranked")
-    return (
-        sa.select(*(ranked.c[column.key] for column in columns))
-        .where(ranked.c.rank == 1)
-        .subquery("chosen")
-    )
-
-
 def _stored_labels(filters: ExportFilter) -> sa.Select:
-    chosen = chosen_results(filters)
+    chosen = current_results(filters.datasets, filters.run_id, filters.model_version)
     query = (
         sa.select(
             Label.record_id,
@@ -350,7 +316,7 @@ def _review_keeps(decision: str | None, reviewed: str) -> bool:
 
 
 def _classified_results(filters: ExportFilter) -> sa.Select:
-    chosen = chosen_results(filters)
+    chosen = current_results(filters.datasets, filters.run_id, filters.model_version)
     query = (
         sa.select(
             chosen.c.record_id,
@@ -382,7 +348,7 @@ def _rethreshold(
     """The labels one stored score vector yields under the export's thresholds, by key."""
     if not row.scores:
         return
-    scores = np.asarray(row.scores, dtype=np.float32)[np.newaxis, :]
+    scores = np.asarray(row.scores, dtype=np.float64)[np.newaxis, :]
     chosen = decide(scores, model.thresholds, model.top_k_fallback)[0]
     kept = sorted(
         (model.keys[i], model.concepts[i], float(row.scores[i])) for i in np.flatnonzero(chosen)

@@ -54,13 +54,14 @@ from enrichment.publish.annotations_api import (
     Unsettled,
     agent_id,
 )
-from enrichment.publish.export import ExportFilter, check_filter, chosen_results, iter_label_rows
+from enrichment.publish.export import ExportFilter, check_filter, iter_label_rows
 from enrichment.publish.unsettled import (
     count_unsettled,
     known_account,
     publish_lock,
     resolve_unsettled,
 )
+from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.ledger import Publication, PublicationState
 from enrichment.store.schema import RecordRow, Result, utc_now
@@ -282,7 +283,13 @@ class Publisher:
                 )
         else:
             query = query.where(
-                Publication.record_id.in_(sa.select(chosen_results(filters).c.record_id))
+                Publication.record_id.in_(
+                    sa.select(
+                        current_results(
+                            filters.datasets, filters.run_id, filters.model_version
+                        ).c.record_id
+                    )
+                )
             )
         with self.db.engine.connect() as connection:
             return {

@@ -32,9 +32,9 @@ import sqlalchemy as sa
 
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.publish.annotations_api import AnnotationsAPI, Stored, agent_id
-from enrichment.runs.locks import scope_lock
 from enrichment.store.database import Database
 from enrichment.store.ledger import Publication, PublicationState
+from enrichment.store.locks import scope_lock
 from enrichment.store.schema import RecordRow, utc_now
 
 S = PublicationState

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
-from enrichment.publish.export import ExportFilter, chosen_results
+from enrichment.store.current import current_results
 from enrichment.store.reviews import Decision, Review, latest_decisions
 from enrichment.store.schema import Label, ModelRow, RecordRow, Result, Run
 
@@ -170,11 +170,7 @@ def _items_query(
     the label is left to `_with_records`, which looks it up for a page's rows only:
     looked up for every item, it is most of the cost of a queue over all classes.
     """
-    chosen = chosen_results(
-        ExportFilter(
-            datasets=filters.datasets, run_id=filters.run_id, model_version=filters.model_version
-        )
-    )
+    chosen = current_results(filters.datasets, filters.run_id, filters.model_version)
     scores: Any = Result.scores
     if connection.dialect.name == "postgresql":  # parsed once, not once per class
         scores = sa.cast(Result.scores, postgresql.JSONB)

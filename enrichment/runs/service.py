@@ -13,7 +13,6 @@ from typing import Any
 
 from enrichment.config import Settings
 from enrichment.errors import ConfigError, EnrichError
-from enrichment.runs.locks import scope_lock
 from enrichment.runs.schedule import (
     Dispatcher,
     ModelIdentity,
@@ -26,6 +25,7 @@ from enrichment.runs.schedule import (
 from enrichment.sources import RecordsFileSource, source_for_scope
 from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
 from enrichment.store.database import Database
+from enrichment.store.locks import scope_lock
 
 
 def records_scope(path: Path) -> dict[str, Any]:

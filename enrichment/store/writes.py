@@ -23,8 +23,16 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
-from enrichment.model.spec import LabelScore
 from enrichment.store.schema import Label, ModelRow, Outcome, Result, utc_now
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One label a record gets from a model, with its confidence."""
+
+    key: str
+    concept: str
+    confidence: float
 
 
 @dataclass(frozen=True)
