@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -11,7 +12,46 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOSE_MODULES = {"__init__.py", "__main__.py", "config.py", "errors.py", "files.py"}
+LOOSE_MODULES = {
+    "__init__.py",
+    "__main__.py",
+    "bootstrap.py",
+    "config.py",
+    "errors.py",
+    "files.py",
+}
+
+# The flow, top to bottom: a module may import its own package, any package on a lower
+# level, and the same-level packages listed in SIDEWAYS; never one above it.
+LEVELS = {
+    "cli": 4,
+    "worker": 4,
+    "bootstrap": 4,
+    "__main__": 4,
+    "runs": 3,
+    "publish": 3,
+    "review": 3,
+    "report": 3,
+    "sources": 2,
+    "media": 2,
+    "model": 2,
+    "store": 1,
+    "config": 0,
+    "errors": 0,
+    "files": 0,
+    "enrichment": 0,  # the package itself: its version
+}
+# The model's own flow harvests by concept (sources) and decodes its training images (media);
+# the entry points share the composition root. The loose modules at level 0 may use each other.
+SIDEWAYS = {
+    ("model", "sources"),
+    ("model", "media"),
+    ("cli", "bootstrap"),
+    ("worker", "bootstrap"),
+    ("__main__", "cli"),
+}
+# Outside store/ and migrations/, the composition root and the CLI's error boundary alone.
+SQLALCHEMY_ALLOWED = {"enrichment/bootstrap.py", "enrichment/cli/base.py"}
 
 # Runs a command in this interpreter and prints which heavy modules it imported.
 PROBE = """
@@ -110,3 +150,58 @@ def test_urllib3_is_pinned_below_the_major_version_the_ssrf_guard_was_written_fo
     ]
     assert not pin.specifier.contains("3.0.0")
     assert pin.specifier.contains(version("urllib3"))
+
+
+def _package(path: Path) -> str:
+    """The flow package a source file belongs to: `store` for enrichment/store/ledger.py."""
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    if parts[0] == "worker":
+        return "worker"
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports, at the top or inside a function."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+    return names
+
+
+def _sources() -> list[Path]:
+    return [*(ROOT / "enrichment").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]
+
+
+def test_no_package_imports_one_above_it_in_the_flow() -> None:
+    upward = []
+    for path in _sources():
+        source = _package(path)
+        for name in _imports(path):
+            if name == "worker" or name.startswith("worker."):
+                target = "worker"
+            elif name == "enrichment" or name.startswith("enrichment."):
+                target = name.split(".")[1] if "." in name else "enrichment"
+            else:
+                continue
+            if target == source or (source, target) in SIDEWAYS:
+                continue
+            if LEVELS[target] > LEVELS[source] or LEVELS[target] == LEVELS[source] > 0:
+                upward.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert upward == []
+
+
+def test_only_store_the_composition_root_and_the_cli_boundary_import_sqlalchemy() -> None:
+    """The probe can fail: store/ itself does import SQLAlchemy."""
+    importers = {
+        str(path.relative_to(ROOT))
+        for path in _sources()
+        if any(name.split(".")[0] == "sqlalchemy" for name in _imports(path))
+    }
+    assert "enrichment/store/database.py" in importers
+    outside = {
+        name for name in importers if not name.startswith("enrichment/store/")
+    } - SQLALCHEMY_ALLOWED
+    assert outside == set()
