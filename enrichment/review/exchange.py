@@ -27,7 +27,7 @@ from html import escape
 from pathlib import Path
 from typing import IO, Any
 
-from enrichment.review.params import ReviewError
+from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.review_queue import QueueFilter, items_by_record, registered_models
 from enrichment.store.reviews import (
@@ -164,11 +164,11 @@ def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ReviewError(f"cannot read {path}: {error.strerror}") from None
+        raise InvalidValue("path", f"cannot read {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
-        raise ReviewError(f"{path} is not valid JSON: {error}") from None
+        raise InvalidValue("path", f"{path} is not valid JSON: {error}") from None
     if not isinstance(document, list):
-        raise ReviewError(f"{path}: a Label Studio JSON export is a list of tasks")
+        raise InvalidValue("path", f"{path}: a Label Studio JSON export is a list of tasks")
     models = registered_models(db)
     standing = standing_decisions(db)
     skipped: list[str] = []
