@@ -11,6 +11,13 @@ import pytest
 
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
+from enrichment.store.decisions import (
+    NewDecision,
+    record_decisions,
+    results_and_labels,
+    standing_decisions,
+    take_back_decisions,
+)
 from enrichment.store.review_queue import (
     QueueFilter,
     all_items,
@@ -20,14 +27,7 @@ from enrichment.store.review_queue import (
     record_view,
     registered_models,
 )
-from enrichment.store.reviews import (
-    Decision,
-    NewDecision,
-    record_decisions,
-    results_and_labels,
-    standing_decisions,
-    take_back_decisions,
-)
+from enrichment.store.reviews import Decision
 from tests.test_review_api import KEYS, SCORES, THRESHOLDS, VERSION, build_review_db, margin_order
 
 

@@ -13,8 +13,8 @@ from flask import Blueprint, jsonify, request
 from enrichment.review.context import review_context
 from enrichment.review.params import decisions_from_json, ids_from_json, queue_filter
 from enrichment.review.stats import class_stats
+from enrichment.store.decisions import record_decisions, take_back_decisions
 from enrichment.store.review_queue import MAX_LIMIT, queue_page, record_view
-from enrichment.store.reviews import record_decisions, take_back_decisions
 
 api = Blueprint("api", __name__, url_prefix="/api")
 

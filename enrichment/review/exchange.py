@@ -29,14 +29,14 @@ from typing import IO, Any
 
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
-from enrichment.store.review_queue import QueueFilter, items_by_record, registered_models
-from enrichment.store.reviews import (
-    Decision,
+from enrichment.store.decisions import (
     NewDecision,
     record_decisions,
     results_and_labels,
     standing_decisions,
 )
+from enrichment.store.review_queue import QueueFilter, items_by_record, registered_models
+from enrichment.store.reviews import Decision
 
 FROM_NAME = "labels"
 TO_NAME = "image"

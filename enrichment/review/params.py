@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 from enrichment.errors import EnrichError, InvalidValue
+from enrichment.store.decisions import NewDecision
 from enrichment.store.review_queue import MAX_LIMIT, QueueFilter
-from enrichment.store.reviews import NewDecision
 
 # A QueueFilter field -> the query parameter that sets it, where the two differ.
 QUERY_PARAMETERS = {"classes": "label", "datasets": "dataset", "run_id": "run"}

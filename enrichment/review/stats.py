@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from enrichment.store.database import Database
+from enrichment.store.decisions import standing_decisions
 from enrichment.store.review_queue import Item, QueueFilter, all_items
-from enrichment.store.reviews import Decision, standing_decisions
+from enrichment.store.reviews import Decision
 
 Z_95 = 1.959963984540054
 
