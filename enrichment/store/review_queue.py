@@ -177,10 +177,8 @@ def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClass
     keys = {key for model in models.values() for key in model.keys}
     unknown = sorted(set(filters.classes) - keys)
     if unknown:
-        raise InvalidValue(
-            "classes",
-            f"no model has the class {', '.join(unknown)} (known: {', '.join(sorted(keys))})",
-        )
+        known = f"known: {', '.join(sorted(keys))}" if keys else "no model is registered yet"
+        raise InvalidValue("classes", f"no model has the class {', '.join(unknown)} ({known})")
     return models
 
 
