@@ -26,9 +26,11 @@ from enrichment.config import Settings
 from enrichment.errors import EnrichError
 from enrichment.model.labelled import read_labelled
 from enrichment.review.app import create_app
+from enrichment.review.stats import class_stats
 from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
+from enrichment.store.review_queue import QueueFilter
 from enrichment.store.reviews import Review
 from enrichment.store.schema import Outcome
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
@@ -205,6 +207,11 @@ def test_queue_is_ordered_by_distance_to_the_threshold(app_server: ReviewServer)
     assert sorted(i["confidence"] for i in ranged) == pytest.approx([0.62, 0.7, 0.75])
     bad = requests.get(f"{app_server.url}/api/queue?state=maybe", timeout=10)
     assert bad.status_code == 400 and "state must be one of" in bad.json()["error"]
+    assert bad.json()["field"] == "state"
+    # A wrong value is named by its query parameter, never by a command-line option.
+    unknown = requests.get(f"{app_server.url}/api/queue?label=unicorn", timeout=10).json()
+    assert unknown["field"] == "label" and "unicorn" in unknown["error"]
+    assert "--" not in unknown["error"]
 
 
 def test_decisions_are_stored_with_their_reviewer_and_the_last_counts(
@@ -354,9 +361,7 @@ def test_review_stats_precision_by_hand(review_db: Database, pg_url: str) -> Non
                 )
             )
             session.flush()
-    done = enrich("review", "stats", "--json", env={"DATABASE_URL": pg_url})
-    assert done.returncode == 0, done.stderr
-    rows = {row["key"]: row for row in json.loads(done.stdout)}
+    rows = {row.key: row.as_json() for row in class_stats(review_db, QueueFilter())}
     photo = rows["photograph"]
     assert (photo["reviewed"], photo["accepted"], photo["rejected_above"]) == (5, 2, 1)
     assert (photo["added"], photo["rejected_below"], photo["audited"]) == (1, 1, 1)
@@ -373,6 +378,9 @@ def test_review_stats_precision_by_hand(review_db: Database, pg_url: str) -> Non
     text = CliRunner().invoke(cli, ["review", "stats"], env={"DATABASE_URL": pg_url})
     assert text.exit_code == 0, text.output
     assert "0.67 [" in text.stdout and "0.395" in text.stdout
+    as_json = CliRunner().invoke(cli, ["review", "stats", "--json"], env={"DATABASE_URL": pg_url})
+    assert as_json.exit_code == 0, as_json.output
+    assert {row["key"]: row for row in json.loads(as_json.stdout)} == rows
 
 
 def test_review_export_is_a_labelled_set_that_calibrate_reads(

@@ -9,10 +9,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import jsonschema
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from enrichment.cli import cli
+from enrichment.errors import InvalidValue
+from enrichment.review.exchange import ImportReport, import_label_studio
 from enrichment.store.reviews import Review
 from tests.test_review_api import KEYS, SCORES, THRESHOLDS, VERSION, build_review_db
 
@@ -177,3 +180,26 @@ def decisions(url: str) -> list[tuple]:
         ).all()
     engine.dispose()
     return [tuple(row) for row in rows]
+
+
+def test_an_import_that_is_not_a_label_studio_export_is_refused_by_its_path(
+    image_host, tmp_path: Path
+) -> None:
+    db = build_review_db(f"sqlite:///{tmp_path}/ls.sqlite3", image_host)
+    try:
+        for name, text, message in [
+            ("broken.json", "{", "is not valid JSON"),
+            ("object.json", "{}", "is a list of tasks"),
+        ]:
+            path = tmp_path / name
+            path.write_text(text)
+            with pytest.raises(InvalidValue, match=message) as refused:
+                import_label_studio(db, path, "ada")
+            assert refused.value.field == "path"
+        with pytest.raises(InvalidValue, match="cannot read"):
+            import_label_studio(db, tmp_path / "missing.json", "ada")
+        empty = tmp_path / "empty.json"
+        empty.write_text("[]")
+        assert import_label_studio(db, empty, "ada") == ImportReport(0, 0, 0, [])
+    finally:
+        db.dispose()

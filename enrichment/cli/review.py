@@ -16,7 +16,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "enrichment-review"
 
 
-scope_options = [
+filter_options = [
     click.option("--dataset", "datasets", multiple=True, help="Only this dataset (repeatable)."),
     click.option("--run", "run_id", type=RUN_ID, help="Only results of this run."),
     click.option(
@@ -27,8 +27,9 @@ scope_options = [
 ]
 
 
-def with_scope(function):
-    for option in reversed(scope_options):
+def with_filters(function):
+    """The options that choose which results' items a command reads."""
+    for option in reversed(filter_options):
         function = option(function)
     return function
 
@@ -68,25 +69,24 @@ def review(ctx: click.Context, host: str, port: int, cache_dir: Path | None, thr
 
 
 @review.command()
-@with_scope
-@click.option("--label", "labels", multiple=True, metavar="KEY", help="Only this class.")
+@with_filters
+@click.option("--label", "classes", multiple=True, metavar="KEY", help="Only this class.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def stats(
     datasets: tuple[str, ...],
     run_id: int | None,
     model_version: str | None,
-    labels: tuple[str, ...],
+    classes: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Per class: decisions, observed precision (95% Wilson interval), additions, a threshold."""
-    from enrichment.review.queue import QueueFilter
     from enrichment.review.stats import class_stats
+    from enrichment.store.review_queue import QueueFilter
 
     filters = QueueFilter(
-        labels=labels, datasets=datasets, run_id=run_id, model_version=model_version
+        classes=classes, datasets=datasets, run_id=run_id, model_version=model_version
     )
-    with open_db().engine.connect() as connection:
-        rows = class_stats(connection, filters)
+    rows = class_stats(open_db(), filters)
     if as_json:
         emit_json([row.as_json() for row in rows])
         return
@@ -123,22 +123,19 @@ def stats(
     required=True,
     help="The labelled set to write (.jsonl), for `enrich model calibrate` or `train`.",
 )
-@with_scope
+@with_filters
 def export_reviewed(
     out_path: Path, datasets: tuple[str, ...], run_id: int | None, model_version: str | None
 ) -> None:
     """The reviewed records as a labelled set: image URL, labels, record id as the group."""
     from enrichment.publish.pages import AtomicFiles
     from enrichment.review.exchange import write_labelled_set
-    from enrichment.review.queue import QueueFilter
+    from enrichment.store.review_queue import QueueFilter
 
     filters = QueueFilter(datasets=datasets, run_id=run_id, model_version=model_version)
-    with (
-        open_db().engine.connect() as connection,
-        AtomicFiles() as atomic,
-        atomic.create(out_path) as out,
-    ):
-        written = write_labelled_set(connection, filters, out)
+    db = open_db()
+    with AtomicFiles() as atomic, atomic.create(out_path) as out:
+        written = write_labelled_set(db, filters, out)
     click.echo(f"wrote {written} reviewed records to {out_path}", err=True)
 
 
@@ -161,8 +158,8 @@ def label_studio() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="The labelling config to paste into the project (default: OUT with .xml).",
 )
-@with_scope
-@click.option("--label", "labels", multiple=True, metavar="KEY", help="Only records with it.")
+@with_filters
+@click.option("--label", "classes", multiple=True, metavar="KEY", help="Only records with it.")
 @click.option("--pending", is_flag=True, help="Only records nobody has reviewed yet.")
 def ls_export(
     out_path: Path,
@@ -170,23 +167,22 @@ def ls_export(
     datasets: tuple[str, ...],
     run_id: int | None,
     model_version: str | None,
-    labels: tuple[str, ...],
+    classes: tuple[str, ...],
     pending: bool,
 ) -> None:
     """Tasks with the model's predictions (one choices result per label), and a config."""
     from enrichment.review.exchange import write_label_studio
-    from enrichment.review.queue import QueueFilter
+    from enrichment.store.review_queue import QueueFilter
 
     filters = QueueFilter(
-        labels=labels,
+        classes=classes,
         datasets=datasets,
         run_id=run_id,
         model_version=model_version,
         state="pending" if pending else "any",
     )
     config_path = config_path or out_path.with_suffix(".xml")
-    with open_db().engine.connect() as connection:
-        count = write_label_studio(connection, filters, out_path, config_path)
+    count = write_label_studio(open_db(), filters, out_path, config_path)
     click.echo(
         f"wrote {count} tasks to {out_path} and the labelling config to {config_path}", err=True
     )
@@ -204,8 +200,7 @@ def ls_import(path: Path, reviewer: str) -> None:
     """Read a Label Studio JSON export back as review decisions."""
     from enrichment.review.exchange import import_label_studio
 
-    with open_db().transaction() as session:
-        report = import_label_studio(session, path, reviewer)
+    report = import_label_studio(open_db(), path, reviewer)
     click.echo(
         f"{report.tasks} tasks: {report.decisions} decisions recorded, "
         f"{report.unchanged} already standing, {len(report.skipped)} tasks skipped",

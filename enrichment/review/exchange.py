@@ -21,63 +21,39 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import IO, Any
 
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
-
-from enrichment.review.queue import (
-    DecisionIn,
-    Item,
-    QueueFilter,
-    ReviewError,
-    all_items,
-    image_url,
-    model_classes,
+from enrichment.errors import InvalidValue
+from enrichment.store.database import Database
+from enrichment.store.decisions import (
+    NewDecision,
     record_decisions,
     results_and_labels,
+    standing_decisions,
 )
-from enrichment.store.reviews import Decision, latest_decisions
+from enrichment.store.review_queue import QueueFilter, items_by_record, registered_models
+from enrichment.store.reviews import Decision
 
 FROM_NAME = "labels"
 TO_NAME = "image"
 
 
-def _by_record(items: Iterable[Item]) -> Iterator[list[Item]]:
-    """Items (ordered by record, then model version) grouped per (record, model version)."""
-    group: list[Item] = []
-    for item in items:
-        if group and (item.record_id, item.model_version) != (
-            group[0].record_id,
-            group[0].model_version,
-        ):
-            yield group
-            group = []
-        group.append(item)
-    if group:
-        yield group
-
-
-def write_labelled_set(connection: sa.Connection, filters: QueueFilter, out: IO[str]) -> int:
+def write_labelled_set(db: Database, filters: QueueFilter, out: IO[str]) -> int:
     """The reviewed records as JSON Lines rows {image, labels, record_id}; returns the count."""
-    every = filters.whole_scope("any")
     written = 0
-    for items in _by_record(all_items(connection, every)):
-        if not any(item.decision for item in items):
-            continue
-        url = image_url(connection, items[0].record_id, items[0].model_version)
-        if not url:
+    for record in items_by_record(db, filters.everything("any"), decided=True):
+        if not record.image_url:
             continue
         labels = sorted(
             item.label_key
-            for item in items
+            for item in record.items
             if item.decision in Decision.POSITIVE or (item.decision is None and item.labelled)
         )
-        row = {"image": url, "labels": labels, "record_id": items[0].record_id}
+        row = {"image": record.image_url, "labels": labels, "record_id": record.record_id}
         out.write(json.dumps(row, ensure_ascii=False) + "\n")
         written += 1
     return written
@@ -100,18 +76,17 @@ def label_config(names: dict[str, str]) -> str:
     )
 
 
-def label_studio_tasks(connection: sa.Connection, filters: QueueFilter) -> Iterator[dict[str, Any]]:
-    """One task per (record, model version) of the chosen results, with the model's prediction."""
-    every = filters.whole_scope("any")
-    for items in _by_record(all_items(connection, every)):
-        first = items[0]
-        if filters.state == "pending" and any(item.decision for item in items):
+def label_studio_tasks(db: Database, filters: QueueFilter) -> Iterator[dict[str, Any]]:
+    """One task per (record, model version) of the chosen results, with the model's prediction
+    (only the records nobody decided on, when `filters.state` is pending)."""
+    decided = False if filters.state == "pending" else None
+    for record in items_by_record(db, filters.everything("any"), decided):
+        if not record.image_url:
             continue
-        url = image_url(connection, first.record_id, first.model_version)
-        if not url:
-            continue
-        labelled = [item for item in items if item.labelled]
-        if filters.labels and not any(item.label_key in filters.labels for item in labelled):
+        first = record.items[0]
+        url = record.image_url
+        labelled = [item for item in record.items if item.labelled]
+        if filters.classes and not any(item.label_key in filters.classes for item in labelled):
             continue
         result = [
             {
@@ -145,14 +120,14 @@ def label_studio_tasks(connection: sa.Connection, filters: QueueFilter) -> Itera
 
 
 def write_label_studio(
-    connection: sa.Connection, filters: QueueFilter, tasks_path: Path, config_path: Path
+    db: Database, filters: QueueFilter, tasks_path: Path, config_path: Path
 ) -> int:
     """Write the tasks (a JSON list) and the labelling config; returns the number of tasks."""
     names: dict[str, str] = {}
-    for model in model_classes(connection).values():
+    for model in registered_models(db).values():
         if filters.model_version is None or model.version == filters.model_version:
             names.update(zip(model.keys, model.names, strict=True))
-    tasks = list(label_studio_tasks(connection, filters))
+    tasks = list(label_studio_tasks(db, filters))
     tasks_path.write_text(json.dumps(tasks, indent=1, ensure_ascii=False), encoding="utf-8")
     config_path.write_text(label_config(names), encoding="utf-8")
     return len(tasks)
@@ -184,25 +159,18 @@ def _last_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
     return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),))
 
 
-def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportReport:
+def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport:
     """Read a Label Studio JSON export as decisions; a decision already standing is not repeated."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
-        raise ReviewError(f"cannot read {path}: {error.strerror}") from None
+        raise InvalidValue("path", f"cannot read {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
-        raise ReviewError(f"{path} is not valid JSON: {error}") from None
+        raise InvalidValue("path", f"{path} is not valid JSON: {error}") from None
     if not isinstance(document, list):
-        raise ReviewError(f"{path}: a Label Studio JSON export is a list of tasks")
-    connection = session.connection()
-    models = model_classes(connection)
-    latest = latest_decisions()
-    standing = {
-        (row.record_id, row.label_key): row.decision
-        for row in connection.execute(
-            sa.select(latest.c.record_id, latest.c.label_key, latest.c.decision)
-        )
-    }
+        raise InvalidValue("path", f"{path}: a Label Studio JSON export is a list of tasks")
+    models = registered_models(db)
+    standing = standing_decisions(db)
     skipped: list[str] = []
     annotated: list[tuple[int, str, str, set[str], str]] = []
     for number, task in enumerate(document, 1):
@@ -234,17 +202,17 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             skipped.append(f"task {number}: unknown classes {', '.join(unknown)}")
             continue
         annotated.append((number, str(record_id), version, chosen, _reviewer(annotation, reviewer)))
-    results, labels = results_and_labels(
-        connection, [(record_id, version) for _, record_id, version, _, _ in annotated]
+    known = results_and_labels(
+        db, [(record_id, version) for _, record_id, version, _, _ in annotated]
     )
-    decisions: list[DecisionIn] = []
+    decisions: list[NewDecision] = []
     unchanged = 0
     for number, record_id, version, chosen, who in annotated:
-        if (record_id, version) not in results:
+        if (record_id, version) not in known.results:
             skipped.append(f"task {number}: record {record_id} has no result of model {version}")
             continue
         for key in models[version].keys:
-            if (record_id, version, key) in labels:
+            if (record_id, version, key) in known.labels:
                 decision = Decision.ACCEPT if key in chosen else Decision.REJECT
             elif key in chosen:
                 decision = Decision.ADD
@@ -253,6 +221,6 @@ def import_label_studio(session: Session, path: Path, reviewer: str) -> ImportRe
             if standing.get((record_id, key)) == decision:
                 unchanged += 1
                 continue
-            decisions.append(DecisionIn(record_id, key, version, decision, who))
-    record_decisions(session, decisions)
+            decisions.append(NewDecision(record_id, key, version, decision, who))
+    record_decisions(db, decisions)
     return ImportReport(len(document), len(decisions), unchanged, skipped)

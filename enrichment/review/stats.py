@@ -19,10 +19,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import sqlalchemy as sa
 
-from enrichment.review.queue import Item, QueueFilter, all_items
-from enrichment.store.reviews import Decision, latest_decisions
+from enrichment.store.database import Database
+from enrichment.store.decisions import standing_decisions
+from enrichment.store.review_queue import Item, QueueFilter, all_items
+from enrichment.store.reviews import Decision
 
 Z_95 = 1.959963984540054
 
@@ -89,15 +90,12 @@ def suggest_threshold(truth: Sequence[bool], scores: Sequence[float]) -> float |
     return tidy if lower < tidy <= score else (score + lower) / 2
 
 
-def class_stats(connection: sa.Connection, filters: QueueFilter) -> list[ClassStats]:
+def class_stats(db: Database, filters: QueueFilter) -> list[ClassStats]:
     """Per (model version, class) of the chosen results, the figures above."""
-    reviewed = filters.whole_scope("reviewed", filters.labels)
-    audited = {
-        (row.record_id, row.label_key): row.decision
-        for row in connection.execute(sa.select(latest_decisions(audit_only=True)))
-    }
+    reviewed = filters.everything("reviewed", filters.classes)
+    audited = standing_decisions(db, audit_only=True)
     groups: dict[tuple[str, str], list[Item]] = {}
-    for item in all_items(connection, reviewed):
+    for item in all_items(db, reviewed):
         groups.setdefault((item.model_version, item.label_key), []).append(item)
     return [
         _one_class(version, key, items, audited) for (version, key), items in sorted(groups.items())

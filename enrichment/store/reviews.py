@@ -1,14 +1,17 @@
 """Curators' decisions on machine labels: accept, reject, or add a label the model missed.
 
-Every decision is kept for audit; the last one per (record, label) counts,
+Every decision is kept for audit; the last one per (record, class) counts,
 whichever model version it was made on: it says what the image shows, which
 does not change when a new model labels it again. `model_version` records
 what the reviewer was shown. Exports, publishing, calibration and training
 read the last decisions through `latest_decisions`.
+
+Recording and taking back decisions are `store/decisions.py`'s.
 """
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -18,13 +21,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 from enrichment.store.schema import Base, utc_now
 
 
-class Decision:
+class Decision(enum.StrEnum):
     ACCEPT = "accept"
     REJECT = "reject"
     ADD = "add"
-    ALL = (ACCEPT, REJECT, ADD)
     # Decisions that say the label is right: accepted, or added by the reviewer.
-    POSITIVE = (ACCEPT, ADD)
+    POSITIVE = enum.nonmember(("accept", "add"))
 
 
 # What exports may ask of the decisions (`--reviewed`); the first ignores them.
@@ -47,7 +49,7 @@ class Review(Base):
 
 
 def latest_decisions(audit_only: bool = False) -> sa.Subquery:
-    """The last decision per (record, label): the row with the highest id, ids being in order.
+    """The last decision per (record, class): the row with the highest id, ids being in order.
 
     With `audit_only`, the last decision made in the audit sample, so that
     precision estimated from it is not biased by the uncertainty ordering.

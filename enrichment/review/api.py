@@ -1,0 +1,57 @@
+"""The review app's JSON API: the queue, a record, decisions and their undo, the stats.
+
+docs/review.md documents it; scripts call it with the bearer token, the
+pages' own script with the session cookie (`guard.py` checks both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from enrichment.review.context import review_context
+from enrichment.review.params import decisions_from_json, ids_from_json, queue_filter
+from enrichment.review.stats import class_stats
+from enrichment.store.decisions import record_decisions, take_back_decisions
+from enrichment.store.review_queue import MAX_LIMIT, queue_page, record_view
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.get("/queue")
+def queue() -> Any:
+    filters = queue_filter(request.args, 50)
+    page = queue_page(review_context().db, filters)
+    return jsonify(
+        items=[item.as_json() for item in page.items],
+        total=page.total,
+        limit=filters.limit,
+        offset=filters.offset,
+    )
+
+
+@api.get("/record")
+def record() -> Any:
+    view = record_view(
+        review_context().db, request.args.get("id", ""), request.args.get("model_version") or None
+    )
+    return jsonify(view.as_json())
+
+
+@api.post("/decisions")
+def decisions() -> Any:
+    made = decisions_from_json(request.get_json(silent=True))
+    return jsonify(ids=record_decisions(review_context().db, made)), 201
+
+
+@api.post("/undo")
+def undo() -> Any:
+    ids = ids_from_json(request.get_json(silent=True))
+    return jsonify(undone=take_back_decisions(review_context().db, ids))
+
+
+@api.get("/stats")
+def stats() -> Any:
+    figures = class_stats(review_context().db, queue_filter(request.args, MAX_LIMIT))
+    return jsonify(classes=[item.as_json() for item in figures])

@@ -1,0 +1,169 @@
+"""The guards around every request of the review app: who may ask, from where, with what.
+
+- Bound to loopback, requests must name a loopback host (a DNS-rebinding page
+  would name its own) and no login is needed; bound elsewhere, the app needs
+  ENRICH_REVIEW_TOKEN: browsers log in with it (a SameSite=Strict session
+  cookie), scripts send `Authorization: Bearer TOKEN`.
+- Cross-site request forgery: a state-changing request whose Origin is not
+  the app's own is refused; one without Origin (a script) is accepted on
+  loopback, and needs the bearer token when there is one. API writes must be
+  JSON, which no cross-site form can send without a preflight.
+- Every answer carries a Content-Security-Policy that allows the app's own
+  origin only, so a page cannot leak what a curator looks at, nor be framed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from enrichment.review.params import ReviewError
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+# What a visitor may reach before logging in.
+OPEN_ENDPOINTS = frozenset({"guard.login", "guard.login_post", "static"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback names and addresses (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def api_error(status: int, message: str, **extra: str) -> Response:
+    """A JSON error answer: {"error": message, ...}."""
+    response = jsonify(error=message, **extra)
+    response.status_code = status
+    return response
+
+
+class Guard:
+    """The checks for an app bound to `bound_to`, with the login token (None: no login)."""
+
+    def __init__(self, bound_to: str, token: str | None) -> None:
+        self.loopback = is_loopback(bound_to)
+        self.token = token or None
+        if not self.loopback and not self.token:
+            raise ReviewError(
+                f"binding to {bound_to} (not loopback) needs a login: set ENRICH_REVIEW_TOKEN"
+            )
+
+    def install(self, app: Flask) -> None:
+        """Check every request before it is served, and set the headers on every answer."""
+        app.before_request(self.check)
+        app.after_request(headers)
+        app.register_blueprint(self.login_pages())
+
+    def bearer_ok(self) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        return (
+            self.token is not None
+            and scheme.lower() == "bearer"
+            and hmac.compare_digest(given.strip().encode(), self.token.encode())
+        )
+
+    def check(self) -> Any:
+        """None to serve the request; otherwise the answer that refuses it."""
+        host = urlsplit("//" + request.host).hostname or ""
+        if self.loopback and not is_loopback(host):
+            return api_error(403, "this app answers to loopback host names only")
+        api = request.path.startswith("/api/")
+        if request.method not in SAFE_METHODS:
+            refused = self.forged(api)
+            if refused is not None:
+                return refused
+        if self.token is None or request.endpoint in OPEN_ENDPOINTS or self.bearer_ok():
+            return None
+        if session.get("login") == login_mark(self.token):
+            return None
+        if api:
+            return api_error(401, "log in, or send Authorization: Bearer TOKEN")
+        return redirect(url_for("guard.login", next=request.full_path))
+
+    def forged(self, api: bool) -> Response | None:
+        """The refusal of a state-changing request another site may have sent, or None."""
+        origin = request.headers.get("Origin")
+        own = f"{request.scheme}://{request.host}"
+        if origin is not None and origin != own:
+            return api_error(403, f"cross-origin request refused (Origin {origin})")
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if origin is None and fetch_site not in (None, "same-origin", "none"):
+            return api_error(403, "cross-site request refused")
+        if origin is None and self.token is not None and not self.bearer_ok():
+            return api_error(401, "a request without Origin needs Authorization: Bearer")
+        if api and not request.is_json:
+            return api_error(415, "send JSON (Content-Type: application/json)")
+        return None
+
+    def login_pages(self) -> Blueprint:
+        """Log in with the token (a session cookie), log out."""
+        pages = Blueprint("guard", __name__)
+        token = self.token
+
+        @pages.get("/login")
+        def login() -> Any:
+            target = local_target(request.args.get("next"))
+            return render_template("login.html", next=target, failed=False)
+
+        @pages.post("/login")
+        def login_post() -> Any:
+            given = request.form.get("token", "")
+            target = local_target(request.form.get("next"))
+            if token and hmac.compare_digest(given.encode(), token.encode()):
+                session["login"] = login_mark(token)
+                return redirect(target)
+            return render_template("login.html", next=target, failed=True), 401
+
+        @pages.post("/logout")
+        def logout() -> Any:
+            session.clear()
+            return redirect(url_for("guard.login"))
+
+        return pages
+
+
+def headers(response: Response) -> Response:
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Frame-Options"] = "DENY"
+    if response.mimetype in ("text/html", "application/json"):
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def login_mark(token: str) -> str:
+    """What the session cookie holds: derived from the token, so a new token logs everyone out."""
+    return hmac.new(token.encode(), b"enrich review login", "sha256").hexdigest()
+
+
+def local_target(target: str | None) -> str:
+    """A redirect target on this app only (a path, never //host or a URL)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/queue"
+    return target

@@ -1,0 +1,87 @@
+"""The review app's server-rendered pages: the queue, a record, the stats, and the images.
+
+Jinja2 templates, autoescaped: titles and providers are third-party text.
+Images come from the app itself (`images.py`), never hot-linked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
+
+from enrichment.review.context import review_context
+from enrichment.review.images import SIZES
+from enrichment.review.params import queue_filter
+from enrichment.review.stats import class_stats
+from enrichment.store.review_queue import (
+    MAX_LIMIT,
+    SIDES,
+    STATES,
+    image_url,
+    queue_page,
+    record_view,
+    registered_models,
+)
+
+PAGE_SIZE = 48
+
+pages = Blueprint("pages", __name__)
+
+
+@pages.get("/")
+def home() -> Any:
+    return redirect(url_for("pages.queue"))
+
+
+@pages.get("/queue")
+def queue() -> Any:
+    db = review_context().db
+    filters = queue_filter(request.args, PAGE_SIZE)
+    page = queue_page(db, filters)
+    models = registered_models(db)
+    classes = sorted({key for model in models.values() for key in model.keys})
+    return render_template(
+        "queue.html",
+        items=page.items,
+        total=page.total,
+        filters=filters,
+        classes=classes,
+        versions=sorted(models),
+        sides=SIDES,
+        states=STATES,
+        page_size=PAGE_SIZE,
+        args=request.args,
+    )
+
+
+@pages.get("/record")
+def record() -> Any:
+    record_id = request.args.get("id", "")
+    view = record_view(review_context().db, record_id, request.args.get("model_version") or None)
+    return render_template("record.html", view=view, audit=request.args.get("audit") == "1")
+
+
+@pages.get("/stats")
+def stats() -> Any:
+    figures = class_stats(review_context().db, queue_filter(request.args, MAX_LIMIT))
+    return render_template("stats.html", stats=figures)
+
+
+@pages.get("/image")
+def image() -> Any:
+    size = request.args.get("size", "thumb")
+    if size not in SIZES:
+        abort(404)
+    context = review_context()
+    url = image_url(
+        context.db, request.args.get("record", ""), request.args.get("model_version", "")
+    )
+    if not url:
+        abort(404)
+    shrunk = context.images.get(url, size)
+    if shrunk.jpeg is None:
+        return Response(f"image unavailable: {shrunk.reason}", 404, mimetype="text/plain")
+    response = Response(shrunk.jpeg, mimetype="image/jpeg")
+    response.headers["Cache-Control"] = "private, max-age=86400"
+    return response

@@ -1,0 +1,87 @@
+"""What the pages and the JSON API read from a request: a queue filter, decisions, ids.
+
+The store names a wrong value by its field as the `enrich review` commands
+call it (`classes`, `run_id`); the API answers with the query parameter's
+name instead (`label`, `run`), through `QUERY_PARAMETERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from enrichment.errors import EnrichError, InvalidValue
+from enrichment.store.decisions import NewDecision
+from enrichment.store.review_queue import MAX_LIMIT, QueueFilter
+
+# A QueueFilter field -> the query parameter that sets it, where the two differ.
+QUERY_PARAMETERS = {"classes": "label", "datasets": "dataset", "run_id": "run"}
+MAX_REVIEWER = 200
+
+
+class ReviewError(EnrichError):
+    """A review request is malformed, or the app cannot be served as asked."""
+
+
+def _number(args: Any, name: str, kind: Callable[[str], Any]) -> Any:
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidValue(name, f"{name}={raw!r} is not a number") from None
+
+
+def queue_filter(args: Any, default_limit: int) -> QueueFilter:
+    """A QueueFilter from query parameters, as the API documents them."""
+    classes = tuple(value for value in args.getlist("label") if value)
+    datasets = tuple(value for value in args.getlist("dataset") if value)
+    limit = _number(args, "limit", int)
+    return QueueFilter(
+        classes=classes,
+        datasets=datasets,
+        run_id=_number(args, "run", int),
+        model_version=args.get("model_version") or None,
+        min_score=_number(args, "min_score", float),
+        max_score=_number(args, "max_score", float),
+        side=args.get("side") or "any",
+        state=args.get("state") or "pending",
+        audit=args.get("audit") in ("1", "true"),
+        limit=default_limit if limit is None else limit,
+        offset=_number(args, "offset", int) or 0,
+    )
+
+
+def decision_from_json(document: Any) -> NewDecision:
+    """One decision as the API receives it: every field a non-empty string, audit a boolean."""
+    if not isinstance(document, dict):
+        raise ReviewError("a decision is a JSON object")
+    fields = {}
+    for name in ("record_id", "label_key", "model_version", "decision", "reviewer"):
+        value = document.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidValue(name, f"a decision needs {name} (a non-empty string)")
+        fields[name] = value.strip()
+    if len(fields["reviewer"]) > MAX_REVIEWER:
+        raise InvalidValue("reviewer", f"reviewer is at most {MAX_REVIEWER} characters")
+    audit = document.get("audit", False)
+    if not isinstance(audit, bool):
+        raise InvalidValue("audit", "audit is true or false")
+    return NewDecision(**fields, audit=audit)
+
+
+def decisions_from_json(body: Any) -> list[NewDecision]:
+    """A request's decisions: one object, a list of them, or {"decisions": [...]}."""
+    if isinstance(body, dict) and "decisions" in body:
+        body = body["decisions"]
+    documents = body if isinstance(body, list) else [body]
+    if not documents or len(documents) > MAX_LIMIT:
+        raise ReviewError(f"send between 1 and {MAX_LIMIT} decisions")
+    return [decision_from_json(document) for document in documents]
+
+
+def ids_from_json(body: Any) -> list[Any]:
+    """The ids an undo names ({"ids": [...]}); the store checks they are integers."""
+    ids = body.get("ids") if isinstance(body, dict) else None
+    return ids if isinstance(ids, list) else []

@@ -1,0 +1,162 @@
+"""Curators' decisions recorded and taken back, one transaction each, and read as they stand.
+
+`record_decisions` checks every decision against the model's classes, its
+results and its labels before storing any (accept is for a label the model
+gave, add for one it did not); `take_back_decisions` is a curator's undo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from enrichment.errors import InvalidValue
+from enrichment.store.database import Database
+from enrichment.store.models import model_classes
+from enrichment.store.reviews import Decision, Review, latest_decisions
+from enrichment.store.schema import Label, Result
+
+LOOKUP_CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
+
+
+def standing_decisions(db: Database, audit_only: bool = False) -> dict[tuple[str, str], str]:
+    """The decision that counts per (record, class key) (with `audit_only`, in the audit sample)."""
+    latest = latest_decisions(audit_only)
+    with db.transaction() as session:
+        rows = session.execute(sa.select(latest.c.record_id, latest.c.label_key, latest.c.decision))
+        return {(record_id, key): decision for record_id, key, decision in rows}
+
+
+@dataclass(frozen=True)
+class NewDecision:
+    """One decision to record: on a class of a record's result, by a reviewer."""
+
+    record_id: str
+    label_key: str
+    model_version: str
+    decision: str
+    reviewer: str
+    audit: bool = False
+
+
+def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int]:
+    """Store decisions after checking each against the model's own labels; returns their ids.
+
+    accept is for a label the model gave, add for one it did not (a missed
+    label), reject for either: so an accept is a true positive, an add a
+    false negative, and a reject a false positive or a confirmed negative.
+    One transaction: either every decision is stored, or none.
+    """
+    with db.transaction() as session:
+        models = model_classes(session)
+        for decision in decisions:
+            if decision.decision not in tuple(Decision):
+                raise InvalidValue(
+                    "decision",
+                    f"decision must be one of {', '.join(Decision)}, not {decision.decision!r}",
+                )
+            model = models.get(decision.model_version)
+            if model is None:
+                raise InvalidValue(
+                    "model_version", f"unknown model version {decision.model_version}"
+                )
+            if decision.label_key not in model.keys:
+                raise InvalidValue(
+                    "label_key", f"model {model.version} has no class {decision.label_key!r}"
+                )
+        results, labels = _results_and_labels(
+            session, [(decision.record_id, decision.model_version) for decision in decisions]
+        )
+        reviews = []
+        for decision in decisions:
+            if (decision.record_id, decision.model_version) not in results:
+                raise InvalidValue(
+                    "record_id",
+                    f"record {decision.record_id} has no result of model {decision.model_version}",
+                )
+            labelled = (decision.record_id, decision.model_version, decision.label_key) in labels
+            if decision.decision == Decision.ACCEPT and not labelled:
+                raise InvalidValue(
+                    "decision",
+                    f"{decision.label_key} is not a label of {decision.record_id}: add it instead",
+                )
+            if decision.decision == Decision.ADD and labelled:
+                raise InvalidValue(
+                    "decision",
+                    f"{decision.label_key} is already a label of {decision.record_id}: accept it",
+                )
+            reviews.append(
+                Review(
+                    record_id=decision.record_id,
+                    label_key=decision.label_key,
+                    model_version=decision.model_version,
+                    decision=decision.decision,
+                    reviewer=decision.reviewer,
+                    audit=decision.audit,
+                )
+            )
+        session.add_all(reviews)  # inserted in this order, so ids follow the decisions' order
+        session.flush()
+        return [review.id for review in reviews]
+
+
+def take_back_decisions(db: Database, ids: Sequence[int]) -> int:
+    """Take back decisions just made (a slip of the key): the one before each counts again.
+
+    Returns how many were taken back (ids already gone count for nothing).
+    """
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise InvalidValue("ids", "undo needs the ids of the decisions to take back")
+    with db.transaction() as session:
+        deleted = session.execute(sa.delete(Review).where(Review.id.in_(ids)))
+        return deleted.rowcount
+
+
+@dataclass(frozen=True)
+class ResultsAndLabels:
+    """Of some (record, model version) pairs: those with a result, and the labels it gave."""
+
+    results: set[tuple[str, str]]
+    labels: set[tuple[str, str, str]]  # (record, model version, class key)
+
+
+def results_and_labels(db: Database, pairs: Iterable[tuple[str, str]]) -> ResultsAndLabels:
+    """Which of these (record, model version) pairs have a result, and the labels given;
+    a few queries for a whole Label Studio import rather than two per decision."""
+    with db.transaction() as session:
+        results, labels = _results_and_labels(session, pairs)
+    return ResultsAndLabels(results, labels)
+
+
+def _results_and_labels(
+    session: Session, pairs: Iterable[tuple[str, str]]
+) -> tuple[set[tuple[str, str]], set[tuple[str, str, str]]]:
+    wanted: dict[str, set[str]] = {}
+    for record_id, version in pairs:
+        wanted.setdefault(version, set()).add(record_id)
+    results: set[tuple[str, str]] = set()
+    labels: set[tuple[str, str, str]] = set()
+    for version, record_ids in wanted.items():
+        ordered = sorted(record_ids)
+        for start in range(0, len(ordered), LOOKUP_CHUNK):
+            chunk = ordered[start : start + LOOKUP_CHUNK]
+            results.update(
+                (record_id, version)
+                for record_id in session.scalars(
+                    sa.select(Result.record_id).where(
+                        Result.model_version == version, Result.record_id.in_(chunk)
+                    )
+                )
+            )
+            labels.update(
+                (row.record_id, version, row.label_key)
+                for row in session.execute(
+                    sa.select(Label.record_id, Label.label_key).where(
+                        Label.model_version == version, Label.record_id.in_(chunk)
+                    )
+                )
+            )
+    return results, labels
