@@ -20,6 +20,7 @@ from enrichment.config import Settings
 from enrichment.media.fetch import Fetcher
 from tests.conftest import image_bytes
 from tests.services import ImageHost
+from tests.test_fetch import Server
 
 PICTURE = image_bytes((30, 160, 60), "circle")
 SLOW_NAME = "slow-dns.example.org"
@@ -155,8 +156,6 @@ class Trickle:
 
 
 def test_a_download_in_flight_when_closed_without_waiting_still_ends_at_its_deadline() -> None:
-    from tests.test_fetch import Server
-
     trickle = Trickle()
     server = Server("127.0.0.1")
     try:
