@@ -43,8 +43,9 @@ import torch
 from peers import PICTURES, distinct, preview_jpeg
 
 from enrichment.config import Settings
+from enrichment.media.cpus import usable_cpus
 from enrichment.media.decode import Preprocessing, decode
-from enrichment.model.classifier import Classifier, usable_cpus
+from enrichment.model.classifier import Classifier
 from enrichment.model.spec import ModelSpec, decide
 from enrichment.runs import service
 from enrichment.runs.inprocess import InProcessDispatcher

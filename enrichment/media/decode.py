@@ -10,7 +10,6 @@ parsed at all. Large JPEGs are decoded at reduced scale (DCT scaling), so a
 from __future__ import annotations
 
 import io
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from enrichment.config import Settings
+from enrichment.media.cpus import usable_cpus
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -41,10 +41,42 @@ SIGNATURES = (
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-# Decoding is CPU-bound and runs on the fetch threads, of which there are many
-# more than cores: more decodes at once than cores would only multiply the
-# peak memory (a full-size RGBA decode of an 80 MP PNG is 320 MB).
-_DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 1)
+
+class DecodeSlots:
+    """How many decodes this process runs at once: its share of the CPUs it may use.
+
+    Decoding is CPU-bound and runs on the fetch threads, of which there are many
+    more than CPUs: more decodes at once than CPUs would only multiply the peak
+    memory (a full-size RGBA decode of an 80 MP PNG is 320 MB). Where several
+    processes of one machine decode (a Celery worker's pool), each takes its
+    share of the usable CPUs, so that together they hold no more than there are.
+    """
+
+    def __init__(self) -> None:
+        self.size = usable_cpus()
+        self._semaphore = threading.BoundedSemaphore(self.size)
+
+    def share_with(self, processes: int) -> None:
+        """Size the slots for `processes` decoding processes on this machine (this one included).
+
+        Called once as a process starts; decodes already running finish on the
+        slots they took.
+        """
+        self.size = max(1, usable_cpus() // max(1, processes))
+        self._semaphore = threading.BoundedSemaphore(self.size)
+
+    def slot(self) -> threading.BoundedSemaphore:
+        """The semaphore one decode holds while it runs (the one in force when it began)."""
+        return self._semaphore
+
+
+# A process-wide limit, like the CPUs it stands for (see `share_cpus`).
+DECODE_SLOTS = DecodeSlots()
+
+
+def share_cpus(processes: int) -> None:
+    """This process is one of `processes` on this machine that decode: take a share of the CPUs."""
+    DECODE_SLOTS.share_with(processes)
 
 
 class ImageError(Exception):
@@ -70,7 +102,7 @@ def decode(
 ) -> np.ndarray:
     """Bytes to a normalised (3, size, size) float32 array, or an ImageError."""
     size = preprocessing.input_size
-    with _DECODE_SLOTS:
+    with DECODE_SLOTS.slot():
         image = load_rgb(data, size, max_pixels)
         image = _guarded(image.resize, (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return normalise(image, preprocessing)

@@ -22,6 +22,13 @@ control:
 
 Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
 burst never raises a limit on the strength of a few lucky timings.
+
+Waiting is per host, as with img2dataset's semaphore per host: each host has a
+condition of its own, and a finished download wakes one download waiting for
+that host, never the waiters of every other host. Downloads from hosts without
+a limit of their own also share the total (ENRICH_FETCH_CONCURRENCY); one whose
+host has room but the total has none waits in the total's own queue, woken one
+at a time as the total frees up.
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ class HostLimit:
     best: float | None = None  # the fastest window's median time to headers
     window: list[float] = field(default_factory=list)
     cut_at: float = float("-inf")  # when the limit was last halved (time.monotonic)
+    # Downloads waiting for this host's turn; the pacer gives it the pacer's lock.
+    turn: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def __post_init__(self) -> None:
         self.threshold = self.ceiling
@@ -121,13 +130,17 @@ class HostPacer:
         self.max_pause = max_pause
         self.hosts: dict[str, HostLimit] = {}
         self.closed = False
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
+        # Downloads whose host has room but the total has none (hosts without their own limit).
+        self._total_turn = threading.Condition(self._lock)
 
     def close(self) -> None:
         """Wake every download still waiting for a slot: it ends with PacerClosed."""
-        with self._changed:
+        with self._lock:
             self.closed = True
-            self._changed.notify_all()
+            for limit in self.hosts.values():
+                limit.turn.notify_all()
+            self._total_turn.notify_all()
 
     def override_for(self, host: str) -> int | None:
         """The first matching `host=N` or `*.domain=N` (which also covers `domain` itself)."""
@@ -145,29 +158,20 @@ class HostPacer:
         found = self.hosts.get(host)
         if found is None:
             override = self.override_for(host)
+            turn = threading.Condition(self._lock)
             if override is None:
-                found = HostLimit(self.start, self.ceiling, fixed=False)
+                found = HostLimit(self.start, self.ceiling, fixed=False, turn=turn)
             else:
-                found = HostLimit(override, override, fixed=True)
+                found = HostLimit(override, override, fixed=True, turn=turn)
             self.hosts[host] = found
         return found
 
     @contextmanager
     def slot(self, host: str) -> Iterator[Slot]:
         """Wait for a slot at `host` (and in the total, where it counts); report, then release."""
-        with self._changed:
+        with self._lock:
             limit = self.host(host)
-            while True:
-                if self.closed:
-                    raise PacerClosed("the fetcher closed before this download's turn")
-                now = time.monotonic()
-                total_free = limit.fixed or self.total_in_use < self.total
-                if limit.paused_until > now:
-                    self._changed.wait(limit.paused_until - now)
-                elif limit.in_use < limit.limit and total_free:
-                    break
-                else:
-                    self._changed.wait()
+            self._wait_for_turn(limit)
             limit.in_use += 1
             limit.most = max(limit.most, limit.in_use)
             if not limit.fixed:
@@ -177,11 +181,37 @@ class HostPacer:
         try:
             yield slot
         finally:
-            with self._changed:
+            with self._lock:
                 limit.in_use -= 1
+                limit.turn.notify()
                 if not limit.fixed:
                     self.total_in_use -= 1
-                self._changed.notify_all()
+                    self._total_turn.notify()
+
+    def _wait_for_turn(self, limit: HostLimit) -> None:
+        """Until `limit`'s host has room, is not paused, and the total has room where it counts.
+
+        A waiter is woken for one freed slot (its host's or the total's). If it
+        cannot use it and goes on to wait for something else, it passes the
+        wake-up on, so that the slot is never left free while another could use it.
+        """
+        woken_by: threading.Condition | None = None
+        while True:
+            if self.closed:
+                raise PacerClosed("the fetcher closed before this download's turn")
+            now = time.monotonic()
+            timeout: float | None = None
+            if limit.paused_until > now:
+                queue, timeout = limit.turn, limit.paused_until - now
+            elif limit.in_use >= limit.limit:
+                queue = limit.turn
+            elif not limit.fixed and self.total_in_use >= self.total:
+                queue = self._total_turn
+            else:
+                return
+            if woken_by is not None and woken_by is not queue:
+                woken_by.notify()
+            woken_by = queue if queue.wait(timeout) else None
 
     def record(
         self,
@@ -191,10 +221,12 @@ class HostPacer:
         latency: float | None,
         retry_after: float | None,
     ) -> None:
-        with self._changed:
+        with self._lock:
             pause = min(retry_after, self.max_pause) if retry_after else None
+            before = limit.limit
             limit.record(signal, began, latency, pause)
-            self._changed.notify_all()
+            if limit.limit > before:  # room for more at this host: wake as many
+                limit.turn.notify(limit.limit - before)
 
 
 @dataclass
