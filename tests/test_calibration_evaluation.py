@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 from enrichment.cli.model import _precision_targets
-from enrichment.errors import EnrichError, ModelError
+from enrichment.errors import EnrichError, InvalidValue, ModelError
 from enrichment.model.calibration import (
     calibrated_spec,
     choose_threshold,
@@ -205,8 +205,9 @@ def test_min_precision_option_parsing() -> None:
     assert _precision_targets(("0.9",), keys) == {"map": 0.9, "drawing": 0.9}
     assert _precision_targets(("map=0.95",), keys) == {"map": 0.95}
     assert _precision_targets(("0.8", "map=0.95"), keys) == {"map": 0.95, "drawing": 0.8}
-    with pytest.raises(EnrichError, match="has no class 'mpa'"):
+    with pytest.raises(InvalidValue, match="has no class 'mpa'") as raised:
         _precision_targets(("mpa=0.9",), keys)
+    assert raised.value.field == "min_precision" and "--" not in str(raised.value)
     with pytest.raises(EnrichError, match=r"P must be in \(0, 1\]"):
         _precision_targets(("1.5",), keys)
     with pytest.raises(EnrichError, match="expected P or KEY=P"):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 
 from enrichment.cli.base import FiniteFloat, emit_json, settings
-from enrichment.errors import EnrichError, OutputError
+from enrichment.errors import InvalidValue, OutputError
 
 if TYPE_CHECKING:  # the model commands import their libraries when they run
     from enrichment.model.calibration import ClassThreshold
@@ -369,13 +369,13 @@ def _precision_targets(values: tuple[str, ...], keys: list[str]) -> dict[str, fl
         try:
             target = float(number)
         except ValueError:
-            raise EnrichError(f"--min-precision {value!r}: expected P or KEY=P") from None
+            raise InvalidValue("min_precision", f"{value!r}: expected P or KEY=P") from None
         if not 0.0 < target <= 1.0:
-            raise EnrichError(f"--min-precision {value!r}: P must be in (0, 1]")
+            raise InvalidValue("min_precision", f"{value!r}: P must be in (0, 1]")
         if not key:
             default = target
         elif key not in keys:
-            raise EnrichError(f"--min-precision {value!r}: the model has no class {key!r}")
+            raise InvalidValue("min_precision", f"{value!r}: the model has no class {key!r}")
         else:
             per_class[key] = target
     return {

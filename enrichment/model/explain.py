@@ -63,10 +63,10 @@ class ImageSource:
 
 @dataclass(frozen=True)
 class Explanation:
-    """One label's heatmap over the model's input, in [0, 1], with the score it explains."""
+    """One class's heatmap over the model's input, in [0, 1], with the score it explains."""
 
     key: str
-    label: str
+    name: str  # the class's human name
     confidence: float
     threshold: float
     heatmap: np.ndarray
@@ -228,8 +228,7 @@ def overlay(image: Image.Image, explanation: Explanation) -> Image.Image:
     blended = (1 - HEAT_WEIGHT) * base + HEAT_WEIGHT * colours
     result = Image.fromarray(np.rint(blended * 255).astype(np.uint8), mode="RGB")
     caption = (
-        f"{explanation.label}  {explanation.confidence:.2f}"
-        f"  (threshold {explanation.threshold:.2f})"
+        f"{explanation.name}  {explanation.confidence:.2f}  (threshold {explanation.threshold:.2f})"
     )
     return _draw_caption(result, caption)
 
