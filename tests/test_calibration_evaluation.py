@@ -15,7 +15,7 @@ from sklearn.metrics import (
 )
 
 from enrichment.cli.model import _precision_targets
-from enrichment.errors import EnrichError, ModelError
+from enrichment.errors import EnrichError, InvalidValue, ModelError
 from enrichment.model.calibration import (
     calibrated_spec,
     choose_threshold,
@@ -24,7 +24,7 @@ from enrichment.model.calibration import (
 )
 from enrichment.model.classifier import Classifier
 from enrichment.model.evaluation import ScoredSet, average_precision, compute_metrics
-from enrichment.model.spec import read_model_json, update_model_json
+from enrichment.model.spec import decide, read_model_json, update_model_json
 
 
 def random_case(seed: int, images: int = 200, classes: int = 5):
@@ -105,16 +105,34 @@ def test_best_f1_threshold_beats_every_other_and_keeps_a_margin(seed: int) -> No
     for column in range(3):
         chosen = choose_threshold("k", truth[:, column], scores[:, column], previous=0.5)
         best_f1 = max(f for _, _, f in brute_force(truth[:, column], scores[:, column]))
-        predicted = scores[:, column] >= np.float32(chosen.threshold)
+        predicted = decide(scores[:, [column]], [chosen.threshold])[:, 0]  # as the worker does
         p, r, f, _ = precision_recall_fscore_support(
             truth[:, column], predicted, average="binary", zero_division=0
         )
         assert chosen.f1 == pytest.approx(best_f1) == pytest.approx(f)
         assert (chosen.precision, chosen.recall) == pytest.approx((p, r))
         assert f >= f1_score(truth[:, column], scores[:, column] >= 0.5)
-        below = scores[:, column][scores[:, column] < chosen.threshold]
+        below = scores[:, column][~predicted]
         if below.size:  # placed between two scores, not on one
             assert chosen.threshold > below.max() and chosen.threshold not in scores[:, column]
+
+
+def test_a_chosen_threshold_labels_its_score_and_not_the_next_lower_one_under_decide() -> None:
+    """Whatever the gap between two neighbouring float32 scores (one ulp to a tenth), the
+    threshold placed between them is a plain float that `decide`, the worker's float64
+    rule, puts above the lower score and at or below the higher one."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        higher = np.float32(rng.uniform(0.02, 0.98))
+        lower = higher - np.float32(10 ** rng.uniform(-8, -1))
+        lower = min(lower, np.nextafter(higher, np.float32(0), dtype=np.float32))
+        truth = np.array([True, False])
+        chosen = choose_threshold("k", truth, np.array([higher, lower]), previous=0.5)
+        assert type(chosen.threshold) is float
+        assert decide(np.array([[higher], [lower]]), [chosen.threshold])[:, 0].tolist() == [
+            True,
+            False,
+        ], (higher, lower, chosen.threshold)
 
 
 @pytest.mark.parametrize("target", [0.6, 0.8, 0.95])
@@ -165,7 +183,8 @@ def test_calibration_rewrites_model_json_but_not_the_version(tiny_model: Path, t
     assert (same_version, same_sha) == (version, sha256)
     assert again == updated
     assert again.thresholds_version == 2 and again.calibration["thresholds_version"] == 2
-    assert [label.threshold for label in again.labels] == [0.5, 0.4, 0.25]
+    assert again.thresholds == [0.5, 0.4, 0.25]
+    assert all(type(threshold) is float for threshold in updated.thresholds)
     assert again.calibration["images"] == 4 and again.calibration["skipped"] == 1
     assert again.calibration["classes"]["drawing"]["f1"] == 1.0
     classifier = Classifier.load(directory)
@@ -186,8 +205,9 @@ def test_min_precision_option_parsing() -> None:
     assert _precision_targets(("0.9",), keys) == {"map": 0.9, "drawing": 0.9}
     assert _precision_targets(("map=0.95",), keys) == {"map": 0.95}
     assert _precision_targets(("0.8", "map=0.95"), keys) == {"map": 0.95, "drawing": 0.8}
-    with pytest.raises(EnrichError, match="has no label 'mpa'"):
+    with pytest.raises(InvalidValue, match="has no class 'mpa'") as raised:
         _precision_targets(("mpa=0.9",), keys)
+    assert raised.value.field == "min_precision" and "--" not in str(raised.value)
     with pytest.raises(EnrichError, match=r"P must be in \(0, 1\]"):
         _precision_targets(("1.5",), keys)
     with pytest.raises(EnrichError, match="expected P or KEY=P"):
@@ -206,9 +226,9 @@ def test_training_calibration_is_version_one_and_calibrate_refines_it(tiny_model
     chosen = choose_thresholds(scored, {key: 0.5 for key in spec.keys})
     trained = calibrated_spec(spec, chosen, "the validation split of training", 3, 0, 1)
     assert trained.thresholds_version == 1 and trained.calibration["thresholds_version"] == 1
-    assert [label.threshold for label in trained.labels] == [item.threshold for item in chosen]
-    assert trained.labels[0].threshold < 0.5  # a class that scores low gets a low threshold
+    assert trained.thresholds == [item.threshold for item in chosen]
+    assert trained.classes[0].threshold < 0.5  # a class that scores low gets a low threshold
     assert trained.calibration["data"] == "the validation split of training"
     assert {c["method"] for c in trained.calibration["classes"].values()} == {"max_f1"}
     refined = calibrated_spec(trained, chosen, "val.csv", 3, 0, trained.thresholds_version + 1)
-    assert refined.thresholds_version == 2 and refined.labels == trained.labels
+    assert refined.thresholds_version == 2 and refined.classes == trained.classes

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from enrichment.cli import cli
-from enrichment.errors import EnrichError
+from enrichment.errors import InvalidValue
 from enrichment.model.classifier import Classifier, build_network, save_model_dir
 from enrichment.model.explain import (
     DISPLAY_SIDE,
@@ -25,7 +25,7 @@ from enrichment.model.explain import (
     forward_with_features,
     target_layer_name,
 )
-from enrichment.model.spec import LabelSpec, ModelSpec
+from enrichment.model.spec import ClassSpec, ModelSpec
 from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
@@ -90,15 +90,15 @@ def quadrant_network() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def quadrant_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("quadrant-model")
-    labels = (
-        LabelSpec("top_left", "Top left", "http://example.org/concept/top-left", 0.5),
-        LabelSpec("top_right", "Top right", "http://example.org/concept/top-right", 0.5),
+    classes = (
+        ClassSpec("top_left", "Top left", "http://example.org/concept/top-left", 0.5),
+        ClassSpec("top_right", "Top right", "http://example.org/concept/top-right", 0.5),
     )
     spec = ModelSpec(
         name="quadrants",
         architecture="resnet18",
         input_size=SIDE,
-        labels=labels,
+        classes=classes,
         mean=(0.0, 0.0, 0.0),
         std=(1.0, 1.0, 1.0),
     )
@@ -156,8 +156,9 @@ def test_heatmap_peaks_in_the_region_that_decides_the_class(quadrant_model: Path
         assert means[key] > 4 * max(v for k, v in means.items() if k != key)
 
     # A square where top_right would be if the heatmap were transposed decides nothing.
-    with pytest.raises(EnrichError, match=r"no label above its threshold.*--label"):
+    with pytest.raises(InvalidValue, match=r"no class reaches its threshold") as raised:
         explain(classifier, squares(BOTTOM_LEFT))
+    assert raised.value.field == "label_keys" and "--" not in str(raised.value)
     (asked,) = explain(classifier, squares(BOTTOM_LEFT), ["top_right"])
     assert asked.confidence < 0.5 and asked.heatmap.max() == 0.0
 
@@ -180,10 +181,12 @@ def test_default_layer_of_each_supported_family(architecture: str) -> None:
 
 
 def test_layers_that_cannot_be_found_are_clear_errors() -> None:
-    with pytest.raises(EnrichError, match=r"no default Grad-CAM layer for vit_b_16.*--layer"):
+    with pytest.raises(InvalidValue, match=r"no default Grad-CAM layer for vit_b_16") as raised:
         target_layer_name("vit_b_16")
-    with pytest.raises(EnrichError, match=r"no layer 'layer9'.*layer4"):
+    assert raised.value.field == "layer" and "--" not in str(raised.value)
+    with pytest.raises(InvalidValue, match=r"no layer 'layer9'.*layer4") as raised:
         find_layer(build_network("resnet18", 2), "layer9")
+    assert raised.value.field == "layer"
 
 
 def invoke(*args: str, env: dict[str, str]):
@@ -249,7 +252,7 @@ def test_explain_cli_for_a_file_an_url_and_a_record(
 
     for args, message in [
         (("/quad/2",), "record /quad/2 is not in the database"),
-        ((str(picture), "--label", "map"), "unknown label map; this model has top_left, top_right"),
+        ((str(picture), "--label", "map"), "no class map (its classes: top_left, top_right)"),
         ((str(picture), "--layer", "head"), "no layer 'head'"),
     ]:
         failed = invoke("explain", *args, "--out", str(out), env=allowed)

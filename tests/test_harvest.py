@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,8 +22,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from enrichment.sources.harvest import HarvestOptions, read_exclusions
+from enrichment.cli import cli
+from enrichment.config import Settings
+from enrichment.errors import InvalidValue
+from enrichment.model.harvest import HarvestDir
+from enrichment.sources.europeana import REUSABILITY, SearchClient
+from enrichment.sources.harvest import (
+    Candidate,
+    HarvestOptions,
+    collect,
+    read_exclusions,
+    reusability_of,
+    select,
+)
 from tests.conftest import REPO, enrich
 from tests.harvest_fixture import VOCABULARY, Fixture, fill
 from tests.search_api import KEY, SearchAPI, generated_item
@@ -179,38 +193,36 @@ def fixture_image(host: ImageHost, fixture: Fixture, index: int) -> bytes:
     return host.routes[fixture.paths[fixture_record(fixture, index)]].body
 
 
-def test_per_class_cap_holds_and_the_seeded_selection_is_stable(world, tmp_path: Path) -> None:
-    api, _, fixture, _, vocabulary = world
+def test_per_class_cap_holds_and_the_seeded_selection_is_stable(world) -> None:
+    """The selection itself, without downloads: what `enrich harvest` writes is its rows."""
+    api, _, fixture, _, _ = world
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url))
 
-    def harvest(name: str, *options: str) -> list[dict[str, str]]:
-        result = enrich(
-            "harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / name),
-            "--no-progress", *options, env=env_for(api),
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return rows(tmp_path / name)
+    def harvest(**options: object) -> list[Candidate]:
+        chosen = HarvestOptions(**options)  # type: ignore[arg-type]
+        collected = collect(client, VOCABULARY, chosen)
+        return select(collected.candidates.values(), chosen.per_class, chosen.seed)
 
-    capped = harvest("a", "--per-class", "4")
-    counts = Counter(label for row in capped for label in row["labels"].split())
+    capped = harvest(per_class=4)
+    counts = Counter(label for candidate in capped for label in candidate.labels)
     # Every class reaches its cap (there are enough single-label records) and none passes it.
     assert counts == dict.fromkeys(VOCABULARY, 4)
-    multilabel = [row for row in capped if len(row["labels"].split()) > 1]
+    multilabel = [candidate for candidate in capped if len(candidate.labels) > 1]
     assert multilabel, "multilabel records are kept where the caps allow"
-    for row in capped:
-        assert set(row["labels"].split()) == fixture.labels[row["europeana_id"]]
-    assert harvest("b", "--per-class", "4") == capped  # same seed, same set, same files
-    assert harvest("c", "--per-class", "4", "--seed", "7") != capped
+    for candidate in capped:
+        assert candidate.labels == fixture.labels[candidate.record.id]
+    assert harvest(per_class=4) == capped  # same seed, same set
+    assert harvest(per_class=4, seed=7) != capped
 
-    open_only = harvest("open", "--per-class", "100", "--reusability", "open")
-    assert open_only and {row["rights"] for row in open_only} == {
+    open_only = harvest(per_class=100, reusability="open")
+    assert open_only and {candidate.rights for candidate in open_only} == {
         "http://creativecommons.org/publicdomain/zero/1.0/"
     }
-    assert {row["europeana_id"] for row in open_only} == {
+    assert {candidate.record.id for candidate in open_only} == {
         rid for rid, rights in fixture.rights.items() if "publicdomain" in rights
     }
     assert api.requests[-1]["reusability"] == ["open"]
-    summary = json.loads((tmp_path / "open" / "summary.json").read_text())
-    assert summary["reusability"] == {"open": len(open_only)}
+    assert {reusability_of(candidate.rights) for candidate in open_only} == {"open"}
 
 
 def test_a_killed_harvest_continues_without_downloading_anything_again(
@@ -262,40 +274,64 @@ def test_a_killed_harvest_continues_without_downloading_anything_again(
     )
 
 
-def test_a_harvest_dir_is_continued_only_with_the_same_options(world, tmp_path: Path) -> None:
-    api, _, _, _, vocabulary = world
-    out = str(tmp_path / "set")
-    first = enrich("harvest", "--vocabulary", str(vocabulary), "--out", out, env=env_for(api))
-    assert first.returncode == 0, first.stderr
-    other = enrich(
-        "harvest", "--vocabulary", str(vocabulary), "--out", out, "--per-class", "3",
-        env=env_for(api),
-    )  # fmt: skip
-    assert other.returncode == 1
-    assert (
-        other.stderr.strip()
-        .splitlines()[-1]
-        .startswith(f"Error: {out} holds a harvest made with other options")
-    )
+def test_a_harvest_dir_is_continued_only_with_the_same_options(tmp_path: Path) -> None:
+    """The selection stored first is reused for the same options and vocabulary only."""
+    directory = HarvestDir(tmp_path / "set")
+
+    def identity(options: HarvestOptions) -> dict:
+        return {"options": options.as_json(), "vocabulary": VOCABULARY}
+
+    made = directory.plan(identity(HarvestOptions()), lambda: {"records": ["first"]})
+    again = directory.plan(identity(HarvestOptions()), lambda: {"records": ["second"]})
+    assert again == made and made["records"] == ["first"]
+    with pytest.raises(InvalidValue, match="holds a harvest made with other options") as raised:
+        directory.plan(identity(HarvestOptions(per_class=3)), lambda: {"records": []})
+    assert raised.value.field == "out" and str(tmp_path / "set") in str(raised.value)
+    # A set harvested when --reusability took a list is continued with its one group.
+    assert HarvestOptions(reusability="open").as_json()["reusability"] == ["open"]
+    assert HarvestOptions().as_json()["reusability"] == []
 
 
-def test_bad_options_are_one_line_errors(world, tmp_path: Path) -> None:
-    api, _, _, _, vocabulary = world
-    base = ("harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "x"))
+def test_bad_options_name_their_field(tmp_path: Path) -> None:
+    """Library errors name the option's field, never a flag: the CLI's boundary adds that."""
     cases = {
-        ("--reusability", "free"): "--reusability free: choose from open, restricted, permission",
-        ("--concept-query", "what:x"): "--concept-query 'what:x' must contain {uri}",
+        "reusability": ({"reusability": "free"}, "'free' is not one of open, restricted"),
+        "concept_query": ({"concept_query": "what:x"}, "'what:x' must contain {uri}"),
+        "per_class": ({"per_class": 0}, "must be at least 1, not 0"),
     }
-    for extra, message in cases.items():
-        result = enrich(*base, *extra, env=env_for(api))
-        assert result.returncode == 1 and message in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr
+    for field, (options, message) in cases.items():
+        with pytest.raises(InvalidValue, match=re.escape(message)) as raised:
+            HarvestOptions(**options)  # type: ignore[arg-type]
+        assert raised.value.field == field and "--" not in str(raised.value)
     bad = tmp_path / "ids.txt"
     bad.write_text("/1/ok\nnot-an-id\n")
-    with pytest.raises(Exception, match=r"ids.txt:2: record id 'not-an-id'"):
+    with pytest.raises(InvalidValue, match=r"ids.txt:2: record id 'not-an-id'") as raised:
         read_exclusions([bad])
-    with pytest.raises(Exception, match="must contain"):
-        HarvestOptions(concept_query="skos_concept:x")
+    assert raised.value.field == "exclude_files"
+    no_column = tmp_path / "ids.csv"
+    no_column.write_text("name\nx\n")
+    with pytest.raises(InvalidValue, match="has no record id column") as raised:
+        read_exclusions([no_column])
+    assert raised.value.field == "exclude_files"
+
+
+def test_reusability_takes_the_form_a_run_takes(world, tmp_path: Path) -> None:
+    """One group from the same choice as `enrich run --reusability`: a list is refused by
+    click in one line, before any request."""
+    api, _, _, _, vocabulary = world
+    result = CliRunner().invoke(
+        cli,
+        ["harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "x"),
+         "--reusability", "open,permission"],
+        env=env_for(api),
+    )  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Invalid value for '--reusability': 'open,permission' is not one of" in result.output
+    assert api.requests == [] and not (tmp_path / "x").exists()
+    run_option = next(p for p in cli.commands["run"].params if p.name == "reusability")
+    harvest_option = next(p for p in cli.commands["harvest"].params if p.name == "reusability")
+    assert harvest_option.type.choices == run_option.type.choices == REUSABILITY
+    assert harvest_option.multiple is run_option.multiple is False
 
 
 def test_labels_are_merged_across_the_concept_queries(world, tmp_path: Path) -> None:

@@ -6,10 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from enrichment.errors import ModelError, OutputError
-from enrichment.model.spec import LabelSpec, ModelSpec, read_model_json, write_model_json
+from enrichment.model.spec import (
+    ClassSpec,
+    LabelSpec,
+    ModelSpec,
+    read_model_json,
+    write_model_json,
+)
 from tests.conftest import enrich
 
 SHA = "ab" * 32
@@ -45,13 +52,17 @@ def test_a_good_document_loads(tmp_path: Path) -> None:
 
 
 def test_write_model_json_writes_what_read_accepts(tmp_path: Path) -> None:
-    labels = (LabelSpec("a", "A", "http://example.org/a", 0.3),)
-    spec = ModelSpec("w", "resnet18", 64, labels, top_k_fallback=1)
+    classes = (ClassSpec("a", "A", "http://example.org/a", np.float32(0.3)),)
+    spec = ModelSpec("w", "resnet18", 64, classes, top_k_fallback=1)
     version = write_model_json(tmp_path, spec, SHA)
     again, read_version, _ = read_model_json(tmp_path)
-    assert read_version == version and again.labels == labels and again.input_size == 64
+    assert read_version == version and again.classes == classes and again.input_size == 64
+    # The classes stay under "labels" on disk, each threshold a plain JSON number.
+    document = json.loads((tmp_path / "model.json").read_text())
+    assert [item["key"] for item in document["labels"]] == ["a"] and "classes" not in document
+    assert document["labels"][0]["threshold"] == float(np.float32(0.3))
     # And it refuses to write what it would later refuse to read, leaving no file.
-    bad = ModelSpec("w", "resnet18", 5000, labels)
+    bad = ModelSpec("w", "resnet18", 5000, classes)
     (tmp_path / "model.json").unlink()
     with pytest.raises(ModelError, match="input_size"):
         write_model_json(tmp_path, bad, SHA)
@@ -149,3 +160,12 @@ def test_the_cli_refuses_a_bad_model_json_in_one_line_before_touching_the_databa
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"Error: {directory / 'model.json'}: input_size: 100000 is greater")
     assert not database.exists()
+
+
+def test_the_old_names_still_build_a_spec_until_the_rename_is_finished() -> None:
+    """Temporary (goes with `LabelSpec` and `ModelSpec.labels` once every caller says
+    `ClassSpec` and `classes`): a spec built the old way is the same spec."""
+    classes = (LabelSpec("a", "A", "http://example.org/a", 0.3),)
+    old = ModelSpec(name="w", architecture="resnet18", input_size=64, labels=classes)
+    new = ModelSpec(name="w", architecture="resnet18", input_size=64, classes=classes)
+    assert LabelSpec is ClassSpec and old == new and old.labels is old.classes

@@ -13,7 +13,7 @@ import torch
 
 from enrichment.errors import ModelError
 from enrichment.model.classifier import Classifier, build_network, save_model_dir
-from enrichment.model.spec import LabelSpec, ModelSpec, read_model_json
+from enrichment.model.spec import ClassSpec, ModelSpec, read_model_json
 from tests.conftest import make_tiny_model
 
 
@@ -64,7 +64,7 @@ def test_label_count_not_matching_the_head_is_refused(model_copy: Path) -> None:
         {"key": "extra", "label": "Extra", "concept": "http://example.org/extra"}
     )
     (model_copy / "model.json").write_text(json.dumps(document))
-    with pytest.raises(ModelError, match="lists 4 labels but the weights' head has 3 outputs"):
+    with pytest.raises(ModelError, match="lists 4 classes but the weights' head has 3 outputs"):
         Classifier.load(model_copy)
 
 
@@ -138,8 +138,8 @@ def test_families_with_versioned_modules_round_trip(tmp_path: Path, architecture
     """safetensors keeps no module version metadata; mnasnet refuses a state without it."""
     torch.manual_seed(0)
     network = build_network(architecture, 3).eval()
-    labels = tuple(LabelSpec(key, key, f"http://example.org/{key}") for key in ("a", "b", "c"))
-    save_model_dir(tmp_path, ModelSpec("fam", architecture, 32, labels), network)
+    classes = tuple(ClassSpec(key, key, f"http://example.org/{key}") for key in ("a", "b", "c"))
+    save_model_dir(tmp_path, ModelSpec("fam", architecture, 32, classes), network)
     inputs = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
     with torch.inference_mode():
         expected = torch.sigmoid(network(torch.from_numpy(inputs))).numpy()

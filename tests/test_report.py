@@ -25,15 +25,19 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from enrichment.config import Settings
+from enrichment.errors import OutputError
 from enrichment.report.report import (
     ClassReport,
     ErrorReason,
     RunReport,
-    Shown,
     Thumbnail,
     render,
+    write_report,
 )
+from enrichment.store.database import Database
 from enrichment.store.query import RunSummary
+from enrichment.store.reporting import LabelledRecord
 from tests.conftest import enrich, image_bytes, write_jsonl
 from tests.scenario import PICTURES, build_scenario
 
@@ -370,10 +374,10 @@ def test_every_text_from_the_database_is_escaped_where_it_is_shown() -> None:
         rate=0.05,
         eta_seconds=None,
     )
-    highest = Shown(
+    highest = LabelledRecord(
         hostile["id"], "https://x.org/" + hostile["item"], hostile["provider"], "u1", 0.9
     )
-    lowest = Shown("/plain/1", "https://x.org/1", None, "u2", 0.6)
+    lowest = LabelledRecord("/plain/1", "https://x.org/1", None, "u2", 0.6)
     report = RunReport(
         summary,
         summary.created_at,
@@ -442,26 +446,26 @@ def test_every_text_from_the_database_is_escaped_where_it_is_shown() -> None:
 def test_report_into_a_path_that_cannot_be_written(
     finished_run: FinishedRun, image_host, tmp_path: Path
 ) -> None:
-    """One line and exit 1, before any thumbnail is fetched; nothing left behind."""
-    env = {"DATABASE_URL": finished_run.database, "ENRICH_FETCH_ALLOW": "127.0.0.1"}
-    run = str(finished_run.run_id)
+    """One error naming the path, before any thumbnail is fetched; nothing left behind.
+    (`enrich` prints an `OutputError` as one line, as every command does.)"""
+    db = Database(finished_run.database)
+    settings = Settings(fetch_allow=("127.0.0.1",))
+    run = finished_run.run_id
     before = len(image_host.requests)
-    failed = enrich("report", run, "--out", "/proc/enrich/reports", env=env)
-    assert failed.returncode == 1 and failed.stdout == ""
-    assert failed.stderr.splitlines() == [
-        "Error: cannot create the directory /proc/enrich/reports:"
-        " No such file or directory: /proc/enrich"
-    ]
+    with pytest.raises(OutputError) as raised:
+        write_report(db, run, Path("/proc/enrich/reports"), settings, PER_CLASS)
+    assert str(raised.value) == (
+        "cannot create the directory /proc/enrich/reports: No such file or directory: /proc/enrich"
+    )
     assert len(image_host.requests) == before, "it failed before fetching the thumbnails"
 
     # The page's own name is taken by a directory: the write fails, no temporary stays.
     (tmp_path / f"run-{run}.html").mkdir()
-    failed = enrich("report", run, "--out", str(tmp_path), env=env)
-    assert failed.returncode == 1 and failed.stdout == ""
-    assert failed.stderr.splitlines() == [
-        f"Error: cannot write {tmp_path}/run-{run}.html: Is a directory"
-    ]
+    with pytest.raises(OutputError) as raised:
+        write_report(db, run, tmp_path, settings, PER_CLASS)
+    assert str(raised.value) == f"cannot write {tmp_path}/run-{run}.html: Is a directory"
     assert [path.name for path in tmp_path.iterdir()] == [f"run-{run}.html"]
+    db.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image, ImageDraw
 from sklearn.metrics import (
     average_precision_score,
@@ -25,8 +26,9 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from enrichment.cli import cli
 from enrichment.config import Settings
-from enrichment.errors import EnrichError, ModelError
+from enrichment.errors import EnrichError, InvalidValue, ModelError
 from enrichment.media.decode import decode
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier, head_parameter_names
@@ -38,6 +40,7 @@ from enrichment.model.training import (
     TrainingOptions,
     split_by_group,
     starting_point,
+    train,
 )
 from tests.conftest import enrich
 
@@ -108,7 +111,7 @@ def trained(synthetic: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         "model", "train",
         "--data", str(synthetic / "train.csv"),
         "--vocabulary", str(synthetic / "vocabulary.json"),
-        "--output", str(output),
+        "--out", str(output),
         *TRAIN_ARGS,
         "--json",
         env={},
@@ -153,15 +156,16 @@ def test_training_learns_the_labels(trained: tuple[Path, dict], synthetic: Path)
     assert report["version"] == version == Classifier.load(directory).version
     assert spec.architecture == "resnet18" and spec.input_size == 32
     assert spec.keys == KEYS
-    assert [label.concept for label in spec.labels] == list(VOCABULARY.values())
+    assert [item.concept for item in spec.classes] == list(VOCABULARY.values())
     # Training ends by choosing each threshold on its validation split, by best F1.
     assert spec.thresholds_version == 1
     assert spec.calibration["data"].startswith("the validation split of training (20% of")
     assert spec.calibration["images"] == 52
-    for label in spec.labels:
-        stored = spec.calibration["classes"][label.key]
+    for item in spec.classes:
+        stored = spec.calibration["classes"][item.key]
         assert stored["method"] == "max_f1" and stored["previous"] == 0.5
-        assert stored["threshold"] == label.threshold
+        assert stored["threshold"] == item.threshold
+        assert type(item.threshold) is float
     assert spec.metrics["validation"]["thresholds"] == "calibrated"
     assert spec.metrics["validation_at_0.5"]["mAP"] == spec.metrics["validation"]["mAP"]
     assert spec.metrics["validation"]["macro_f1"] >= spec.metrics["validation_at_0.5"]["macro_f1"]
@@ -171,7 +175,7 @@ def test_training_learns_the_labels(trained: tuple[Path, dict], synthetic: Path)
     assert spec.metrics["validation"]["mAP"] == report["validation"]["mAP"]
 
     truth, scores = reference_scores(directory, synthetic / "test.csv")
-    thresholds = np.array([label.threshold for label in spec.labels], dtype=np.float32)
+    thresholds = np.array(spec.thresholds)  # float64, as `decide` compares
     macro_f1 = f1_score(truth, scores >= thresholds, average="macro")
     at_half = f1_score(truth, scores >= 0.5, average="macro")
     mean_ap = average_precision_score(truth, scores, average="macro")
@@ -226,7 +230,7 @@ def test_calibration_raises_or_keeps_each_class_f1(calibrated, trained, syntheti
     assert Classifier.load(directory).version == version  # hash check still passes
 
     truth, scores = reference_scores(directory, synthetic / "validation.csv")
-    thresholds = np.array([label.threshold for label in spec.labels], dtype=np.float32)
+    thresholds = np.array(spec.thresholds)  # float64, as `decide` compares
     before = f1_score(truth, scores >= 0.5, average=None)
     after = f1_score(truth, scores >= thresholds, average=None)
     print("\ncalibration F1 on validation (0.5 -> calibrated):")
@@ -241,7 +245,7 @@ def test_calibration_raises_or_keeps_each_class_f1(calibrated, trained, syntheti
         assert stored["threshold"] == pytest.approx(float(thresholds[column]))
         assert (stored["precision"], stored["recall"], stored["f1"]) == pytest.approx((p, r, f))
         assert stored["support"] == truth[:, column].sum()
-        assert stored["previous"] == read_model_json(trained[0])[0].labels[column].threshold
+        assert stored["previous"] == read_model_json(trained[0])[0].classes[column].threshold
         # No other threshold does better on the validation set.
         precision, recall, _ = precision_recall_curve(truth[:, column], scores[:, column])
         best = np.max(np.nan_to_num(2 * precision * recall / (precision + recall)))
@@ -263,7 +267,7 @@ def test_min_precision_calibration(trained, synthetic: Path, tmp_path: Path) -> 
     for column, (key, target) in enumerate(zip(KEYS, (0.9, 0.99), strict=True)):
         stored = spec.calibration["classes"][key]
         assert stored["method"] == "min_precision" and stored["min_precision"] == target
-        predicted = scores[:, column] >= spec.labels[column].threshold
+        predicted = scores[:, column] >= spec.classes[column].threshold
         p, r, _, _ = precision_recall_fscore_support(truth[:, column], predicted, average="binary")
         precision, recall, _ = precision_recall_curve(truth[:, column], scores[:, column])
         reachable = recall[precision >= target]
@@ -288,7 +292,7 @@ def test_evaluate_table_and_json_match_sklearn(calibrated, synthetic: Path) -> N
     assert report["images"] == 120 and report["skipped"] == []
 
     truth, scores = reference_scores(directory, synthetic / "test.csv")
-    thresholds = np.array([label.threshold for label in spec.labels], dtype=np.float32)
+    thresholds = np.array(spec.thresholds)  # float64, as `decide` compares
     predicted = scores >= thresholds
     precision, recall, f1, support = precision_recall_fscore_support(
         truth, predicted, average=None, zero_division=0
@@ -334,9 +338,7 @@ def test_info_shows_the_calibrated_thresholds(calibrated) -> None:
     info = json.loads(result.stdout)
     spec = read_model_json(directory)[0]
     assert info["thresholds_version"] == 2 and info["top_k_fallback"] == 0
-    assert [label["threshold"] for label in info["labels"]] == [
-        label.threshold for label in spec.labels
-    ]
+    assert [item["threshold"] for item in info["labels"]] == spec.thresholds
 
 
 def test_init_carries_the_body_and_keeps_the_head_only_for_the_same_labels(trained) -> None:
@@ -352,10 +354,14 @@ def test_init_carries_the_body_and_keeps_the_head_only_for_the_same_labels(train
     state = other.network.state_dict()
     assert head == {"fc.weight", "fc.bias"} and state["fc.weight"].shape == (1, 512)
     assert all(torch.equal(t, source[n]) for n, t in state.items() if n not in head)
-    with pytest.raises(EnrichError, match="is a resnet18, not a mobilenet_v3_small"):
+    with pytest.raises(InvalidValue, match="is a resnet18, not a mobilenet_v3_small") as raised:
         starting_point(
             TrainingOptions(name="x", init=directory, architecture="mobilenet_v3_small"), KEYS
         )
+    assert raised.value.field == "init"
+    with pytest.raises(InvalidValue, match="not from both") as raised:
+        starting_point(TrainingOptions(name="x", init=directory, pretrained=True), KEYS)
+    assert raised.value.field == "init"
 
 
 def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path) -> None:
@@ -363,7 +369,7 @@ def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path)
         "model", "train",
         "--data", str(synthetic / "train.csv"),
         "--vocabulary", str(synthetic / "vocabulary.json"),
-        "--output", str(tmp_path / "tuned"),
+        "--out", str(tmp_path / "tuned"),
         "--init", str(trained[0]), "--epochs", "1", "--workers", "0",
         env={},
     )  # fmt: skip
@@ -372,15 +378,22 @@ def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path)
     spec = read_model_json(tmp_path / "tuned")[0]
     assert spec.training["start"] == f"model {read_model_json(trained[0])[1]}"
     assert spec.input_size == 32 and spec.architecture == "resnet18"
-    again = enrich(
-        "model", "train", "--data", str(synthetic / "train.csv"),
-        "--vocabulary", str(synthetic / "vocabulary.json"), "--output", str(tmp_path / "tuned"),
-        env={},
-    )  # fmt: skip
-    assert again.returncode == 1
-    assert again.stderr.strip() == f"Error: {tmp_path / 'tuned'} already holds a model; " + (
-        "choose a new --output directory"
-    )
+    data = read_labelled(synthetic / "train.csv", VOCABULARY)
+    fetcher = Fetcher(Settings())
+    try:
+        with pytest.raises(InvalidValue, match="holds a model; choose a new directory") as raised:
+            train(data, VOCABULARY, TrainingOptions(name="again"), tmp_path / "tuned", fetcher)
+    finally:
+        fetcher.close()
+    assert raised.value.field == "out" and str(tmp_path / "tuned") in str(raised.value)
+
+
+def test_out_is_the_option_and_output_its_hidden_old_name() -> None:
+    shown = CliRunner().invoke(cli, ["model", "train", "--help"], env={})
+    assert shown.exit_code == 0 and "--out DIRECTORY" in shown.output
+    assert "--output" not in shown.output
+    (option,) = [p for p in cli.commands["model"].commands["train"].params if p.name == "out"]
+    assert option.opts == ["--out", "--output"]
 
 
 def test_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path: Path) -> None:
@@ -396,10 +409,10 @@ def test_pretrained_without_network_is_a_clear_error(monkeypatch, tmp_path: Path
     with pytest.raises(ModelError) as raised:
         starting_point(options, KEYS)
     message = str(raised.value)
-    assert message.startswith("--pretrained needs the ImageNet weights ")
+    assert message.startswith("starting from ImageNet needs the weights ")
     assert "resnet18-f37072fd.pth" in message and str(tmp_path) in message
     assert "Temporary failure in name resolution" in message
-    assert "train without --pretrained or with --init DIR" in message
+    assert "or start from scratch or from a model directory" in message and "--" not in message
 
 
 def test_unknown_label_in_the_data_is_a_one_line_error(synthetic: Path, tmp_path: Path) -> None:
@@ -408,7 +421,7 @@ def test_unknown_label_in_the_data_is_a_one_line_error(synthetic: Path, tmp_path
     shutil.copytree(synthetic / "train", tmp_path / "train")
     result = enrich(
         "model", "train", "--data", str(bad), "--vocabulary", str(synthetic / "vocabulary.json"),
-        "--output", str(tmp_path / "out"),
+        "--output", str(tmp_path / "out"),  # the old name of --out, still taken
         env={},
     )  # fmt: skip
     assert result.returncode == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from enrichment.cli.base import emit_json, image_source_option, progress_option, settings
+from enrichment.sources.europeana import REUSABILITY
 from enrichment.sources.harvest import DEFAULT_CONCEPT_QUERY, DEFAULT_PER_CLASS
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -34,8 +35,8 @@ DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 )
 @click.option(
     "--reusability",
-    default=None,
-    help="open, restricted, permission, or several comma-separated (e.g. open,permission).",
+    type=click.Choice(REUSABILITY),
+    help="Only records whose rights fall in this group (as `enrich run --reusability`).",
 )
 @click.option("--qf", multiple=True, help="Extra Search API filter, e.g. COUNTRY:france.")
 @image_source_option
@@ -88,7 +89,7 @@ def harvest(
     terms = read_vocabulary(vocabulary_path)
     options = HarvestOptions(
         per_class=per_class,
-        reusability=tuple(part.strip() for part in (reusability or "").split(",") if part.strip()),
+        reusability=reusability,
         qf=qf,
         image_source=image_source,
         concept_query=concept_query,

@@ -9,12 +9,25 @@ from typing import TYPE_CHECKING
 import click
 
 from enrichment.cli.base import FiniteFloat, emit_json, settings
-from enrichment.errors import EnrichError, OutputError
+from enrichment.errors import InvalidValue, OutputError
 
 if TYPE_CHECKING:  # the model commands import their libraries when they run
     from enrichment.model.calibration import ClassThreshold
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class RenamedOption(click.Option):
+    """An option that still takes its old name (its last one) but shows only the new in --help."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown, self.opts = self.opts, self.opts[:-1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
 inference_batch_option = click.option(
     "--inference-batch",
     type=click.IntRange(min=1),
@@ -33,7 +46,7 @@ def model() -> None:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(directory: Path, as_json: bool) -> None:
-    """Print a model directory's version, architecture, labels and thresholds (verified)."""
+    """Print a model directory's version, architecture, classes and thresholds (verified)."""
     from enrichment.model.classifier import Classifier
 
     classifier = Classifier.load(directory)
@@ -46,7 +59,8 @@ def info(directory: Path, as_json: bool) -> None:
                 "input_size": spec.input_size,
                 "thresholds_version": spec.thresholds_version,
                 "top_k_fallback": spec.top_k_fallback,
-                "labels": [label.as_json() for label in spec.labels],
+                # "labels", as in model.json: scripts written against it keep working.
+                "labels": [item.as_json() for item in spec.classes],
             }
         )
         return
@@ -55,14 +69,17 @@ def info(directory: Path, as_json: bool) -> None:
         f"thresholds v{spec.thresholds_version}"
         + (f"  top-{spec.top_k_fallback} fallback" if spec.top_k_fallback else "")
     )
-    for label in spec.labels:
-        click.echo(f"  {label.key:<20} threshold {label.threshold:<8.5g} {label.concept}")
+    for item in spec.classes:
+        click.echo(f"  {item.key:<20} threshold {item.threshold:<8.5g} {item.concept}")
 
 
 @model.command()
 @click.option("--data", "data_path", type=DATA, required=True, help="Labelled set (.csv/.jsonl).")
 @click.option(
-    "--output",
+    "--out",
+    "--output",  # its old name, still taken
+    "out",
+    cls=RenamedOption,
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
     help="New model directory to write.",
@@ -80,7 +97,7 @@ def info(directory: Path, as_json: bool) -> None:
     default=0.2,
     show_default=True,
 )
-@click.option("--name", default=None, help="Model name; default: the output directory's name.")
+@click.option("--name", default=None, help="Model name; default: the --out directory's name.")
 @click.option("--architecture", default=None, help="torchvision model  [default: resnet50]")
 @click.option("--input-size", type=click.IntRange(min=16), default=None, help="[default: 224]")
 @click.option("--pretrained", is_flag=True, help="Start from ImageNet weights (downloads once).")
@@ -124,7 +141,7 @@ def info(directory: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def train(
     data_path: Path,
-    output: Path,
+    out: Path,
     vocabulary: Path | None,
     validation: Path | None,
     validation_fraction: float,
@@ -154,7 +171,7 @@ def train(
     downloads torchvision's ImageNet weights into $TORCH_HOME once; offline,
     place the file there or use --init DIR.
     """
-    check_creatable(output)  # before torch is even imported
+    check_creatable(out)  # before torch is even imported
     from enrichment.media.fetch import Fetcher
     from enrichment.model.labelled import DEFAULT_VOCABULARY, read_labelled, read_vocabulary
     from enrichment.model.training import TrainingOptions
@@ -164,7 +181,7 @@ def train(
     data = read_labelled(data_path, terms)
     held_out = read_labelled(validation, terms) if validation else None
     options = TrainingOptions(
-        name=name or output.resolve().name,
+        name=name or out.resolve().name,
         architecture=architecture,
         input_size=input_size,
         epochs=epochs,
@@ -181,14 +198,14 @@ def train(
     )
     fetcher = Fetcher(settings())
     try:
-        result = run_training(data, terms, options, output, fetcher, held_out)
+        result = run_training(data, terms, options, out, fetcher, held_out)
     finally:
         fetcher.close()
     if as_json:
         emit_json(
             {
                 "version": result.version,
-                "directory": str(output),
+                "directory": str(out),
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
                 "seconds": round(result.seconds, 1),
@@ -203,7 +220,7 @@ def train(
         click.echo(f"skipped line {item.line}: {item.reason}: {item.message}", err=True)
     metrics = result.validation
     click.echo(
-        f"{result.version} written to {output}: best epoch {result.best_epoch} of "
+        f"{result.version} written to {out}: best epoch {result.best_epoch} of "
         f"{result.epochs_run}, validation mAP {metrics.mean_average_precision or 0:.3f}, "
         f"macro F1 {result.calibrated.macro_f1:.3f} at the thresholds chosen on it "
         f"({metrics.macro_f1:.3f} at 0.5) ({result.seconds:.0f} s)"
@@ -254,13 +271,13 @@ def calibrate(
     classifier = Classifier.load(directory)
     spec = classifier.spec
     targets = _precision_targets(min_precision, spec.keys)
-    data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
+    data = read_labelled(data_path, {item.key: item.concept for item in spec.classes})
     fetcher = Fetcher(settings())
     try:
         scored = score_labelled(classifier, data, fetcher, inference_batch)
     finally:
         fetcher.close()
-    previous = {label.key: label.threshold for label in spec.labels}
+    previous = {item.key: item.threshold for item in spec.classes}
     chosen = choose_thresholds(scored, previous, targets)
     if top_k_fallback is not None:
         spec = replace(spec, top_k_fallback=top_k_fallback)
@@ -303,7 +320,7 @@ def evaluate(directory: Path, data_path: Path, inference_batch: int, as_json: bo
 
     classifier = Classifier.load(directory)
     spec = classifier.spec
-    data = read_labelled(data_path, {label.key: label.concept for label in spec.labels})
+    data = read_labelled(data_path, {item.key: item.concept for item in spec.classes})
     fetcher = Fetcher(settings())
     try:
         scored = score_labelled(classifier, data, fetcher, inference_batch)
@@ -352,13 +369,13 @@ def _precision_targets(values: tuple[str, ...], keys: list[str]) -> dict[str, fl
         try:
             target = float(number)
         except ValueError:
-            raise EnrichError(f"--min-precision {value!r}: expected P or KEY=P") from None
+            raise InvalidValue("min_precision", f"{value!r}: expected P or KEY=P") from None
         if not 0.0 < target <= 1.0:
-            raise EnrichError(f"--min-precision {value!r}: P must be in (0, 1]")
+            raise InvalidValue("min_precision", f"{value!r}: P must be in (0, 1]")
         if not key:
             default = target
         elif key not in keys:
-            raise EnrichError(f"--min-precision {value!r}: the model has no label {key!r}")
+            raise InvalidValue("min_precision", f"{value!r}: the model has no class {key!r}")
         else:
             per_class[key] = target
     return {

@@ -17,7 +17,7 @@ from enrichment.cli.base import RUN_ID, emit_json, model_dir_option, open_db, se
     "label_keys",
     multiple=True,
     metavar="KEY",
-    help="Explain this label (repeatable; default: the labels above threshold).",
+    help="Explain this class (repeatable; default: the labels the image gets).",
 )
 @click.option(
     "--layer",

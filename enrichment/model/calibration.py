@@ -79,7 +79,7 @@ def choose_threshold(
     """The threshold for one class (boolean `truth`, float32 `scores`)."""
     positives = int(truth.sum())
     if positives == 0:  # nothing to calibrate against: keep what there was
-        tp, fp, fn = 0, int(np.sum(scores >= previous)), 0
+        tp, fp, fn = 0, int(np.sum(_decided(scores, previous))), 0
         return ClassThreshold(key, previous, previous, 0, *precision_recall_f1(tp, fp, fn))
     candidates, tp, fp = ranked_counts(truth, scores)
     precision = tp / (tp + fp)
@@ -110,11 +110,18 @@ def choose_threshold(
     )
 
 
+def _decided(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Which of one class's scores reach `threshold`: `decide`'s rule, so the worker agrees."""
+    return decide(np.asarray(scores)[:, np.newaxis], np.array([threshold]))[:, 0]
+
+
 def _between(score: np.float32, lower: np.float32 | None) -> float:
-    """A short number near the middle of (lower, score], compared in float32 as inference does.
+    """A short number near the middle of (lower, score], as a plain float.
 
     Rounded only as far as it stays within a quarter of the gap from the
-    middle, so model.json reads 0.43 rather than 0.4312 without losing the margin.
+    middle, so model.json reads 0.43 rather than 0.4312 without losing the
+    margin; and only where `decide` (which compares in float64, as the worker
+    does) still labels `score` and not `lower` with it.
     """
     if lower is None:
         return float(score)
@@ -122,7 +129,8 @@ def _between(score: np.float32, lower: np.float32 | None) -> float:
     slack = (float(score) - float(lower)) / 4
     for digits in range(2, 9):
         tidy = round(middle, digits)
-        if abs(tidy - middle) <= slack and lower < np.float32(tidy) <= score:
+        keeps_decisions = _decided(np.array([lower, score]), tidy).tolist() == [False, True]
+        if abs(tidy - middle) <= slack and keeps_decisions:
             return tidy
     return float(score)
 
@@ -154,8 +162,8 @@ def best_f1_thresholds(
     What training does on its validation split, so a new model is usable at once.
     """
     chosen = choose_thresholds(ScoredSet(list(keys), truth, scores, []), dict.fromkeys(keys, 0.5))
-    thresholds = np.array([item.threshold for item in chosen], dtype=np.float32)
-    metrics = compute_metrics(keys, thresholds.tolist(), truth, scores, decide(scores, thresholds))
+    thresholds = [item.threshold for item in chosen]
+    metrics = compute_metrics(keys, thresholds, truth, scores, decide(scores, thresholds))
     return chosen, metrics
 
 
@@ -183,8 +191,8 @@ def calibrated_spec(
     }
     return replace(
         spec,
-        labels=tuple(
-            replace(label, threshold=by_key[label.key].threshold) for label in spec.labels
+        classes=tuple(
+            replace(item, threshold=float(by_key[item.key].threshold)) for item in spec.classes
         ),
         thresholds_version=thresholds_version,
         calibration=calibration,

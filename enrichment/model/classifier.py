@@ -36,20 +36,20 @@ def classification_architectures() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def build_network(architecture: str, num_labels: int) -> torch.nn.Module:
-    """A torchvision classification network with one output per label, untrained."""
+def build_network(architecture: str, num_classes: int) -> torch.nn.Module:
+    """A torchvision classification network with one output per class, untrained."""
     if architecture not in classification_architectures():
         raise ModelError(
             f"unknown architecture {architecture!r}: expected a torchvision classification "
             f"model such as resnet50, mobilenet_v3_large or efficientnet_b0"
         )
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_labels)
+    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
 
 
 def head_parameter_names(architecture: str) -> set[str]:
-    """The state-dict entries whose shape depends on the number of labels: the head.
+    """The state-dict entries whose shape depends on the number of classes: the head.
 
-    Found by comparing the architecture built for two label counts (on the meta
+    Found by comparing the architecture built for two class counts (on the meta
     device where it can be, so nothing is allocated), which works for every
     torchvision layout (`fc`, `classifier[-1]`, `heads.head`, auxiliary heads)
     without a table to maintain.
@@ -58,12 +58,12 @@ def head_parameter_names(architecture: str) -> set[str]:
     return {name for name, shape in one.items() if shape != two[name]}
 
 
-def _state_shapes(architecture: str, num_labels: int) -> dict[str, torch.Size]:
+def _state_shapes(architecture: str, num_classes: int) -> dict[str, torch.Size]:
     try:
         with torch.device("meta"):
-            network = build_network(architecture, num_labels)
+            network = build_network(architecture, num_classes)
     except NotImplementedError:  # RegNet's initialisation copies data, which meta cannot
-        network = build_network(architecture, num_labels)
+        network = build_network(architecture, num_classes)
     return {name: tensor.shape for name, tensor in network.state_dict().items()}
 
 
@@ -132,7 +132,7 @@ class Classifier:
         self.version = version
         self.network = network
         self.device = device
-        self.thresholds = np.asarray([label.threshold for label in spec.labels], dtype=np.float64)
+        self.thresholds = np.asarray(spec.thresholds, dtype=np.float64)
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Classifier:
@@ -157,8 +157,8 @@ class Classifier:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:
             raise ModelError(f"{weights_path} is not a safetensors file: {error}") from None
-        network = build_network(spec.architecture, len(spec.labels))
-        _check_shapes(network, state, len(spec.labels), weights_path)
+        network = build_network(spec.architecture, len(spec.classes))
+        _check_shapes(network, state, len(spec.classes), weights_path)
         load_weights(network, state)
         device = device or pick_device()
         network.eval().to(device)
@@ -169,7 +169,7 @@ class Classifier:
         return cls(spec, version, network, device)
 
     def scores(self, inputs: np.ndarray) -> np.ndarray:
-        """Sigmoid scores, shape (batch, labels), for normalised (batch, 3, H, W) inputs."""
+        """Sigmoid scores, shape (batch, classes), for normalised (batch, 3, H, W) inputs."""
         with torch.inference_mode():
             tensor = torch.from_numpy(inputs).to(self.device, non_blocking=True)
             if self.device.type == "cuda":
@@ -181,21 +181,21 @@ class Classifier:
             return torch.sigmoid(logits.float()).cpu().numpy()
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
-        """Which labels each row of a (batch, labels) score matrix gets (see `spec.decide`)."""
+        """Which classes each row of a (batch, classes) score matrix gets as labels (`decide`)."""
         return decide(scores, self.thresholds, self.spec.top_k_fallback)
 
     def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
         """The labels one score vector gets (see `decide`), with their confidence."""
         chosen = self.decide(np.asarray(scores)[np.newaxis, :])[0]
         return [
-            LabelScore(label.key, label.concept, float(score))
-            for label, score, given in zip(self.spec.labels, scores, chosen, strict=True)
+            LabelScore(item.key, item.concept, float(score))
+            for item, score, given in zip(self.spec.classes, scores, chosen, strict=True)
             if given
         ]
 
 
 def _check_shapes(
-    network: torch.nn.Module, state: dict[str, torch.Tensor], num_labels: int, path: Path
+    network: torch.nn.Module, state: dict[str, torch.Tensor], num_classes: int, path: Path
 ) -> None:
     expected = {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}
     actual = {name: tuple(tensor.shape) for name, tensor in state.items()}
@@ -209,6 +209,6 @@ def _check_shapes(
         head = wrong[-1]
         outputs = actual[head][0] if actual[head] else "?"
         raise ModelError(
-            f"{path}: model.json lists {num_labels} labels but the weights' head has "
+            f"{path}: model.json lists {num_classes} classes but the weights' head has "
             f"{outputs} outputs ({head} is {actual[head]}, expected {expected[head]})"
         )

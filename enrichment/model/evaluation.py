@@ -180,7 +180,7 @@ def evaluate(classifier: Classifier, scored: ScoredSet) -> Metrics:
     """The model as deployed: its thresholds and top-k fallback decide the labels."""
     return compute_metrics(
         scored.keys,
-        [label.threshold for label in classifier.spec.labels],
+        classifier.spec.thresholds,
         scored.targets,
         scored.scores,
         classifier.decide(scored.scores),

@@ -22,19 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sqlalchemy as sa
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from enrichment.config import Settings
-from enrichment.errors import EnrichError, OutputError
+from enrichment.errors import EnrichError, InvalidValue, OutputError
 from enrichment.files import make_directory
 from enrichment.media.decode import ImageError, decode, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
 from enrichment.sources.records_file import normalise_id
 from enrichment.store.database import Database
-from enrichment.store.schema import RecordRow
+from enrichment.store.reporting import record_image
 
 # The last convolutional stage of each supported torchvision family: the
 # deepest layer that still has a spatial layout. Matched on the name's prefix.
@@ -64,10 +63,10 @@ class ImageSource:
 
 @dataclass(frozen=True)
 class Explanation:
-    """One label's heatmap over the model's input, in [0, 1], with the score it explains."""
+    """One class's heatmap over the model's input, in [0, 1], with the score it explains."""
 
     key: str
-    label: str
+    name: str  # the class's human name
     confidence: float
     threshold: float
     heatmap: np.ndarray
@@ -99,13 +98,12 @@ def from_record(db: Database, record_id: str, settings: Settings) -> ImageSource
         wanted = normalise_id(record_id)
     except ValueError as error:
         raise EnrichError(f"{error}; nor is it an existing file or an http(s) URL") from None
-    with db.transaction() as session:
-        row = session.execute(sa.select(RecordRow.image_url).where(RecordRow.id == wanted)).first()
-    if row is None:
+    stored = record_image(db, wanted)
+    if stored is None:
         raise EnrichError(f"record {wanted} is not in the database")
-    if not row.image_url:
+    if not stored.image_url:
         raise EnrichError(f"record {wanted} has no image URL")
-    return ImageSource(wanted, from_url(row.image_url, settings).data)
+    return ImageSource(wanted, from_url(stored.image_url, settings).data)
 
 
 def target_layer_name(architecture: str) -> str:
@@ -113,9 +111,10 @@ def target_layer_name(architecture: str) -> str:
         if architecture.startswith(prefix):
             return layer
     families = ", ".join(prefix for prefix, _ in TARGET_LAYERS)
-    raise EnrichError(
+    raise InvalidValue(
+        "layer",
         f"no default Grad-CAM layer for {architecture} (known families: {families}): "
-        f"name a convolutional layer with --layer"
+        f"name a convolutional layer",
     )
 
 
@@ -124,9 +123,10 @@ def find_layer(network: torch.nn.Module, name: str) -> torch.nn.Module:
         return network.get_submodule(name)
     except AttributeError:
         children = ", ".join(child for child, _ in network.named_children())
-        raise EnrichError(
+        raise InvalidValue(
+            "layer",
             f"the network has no layer {name!r}; its top-level layers are {children} "
-            f"(nested ones are written like layer4.1.conv2)"
+            f"(nested ones are written like layer4.1.conv2)",
         ) from None
 
 
@@ -174,12 +174,13 @@ def explain(
     layer_name: str | None = None,
     max_pixels: int = Settings.max_image_pixels,
 ) -> list[Explanation]:
-    """Heatmaps for the given labels, or for those the image gets (above threshold)."""
+    """Heatmaps for the given classes, or for the labels the image gets (above threshold)."""
     spec = classifier.spec
     unknown = sorted(set(label_keys) - set(spec.keys))
     if unknown:
-        raise EnrichError(
-            f"unknown label {', '.join(unknown)}; this model has {', '.join(spec.keys)}"
+        raise InvalidValue(
+            "label_keys",
+            f"this model has no class {', '.join(unknown)} (its classes: {', '.join(spec.keys)})",
         )
     try:
         array = decode(data, spec.preprocessing, max_pixels)
@@ -195,18 +196,19 @@ def explain(
     ]
     if not keys:
         best = int(np.argmax(scores))
-        raise EnrichError(
-            f"no label above its threshold (best: {spec.keys[best]} {scores[best]:.3f}); "
-            f"pass --label KEY to explain one anyway"
+        raise InvalidValue(
+            "label_keys",
+            f"no class reaches its threshold (best: {spec.keys[best]} {scores[best]:.3f}): "
+            f"name a class to explain it anyway",
         )
     size = (spec.input_size, spec.input_size)
     explanations = []
     for key in keys:
         index = spec.keys.index(key)
-        label = spec.labels[index]
+        chosen = spec.classes[index]
         heatmap = class_activation_map(logits, features, index, size)
         explanations.append(
-            Explanation(key, label.label, float(scores[index]), label.threshold, heatmap)
+            Explanation(key, chosen.label, float(scores[index]), chosen.threshold, heatmap)
         )
     return explanations
 
@@ -226,8 +228,7 @@ def overlay(image: Image.Image, explanation: Explanation) -> Image.Image:
     blended = (1 - HEAT_WEIGHT) * base + HEAT_WEIGHT * colours
     result = Image.fromarray(np.rint(blended * 255).astype(np.uint8), mode="RGB")
     caption = (
-        f"{explanation.label}  {explanation.confidence:.2f}"
-        f"  (threshold {explanation.threshold:.2f})"
+        f"{explanation.name}  {explanation.confidence:.2f}  (threshold {explanation.threshold:.2f})"
     )
     return _draw_caption(result, caption)
 

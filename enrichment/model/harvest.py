@@ -36,8 +36,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from enrichment.errors import EnrichError
-from enrichment.files import write_atomically
+from enrichment.errors import InvalidValue
+from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb, open_image
 from enrichment.media.fetch import RETRYABLE, Fetcher
 from enrichment.sources.harvest import reusability_of
@@ -81,11 +81,8 @@ class HarvestDir:
         self.state = root / STATE_DIR
         self.images = root / "images"
         self._lock = threading.Lock()
-        try:
-            self.state.mkdir(parents=True, exist_ok=True)
-            self.images.mkdir(exist_ok=True)
-        except OSError as error:
-            raise EnrichError(f"--out {root}: cannot create it ({error.strerror})") from None
+        make_directory(self.state)
+        make_directory(self.images)
 
     def plan(
         self, identity: Mapping[str, Any], make: Callable[[], dict[str, Any]]
@@ -95,9 +92,10 @@ class HarvestDir:
         if path.exists():
             stored = json.loads(path.read_text(encoding="utf-8"))
             if stored.get("identity") != dict(identity):
-                raise EnrichError(
+                raise InvalidValue(
+                    "out",
                     f"{self.root} holds a harvest made with other options or another "
-                    "vocabulary: start it again with the same ones, or choose a new --out"
+                    "vocabulary: start it again with the same ones, or choose a new directory",
                 )
             return stored
         plan = {"format": FORMAT_VERSION, "identity": dict(identity), **make()}

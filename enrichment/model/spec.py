@@ -36,8 +36,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class LabelSpec:
-    """One output of the model: its key, human label, concept URI and threshold."""
+class ClassSpec:
+    """One class (one output) of the model: its key, human label, concept URI and threshold.
+
+    A *class* is what the model can say; a *label* is a class given to a record.
+    """
 
     key: str
     label: str
@@ -49,7 +52,7 @@ class LabelSpec:
             "key": self.key,
             "label": self.label,
             "concept": self.concept,
-            "threshold": self.threshold,
+            "threshold": float(self.threshold),  # a plain float, whatever computed it
         }
 
 
@@ -60,7 +63,7 @@ class ModelSpec:
     name: str
     architecture: str
     input_size: int
-    labels: tuple[LabelSpec, ...]
+    classes: tuple[ClassSpec, ...]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -76,17 +79,42 @@ class ModelSpec:
 
     @property
     def keys(self) -> list[str]:
-        return [label.key for label in self.labels]
+        return [item.key for item in self.classes]
+
+    @property
+    def thresholds(self) -> list[float]:
+        """Each class's threshold, in score order (plain floats, as model.json holds them)."""
+        return [item.threshold for item in self.classes]
+
+    @property
+    def labels(self) -> tuple[ClassSpec, ...]:
+        """Temporary alias of `classes`, for the modules whose rename is finished at merge."""
+        return self.classes
+
+
+# Temporary: `ModelSpec(labels=...)` still builds a spec (its field is `classes` now) until
+# the callers outside model/ are renamed at merge; then this shim and `LabelSpec` go.
+LabelSpec = ClassSpec
+_dataclass_init = ModelSpec.__init__
+
+
+def _init_accepting_labels(self: ModelSpec, *args: Any, **kwargs: Any) -> None:
+    if "labels" in kwargs:
+        kwargs["classes"] = kwargs.pop("labels")
+    _dataclass_init(self, *args, **kwargs)
+
+
+ModelSpec.__init__ = _init_accepting_labels  # type: ignore[method-assign]
 
 
 def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) -> np.ndarray:
-    """Which labels each row of a (batch, labels) score matrix gets, as booleans.
+    """Which classes each row of a (batch, classes) score matrix gets as labels, as booleans.
 
     The one rule that the classifier and every re-thresholding (exports) apply,
     so stored scores always give the labels a worker would. A label is given at
     or above its own class threshold. With `top_k_fallback` = k, a row where no
     class reaches its threshold gets its k best-scoring classes instead of
-    none; ties go to the earlier label.
+    none; ties go to the earlier class.
     """
     # One number type for both sides: a float32 threshold against a float64 score (or the
     # reverse) turns a tie such as 0.43 >= 0.43 into a miss on one path and a hit on another.
@@ -129,7 +157,9 @@ def write_model_json(directory: Path, spec: ModelSpec, sha256: str) -> str:
         "architecture": spec.architecture,
         "input_size": spec.input_size,
         "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
-        "labels": [label.as_json() for label in spec.labels],
+        # The model's classes under the key "labels", as model.json has always named them:
+        # every model directory written before the rename still loads.
+        "labels": [item.as_json() for item in spec.classes],
         "top_k_fallback": spec.top_k_fallback,
         "thresholds_version": spec.thresholds_version,
         "calibration": spec.calibration,
@@ -178,21 +208,21 @@ def read_model_json(directory: Path) -> tuple[ModelSpec, str, str]:
     except (json.JSONDecodeError, RecursionError) as error:
         raise ModelError(f"{path} is not valid JSON: {error}") from None
     check_model_document(document, path)
-    labels = tuple(
-        LabelSpec(
+    classes = tuple(
+        ClassSpec(
             key=item["key"],
             label=item.get("label", item["key"]),
             concept=item["concept"],
             threshold=float(item.get("threshold", 0.5)),
         )
-        for item in document["labels"]
+        for item in document["labels"]  # the classes' on-disk key (see write_model_json)
     )
     normalization = document.get("normalization", {})
     spec = ModelSpec(
         name=document["name"],
         architecture=document["architecture"],
         input_size=int(document["input_size"]),
-        labels=labels,
+        classes=classes,
         mean=tuple(float(value) for value in normalization.get("mean", IMAGENET_MEAN)),
         std=tuple(float(value) for value in normalization.get("std", IMAGENET_STD)),
         metrics=dict(document.get("metrics", {})),

@@ -3,7 +3,7 @@
 Flat and explicit, after torchvision's reference scripts, with the choices that
 matter for heritage collections:
 
-- one sigmoid output per label and BCEWithLogitsLoss, with `pos_weight` =
+- one sigmoid output per class and BCEWithLogitsLoss, with `pos_weight` =
   negatives / positives per class, so a class on 2 % of the images still pulls
   its weight;
 - the validation images are whole objects: all images of one object (the
@@ -43,7 +43,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from enrichment.errors import EnrichError, ModelError
+from enrichment.errors import EnrichError, InvalidValue, ModelError
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.media.fetch import Fetcher
 from enrichment.model.calibration import ClassThreshold, best_f1_thresholds, calibrated_spec
@@ -59,7 +59,7 @@ from enrichment.model.classifier import (
 )
 from enrichment.model.evaluation import Metrics, compute_metrics
 from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
-from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, LabelSpec, ModelSpec
+from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, ClassSpec, ModelSpec, decide
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224
@@ -78,8 +78,8 @@ class TrainingOptions:
     """Every knob of a training run; each is recorded in the model's model.json."""
 
     name: str
-    architecture: str | None = None  # default: the --init model's, else DEFAULT_ARCHITECTURE
-    input_size: int | None = None  # default: the --init model's, else DEFAULT_INPUT_SIZE
+    architecture: str | None = None  # default: the `init` model's, else DEFAULT_ARCHITECTURE
+    input_size: int | None = None  # default: the `init` model's, else DEFAULT_INPUT_SIZE
     epochs: int = 20
     train_batch: int = 32
     learning_rate: float = 1e-3
@@ -236,9 +236,9 @@ def imagenet_state(architecture: str) -> tuple[dict[str, torch.Tensor], str]:
             )
     except (OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise ModelError(
-            f"--pretrained needs the ImageNet weights {weights.url}, cached in "
+            f"starting from ImageNet needs the weights {weights.url}, cached in "
             f"{torch.hub.get_dir()}/checkpoints, and they could not be fetched or read "
-            f"({error}); copy the file there, or train without --pretrained or with --init DIR"
+            f"({error}); copy the file there, or start from scratch or from a model directory"
         ) from None
     return state, f"torchvision {weights}"
 
@@ -246,34 +246,36 @@ def imagenet_state(architecture: str) -> tuple[dict[str, torch.Tensor], str]:
 def starting_point(options: TrainingOptions, keys: Sequence[str]) -> _Start:
     """The network to fine-tune: from scratch, from ImageNet weights or from a model directory.
 
-    Everything but the head is carried over; the head too when an --init model
-    has exactly the same labels in the same order.
+    Everything but the head is carried over; the head too when the `init` model
+    has exactly the same classes in the same order.
     """
     if options.pretrained and options.init is not None:
-        raise EnrichError("choose --pretrained or --init, not both")
+        raise InvalidValue(
+            "init", "start from ImageNet weights or from a model directory, not from both"
+        )
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if options.init is not None:
         source = Classifier.load(options.init, torch.device("cpu"))
         if options.architecture not in (None, source.spec.architecture):
-            raise EnrichError(
-                f"--init {options.init} is a {source.spec.architecture}, "
-                f"not a {options.architecture}"
+            raise InvalidValue(
+                "init",
+                f"{options.init} is a {source.spec.architecture}, not a {options.architecture}",
             )
         architecture = source.spec.architecture
         input_size = options.input_size or source.spec.input_size
         mean, std = source.spec.mean, source.spec.std
         state = source.network.state_dict()
-        same_labels = source.spec.keys == list(keys)
+        same_classes = source.spec.keys == list(keys)
         description = f"model {source.version}"
     else:
         architecture = options.architecture or DEFAULT_ARCHITECTURE
         input_size = options.input_size or DEFAULT_INPUT_SIZE
-        state, same_labels, description = {}, False, "scratch (random weights)"
+        state, same_classes, description = {}, False, "scratch (random weights)"
     network = build_network(architecture, len(keys))
     if options.pretrained:
         state, description = imagenet_state(architecture)
     if state:
-        head = set() if same_labels else head_parameter_names(architecture)
+        head = set() if same_classes else head_parameter_names(architecture)
         body = {name: tensor for name, tensor in state.items() if name not in head}
         missing, unexpected = network.load_state_dict(body, strict=False)
         if set(missing) - head or unexpected:
@@ -305,13 +307,13 @@ def train(
     data: LabelledSet,
     vocabulary: dict[str, str],
     options: TrainingOptions,
-    output: Path,
+    out: Path,
     fetcher: Fetcher,
     validation: LabelledSet | None = None,
 ) -> TrainingResult:
-    """Train on `data` (validating on `validation`, else on a split of it) and write `output`."""
-    if (output / "model.json").exists():
-        raise EnrichError(f"{output} already holds a model; choose a new --output directory")
+    """Train on `data` (validating on `validation`, else on a split of it) and write `out`."""
+    if (out / "model.json").exists():
+        raise InvalidValue("out", f"{out} already holds a model; choose a new directory")
     present = data.label_keys()
     keys = [key for key in vocabulary if key in present]
     if not keys:
@@ -362,7 +364,7 @@ def train(
         name=options.name,
         architecture=start.architecture,
         input_size=start.input_size,
-        labels=tuple(LabelSpec(key, _human(key), vocabulary[key], 0.5) for key in keys),
+        classes=tuple(ClassSpec(key, _human(key), vocabulary[key], 0.5) for key in keys),
         mean=start.mean,
         std=start.std,
         metrics={
@@ -408,7 +410,7 @@ def train(
         0,
         thresholds_version=1,
     )
-    version = save_model_dir(output, spec, network.cpu())
+    version = save_model_dir(out, spec, network.cpu())
     return TrainingResult(
         version, spec, best.epoch, len(history), best.metrics, seconds, split.skipped, chosen,
         calibrated,
@@ -544,7 +546,8 @@ def _validate(
         logits, torch.from_numpy(targets), pos_weight=torch.from_numpy(pos_weight)
     )
     scores = torch.sigmoid(logits).numpy()
-    metrics = compute_metrics(keys, [0.5] * len(keys), targets > 0.5, scores, scores >= 0.5)
+    flat = [0.5] * len(keys)
+    metrics = compute_metrics(keys, flat, targets > 0.5, scores, decide(scores, flat))
     return metrics, float(loss), scores
 
 

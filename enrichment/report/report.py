@@ -20,26 +20,23 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import numpy as np
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
 from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.report import plots
 from enrichment.store.database import Database
 from enrichment.store.query import RunSummary, run_summary
-from enrichment.store.schema import Label, ModelRow, Outcome, RecordRow, Result, Run, utc_now
+from enrichment.store.reporting import LabelledRecord, RunReading, reading_run
+from enrichment.store.schema import Outcome, utc_now
 
 BIN_EDGES = np.linspace(0.0, 1.0, 21)
 THUMBNAIL_SIDE = 160
@@ -48,26 +45,18 @@ OUTCOME_ORDER = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD, Outcome.ERROR)
 
 
 @dataclass(frozen=True)
-class Shown:
-    """A labelled record in the gallery."""
-
-    record_id: str
-    item_uri: str
-    provider: str | None
-    image_url: str | None
-    confidence: float
-
-
-@dataclass(frozen=True)
 class ClassReport:
+    """One class of the run's model: its threshold, how many records it labelled, its
+    score histogram, and its gallery (the most and the least confident labels)."""
+
     key: str
-    label: str
+    name: str  # the class's human name
     threshold: float
     labelled: int
     scored: int
     histogram: np.ndarray  # counts over BIN_EDGES
-    highest: list[Shown]
-    lowest: list[Shown]
+    highest: list[LabelledRecord]
+    lowest: list[LabelledRecord]
 
 
 @dataclass(frozen=True)
@@ -99,30 +88,23 @@ class Thumbnail:
 def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
     """Everything the page shows, read from the run's stored results."""
     summary = run_summary(db, run_id)
-    with db.transaction() as session:
-        run = session.get(Run, summary.id)
-        model = session.get(ModelRow, summary.model_version)
-        if run is None or model is None:
-            raise EnrichError(f"run {summary.id} or its model {summary.model_version} is gone")
+    with reading_run(db, summary.id) as reading:
+        run, model = reading.run, reading.classes
         started = run.started_at or run.created_at
         seconds = max(0.0, ((run.finished_at or utc_now()) - started).total_seconds())
-        counts = _label_counts(session, run)
-        histograms, scored = _histograms(session, run, len(model.labels))
+        counts = reading.label_counts()
+        histograms, scored = _histograms(reading, len(model.keys))
         classes = []
-        for index, (label, threshold) in enumerate(
-            zip(model.labels, model.thresholds, strict=True)
+        for index, (key, name, threshold) in enumerate(
+            zip(model.keys, model.names, model.thresholds, strict=True)
         ):
-            key = str(label["key"])
-            ranking = (Label.confidence.desc(), Label.record_id)
-            highest = _gallery(session, run, key, ranking, per_class, ())
-            # The ranking read from its other end, ties included.
-            reverse = (Label.confidence.asc(), Label.record_id.desc())
-            lowest = _gallery(session, run, key, reverse, per_class, [s.record_id for s in highest])
+            highest = reading.most_confident(key, per_class)
+            lowest = reading.least_confident(key, per_class, [shown.record_id for shown in highest])
             classes.append(
                 ClassReport(
                     key=key,
-                    label=str(label.get("label", key)),
-                    threshold=float(threshold),
+                    name=name,
+                    threshold=threshold,
                     labelled=counts.get(key, 0),
                     scored=scored,
                     histogram=histograms[index],
@@ -131,89 +113,30 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
                 )
             )
         errors = [
-            _error_reason(session, run, reason, count)
+            _error_reason(reading, reason, count)
             for reason, count in summary.errors_by_reason.items()
         ]
     return RunReport(summary, started, seconds, classes, errors)
 
 
-def _run_labels(run: Run) -> sa.Select:
-    return (
-        sa.select(Label)
-        .join(
-            Result,
-            sa.and_(
-                Result.record_id == Label.record_id, Result.model_version == Label.model_version
-            ),
-        )
-        .where(Result.run_id == run.id, Label.model_version == run.model_version)
-    )
-
-
-def _label_counts(session: Session, run: Run) -> dict[str, int]:
-    query = (
-        _run_labels(run)
-        .with_only_columns(Label.label_key, sa.func.count())
-        .group_by(Label.label_key)
-    )
-    return {key: count for key, count in session.execute(query)}
-
-
-def _histograms(session: Session, run: Run, classes: int) -> tuple[np.ndarray, int]:
+def _histograms(reading: RunReading, classes: int) -> tuple[np.ndarray, int]:
     """Per-class score histograms, accumulated page by page: a run may hold millions."""
     histograms = np.zeros((classes, len(BIN_EDGES) - 1), dtype=np.int64)
     scored = 0
-    query = sa.select(Result.scores).where(
-        Result.run_id == run.id,
-        Result.model_version == run.model_version,
-        Result.status.in_((Outcome.LABELLED, Outcome.BELOW_THRESHOLD)),
-    )
-    for page in session.execute(query.execution_options(yield_per=SCORE_PAGE)).partitions():
-        scores = np.asarray([row.scores for row in page], dtype=np.float64)
+    for page in reading.score_pages(SCORE_PAGE):
+        scores = np.asarray(page, dtype=np.float64)
         scored += len(scores)
         for index in range(classes):
             histograms[index] += np.histogram(scores[:, index], BIN_EDGES)[0]
     return histograms, scored
 
 
-def _gallery(
-    session: Session,
-    run: Run,
-    key: str,
-    order: Sequence[sa.ColumnElement],
-    limit: int,
-    skip: Sequence[str],
-) -> list[Shown]:
-    query = (
-        _run_labels(run)
-        .join(RecordRow, RecordRow.id == Label.record_id)
-        .with_only_columns(
-            Label.record_id,
-            RecordRow.item_uri,
-            RecordRow.provider,
-            sa.func.coalesce(Result.image_url, RecordRow.image_url),
-            Label.confidence,
-        )
-        .where(Label.label_key == key)
-        .order_by(*order)
-        .limit(limit)
-    )
-    if skip:
-        query = query.where(Label.record_id.not_in(skip))
-    return [Shown(*row) for row in session.execute(query)]
-
-
-def _error_reason(session: Session, run: Run, reason: str, count: int) -> ErrorReason:
+def _error_reason(reading: RunReading, reason: str, count: int) -> ErrorReason:
     """The reason's count, with the first record that has it (if a rerun left one)."""
-    example = session.execute(
-        sa.select(Result.record_id, Result.error_message)
-        .where(Result.run_id == run.id, Result.error_reason == reason)
-        .order_by(Result.record_id)
-        .limit(1)
-    ).first()
+    example = reading.error_example(reason)
     if example is None:
         return ErrorReason(reason, count, None, None)
-    return ErrorReason(reason, count, example.record_id, example.error_message)
+    return ErrorReason(reason, count, example.record_id, example.message)
 
 
 def thumbnail(fetcher: Fetcher, url: str | None) -> Thumbnail:
@@ -272,10 +195,10 @@ def render(report: RunReport, shown: dict[str | None, Thumbnail]) -> str:
             for name in (*OUTCOME_ORDER, *sorted(set(counts) - set(OUTCOME_ORDER)))
         ],
         labels_chart=plots.labels_per_class(
-            [cls.label for cls in report.classes], [cls.labelled for cls in report.classes]
+            [cls.name for cls in report.classes], [cls.labelled for cls in report.classes]
         ),
         histograms=[
-            plots.confidence_histogram(cls.histogram, BIN_EDGES, cls.threshold, cls.label)
+            plots.confidence_histogram(cls.histogram, BIN_EDGES, cls.threshold, cls.name)
             for cls in report.classes
         ],
         generated=utc_now(),

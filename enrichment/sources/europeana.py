@@ -25,7 +25,7 @@ from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.errors import ConfigError, EnrichError
+from enrichment.errors import ConfigError, EnrichError, InvalidValue
 from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
 
 SEARCH_PATH = "/record/v2/search.json"
@@ -86,7 +86,9 @@ class SearchQuery:
 def dataset_query(dataset: str) -> SearchQuery:
     """All records of one dataset: Europeana's dataset names are `ID_suffix`."""
     if not dataset.isalnum():
-        raise EnrichError(f"dataset id {dataset!r} must be letters and digits, e.g. 2048128")
+        raise InvalidValue(
+            "datasets", f"dataset id {dataset!r} must be letters and digits, e.g. 2048128"
+        )
     return SearchQuery(f"edm_datasetName:{dataset}_*")
 
 

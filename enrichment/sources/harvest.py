@@ -8,7 +8,7 @@ a record is fully labelled even when the query of one of its concepts stopped
 paging before reaching it (a concept stops at CANDIDATES_PER_CAP times the
 per-class cap: the selection needs a choice, not all of Europeana's photographs).
 
-The selection under `--per-class N` is stable: records are ranked by the
+The selection of at most N records per class is stable: records are ranked by the
 number of their labels (multilabel records first, since they are the rare
 ones and teach the label combinations), then by a hash of the seed and the
 record id, which does not depend on the order the API happened to return; a
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enrichment.errors import EnrichError
+from enrichment.errors import InvalidValue
 from enrichment.sources.europeana import (
     REUSABILITY,
     SearchClient,
@@ -65,7 +65,7 @@ class HarvestOptions:
     """What decides a harvest's selection; stored with it, so a resumed harvest is the same one."""
 
     per_class: int = DEFAULT_PER_CLASS
-    reusability: tuple[str, ...] = ()
+    reusability: str | None = None  # one of REUSABILITY, as a run's --reusability takes it
     qf: tuple[str, ...] = ()
     image_source: str = "auto"
     concept_query: str = DEFAULT_CONCEPT_QUERY
@@ -74,22 +74,24 @@ class HarvestOptions:
 
     def __post_init__(self) -> None:
         if self.per_class < 1:
-            raise EnrichError("--per-class must be at least 1")
-        unknown = sorted(set(self.reusability) - set(REUSABILITY))
-        if unknown:
-            raise EnrichError(
-                f"--reusability {', '.join(unknown)}: choose from {', '.join(REUSABILITY)}"
+            raise InvalidValue("per_class", f"must be at least 1, not {self.per_class}")
+        if self.reusability is not None and self.reusability not in REUSABILITY:
+            raise InvalidValue(
+                "reusability",
+                f"{self.reusability!r} is not one of {', '.join(REUSABILITY)}",
             )
         if "{uri}" not in self.concept_query:
-            raise EnrichError(
-                f"--concept-query {self.concept_query!r} must contain {{uri}}, "
-                'e.g. skos_concept:"{uri}"'
+            raise InvalidValue(
+                "concept_query",
+                f'{self.concept_query!r} must contain {{uri}}, e.g. skos_concept:"{{uri}}"',
             )
 
     def as_json(self) -> dict[str, Any]:
         return {
             "per_class": self.per_class,
-            "reusability": list(self.reusability),
+            # A list, as harvests stored it when several groups could be asked for: a set
+            # harvested then with one group is continued now with the same identity.
+            "reusability": [self.reusability] if self.reusability else [],
             "qf": list(self.qf),
             "image_source": self.image_source,
             "concept_query": self.concept_query,
@@ -150,7 +152,7 @@ def concept_query(uri: str, options: HarvestOptions) -> SearchQuery:
     return SearchQuery(
         "*",
         (options.concept_query.replace("{uri}", uri), "TYPE:IMAGE", *options.qf),
-        ",".join(options.reusability) or None,
+        options.reusability,
         media=True,
     )
 
@@ -203,7 +205,7 @@ def _merge(
     if not record.image_url:
         collected.leave_out(record.id, "no_image")
         return 0
-    if options.reusability and reusability_of(rights) not in options.reusability:
+    if options.reusability and reusability_of(rights) != options.reusability:
         collected.leave_out(record.id, "rights_not_in_reusability")
         return 0
     concepts = item.get("edmConcept")
@@ -239,14 +241,15 @@ def read_exclusions(paths: Sequence[Path]) -> frozenset[str]:
         try:
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as error:
-            raise EnrichError(f"--exclude {path}: cannot read it ({error})") from None
+            raise InvalidValue("exclude_files", f"cannot read {path} ({error})") from None
         if path.suffix.lower() == ".csv":
             rows = list(csv.DictReader(text.splitlines()))
             header = {name.strip().lower(): name for name in (rows[0] if rows else {})}
             column = next((header[name] for name in EXCLUDE_FIELDS if name in header), None)
             if column is None:
-                raise EnrichError(
-                    f"--exclude {path}: no record id column (one of {', '.join(EXCLUDE_FIELDS)})"
+                raise InvalidValue(
+                    "exclude_files",
+                    f"{path} has no record id column (one of {', '.join(EXCLUDE_FIELDS)})",
                 )
             # A harvest's labels.csv also names the records whose image a row stands for.
             extra = header.get("duplicates")
@@ -262,5 +265,5 @@ def read_exclusions(paths: Sequence[Path]) -> frozenset[str]:
             try:
                 ids.add(normalise_id(value))
             except ValueError as error:
-                raise EnrichError(f"--exclude {path}:{line}: {error}") from None
+                raise InvalidValue("exclude_files", f"{path}:{line}: {error}") from None
     return frozenset(ids)

@@ -1,0 +1,175 @@
+"""Reads for the run report and for explanations: a run's stored results, and a record's image.
+
+The report reads several things about one run (labels per class, score
+vectors for the histograms, the most and least confident labels per class,
+an example of each error reason); `reading_run` reads them all in one
+transaction, so the page describes one state of the run even while it goes
+on. Everything handed out is a plain dataclass or number, never a query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from enrichment.errors import EnrichError
+from enrichment.store.current import CLASSIFIED
+from enrichment.store.database import Database
+from enrichment.store.models import ModelClasses, model_classes
+from enrichment.store.query import check_run_id
+from enrichment.store.schema import Label, RecordRow, Result, Run
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """When a run was created, started and finished (naive UTC; None: not yet)."""
+
+    id: int
+    model_version: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LabelledRecord:
+    """A record with one of its labels' confidence: a thumbnail in the report's gallery."""
+
+    record_id: str
+    item_uri: str
+    provider: str | None
+    image_url: str | None  # the one the run classified, else the record's
+    confidence: float
+
+
+@dataclass(frozen=True)
+class ErrorExample:
+    """The first record (by id) of a run that failed for a given reason, and its message."""
+
+    record_id: str
+    message: str | None
+
+
+class RunReading:
+    """One run's stored results, read within one transaction (see `reading_run`)."""
+
+    def __init__(self, session: Session, run: RunTimes, classes: ModelClasses) -> None:
+        self._session = session
+        self.run = run
+        self.classes = classes
+
+    def _labels(self) -> sa.Select:
+        """The labels the run's results carry, from its own model version."""
+        return (
+            sa.select(Label)
+            .join(
+                Result,
+                sa.and_(
+                    Result.record_id == Label.record_id,
+                    Result.model_version == Label.model_version,
+                ),
+            )
+            .where(Result.run_id == self.run.id, Label.model_version == self.run.model_version)
+        )
+
+    def label_counts(self) -> dict[str, int]:
+        """How many of the run's records got each class, by class key (absent: none)."""
+        query = (
+            self._labels()
+            .with_only_columns(Label.label_key, sa.func.count())
+            .group_by(Label.label_key)
+        )
+        return {key: count for key, count in self._session.execute(query)}
+
+    def score_pages(self, page_size: int) -> Iterator[list[list[float]]]:
+        """The score vectors of the run's classified records, `page_size` at a time.
+
+        Streamed: a run may hold millions, and only a page is in memory at once.
+        """
+        query = sa.select(Result.scores).where(
+            Result.run_id == self.run.id,
+            Result.model_version == self.run.model_version,
+            Result.status.in_(CLASSIFIED),
+        )
+        pages = self._session.execute(query.execution_options(yield_per=page_size)).partitions()
+        for page in pages:
+            yield [row.scores for row in page]
+
+    def most_confident(self, key: str, limit: int) -> list[LabelledRecord]:
+        """The run's `limit` most confident labels of class `key`; ties by record id."""
+        return self._gallery(key, (Label.confidence.desc(), Label.record_id), limit, ())
+
+    def least_confident(
+        self, key: str, limit: int, skip: Sequence[str] = ()
+    ) -> list[LabelledRecord]:
+        """The same ranking read from its other end, ties included, leaving out `skip`."""
+        return self._gallery(key, (Label.confidence.asc(), Label.record_id.desc()), limit, skip)
+
+    def _gallery(
+        self, key: str, order: Sequence[sa.ColumnElement], limit: int, skip: Sequence[str]
+    ) -> list[LabelledRecord]:
+        query = (
+            self._labels()
+            .join(RecordRow, RecordRow.id == Label.record_id)
+            .with_only_columns(
+                Label.record_id,
+                RecordRow.item_uri,
+                RecordRow.provider,
+                sa.func.coalesce(Result.image_url, RecordRow.image_url),
+                Label.confidence,
+            )
+            .where(Label.label_key == key)
+            .order_by(*order)
+            .limit(limit)
+        )
+        if skip:
+            query = query.where(Label.record_id.not_in(skip))
+        return [LabelledRecord(*row) for row in self._session.execute(query)]
+
+    def error_example(self, reason: str) -> ErrorExample | None:
+        """The first record with this error reason, if the run still holds one (a rerun may
+        have replaced it)."""
+        example = self._session.execute(
+            sa.select(Result.record_id, Result.error_message)
+            .where(Result.run_id == self.run.id, Result.error_reason == reason)
+            .order_by(Result.record_id)
+            .limit(1)
+        ).first()
+        return None if example is None else ErrorExample(example.record_id, example.error_message)
+
+
+@contextmanager
+def reading_run(db: Database, run_id: int) -> Iterator[RunReading]:
+    """Read one run and its model's classes, and whatever the caller asks next, in one
+    transaction."""
+    with db.transaction() as session:
+        run = session.get(Run, check_run_id(run_id))
+        if run is None:
+            raise EnrichError(f"run {run_id} is gone")
+        classes = model_classes(session).get(run.model_version)
+        if classes is None:
+            raise EnrichError(f"run {run_id}'s model {run.model_version} is gone")
+        times = RunTimes(run.id, run.model_version, run.created_at, run.started_at, run.finished_at)
+        yield RunReading(session, times, classes)
+
+
+@dataclass(frozen=True)
+class RecordImage:
+    """A stored record's image URL (None: the record has none)."""
+
+    record_id: str
+    image_url: str | None
+
+
+def record_image(db: Database, record_id: str) -> RecordImage | None:
+    """The stored record's image URL; None when no record has this (normalised) id."""
+    with db.transaction() as session:
+        found = session.execute(
+            sa.select(RecordRow.image_url).where(RecordRow.id == record_id)
+        ).first()
+    return None if found is None else RecordImage(record_id, found.image_url)
