@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from enrichment.errors import InvalidValue
 from enrichment.publish.export import ExportError, ExportFilter, read_thresholds
 from enrichment.store.database import Database
 from tests.export_support import (
@@ -101,14 +102,18 @@ def test_rethresholding_with_the_models_own_thresholds_reproduces_the_stored_lab
 
 def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
     db, _ = catalogue
-    with pytest.raises(ExportError, match="unknown model version nope@1"):
-        export_text(db, ExportFilter(model_version="nope@1"))
-    with pytest.raises(ExportError, match="run 42 does not exist"):
-        export_text(db, ExportFilter(run_id=42))
-    with pytest.raises(ExportError, match="--label names label keys no model has: portrait"):
-        export_text(db, ExportFilter(labels=("portrait",)))
-    with pytest.raises(ExportError, match="--thresholds names label keys no model has: mapp"):
-        export_text(db, ExportFilter(thresholds={"mapp": 0.3}))
+    cases = [
+        (ExportFilter(model_version="nope@1"), "model_version", "unknown model version nope@1"),
+        (ExportFilter(run_id=42), "run_id", "run 42 does not exist"),
+        (ExportFilter(labels=("portrait",)), "labels", "^names classes no model has: portrait"),
+        (ExportFilter(thresholds={"mapp": 0.3}), "thresholds", "^names classes no model has: mapp"),
+        (ExportFilter(reviewed="maybe"), "reviewed", "^must be one of any, not-rejected"),
+    ]
+    for filters, field, message in cases:
+        with pytest.raises(InvalidValue, match=message) as refused:
+            export_text(db, filters)
+        assert refused.value.field == field
+        assert "--" not in str(refused.value), "a library error names no CLI flag"
 
 
 @pytest.mark.parametrize(
@@ -123,5 +128,6 @@ def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
 def test_a_bad_thresholds_file_is_one_clear_error(tmp_path: Path, content: str, message) -> None:
     path = tmp_path / "thresholds.json"
     path.write_text(content)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ExportError, match=message) as refused:
         read_thresholds(path)
+    assert refused.value.field == "thresholds"

@@ -117,7 +117,7 @@ def test_a_character_device_is_written_through_not_replaced(database: str, tmp_p
 def test_split_into_a_stream_is_refused(database: str, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    with pytest.raises(OutputError, match="--split writes page files beside"):
+    with pytest.raises(OutputError, match="split export writes page files beside"):
         export(open_database(database), ExportFilter(), Output(path=fifo, split=3))
 
 
