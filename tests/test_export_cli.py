@@ -109,10 +109,23 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3"}
     cases = [
-        (("--split", "10"), "--split writes one file per page: it needs --out"),
-        (("--model-version", "nope@123"), "unknown model version nope@123 (known: none yet)"),
+        (
+            ("--split", "10"),
+            "Invalid value for '--split': writes one file per page: it needs an output file",
+        ),
+        (
+            ("--model-version", "nope@123"),
+            "Invalid value for '--model-version': unknown model version nope@123 (known: none yet)",
+        ),
+        (
+            ("--label", "portrait"),
+            "Invalid value for '--label': names classes no model has: portrait (known: none yet)",
+        ),
         (("--since", "last week"), "'last week' is not an ISO 8601 date"),
-        (("--thresholds", str(tmp_path / "missing.json")), "cannot read thresholds file"),
+        (
+            ("--thresholds", str(tmp_path / "missing.json")),
+            "Invalid value for '--thresholds': cannot read thresholds file",
+        ),
     ]
     for options, message in cases:
         done = enrich("export", *options, env=env)
