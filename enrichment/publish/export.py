@@ -183,7 +183,7 @@ def collection_id(filters: ExportFilter, output: Output) -> str:
 
 
 def read_thresholds(path: Path) -> dict[str, float]:
-    """Parse a thresholds file: a JSON object of label key -> threshold in [0, 1]."""
+    """Parse a thresholds file: a JSON object of class key -> threshold in [0, 1]."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:

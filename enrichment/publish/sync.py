@@ -1,7 +1,7 @@
 """Publishing kept in step: Europeana's Annotations API holds exactly the current labels.
 
 `publish` compares two things: the labels the export would write for a
-selection (the same `ExportFilter`, the same query, the same Europeana-profile
+selection (the same `ExportFilter`, the same reads, the same Europeana-profile
 annotations and local checks) and the publication ledger (`store.ledger`).
 Per (record, label):
 
@@ -16,7 +16,8 @@ Per (record, label):
 
 Crash safety rests on intents. Before any request, its rows are written to
 the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
-settles them (`published`, `withdrawn`, `rejected`). Rows left unsettled (the
+settles them (`published`, `withdrawn`, `rejected`). Each of these changes is a
+named operation of `store.publications`; this module decides which to make. Rows left unsettled (the
 publish was killed, or an answer was lost) are resolved before the next
 writes, and again at the end (`publish.unsettled`): a `creating` row is looked
 up with the search endpoint and adopted when the server holds it, forgotten
