@@ -11,7 +11,7 @@ Per (record, label):
 - a held annotation whose label is no longer current is *withdrawn*, for
   every record the selection covers (a record re-enriched by a model version
   that no longer gives the label, a label the curators rejected, a label
-  below a new `--min-confidence`);
+  below a new minimum confidence);
 - everything else is left alone, so publishing twice changes nothing.
 
 Crash safety rests on intents. Before any request, its rows are written to

@@ -1,6 +1,6 @@
-"""Outputs: `enrich export --out` writes through what is not a regular file (15.3), outputs
-that cannot be created are one line (15's outputs bullet), and re-thresholding keeps the
-classifier's top-k fallback (15.7)."""
+"""Outputs: `enrich export --out` writes through what is not a regular file, an output
+that cannot be created is one line, every file is replaced whole or not at all, and
+re-thresholding keeps the classifier's top-k fallback."""
 
 from __future__ import annotations
 
