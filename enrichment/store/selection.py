@@ -184,9 +184,11 @@ def _reviewed_condition(
 def _stream(db: Database, query: sa.Select) -> Iterator[Any]:
     """Rows fetched in chunks through a server-side cursor (PostgreSQL) or SQLite's cursor.
 
-    The transaction stays open while the caller consumes the rows, and ends
-    (rolled back: nothing was written) when it stops early.
+    Executed on the transaction's connection: plain rows, without the ORM's
+    per-row loading (a third of an export's time). The transaction stays open
+    while the caller consumes the rows, and ends (rolled back: nothing was
+    written) when it stops early.
     """
     options = {"stream_results": True, "yield_per": STREAM_ROWS}
     with db.transaction() as session:
-        yield from session.execute(query, execution_options=options)
+        yield from session.connection().execute(query, execution_options=options)
