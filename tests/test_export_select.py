@@ -115,7 +115,7 @@ def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
         (ExportFilter(run_id=42), "run_id", "run 42 does not exist"),
         (ExportFilter(labels=("portrait",)), "labels", "^names classes no model has: portrait"),
         (ExportFilter(thresholds={"mapp": 0.3}), "thresholds", "^names classes no model has: mapp"),
-        (ExportFilter(reviewed="maybe"), "reviewed", "^must be one of any, not-rejected"),
+        (ExportFilter(reviewed="maybe"), "reviewed", "^reviewed must be one of any, not-rejected"),
     ]
     for filters, field, message in cases:
         with pytest.raises(InvalidValue, match=message) as refused:

@@ -213,7 +213,7 @@ def check_filter(db: Database, filters: ExportFilter) -> None:
     """Refuse filters that name a run, model version or class key the database does not know."""
     if filters.reviewed not in REVIEWED:
         raise ExportError(
-            "reviewed", f"must be one of {', '.join(REVIEWED)}, not {filters.reviewed!r}"
+            "reviewed", f"reviewed must be one of {', '.join(REVIEWED)}, not {filters.reviewed!r}"
         )
     if filters.run_id is not None and not run_exists(db, filters.run_id):
         raise ExportError("run_id", f"run {filters.run_id} does not exist")

@@ -164,7 +164,7 @@ def last_decisions(db: Database) -> dict[tuple[str, str], str]:
 def review_keeps(decision: str | None, reviewed: str) -> bool:
     """Whether a label with this last decision passes `reviewed`; the SQL form is below."""
     if reviewed == "accepted":
-        return decision in (Decision.ACCEPT, Decision.ADD)
+        return decision in Decision.POSITIVE
     return reviewed == "any" or decision != Decision.REJECT
 
 
@@ -177,7 +177,7 @@ def _reviewed_condition(
         decisions.c.record_id == record_id, decisions.c.label_key == label_key
     )
     if reviewed == "accepted":
-        return decided.where(decisions.c.decision.in_((Decision.ACCEPT, Decision.ADD))).exists()
+        return decided.where(decisions.c.decision.in_(Decision.POSITIVE)).exists()
     return ~decided.where(decisions.c.decision == Decision.REJECT).exists()
 
 
