@@ -16,15 +16,15 @@ Per (record, label):
 
 Crash safety rests on intents. Before any request, its rows are written to
 the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
-settles them (`published`, `withdrawn`, `rejected`). Each of these changes is a
-named operation of `store.publications`; this module decides which to make. Rows left unsettled (the
-publish was killed, or an answer was lost) are resolved before the next
-writes, and again at the end (`publish.unsettled`): a `creating` row is looked
-up with the search endpoint and adopted when the server holds it, forgotten
-when it does not. New annotations go in pages (`POST .../annotations/`,
-no duplicate check), which is safe because a page is never re-sent blind:
-only a page the server surely did not carry out is retried, any other is
-resolved through the search. Updates go in pages too (items with their id),
+settles them (`published`, `withdrawn`, `rejected`). Each of these changes is
+a named operation of `store.publications`; this module decides which to make.
+Rows left unsettled (the publish was killed, or an answer was lost) are
+resolved before the next writes, and again at the end (`publish.unsettled`):
+a `creating` row is looked up with the search endpoint and adopted when the
+server holds it, forgotten when it does not. New annotations go in pages
+(`POST .../annotations/`, no duplicate check), which is safe because a page
+is never re-sent blind: only a page the server surely did not carry out is
+retried, any other is resolved through the search. Updates go in pages too (items with their id),
 retried like any idempotent request; withdrawals are one DELETE each. A page
 the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the

@@ -221,18 +221,14 @@ def record_intents(
             )
         else:
             changes.append((intent.row_id, values))
+    table = Publication.__table__
     with db.transaction() as session:
-        new_ids = iter(())
+        inserted: list[int] = []
         if inserts:
-            table = Publication.__table__
-            new_ids = iter(
-                session.execute(
-                    sa.insert(table).returning(table.c.id, sort_by_parameter_order=True), inserts
-                )
-                .scalars()
-                .all()
-            )
+            returning = sa.insert(table).returning(table.c.id, sort_by_parameter_order=True)
+            inserted = list(session.execute(returning, inserts).scalars())
         _update_rows(session, changes)
+    new_ids = iter(inserted)
     return [
         next(new_ids)
         if isinstance(intent, CreateIntent) and intent.row_id is None
