@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
 from enrichment.model.spec import read_model_json
+from enrichment.publish.export import ExportFilter
+from enrichment.store.database import Database
 from tests.conftest import VOCABULARY, enrich
+from tests.export_support import export_text
 from tests.scenario import build_scenario
 
 
@@ -72,9 +76,14 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 
     stored = labels(reexported)
     assert all(abs(stored[key] - want[key]) < 1e-5 for key in want)
+    # Selection behaviours on the real runs' rows, through the library (the options'
+    # wiring is what the CLI calls around them check).
+    db = Database(pg_url)
     cut = sorted(stored.values())[len(stored) // 2]
-    confident = labels(export("--min-confidence", str(cut)))
+    confident = labels(json.loads(export_text(db, ExportFilter(min_confidence=cut))))
     assert sorted(confident) == sorted(k for k, c in stored.items() if c >= cut)
+    assert labels(json.loads(export_text(db, ExportFilter(since=datetime(2999, 1, 1))))) == {}
+    db.dispose()
 
     thresholds = tmp_path / "thresholds.json"
     thresholds.write_text(json.dumps({"map": 0.0, "photograph": 0.9}))
@@ -91,7 +100,6 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
     }
     assert ("/e2e/white", "map") in rescored
     assert sorted(labels(export("--thresholds", str(thresholds)))) == sorted(rescored)
-    assert labels(export("--since", "2999-01-01")) == {}
     assert sorted(labels(export("--since", "2000-01-01T00:00:00Z", "--dataset", "e2e"))) == sorted(
         want
     )
@@ -109,10 +117,23 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
     env = {"DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3"}
     cases = [
-        (("--split", "10"), "--split writes one file per page: it needs --out"),
-        (("--model-version", "nope@123"), "unknown model version nope@123 (known: none yet)"),
+        (
+            ("--split", "10"),
+            "Invalid value for '--split': writes one file per page: it needs an output file",
+        ),
+        (
+            ("--model-version", "nope@123"),
+            "Invalid value for '--model-version': unknown model version nope@123 (known: none yet)",
+        ),
+        (
+            ("--label", "portrait"),
+            "Invalid value for '--label': names classes no model has: portrait (known: none yet)",
+        ),
         (("--since", "last week"), "'last week' is not an ISO 8601 date"),
-        (("--thresholds", str(tmp_path / "missing.json")), "cannot read thresholds file"),
+        (
+            ("--thresholds", str(tmp_path / "missing.json")),
+            "Invalid value for '--thresholds': cannot read thresholds file",
+        ),
     ]
     for options, message in cases:
         done = enrich("export", *options, env=env)

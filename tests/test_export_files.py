@@ -15,7 +15,6 @@ from enrichment.publish.annotations import (
     PROFILES,
     W3C_CONTEXT,
     CheckedAnnotations,
-    LabelRow,
     Profile,
     annotation_id,
     w3c_annotation,
@@ -24,6 +23,7 @@ from enrichment.publish.annotations import (
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
+from enrichment.store.selection import LabelRow
 from tests.conftest import VOCABULARY
 from tests.export_support import (
     NEW,

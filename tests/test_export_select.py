@@ -7,16 +7,25 @@ from pathlib import Path
 
 import pytest
 
+from enrichment.errors import InvalidValue
 from enrichment.publish.export import ExportError, ExportFilter, read_thresholds
+from enrichment.runs.schedule import upsert_records
+from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
+from enrichment.store.schema import Outcome
+from enrichment.store.writes import RecordOutcome, register_model, save_outcomes
 from tests.export_support import (
+    MODEL_LABELS,
     NEW,
     OLD,
+    OWN_THRESHOLDS,
     Catalogue,
     annotations_in,
     build_catalogue,
     export_text,
     exported_labels,
+    image_url,
+    item_uri,
     open_database,
 )
 
@@ -101,14 +110,18 @@ def test_rethresholding_with_the_models_own_thresholds_reproduces_the_stored_lab
 
 def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
     db, _ = catalogue
-    with pytest.raises(ExportError, match="unknown model version nope@1"):
-        export_text(db, ExportFilter(model_version="nope@1"))
-    with pytest.raises(ExportError, match="run 42 does not exist"):
-        export_text(db, ExportFilter(run_id=42))
-    with pytest.raises(ExportError, match="--label names label keys no model has: portrait"):
-        export_text(db, ExportFilter(labels=("portrait",)))
-    with pytest.raises(ExportError, match="--thresholds names label keys no model has: mapp"):
-        export_text(db, ExportFilter(thresholds={"mapp": 0.3}))
+    cases = [
+        (ExportFilter(model_version="nope@1"), "model_version", "unknown model version nope@1"),
+        (ExportFilter(run_id=42), "run_id", "run 42 does not exist"),
+        (ExportFilter(labels=("portrait",)), "labels", "^names classes no model has: portrait"),
+        (ExportFilter(thresholds={"mapp": 0.3}), "thresholds", "^names classes no model has: mapp"),
+        (ExportFilter(reviewed="maybe"), "reviewed", "^reviewed must be one of any, not-rejected"),
+    ]
+    for filters, field, message in cases:
+        with pytest.raises(InvalidValue, match=message) as refused:
+            export_text(db, filters)
+        assert refused.value.field == field
+        assert "--" not in str(refused.value), "a library error names no CLI flag"
 
 
 @pytest.mark.parametrize(
@@ -123,5 +136,30 @@ def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
 def test_a_bad_thresholds_file_is_one_clear_error(tmp_path: Path, content: str, message) -> None:
     path = tmp_path / "thresholds.json"
     path.write_text(content)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ExportError, match=message) as refused:
         read_thresholds(path)
+    assert refused.value.field == "thresholds"
+
+
+def test_a_score_equal_to_its_new_threshold_is_a_label(tmp_path: Path) -> None:
+    """The tie: 0.43 against a threshold of 0.43 is a label, as the worker decides it."""
+    db = open_database(f"sqlite:///{tmp_path}/tie.sqlite3")
+    record_id = "/1001/tie"
+    with db.transaction() as session:
+        register_model(session, OLD, "pilot", "resnet18", MODEL_LABELS, OWN_THRESHOLDS)
+        upsert_records(
+            session, [Record(record_id, "1001", item_uri(record_id), image_url(record_id))]
+        )
+        outcome = RecordOutcome(
+            record_id,
+            Outcome.BELOW_THRESHOLD,
+            scores=[0.43, 0.1, 0.1],
+            labels=[],
+            image_url=image_url(record_id),
+        )
+        save_outcomes(session, None, OLD, [outcome])
+    assert exported(db) == {}
+    tie = exported(db, thresholds={"photograph": 0.43})
+    assert tie == {(record_id, OLD, "photograph"): pytest.approx(0.43)}
+    assert exported(db, thresholds={"photograph": 0.43 + 1e-9}) == {}
+    db.dispose()

@@ -75,7 +75,7 @@ class Moment(click.ParamType):
 @click.option("--since", type=Moment(), help="Only labels classified at or after DATE (UTC).")
 @click.option(
     "--thresholds",
-    "thresholds_file",
+    "thresholds",
     type=click.Path(path_type=Path, dir_okay=False),
     help='Re-threshold the stored scores: a JSON object {"label_key": threshold, ...}; '
     "labels it does not name keep their model's threshold.",
@@ -91,7 +91,7 @@ def export(
     model_version: str | None,
     since: datetime | None,
     min_confidence: float | None,
-    thresholds_file: Path | None,
+    thresholds: Path | None,
     labels: tuple[str, ...],
     reviewed: str,
 ) -> None:
@@ -110,7 +110,7 @@ def export(
         since=since,
         min_confidence=min_confidence,
         labels=labels,
-        thresholds=read_thresholds(thresholds_file) if thresholds_file else None,
+        thresholds=read_thresholds(thresholds) if thresholds else None,
         reviewed=reviewed,
     )
     output = Output(profile, fmt, out_path, split, base_url)

@@ -35,11 +35,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 from enrichment import PROJECT_NAME
 from enrichment.errors import EnrichError
 from enrichment.publish.jsonld import ANNO_CONTEXT, round_trips
+from enrichment.store.selection import LabelRow
 
 PROJECT_NAMESPACE = "https://w3id.org/heritage-enrichment/ns#"
 PROJECT_CONTEXT = {
@@ -56,22 +57,6 @@ PROBLEMS_KEPT = 10
 # An absolute IRI (RFC 3987): a scheme, a colon and no character that IRIs forbid.
 _ABSOLUTE_IRI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+")
 _HTTP_IRI = re.compile(r"https?://[^\s<>\"{}|\\^`/]+(/[^\s<>\"{}|\\^`]*)?")
-
-
-class LabelRow(NamedTuple):
-    """One label of one record's result, as the exporter reads it from the database.
-
-    A named tuple rather than a dataclass: an export makes millions of them.
-    """
-
-    record_id: str
-    item_uri: str
-    image_url: str | None
-    model_version: str
-    label_key: str
-    concept: str
-    confidence: float
-    classified_at: datetime
 
 
 def annotation_id(record_id: str, concept: str, model_version: str) -> str:

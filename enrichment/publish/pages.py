@@ -217,7 +217,8 @@ def write_split(
     out_path, atomic = output_target(out_path)
     if not atomic:
         raise OutputError(
-            f"--split writes page files beside {out_path}: give a file path, not a pipe or a device"
+            f"a split export writes page files beside {out_path}: "
+            "give a file path, not a pipe or a device"
         )
 
     def path_of(number: int) -> Path:

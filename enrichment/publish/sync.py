@@ -1,7 +1,7 @@
 """Publishing kept in step: Europeana's Annotations API holds exactly the current labels.
 
 `publish` compares two things: the labels the export would write for a
-selection (the same `ExportFilter`, the same query, the same Europeana-profile
+selection (the same `ExportFilter`, the same reads, the same Europeana-profile
 annotations and local checks) and the publication ledger (`store.ledger`).
 Per (record, label):
 
@@ -11,19 +11,20 @@ Per (record, label):
 - a held annotation whose label is no longer current is *withdrawn*, for
   every record the selection covers (a record re-enriched by a model version
   that no longer gives the label, a label the curators rejected, a label
-  below a new `--min-confidence`);
+  below a new minimum confidence);
 - everything else is left alone, so publishing twice changes nothing.
 
 Crash safety rests on intents. Before any request, its rows are written to
 the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
-settles them (`published`, `withdrawn`, `rejected`). Rows left unsettled (the
-publish was killed, or an answer was lost) are resolved before the next
-writes, and again at the end (`publish.unsettled`): a `creating` row is looked
-up with the search endpoint and adopted when the server holds it, forgotten
-when it does not. New annotations go in pages (`POST .../annotations/`,
-no duplicate check), which is safe because a page is never re-sent blind:
-only a page the server surely did not carry out is retried, any other is
-resolved through the search. Updates go in pages too (items with their id),
+settles them (`published`, `withdrawn`, `rejected`). Each of these changes is
+a named operation of `store.publications`; this module decides which to make.
+Rows left unsettled (the publish was killed, or an answer was lost) are
+resolved before the next writes, and again at the end (`publish.unsettled`):
+a `creating` row is looked up with the search endpoint and adopted when the
+server holds it, forgotten when it does not. New annotations go in pages
+(`POST .../annotations/`, no duplicate check), which is safe because a page
+is never re-sent blind: only a page the server surely did not carry out is
+retried, any other is resolved through the search. Updates go in pages too (items with their id),
 retried like any idempotent request; withdrawals are one DELETE each. A page
 the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the
@@ -43,9 +44,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
-from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations, LabelRow
+from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations
 from enrichment.publish.annotations_api import (
     AnnotationsAPI,
     Duplicate,
@@ -55,33 +54,30 @@ from enrichment.publish.annotations_api import (
     agent_id,
 )
 from enrichment.publish.export import ExportFilter, check_filter, iter_label_rows
-from enrichment.publish.unsettled import (
-    count_unsettled,
-    known_account,
-    publish_lock,
-    resolve_unsettled,
-)
-from enrichment.store.current import current_results
+from enrichment.publish.unsettled import publish_lock, resolve_unsettled
 from enrichment.store.database import Database
-from enrichment.store.ledger import Publication, PublicationState
-from enrichment.store.schema import RecordRow, Result, utc_now
+from enrichment.store.ledger import PublicationState
+from enrichment.store.publications import (
+    ChangeIntent,
+    Created,
+    CreateIntent,
+    LedgerEntry,
+    PublicationOutcome,
+    Refused,
+    Updated,
+    Withdrawn,
+    count_unsettled,
+    entries_of_current_records,
+    entries_published_by,
+    known_account,
+    record_intents,
+    record_outcomes,
+)
+from enrichment.store.selection import LabelRow
 
 PAGE_SIZE = 100
 CONCURRENCY = 4
 S = PublicationState
-
-
-@dataclass
-class Entry:
-    """A ledger row as the plan needs it."""
-
-    id: int
-    record_id: str
-    label_key: str
-    state: str
-    content_sha256: str
-    annotation_id: str | None
-    owner: str | None
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class _Op:
 
     kind: str
     wanted: Wanted | None
-    entry: Entry | None
+    entry: LedgerEntry | None
     row_id: int = 0
 
     @property
@@ -167,7 +163,7 @@ class Publisher:
         self.page_size = page_size
         self.report = PublishReport(dry_run=api is None)
         self.account = known_account(db, api_url)
-        self._unwritten: list[tuple[int, dict[str, Any]]] = []
+        self._unwritten: list[PublicationOutcome] = []
 
     # -- the whole publish ---------------------------------------------------------------
 
@@ -219,7 +215,7 @@ class Publisher:
             if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
                 yield _Op("withdraw", None, entry)
 
-    def _decide(self, wanted: Wanted, entry: Entry | None) -> _Op | None:
+    def _decide(self, wanted: Wanted, entry: LedgerEntry | None) -> _Op | None:
         if entry is None or entry.state in (S.WITHDRAWN, S.REJECTED):
             return _Op("create", wanted, entry)
         if entry.state == S.PUBLISHED and entry.content_sha256 == wanted.sha256:
@@ -229,7 +225,7 @@ class Publisher:
             return _Op("update", wanted, entry)
         return None  # unsettled (a dry run) or not ours
 
-    def _may_change(self, entry: Entry) -> bool:
+    def _may_change(self, entry: LedgerEntry) -> bool:
         if entry.owner is None or self.account is None or entry.owner == self.account:
             return True
         self.report.not_owned += 1
@@ -249,52 +245,13 @@ class Publisher:
         for problem in checked.problems:
             self.report.problem(f"not valid, not published: {problem}")
 
-    def _ledger(self, filters: ExportFilter, withdraw_all: bool) -> dict[tuple[str, str], Entry]:
-        """The ledger rows of the records the selection covers (for `withdraw_all`, its filters).
-
-        Held in memory, about 200 bytes a row: they are the annotations this
-        selection has on the server.
-        """
-        query = sa.select(
-            Publication.id,
-            Publication.record_id,
-            Publication.label_key,
-            Publication.state,
-            Publication.content_sha256,
-            Publication.annotation_id,
-            Publication.owner,
-        ).where(Publication.api_url == self.api_url)
-        if filters.labels:
-            query = query.where(Publication.label_key.in_(filters.labels))
+    def _ledger(
+        self, filters: ExportFilter, withdraw_all: bool
+    ) -> dict[tuple[str, str], LedgerEntry]:
+        """The ledger rows of the records the selection covers (for `withdraw_all`, its filters)."""
         if withdraw_all:
-            if filters.model_version is not None:
-                query = query.where(Publication.model_version == filters.model_version)
-            if filters.datasets:
-                query = query.where(
-                    Publication.record_id.in_(
-                        sa.select(RecordRow.id).where(RecordRow.dataset.in_(filters.datasets))
-                    )
-                )
-            if filters.run_id is not None:
-                query = query.where(
-                    Publication.record_id.in_(
-                        sa.select(Result.record_id).where(Result.run_id == filters.run_id)
-                    )
-                )
-        else:
-            query = query.where(
-                Publication.record_id.in_(
-                    sa.select(
-                        current_results(
-                            filters.datasets, filters.run_id, filters.model_version
-                        ).c.record_id
-                    )
-                )
-            )
-        with self.db.engine.connect() as connection:
-            return {
-                (row.record_id, row.label_key): Entry(*row) for row in connection.execute(query)
-            }
+            return entries_published_by(self.db, self.api_url, filters.selection())
+        return entries_of_current_records(self.db, self.api_url, filters.selection())
 
     # -- writing -------------------------------------------------------------------------
 
@@ -347,64 +304,41 @@ class Publisher:
 
     def _intend(self, ops: list[_Op]) -> None:
         """Write the rows' intents and commit them before any request goes out."""
-        now = utc_now()
-        inserts, changes = [], []
+        intents: list[CreateIntent | ChangeIntent] = []
         for op in ops:
-            if op.kind != "create":
-                assert op.entry is not None
-                op.row_id = op.entry.id
-                state = S.UPDATING if op.kind == "update" else S.WITHDRAWING
-                changes.append((op.row_id, {"state": state}))
-                continue
-            assert op.wanted is not None
-            values = {
-                "concept": op.wanted.row.concept,
-                "model_version": op.wanted.row.model_version,
-                "content_sha256": op.wanted.sha256,
-                "annotation_id": None,
-                "owner": None,
-                "adopted": False,
-                "state": S.CREATING,
-                "last_error": None,
-            }
-            if op.entry is None:
-                inserts.append(
-                    {
-                        "api_url": self.api_url,
-                        "record_id": op.wanted.row.record_id,
-                        "label_key": op.wanted.row.label_key,
-                        "updated_at": now,
-                        **values,
-                    }
+            if op.kind == "create":
+                assert op.wanted is not None
+                row = op.wanted.row
+                intents.append(
+                    CreateIntent(
+                        op.entry.id if op.entry is not None else None,
+                        row.record_id,
+                        row.label_key,
+                        row.concept,
+                        row.model_version,
+                        op.wanted.sha256,
+                    )
                 )
             else:
-                op.row_id = op.entry.id
-                changes.append((op.row_id, values))
-        with self.db.engine.begin() as connection:
-            if inserts:
-                table = Publication.__table__
-                ids = connection.execute(
-                    sa.insert(table).returning(table.c.id, sort_by_parameter_order=True), inserts
-                ).scalars()
-                new = (op for op in ops if op.kind == "create" and op.entry is None)
-                for op, row_id in zip(new, ids, strict=True):
-                    op.row_id = row_id
-            _update_rows(connection, changes)
+                assert op.entry is not None
+                state = S.UPDATING if op.kind == "update" else S.WITHDRAWING
+                intents.append(ChangeIntent(op.entry.id, state))
+        for op, row_id in zip(ops, record_intents(self.db, self.api_url, intents), strict=True):
+            op.row_id = row_id
 
-    def _settled(self, changes: list[tuple[int, dict[str, Any]]], now: bool = False) -> None:
+    def _settled(self, outcomes: list[PublicationOutcome], now: bool = False) -> None:
         """Record answers; written at once (`now`, the ids of new annotations) or in batches.
 
         An update or withdrawal settled late costs nothing after a crash: its
         row is still an intent, and PUT and DELETE are idempotent.
         """
-        self._unwritten.extend(changes)
+        self._unwritten.extend(outcomes)
         if now or len(self._unwritten) >= self.page_size:
             self._write_settled()
 
     def _write_settled(self) -> None:
         if self._unwritten:
-            with self.db.engine.begin() as connection:
-                _update_rows(connection, self._unwritten)
+            record_outcomes(self.db, self._unwritten)
             self._unwritten = []
 
     def _learn(self, stored: Stored) -> None:
@@ -436,31 +370,17 @@ class Publisher:
         post(ops)
 
         def settle() -> None:
-            changes = []
-            now = utc_now()
+            settled: list[PublicationOutcome] = []
             for op, outcome in outcomes:
                 if isinstance(outcome, Stored):
                     self._learn(outcome)
                     self.report.created += 1
-                    changes.append(
-                        (
-                            op.row_id,
-                            {
-                                "annotation_id": outcome.id,
-                                "owner": outcome.owner,
-                                "state": S.PUBLISHED,
-                                "published_at": now,
-                                "withdrawn_at": None,
-                            },
-                        )
-                    )
+                    settled.append(Created(op.row_id, outcome.id, outcome.owner))
                 elif isinstance(outcome, Rejected):
                     self._rejected(op, outcome)
-                    changes.append(
-                        (op.row_id, {"state": S.REJECTED, "last_error": outcome.message})
-                    )
+                    settled.append(Refused(op.row_id, outcome.message, kept=False))
                 # Unsettled: the row stays `creating`; the closing settle looks it up.
-            self._settled(changes, now=True)
+            self._settled(settled, now=True)
 
         return settle
 
@@ -502,34 +422,29 @@ class Publisher:
         post(ops)
 
         def settle() -> None:
-            changes: list[tuple[int, dict[str, Any]]] = []
+            settled: list[PublicationOutcome] = []
             for op, outcome, adopted in outcomes:
                 if isinstance(outcome, Rejected):
                     self._rejected(op, outcome)
-                    changes.append(
-                        (op.row_id, {"state": S.PUBLISHED, "last_error": outcome.message})
-                    )
+                    settled.append(Refused(op.row_id, outcome.message, kept=True))
                     continue
                 if not adopted:
                     self._learn(outcome)
                 self.report.updated += 1
                 assert op.wanted is not None
-                changes.append(
-                    (
+                row = op.wanted.row
+                settled.append(
+                    Updated(
                         op.row_id,
-                        {
-                            "annotation_id": outcome.id,
-                            "owner": outcome.owner,
-                            "adopted": adopted,
-                            "state": S.PUBLISHED,
-                            "content_sha256": op.wanted.sha256,
-                            "model_version": op.wanted.row.model_version,
-                            "concept": op.wanted.row.concept,
-                            "last_error": None,
-                        },
+                        outcome.id,
+                        outcome.owner,
+                        adopted,
+                        op.wanted.sha256,
+                        row.model_version,
+                        row.concept,
                     )
                 )
-            self._settled(changes)
+            self._settled(settled)
 
         return settle
 
@@ -567,26 +482,6 @@ class Publisher:
 
         def settle() -> None:
             self.report.withdrawn += 1
-            self._settled(
-                [(op.row_id, {"state": S.WITHDRAWN, "withdrawn_at": utc_now(), "last_error": None})]
-            )
+            self._settled([Withdrawn(op.row_id)])
 
         return settle
-
-
-def _update_rows(connection: sa.Connection, changes: list[tuple[int, dict[str, Any]]]) -> None:
-    """UPDATE rows by id, one executemany per set of columns changed."""
-    table = Publication.__table__
-    now = utc_now()
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for row_id, values in changes:
-        groups.setdefault(tuple(sorted(values)), []).append(
-            {"row_id": row_id, **{f"new_{column}": value for column, value in values.items()}}
-        )
-    for columns, rows in groups.items():
-        statement = (
-            sa.update(table)
-            .where(table.c.id == sa.bindparam("row_id"))
-            .values(updated_at=now, **{c: sa.bindparam(f"new_{c}") for c in columns})
-        )
-        connection.execute(statement, rows)

@@ -28,14 +28,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.publish.annotations_api import AnnotationsAPI, Stored, agent_id
 from enrichment.store.database import Database
-from enrichment.store.ledger import Publication, PublicationState
+from enrichment.store.ledger import PublicationState
 from enrichment.store.locks import scope_lock
-from enrichment.store.schema import RecordRow, utc_now
+from enrichment.store.publications import (
+    Adopted,
+    UnsettledIntent,
+    Withdrawn,
+    forget_intent,
+    record_outcomes,
+    unsettled_intents,
+)
 
 S = PublicationState
 
@@ -67,30 +72,6 @@ class Resolved:
     withdrawn: int = 0
 
 
-def count_unsettled(db: Database, api_url: str) -> int:
-    query = sa.select(sa.func.count()).where(
-        Publication.api_url == api_url, Publication.state.in_(S.UNSETTLED)
-    )
-    with db.engine.connect() as connection:
-        return connection.execute(query).scalar_one()
-
-
-def known_account(db: Database, api_url: str) -> str | None:
-    """The owner of the last annotation this API's own create answered: this account, likely."""
-    query = (
-        sa.select(Publication.owner)
-        .where(
-            Publication.api_url == api_url,
-            Publication.owner.is_not(None),
-            Publication.adopted.is_(False),
-        )
-        .order_by(Publication.published_at.desc())
-        .limit(1)
-    )
-    with db.engine.connect() as connection:
-        return connection.execute(query).scalar()
-
-
 def resolve_unsettled(
     db: Database,
     api: AnnotationsAPI,
@@ -98,58 +79,39 @@ def resolve_unsettled(
     account: str | None,
     pool: ThreadPoolExecutor,
 ) -> Resolved:
-    """Settle every `creating` and `withdrawing` row of this API, the lookups in `pool`."""
-    query = (
-        sa.select(Publication, RecordRow.item_uri)
-        .join(RecordRow, RecordRow.id == Publication.record_id)
-        .where(
-            Publication.api_url == api_url,
-            Publication.state.in_((S.CREATING, S.WITHDRAWING)),
-        )
-        .order_by(Publication.id)
-    )
-    with db.sessions() as session:
-        rows = [(row, item_uri) for row, item_uri in session.execute(query)]
+    """Settle every `creating` and `withdrawing` row of this API, the lookups in `pool`.
+
+    Each row is settled in a transaction of its own as soon as its lookup is
+    back, so what was learnt survives a publish killed half-way through.
+    """
     resolved = Resolved()
-    for row, outcome in pool.map(lambda pair: _resolve(api, *pair, account), rows):
-        with db.transaction() as session:
-            if outcome is None:
-                resolved.forgotten += 1
-                session.execute(sa.delete(Publication).where(Publication.id == row.id))
-                continue
-            if outcome == "withdrawn":
-                resolved.withdrawn += 1
-                values: dict[str, Any] = {"state": S.WITHDRAWN, "withdrawn_at": utc_now()}
-            else:
-                resolved.adopted += 1
-                values = {
-                    "annotation_id": outcome.id,
-                    "owner": outcome.owner,
-                    "adopted": True,
-                    "state": S.PUBLISHED,
-                    "published_at": utc_now(),
-                }
-            session.execute(
-                sa.update(Publication)
-                .where(Publication.id == row.id)
-                .values(updated_at=utc_now(), **values)
-            )
+    intents = unsettled_intents(db, api_url)
+    for intent, outcome in pool.map(lambda intent: _resolve(api, intent, account), intents):
+        if outcome is None:
+            resolved.forgotten += 1
+            forget_intent(db, intent.id)
+        elif outcome == "withdrawn":
+            resolved.withdrawn += 1
+            record_outcomes(db, [Withdrawn(intent.id)])
+        else:
+            resolved.adopted += 1
+            record_outcomes(db, [Adopted(intent.id, outcome.id, outcome.owner)])
     return resolved
 
 
 def _resolve(
-    api: AnnotationsAPI, row: Publication, item_uri: str, account: str | None
-) -> tuple[Publication, Stored | str | None]:
+    api: AnnotationsAPI, intent: UnsettledIntent, account: str | None
+) -> tuple[UnsettledIntent, Stored | str | None]:
     """Runs in a pool thread: the row and what the server holds for it (None: nothing)."""
-    if row.state == S.WITHDRAWING:
-        assert row.annotation_id is not None
-        api.withdraw(row.annotation_id)
-        return row, "withdrawn"
+    if intent.state == S.WITHDRAWING:
+        assert intent.annotation_id is not None
+        api.withdraw(intent.annotation_id)
+        return intent, "withdrawn"
     found = sorted(
         (
             annotation
-            for annotation in api.search_record(row.record_id)
-            if same_tag(annotation, row.concept, item_uri)
+            for annotation in api.search_record(intent.record_id)
+            if same_tag(annotation, intent.concept, intent.item_uri)
             and (account is None or agent_id(annotation.get("creator")) == account)
         ),
         key=lambda annotation: str(annotation["id"]),
@@ -157,7 +119,7 @@ def _resolve(
     if account is not None:  # then every one found is this account's own
         for surplus in found[1:]:
             api.withdraw(str(surplus["id"]))
-    return row, Stored.of(found[0]) if found else None
+    return intent, Stored.of(found[0]) if found else None
 
 
 def same_tag(annotation: dict[str, Any], concept: str, item_uri: str) -> bool:

@@ -12,6 +12,7 @@ client's commit finds the unsettled rows on its next start and resolves them
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +26,7 @@ from enrichment.store.schema import Base, utc_now
 ERRORS_SHOWN = 10
 
 
-class PublicationState:
+class PublicationState(StrEnum):
     # Intents: the request may or may not have reached the server.
     CREATING = "creating"
     UPDATING = "updating"
@@ -35,9 +36,14 @@ class PublicationState:
     WITHDRAWN = "withdrawn"
     # The server refused the annotation (`last_error` says why); tried again next time.
     REJECTED = "rejected"
-    UNSETTLED = (CREATING, UPDATING, WITHDRAWING)
-    # Rows that stand for an annotation Europeana holds, or may hold.
-    HELD = (CREATING, UPDATING, WITHDRAWING, PUBLISHED)
+
+
+# The intents: rows whose request may or may not have been carried out.
+UNSETTLED = (
+    PublicationState.CREATING,
+    PublicationState.UPDATING,
+    PublicationState.WITHDRAWING,
+)
 
 
 class Publication(Base):
@@ -73,7 +79,7 @@ def publications_for_record(db: Database, record_id: str) -> list[dict[str, Any]
         .where(Publication.record_id == record_id)
         .order_by(Publication.api_url, Publication.label_key)
     )
-    with db.sessions() as session:
+    with db.transaction() as session:
         return [
             {
                 "api_url": row.api_url,
@@ -95,28 +101,26 @@ def publications_for_record(db: Database, record_id: str) -> list[dict[str, Any]
 def publication_status(db: Database, api_url: str) -> dict[str, Any]:
     """`enrich publish --status`: the ledger of one API by state and by model version."""
     where = Publication.api_url == api_url
-    with db.engine.connect() as connection:
+    with db.transaction() as session:
         by_state = dict(
-            connection.execute(
+            session.execute(
                 sa.select(Publication.state, sa.func.count())
                 .where(where)
                 .group_by(Publication.state)
             ).all()
         )
         by_version: dict[str, dict[str, int]] = {}
-        for version, state, count in connection.execute(
+        for version, state, count in session.execute(
             sa.select(Publication.model_version, Publication.state, sa.func.count())
             .where(where)
             .group_by(Publication.model_version, Publication.state)
             .order_by(Publication.model_version)
         ):
             by_version.setdefault(version, {})[state] = count
-        last = connection.execute(
-            sa.select(sa.func.max(Publication.updated_at)).where(where)
-        ).scalar()
+        last = session.execute(sa.select(sa.func.max(Publication.updated_at)).where(where)).scalar()
         errors = [
             f"{record_id} ({key}): {error}"
-            for record_id, key, error in connection.execute(
+            for record_id, key, error in session.execute(
                 sa.select(Publication.record_id, Publication.label_key, Publication.last_error)
                 .where(where, Publication.state == PublicationState.REJECTED)
                 .order_by(Publication.updated_at.desc())

@@ -1,6 +1,6 @@
-"""Outputs: `enrich export --out` writes through what is not a regular file (15.3), outputs
-that cannot be created are one line (15's outputs bullet), and re-thresholding keeps the
-classifier's top-k fallback (15.7)."""
+"""Outputs: `enrich export --out` writes through what is not a regular file, an output
+that cannot be created is one line, every file is replaced whole or not at all, and
+re-thresholding keeps the classifier's top-k fallback."""
 
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def test_a_character_device_is_written_through_not_replaced(database: str, tmp_p
 def test_split_into_a_stream_is_refused(database: str, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    with pytest.raises(OutputError, match="--split writes page files beside"):
+    with pytest.raises(OutputError, match="split export writes page files beside"):
         export(open_database(database), ExportFilter(), Output(path=fifo, split=3))
 
 
