@@ -140,7 +140,7 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     lines = shown.stdout.splitlines()
     assert lines[0] == f"run {live['id']} (on_demand) interrupted"
     assert (
-        f"  interrupted    no process is scheduling it: continue with `enrich resume {live['id']}`"
+        f"  interrupted    no process is scheduling it: continue with `enrich resume --run {live['id']}`"
         in lines
     )
     assert "s left" not in shown.stdout  # no ETA for a run nobody is working on
