@@ -13,7 +13,7 @@ from enrichment.config import Settings
 from enrichment.errors import EnrichError
 from enrichment.model.spec import read_model_json
 from enrichment.runs import service
-from enrichment.runs.inprocess import InProcessDispatcher
+from enrichment.bootstrap import dispatcher as new_dispatcher
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.sources.europeana import (
     SearchClient,
@@ -69,7 +69,7 @@ def run_dataset(settings: Settings, dataset: str, full: bool = False) -> int:
     db.ensure_schema()
     spec, version, _ = read_model_json(settings.model_dir)
     scope = service.europeana_scope([dataset_query(dataset)])
-    with InProcessDispatcher(settings, settings.model_dir, show_progress=False) as dispatcher:
+    with new_dispatcher(settings, settings.model_dir) as dispatcher:
         progress = service.start(
             db,
             settings,
@@ -218,7 +218,7 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     assert scalar(database, "SELECT count(*) FROM results") == 80  # two full batches of page 1
     assert len(checkpoint["pending"]) == 20  # the rest of page 1, kept for the next batch
 
-    resumed = enrich("resume", "1", "--json", env=env)
+    resumed = enrich("resume", "--run", "1", "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["status"] == "completed"
@@ -414,7 +414,7 @@ def test_resuming_a_completed_run_leaves_it_as_it_finished(
     assert enrich("run", "--dataset", "8080", env=env).returncode == 0
     finished = run_row(database, 1)
     api.requests.clear()
-    resumed = enrich("resume", "1", "--json", env=env)
+    resumed = enrich("resume", "--run", "1", "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
     assert run_row(database, 1) == finished  # finished_at, counts and checkpoint untouched

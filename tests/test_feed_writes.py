@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment.runs.schedule import upsert_records
+from enrichment.store.writes import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes

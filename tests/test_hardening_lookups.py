@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment.runs.schedule import upsert_records
+from enrichment.store.writes import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.writes import RecordOutcome, save_outcomes
 from tests.conftest import REPO, enrich, image_bytes, write_jsonl
@@ -149,7 +149,7 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     # The hint works: with the images answering again, resume finishes the run.
     for n in range(4):
         image_host.add(f"/kill/slow{n}.png", image_bytes((n, 0, 0)))
-    resumed = enrich("resume", str(live["id"]), "--json", env=env)
+    resumed = enrich("resume", "--run", str(live["id"]), "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     done = json.loads(resumed.stdout)
     assert (done["status"], done["records_done"]) == ("completed", len(rows))

@@ -27,7 +27,7 @@ def test_a_later_full_run_leaves_an_earlier_runs_counts_alone(
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["records_done"] == len(expected)
 
-    status = enrich("status", str(before["id"]), "--json", env=env)
+    status = enrich("status", "--run", str(before["id"]), "--json", env=env)
     assert status.returncode == 0, status.stderr
     after = json.loads(status.stdout)
     keys = ("status", "records_done", "outcomes", "errors_by_reason", "finished_at")

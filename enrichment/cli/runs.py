@@ -109,6 +109,7 @@ def run(
         batch_size or config.batch_size,
         full,
     )
+    checked = service.check(request, config)
     db = open_db()
 
     def announce(run_id: int, version: str) -> None:
@@ -118,7 +119,7 @@ def run(
     started = service.enrich(
         db,
         config,
-        request,
+        checked,
         lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
         on_start=announce,
     )

@@ -78,22 +78,36 @@ class RunRequest:
     full: bool = False
 
 
+@dataclass(frozen=True)
+class CheckedRun:
+    """A request found good (`check`), with the model it names: a run can start from it."""
+
+    request: RunRequest
+    model: ModelIdentity
+
+
+def check(request: RunRequest, settings: Settings) -> CheckedRun:
+    """Everything that can fail before a run exists, once, before the database is opened."""
+    model = model_identity(request.model_dir)
+    check_scope(request.scope, settings)
+    return CheckedRun(request, model)
+
+
 def enrich(
     db: Database,
     settings: Settings,
-    request: RunRequest,
+    checked: CheckedRun,
     dispatchers: DispatcherFactory,
     on_start: Callable[[int, str], None] = lambda run_id, version: None,
 ) -> RunProgress:
-    """Check the request, start its run, and schedule it to the end with a new dispatcher.
+    """Start a checked run and schedule it to the end with a new dispatcher.
 
     The run's executing lock is held until the dispatcher has finished (in
     process: every batch is done), so `enrich status` can tell a run that this
     process still works on from one left behind by a process that died.
     `on_start(run_id, model_version)` is called once the run exists.
     """
-    model = model_identity(request.model_dir)
-    check_scope(request.scope, settings)
+    request, model = checked.request, checked.model
     executing = ExitStack()
 
     def started(run_id: int) -> None:
