@@ -205,3 +205,14 @@ def test_only_store_the_composition_root_and_the_cli_boundary_import_sqlalchemy(
         name for name in importers if not name.startswith("enrichment/store/")
     } - SQLALCHEMY_ALLOWED
     assert outside == set()
+
+
+def test_settings_are_read_from_the_environment_in_one_place() -> None:
+    """The composition root alone calls `Settings.from_env`: once per process, by its caller."""
+    callers = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in _sources()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "from_env"
+    ]
+    assert [caller.split(":")[0] for caller in callers] == ["enrichment/bootstrap.py"], callers
