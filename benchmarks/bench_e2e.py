@@ -63,8 +63,8 @@ from enrichment.model.spec import ModelSpec
 from enrichment.runs import service
 from enrichment.runs.pipeline import DEFAULT_INFERENCE_BATCH, process_batch
 from enrichment.runs.schedule import ModelIdentity, RunKind
-from enrichment.store.runs import mark_queued
 from enrichment.store.database import Database
+from enrichment.store.runs import mark_queued
 from enrichment.store.schema import Batch, Label, Outcome, RecordRow, Result, utc_now
 
 LATENCY = 0.2

@@ -15,7 +15,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from urllib.parse import urlsplit, urlunsplit
 
 from enrichment.errors import ConfigError

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from enrichment.bootstrap import in_process_dispatcher
 from enrichment.config import Settings
 from enrichment.model.classifier import Classifier
 from enrichment.runs import service
-from enrichment.bootstrap import in_process_dispatcher
 from enrichment.runs.pipeline import process_batch
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment.store.writes import upsert_records
 from enrichment.sources.records_file import Record
-from enrichment.store.writes import RecordOutcome, save_outcomes
+from enrichment.store.writes import RecordOutcome, save_outcomes, upsert_records
 from tests.conftest import REPO, enrich, image_bytes, write_jsonl
 from tests.export_support import build_catalogue, open_database
 from tests.services import wait_for
@@ -140,8 +139,8 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     lines = shown.stdout.splitlines()
     assert lines[0] == f"run {live['id']} (on_demand) interrupted"
     assert (
-        f"  interrupted    no process is scheduling it: continue with `enrich resume --run {live['id']}`"
-        in lines
+        "  interrupted    no process is scheduling it: "
+        f"continue with `enrich resume --run {live['id']}`" in lines
     )
     assert "s left" not in shown.stdout  # no ETA for a run nobody is working on
     summary = json.loads(enrich("status", "--json", env=env).stdout)

@@ -237,7 +237,9 @@ def test_poison_batch_is_given_up_after_its_attempts(
     tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
 ) -> None:
     # One pool process, so that killing it kills only the batch that "poisons" it.
-    env = stack_env(pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2", ENRICH_PROCESSES_PER_GPU="1")
+    env = stack_env(
+        pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2", ENRICH_PROCESSES_PER_GPU="1"
+    )
     assert enrich("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     worker = CeleryWorker(env, tmp_path / "worker.log")
