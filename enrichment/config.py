@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from enrichment.errors import ConfigError
+from enrichment.errors import ConfigError, InvalidValue
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class Settings:
 
     def require_model_dir(self) -> Path:
         if self.model_dir is None:
-            raise ConfigError("no model directory: set ENRICH_MODEL or pass --model-dir DIR")
+            raise InvalidValue("model_dir", "no model directory given, and ENRICH_MODEL is not set")
         return self.model_dir
 
 

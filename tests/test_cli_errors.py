@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from enrichment.cli.base import Commands
 from enrichment.errors import InvalidValue
+from enrichment.store.runs import UnfinishedRun
 from tests.conftest import enrich, write_jsonl
 from tests.services import free_port
 
@@ -107,7 +108,10 @@ def test_no_model_configured(tmp_path: Path) -> None:
         env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3", "ENRICH_MODEL": ""},
     )
     assert result.returncode == 1
-    assert "set ENRICH_MODEL or pass --model-dir DIR" in error_line(result)
+    assert error_line(result) == (
+        "Error: Invalid value for '--model-dir': no model directory given, "
+        "and ENRICH_MODEL is not set"
+    )
 
 
 def test_unreachable_database_url_is_one_line_without_the_password(
@@ -174,6 +178,20 @@ def test_a_library_error_about_a_field_names_the_option_that_gave_it() -> None:
     )
     unknown = CliRunner().invoke(boundary, ["choose", "--field", "colour"])
     assert unknown.output == "Error: must be one of preview, full, auto (got auto)\n"
+
+
+@boundary.command()
+def overlap() -> None:
+    raise UnfinishedRun(7)
+
+
+def test_an_unfinished_run_over_the_scope_gets_the_commands_that_follow_it() -> None:
+    result = CliRunner().invoke(boundary, ["overlap"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: run 7 over the same scope has not finished: follow it with "
+        "`enrich status --run 7` or continue it with `enrich resume --run 7`\n"
+    )
 
 
 def test_a_file_that_cannot_be_written_or_read_is_one_line_naming_it(tmp_path: Path) -> None:

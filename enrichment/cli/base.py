@@ -23,6 +23,7 @@ from enrichment.config import Settings
 from enrichment.errors import EnrichError, InvalidValue
 from enrichment.sources.europeana import IMAGE_SOURCES
 from enrichment.store.database import Database, database_failure
+from enrichment.store.runs import UnfinishedRun
 
 
 class RunId(click.ParamType):
@@ -82,6 +83,11 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except InvalidValue as error:
             raise click.ClickException(self._invalid_value(ctx, error)) from None
+        except UnfinishedRun as error:
+            raise click.ClickException(
+                f"{error}: follow it with `enrich status --run {error.run_id}` "
+                f"or continue it with `enrich resume --run {error.run_id}`"
+            ) from None
         except EnrichError as error:
             raise click.ClickException(str(error)) from None
         except sa.exc.DBAPIError as error:

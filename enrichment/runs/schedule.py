@@ -85,7 +85,7 @@ def start_run(
 ) -> int:
     """Create the run (status `scheduling`) with its initial checkpoint; nothing is enqueued yet.
 
-    Raises ScopeBusy if a run over the same scope has not finished.
+    Raises UnfinishedRun (a ScopeBusy) if a run over the same scope has not finished.
     """
 
     def first_checkpoint(previous: PreviousRun | None) -> dict[str, Any]:

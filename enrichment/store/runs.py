@@ -34,6 +34,14 @@ from enrichment.store.schema import (
 from enrichment.store.writes import SourceRecord, register_model, upsert_records
 
 
+class UnfinishedRun(ScopeBusy):
+    """A run over the same scope is still scheduling or running; `run_id` names it."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"run {run_id} over the same scope has not finished")
+        self.run_id = run_id
+
+
 @dataclass(frozen=True)
 class ModelRegistration:
     """A model version as the `models` table keeps it: its classes and how it decides labels."""
@@ -90,15 +98,12 @@ def start_run(
     In one transaction: refuse a scope that a scheduling or running run holds,
     register the model version, and find the last completed run over the scope
     (none with `full`), from which `first_checkpoint` makes the run's first checkpoint.
+    Raises UnfinishedRun if a run over the scope has not finished.
     """
     with db.transaction() as session:
         busy = _busy_run(session, scope)
         if busy is not None:
-            raise ScopeBusy(
-                f"run {busy} over the same scope has not finished: "
-                f"follow it with `enrich status --run {busy}` "
-                f"or continue it with `enrich resume --run {busy}`"
-            )
+            raise UnfinishedRun(busy)
         register_model(
             session,
             model.version,
