@@ -9,6 +9,7 @@ function reads the environment behind its caller's back.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,7 @@ def dispatcher(
     model_dir: Path,
     inference_batch: int | None = None,
     show_progress: bool = False,
-) -> Dispatcher:
+) -> AbstractContextManager[Dispatcher]:
     """Celery workers with a broker (no model here); this process without one.
 
     `inference_batch` (images per forward pass) defaults to the setting.
@@ -73,7 +74,7 @@ def in_process_dispatcher(
     classifier: Classifier,
     inference_batch: int | None = None,
     show_progress: bool = False,
-) -> Dispatcher:
+) -> AbstractContextManager[Dispatcher]:
     """Batches run in this process with a loaded model, and a fetcher the dispatcher owns."""
     from enrichment.runs.inprocess import InProcessDispatcher
 

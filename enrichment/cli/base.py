@@ -184,7 +184,8 @@ image_source_option = click.option(
 inference_batch_option = click.option(
     "--inference-batch",
     type=click.IntRange(1, 4096),
-    help="Images per forward pass of the model (default: $ENRICH_INFERENCE_BATCH or 32).",
+    help="Images per forward pass when batches run in this process "
+    "(default: $ENRICH_INFERENCE_BATCH or 32; Celery workers use their own).",
 )
 progress_option = click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."

@@ -134,7 +134,9 @@ def run_option(required: bool):
             "--run",
             "run_id",
             type=RUN_ID,
-            help="The run" + ("." if required else " (default: the latest)."),
+            help="The run"
+            + ("" if required else " (default: the latest)")
+            + "; RUN alone works too.",
         )(command)
         return click.argument("run_alias", metavar="[RUN]", type=RUN_ID, required=False)(command)
 
