@@ -61,9 +61,10 @@ from enrichment.model.classifier import (
 )
 from enrichment.model.spec import ModelSpec
 from enrichment.runs import service
-from enrichment.runs.pipeline import DEFAULT_MODEL_BATCH, process_batch
-from enrichment.runs.schedule import ModelIdentity, RunKind, mark_queued
+from enrichment.runs.pipeline import DEFAULT_INFERENCE_BATCH, process_batch
+from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
+from enrichment.store.runs import mark_queued
 from enrichment.store.schema import Batch, Label, Outcome, RecordRow, Result, utc_now
 
 LATENCY = 0.2
@@ -102,7 +103,7 @@ class InMemoryQueue:
     def __init__(self) -> None:
         self.batch_ids: list[int] = []
 
-    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+    def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
         mark_queued(db, batch_ids)
         self.batch_ids.extend(batch_ids)
 
@@ -178,7 +179,7 @@ def naive_task(db: Database, run_id: int, classifier: Classifier, record: Record
     inputs = naive_decode(response.content, classifier.spec.preprocessing)
     scores = classifier.scores(inputs[np.newaxis])[0]
     labels = classifier.labels_above_threshold(scores)
-    with db.sessions() as session:
+    with db.transaction() as session:
         session.add(
             Result(
                 record_id=record.id,
@@ -203,7 +204,6 @@ def naive_task(db: Database, run_id: int, classifier: Classifier, record: Record
                 )
             )
             session.flush()
-        session.commit()
 
 
 def preprocessed(classifier: Classifier, count: int) -> np.ndarray:
@@ -215,8 +215,8 @@ def preprocessed(classifier: Classifier, count: int) -> np.ndarray:
 
 
 def model_only(classifier: Classifier, inputs: np.ndarray) -> None:
-    for start in range(0, len(inputs), DEFAULT_MODEL_BATCH):
-        classifier.scores(inputs[start : start + DEFAULT_MODEL_BATCH])
+    for start in range(0, len(inputs), DEFAULT_INFERENCE_BATCH):
+        classifier.scores(inputs[start : start + DEFAULT_INFERENCE_BATCH])
 
 
 def decode_ms(classifier: Classifier) -> float:
@@ -230,7 +230,7 @@ def decode_ms(classifier: Classifier) -> float:
 
 def warm_up(classifier: Classifier, fetcher: Fetcher, inputs: np.ndarray, hosts: list[str]) -> None:
     """First calls build oneDNN kernels, threads and connections: none of that is steady state."""
-    classifier.scores(inputs[:DEFAULT_MODEL_BATCH])
+    classifier.scores(inputs[:DEFAULT_INFERENCE_BATCH])
     classifier.scores(inputs[:1])
     urls = [f"{hosts[n % len(hosts)]}/img/{n}.jpg" for n in range(len(inputs))]
     for future in [fetcher.submit(fetcher.fetch, url) for url in urls]:
@@ -316,7 +316,7 @@ def _rounds(
         def run_pipeline(batch_id: int = queue.batch_ids[number]) -> None:
             clock.calls.clear()
             started = time.perf_counter()
-            report = process_batch(db, batch_id, classifier, fetcher, 3, DEFAULT_MODEL_BATCH)
+            report = process_batch(db, batch_id, classifier, fetcher, 3, DEFAULT_INFERENCE_BATCH)
             pipeline_s.append(time.perf_counter() - started)
             forward_s.append(sum(end - begin for begin, end in clock.calls))
             first_wait_s.append(clock.calls[0][0] - started)
@@ -400,7 +400,7 @@ def run(quick: bool) -> dict[str, Any]:
         "network_ceiling_rate": cap / LATENCY,
         "preview": "x".join(map(str, PREVIEW_SIZE)),
         "preview_kb": round(len(preview_jpeg(0)) / 1024, 1),
-        "model_batch": DEFAULT_MODEL_BATCH,
+        "inference_batch": DEFAULT_INFERENCE_BATCH,
     }
     with (
         common.database_server() as base,
@@ -408,8 +408,8 @@ def run(quick: bool) -> dict[str, Any]:
     ):
         for plan in (heavy, light):
             common.say(
-                f"  {plan.architecture} ({plan.role}), input {INPUT_SIZE}, model batch "
-                f"{DEFAULT_MODEL_BATCH}, {plan.rounds} batch(es) of {plan.batch_size} records:"
+                f"  {plan.architecture} ({plan.role}), input {INPUT_SIZE}, inference batch "
+                f"{DEFAULT_INFERENCE_BATCH}, {plan.rounds} batch(es) of {plan.batch_size} records:"
             )
             figures[plan.role] = measure(plan, base, served["hosts"])
         with common.peers("images", "1", str(paths), str(LATENCY)) as one:

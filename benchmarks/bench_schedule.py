@@ -53,7 +53,7 @@ def measure(api_url: str, database_url: str, broker_url: str) -> dict[str, Any]:
     """In the child: pages alone, the scheduler, pages alone; seconds of each and what was done."""
     os.environ["CELERY_BROKER_URL"] = broker_url
     from enrichment.runs import service
-    from worker.dispatch import CeleryDispatcher  # builds the Celery app from the environment
+    from worker.dispatch import CeleryDispatcher  # configures the Celery app from settings
 
     settings = Settings(
         database_url=database_url,
@@ -71,7 +71,7 @@ def measure(api_url: str, database_url: str, broker_url: str) -> dict[str, Any]:
         return sum(len(page.items) for page in SearchClient(settings).pages(query))
 
     def schedule() -> Any:
-        with CeleryDispatcher() as dispatcher:
+        with CeleryDispatcher(settings) as dispatcher:
             return service.start(
                 db,
                 settings,

@@ -8,16 +8,18 @@ tests can build the exact settings they need.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from sqlalchemy.engine import make_url
+from enrichment.errors import ConfigError, InvalidValue
 
-from enrichment.errors import ConfigError
+log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE_URL = "sqlite:///enrichment.sqlite3"
 DEFAULT_EUROPEANA_API_URL = "https://api.europeana.eu"
@@ -70,7 +72,9 @@ class Settings:
     # The login of `enrich review` when it is bound to anything but loopback.
     review_token: str | None = field(default=None, repr=False)
     # Pool processes per GPU (or for the CPU): while one classifies, the next fetches.
-    worker_batches: int = 2
+    processes_per_gpu: int = 2
+    # Images per forward pass of the model, in every process that classifies.
+    inference_batch: int = 32
     # A running batch's worker touches `batches.heartbeat_at` this often (seconds); a
     # batch whose heartbeat is `heartbeat_stale` intervals old is re-dispatched.
     heartbeat_interval: float = 15.0
@@ -159,7 +163,8 @@ class Settings:
             ),
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
             review_token=text("ENRICH_REVIEW_TOKEN"),
-            worker_batches=int(number("ENRICH_WORKER_BATCHES", cls.worker_batches, int)),
+            processes_per_gpu=int(number(processes_variable(env), cls.processes_per_gpu, int)),
+            inference_batch=int(number("ENRICH_INFERENCE_BATCH", cls.inference_batch, int)),
             heartbeat_interval=number("ENRICH_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
             heartbeat_stale=int(number("ENRICH_HEARTBEAT_STALE", cls.heartbeat_stale, int)),
             broker_retry_seconds=number(
@@ -169,8 +174,19 @@ class Settings:
 
     def require_model_dir(self) -> Path:
         if self.model_dir is None:
-            raise ConfigError("no model directory: set ENRICH_MODEL or pass --model-dir DIR")
+            raise InvalidValue("model_dir", "no model directory given, and ENRICH_MODEL is not set")
         return self.model_dir
+
+
+def processes_variable(env: Mapping[str, str]) -> str:
+    """ENRICH_PROCESSES_PER_GPU, or its old name ENRICH_WORKER_BATCHES (with a warning)."""
+    if (
+        env.get("ENRICH_PROCESSES_PER_GPU", "").strip()
+        or not env.get("ENRICH_WORKER_BATCHES", "").strip()
+    ):
+        return "ENRICH_PROCESSES_PER_GPU"
+    log.warning("ENRICH_WORKER_BATCHES is deprecated: set ENRICH_PROCESSES_PER_GPU instead")
+    return "ENRICH_WORKER_BATCHES"
 
 
 def parse_clock(name: str, raw: str) -> tuple[int, int]:
@@ -219,6 +235,11 @@ def parse_host_limits(name: str, raw: str) -> tuple[tuple[str, int], ...]:
 def redact_url(url: str) -> str:
     """A database or broker URL safe to print: the password replaced by ***."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+        parts = urlsplit(url)
+    except ValueError:
         return "<unparseable URL>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

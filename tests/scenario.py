@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from enrichment.config import Settings
 from enrichment.media.decode import decode
 from enrichment.model.classifier import Classifier
 from tests.conftest import image_bytes, write_jsonl
@@ -108,3 +109,39 @@ def assert_rows_match(rows: dict[str, dict], expected: dict[str, Expected], vers
             assert got["scores"] is None, record_id
         else:
             assert np.allclose(got["scores"], want.scores, atol=1e-5), record_id
+
+
+def run_in_process(settings: Settings, scope: dict, full: bool = False) -> int:
+    """A run over `scope` on the library API, batches in this process, as `enrich run` starts
+    it; returns its id once every batch is done."""
+    from enrichment import bootstrap
+    from enrichment.runs import service
+    from enrichment.runs.schedule import RunKind
+
+    assert settings.model_dir is not None
+    request = service.RunRequest(
+        scope, RunKind.ON_DEMAND, settings.model_dir, settings.batch_size, full
+    )
+    checked = service.check(request, settings)
+    progress = service.enrich(
+        bootstrap.open_database(settings),
+        settings,
+        checked,
+        lambda: bootstrap.dispatcher(settings, settings.model_dir),
+    )
+    return progress.run_id
+
+
+def resume_in_process(settings: Settings, run_id: int) -> None:
+    """`enrich resume` on the library API, batches in this process."""
+    from enrichment import bootstrap
+    from enrichment.runs import service
+
+    assert settings.model_dir is not None
+    service.resume(
+        bootstrap.open_database(settings),
+        settings,
+        run_id,
+        lambda: bootstrap.dispatcher(settings, settings.model_dir),
+        settings.batch_size,
+    )

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
+import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from enrichment.cli.base import Commands
+from enrichment.errors import InvalidValue
+from enrichment.store.runs import UnfinishedRun
 from tests.conftest import enrich, write_jsonl
 from tests.services import free_port
 
@@ -102,7 +108,10 @@ def test_no_model_configured(tmp_path: Path) -> None:
         env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3", "ENRICH_MODEL": ""},
     )
     assert result.returncode == 1
-    assert "set ENRICH_MODEL or pass --model-dir DIR" in error_line(result)
+    assert error_line(result) == (
+        "Error: Invalid value for '--model-dir': no model directory given, "
+        "and ENRICH_MODEL is not set"
+    )
 
 
 def test_unreachable_database_url_is_one_line_without_the_password(
@@ -123,10 +132,80 @@ def test_unreachable_database_url_is_one_line_without_the_password(
     assert "s3cret" not in result.stderr + result.stdout
 
 
-def test_status_of_unknown_run(tmp_path: Path) -> None:
-    result = enrich("status", "42", env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"})
+@pytest.mark.parametrize("run", [["42"], ["--run", "42"]], ids=["positional", "option"])
+def test_status_of_unknown_run(tmp_path: Path, run: list[str]) -> None:
+    result = enrich("status", *run, env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"})
     assert result.returncode == 1
     assert error_line(result) == "Error: run 42 does not exist"
+
+
+def test_two_different_runs_are_refused(tmp_path: Path) -> None:
+    result = enrich(
+        "status", "--run", "1", "2", env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"}
+    )
+    assert result.returncode == 2
+    assert "two runs given: --run 1 and 2" in result.stderr
+
+
+@click.group(cls=Commands)
+def boundary() -> None:
+    """A command group behind the CLI's error boundary, with commands that fail on purpose."""
+
+
+@boundary.command()
+@click.option("--image-source", default="auto")
+@click.option("--field", default="image_source")
+def choose(image_source: str, field: str) -> None:
+    raise InvalidValue(field, f"must be one of preview, full, auto (got {image_source})")
+
+
+@boundary.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--read", is_flag=True)
+def save(path: Path, read: bool) -> None:
+    if read:
+        path.read_text()
+    else:
+        path.write_text("x")
+
+
+def test_a_library_error_about_a_field_names_the_option_that_gave_it() -> None:
+    result = CliRunner().invoke(boundary, ["choose", "--image-source", "thumb"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: Invalid value for '--image-source': must be one of preview, full, auto "
+        "(got thumb)\n"
+    )
+    unknown = CliRunner().invoke(boundary, ["choose", "--field", "colour"])
+    assert unknown.output == "Error: must be one of preview, full, auto (got auto)\n"
+
+
+@boundary.command()
+def overlap() -> None:
+    raise UnfinishedRun(7)
+
+
+def test_an_unfinished_run_over_the_scope_gets_the_commands_that_follow_it() -> None:
+    result = CliRunner().invoke(boundary, ["overlap"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: run 7 over the same scope has not finished: follow it with "
+        "`enrich status --run 7` or continue it with `enrich resume --run 7`\n"
+    )
+
+
+def test_a_file_that_cannot_be_written_or_read_is_one_line_naming_it(tmp_path: Path) -> None:
+    missing_folder = tmp_path / "no" / "out.json"
+    written = CliRunner().invoke(boundary, ["save", str(missing_folder)])
+    assert written.exit_code == 1
+    assert written.output == f"Error: cannot write {missing_folder}: No such file or directory\n"
+    missing_file = tmp_path / "in.json"
+    read = CliRunner().invoke(boundary, ["save", "--read", str(missing_file)])
+    assert read.output == f"Error: cannot read {missing_file}: No such file or directory\n"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    over = CliRunner().invoke(boundary, ["save", str(folder)])
+    assert over.output == f"Error: cannot write {folder}: Is a directory\n"
 
 
 def test_help_describes_every_command() -> None:

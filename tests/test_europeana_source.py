@@ -11,10 +11,7 @@ import sqlalchemy as sa
 
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
-from enrichment.model.spec import read_model_json
 from enrichment.runs import service
-from enrichment.runs.inprocess import InProcessDispatcher
-from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.sources.europeana import (
     SearchClient,
     SearchPageError,
@@ -25,7 +22,9 @@ from enrichment.sources.europeana import (
 from enrichment.sources.records_file import parse_timestamp
 from enrichment.store.database import Database
 from enrichment.store.locks import scope_lock
+from enrichment.store.query import record_results, run_summary
 from tests.conftest import enrich, image_bytes, make_tiny_model
+from tests.scenario import resume_in_process, run_in_process
 from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
 
 
@@ -65,22 +64,7 @@ def fill_collection(api: SearchAPI, image_host, dataset: str, count: int) -> Non
 
 def run_dataset(settings: Settings, dataset: str, full: bool = False) -> int:
     """A run of one dataset on the library API, in-process; returns its id."""
-    db = Database(settings.database_url)
-    db.ensure_schema()
-    spec, version, _ = read_model_json(settings.model_dir)
-    scope = service.europeana_scope([dataset_query(dataset)])
-    with InProcessDispatcher(settings, settings.model_dir, show_progress=False) as dispatcher:
-        progress = service.start(
-            db,
-            settings,
-            scope,
-            RunKind.ON_DEMAND,
-            ModelIdentity(version, spec),
-            dispatcher,
-            settings.batch_size,
-            full,
-        )
-    return progress.run_id
+    return run_in_process(settings, service.europeana_scope([dataset_query(dataset)]), full)
 
 
 def run_row(database_url: str, run_id: int) -> dict:
@@ -218,7 +202,7 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     assert scalar(database, "SELECT count(*) FROM results") == 80  # two full batches of page 1
     assert len(checkpoint["pending"]) == 20  # the rest of page 1, kept for the next batch
 
-    resumed = enrich("resume", "1", "--json", env=env)
+    resumed = enrich("resume", "--run", "1", "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["status"] == "completed"
@@ -268,28 +252,17 @@ def test_changed_image_url_in_a_records_file_enqueues_exactly_that_record(
     ]
     records = tmp_path / "records.jsonl"
     records.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    env = {
-        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
-        "ENRICH_MODEL": str(tiny_model),
-        "ENRICH_FETCH_ALLOW": "127.0.0.1",
-    }
-    assert (
-        json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)[
-            "records_enqueued"
-        ]
-        == 5
-    )
-    assert (
-        json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)[
-            "records_enqueued"
-        ]
-        == 0
-    )
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    settings = Settings(database_url=database, model_dir=tiny_model, fetch_allow=("127.0.0.1",))
+    scope = service.records_scope(records)
+    assert run_row(database, run_in_process(settings, scope))["records_enqueued"] == 5
+    assert run_row(database, run_in_process(settings, scope))["records_enqueued"] == 0
     rows[3]["image_url"] = image_host.add("/incremental-new.png", image_bytes((200, 10, 10), "bar"))
     records.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    changed = json.loads(enrich("run", "--records", str(records), "--json", env=env).stdout)
-    assert changed["records_enqueued"] == 1
-    assert enrich("results", "--run", str(changed["id"]), env=env).stdout.startswith("/55/r3\t")
+    changed = run_in_process(settings, scope)
+    assert run_row(database, changed)["records_enqueued"] == 1
+    results = record_results(Database(database), changed)
+    assert [result.record_id for result in results] == ["/55/r3"]
 
 
 def test_second_scheduler_on_the_same_scope_is_refused(
@@ -329,12 +302,11 @@ def test_a_record_served_twice_and_a_repeated_dataset_are_enqueued_once(
     # The API's order is not stable between pages: item 99 ends page 1 and starts page 2.
     api.items.append(dict(api.items[99]))
     database = f"sqlite:///{tmp_path}/db.sqlite3"
-    env = env_for(api, database, tiny_model)
-    result = enrich("run", "--dataset", "6060", "--dataset", "6060", "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["records_seen"] == 150 and summary["records_enqueued"] == 150
-    assert summary["outcomes"].get("error", 0) == 0
+    settings = settings_for(api, database, tiny_model)
+    twice = service.europeana_scope([dataset_query("6060"), dataset_query("6060")])
+    summary = run_summary(Database(database), run_in_process(settings, twice))
+    assert summary.records_seen == 150 and summary.records_enqueued == 150
+    assert summary.outcomes.get("error", 0) == 0
     assert scalar(database, "SELECT count(*) FROM results WHERE status != 'error'") == 150
     assert len(json.loads(run_row(database, 1)["scope"])["queries"]) == 1
     assert len(api.requests) == 2  # the dataset paged once, not twice
@@ -351,10 +323,9 @@ def test_a_cursor_that_never_moves_on_fails_the_run_with_a_clear_message(
     api.loop = True
     database = f"sqlite:///{tmp_path}/db.sqlite3"
     started = time.monotonic()
-    result = enrich("run", "--dataset", "7070", env=env_for(api, database, tiny_model))
-    assert result.returncode == 1
-    assert "Search API paging is going round in a loop" in result.stderr.splitlines()[-1]
-    assert "Traceback" not in result.stderr
+    scope = service.europeana_scope([dataset_query("7070")])
+    with pytest.raises(SearchPageError, match="Search API paging is going round in a loop"):
+        run_in_process(settings_for(api, database, tiny_model), scope)
     assert len(api.requests) <= 3 and time.monotonic() - started < 60
     assert run_row(database, 1)["status"] == "failed"
     assert "going round in a loop" in run_row(database, 1)["error"]
@@ -410,12 +381,11 @@ def test_resuming_a_completed_run_leaves_it_as_it_finished(
 ) -> None:
     fill_collection(api, image_host, "8080", 5)
     database = f"sqlite:///{tmp_path}/db.sqlite3"
-    env = env_for(api, database, tiny_model)
-    assert enrich("run", "--dataset", "8080", env=env).returncode == 0
-    finished = run_row(database, 1)
+    settings = settings_for(api, database, tiny_model)
+    run_id = run_in_process(settings, service.europeana_scope([dataset_query("8080")]))
+    finished = run_row(database, run_id)
+    assert finished["status"] == "completed"
     api.requests.clear()
-    resumed = enrich("resume", "1", "--json", env=env)
-    assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["status"] == "completed"
-    assert run_row(database, 1) == finished  # finished_at, counts and checkpoint untouched
+    resume_in_process(settings, run_id)
+    assert run_row(database, run_id) == finished  # finished_at, counts and checkpoint untouched
     assert api.requests == []

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from enrichment.bootstrap import in_process_dispatcher
 from enrichment.config import Settings
 from enrichment.model.classifier import Classifier
 from enrichment.runs import service
-from enrichment.runs.inprocess import InProcessDispatcher
 from enrichment.runs.pipeline import process_batch
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
@@ -44,9 +44,7 @@ def timed_run(settings: Settings, classifier: Classifier, records: Path) -> tupl
     db = Database(settings.database_url)
     db.ensure_schema()
     began = time.monotonic()
-    with InProcessDispatcher(
-        settings, Path("unused"), show_progress=False, classifier=classifier
-    ) as dispatcher:
+    with in_process_dispatcher(settings, classifier) as dispatcher:
         progress = service.start(
             db,
             settings,
@@ -99,7 +97,7 @@ def test_a_record_listed_twice_in_a_batch_is_classified_once(
         session.add(doubled)
         session.flush()
         doubled_id = doubled.id
-    with InProcessDispatcher(settings, tiny_model, show_progress=False, classifier=classifier) as d:
+    with in_process_dispatcher(settings, classifier) as d:
         report = process_batch(db, doubled_id, classifier, d.fetcher, max_attempts=3)
     assert sum(report.outcomes.values()) == 3
     assert "error" not in report.outcomes

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
-from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import (
+    LabelScore,
+    RecordOutcome,
+    register_model,
+    save_outcomes,
+    upsert_records,
+)
 
 VERSION = "tiny@000000000000"
 TRICKY = "tab\there, newline\nthere, back\\slash, \\N, quote ' \" and ünïcødé"

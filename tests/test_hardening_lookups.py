@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
-from enrichment.store.writes import RecordOutcome, save_outcomes
+from enrichment.store.writes import RecordOutcome, save_outcomes, upsert_records
 from tests.conftest import REPO, enrich, image_bytes, write_jsonl
 from tests.export_support import build_catalogue, open_database
 from tests.services import wait_for
@@ -140,8 +139,8 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     lines = shown.stdout.splitlines()
     assert lines[0] == f"run {live['id']} (on_demand) interrupted"
     assert (
-        f"  interrupted    no process is scheduling it: continue with `enrich resume {live['id']}`"
-        in lines
+        "  interrupted    no process is scheduling it: "
+        f"continue with `enrich resume --run {live['id']}`" in lines
     )
     assert "s left" not in shown.stdout  # no ETA for a run nobody is working on
     summary = json.loads(enrich("status", "--json", env=env).stdout)
@@ -149,7 +148,7 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     # The hint works: with the images answering again, resume finishes the run.
     for n in range(4):
         image_host.add(f"/kill/slow{n}.png", image_bytes((n, 0, 0)))
-    resumed = enrich("resume", str(live["id"]), "--json", env=env)
+    resumed = enrich("resume", "--run", str(live["id"]), "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     done = json.loads(resumed.stdout)
     assert (done["status"], done["records_done"]) == ("completed", len(rows))

@@ -95,6 +95,19 @@ def test_importing_the_celery_app_loads_no_torch() -> None:
     assert "torch" not in heavy and "torchvision" not in heavy
 
 
+def test_the_celery_app_reads_no_environment_at_import_and_is_configured_from_settings() -> None:
+    """A setting that cannot be read breaks nothing at import; `configure` sets the app up."""
+    body = (
+        "import worker.app, worker.tasks\n"
+        "    from enrichment.config import Settings\n"
+        "    app = worker.app.configure(Settings(broker_url='redis://broker:6379/5'))\n"
+        "    assert app.conf.broker_url == 'redis://broker:6379/5', app.conf.broker_url\n"
+        "    assert worker.app.process_settings().broker_url == 'redis://broker:6379/5'"
+    )
+    heavy = imported(["celery"], body, {"ENRICH_VISIBILITY_TIMEOUT": "not a number"})
+    assert "torch" not in heavy
+
+
 # On a new database `status` ends with "no runs yet" (exit 1), `export` with an empty
 # collection: both have done their real work by then.
 @pytest.mark.parametrize(("command", "exit_code"), [(["status"], 1), (["export"], 0)])
@@ -205,3 +218,14 @@ def test_only_store_the_composition_root_and_the_cli_boundary_import_sqlalchemy(
         name for name in importers if not name.startswith("enrichment/store/")
     } - SQLALCHEMY_ALLOWED
     assert outside == set()
+
+
+def test_settings_are_read_from_the_environment_in_one_place() -> None:
+    """The composition root alone calls `Settings.from_env`: once per process, by its caller."""
+    callers = [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for path in _sources()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "from_env"
+    ]
+    assert [caller.split(":")[0] for caller in callers] == ["enrichment/bootstrap.py"], callers

@@ -23,7 +23,7 @@ class RecordingDispatcher:
         self.fetcher = Fetcher(settings)
         self.reports: list[BatchReport] = []
 
-    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+    def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
         for batch_id in batch_ids:
             self.reports.append(process_batch(db, batch_id, self.classifier, self.fetcher, 3))
 

@@ -48,7 +48,7 @@ def test_run_through_celery_worker_redis_and_postgres(
     log = worker.output()
     assert log.count("succeeded in") == 3, log
 
-    summary = json.loads(enrich("status", str(run_id), "--json", env=env).stdout)
+    summary = json.loads(enrich("status", "--run", str(run_id), "--json", env=env).stdout)
     assert summary["batches"] == {"done": 3}
     assert summary["outcomes"]["error"] == 3
     assert_rows_match(stored_rows(pg_url), expected, version)

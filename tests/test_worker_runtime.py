@@ -139,7 +139,7 @@ def test_on_demand_dataset_overtakes_a_nightly_backlog(
     assert len(nightly_batches) == 18 and len(db.batches(on_demand)) == 3
     overtaken = [b for b in nightly_batches if b["updated_at"] > on_demand_done]
     in_between = [b for b in nightly_batches if sent < b["updated_at"] <= on_demand_done]
-    # A worker runs two batches at once (ENRICH_WORKER_BATCHES): the nightly batches
+    # A worker runs two batches at once (ENRICH_PROCESSES_PER_GPU): the nightly batches
     # already running when the on-demand run arrives may finish in between, no others.
     assert len(in_between) <= 2, "only the nightly batches already running may finish in between"
     assert len(overtaken) >= 3, "the on-demand run must finish ahead of the nightly backlog"
@@ -193,7 +193,7 @@ def test_redis_restart_mid_run_then_resume_completes(
         wait_for(lambda: db.batches(run_id)[0]["status"] == "done", 60, "the first batch")
         server.stop()  # queued messages are gone with it: this Redis keeps nothing on disk
         server.start()
-        resumed = enrich("resume", str(run_id), "--json", env=env)
+        resumed = enrich("resume", "--run", str(run_id), "--json", env=env)
         assert resumed.returncode == 0, resumed.stderr
         wait_for(lambda: db.run_status(run_id) == "completed", 120, "the run to complete")
         assert db.value("SELECT count(*) FROM results WHERE run_id = :id", id=run_id) == 12
@@ -237,7 +237,9 @@ def test_poison_batch_is_given_up_after_its_attempts(
     tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
 ) -> None:
     # One pool process, so that killing it kills only the batch that "poisons" it.
-    env = stack_env(pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2", ENRICH_WORKER_BATCHES="1")
+    env = stack_env(
+        pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2", ENRICH_PROCESSES_PER_GPU="1"
+    )
     assert enrich("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     worker = CeleryWorker(env, tmp_path / "worker.log")

@@ -1,6 +1,12 @@
 """The Celery application: JSON only, late acks, one batch at a time per process.
 
-Configuration comes from the same environment as the CLI. Delivery settings:
+The app exists at import (Celery's own command line loads `worker.app:app`)
+but reads nothing then: it is configured from the settings when its
+configuration is first needed, by `configure(settings)` where a caller holds
+settings already (`enrich run` dispatching to workers), or else once from the
+environment through the composition root (a worker or beat process started by
+`enrich worker` or by `celery --app worker.app`). Pool processes inherit it
+when they fork. Delivery settings:
 - `task_acks_late` + `worker_prefetch_multiplier=1`: a batch is acknowledged
   only after its results are committed, and a process holds one batch at a time.
 - `task_reject_on_worker_lost=True`: if the process running a batch dies
@@ -25,21 +31,46 @@ Configuration comes from the same environment as the CLI. Delivery settings:
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from celery.schedules import crontab
 
+from enrichment import bootstrap
 from enrichment.config import Settings
 from enrichment.runs.schedule import QUEUES, RunKind
 
 SCHEDULER_QUEUE = "enrich.scheduler"
+DEFAULT_BROKER_URL = "redis://localhost:6379/0"
+
+app = Celery("enrichment", include=["worker.tasks", "worker.signals"])
+_settings: Settings | None = None
 
 
-def make_app(settings: Settings) -> Celery:
-    app = Celery(
-        "enrichment",
-        broker=settings.broker_url or "redis://localhost:6379/0",
-        include=["worker.tasks", "worker.signals"],
-    )
+def configure(settings: Settings) -> Celery:
+    """Configure the app from `settings`; the same settings again change nothing."""
+    global _settings
+    if settings != _settings:
+        _settings = settings
+        app.config_from_object(celery_config(settings))
+    return app
+
+
+def process_settings() -> Settings:
+    """This process's settings: those the app was configured with, read once if it was not."""
+    if _settings is None:
+        configure(bootstrap.read_settings())
+    assert _settings is not None
+    return _settings
+
+
+@app.on_configure.connect
+def _configure_on_first_use(sender: Celery, **_: Any) -> None:
+    process_settings()
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The app's configuration for these settings."""
     timeout = settings.visibility_timeout
     hard_limit = timeout // 2
     transport = {
@@ -47,7 +78,8 @@ def make_app(settings: Settings) -> Celery:
         "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",
     }
-    app.conf.update(
+    return dict(
+        broker_url=settings.broker_url or DEFAULT_BROKER_URL,
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
@@ -77,7 +109,3 @@ def make_app(settings: Settings) -> Celery:
             }
         },
     )
-    return app
-
-
-app = make_app(Settings.from_env())

@@ -15,9 +15,9 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from enrichment.config import Settings, redact_url
 from enrichment.errors import ConfigError, EnrichError
-from enrichment.runs.schedule import mark_queued
 from enrichment.store.database import Database
-from worker.app import app
+from enrichment.store.runs import mark_queued
+from worker.app import app, configure
 
 
 class BrokerUnreachable(EnrichError):
@@ -44,9 +44,12 @@ def retry_policy(seconds: float) -> dict[str, float]:
 
 
 class CeleryDispatcher:
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings.from_env()
-        url = self.settings.broker_url or app.conf.broker_url
+    """Sends each batch to the workers on its run's queue, through the app `settings` set up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        configure(settings)
+        url = app.conf.broker_url
         check_broker_url(url)
         self.url = url
 
@@ -64,7 +67,8 @@ class CeleryDispatcher:
     def __exit__(self, *_: object) -> None:
         pass
 
-    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+    def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
+        """One message per batch on `queue`; then the batches are `queued` in `db`."""
         policy = retry_policy(self.settings.broker_retry_seconds)
         try:
             for batch_id in batch_ids:

@@ -1,6 +1,6 @@
 """The command line `enrich worker` runs: a Celery worker configured for this machine.
 
-`ENRICH_WORKER_BATCHES` pool processes per GPU (each bound to its GPU in
+`ENRICH_PROCESSES_PER_GPU` pool processes per GPU (each bound to its GPU in
 `worker.signals`), or that many on a CPU-only machine. Each process runs one
 batch at a time, fetching and decoding on its own threads beside the model;
 with two per GPU, one process's batch downloads while the other's is
@@ -59,15 +59,24 @@ def worker_argv(
     ]
 
 
-def launch(queues: tuple[str, ...], gpus: tuple[str, ...], loglevel: str, name: str | None) -> None:
-    """Replace this process with the Celery worker; `gpus` empty means every visible GPU."""
+def launch(
+    settings: Settings,
+    queues: tuple[str, ...],
+    gpus: tuple[str, ...],
+    loglevel: str,
+    name: str | None,
+) -> None:
+    """Replace this process with the Celery worker; `gpus` empty means every visible GPU.
+
+    The worker is a new program: it reads its settings once as its app is
+    configured (`worker.app`), from this environment, the chosen GPUs included.
+    """
     from enrichment.model.classifier import usable_cpus
 
-    settings = Settings.from_env()
     chosen = list(gpus) or visible_gpus()
     if chosen:
-        os.environ["ENRICH_GPUS"] = ",".join(chosen)  # read by each pool process's Settings
-    processes = max(1, len(chosen)) * settings.worker_batches
+        os.environ["ENRICH_GPUS"] = ",".join(chosen)  # the worker's settings.gpus
+    processes = max(1, len(chosen)) * settings.processes_per_gpu
     if not chosen and not os.environ.get("OMP_NUM_THREADS"):
         # On CPU the processes share the cores rather than each taking them all.
         os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // processes))

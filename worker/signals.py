@@ -2,8 +2,9 @@
 
 `worker_process_init` runs in each pool process after the fork, so CUDA is
 first touched there and never in the parent (CUDA does not survive a fork).
-Pool processes are bound to the GPUs in turn, so with ENRICH_WORKER_BATCHES=2
-each GPU gets two.
+Pool processes are bound to the GPUs in turn, so with ENRICH_PROCESSES_PER_GPU=2
+each GPU gets two. The settings are the worker's, read once before the fork
+(`worker.app.process_settings`).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import os
 from billiard.process import current_process
 from celery.signals import worker_process_init
 
-from enrichment.config import Settings
+from worker.app import process_settings
 from worker.tasks import runtime, start_keeper
 
 
 @worker_process_init.connect
 def bind_gpu_and_load_model(**_: object) -> None:
-    settings = Settings.from_env()
+    settings = process_settings()
     if settings.gpus:
         index = getattr(current_process(), "index", 0) or 0
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[index % len(settings.gpus)]

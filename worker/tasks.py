@@ -21,52 +21,48 @@ from contextlib import suppress
 from functools import cache
 from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 from celery import Task
 from celery.utils.log import get_task_logger
-from sqlalchemy.exc import DBAPIError, OperationalError
 
+from enrichment import bootstrap
 from enrichment.config import Settings
 from enrichment.errors import ScopeBusy
-from enrichment.media.fetch import Fetcher
-from enrichment.model.spec import read_model_json
 from enrichment.runs import service
-from enrichment.runs.pipeline import (
-    Heartbeat,
-    PoisonBatch,
-    fail_batch,
-    note_batch_error,
-    process_batch,
-    sweep_stale,
-)
-from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.runs.lifecycle import Heartbeat, fail_batch
+from enrichment.runs.pipeline import process_batch
+from enrichment.runs.schedule import RunKind
 from enrichment.sources.europeana import whole_collection_query
-from enrichment.store.database import Database
-from enrichment.store.schema import Batch, utc_now
-from worker.app import app
+from enrichment.store.batches import (
+    AttemptsExhausted,
+    claim_stale_batches,
+    note_batch_error,
+    restart_heartbeats,
+)
+from enrichment.store.database import TRANSIENT_ERRORS, Database
+from worker.app import app, process_settings
 from worker.dispatch import CeleryDispatcher
 
 log = get_task_logger(__name__)
 
 if TYPE_CHECKING:
+    from enrichment.media.fetch import Fetcher
     from enrichment.model.classifier import Classifier
 
-BLIPS = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+BLIPS = (*TRANSIENT_ERRORS, ConnectionError, TimeoutError)
 
 
 @cache
 def database() -> tuple[Settings, Database]:
     """This process's settings and its one engine, shared by the tasks and the keeper."""
-    settings = Settings.from_env()
+    settings = process_settings()
     return settings, Database(settings.database_url)
 
 
 @cache
 def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
-    from enrichment.model.classifier import Classifier
-
     settings, db = database()
-    return settings, db, Classifier.load(settings.require_model_dir()), Fetcher(settings)
+    classifier = bootstrap.load_classifier(settings.require_model_dir())
+    return settings, db, classifier, bootstrap.new_fetcher(settings)
 
 
 @cache
@@ -97,17 +93,13 @@ def keep(settings: Settings) -> None:
 def resend_stale(db: Database, stale_after: float) -> list[int]:
     """Send again each batch whose worker stopped beating; this process claimed each alone."""
     sent: list[int] = []
-    claimed = sweep_stale(db, stale_after)
+    claimed = claim_stale_batches(db, stale_after)
     for batch_id, queue in claimed:
         try:
             app.send_task("enrichment.process_batch", args=[batch_id], queue=queue)
         except Exception:
             # Not sent, this one and the rest claimed with it: let a later sweep claim them.
-            unsent = [claim for claim, _ in claimed if claim not in sent]
-            with db.transaction() as session:
-                session.execute(
-                    sa.update(Batch).where(Batch.id.in_(unsent)).values(heartbeat_at=utc_now())
-                )
+            restart_heartbeats(db, [claim for claim, _ in claimed if claim not in sent])
             raise
         log.warning("batch %s: its worker stopped beating; sent again", batch_id)
         sent.append(batch_id)
@@ -127,9 +119,15 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
     settings, db, classifier, fetcher = runtime()
     try:
         report = process_batch(
-            db, batch_id, classifier, fetcher, settings.max_attempts, heartbeat=heartbeat()
+            db,
+            batch_id,
+            classifier,
+            fetcher,
+            settings.max_attempts,
+            settings.inference_batch,
+            heartbeat=heartbeat(),
         )
-    except PoisonBatch as error:
+    except AttemptsExhausted as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}
     except BLIPS as error:
@@ -154,10 +152,9 @@ def nightly_run_task() -> dict:
     the task ends. Anything else (a missing or refused API key, a page that
     failed mid-run, an unreachable broker) fails the task, visibly.
     """
-    settings = Settings.from_env()
-    db = Database(settings.database_url)
+    settings, db = database()
     db.ensure_schema()
-    spec, version, _ = read_model_json(settings.require_model_dir())
+    model = service.model_identity(settings.require_model_dir())
     scope = service.europeana_scope([whole_collection_query()])
     try:
         with CeleryDispatcher(settings) as dispatcher:
@@ -166,7 +163,7 @@ def nightly_run_task() -> dict:
                 settings,
                 scope,
                 RunKind.NIGHTLY,
-                ModelIdentity(version, spec),
+                model,
                 dispatcher,
                 settings.batch_size,
             )

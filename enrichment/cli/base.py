@@ -1,24 +1,29 @@
 """The `enrich` command group and what every subcommand shares.
 
-Problems with input or configuration (`EnrichError`) are one line on stderr and
-exit status 1; every reporting command has `--json` for scripts.
+Problems with input or configuration (`EnrichError`), a database that fails
+and a file that cannot be read or written are one line on stderr and exit
+status 1; every reporting command has `--json` for scripts. The settings are
+read once, when the command starts (`enrichment.bootstrap`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 import sqlalchemy as sa
 
-from enrichment import __version__
+from enrichment import __version__, bootstrap
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, InvalidValue
 from enrichment.sources.europeana import IMAGE_SOURCES
 from enrichment.store.database import Database, database_failure
+from enrichment.store.runs import UnfinishedRun
 
 
 class RunId(click.ParamType):
@@ -63,31 +68,84 @@ class FiniteFloat(click.ParamType):
 
 
 class Commands(click.Group):
-    """Turns user-facing errors into one clean line instead of a traceback.
+    """The CLI's error boundary: user-facing errors become one clean line, not a traceback.
 
-    A database that fails under a command (a damaged file, a dropped table, a
-    server gone) is one line too, with the URL's password hidden: the same
-    message `Database` gives when it cannot connect.
+    A library error about a value (`InvalidValue`) names the field; here it is
+    told as click tells a bad option, with the option of the command that
+    takes that field. A database that fails under a command (a damaged file, a
+    dropped table, a server gone) is one line too, with the URL's password
+    hidden: the same message `Database` gives when it cannot connect. A file
+    that cannot be read or written names its path.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except InvalidValue as error:
+            raise click.ClickException(self._invalid_value(ctx, error)) from None
+        except UnfinishedRun as error:
+            raise click.ClickException(
+                f"{error}: follow it with `enrich status --run {error.run_id}` "
+                f"or continue it with `enrich resume --run {error.run_id}`"
+            ) from None
         except EnrichError as error:
             raise click.ClickException(str(error)) from None
         except sa.exc.DBAPIError as error:
             url = ctx.obj.database_url if isinstance(ctx.obj, Settings) else ""
             raise click.ClickException(str(database_failure(url, error))) from None
+        except OSError as error:
+            if error.filename is None:
+                raise
+            raise click.ClickException(path_failure(error)) from None
+
+    def _invalid_value(self, ctx: click.Context, error: InvalidValue) -> str:
+        """`Invalid value for '--opt': message`, or the message alone if no option has the field."""
+        hints = {
+            param.get_error_hint(ctx)
+            for param in _parameters(self.get_command(ctx, ctx.invoked_subcommand or ""))
+            if param.name == error.field
+        }
+        if len(hints) != 1:
+            return str(error)
+        return f"Invalid value for {hints.pop()}: {error}"
+
+
+def _parameters(command: click.Command | None) -> list[click.Parameter]:
+    """A command's parameters; a group's, with those of its subcommands."""
+    if command is None:
+        return []
+    found = list(command.params)
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            found += _parameters(sub)
+    return found
+
+
+def path_failure(error: OSError) -> str:
+    """`cannot write PATH: reason` (or read): an OSError about a file, in one line."""
+    path = Path(os.fsdecode(error.filename))
+    verb = "read" if _was_reading(error, path) else "write"
+    return f"cannot {verb} {path}: {error.strerror or error}"
+
+
+def _was_reading(error: OSError, path: Path) -> bool:
+    """Only what cannot be a write: a missing file in a folder that exists, or one that is
+    there but not readable. Anything else at this boundary is an output path."""
+    if error.errno == errno.ENOENT:
+        return path.parent.is_dir()
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return path.exists() and not os.access(path, os.R_OK)
+    return False
 
 
 def settings() -> Settings:
+    """This command's settings, read from the environment when it started."""
     return click.get_current_context().obj
 
 
 def open_db() -> Database:
-    db = Database(settings().database_url)
-    db.ensure_schema()
-    return db
+    """The database of the settings, at this code's schema."""
+    return bootstrap.open_database(settings())
 
 
 def emit_json(document: Any) -> None:
@@ -103,7 +161,7 @@ def cli(ctx: click.Context) -> None:
     Configuration comes from the environment (DATABASE_URL, CELERY_BROKER_URL,
     ENRICH_MODEL, ...): see the README's configuration table.
     """
-    ctx.obj = Settings.from_env()
+    ctx.obj = bootstrap.read_settings()
 
 
 model_dir_option = click.option(
@@ -122,6 +180,12 @@ image_source_option = click.option(
     default="auto",
     show_default=True,
     help="preview: Europeana's thumbnail; full: edmIsShownBy; auto: preview, else full.",
+)
+inference_batch_option = click.option(
+    "--inference-batch",
+    type=click.IntRange(1, 4096),
+    help="Images per forward pass when batches run in this process "
+    "(default: $ENRICH_INFERENCE_BATCH or 32; Celery workers use their own).",
 )
 progress_option = click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."

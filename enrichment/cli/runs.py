@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
+from enrichment import bootstrap
 from enrichment.cli.base import (
     RUN_ID,
     batch_size_option,
     emit_json,
     image_source_option,
+    inference_batch_option,
     model_dir_option,
     open_db,
     progress_option,
@@ -50,6 +51,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
 @image_source_option
 @model_dir_option
 @batch_size_option
+@inference_batch_option
 @click.option(
     "--full", is_flag=True, help="Enqueue every record in scope, not only new or changed ones."
 )
@@ -67,6 +69,7 @@ def run(
     image_source: str,
     model_dir: Path | None,
     batch_size: int | None,
+    inference_batch: int | None,
     full: bool,
     progress: bool,
     as_json: bool,
@@ -78,9 +81,8 @@ def run(
     (`--all` on the nightly queue, everything else on the on-demand queue) and
     the command returns once they are queued. Prints the run id first.
     """
-    from enrichment.model.spec import read_model_json
     from enrichment.runs import service
-    from enrichment.runs.schedule import ModelIdentity, RunKind
+    from enrichment.runs.schedule import RunKind
     from enrichment.sources.europeana import SearchQuery, dataset_query, whole_collection_query
 
     chosen = [bool(records_file), bool(datasets), query is not None, everything]
@@ -100,59 +102,89 @@ def run(
         scope = service.europeana_scope(queries, image_source)
     config = settings()
     model_dir = model_dir or config.require_model_dir()
-    spec, version, _ = read_model_json(model_dir)
-    service.check_scope(scope, config)
+    request = service.RunRequest(
+        scope,
+        RunKind.NIGHTLY if everything else RunKind.ON_DEMAND,
+        model_dir,
+        batch_size or config.batch_size,
+        full,
+    )
+    checked = service.check(request, config)
     db = open_db()
 
-    from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.store.locks import execution_scope, scope_lock
-
-    executing = ExitStack()
-
-    def announce(run_id: int) -> None:
-        executing.enter_context(scope_lock(db, execution_scope(run_id)))
+    def announce(run_id: int, version: str) -> None:
         if not as_json:
             click.echo(f"run {run_id} started for model {version}", err=True)
 
-    with executing, make_dispatcher(config, model_dir, progress and not as_json) as dispatcher:
-        started = service.start(
-            db,
-            config,
-            scope,
-            RunKind.NIGHTLY if everything else RunKind.ON_DEMAND,
-            ModelIdentity(version, spec),
-            dispatcher,
-            batch_size or config.batch_size,
-            full=full,
-            on_start=announce,
-        )
+    started = service.enrich(
+        db,
+        config,
+        checked,
+        lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
+        on_start=announce,
+    )
     report_run(db, started.run_id, as_json)
 
 
+def run_option(required: bool):
+    """The run as `--run N`, like `results` and `export`; `RUN` alone still works."""
+
+    def apply(command):
+        command = click.option(
+            "--run",
+            "run_id",
+            type=RUN_ID,
+            help="The run"
+            + ("" if required else " (default: the latest)")
+            + "; RUN alone works too.",
+        )(command)
+        return click.argument("run_alias", metavar="[RUN]", type=RUN_ID, required=False)(command)
+
+    return apply
+
+
+def chosen_run(run_id: int | None, run_alias: int | None, required: bool) -> int | None:
+    """The run named by `--run N` or by the old positional form, which must agree."""
+    if run_id is not None and run_alias is not None and run_id != run_alias:
+        raise click.UsageError(f"two runs given: --run {run_id} and {run_alias}")
+    chosen = run_id if run_id is not None else run_alias
+    if chosen is None and required:
+        raise click.UsageError("Missing option '--run'.")
+    return chosen
+
+
 @click.command()
-@click.argument("run_id", type=RUN_ID)
+@run_option(required=True)
 @model_dir_option
 @batch_size_option
+@inference_batch_option
 @progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def resume(
-    run_id: int, model_dir: Path | None, batch_size: int | None, progress: bool, as_json: bool
+    run_id: int | None,
+    run_alias: int | None,
+    model_dir: Path | None,
+    batch_size: int | None,
+    inference_batch: int | None,
+    progress: bool,
+    as_json: bool,
 ) -> None:
-    """Continue RUN_ID from its checkpoint and re-dispatch its batches that never finished."""
+    """Continue a run from its checkpoint and re-dispatch its batches that never finished."""
     from enrichment.runs import service
 
+    chosen = chosen_run(run_id, run_alias, required=True)
+    assert chosen is not None
     config = settings()
     db = open_db()
     model_dir = model_dir or config.require_model_dir()
-    from enrichment.runs.dispatchers import make_dispatcher
-    from enrichment.store.locks import execution_scope, scope_lock
-
-    with (
-        scope_lock(db, execution_scope(run_id)),
-        make_dispatcher(config, model_dir, progress and not as_json) as dispatcher,
-    ):
-        service.resume(db, config, run_id, dispatcher, batch_size or config.batch_size)
-    report_run(db, run_id, as_json)
+    service.resume(
+        db,
+        config,
+        chosen,
+        lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
+        batch_size or config.batch_size,
+    )
+    report_run(db, chosen, as_json)
 
 
 def _summary(db: Database, run_id: int | None):
@@ -191,17 +223,17 @@ def print_summary_counts(summary) -> None:
     if summary.status == INTERRUPTED:
         click.echo(
             "  interrupted    no process is scheduling it: "
-            f"continue with `enrich resume {summary.id}`"
+            f"continue with `enrich resume --run {summary.id}`"
         )
 
 
 @click.command()
-@click.argument("run_id", type=RUN_ID, required=False)
+@run_option(required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def status(run_id: int | None, as_json: bool) -> None:
+def status(run_id: int | None, run_alias: int | None, as_json: bool) -> None:
     """Show a run's state and its counts by outcome (default: the latest run)."""
     db = open_db()
-    summary = _summary(db, run_id)
+    summary = _summary(db, chosen_run(run_id, run_alias, required=False))
     if as_json:
         emit_json(summary.as_json())
         return

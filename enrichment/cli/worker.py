@@ -36,4 +36,4 @@ def worker(queues: str, gpus: str | None, name: str | None, loglevel: str) -> No
         raise ConfigError("CELERY_BROKER_URL is not set: a worker needs a broker")
     config.require_model_dir()
     chosen = tuple(gpu.strip() for gpu in gpus.split(",") if gpu.strip()) if gpus else config.gpus
-    celery_entry("launch")(tuple(queues.split(",")), chosen, loglevel, name)
+    celery_entry("launch")(config, tuple(queues.split(",")), chosen, loglevel, name)

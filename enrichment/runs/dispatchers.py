@@ -1,4 +1,4 @@
-"""Choosing who runs a run's batches: this process, or Celery workers behind a broker.
+"""Finding the Celery side: the dispatcher and the worker launcher, in `worker/`.
 
 The Celery side lives in `worker/`, which `enrichment/` never imports: it is
 found through the `enrichment.celery` entry points that `pyproject.toml`
@@ -10,12 +10,9 @@ workers never imports torch.
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
-from enrichment.config import Settings
 from enrichment.errors import ConfigError
-from enrichment.runs.schedule import Dispatcher
 
 CELERY_ENTRY_POINTS = "enrichment.celery"
 
@@ -29,12 +26,3 @@ def celery_entry(name: str) -> Any:
             f"(entry point {CELERY_ENTRY_POINTS}:{name}); reinstall the package"
         )
     return next(iter(found)).load()
-
-
-def make_dispatcher(settings: Settings, model_dir: Path, show_progress: bool) -> Dispatcher:
-    """In-process without a broker; Celery workers with one."""
-    if settings.broker_url:
-        return celery_entry("dispatcher")(settings)
-    from enrichment.runs.inprocess import InProcessDispatcher
-
-    return InProcessDispatcher(settings, model_dir, show_progress=show_progress)

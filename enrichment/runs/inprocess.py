@@ -27,25 +27,22 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from enrichment.config import Settings
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
+from enrichment.runs.lifecycle import fail_batch
 from enrichment.runs.pipeline import (
-    DEFAULT_MODEL_BATCH,
+    DEFAULT_INFERENCE_BATCH,
     Classified,
-    PoisonBatch,
     StartedBatch,
     begin_batch,
     classify_started,
     commit_batch,
-    fail_batch,
-    note_batch_error,
 )
+from enrichment.store.batches import AttemptsExhausted, note_batch_error
 from enrichment.store.database import Database
 
 AHEAD = 2  # batches started (images downloading) beyond the one being classified
@@ -53,20 +50,23 @@ _STOP = object()
 
 
 class InProcessDispatcher:
-    """Runs dispatched batches on a three-stage pipeline in this process; a context manager."""
+    """Runs dispatched batches on a three-stage pipeline in this process; a context manager.
+
+    It owns the fetcher it is given: closing the dispatcher closes it.
+    """
 
     def __init__(
         self,
-        settings: Settings,
-        model_dir: Path,
+        classifier: Classifier,
+        fetcher: Fetcher,
+        max_attempts: int,
+        inference_batch: int = DEFAULT_INFERENCE_BATCH,
         show_progress: bool = True,
-        model_batch: int = DEFAULT_MODEL_BATCH,
-        classifier: Classifier | None = None,
     ) -> None:
-        self.max_attempts = settings.max_attempts
-        self.model_batch = model_batch
-        self.classifier = classifier or Classifier.load(model_dir)
-        self.fetcher = Fetcher(settings)
+        self.max_attempts = max_attempts
+        self.inference_batch = inference_batch
+        self.classifier = classifier
+        self.fetcher = fetcher
         self.progress = tqdm(unit="record", desc="classified", disable=not show_progress)
         self._incoming: queue.Queue[Any] = queue.Queue()
         self._started: queue.Queue[Any] = queue.Queue(maxsize=AHEAD - 1)
@@ -98,7 +98,8 @@ class InProcessDispatcher:
         finally:
             self.close(wait=not interrupted)
 
-    def dispatch(self, db: Database, run_id: int, queue: str, batch_ids: list[int]) -> None:
+    def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
+        """Queue the batches for the stages and return; `queue` is the broker's concern."""
         with self._idle:
             self._outstanding += len(batch_ids)
         for batch_id in batch_ids:
@@ -135,7 +136,7 @@ class InProcessDispatcher:
                 started = begin_batch(
                     db, batch_id, self.classifier, self.fetcher, self.max_attempts
                 )
-            except PoisonBatch as error:
+            except AttemptsExhausted as error:
                 self._give_up(db, batch_id, error)
                 continue
             except Exception as error:
@@ -154,7 +155,7 @@ class InProcessDispatcher:
                 return
             db, batch_id, started = item
             try:
-                classified = classify_started(db, started, self.classifier, self.model_batch)
+                classified = classify_started(db, started, self.classifier, self.inference_batch)
             except Exception as error:
                 self._retry(db, batch_id, error)
                 continue
@@ -176,7 +177,7 @@ class InProcessDispatcher:
     def _commit(self, db: Database, started: StartedBatch, classified: Classified):
         return commit_batch(db, started, self.classifier.version, classified)
 
-    def _give_up(self, db: Database, batch_id: int, poison: PoisonBatch) -> None:
+    def _give_up(self, db: Database, batch_id: int, poison: AttemptsExhausted) -> None:
         """Mark a batch that used up its attempts failed; a database that fails meanwhile
         sends it round again (it is given up on the next pass), not the run down."""
         try:

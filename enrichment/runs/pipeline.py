@@ -1,10 +1,12 @@
 """Processing one batch: fetch -> decode -> classify -> threshold -> store, in three stages.
 
 `begin_batch` counts the attempt and submits every image of the batch to the
-fetcher's threads (fetch and decode); `classify_started` takes them in
-model-sized chunks as they become ready, so inference of one chunk overlaps
-the network wait of the next; `commit_batch` writes the whole batch in one
-transaction, idempotently, so a batch that runs twice leaves the same rows.
+fetcher's threads (fetch and decode); `classify_started` takes them in chunks
+of `inference_batch` images as they become ready, so inference of one chunk
+overlaps the network wait of the next; `commit_batch` writes the whole batch in
+one transaction, idempotently, so a batch that runs twice leaves the same rows.
+The batch's state changes around this compute (attempts, giving up, the
+heartbeat) are `enrichment.runs.lifecycle` and `enrichment.store.batches`.
 `process_batch` runs the three in turn (a Celery task); the in-process
 dispatcher overlaps them across batches (`enrichment.runs.inprocess`).
 
@@ -15,28 +17,28 @@ all) becomes that record's error reason; only what concerns the whole batch
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-import sqlalchemy as sa
 
 from enrichment.media.decode import ImageError, decode
 from enrichment.media.fetch import Fetcher
-from enrichment.runs.schedule import complete_run_if_done
+from enrichment.runs.lifecycle import Heartbeat, commit_outcomes
+from enrichment.store import batches
+from enrichment.store.batches import BatchRecord
 from enrichment.store.database import Database
-from enrichment.store.schema import Batch, BatchStatus, Outcome, RecordRow, Result, Run, utc_now
-from enrichment.store.writes import RecordOutcome, save_outcomes
+from enrichment.store.schema import Outcome
+from enrichment.store.writes import RecordOutcome
 
 if TYPE_CHECKING:  # the scheduler worker imports this module and never loads a model
     from enrichment.model.classifier import Classifier
 
-DEFAULT_MODEL_BATCH = 32
+DEFAULT_INFERENCE_BATCH = 32  # images per forward pass
 
 
 @dataclass(frozen=True)
@@ -63,48 +65,10 @@ ScoreLookup = Callable[[Sequence[str]], dict[str, list[float]]]
 class _Prepared:
     """A record's decoded input, or the outcome that stands in for it."""
 
-    record: RecordRow
+    record: BatchRecord
     inputs: np.ndarray | None
     sha256: str | None
     failure: RecordOutcome | None
-
-
-class PoisonBatch(Exception):
-    """A batch started more often than allowed: something in it keeps killing its worker."""
-
-
-def start_batch(
-    db: Database, batch_id: int, max_attempts: int, heartbeat: bool = False
-) -> tuple[Batch, Run, list[RecordRow]] | None:
-    """Count an attempt and load the batch's records (each once); None if it already finished.
-
-    The attempt is committed before any work, so a worker killed mid-batch
-    (SIGKILL, OOM, a crashing decoder) still leaves its count behind, and the
-    delivery after the last allowed attempt raises PoisonBatch instead of
-    looping forever. With `heartbeat`, the batch's heartbeat starts now: a
-    worker that dies stops touching it, and the sweep (`sweep_stale`) re-sends it.
-    """
-    with db.transaction() as session:
-        batch = session.get(Batch, batch_id, with_for_update=db.dialect == "postgresql")
-        if batch is None:
-            raise LookupError(f"batch {batch_id} does not exist")
-        if batch.status in BatchStatus.FINISHED:
-            return None
-        if batch.attempts >= max_attempts:
-            raise PoisonBatch(
-                f"batch {batch_id} was started {batch.attempts} times without finishing"
-                + (f"; last error: {batch.error}" if batch.error else "")
-            )
-        batch.attempts += 1
-        if heartbeat:
-            batch.heartbeat_at = utc_now()
-        run = session.get(Run, batch.run_id)
-        assert run is not None
-        wanted = list(dict.fromkeys(batch.record_ids))  # a record listed twice is done once
-        rows = session.scalars(sa.select(RecordRow).where(RecordRow.id.in_(wanted))).all()
-        by_id = {row.id: row for row in rows}
-        records = [by_id[record_id] for record_id in wanted if record_id in by_id]
-        return batch, run, records
 
 
 @dataclass
@@ -113,7 +77,7 @@ class StartedBatch:
 
     batch_id: int
     run_id: int
-    records: list[RecordRow]
+    records: list[BatchRecord]
     prepared: list[Future[_Prepared]]
 
 
@@ -127,45 +91,40 @@ def begin_batch(
 ) -> StartedBatch | None:
     """Start a batch: count the attempt, submit its images; None if it already finished.
 
-    Raises PoisonBatch once the batch has used up its attempts.
+    The attempt is committed before any work, so a worker killed mid-batch
+    (SIGKILL, OOM, a crashing decoder) still leaves its count behind, and the
+    delivery after the last allowed attempt raises AttemptsExhausted instead of
+    looping forever. With `heartbeat`, the batch's heartbeat starts now: a
+    worker that dies stops touching it, and the sweep re-sends it.
     """
-    started = start_batch(db, batch_id, max_attempts, heartbeat)
-    if started is None:
+    attempt = batches.start_batch(db, batch_id, max_attempts, heartbeat)
+    if attempt is None:
         return None
-    _, run, records = started
-    if run.model_version != classifier.version:
+    if attempt.model_version != classifier.version:
         raise RuntimeError(
-            f"run {run.id} was scheduled for model {run.model_version}, "
+            f"run {attempt.run_id} was scheduled for model {attempt.model_version}, "
             f"this worker has {classifier.version}"
         )
     preprocessing = classifier.spec.preprocessing
     prepared = [
-        fetcher.submit(prepare_record, record, fetcher, preprocessing) for record in records
+        fetcher.submit(prepare_record, record, fetcher, preprocessing) for record in attempt.records
     ]
-    return StartedBatch(batch_id, run.id, records, prepared)
+    return StartedBatch(batch_id, attempt.run_id, attempt.records, prepared)
 
 
 def classify_started(
-    db: Database, started: StartedBatch, classifier: Classifier, model_batch: int
+    db: Database, started: StartedBatch, classifier: Classifier, inference_batch: int
 ) -> Classified:
     """The model stage: one outcome per record, as its images become ready."""
-    return classify_prepared(
-        started.prepared, classifier, model_batch, stored_scores(db, classifier.version)
-    )
+    lookup = partial(batches.stored_scores, db, classifier.version)
+    return classify_prepared(started.prepared, classifier, inference_batch, lookup)
 
 
 def commit_batch(
     db: Database, started: StartedBatch, version: str, classified: Classified
 ) -> BatchReport:
     """Write the batch's outcomes and mark it done, in one transaction; then maybe the run."""
-    with db.transaction() as session:
-        save_outcomes(session, started.run_id, version, classified.outcomes)
-        session.execute(
-            sa.update(Batch)
-            .where(Batch.id == started.batch_id)
-            .values(status=BatchStatus.DONE, error=None, heartbeat_at=None, updated_at=utc_now())
-        )
-    complete_run_if_done(db, started.run_id)
+    commit_outcomes(db, started.batch_id, started.run_id, version, classified.outcomes)
     counts: dict[str, int] = {}
     for outcome in classified.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -180,10 +139,7 @@ def commit_batch(
 
 
 def skipped_report(db: Database, batch_id: int) -> BatchReport:
-    with db.transaction() as session:
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        return BatchReport(batch_id, batch.run_id, True, {})
+    return BatchReport(batch_id, batches.batch_run(db, batch_id), True, {})
 
 
 def process_batch(
@@ -192,41 +148,24 @@ def process_batch(
     classifier: Classifier,
     fetcher: Fetcher,
     max_attempts: int,
-    model_batch: int = DEFAULT_MODEL_BATCH,
+    inference_batch: int = DEFAULT_INFERENCE_BATCH,
     heartbeat: Heartbeat | None = None,
 ) -> BatchReport:
     """Classify one batch and commit its results; a finished batch is skipped.
 
-    Raises PoisonBatch once the batch has used up its attempts; callers then
-    give it up with `fail_batch`. With a `heartbeat`, the batch is kept alive in
+    Raises AttemptsExhausted once the batch has used up its attempts; callers
+    then give it up with `lifecycle.fail_batch`. With a `heartbeat`, the batch is kept alive in
     the database while it runs, so that a dead worker's batch is found and re-sent.
     """
     started = begin_batch(db, batch_id, classifier, fetcher, max_attempts, heartbeat is not None)
     if started is None:
         return skipped_report(db, batch_id)
     with heartbeat.beating(batch_id) if heartbeat is not None else nullcontext():
-        classified = classify_started(db, started, classifier, model_batch)
+        classified = classify_started(db, started, classifier, inference_batch)
         return commit_batch(db, started, classifier.version, classified)
 
 
-def stored_scores(db: Database, version: str) -> ScoreLookup:
-    """Scores this model version already gave to images with these SHA-256s, from any record."""
-
-    def lookup(digests: Sequence[str]) -> dict[str, list[float]]:
-        with db.transaction() as session:
-            rows = session.execute(
-                sa.select(Result.image_sha256, Result.scores).where(
-                    Result.model_version == version,
-                    Result.image_sha256.in_(digests),
-                    Result.status.in_([Outcome.LABELLED, Outcome.BELOW_THRESHOLD]),
-                )
-            )
-            return {digest: scores for digest, scores in rows if scores}
-
-    return lookup
-
-
-def prepare_record(record: RecordRow, fetcher: Fetcher, preprocessing) -> _Prepared:
+def prepare_record(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Prepared:
     """Fetch and decode one record's image, on a fetch thread; whatever goes wrong is its own.
 
     Fetching never raises and decoding raises ImageError for bad bytes; anything
@@ -246,7 +185,7 @@ def prepare_record(record: RecordRow, fetcher: Fetcher, preprocessing) -> _Prepa
         return _Prepared(record, None, None, failure)
 
 
-def _prepare(record: RecordRow, fetcher: Fetcher, preprocessing) -> _Prepared:
+def _prepare(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Prepared:
     if not record.image_url:
         failure = RecordOutcome.failed(record.id, "no_image", "the record has no usable image URL")
         return _Prepared(record, None, None, failure)
@@ -278,7 +217,7 @@ def _prepare(record: RecordRow, fetcher: Fetcher, preprocessing) -> _Prepared:
 def classify_prepared(
     futures: Sequence[Future[_Prepared]],
     classifier: Classifier,
-    model_batch: int,
+    inference_batch: int,
     lookup: ScoreLookup | None = None,
 ) -> Classified:
     """Run the model over prepared records in chunks, in order, as they become ready.
@@ -290,8 +229,8 @@ def classify_prepared(
     outcomes: list[RecordOutcome] = []
     known: dict[str, np.ndarray] = {}  # image SHA-256 -> scores, as stored
     model_inputs = reused = 0
-    for start in range(0, len(futures), model_batch):
-        chunk = [future.result() for future in futures[start : start + model_batch]]
+    for start in range(0, len(futures), inference_batch):
+        chunk = [future.result() for future in futures[start : start + inference_batch]]
         ready = [item for item in chunk if item.failure is None]
         unseen = sorted({item.sha256 for item in ready if item.sha256 not in known})
         if lookup is not None and unseen:
@@ -326,123 +265,3 @@ def classify_prepared(
                 )
             )
     return Classified(outcomes, model_inputs, reused)
-
-
-def note_batch_error(db: Database, batch_id: int, message: str) -> None:
-    """Keep the last error on the batch, for the message when it is finally given up.
-
-    Its heartbeat stops too: the caller retries the batch itself, and the sweep
-    must not send it a second time meanwhile.
-    """
-    with db.transaction() as session:
-        session.execute(
-            sa.update(Batch)
-            .where(Batch.id == batch_id)
-            .values(error=message[:2000], heartbeat_at=None)
-        )
-
-
-def fail_batch(db: Database, batch_id: int, reason: str, message: str) -> None:
-    """Give up on a batch: each of its records gets an error result saying why."""
-    with db.transaction() as session:
-        batch = session.get(Batch, batch_id)
-        if batch is None or batch.status in BatchStatus.FINISHED:
-            return
-        run = session.get(Run, batch.run_id)
-        assert run is not None
-        outcomes = [
-            RecordOutcome.failed(record_id, reason, message) for record_id in batch.record_ids
-        ]
-        save_outcomes(session, run.id, run.model_version, outcomes)
-        batch.status = BatchStatus.FAILED
-        batch.error = message
-        batch.heartbeat_at = None
-        run_id = run.id
-    complete_run_if_done(db, run_id)
-
-
-class Heartbeat:
-    """Keeps the batches this process is working on alive in the database.
-
-    One thread per worker process touches `batches.heartbeat_at` of every batch
-    in progress each `interval` seconds. A worker that dies (SIGKILL, a machine
-    taken away) stops touching them; `sweep_stale`, run by every live worker,
-    then finds them and sends them again, long before the broker's visibility
-    timeout would.
-    """
-
-    def __init__(self, db: Database, interval: float) -> None:
-        self.db = db
-        self.interval = interval
-        self._batches: set[int] = set()
-        self._lock = threading.Lock()
-
-    def beating(self, batch_id: int) -> _Beating:
-        return _Beating(self, batch_id)
-
-    def in_progress(self) -> list[int]:
-        with self._lock:
-            return sorted(self._batches)
-
-    def touch(self) -> None:
-        """One beat for every batch in progress here."""
-        batch_ids = self.in_progress()
-        if not batch_ids:
-            return
-        with self.db.transaction() as session:
-            session.execute(
-                sa.update(Batch)
-                .where(
-                    Batch.id.in_(batch_ids),
-                    Batch.status.not_in(BatchStatus.FINISHED),
-                    Batch.heartbeat_at.is_not(None),
-                )
-                .values(heartbeat_at=utc_now())
-            )
-
-
-class _Beating:
-    def __init__(self, heartbeat: Heartbeat, batch_id: int) -> None:
-        self.heartbeat = heartbeat
-        self.batch_id = batch_id
-
-    def __enter__(self) -> None:
-        with self.heartbeat._lock:
-            self.heartbeat._batches.add(self.batch_id)
-
-    def __exit__(self, *_: object) -> None:
-        with self.heartbeat._lock:
-            self.heartbeat._batches.discard(self.batch_id)
-
-
-def sweep_stale(db: Database, stale_after: float) -> list[tuple[int, str]]:
-    """Claim the batches whose worker stopped beating; (batch id, queue) for each, to re-send.
-
-    A claim is one conditional UPDATE per batch (its heartbeat cleared, its
-    status back to queued), so of several live workers sweeping at once exactly
-    one re-sends each batch. The attempt the dead worker used stays counted: the
-    next start counts its own, and a batch that kills every worker it reaches is
-    still stopped by the attempts limit.
-    """
-    cutoff = utc_now() - timedelta(seconds=stale_after)
-    claimed: list[tuple[int, str]] = []
-    with db.transaction() as session:
-        stale = session.execute(
-            sa.select(Batch.id, Batch.heartbeat_at, Run.queue)
-            .join(Run, Run.id == Batch.run_id)
-            .where(
-                Batch.status.not_in(BatchStatus.FINISHED),
-                Batch.heartbeat_at.is_not(None),
-                Batch.heartbeat_at < cutoff,
-            )
-        ).all()
-    for batch_id, seen, queue in stale:
-        with db.transaction() as session:
-            won = session.execute(
-                sa.update(Batch)
-                .where(Batch.id == batch_id, Batch.heartbeat_at == seen)
-                .values(heartbeat_at=None, status=BatchStatus.QUEUED, updated_at=utc_now())
-            )
-            if won.rowcount == 1:
-                claimed.append((batch_id, queue))
-    return claimed

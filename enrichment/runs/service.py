@@ -1,31 +1,38 @@
 """The service layer: starting and resuming runs, as the CLI and the Celery beat task call them.
 
-Each function validates everything it can before a run exists (a malformed
-records file, a missing API key), holds the scope's scheduler lock while
-paging, and hands batches to the dispatcher it is given.
+Everything that can be checked is checked once, before a run exists and
+before the dispatcher (which may load a model) is built: the model directory,
+a malformed records file, a missing API key. Then the scope's scheduler lock
+is held while paging, and batches go to the dispatcher.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from enrichment.config import Settings
-from enrichment.errors import ConfigError, EnrichError
+from enrichment.errors import ConfigError, InvalidValue
+from enrichment.model.spec import read_model_json
 from enrichment.runs.schedule import (
     Dispatcher,
     ModelIdentity,
     RunProgress,
     fill_run,
-    get_run,
     resume_run,
     start_run,
 )
-from enrichment.sources import RecordsFileSource, source_for_scope
+from enrichment.sources import RecordsFileSource, Source, source_for_scope
 from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
 from enrichment.store.database import Database
-from enrichment.store.locks import scope_lock
+from enrichment.store.locks import execution_scope, scope_lock
+from enrichment.store.runs import run_state
+
+# Builds the dispatcher once the request is known to be good (it may load a model).
+DispatcherFactory = Callable[[], AbstractContextManager[Dispatcher]]
 
 
 def records_scope(path: Path) -> dict[str, Any]:
@@ -36,7 +43,7 @@ def europeana_scope(queries: Sequence[SearchQuery], image_source: str = "auto") 
     """The stored scope of a Search API run; a query given twice (`--dataset X --dataset X`)
     is kept once, so its records are not paged twice."""
     if image_source not in IMAGE_SOURCES:
-        raise EnrichError(f"--image-source must be one of {', '.join(IMAGE_SOURCES)}")
+        raise InvalidValue("image_source", f"must be one of {', '.join(IMAGE_SOURCES)}")
     return {
         "source": "europeana",
         "queries": [query.as_json() for query in dict.fromkeys(queries)],
@@ -54,6 +61,73 @@ def check_scope(scope: dict[str, Any], settings: Settings) -> None:
         )
 
 
+def model_identity(model_dir: Path) -> ModelIdentity:
+    """The model a run is scheduled for, read from its directory (a bad one fails here)."""
+    spec, version, _ = read_model_json(model_dir)
+    return ModelIdentity(version, spec)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """A run as a user asks for it: what to enrich, with which model, in batches of how many."""
+
+    scope: dict[str, Any]
+    kind: str
+    model_dir: Path
+    batch_size: int
+    full: bool = False
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A request found good (`check`), with the model it names: a run can start from it."""
+
+    request: RunRequest
+    model: ModelIdentity
+
+
+def check(request: RunRequest, settings: Settings) -> CheckedRun:
+    """Everything that can fail before a run exists, once, before the database is opened."""
+    model = model_identity(request.model_dir)
+    check_scope(request.scope, settings)
+    return CheckedRun(request, model)
+
+
+def enrich(
+    db: Database,
+    settings: Settings,
+    checked: CheckedRun,
+    dispatchers: DispatcherFactory,
+    on_start: Callable[[int, str], None] = lambda run_id, version: None,
+) -> RunProgress:
+    """Start a checked run and schedule it to the end with a new dispatcher.
+
+    The run's executing lock is held until the dispatcher has finished (in
+    process: every batch is done), so `enrich status` can tell a run that this
+    process still works on from one left behind by a process that died.
+    `on_start(run_id, model_version)` is called once the run exists.
+    """
+    request, model = checked.request, checked.model
+    executing = ExitStack()
+
+    def started(run_id: int) -> None:
+        executing.enter_context(scope_lock(db, execution_scope(run_id)))
+        on_start(run_id, model.version)
+
+    with executing, dispatchers() as dispatcher:
+        return _schedule(
+            db,
+            settings,
+            request.scope,
+            request.kind,
+            model,
+            dispatcher,
+            request.batch_size,
+            request.full,
+            started,
+        )
+
+
 def start(
     db: Database,
     settings: Settings,
@@ -65,8 +139,23 @@ def start(
     full: bool = False,
     on_start: Callable[[int], None] = lambda run_id: None,
 ) -> RunProgress:
-    """Create a run over `scope` and schedule it to the end; returns when all is dispatched."""
+    """Create a run over `scope` and schedule it to the end with a dispatcher the caller holds
+    (the nightly task's); returns when all is dispatched."""
     check_scope(scope, settings)
+    return _schedule(db, settings, scope, kind, model, dispatcher, batch_size, full, on_start)
+
+
+def _schedule(
+    db: Database,
+    settings: Settings,
+    scope: dict[str, Any],
+    kind: str,
+    model: ModelIdentity,
+    dispatcher: Dispatcher,
+    batch_size: int,
+    full: bool,
+    on_start: Callable[[int], None],
+) -> RunProgress:
     with scope_lock(db, scope):
         run_id = start_run(db, model, kind, scope, full)
         on_start(run_id)
@@ -74,17 +163,27 @@ def start(
 
 
 def resume(
-    db: Database, settings: Settings, run_id: int, dispatcher: Dispatcher, batch_size: int
+    db: Database,
+    settings: Settings,
+    run_id: int,
+    dispatchers: DispatcherFactory,
+    batch_size: int,
 ) -> RunProgress:
-    """Continue a run from its checkpoint and re-dispatch its unfinished batches."""
-    with db.transaction() as session:
-        scope = get_run(session, run_id).scope
+    """Continue a run from its checkpoint and re-dispatch its unfinished batches.
+
+    The run's scope is checked first; the run's executing lock is held until
+    the new dispatcher has finished, and its scope's lock while it pages.
+    """
+    scope = run_state(db, run_id).scope
     check_scope(scope, settings)
-    with scope_lock(db, scope):
+    with (
+        scope_lock(db, execution_scope(run_id)),
+        dispatchers() as dispatcher,
+        scope_lock(db, scope),
+    ):
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
 
 
-def _source(db: Database, settings: Settings, run_id: int):
-    with db.transaction() as session:
-        run = get_run(session, run_id)
-        return source_for_scope(run.scope, settings, (run.checkpoint or {}).get("since"))
+def _source(db: Database, settings: Settings, run_id: int) -> Source:
+    run = run_state(db, run_id)
+    return source_for_scope(run.scope, settings, run.checkpoint.get("since"))

@@ -37,6 +37,10 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     return config
 
 
+# What a database blip raises (a server restarting, a dropped connection): callers outside
+# store/ retry on these without importing SQLAlchemy.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc.DBAPIError)
+
 SUPPORTED = {"postgresql": "postgresql://USER:PASSWORD@HOST/DB", "sqlite": "sqlite:///PATH"}
 CONNECT_TIMEOUT = 10  # seconds; a DATABASE_URL with ?connect_timeout=N keeps its own
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -223,8 +227,19 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
+        """The one way to work in the database: a Session, committed at the end."""
         with self.sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def session_connection(self) -> Iterator[sa.Connection]:
+        """A connection of its own for state that outlives transactions (advisory locks).
+
+        The caller commits as it goes; a pooled Session would hand the connection,
+        and the lock with it, back to the pool at its first commit.
+        """
+        with self.engine.connect() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

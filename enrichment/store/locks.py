@@ -37,7 +37,7 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
     key = scope_key(scope)
     refused = ScopeBusy("another scheduler is working on this scope right now; try again later")
     if db.dialect == "postgresql":
-        with db.engine.connect() as connection:
+        with db.session_connection() as connection:
             if not connection.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
                 raise refused
             # The lock is the session's, not the transaction's: end the transaction, so a
@@ -49,7 +49,7 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
                 connection.execute(sa.select(sa.func.pg_advisory_unlock(key)))
                 connection.commit()
         return
-    database = db.engine.url.database
+    database = sa.engine.make_url(db.url).database
     if not database or database == ":memory:":
         yield
         return

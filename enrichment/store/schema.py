@@ -10,6 +10,7 @@ and SQLite compare them the same way.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -44,22 +45,25 @@ class Base(DeclarativeBase):
     }
 
 
-class RunStatus:
+class RunStatus(StrEnum):
     SCHEDULING = "scheduling"
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
 
 
-class BatchStatus:
+class BatchStatus(StrEnum):
     PENDING = "pending"
     QUEUED = "queued"
     DONE = "done"
     FAILED = "failed"
-    FINISHED = (DONE, FAILED)
 
 
-class Outcome:
+# A batch in one of these states is never worked on again.
+FINISHED_BATCHES = (BatchStatus.DONE, BatchStatus.FAILED)
+
+
+class Outcome(StrEnum):
     """A record's result: labelled, classified with no label above threshold, or an error."""
 
     LABELLED = "labelled"

@@ -16,14 +16,22 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
-from enrichment.store.schema import Label, ModelRow, Outcome, Result, utc_now
+from enrichment.store.schema import (
+    Label,
+    ModelRow,
+    Outcome,
+    RecordRow,
+    Result,
+    as_utc_naive,
+    utc_now,
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,56 @@ def upsert_statement(session: Session, table: sa.Table) -> Any:
     if dialect == "sqlite":
         return sqlite.insert(table)
     raise DatabaseError(f"unsupported database dialect {dialect}")
+
+
+class SourceRecord(Protocol):
+    """A record as a source gives it (`enrichment.sources.Record`), as the store reads it."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def item_uri(self) -> str: ...
+    @property
+    def image_url(self) -> str | None: ...
+    @property
+    def provider(self) -> str | None: ...
+    @property
+    def title(self) -> str | None: ...
+    @property
+    def timestamp_update(self) -> datetime | None: ...
+
+
+RECORD_FIELDS = ("dataset", "item_uri", "image_url", "provider", "title", "timestamp_update")
+
+
+def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
+    """Insert new records and bring known ones up to date; `first_seen` stays the first."""
+    if not records:
+        return
+    now = utc_now()
+    insert = upsert_statement(session, RecordRow.__table__)
+    session.execute(
+        insert.on_conflict_do_update(
+            index_elements=["id"],
+            set_={name: insert.excluded[name] for name in (*RECORD_FIELDS, "last_seen")},
+        ),
+        [
+            {
+                "id": record.id,
+                "dataset": record.dataset,
+                "item_uri": record.item_uri,
+                "image_url": record.image_url,
+                "provider": record.provider,
+                "title": record.title,
+                "timestamp_update": as_utc_naive(record.timestamp_update),
+                "first_seen": now,
+                "last_seen": now,
+            }
+            for record in records
+        ],
+    )
 
 
 def register_model(

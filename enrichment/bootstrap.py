@@ -1,0 +1,87 @@
+"""The composition root: the settings read once per process, and what is built from them.
+
+The CLI reads the settings at its start (`enrichment.cli.base`), a Celery
+worker process when its app is configured (`worker.app`); both build the
+database, the fetcher, the classifier and the dispatcher here, so no library
+function reads the environment behind its caller's back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from enrichment.config import Settings
+from enrichment.store.database import Database
+
+# Imported where they are built: a reporting command loads neither the fetcher's
+# nor the model's dependencies, and only the processes that classify import torch.
+if TYPE_CHECKING:
+    from enrichment.media.fetch import Fetcher
+    from enrichment.model.classifier import Classifier
+    from enrichment.runs.schedule import Dispatcher
+
+
+def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings from the environment, validated; the one place that reads them."""
+    return Settings.from_env(environ)
+
+
+def open_database(settings: Settings) -> Database:
+    """The database of DATABASE_URL, at this code's schema (the SQLite default migrated)."""
+    db = Database(settings.database_url)
+    db.ensure_schema()
+    return db
+
+
+def new_fetcher(settings: Settings) -> Fetcher:
+    """A fetcher with its threads; whoever holds it closes it."""
+    from enrichment.media.fetch import Fetcher
+
+    return Fetcher(settings)
+
+
+def load_classifier(model_dir: Path) -> Classifier:
+    """The model of a directory, loaded (torch is imported here, on first use)."""
+    from enrichment.model.classifier import Classifier
+
+    return Classifier.load(model_dir)
+
+
+def dispatcher(
+    settings: Settings,
+    model_dir: Path,
+    inference_batch: int | None = None,
+    show_progress: bool = False,
+) -> AbstractContextManager[Dispatcher]:
+    """Celery workers with a broker (no model here); this process without one.
+
+    `inference_batch` (images per forward pass) defaults to the setting.
+    """
+    from enrichment.runs.dispatchers import celery_entry
+
+    if settings.broker_url:
+        return celery_entry("dispatcher")(settings)
+    return in_process_dispatcher(
+        settings, load_classifier(model_dir), inference_batch, show_progress
+    )
+
+
+def in_process_dispatcher(
+    settings: Settings,
+    classifier: Classifier,
+    inference_batch: int | None = None,
+    show_progress: bool = False,
+) -> AbstractContextManager[Dispatcher]:
+    """Batches run in this process with a loaded model, and a fetcher the dispatcher owns."""
+    from enrichment.runs.inprocess import InProcessDispatcher
+
+    return InProcessDispatcher(
+        classifier,
+        new_fetcher(settings),
+        settings.max_attempts,
+        inference_batch=inference_batch or settings.inference_batch,
+        show_progress=show_progress,
+    )

@@ -1,0 +1,222 @@
+"""A batch's state changes, one transaction each: started, done, errored, given up, swept.
+
+A batch's attempt is counted when it starts, before any work, so a worker
+killed mid-batch still leaves its count behind; a batch that has used up its
+attempts is refused (`AttemptsExhausted`) and then given up with an error
+result per record. Workers touch the heartbeat of the batches they run; a
+batch whose heartbeat went stale is claimed by exactly one sweeping worker
+(one conditional UPDATE) and sent again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from enrichment.store.database import Database
+from enrichment.store.schema import (
+    FINISHED_BATCHES,
+    Batch,
+    BatchStatus,
+    Outcome,
+    RecordRow,
+    Result,
+    Run,
+    utc_now,
+)
+from enrichment.store.writes import RecordOutcome, save_outcomes
+
+
+class AttemptsExhausted(Exception):
+    """A batch started as often as allowed without finishing: something in it keeps killing
+    its worker. The caller gives it up (`give_up_batch`)."""
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A record of a batch, as the pipeline needs it to fetch and classify its image."""
+
+    id: str
+    image_url: str | None
+    timestamp_update: datetime | None
+
+
+@dataclass(frozen=True)
+class BatchAttempt:
+    """A batch whose attempt is counted: its run's model version and its records, each once."""
+
+    batch_id: int
+    run_id: int
+    model_version: str
+    records: list[BatchRecord]
+
+
+def start_batch(
+    db: Database, batch_id: int, max_attempts: int, heartbeat: bool = False
+) -> BatchAttempt | None:
+    """Count an attempt and load the batch's records; None if the batch already finished.
+
+    The batch row is locked (PostgreSQL) while its attempt is counted, so two
+    deliveries of one batch count two attempts. Raises AttemptsExhausted once
+    it has used `max_attempts`. With `heartbeat`, its heartbeat starts now.
+    """
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id, with_for_update=db.dialect == "postgresql")
+        if batch is None:
+            raise LookupError(f"batch {batch_id} does not exist")
+        if batch.status in FINISHED_BATCHES:
+            return None
+        if batch.attempts >= max_attempts:
+            raise AttemptsExhausted(
+                f"batch {batch_id} was started {batch.attempts} times without finishing"
+                + (f"; last error: {batch.error}" if batch.error else "")
+            )
+        batch.attempts += 1
+        if heartbeat:
+            batch.heartbeat_at = utc_now()
+        run = session.get(Run, batch.run_id)
+        assert run is not None
+        wanted = list(dict.fromkeys(batch.record_ids))  # a record listed twice is done once
+        rows = session.execute(
+            sa.select(RecordRow.id, RecordRow.image_url, RecordRow.timestamp_update).where(
+                RecordRow.id.in_(wanted)
+            )
+        ).all()
+        by_id = {row.id: BatchRecord(*row) for row in rows}
+        records = [by_id[record_id] for record_id in wanted if record_id in by_id]
+        return BatchAttempt(batch.id, run.id, run.model_version, records)
+
+
+def batch_run(db: Database, batch_id: int) -> int:
+    """The run a batch belongs to."""
+    with db.transaction() as session:
+        run_id = session.scalar(sa.select(Batch.run_id).where(Batch.id == batch_id))
+        if run_id is None:
+            raise LookupError(f"batch {batch_id} does not exist")
+        return run_id
+
+
+def finish_batch(
+    db: Database,
+    batch_id: int,
+    run_id: int,
+    model_version: str,
+    outcomes: Sequence[RecordOutcome],
+) -> None:
+    """Write a batch's outcomes and mark it done, in one transaction (idempotently)."""
+    with db.transaction() as session:
+        save_outcomes(session, run_id, model_version, outcomes)
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status=BatchStatus.DONE, error=None, heartbeat_at=None, updated_at=utc_now())
+        )
+
+
+def note_batch_error(db: Database, batch_id: int, message: str) -> None:
+    """Keep the last error on the batch, for the message when it is finally given up.
+
+    Its heartbeat stops too: the caller retries the batch itself, and the sweep
+    must not send it a second time meanwhile.
+    """
+    with db.transaction() as session:
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id)
+            .values(error=message[:2000], heartbeat_at=None)
+        )
+
+
+def give_up_batch(db: Database, batch_id: int, reason: str, message: str) -> int | None:
+    """Mark a batch failed with an error result per record saying why; its run's id.
+
+    None, and nothing written, if the batch does not exist or already finished.
+    """
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id)
+        if batch is None or batch.status in FINISHED_BATCHES:
+            return None
+        run = session.get(Run, batch.run_id)
+        assert run is not None
+        outcomes = [
+            RecordOutcome.failed(record_id, reason, message) for record_id in batch.record_ids
+        ]
+        save_outcomes(session, run.id, run.model_version, outcomes)
+        batch.status = BatchStatus.FAILED
+        batch.error = message
+        batch.heartbeat_at = None
+        return run.id
+
+
+def touch_heartbeats(db: Database, batch_ids: Sequence[int]) -> None:
+    """One beat for each of these batches still running with a heartbeat."""
+    if not batch_ids:
+        return
+    with db.transaction() as session:
+        session.execute(
+            sa.update(Batch)
+            .where(
+                Batch.id.in_(batch_ids),
+                Batch.status.not_in(FINISHED_BATCHES),
+                Batch.heartbeat_at.is_not(None),
+            )
+            .values(heartbeat_at=utc_now())
+        )
+
+
+def restart_heartbeats(db: Database, batch_ids: Sequence[int]) -> None:
+    """Claimed batches that could not be sent again: beating again, so a later sweep
+    finds them stale and claims them once more."""
+    with db.transaction() as session:
+        session.execute(
+            sa.update(Batch).where(Batch.id.in_(batch_ids)).values(heartbeat_at=utc_now())
+        )
+
+
+def claim_stale_batches(db: Database, stale_after: float) -> list[tuple[int, str]]:
+    """Claim the batches whose worker stopped beating; (batch id, queue) of each, to re-send.
+
+    A claim is one conditional UPDATE per batch (its heartbeat cleared, its
+    status back to queued), so of several live workers sweeping at once exactly
+    one claims each batch. The attempt the dead worker used stays counted: the
+    next start counts its own, and a batch that kills every worker it reaches is
+    still stopped by the attempts limit.
+    """
+    cutoff = utc_now() - timedelta(seconds=stale_after)
+    claimed: list[tuple[int, str]] = []
+    with db.transaction() as session:
+        stale = session.execute(
+            sa.select(Batch.id, Batch.heartbeat_at, Run.queue)
+            .join(Run, Run.id == Batch.run_id)
+            .where(
+                Batch.status.not_in(FINISHED_BATCHES),
+                Batch.heartbeat_at.is_not(None),
+                Batch.heartbeat_at < cutoff,
+            )
+        ).all()
+    for batch_id, seen, queue in stale:
+        with db.transaction() as session:
+            won = session.execute(
+                sa.update(Batch)
+                .where(Batch.id == batch_id, Batch.heartbeat_at == seen)
+                .values(heartbeat_at=None, status=BatchStatus.QUEUED, updated_at=utc_now())
+            )
+            if won.rowcount == 1:
+                claimed.append((batch_id, queue))
+    return claimed
+
+
+def stored_scores(db: Database, version: str, digests: Sequence[str]) -> dict[str, list[float]]:
+    """Scores this model version already gave to images with these SHA-256s, from any record."""
+    with db.transaction() as session:
+        rows = session.execute(
+            sa.select(Result.image_sha256, Result.scores).where(
+                Result.model_version == version,
+                Result.image_sha256.in_(digests),
+                Result.status.in_([Outcome.LABELLED, Outcome.BELOW_THRESHOLD]),
+            )
+        )
+        return {digest: scores for digest, scores in rows if scores}

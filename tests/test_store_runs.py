@@ -1,0 +1,286 @@
+"""The run and batch state changes of `enrichment.store`, called directly.
+
+Each runs on SQLite and on PostgreSQL (where the SQL differs: the row lock
+when a batch starts, the conditional UPDATE of a claim, COPY in the writes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from enrichment.errors import EnrichError, ScopeBusy
+from enrichment.sources.records_file import Record
+from enrichment.store import batches, runs
+from enrichment.store.database import Database
+from enrichment.store.runs import ModelRegistration, PreviousRun
+from enrichment.store.schema import Batch, BatchStatus, Outcome, Run, RunStatus, utc_now
+from enrichment.store.writes import RecordOutcome
+
+VERSION = "tiny@000000000000"
+MODEL = ModelRegistration(
+    VERSION, "tiny", "resnet18", [{"key": "a", "label": "A", "concept": "urn:a"}], [0.5]
+)
+SCOPE = {"source": "records_file", "path": "/records.jsonl"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/db.sqlite3"
+    else:
+        url = request.getfixturevalue("pg_url")
+    database = Database(url)
+    database.upgrade()
+    yield database
+    database.dispose()
+
+
+def record(number: int, image: str = "http://img/1.jpg") -> Record:
+    return Record(f"/d/{number}", "d", f"http://data.europeana.eu/item/d/{number}", image)
+
+
+def new_run(db: Database, scope: dict = SCOPE, full: bool = False) -> int:
+    return runs.start_run(db, MODEL, "on_demand", "enrich.on_demand", scope, _fresh, full)
+
+
+def _fresh(previous: PreviousRun | None) -> dict:
+    return {"pending": []} if previous is None else {"pending": [], "previous_run": previous.id}
+
+
+def test_a_run_starts_scheduling_and_a_second_over_its_scope_is_refused(db: Database) -> None:
+    run_id = new_run(db)
+    state = runs.run_state(db, run_id)
+    assert (state.status, state.queue, state.model_version) == (
+        RunStatus.SCHEDULING,
+        "enrich.on_demand",
+        VERSION,
+    )
+    assert state.checkpoint == {"pending": []}
+    with pytest.raises(ScopeBusy, match=f"run {run_id} over the same scope has not finished"):
+        new_run(db)
+    assert new_run(db, {**SCOPE, "path": "/other.jsonl"}) != run_id  # another scope is free
+    with pytest.raises(EnrichError, match="run 999 does not exist"):
+        runs.run_state(db, 999)
+
+
+def test_the_first_checkpoint_sees_the_last_completed_run_unless_full(db: Database) -> None:
+    first = new_run(db)
+    runs.mark_running(db, first)
+    assert runs.complete_run_if_done(db, first)  # no batches: done at once
+    second = new_run(db)
+    assert runs.run_state(db, second).checkpoint == {"pending": [], "previous_run": first}
+    runs.mark_failed(db, second, "stopped")
+    third = new_run(db, full=True)
+    assert runs.run_state(db, third).checkpoint == {"pending": []}
+
+
+def test_a_page_stores_its_records_and_cuts_whole_batches(db: Database) -> None:
+    run_id = new_run(db)
+    page = [record(1), record(2), record(2), record(3)]  # one served twice
+    committed = runs.commit_page(
+        db, run_id, VERSION, page, {"records": 4}, {"pending": []}, 2, False
+    )
+    assert committed.checkpoint == {"pending": ["/d/3"], "position": {"records": 4}}
+    assert len(committed.batch_ids) == 1
+    state = runs.run_state(db, run_id)
+    assert (state.records_seen, state.batches_total) == (3, 1)
+    # The next page: a record still waiting is not enqueued twice.
+    page = [record(3), record(4), record(5)]
+    committed = runs.commit_page(
+        db, run_id, VERSION, page, {"records": 7}, committed.checkpoint, 2, False
+    )
+    assert committed.checkpoint["pending"] == ["/d/5"]
+    tail = runs.commit_tail(db, run_id, VERSION, committed.checkpoint, 2)
+    assert tail.checkpoint == {"pending": [], "position": {"records": 7}, "done": True}
+    assert len(tail.batch_ids) == 1
+    assert runs.unfinished_batches(db, run_id) == _batch_ids(db, run_id)
+    with db.transaction() as session:
+        run = session.get(Run, run_id)
+        assert (run.records_seen, run.records_enqueued, run.batches_total) == (6, 5, 3)
+    assert _record_lists(db, run_id) == [["/d/1", "/d/2"], ["/d/3", "/d/4"], ["/d/5"]]
+
+
+def test_only_records_needing_work_are_enqueued_and_errors_are_retried(db: Database) -> None:
+    first = new_run(db)
+    committed = runs.commit_page(
+        db, first, VERSION, [record(1), record(2)], {}, {"pending": []}, 2, False
+    )
+    (batch_id,) = committed.batch_ids
+    runs.commit_tail(db, first, VERSION, committed.checkpoint, 2)
+    runs.mark_running(db, first)
+    batches.finish_batch(
+        db,
+        batch_id,
+        first,
+        VERSION,
+        [
+            RecordOutcome("/d/1", Outcome.BELOW_THRESHOLD, [0.1], image_url="http://img/1.jpg"),
+            RecordOutcome.failed("/d/2", "fetch_error", "gone", image_url="http://img/1.jpg"),
+        ],
+    )
+    assert runs.complete_run_if_done(db, first)
+    with db.transaction() as session:
+        counts = session.get(Run, first).final_counts
+    assert counts["outcomes"] == {"below_threshold": 1, "error": 1}
+    assert counts["errors_by_reason"] == {"fetch_error": 1}
+    second = new_run(db)
+    checkpoint = runs.run_state(db, second).checkpoint
+    # Unchanged and classified: skipped; failed before, or its image changed: enqueued.
+    page = [record(1), record(2), record(3, "http://img/new.jpg")]
+    committed = runs.commit_page(db, second, VERSION, page, {}, checkpoint, 10, False)
+    assert committed.checkpoint["pending"] == ["/d/2", "/d/3"]
+    # The tail adds the previous run's errors that the pages did not bring back.
+    tail = runs.commit_tail(db, second, VERSION, {**checkpoint, "pending": []}, 10)
+    with db.transaction() as session:
+        (retried,) = tail.batch_ids
+        assert session.get(Batch, retried).record_ids == ["/d/2"]
+
+
+def test_a_run_completes_only_when_running_and_every_batch_finished(db: Database) -> None:
+    run_id, (one, two) = _run_with_batches(db, 2)
+    assert not runs.complete_run_if_done(db, run_id)  # still scheduling
+    runs.mark_running(db, run_id)
+    batches.finish_batch(db, one, run_id, VERSION, [])
+    assert not runs.complete_run_if_done(db, run_id)
+    assert batches.give_up_batch(db, two, "batch_failed", "boom") == run_id
+    assert runs.complete_run_if_done(db, run_id)
+    assert not runs.complete_run_if_done(db, run_id)  # once
+    state = runs.run_state(db, run_id)
+    assert state.status == RunStatus.COMPLETED
+    assert runs.unfinished_batches(db, run_id) == []
+
+
+def test_marking_queued_moves_only_pending_batches(db: Database) -> None:
+    run_id, (one, two) = _run_with_batches(db, 2)
+    batches.finish_batch(db, one, run_id, VERSION, [])
+    runs.mark_queued(db, [one, two])
+    assert _statuses(db, run_id) == {one: BatchStatus.DONE, two: BatchStatus.QUEUED}
+
+
+def test_a_start_counts_its_attempt_before_work_and_refuses_a_poison_batch(db: Database) -> None:
+    run_id, (batch_id,) = _run_with_batches(db, 1, [["/d/1", "/d/2", "/d/1"]])
+    started = batches.start_batch(db, batch_id, max_attempts=2, heartbeat=True)
+    assert started is not None
+    assert (started.run_id, started.model_version) == (run_id, VERSION)
+    assert [r.id for r in started.records] == ["/d/1", "/d/2"]  # a record listed twice, once
+    batches.note_batch_error(db, batch_id, "RuntimeError: " + "x" * 3000)
+    assert batches.start_batch(db, batch_id, max_attempts=2) is not None
+    with pytest.raises(batches.AttemptsExhausted, match=r"started 2 times.*last error: Runtime"):
+        batches.start_batch(db, batch_id, max_attempts=2)
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id)
+        assert (batch.attempts, len(batch.error), batch.heartbeat_at) == (2, 2000, None)
+    assert batches.give_up_batch(db, batch_id, "batch_failed", "gave up") == run_id
+    assert batches.give_up_batch(db, batch_id, "batch_failed", "again") is None  # finished
+    assert batches.start_batch(db, batch_id, max_attempts=2) is None
+    assert batches.batch_run(db, batch_id) == run_id
+    with pytest.raises(LookupError):
+        batches.start_batch(db, 12345, max_attempts=2)
+
+
+def test_concurrent_starts_count_every_attempt_under_the_row_lock(pg_url: str) -> None:
+    """PostgreSQL: two deliveries of a batch at once count two attempts (SELECT FOR UPDATE).
+    SQLite has one starting thread per process (the in-process dispatcher's)."""
+    db = Database(pg_url)
+    db.upgrade()
+    _, (batch_id,) = _run_with_batches(db, 1)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            batches.start_batch(db, batch_id, max_attempts=100)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with db.transaction() as session:
+        assert session.get(Batch, batch_id).attempts == 6
+
+
+def test_a_stale_batch_is_claimed_once_and_its_beat_stops_with_it(db: Database) -> None:
+    run_id, (beating, stale, idle) = _run_with_batches(db, 3)
+    for batch_id in (beating, stale):
+        batches.start_batch(db, batch_id, max_attempts=3, heartbeat=True)
+    batches.start_batch(db, idle, max_attempts=3)  # no heartbeat: never swept
+    _age_heartbeat(db, stale, timedelta(minutes=10))
+    batches.touch_heartbeats(db, [beating, stale])  # the stale one's worker is alive after all
+    _age_heartbeat(db, stale, timedelta(minutes=10))
+    claims: list[list[tuple[int, str]]] = []
+    sweepers = [
+        threading.Thread(target=lambda: claims.append(batches.claim_stale_batches(db, 60)))
+        for _ in range(4)
+    ]
+    for sweeper in sweepers:
+        sweeper.start()
+    for sweeper in sweepers:
+        sweeper.join()
+    assert sorted(claim for claimed in claims for claim in claimed) == [(stale, "enrich.on_demand")]
+    assert _statuses(db, run_id)[stale] == BatchStatus.QUEUED
+    assert batches.claim_stale_batches(db, 60) == []  # its heartbeat is cleared
+    batches.restart_heartbeats(db, [stale])  # not sent after all: a later sweep finds it
+    _age_heartbeat(db, stale, timedelta(minutes=10))
+    assert batches.claim_stale_batches(db, 60) == [(stale, "enrich.on_demand")]
+
+
+def test_finishing_a_batch_writes_its_outcomes_and_stored_scores_are_found(db: Database) -> None:
+    run_id, (batch_id,) = _run_with_batches(db, 1)
+    batches.start_batch(db, batch_id, max_attempts=3, heartbeat=True)
+    outcomes = [
+        RecordOutcome("/d/1", Outcome.LABELLED, [0.9], image_sha256="aa"),
+        RecordOutcome("/d/2", Outcome.BELOW_THRESHOLD, [0.1], image_sha256="bb"),
+    ]
+    batches.finish_batch(db, batch_id, run_id, VERSION, outcomes)
+    batches.finish_batch(db, batch_id, run_id, VERSION, outcomes)  # twice: the same rows
+    assert _statuses(db, run_id) == {batch_id: BatchStatus.DONE}
+    assert batches.stored_scores(db, VERSION, ["aa", "bb", "cc"]) == {"aa": [0.9], "bb": [0.1]}
+    assert batches.stored_scores(db, "other@1", ["aa"]) == {}
+
+
+def _run_with_batches(
+    db: Database, count: int, record_ids: list[list[str]] | None = None
+) -> tuple[int, list[int]]:
+    run_id = new_run(db, {**SCOPE, "path": f"/{time.monotonic_ns()}.jsonl"})
+    lists = record_ids or [[f"/d/{2 * n + 1}", f"/d/{2 * n + 2}"] for n in range(count)]
+    records = {record_id for ids in lists for record_id in ids}
+    numbered = [record(int(record_id.rsplit("/", 1)[1])) for record_id in sorted(records)]
+    runs.commit_page(db, run_id, VERSION, numbered, {}, {"pending": []}, 10**6, False)
+    with db.transaction() as session:
+        added = [
+            Batch(run_id=run_id, seq=seq, status=BatchStatus.PENDING, attempts=0, record_ids=ids)
+            for seq, ids in enumerate(lists)
+        ]
+        session.add_all(added)
+        session.flush()
+        return run_id, [batch.id for batch in added]
+
+
+def _batch_ids(db: Database, run_id: int) -> list[int]:
+    with db.transaction() as session:
+        return [b.id for b in session.query(Batch).filter_by(run_id=run_id).order_by(Batch.seq)]
+
+
+def _record_lists(db: Database, run_id: int) -> list[list[str]]:
+    with db.transaction() as session:
+        query = session.query(Batch).filter_by(run_id=run_id).order_by(Batch.seq)
+        return [batch.record_ids for batch in query]
+
+
+def _statuses(db: Database, run_id: int) -> dict[int, str]:
+    with db.transaction() as session:
+        return {b.id: b.status for b in session.query(Batch).filter_by(run_id=run_id)}
+
+
+def _age_heartbeat(db: Database, batch_id: int, age: timedelta) -> None:
+    with db.transaction() as session:
+        batch = session.get(Batch, batch_id)
+        batch.heartbeat_at = utc_now() - age
