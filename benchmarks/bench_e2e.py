@@ -152,7 +152,7 @@ def make_model(directory: Path, architecture: str) -> Classifier:
         name=f"bench-{architecture}",
         architecture=architecture,
         input_size=INPUT_SIZE,
-        labels=labels,
+        classes=labels,
     )
     save_model_dir(directory, spec, network)
     return Classifier.load(directory)

@@ -42,13 +42,13 @@ import sqlalchemy as sa
 import torch
 from peers import PICTURES, distinct, preview_jpeg
 
+from enrichment import bootstrap
 from enrichment.config import Settings
 from enrichment.media.cpus import usable_cpus
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.model.classifier import Classifier
 from enrichment.model.spec import ModelSpec, decide
 from enrichment.runs import service
-from enrichment.runs.inprocess import InProcessDispatcher
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
 from enrichment.store.writes import LabelScore
@@ -76,22 +76,22 @@ class StandInModel:
             name="stand-in",
             architecture="resnet50",
             input_size=224,
-            labels=common.vocabulary_labels(),
+            classes=common.vocabulary_labels(),
         )
         self.version = "stand-in@000000000000"
         self.seconds = seconds_per_image
-        self.thresholds = np.asarray([label.threshold for label in self.spec.labels])
+        self.thresholds = np.asarray([label.threshold for label in self.spec.classes])
 
     def scores(self, inputs: np.ndarray) -> np.ndarray:
         time.sleep(self.seconds * len(inputs))
         means = inputs.reshape(len(inputs), -1).mean(axis=1, keepdims=True)
-        return 1 / (1 + np.exp(-np.repeat(means, len(self.spec.labels), axis=1)))
+        return 1 / (1 + np.exp(-np.repeat(means, len(self.spec.classes), axis=1)))
 
     def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
         chosen = decide(np.asarray(scores)[np.newaxis, :], self.thresholds, 0)[0]
         return [
             LabelScore(label.key, label.concept, float(score))
-            for label, score, given in zip(self.spec.labels, scores, chosen, strict=True)
+            for label, score, given in zip(self.spec.classes, scores, chosen, strict=True)
             if given
         ]
 
@@ -118,9 +118,7 @@ def in_process(base_url: str, host: str, count: int, model: Any, tmp: Path) -> d
         records = write_records(tmp / f"records-{time.monotonic_ns()}.jsonl", host, count)
         settings = settings_for(url)
         began = time.perf_counter()
-        with InProcessDispatcher(
-            settings, DEMO_MODEL, show_progress=False, classifier=model
-        ) as dispatcher:
+        with bootstrap.in_process_dispatcher(settings, model) as dispatcher:
             progress = service.start(
                 db,
                 settings,

@@ -64,7 +64,7 @@ def measure(api_url: str, database_url: str, broker_url: str) -> dict[str, Any]:
     query = whole_collection_query()
     db = Database(database_url)
     spec = ModelSpec(
-        name="bench", architecture="resnet50", input_size=224, labels=common.vocabulary_labels()
+        name="bench", architecture="resnet50", input_size=224, classes=common.vocabulary_labels()
     )
 
     def pages_alone() -> int:

@@ -30,8 +30,8 @@ import sqlalchemy as sa  # noqa: E402
 import torch  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
-from enrichment.model.classifier import usable_cpus  # noqa: E402
-from enrichment.model.spec import LabelSpec  # noqa: E402
+from enrichment.media.cpus import usable_cpus  # noqa: E402
+from enrichment.model.spec import ClassSpec  # noqa: E402
 from tests.services import PostgresServer, RedisServer, _as_postgres, _pg_bin  # noqa: E402
 
 PEERS = Path(__file__).resolve().parent / "peers.py"
@@ -40,10 +40,10 @@ VOCABULARY: dict[str, str] = json.loads(
 )
 
 
-def vocabulary_labels(threshold: float = 0.5) -> tuple[LabelSpec, ...]:
+def vocabulary_labels(threshold: float = 0.5) -> tuple[ClassSpec, ...]:
     """The pilot's 20 classes, so every benchmark writes as many scores and labels as production."""
     return tuple(
-        LabelSpec(key, key.replace("_", " ").capitalize(), concept, threshold)
+        ClassSpec(key, key.replace("_", " ").capitalize(), concept, threshold)
         for key, concept in VOCABULARY.items()
     )
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from enrichment.model.classifier import build_network, save_model_dir
-from enrichment.model.spec import LabelSpec, ModelSpec
+from enrichment.model.spec import ClassSpec, ModelSpec
 from tests.services import ImageHost, PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,16 +87,16 @@ def make_tiny_model(directory: Path, name: str = "tiny", seed: int = 0) -> str:
     """
     torch.manual_seed(seed)
     labels = (
-        LabelSpec("photograph", "Photograph", VOCABULARY["photograph"], 0.5),
-        LabelSpec("drawing", "Drawing", VOCABULARY["drawing"], 0.5),
-        LabelSpec("map", "Map", VOCABULARY["map"], 0.5),
+        ClassSpec("photograph", "Photograph", VOCABULARY["photograph"], 0.5),
+        ClassSpec("drawing", "Drawing", VOCABULARY["drawing"], 0.5),
+        ClassSpec("map", "Map", VOCABULARY["map"], 0.5),
     )
     network = build_network("resnet18", len(labels))
     head = network.fc
     with torch.no_grad():
         head.weight.mul_(20.0)
         head.bias.copy_(torch.tensor([1.0, 0.0, -8.0]))
-    spec = ModelSpec(name=name, architecture="resnet18", input_size=32, labels=labels)
+    spec = ModelSpec(name=name, architecture="resnet18", input_size=32, classes=labels)
     return save_model_dir(directory, spec, network)
 
 

@@ -20,11 +20,16 @@ from typing import Any
 import numpy as np
 
 from enrichment.publish.export import ExportFilter, Output, export
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.schema import Outcome, utc_now
-from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import (
+    LabelScore,
+    RecordOutcome,
+    register_model,
+    save_outcomes,
+    upsert_records,
+)
 from tests.conftest import VOCABULARY
 
 KEYS = ("photograph", "drawing", "map")

@@ -48,7 +48,7 @@ def test_demo_writes_json_ld_whose_labels_are_the_models(demo_dir: Path) -> None
     assert expanded, "the collection expands with the bundled contexts"
 
     classifier = Classifier.load(DEMO_MODEL)
-    concept = {label.concept: label.key for label in classifier.spec.labels}
+    concept = {label.concept: label.key for label in classifier.spec.classes}
     exported: dict[str, set[str]] = {}
     for annotation in annotations:
         assert annotation["generator"]["version"] == classifier.version

@@ -26,9 +26,9 @@ from enrichment.model.explain import (
     target_layer_name,
 )
 from enrichment.model.spec import ClassSpec, ModelSpec
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
+from enrichment.store.writes import upsert_records
 
 SIDE = 64  # resnet18's layer4 is 2x2 here: one cell per quadrant
 SUPPRESS = 100.0

@@ -87,15 +87,15 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 
     thresholds = tmp_path / "thresholds.json"
     thresholds.write_text(json.dumps({"map": 0.0, "photograph": 0.9}))
-    own = {label.key: label.threshold for label in spec.labels}
+    own = {label.key: label.threshold for label in spec.classes}
     applied = np.asarray(
-        [{**own, "map": 0.0, "photograph": 0.9}[label.key] for label in spec.labels], np.float32
+        [{**own, "map": 0.0, "photograph": 0.9}[label.key] for label in spec.classes], np.float32
     )
     rescored = {
         (record, label.key)
         for record, item in expected.items()
         if item.scores is not None
-        for label, score in zip(spec.labels, np.float32(item.scores) >= applied, strict=True)
+        for label, score in zip(spec.classes, np.float32(item.scores) >= applied, strict=True)
         if score
     }
     assert ("/e2e/white", "map") in rescored

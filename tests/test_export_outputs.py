@@ -20,10 +20,15 @@ from enrichment.model.classifier import Classifier
 from enrichment.model.spec import read_model_json
 from enrichment.publish.export import ExportFilter, Output, export
 from enrichment.publish.pages import AtomicFiles
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.schema import Outcome
-from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import (
+    LabelScore,
+    RecordOutcome,
+    register_model,
+    save_outcomes,
+    upsert_records,
+)
 from tests.conftest import enrich
 from tests.export_support import annotations_in, build_catalogue, export_text, open_database
 
@@ -186,9 +191,9 @@ def test_rethresholded_export_keeps_the_classifiers_top_k_fallback(
             spec.architecture,
             [
                 {"key": label.key, "label": label.label, "concept": label.concept}
-                for label in spec.labels
+                for label in spec.classes
             ],
-            [label.threshold for label in spec.labels],
+            [label.threshold for label in spec.classes],
             spec.top_k_fallback,
         )
         upsert_records(
@@ -213,7 +218,7 @@ def test_rethresholded_export_keeps_the_classifiers_top_k_fallback(
         save_outcomes(session, None, version, outcomes)
     new = {"photograph": 0.97, "drawing": 0.96}  # so high that most rows fall back
     classifier.thresholds = np.asarray(
-        [new.get(key, label.threshold) for key, label in zip(keys, spec.labels, strict=True)],
+        [new.get(key, label.threshold) for key, label in zip(keys, spec.classes, strict=True)],
         dtype=np.float32,
     )
     expected = {
@@ -223,7 +228,7 @@ def test_rethresholded_export_keeps_the_classifiers_top_k_fallback(
     }
     fallback_rows = int((~(scores >= classifier.thresholds).any(axis=1)).sum())
     assert fallback_rows >= 10, "the test must exercise the fallback"
-    concept_key = {label.concept: label.key for label in spec.labels}
+    concept_key = {label.concept: label.key for label in spec.classes}
     exported = {
         (
             annotation["target"]["scope"].removeprefix("http://data.europeana.eu/item"),

@@ -9,11 +9,10 @@ import pytest
 
 from enrichment.errors import InvalidValue
 from enrichment.publish.export import ExportError, ExportFilter, read_thresholds
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.schema import Outcome
-from enrichment.store.writes import RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import RecordOutcome, register_model, save_outcomes, upsert_records
 from tests.export_support import (
     MODEL_LABELS,
     NEW,

@@ -12,7 +12,6 @@ import pytest
 from enrichment.errors import ModelError, OutputError
 from enrichment.model.spec import (
     ClassSpec,
-    LabelSpec,
     ModelSpec,
     read_model_json,
     write_model_json,
@@ -160,12 +159,3 @@ def test_the_cli_refuses_a_bad_model_json_in_one_line_before_touching_the_databa
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(f"Error: {directory / 'model.json'}: input_size: 100000 is greater")
     assert not database.exists()
-
-
-def test_the_old_names_still_build_a_spec_until_the_rename_is_finished() -> None:
-    """Temporary (goes with `LabelSpec` and `ModelSpec.labels` once every caller says
-    `ClassSpec` and `classes`): a spec built the old way is the same spec."""
-    classes = (LabelSpec("a", "A", "http://example.org/a", 0.3),)
-    old = ModelSpec(name="w", architecture="resnet18", input_size=64, labels=classes)
-    new = ModelSpec(name="w", architecture="resnet18", input_size=64, classes=classes)
-    assert LabelSpec is ClassSpec and old == new and old.labels is old.classes

@@ -27,7 +27,6 @@ from enrichment.publish.annotations_api import AnnotationsAPI, AnnotationsAPIErr
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher, PublishReport
 from enrichment.publish.unsettled import PublishError, publish_lock
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.ledger import (
@@ -37,7 +36,7 @@ from enrichment.store.ledger import (
     publications_for_record,
 )
 from enrichment.store.reviews import Decision, Review
-from enrichment.store.writes import register_model
+from enrichment.store.writes import register_model, upsert_records
 from tests.annotations_api import ITEM_BASE, AnnotationsServer
 from tests.conftest import REPO, VOCABULARY, enrich
 from tests.export_support import (

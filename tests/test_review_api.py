@@ -27,13 +27,18 @@ from enrichment.errors import EnrichError
 from enrichment.model.labelled import read_labelled
 from enrichment.review.app import create_app
 from enrichment.review.stats import class_stats
-from enrichment.runs.schedule import upsert_records
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.review_queue import QueueFilter
 from enrichment.store.reviews import Review
 from enrichment.store.schema import Outcome
-from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.store.writes import (
+    LabelScore,
+    RecordOutcome,
+    register_model,
+    save_outcomes,
+    upsert_records,
+)
 from tests.conftest import VOCABULARY, enrich, image_bytes
 from tests.services import free_port, wait_for
 

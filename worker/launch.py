@@ -71,7 +71,7 @@ def launch(
     The worker is a new program: it reads its settings once as its app is
     configured (`worker.app`), from this environment, the chosen GPUs included.
     """
-    from enrichment.model.classifier import usable_cpus
+    from enrichment.media.cpus import usable_cpus
 
     chosen = list(gpus) or visible_gpus()
     if chosen:

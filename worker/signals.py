@@ -14,6 +14,7 @@ import os
 from billiard.process import current_process
 from celery.signals import worker_process_init
 
+from enrichment.media.decode import share_cpus
 from worker.app import process_settings
 from worker.tasks import runtime, start_keeper
 
@@ -21,6 +22,8 @@ from worker.tasks import runtime, start_keeper
 @worker_process_init.connect
 def bind_gpu_and_load_model(**_: object) -> None:
     settings = process_settings()
+    # The pool's processes decode side by side: each takes its share of the CPUs.
+    share_cpus(max(1, len(settings.gpus)) * settings.processes_per_gpu)
     if settings.gpus:
         index = getattr(current_process(), "index", 0) or 0
         os.environ["CUDA_VISIBLE_DEVICES"] = settings.gpus[index % len(settings.gpus)]

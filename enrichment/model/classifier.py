@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from enrichment.errors import ModelError
 from enrichment.files import make_directory
+from enrichment.media.cpus import usable_cpus
 from enrichment.model.spec import (
     WEIGHTS_FILE,
     ModelSpec,
@@ -97,23 +98,6 @@ def pick_device() -> torch.device:
 def autocast_dtype() -> torch.dtype:
     """bf16 where the GPU has it (no overflow risk), fp16 on older GPUs."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask and its cgroup CPU quota.
-
-    torch defaults to the host's physical cores, which in a container limited to
-    a few CPUs oversubscribes them and makes inference several times slower.
-    """
-    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = count or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return count
 
 
 def set_cpu_threads() -> None:

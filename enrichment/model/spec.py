@@ -86,26 +86,6 @@ class ModelSpec:
         """Each class's threshold, in score order (plain floats, as model.json holds them)."""
         return [item.threshold for item in self.classes]
 
-    @property
-    def labels(self) -> tuple[ClassSpec, ...]:
-        """Temporary alias of `classes`, for the modules whose rename is finished at merge."""
-        return self.classes
-
-
-# Temporary: `ModelSpec(labels=...)` still builds a spec (its field is `classes` now) until
-# the callers outside model/ are renamed at merge; then this shim and `LabelSpec` go.
-LabelSpec = ClassSpec
-_dataclass_init = ModelSpec.__init__
-
-
-def _init_accepting_labels(self: ModelSpec, *args: Any, **kwargs: Any) -> None:
-    if "labels" in kwargs:
-        kwargs["classes"] = kwargs.pop("labels")
-    _dataclass_init(self, *args, **kwargs)
-
-
-ModelSpec.__init__ = _init_accepting_labels  # type: ignore[method-assign]
-
 
 def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) -> np.ndarray:
     """Which classes each row of a (batch, classes) score matrix gets as labels, as booleans.

@@ -28,7 +28,6 @@ from enrichment.store import runs
 from enrichment.store.database import Database
 from enrichment.store.runs import ModelRegistration, PreviousRun, unfinished_batches
 from enrichment.store.schema import RunStatus
-from enrichment.store.writes import upsert_records  # noqa: F401 - moved to store; tests import it here
 
 T = TypeVar("T")
 SINCE_MARGIN = timedelta(days=1)
@@ -56,9 +55,9 @@ class ModelIdentity:
             architecture=self.spec.architecture,
             classes=[
                 {"key": label.key, "label": label.label, "concept": label.concept}
-                for label in self.spec.labels
+                for label in self.spec.classes
             ],
-            thresholds=[label.threshold for label in self.spec.labels],
+            thresholds=[label.threshold for label in self.spec.classes],
             top_k_fallback=self.spec.top_k_fallback,
         )
 
