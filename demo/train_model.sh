@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 enrich=(.venv/bin/python -m enrichment)
 rm -rf demo/model
 "${enrich[@]}" model train --data demo/sample/train.csv --validation demo/sample/validation.csv \
-  --output demo/model --name demo-drawing-photo-map --architecture shufflenet_v2_x1_0 \
+  --out demo/model --name demo-drawing-photo-map --architecture shufflenet_v2_x1_0 \
   --input-size 128 --epochs 25 --patience 6 --lr 1e-3 --seed 0
 "${enrich[@]}" model calibrate demo/model --data demo/sample/validation.csv
 .venv/bin/python - <<'PY'

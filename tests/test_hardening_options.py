@@ -1,4 +1,4 @@
-"""`enrich model train`: rates that are not finite positive numbers, and an --output that
+"""`enrich model train`: rates that are not finite positive numbers, and an --out that
 cannot be created, are refused before any training (issue 15)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_a_rate_that_is_not_a_finite_positive_number_is_refused(
 ) -> None:
     output = tmp_path / "model"
     result = enrich(
-        "model", "train", "--data", str(labelled), "--output", str(output), option, value, env={}
+        "model", "train", "--data", str(labelled), "--out", str(output), option, value, env={}
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -65,7 +65,7 @@ def test_an_output_that_cannot_be_created_is_one_line_before_training(
     tmp_path: Path, labelled: Path
 ) -> None:
     result = enrich(
-        "model", "train", "--data", str(labelled), "--output", "/proc/no-such/model", env={}
+        "model", "train", "--data", str(labelled), "--out", "/proc/no-such/model", env={}
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()

@@ -28,11 +28,12 @@ from enrichment.cli import cli
 from enrichment.config import Settings
 from enrichment.errors import InvalidValue
 from enrichment.model.harvest import HarvestDir
-from enrichment.sources.europeana import REUSABILITY, SearchClient
+from enrichment.sources.europeana import SearchClient
 from enrichment.sources.harvest import (
     Candidate,
     HarvestOptions,
     collect,
+    concept_query,
     read_exclusions,
     reusability_of,
     select,
@@ -214,7 +215,7 @@ def test_per_class_cap_holds_and_the_seeded_selection_is_stable(world) -> None:
     assert harvest(per_class=4) == capped  # same seed, same set
     assert harvest(per_class=4, seed=7) != capped
 
-    open_only = harvest(per_class=100, reusability="open")
+    open_only = harvest(per_class=100, reusability=("open",))
     assert open_only and {candidate.rights for candidate in open_only} == {
         "http://creativecommons.org/publicdomain/zero/1.0/"
     }
@@ -287,15 +288,18 @@ def test_a_harvest_dir_is_continued_only_with_the_same_options(tmp_path: Path) -
     with pytest.raises(InvalidValue, match="holds a harvest made with other options") as raised:
         directory.plan(identity(HarvestOptions(per_class=3)), lambda: {"records": []})
     assert raised.value.field == "out" and str(tmp_path / "set") in str(raised.value)
-    # A set harvested when --reusability took a list is continued with its one group.
-    assert HarvestOptions(reusability="open").as_json()["reusability"] == ["open"]
+    # Stored as a list of groups, as harvests have always stored it.
+    assert HarvestOptions(reusability=("open", "permission")).as_json()["reusability"] == [
+        "open",
+        "permission",
+    ]
     assert HarvestOptions().as_json()["reusability"] == []
 
 
 def test_bad_options_name_their_field(tmp_path: Path) -> None:
     """Library errors name the option's field, never a flag: the CLI's boundary adds that."""
     cases = {
-        "reusability": ({"reusability": "free"}, "'free' is not one of open, restricted"),
+        "reusability": ({"reusability": ("free",)}, "'free': each group must be one of open"),
         "concept_query": ({"concept_query": "what:x"}, "'what:x' must contain {uri}"),
         "per_class": ({"per_class": 0}, "must be at least 1, not 0"),
     }
@@ -316,22 +320,27 @@ def test_bad_options_name_their_field(tmp_path: Path) -> None:
 
 
 def test_reusability_takes_the_form_a_run_takes(world, tmp_path: Path) -> None:
-    """One group from the same choice as `enrich run --reusability`: a list is refused by
-    click in one line, before any request."""
+    """Groups comma-separated, as the Search API takes them, in `run` and `harvest` alike; an
+    unknown group is refused by click in one line, before any request."""
     api, _, _, _, vocabulary = world
     result = CliRunner().invoke(
         cli,
         ["harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "x"),
-         "--reusability", "open,permission"],
+         "--reusability", "open,free"],
         env=env_for(api),
     )  # fmt: skip
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "Invalid value for '--reusability': 'open,permission' is not one of" in result.output
+    assert "Invalid value for '--reusability': 'open,free': each group must be" in result.output
     assert api.requests == [] and not (tmp_path / "x").exists()
     run_option = next(p for p in cli.commands["run"].params if p.name == "reusability")
     harvest_option = next(p for p in cli.commands["harvest"].params if p.name == "reusability")
-    assert harvest_option.type.choices == run_option.type.choices == REUSABILITY
-    assert harvest_option.multiple is run_option.multiple is False
+    assert type(harvest_option.type) is type(run_option.type)
+    assert harvest_option.type.convert("open, permission,open", None, None) == (
+        "open",
+        "permission",
+    )
+    options = HarvestOptions(reusability=("open", "permission"))
+    assert concept_query("http://example.org/c", options).reusability == "open,permission"
 
 
 def test_labels_are_merged_across_the_concept_queries(world, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from enrichment import __version__, bootstrap
 from enrichment.config import Settings
 from enrichment.errors import EnrichError, InvalidValue
-from enrichment.sources.europeana import IMAGE_SOURCES
+from enrichment.sources.europeana import IMAGE_SOURCES, reusability_groups
 from enrichment.store.database import Database, database_failure
 from enrichment.store.runs import UnfinishedRun
 
@@ -65,6 +65,22 @@ class FiniteFloat(click.ParamType):
         if self.high is not None and number > self.high:
             self.fail(f"{number:g} must be at most {self.high:g}", param, ctx)
         return number
+
+
+class Reusability(click.ParamType):
+    """Europeana's reusability groups, one or several comma-separated: `open,permission`."""
+
+    name = "groups"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return reusability_groups(str(value))
+        except InvalidValue as error:
+            self.fail(str(error), param, ctx)
 
 
 class Commands(click.Group):
@@ -186,6 +202,14 @@ inference_batch_option = click.option(
     type=click.IntRange(1, 4096),
     help="Images per forward pass when batches run in this process "
     "(default: $ENRICH_INFERENCE_BATCH or 32; Celery workers use their own).",
+)
+# One form in `run` and `harvest`: the groups the Search API's `reusability` takes.
+reusability_option = click.option(
+    "--reusability",
+    type=Reusability(),
+    default=(),
+    help="Only records whose rights fall in these groups: open, restricted, permission, "
+    "or several comma-separated (e.g. open,permission).",
 )
 progress_option = click.option(
     "--progress/--no-progress", default=True, help="Show a progress bar when running in-process."

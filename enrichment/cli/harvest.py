@@ -6,8 +6,13 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import emit_json, image_source_option, progress_option, settings
-from enrichment.sources.europeana import REUSABILITY
+from enrichment.cli.base import (
+    emit_json,
+    image_source_option,
+    progress_option,
+    reusability_option,
+    settings,
+)
 from enrichment.sources.harvest import DEFAULT_CONCEPT_QUERY, DEFAULT_PER_CLASS
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -33,11 +38,7 @@ DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
     show_default=True,
     help="At most this many records per concept.",
 )
-@click.option(
-    "--reusability",
-    type=click.Choice(REUSABILITY),
-    help="Only records whose rights fall in this group (as `enrich run --reusability`).",
-)
+@reusability_option
 @click.option("--qf", multiple=True, help="Extra Search API filter, e.g. COUNTRY:france.")
 @image_source_option
 @click.option(
@@ -60,7 +61,7 @@ def harvest(
     vocabulary: Path | None,
     out: Path,
     per_class: int,
-    reusability: str | None,
+    reusability: tuple[str, ...],
     qf: tuple[str, ...],
     image_source: str,
     concept_query: str,

@@ -18,10 +18,10 @@ from enrichment.cli.base import (
     model_dir_option,
     open_db,
     progress_option,
+    reusability_option,
     settings,
 )
 from enrichment.errors import EnrichError
-from enrichment.sources.europeana import REUSABILITY
 from enrichment.store.database import Database
 from enrichment.store.query import INTERRUPTED
 
@@ -41,7 +41,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
     "--all", "everything", is_flag=True, help="The whole collection the key can see (TYPE:IMAGE)."
 )
 @click.option("--qf", multiple=True, help="Extra Search API filter query (repeatable).")
-@click.option("--reusability", type=click.Choice(REUSABILITY))
+@reusability_option
 @click.option(
     "--media", is_flag=True, default=None, help="Only records with a resolvable media file."
 )
@@ -63,7 +63,7 @@ def run(
     query: str | None,
     everything: bool,
     qf: tuple[str, ...],
-    reusability: str | None,
+    reusability: tuple[str, ...],
     media: bool | None,
     thumbnail: bool | None,
     image_source: str,
@@ -97,7 +97,8 @@ def run(
             else [whole_collection_query() if everything else SearchQuery(query or "*")]
         )
         queries = [
-            SearchQuery(q.query, (*q.qf, *qf), reusability, media, thumbnail) for q in queries
+            SearchQuery(q.query, (*q.qf, *qf), ",".join(reusability) or None, media, thumbnail)
+            for q in queries
         ]
         scope = service.europeana_scope(queries, image_source)
     config = settings()

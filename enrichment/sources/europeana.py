@@ -40,6 +40,22 @@ RETRIES = 5
 LOOP_WINDOW = 50
 
 
+def reusability_groups(text: str) -> tuple[str, ...]:
+    """One or more of Europeana's reusability groups, comma-separated (`open,permission`).
+
+    The Search API takes them in that form; runs and harvests both ask for them so.
+    """
+    groups = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [group for group in groups if group not in REUSABILITY]
+    if unknown or not groups:
+        raise InvalidValue(
+            "reusability",
+            f"{text!r}: each group must be one of {', '.join(REUSABILITY)} "
+            "(several comma-separated, e.g. open,permission)",
+        )
+    return groups
+
+
 class SearchAPIError(EnrichError):
     """The Search API refused the request (bad key, bad query, ...): retrying will not help."""
 

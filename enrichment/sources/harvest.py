@@ -30,11 +30,11 @@ from typing import Any
 
 from enrichment.errors import InvalidValue
 from enrichment.sources.europeana import (
-    REUSABILITY,
     SearchClient,
     SearchQuery,
     first_text,
     record_from_item,
+    reusability_groups,
 )
 from enrichment.sources.records_file import Record, normalise_id
 
@@ -65,7 +65,7 @@ class HarvestOptions:
     """What decides a harvest's selection; stored with it, so a resumed harvest is the same one."""
 
     per_class: int = DEFAULT_PER_CLASS
-    reusability: str | None = None  # one of REUSABILITY, as a run's --reusability takes it
+    reusability: tuple[str, ...] = ()  # groups of REUSABILITY, as a run asks for them
     qf: tuple[str, ...] = ()
     image_source: str = "auto"
     concept_query: str = DEFAULT_CONCEPT_QUERY
@@ -75,11 +75,8 @@ class HarvestOptions:
     def __post_init__(self) -> None:
         if self.per_class < 1:
             raise InvalidValue("per_class", f"must be at least 1, not {self.per_class}")
-        if self.reusability is not None and self.reusability not in REUSABILITY:
-            raise InvalidValue(
-                "reusability",
-                f"{self.reusability!r} is not one of {', '.join(REUSABILITY)}",
-            )
+        if self.reusability:
+            reusability_groups(",".join(self.reusability))
         if "{uri}" not in self.concept_query:
             raise InvalidValue(
                 "concept_query",
@@ -89,9 +86,7 @@ class HarvestOptions:
     def as_json(self) -> dict[str, Any]:
         return {
             "per_class": self.per_class,
-            # A list, as harvests stored it when several groups could be asked for: a set
-            # harvested then with one group is continued now with the same identity.
-            "reusability": [self.reusability] if self.reusability else [],
+            "reusability": list(self.reusability),
             "qf": list(self.qf),
             "image_source": self.image_source,
             "concept_query": self.concept_query,
@@ -152,7 +147,7 @@ def concept_query(uri: str, options: HarvestOptions) -> SearchQuery:
     return SearchQuery(
         "*",
         (options.concept_query.replace("{uri}", uri), "TYPE:IMAGE", *options.qf),
-        options.reusability,
+        ",".join(options.reusability) or None,
         media=True,
     )
 
@@ -205,7 +200,7 @@ def _merge(
     if not record.image_url:
         collected.leave_out(record.id, "no_image")
         return 0
-    if options.reusability and reusability_of(rights) != options.reusability:
+    if options.reusability and reusability_of(rights) not in options.reusability:
         collected.leave_out(record.id, "rights_not_in_reusability")
         return 0
     concepts = item.get("edmConcept")
