@@ -1,4 +1,4 @@
-"""The walking skeleton distributed: a real Celery worker, Redis as broker, PostgreSQL."""
+"""A run distributed: a real Celery worker, Redis as broker, PostgreSQL."""
 
 from __future__ import annotations
 

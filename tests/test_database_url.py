@@ -1,5 +1,5 @@
 """DATABASE_URL: another application's file, a file that is no database, an unsupported dialect,
-and two first runs at once on a new SQLite file (issue 15.5, 15.6)."""
+and two first runs at once on a new SQLite file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The walking skeleton on the embedded default: records file -> SQLite -> JSON-LD, in-process."""
+"""A run on the embedded default: records file -> SQLite -> JSON-LD, in-process."""
 
 from __future__ import annotations
 
