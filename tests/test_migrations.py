@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,25 @@ def test_embedded_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/fresh.sqlite3")
     db.ensure_schema()
     assert table_names(db) == TABLES
+
+
+def test_a_models_classes_keep_their_rows_across_the_rename(database_url: str) -> None:
+    """0008 renames `models.labels` to `models.classes`, up and down, with rows in it."""
+    db = Database(database_url)
+    db.upgrade("0007")
+    classes = [{"key": "map", "label": "Map", "concept": "http://example.org/map"}]
+    insert = sa.text(
+        "INSERT INTO models (version, name, architecture, labels, thresholds, top_k_fallback, "
+        "registered_at) VALUES ('m@1', 'm', 'resnet18', :classes, '[0.5]', 0, '2026-12-06')"
+    )
+    with db.engine.begin() as connection:
+        connection.execute(insert, {"classes": json.dumps(classes)})
+    db.upgrade()
+    with db.engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT classes FROM models")).scalar_one()
+    assert (json.loads(stored) if isinstance(stored, str) else stored) == classes
+    db.downgrade("0007")
+    with db.engine.connect() as connection:
+        stored = connection.execute(sa.text("SELECT labels FROM models")).scalar_one()
+    assert (json.loads(stored) if isinstance(stored, str) else stored) == classes
+    db.dispose()

@@ -230,7 +230,12 @@ def selection_options(model_version_help: str, min_confidence_help: str, reviewe
             "--min-confidence", type=FiniteFloat(0, 1), metavar="X", help=min_confidence_help
         ),
         click.option(
-            "--label", "labels", multiple=True, metavar="KEY", help="Only this label (repeatable)."
+            "--class",
+            "--label",
+            "labels",
+            multiple=True,
+            metavar="KEY",
+            help="Only labels of this class (repeatable).",
         ),
         click.option(
             "--reviewed",

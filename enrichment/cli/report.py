@@ -13,6 +13,7 @@ from enrichment.cli.base import RUN_ID, emit_json, model_dir_option, open_db, se
 @click.argument("target")
 @model_dir_option
 @click.option(
+    "--class",
     "--label",
     "label_keys",
     multiple=True,

@@ -70,7 +70,9 @@ def review(ctx: click.Context, host: str, port: int, cache_dir: Path | None, thr
 
 @review.command()
 @with_filters
-@click.option("--label", "classes", multiple=True, metavar="KEY", help="Only this class.")
+@click.option(
+    "--class", "--label", "classes", multiple=True, metavar="KEY", help="Only this class."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def stats(
     datasets: tuple[str, ...],
@@ -159,7 +161,14 @@ def label_studio() -> None:
     help="The labelling config to paste into the project (default: OUT with .xml).",
 )
 @with_filters
-@click.option("--label", "classes", multiple=True, metavar="KEY", help="Only records with it.")
+@click.option(
+    "--class",
+    "--label",
+    "classes",
+    multiple=True,
+    metavar="KEY",
+    help="Only records labelled with this class.",
+)
 @click.option("--pending", is_flag=True, help="Only records nobody has reviewed yet.")
 def ls_export(
     out_path: Path,

@@ -37,7 +37,7 @@ class ModelClasses:
 def model_classes(session: Session) -> dict[str, ModelClasses]:
     """Every registered model version's classes, by version."""
     rows = session.execute(
-        sa.select(ModelRow.version, ModelRow.labels, ModelRow.thresholds, ModelRow.top_k_fallback)
+        sa.select(ModelRow.version, ModelRow.classes, ModelRow.thresholds, ModelRow.top_k_fallback)
     )
     return {
         version: ModelClasses(

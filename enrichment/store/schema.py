@@ -129,7 +129,8 @@ class ModelRow(Base):
     version: Mapped[str] = mapped_column(String(120), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
     architecture: Mapped[str] = mapped_column(String(100))
-    labels: Mapped[list[Any]]
+    # Each class's key, human name and concept URI, in score order; thresholds beside.
+    classes: Mapped[list[Any]]
     thresholds: Mapped[list[Any]]
     top_k_fallback: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)

@@ -136,7 +136,7 @@ def register_model(
     version: str,
     name: str,
     architecture: str,
-    labels: list[dict[str, str]],
+    classes: list[dict[str, str]],
     thresholds: list[float],
     top_k_fallback: int = 0,
 ) -> None:
@@ -145,7 +145,7 @@ def register_model(
         version=version,
         name=name,
         architecture=architecture,
-        labels=labels,
+        classes=classes,
         thresholds=thresholds,
         top_k_fallback=top_k_fallback,
         registered_at=utc_now(),
@@ -155,7 +155,7 @@ def register_model(
         statement.on_conflict_do_update(
             index_elements=["version"],
             set_={
-                "labels": statement.excluded.labels,
+                "classes": statement.excluded.classes,
                 "thresholds": statement.excluded.thresholds,
                 "top_k_fallback": statement.excluded.top_k_fallback,
             },
