@@ -127,7 +127,8 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
         ),
         (
             ("--label", "portrait"),
-            "Invalid value for '--class' / '--label': names classes no model has: portrait (known: none yet)",
+            "Invalid value for '--class' / '--label': "
+            "names classes no model has: portrait (known: none yet)",
         ),
         (("--since", "last week"), "'last week' is not an ISO 8601 date"),
         (
