@@ -222,7 +222,7 @@ def test_report_has_every_section_with_the_database_counts(finished_run: Finishe
     assert facts["Records done"] == str(sum(outcomes.values()))
 
     (labels_json, thresholds_json) = query(
-        database, "SELECT labels, thresholds FROM models WHERE version = :v", v=version
+        database, "SELECT classes, thresholds FROM models WHERE version = :v", v=version
     )[0]
     keys = [label["key"] for label in json.loads(labels_json)]
     thresholds = json.loads(thresholds_json)
