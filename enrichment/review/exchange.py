@@ -154,7 +154,7 @@ def write_label_studio(
         if _written_through(path):
             _write_through(path, text)
         else:
-            write_atomically(_final_target(path), text)
+            _write_file(path, text)
     return len(tasks)
 
 
@@ -167,9 +167,14 @@ def _written_through(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _final_target(path: Path) -> Path:
-    """The file a symlink points to (so that the link stays), or the path itself."""
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+def _write_file(path: Path, text: str) -> None:
+    """`write_atomically` at the file `path` names (through a symlink, so the link stays)."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        write_atomically(target, text)
+    except NotADirectoryError as error:
+        # A path under a file: write_atomically's cleanup (unlink, missing_ok) meets it again.
+        raise OutputError(f"cannot write {path}: {error.strerror}") from None
 
 
 def _write_through(path: Path, text: str) -> None:
