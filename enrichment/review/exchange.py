@@ -14,7 +14,8 @@ doubtful first) and one `choices` result per label above threshold. Its JSON
 export carries each task's `annotations[].result`; the last annotation that
 was not cancelled is read back as decisions on the task's record: a machine
 label kept is accepted, one removed is rejected, a class chosen that the
-model did not give is added.
+model did not give is added. The export is read, and each value checked, by
+`enrichment.review.label_studio`; what it cannot use is skipped with a reason.
 """
 
 from __future__ import annotations
