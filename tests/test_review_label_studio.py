@@ -152,7 +152,7 @@ def test_label_studio_round_trip(image_host, tmp_path: Path) -> None:
     export_path.write_text(json.dumps(export))
     done = run("review", "label-studio", "import", str(export_path), url=url)
     assert "6 tasks: 8 decisions recorded, 0 already standing, 2 tasks skipped" in done.output
-    assert "task 6: record /9003/gone has no result of model" in done.output
+    assert "task 6 (id 6): record /9003/gone has no result of model" in done.output
     ada, seven = "ada@example.org", "label-studio:7"
     want = [
         ("/9001/a", "photograph", "accept", ada),  # the model's labels: photograph, drawing

@@ -14,12 +14,15 @@ doubtful first) and one `choices` result per label above threshold. Its JSON
 export carries each task's `annotations[].result`; the last annotation that
 was not cancelled is read back as decisions on the task's record: a machine
 label kept is accepted, one removed is rejected, a class chosen that the
-model did not give is added.
+model did not give is added. The export is read, and each value checked, by
+`enrichment.review.label_studio`; what it cannot use is skipped with a reason.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +30,17 @@ from html import escape
 from pathlib import Path
 from typing import IO, Any
 
-from enrichment.errors import InvalidValue
+from enrichment.errors import OutputError
+from enrichment.files import write_atomically
+from enrichment.review.label_studio import (
+    FROM_NAME,
+    TO_NAME,
+    AnnotatedTask,
+    TaskSkipped,
+    read_export,
+    read_task,
+    shown,
+)
 from enrichment.store.database import Database
 from enrichment.store.decisions import (
     NewDecision,
@@ -37,9 +50,6 @@ from enrichment.store.decisions import (
 )
 from enrichment.store.review_queue import QueueFilter, items_by_record, registered_models
 from enrichment.store.reviews import Decision
-
-FROM_NAME = "labels"
-TO_NAME = "image"
 
 
 def write_labelled_set(db: Database, filters: QueueFilter, out: IO[str]) -> int:
@@ -122,15 +132,58 @@ def label_studio_tasks(db: Database, filters: QueueFilter) -> Iterator[dict[str,
 def write_label_studio(
     db: Database, filters: QueueFilter, tasks_path: Path, config_path: Path
 ) -> int:
-    """Write the tasks (a JSON list) and the labelling config; returns the number of tasks."""
+    """Write the tasks (a JSON list) and the labelling config; returns the number of tasks.
+
+    Both are made in memory first, so a database that fails leaves the files as
+    they were. A regular file (or a new one) is written to a temporary file and
+    renamed, so a full disk leaves the previous good file in place; a device or
+    a pipe (`/dev/stdout`) is written through, and first, since it cannot be
+    taken back: a failure there leaves the regular files untouched. A failure
+    is one `OutputError` naming the path.
+    """
     names: dict[str, str] = {}
     for model in registered_models(db).values():
         if filters.model_version is None or model.version == filters.model_version:
             names.update(zip(model.keys, model.names, strict=True))
     tasks = list(label_studio_tasks(db, filters))
-    tasks_path.write_text(json.dumps(tasks, indent=1, ensure_ascii=False), encoding="utf-8")
-    config_path.write_text(label_config(names), encoding="utf-8")
+    outputs = [
+        (tasks_path, json.dumps(tasks, indent=1, ensure_ascii=False)),
+        (config_path, label_config(names)),
+    ]
+    outputs.sort(key=lambda output: not _written_through(output[0]))
+    for path, text in outputs:
+        if _written_through(path):
+            _write_through(path, text)
+        else:
+            _write_file(path, text)
     return len(tasks)
+
+
+def _written_through(path: Path) -> bool:
+    """Whether `path` names something a rename must not replace: a device, a FIFO, a socket."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False  # a new file, or a path `write_atomically` will say is unusable
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_file(path: Path, text: str) -> None:
+    """`write_atomically` at the file `path` names (through a symlink, so the link stays)."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        write_atomically(target, text)
+    except NotADirectoryError as error:
+        # A path under a file: write_atomically's cleanup (unlink, missing_ok) meets it again.
+        raise OutputError(f"cannot write {path}: {error.strerror}") from None
+
+
+def _write_through(path: Path, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(text)  # a full device says so when the file is closed
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -141,86 +194,62 @@ class ImportReport:
     skipped: list[str]
 
 
-def _reviewer(annotation: dict[str, Any], default: str) -> str:
-    who = annotation.get("completed_by")
-    if isinstance(who, dict):
-        return str(who.get("email") or who.get("id") or default)[:200]
-    if who is not None:
-        return f"{default}:{who}"[:200]
-    return default
-
-
-def _last_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
-    # `completions` is what Label Studio before 1.0 called annotations.
-    annotations = task.get("annotations") or task.get("completions") or []
-    kept = [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
-    if not kept:
-        return None
-    return max(kept, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),))
-
-
 def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport:
-    """Read a Label Studio JSON export as decisions; a decision already standing is not repeated."""
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InvalidValue("path", f"cannot read {path}: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise InvalidValue("path", f"{path} is not valid JSON: {error}") from None
-    if not isinstance(document, list):
-        raise InvalidValue("path", f"{path}: a Label Studio JSON export is a list of tasks")
+    """Read a Label Studio JSON export as decisions; a decision already standing is not repeated.
+
+    A task that cannot be read is skipped with its reason. A record and model
+    version annotated in several tasks counts once, by the latest annotation
+    (the later task on a tie), so one file never records a decision twice.
+    """
+    document = read_export(path)
     models = registered_models(db)
-    standing = standing_decisions(db)
     skipped: list[str] = []
-    annotated: list[tuple[int, str, str, set[str], str]] = []
-    for number, task in enumerate(document, 1):
-        data = task.get("data") if isinstance(task, dict) else None
-        record_id = data.get("record_id") if isinstance(data, dict) else None
-        annotation = _last_annotation(task) if isinstance(task, dict) else None
-        if not record_id or annotation is None:
-            skipped.append(f"task {number}: no record_id in its data, or no annotation")
+    latest: dict[tuple[str, str], AnnotatedTask] = {}
+    for number, entry in enumerate(document, 1):
+        try:
+            task = read_task(number, entry, reviewer)
+        except TaskSkipped as problem:
+            skipped.append(str(problem))
             continue
-        version = data.get("model_version") or next(
-            (
-                p.get("model_version")
-                for p in task.get("predictions") or []
-                if isinstance(p, dict)  # the export may list predictions by id only
-            ),
-            None,
-        )
-        if version not in models:
-            skipped.append(f"task {number}: unknown model version {version!r}")
+        if task.model_version not in models:
+            version = shown(task.model_version) if task.model_version else "none"
+            skipped.append(f"{task.name}: unknown model version {version}")
             continue
-        chosen = {
-            choice
-            for result in annotation.get("result") or []
-            if result.get("type") == "choices" and result.get("from_name") == FROM_NAME
-            for choice in (result.get("value") or {}).get("choices") or []
-        }
-        unknown = sorted(chosen - set(models[version].keys))
+        unknown = sorted(task.chosen - set(models[task.model_version].keys))
         if unknown:
-            skipped.append(f"task {number}: unknown classes {', '.join(unknown)}")
+            skipped.append(f"{task.name}: unknown classes {', '.join(map(shown, unknown))}")
             continue
-        annotated.append((number, str(record_id), version, chosen, _reviewer(annotation, reviewer)))
-    known = results_and_labels(
-        db, [(record_id, version) for _, record_id, version, _, _ in annotated]
-    )
+        key = (task.record_id, task.model_version)
+        earlier = latest.get(key)
+        if earlier is not None:
+            kept, dropped = (
+                (earlier, task) if earlier.annotated_at > task.annotated_at else (task, earlier)
+            )
+            skipped.append(
+                f"{dropped.name}: the same record and model as {kept.name}, whose annotation counts"
+            )
+            task = kept
+        latest[key] = task
+    known = results_and_labels(db, list(latest))
+    standing = standing_decisions(db)
     decisions: list[NewDecision] = []
     unchanged = 0
-    for number, record_id, version, chosen, who in annotated:
+    for (record_id, version), task in latest.items():
         if (record_id, version) not in known.results:
-            skipped.append(f"task {number}: record {record_id} has no result of model {version}")
+            skipped.append(
+                f"{task.name}: record {shown(record_id)} has no result of model {version}"
+            )
             continue
         for key in models[version].keys:
             if (record_id, version, key) in known.labels:
-                decision = Decision.ACCEPT if key in chosen else Decision.REJECT
-            elif key in chosen:
+                decision = Decision.ACCEPT if key in task.chosen else Decision.REJECT
+            elif key in task.chosen:
                 decision = Decision.ADD
             else:
                 continue
             if standing.get((record_id, key)) == decision:
                 unchanged += 1
                 continue
-            decisions.append(NewDecision(record_id, key, version, decision, who))
+            decisions.append(NewDecision(record_id, key, version, decision, task.reviewer))
     record_decisions(db, decisions)
     return ImportReport(len(document), len(decisions), unchanged, skipped)
