@@ -16,6 +16,15 @@ message, `Retry-After`) every `lock_every`-th write, an answer lost (the write
 carried out, then 502) every `lose_answer_every`-th, and `hold_after`,
 which applies the n-th write and then keeps its answer back until `release()`,
 so a test can kill a client whose request the server already carried out.
+
+Hostile modes, for a client that must survive a server that answers badly:
+`answer_id` rewrites the id of every annotation a write answers with (what
+was stored keeps its real id, which the search shows); `page_items` rewrites
+the items of a page's answer; `empty_duplicates` names no id in a duplicate
+message; `endless_search` answers every search page full and with a `next`;
+`trickle` sends every answer's body one byte per that many seconds;
+`redirect_to` answers every request with a 307 there; `message_suffix` is
+appended to every error message (terminal escapes, say).
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -56,6 +67,14 @@ class AnnotationsServer:
     deleted: set[int] = field(default_factory=set)
     requests: list[tuple[str, str, int]] = field(default_factory=list)
     held: int = 0
+    # Hostile modes (see the module's docstring).
+    answer_id: Callable[[str], Any] | None = None
+    page_items: Callable[[list[Any]], Any] | None = None
+    empty_duplicates: bool = False
+    endless_search: bool = False
+    trickle: float = 0.0
+    redirect_to: str | None = None
+    message_suffix: str = ""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -142,6 +161,30 @@ class AnnotationsServer:
         self, method: str, path: str, query: dict[str, list[str]], body: Any, token: str | None
     ):
         """(status, document, headers) for one request; writes counted and faults injected."""
+        if self.redirect_to is not None:
+            return 307, None, {"Location": self.redirect_to + path}
+        status, document, headers = self._answer(method, path, query, body, token)
+        if isinstance(document, dict) and "error" in document:
+            document = {**document, "error": document["error"] + self.message_suffix}
+        if status < 300 and method in ("POST", "PUT") and isinstance(document, dict):
+            document = self._hostile(path, document)
+        return status, document, headers
+
+    def _hostile(self, path: str, document: dict[str, Any]) -> dict[str, Any]:
+        """A write's answer as a hostile mode rewrites it."""
+        if path == "/annotations/":
+            items = [
+                {**item, "id": self.answer_id(item["id"])} if self.answer_id else item
+                for item in document["items"]
+            ]
+            return {**document, "items": self.page_items(items) if self.page_items else items}
+        if self.answer_id is not None:
+            return {**document, "id": self.answer_id(document["id"])}
+        return document
+
+    def _answer(
+        self, method: str, path: str, query: dict[str, list[str]], body: Any, token: str | None
+    ):
         if method == "GET" and path == "/annotation/search":
             return self._search(query)
         account = self.tokens.get(token or "")
@@ -180,7 +223,8 @@ class AnnotationsServer:
                 return 400, _error(problem), {}
             duplicates = self._duplicates(body)
             if duplicates:
-                message = f"Found duplicate annotations with the ids: [{','.join(duplicates)}]"
+                named = "" if self.empty_duplicates else ",".join(duplicates)
+                message = f"Found duplicate annotations with the ids: [{named}]"
                 return 400, _error(message), {}
             return 201, self._store(dict(body), account), {}
         if method == "POST" and path == "/annotations/":
@@ -286,6 +330,10 @@ class AnnotationsServer:
                 if n not in self.deleted and a.get("target") == target
             ]
         items = found[page * size : (page + 1) * size]
+        if self.endless_search:
+            filler = {"id": "http://data.europeana.eu/annotation/0", "motivation": "tagging"}
+            items = (items + [filler] * size)[:size]
+            return 200, {"type": "AnnotationPage", "items": items, "next": "more"}, {}
         document: dict[str, Any] = {
             "type": "AnnotationPage",
             "total": len(items),
@@ -334,7 +382,16 @@ def _handler(server: AnnotationsServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Type", "application/ld+json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if not server.trickle:
+                self.wfile.write(payload)
+                return
+            try:
+                for byte in payload:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(server.trickle)
+            except OSError:  # the client gave up: what a trickle is for
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
 

@@ -132,6 +132,11 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
         ),
         (("--since", "last week"), "'last week' is not an ISO 8601 date"),
         (
+            ("--dataset", "nosuch", "--out", str(tmp_path / "none.jsonld")),
+            "Invalid value for '--dataset': no record belongs to dataset nosuch",
+        ),
+        (("--run", "7"), "Invalid value for '--run'"),
+        (
             ("--thresholds", str(tmp_path / "missing.json")),
             "Invalid value for '--thresholds': cannot read thresholds file",
         ),
@@ -141,3 +146,4 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
         assert done.returncode != 0
         assert message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+    assert not (tmp_path / "none.jsonld").exists(), "a refused export writes no file"

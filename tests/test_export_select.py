@@ -71,7 +71,6 @@ def test_model_version_dataset_label_and_since_filters(catalogue) -> None:
         stored.expected(keys=("map", "drawing")),
     )
     assert_same(exported(db, since=stored.saved_at[NEW]), stored.expected(only_versions=(NEW,)))
-    assert exported(db, datasets=("9999",)) == {}
 
 
 def test_min_confidence_and_thresholds_change_exactly_the_expected_set(
@@ -112,6 +111,11 @@ def test_filters_that_name_nothing_known_are_refused(catalogue) -> None:
     cases = [
         (ExportFilter(model_version="nope@1"), "model_version", "unknown model version nope@1"),
         (ExportFilter(run_id=42), "run_id", "run 42 does not exist"),
+        (
+            ExportFilter(datasets=("1001", "9999", "nosuch")),
+            "datasets",
+            "^no record belongs to dataset 9999, nosuch$",
+        ),
         (ExportFilter(labels=("portrait",)), "labels", "^names classes no model has: portrait"),
         (ExportFilter(thresholds={"mapp": 0.3}), "thresholds", "^names classes no model has: mapp"),
         (ExportFilter(reviewed="maybe"), "reviewed", "^reviewed must be one of any, not-rejected"),

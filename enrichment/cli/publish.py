@@ -22,7 +22,11 @@ from enrichment.errors import ConfigError
     is_flag=True,
     help="Withdraw every published annotation of the selection instead of publishing.",
 )
-@click.option("--dry-run", is_flag=True, help="Print what would be created, updated, withdrawn.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List what would be created, updated and withdrawn (one line each), and change nothing.",
+)
 @click.option("--status", "show_status", is_flag=True, help="Summarise the publication ledger.")
 @click.option(
     "--concurrency",
@@ -96,13 +100,19 @@ def publish(
         )
     try:
         publisher = Publisher(db, api_url, api, concurrency=concurrency, page_size=page_size)
-        report = publisher.publish(filters, withdraw_all=withdraw_all)
+        report = publisher.publish(filters, withdraw_all=withdraw_all, list_changes=dry_run)
     finally:
         if api is not None:
             api.close()
     if as_json:
         emit_json(report.as_json())
     elif dry_run:
+        for change in report.changes:
+            held = f"\t{change['annotation_id']}" if change["annotation_id"] else ""
+            click.echo(
+                f"would {change['action']}\t{change['record_id']}\t{change['label']}"
+                f"\t{change['model_version']}{held}"
+            )
         click.echo(
             f"dry run against {api_url}: would create {report.created}, update {report.updated}, "
             f"withdraw {report.withdrawn}; {report.unchanged} unchanged"
@@ -118,10 +128,16 @@ def publish(
                 else ""
             )
         )
-    if report.rejected or report.invalid or report.not_owned:
+    if report.left_out_by_reviews and not as_json:
+        click.echo(
+            f"{report.left_out_by_reviews} labels left out by the curators' reviews "
+            f"(--reviewed {reviewed})"
+        )
+    if report.rejected or report.invalid or report.not_owned or report.unusable:
         click.echo(
             f"{report.rejected} refused by the server, {report.invalid} not valid, "
-            f"{report.not_owned} owned by another account, e.g.:",
+            f"{report.not_owned} owned by another account, {report.unusable} answers "
+            "that could not be recorded, e.g.:",
             err=True,
         )
     for problem in report.problems:

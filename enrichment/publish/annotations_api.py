@@ -24,7 +24,19 @@ Two sessions carry two policies:
   search endpoint instead of posting the page again, which would duplicate it.
 
 401 and 403 raise `AuthError` with the server's message, and nothing retries
-them. The token is sent in the Authorization header only: no message of this
+them. Redirects are not followed: a write sent on to another URL is not what
+was asked, so a 3xx is an error that names where it pointed.
+
+Nothing the server answers is recorded before it is checked: an id must be
+`.../annotation/<n>` (Europeana's, or this API's own form), a page's items a
+list of objects, one per item sent. An answer that cannot be used is
+`Unusable` for its item; a search that pages on without end stops after
+`SEARCH_PAGES`; every call, its retries included, ends by `DEADLINE` seconds
+however slowly the server trickles its answer (`publish.deadline_http`). The
+server's messages are quoted with control characters escaped, so that none of
+them can drive the terminal that prints them.
+
+The token is sent in the Authorization header only: no message of this
 module, and no exception it raises, contains it.
 """
 
@@ -32,22 +44,30 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.errors import EnrichError
+from enrichment.publish.deadline_http import CallDeadlines, DeadlineAdapter
 
 RETRIES = 6
 BACKOFF = 0.5
 BACKOFF_MAX = 30.0
 TIMEOUT = (10.0, 120.0)
+# One call's whole time, retries included: a server trickling its answer is cut off here.
+DEADLINE = 300.0
 SEARCH_PAGE_SIZE = 100
+# A record holds a few annotations per label: a search that pages on past this is broken.
+SEARCH_PAGES = 20
+EUROPEANA_IDS = "http://data.europeana.eu/annotation"
 MESSAGE_CHARS = 400
 _DUPLICATE = re.compile(r"Found duplicate annotations with the ids:\s*\[?([^\]]*)\]?")
 
@@ -81,6 +101,18 @@ class Unsettled(Exception):
     """The request may or may not have been carried out: the answer never came."""
 
 
+class Unusable(Exception):
+    """The server answered for an item, but not with anything that can be recorded.
+
+    The request may have been carried out: a create stays an intent (the
+    search finds it, or not), an update stays an update to send again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Stored:
     """An annotation as the server holds it: its id and its creator (the owner)."""
@@ -88,9 +120,36 @@ class Stored:
     id: str
     owner: str | None
 
-    @classmethod
-    def of(cls, annotation: dict[str, Any]) -> Stored:
-        return cls(str(annotation["id"]), agent_id(annotation.get("creator")))
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped: a terminal prints it as it reads."""
+    return "".join(
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) in ("Cc", "Cf")
+        else c
+        for c in text
+    )
+
+
+def shown(value: Any) -> str:
+    """A value the server sent, short and printable, for a message."""
+    text = repr(value)
+    return printable(text if len(text) <= 80 else text[:77] + "...")
+
+
+def check_api_url(base_url: str) -> None:
+    """Refuse a URL that cannot be the annotation base (its page endpoint is `{url}s/`)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise AnnotationsAPIError(
+            f"EUROPEANA_ANNOTATION_API_URL={shown(base_url)} is not an http(s) URL"
+        )
+    if parts.path.rstrip("/").rsplit("/", 1)[-1] != "annotation" or parts.query:
+        raise AnnotationsAPIError(
+            f"EUROPEANA_ANNOTATION_API_URL={shown(base_url)} does not look like the Annotations "
+            "API: it names the annotation base, whose path ends in /annotation "
+            "(such as https://api.europeana.eu/annotation)"
+        )
 
 
 def agent_id(agent: Any) -> str | None:
@@ -114,6 +173,7 @@ def retry_policy(page: bool, backoff: float = BACKOFF) -> Retry:
         read=0 if page else RETRIES,
         status=RETRIES,
         other=0,
+        redirect=0,
         allowed_methods=frozenset({"POST"} if page else {"GET", "PUT", "DELETE", "POST"}),
         status_forcelist=PAGE_STATUSES if page else SAFE_STATUSES,
         backoff_factor=backoff,
@@ -129,7 +189,8 @@ class AnnotationsAPI:
 
     `concurrency` sizes the connection pools: the caller never runs more
     requests at once than that. `backoff` is the first pause between retries,
-    doubled on each (a `Retry-After` from the server wins).
+    doubled on each (a `Retry-After` from the server wins). `timeout` is the
+    socket's (connect, read) and `deadline` one call's whole time.
     """
 
     def __init__(
@@ -139,16 +200,22 @@ class AnnotationsAPI:
         api_key: str | None = None,
         concurrency: int = 4,
         backoff: float = BACKOFF,
+        timeout: tuple[float, float] = TIMEOUT,
+        deadline: float = DEADLINE,
     ) -> None:
+        check_api_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.timeout = timeout
+        self._deadlines = CallDeadlines(deadline)
+        europeana = re.escape(EUROPEANA_IDS).replace("http", "https?", 1)
+        self._ids = re.compile(f"(?:{europeana}|{re.escape(self.base_url)})/[0-9]+")
         self._safe = self._session(token, retry_policy(False, backoff), concurrency)
         self._pages = self._session(token, retry_policy(True, backoff), concurrency)
 
-    @staticmethod
-    def _session(token: str, retry: Retry, concurrency: int) -> requests.Session:
+    def _session(self, token: str, retry: Retry, concurrency: int) -> requests.Session:
         session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry, pool_connections=2, pool_maxsize=concurrency)
+        adapter = DeadlineAdapter(self._deadlines, retry, concurrency)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers.update(
@@ -164,6 +231,30 @@ class AnnotationsAPI:
     def close(self) -> None:
         self._safe.close()
         self._pages.close()
+        self._deadlines.close()
+
+    def stored(self, item: Any, expected_id: str | None = None) -> Stored:
+        """What the server says it holds, checked; `Unusable` when it cannot be recorded.
+
+        `expected_id`: an update's answer must name the annotation updated.
+        """
+        if not isinstance(item, dict):
+            raise Unusable(f"the server answered {shown(item)} instead of an annotation")
+        annotation_id = item.get("id")
+        if not isinstance(annotation_id, str) or not self._ids.fullmatch(annotation_id):
+            raise Unusable(
+                f"the server answered with the id {shown(annotation_id)}, "
+                f"not one of {EUROPEANA_IDS}/<n>"
+            )
+        if expected_id is not None and annotation_id != expected_id:
+            raise Unusable(
+                f"the server answered the update of {expected_id} "
+                f"with the id {shown(annotation_id)}"
+            )
+        return Stored(annotation_id, agent_id(item.get("creator")))
+
+    def is_annotation_id(self, value: Any) -> bool:
+        return isinstance(value, str) and self._ids.fullmatch(value) is not None
 
     def number(self, annotation_id: str) -> str:
         """The numeric tail of `http://data.europeana.eu/annotation/{n}`, for the URL."""
@@ -172,22 +263,26 @@ class AnnotationsAPI:
             raise AnnotationsAPIError(f"{annotation_id!r} is not a Europeana annotation id")
         return tail
 
-    def create_page(self, items: list[dict[str, Any]]) -> list[Stored]:
-        """POST an AnnotationPage of new annotations; the stored ones come back in order.
+    def create_page(self, items: list[dict[str, Any]]) -> list[Stored | Unusable]:
+        """POST an AnnotationPage of new annotations; what was stored comes back in order.
 
         Raises `Rejected` when the page is refused (one bad item refuses it all,
         and then nothing was stored) and `Unsettled` when the outcome is unknown.
+        An item whose answer cannot be recorded is `Unusable`.
         """
         page = {"@context": "http://www.w3.org/ns/anno.jsonld", "type": "AnnotationPage"}
-        response = self._send(
-            self._pages, "POST", self.base_url + "s/", {**page, "items": items}, unsettled=True
-        )
-        stored = [Stored.of(item) for item in response.get("items", [])]
-        if len(stored) != len(items):
-            raise Unsettled(f"the page of {len(items)} came back with {len(stored)} items")
-        return stored
+        url = self.base_url + "s/"
+        try:
+            response = self._send(
+                self._pages, "POST", url, {**page, "items": items}, unsettled=True
+            )
+        except Rejected as error:
+            if error.status == 404:  # only an update names what may not exist
+                raise AnnotationsAPIError(self._not_the_api(f"POST {url}", error)) from None
+            raise
+        return self._page_answer(response, [None] * len(items))
 
-    def update_page(self, items: list[tuple[str, dict[str, Any]]]) -> list[Stored]:
+    def update_page(self, items: list[tuple[str, dict[str, Any]]]) -> list[Stored | Unusable]:
         """POST an AnnotationPage of updates, (id, content) each; idempotent, so retried.
 
         Raises `Rejected` when the page is refused (an item invalid, or 404 for an
@@ -196,18 +291,37 @@ class AnnotationsAPI:
         page = {"@context": "http://www.w3.org/ns/anno.jsonld", "type": "AnnotationPage"}
         updates = [{"id": annotation_id, **content} for annotation_id, content in items]
         response = self._send(self._safe, "POST", self.base_url + "s/", {**page, "items": updates})
-        stored = [Stored.of(item) for item in response.get("items", [])]
-        if len(stored) != len(items):
-            raise Unsettled(f"the page of {len(items)} came back with {len(stored)} items")
-        return stored
+        return self._page_answer(response, [annotation_id for annotation_id, _ in items])
+
+    def _page_answer(
+        self, response: dict[str, Any], expected: list[str | None]
+    ) -> list[Stored | Unusable]:
+        """A page's answer item by item; `Unsettled` when it is not one item per item sent."""
+        answered = response.get("items")
+        if not isinstance(answered, list) or len(answered) != len(expected):
+            count = len(answered) if isinstance(answered, list) else shown(answered)
+            raise Unsettled(f"a page of {len(expected)} was answered with items {count}")
+        results: list[Stored | Unusable] = []
+        for item, expected_id in zip(answered, expected, strict=True):
+            try:
+                results.append(self.stored(item, expected_id))
+            except Unusable as unusable:
+                results.append(unusable)
+        repeated = Counter(r.id for r in results if isinstance(r, Stored))
+        return [
+            Unusable(f"the server answered the id {r.id} for {repeated[r.id]} annotations")
+            if isinstance(r, Stored) and repeated[r.id] > 1
+            else r
+            for r in results
+        ]
 
     def create(self, annotation: dict[str, Any]) -> Stored:
         """POST one annotation; `Duplicate` names the ids of the same annotation if it exists."""
-        return Stored.of(self._send(self._safe, "POST", self.base_url + "/", annotation))
+        return self.stored(self._send(self._safe, "POST", self.base_url + "/", annotation))
 
     def update(self, annotation_id: str, annotation: dict[str, Any]) -> Stored:
         url = f"{self.base_url}/{self.number(annotation_id)}"
-        return Stored.of(self._send(self._safe, "PUT", url, annotation))
+        return self.stored(self._send(self._safe, "PUT", url, annotation), annotation_id)
 
     def withdraw(self, annotation_id: str) -> None:
         """DELETE (a soft delete); an annotation already gone counts as withdrawn."""
@@ -216,16 +330,22 @@ class AnnotationsAPI:
             self._send(self._safe, "DELETE", url, None)
         except Rejected as error:
             if error.status not in (404, 410):
-                raise
+                raise AnnotationsAPIError(
+                    f"DELETE {url}: refused ({error.status}): {error.message}"
+                ) from None
 
     def get(self, annotation_id: str) -> dict[str, Any]:
         url = f"{self.base_url}/{self.number(annotation_id)}"
         return self._send(self._safe, "GET", url, None, params=self._key())
 
     def search_record(self, record_id: str) -> Iterator[dict[str, Any]]:
-        """Every annotation whose target is the record, page by page."""
-        page = 0
-        while True:
+        """Every annotation whose target is the record, page by page, at most `SEARCH_PAGES`.
+
+        Items that are not annotations with a usable id are passed over: they
+        cannot be adopted, since nothing could ever be done with their id.
+        """
+        url = self.base_url + "/search"
+        for page in range(SEARCH_PAGES):
             params = {
                 **self._key(),
                 "query": f'target_record_id:"{record_id}"',
@@ -233,12 +353,38 @@ class AnnotationsAPI:
                 "pageSize": str(SEARCH_PAGE_SIZE),
                 "page": str(page),
             }
-            response = self._send(self._safe, "GET", self.base_url + "/search", None, params)
-            items = response.get("items") or []
-            yield from (item for item in items if isinstance(item, dict))
+            try:
+                response = self._send(self._safe, "GET", url, None, params)
+            except Rejected as error:
+                raise AnnotationsAPIError(self._not_the_api(f"GET {url}", error)) from None
+            items = response.get("items")
+            if items is None:
+                items = []
+            if not isinstance(items, list):
+                raise AnnotationsAPIError(
+                    f"GET {url}: the search answered items {shown(items)}, not a list"
+                )
+            yield from (item for item in items if self._usable(item))
             if not response.get("next") or len(items) < SEARCH_PAGE_SIZE:
                 return
-            page += 1
+        raise AnnotationsAPIError(
+            f"GET {url}: the search for {record_id} went on past {SEARCH_PAGES} pages of "
+            f"{SEARCH_PAGE_SIZE}; a record has far fewer annotations, so the server's paging "
+            "is broken"
+        )
+
+    def _usable(self, item: Any) -> bool:
+        try:
+            self.stored(item)
+        except Unusable:
+            return False
+        return True
+
+    def _not_the_api(self, where: str, error: Rejected) -> str:
+        return (
+            f"{where}: {error.status} {error.message}: EUROPEANA_ANNOTATION_API_URL="
+            f"{shown(self.base_url)} does not look like the Annotations API"
+        )
 
     def _key(self) -> dict[str, str]:
         return {"wskey": self.api_key} if self.api_key else {}
@@ -260,17 +406,30 @@ class AnnotationsAPI:
         data = json.dumps(body).encode() if body is not None else None
         where = f"{method} {url}"
         try:
-            response = session.request(method, url, data=data, params=params, timeout=TIMEOUT)
-        except requests.exceptions.ConnectionError as error:
-            if unsettled and not _never_sent(error):
-                raise Unsettled(f"{where}: {type(error).__name__}") from None
-            raise AnnotationsAPIError(
-                f"{where}: cannot reach the server ({_reason(error)})"
-            ) from None
+            with self._deadlines.call() as deadline:
+                response = session.request(
+                    method,
+                    url,
+                    data=data,
+                    params=params,
+                    timeout=self.timeout,
+                    allow_redirects=False,
+                )
         except requests.exceptions.RequestException as error:
-            if unsettled:
-                raise Unsettled(f"{where}: {type(error).__name__}") from None
-            raise AnnotationsAPIError(f"{where}: {_reason(error)}") from None
+            raise _failure(where, error, unsettled, deadline.expired, deadline.seconds) from None
+        return self._answer(where, method, response, unsettled)
+
+    def _answer(
+        self, where: str, method: str, response: requests.Response, unsettled: bool
+    ) -> dict[str, Any]:
+        """The answer's document, or this module's exception for what it says."""
+        if 300 <= response.status_code < 400:
+            location = response.headers.get("Location") or "nowhere"
+            raise AnnotationsAPIError(
+                f"{where}: the server redirected ({response.status_code}) to {shown(location)}, "
+                "and a publish follows no redirect: set EUROPEANA_ANNOTATION_API_URL to the "
+                "Annotations API itself; nothing was created by this request"
+            )
         if response.status_code in (200, 201):
             try:
                 document = response.json()
@@ -290,13 +449,34 @@ class AnnotationsAPI:
             duplicate = _DUPLICATE.search(message)
             if duplicate and method == "POST":
                 ids = [part.strip() for part in duplicate.group(1).split(",") if part.strip()]
-                raise Duplicate(response.status_code, message, ids)
+                if ids and all(self.is_annotation_id(one) for one in ids):
+                    raise Duplicate(response.status_code, message, ids)
+                message += " (and no usable id of the duplicate was given)"
             raise Rejected(response.status_code, message)
         if unsettled and response.status_code not in PAGE_STATUSES:
             raise Unsettled(f"{where}: {response.status_code} {message}")
         raise AnnotationsAPIError(
             f"{where}: {response.status_code} after {RETRIES} retries: {message}"
         )
+
+
+def _failure(
+    where: str,
+    error: requests.exceptions.RequestException,
+    unsettled: bool,
+    late: bool,
+    seconds: float,
+) -> Exception:
+    """A request that got no answer: `Unsettled` where it may have been carried out."""
+    if late:
+        message = f"{where}: no whole answer within {seconds:g} s"
+    elif isinstance(error, requests.exceptions.ConnectionError):
+        if not unsettled or _never_sent(error):
+            return AnnotationsAPIError(f"{where}: cannot reach the server ({_reason(error)})")
+        message = f"{where}: {type(error).__name__}"
+    else:
+        message = f"{where}: {_reason(error) if not unsettled else type(error).__name__}"
+    return Unsettled(message) if unsettled else AnnotationsAPIError(message)
 
 
 def _never_sent(error: requests.exceptions.ConnectionError) -> bool:
@@ -313,15 +493,18 @@ def _reason(error: requests.exceptions.RequestException) -> str:
 
 
 def error_message(response: requests.Response) -> str:
-    """The server's own words: `error` of `{"success": false, "error": ...}`, with its report."""
+    """The server's own words: `error` of `{"success": false, "error": ...}`, with its report.
+
+    Printable: control characters (a terminal's escape sequences) are escaped.
+    """
     try:
         document = response.json()
     except ValueError:
-        return (response.text or response.reason or "").strip()[:MESSAGE_CHARS]
+        return printable((response.text or response.reason or "").strip()[:MESSAGE_CHARS])
     if not isinstance(document, dict):
-        return str(document)[:MESSAGE_CHARS]
+        return printable(str(document)[:MESSAGE_CHARS])
     message = str(document.get("error") or document.get("message") or response.reason or "")
     report = document.get("operationReport")
     if report:
         message += " " + json.dumps(report, sort_keys=True)
-    return message[:MESSAGE_CHARS]
+    return printable(message[:MESSAGE_CHARS])

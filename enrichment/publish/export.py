@@ -52,6 +52,7 @@ from enrichment.store.selection import (
     review_keeps,
     run_exists,
     stored_labels,
+    unknown_datasets,
 )
 
 
@@ -210,11 +211,18 @@ def read_thresholds(path: Path) -> dict[str, float]:
 
 
 def check_filter(db: Database, filters: ExportFilter) -> None:
-    """Refuse filters that name a run, model version or class key the database does not know."""
+    """Refuse filters that name a dataset, run, model version or class the database does not know.
+
+    Each would otherwise select nothing and write an empty file (or, for a
+    publish, withdraw nothing) without a word.
+    """
     if filters.reviewed not in REVIEWED:
         raise ExportError(
             "reviewed", f"reviewed must be one of {', '.join(REVIEWED)}, not {filters.reviewed!r}"
         )
+    missing = unknown_datasets(db, filters.datasets)
+    if missing:
+        raise ExportError("datasets", f"no record belongs to dataset {', '.join(missing)}")
     if filters.run_id is not None and not run_exists(db, filters.run_id):
         raise ExportError("run_id", f"run {filters.run_id} does not exist")
     models = known_models(db)

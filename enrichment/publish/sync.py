@@ -33,6 +33,13 @@ server's message and every other item is published.
 Only the owner may update or withdraw an annotation: rows whose recorded owner
 is not this publish's account (learned from the server's answers) are left
 alone and reported.
+
+Nothing is recorded that the server did not clearly say (`annotations_api`
+checks every answer): an answer that cannot be used (an id that is no
+annotation id, one id given to two annotations of this publish) is reported
+for its item, whose row stays an intent: a create is then looked up by the
+closing resolve, an update is sent again next time. So the ledger only ever
+holds ids a later publish or `--withdraw` can act on.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from enrichment.publish.annotations_api import (
     Rejected,
     Stored,
     Unsettled,
-    agent_id,
+    Unusable,
 )
 from enrichment.publish.export import ExportFilter, check_filter, iter_label_rows
 from enrichment.publish.unsettled import publish_lock, resolve_unsettled
@@ -73,7 +80,7 @@ from enrichment.store.publications import (
     record_intents,
     record_outcomes,
 )
-from enrichment.store.selection import LabelRow
+from enrichment.store.selection import LabelRow, count_left_out_by_reviews
 
 PAGE_SIZE = 100
 CONCURRENCY = 4
@@ -106,7 +113,13 @@ class PublishReport:
     rejected: int = 0
     not_owned: int = 0
     invalid: int = 0
+    # Answers that could not be recorded: the rows stay intents (see the module's docstring).
+    unusable: int = 0
+    # Labels of the selection that the curators' decisions (`--reviewed`) leave out.
+    left_out_by_reviews: int = 0
     problems: list[str] = field(default_factory=list)
+    # A dry run's planned changes, when asked for: action, record, label, annotation id.
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     def problem(self, text: str) -> None:
         if len(self.problems) < PROBLEMS_KEPT:
@@ -141,6 +154,34 @@ class _Op:
         assert self.wanted is not None, "only creates and updates carry an annotation"
         return self.wanted.annotation
 
+    def change(self) -> dict[str, Any]:
+        """The planned change as a dry run lists it."""
+        if self.wanted is not None:
+            row = self.wanted.row
+            record_id, label, concept, version = (
+                row.record_id,
+                row.label_key,
+                row.concept,
+                row.model_version,
+            )
+        else:
+            assert self.entry is not None
+            record_id, label, concept, version = (
+                self.entry.record_id,
+                self.entry.label_key,
+                self.entry.concept,
+                self.entry.model_version,
+            )
+        held = self.entry.annotation_id if self.entry is not None else None
+        return {
+            "action": self.kind,
+            "record_id": record_id,
+            "label": label,
+            "concept": concept,
+            "model_version": version,
+            "annotation_id": held if self.kind != "create" else None,
+        }
+
 
 class Publisher:
     """One publish of one selection to one Annotations API.
@@ -164,16 +205,30 @@ class Publisher:
         self.report = PublishReport(dry_run=api is None)
         self.account = known_account(db, api_url)
         self._unwritten: list[PublicationOutcome] = []
+        # Ids the server gave this publish, and the row each went to: one id, one row.
+        self._assigned: dict[str, int] = {}
 
     # -- the whole publish ---------------------------------------------------------------
 
-    def publish(self, filters: ExportFilter, withdraw_all: bool = False) -> PublishReport:
-        """Make the server hold exactly the current labels of the selection, or none."""
+    def publish(
+        self, filters: ExportFilter, withdraw_all: bool = False, list_changes: bool = False
+    ) -> PublishReport:
+        """Make the server hold exactly the current labels of the selection, or none.
+
+        A dry run (no `api`) only plans: with `list_changes`, each planned
+        change is in the report's `changes`.
+        """
         check_filter(self.db, filters)
+        if not withdraw_all:
+            self.report.left_out_by_reviews = count_left_out_by_reviews(
+                self.db, filters.selection()
+            )
         if self.api is None:
             self.report.unsettled = count_unsettled(self.db, self.api_url)
             for op in self._plan(filters, withdraw_all):
                 self._count_dry(op)
+                if list_changes:
+                    self.report.changes.append(op.change())
             return self.report
         with (
             publish_lock(self.db, self.api_url),
@@ -349,7 +404,7 @@ class Publisher:
         """Runs in a pool thread: post the page, split it where the server rejects it."""
         api = self.api
         assert api is not None
-        outcomes: list[tuple[_Op, Stored | Rejected | Unsettled]] = []
+        outcomes: list[tuple[_Op, Stored | Unusable | Rejected | Unsettled]] = []
 
         def post(part: list[_Op]) -> None:
             try:
@@ -371,18 +426,45 @@ class Publisher:
 
         def settle() -> None:
             settled: list[PublicationOutcome] = []
+            unknown = [op for op, outcome in outcomes if isinstance(outcome, Unsettled)]
+            if unknown:
+                reason = next(o for _, o in outcomes if isinstance(o, Unsettled))
+                self.report.problem(
+                    f"{len(unknown)} new annotations, outcome unknown ({reason}): "
+                    "looked up on the server"
+                )
             for op, outcome in outcomes:
+                if isinstance(outcome, Stored):
+                    outcome = self._assign(op, outcome)
                 if isinstance(outcome, Stored):
                     self._learn(outcome)
                     self.report.created += 1
                     settled.append(Created(op.row_id, outcome.id, outcome.owner))
+                elif isinstance(outcome, Unusable):
+                    self._unusable(op, outcome)
                 elif isinstance(outcome, Rejected):
                     self._rejected(op, outcome)
                     settled.append(Refused(op.row_id, outcome.message, kept=False))
-                # Unsettled: the row stays `creating`; the closing settle looks it up.
+                # Unsettled or unusable: the row stays `creating`; the closing settle
+                # looks it up.
             self._settled(settled, now=True)
 
         return settle
+
+    def _assign(self, op: _Op, stored: Stored) -> Stored | Unusable:
+        """The id for this row, unless this publish already gave it to another row."""
+        holder = self._assigned.setdefault(stored.id, op.row_id)
+        if holder != op.row_id:
+            return Unusable(f"the server answered the id {stored.id}, given to another label")
+        return stored
+
+    def _unusable(self, op: _Op, error: Unusable) -> None:
+        self.report.unusable += 1
+        assert op.wanted is not None
+        row = op.wanted.row
+        self.report.problem(
+            f"{row.record_id} ({row.label_key}): answer not recorded: {error.reason}"
+        )
 
     def _rejected(self, op: _Op, error: Rejected) -> None:
         self.report.rejected += 1
@@ -401,7 +483,7 @@ class Publisher:
         """
         api = self.api
         assert api is not None
-        outcomes: list[tuple[_Op, Stored | Rejected, bool]] = []
+        outcomes: list[tuple[_Op, Stored | Unusable | Rejected, bool]] = []
 
         def post(part: list[_Op]) -> None:
             try:
@@ -424,6 +506,11 @@ class Publisher:
         def settle() -> None:
             settled: list[PublicationOutcome] = []
             for op, outcome, adopted in outcomes:
+                if isinstance(outcome, Stored):
+                    outcome = self._assign(op, outcome)
+                if isinstance(outcome, Unusable):
+                    self._unusable(op, outcome)  # stays `updating`: sent again next time
+                    continue
                 if isinstance(outcome, Rejected):
                     self._rejected(op, outcome)
                     settled.append(Refused(op.row_id, outcome.message, kept=True))
@@ -450,19 +537,19 @@ class Publisher:
 
     def _update_one(
         self, op: _Op, refused: Rejected | None = None
-    ) -> tuple[_Op, Stored | Rejected, bool]:
+    ) -> tuple[_Op, Stored | Unusable | Rejected, bool]:
         """PUT one update (unless the page already refused it); one gone is created again."""
         assert self.api is not None
-        outcome: Stored | Rejected | None = refused
+        outcome: Stored | Unusable | Rejected | None = refused
         if outcome is None:
             try:
                 outcome = self.api.update(op.annotation_id, op.annotation)
-            except Rejected as error:
+            except (Rejected, Unusable) as error:
                 outcome = error
         if isinstance(outcome, Rejected) and outcome.status in (404, 410):
             try:
                 created, adopted = self._create_one(op.annotation)
-            except Rejected as error:
+            except (Rejected, Unusable) as error:
                 return op, error, False
             return op, created, adopted
         return op, outcome, False
@@ -474,7 +561,7 @@ class Publisher:
             return self.api.create(annotation), False
         except Duplicate as duplicate:
             existing = self.api.get(duplicate.ids[0])
-            return Stored(duplicate.ids[0], agent_id(existing.get("creator"))), True
+            return self.api.stored(existing, duplicate.ids[0]), True
 
     def _withdraw(self, op: _Op) -> Callable[[], None]:
         assert self.api is not None

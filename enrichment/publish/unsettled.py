@@ -11,7 +11,9 @@ carried out (the publish was killed, or the answer was lost):
   withdrawn. Not found, the create never happened and the row is forgotten,
   so the label is planned afresh.
 - `withdrawing`: DELETE again; it is idempotent (an annotation already gone
-  counts as withdrawn).
+  counts as withdrawn). A row whose id is not an annotation id (which only an
+  older version of this project could have recorded) names nothing that could
+  be deleted, and is settled as withdrawn without a request.
 - `updating` needs no request here: the plan treats its content as unknown
   and sends the update again, which is idempotent too.
 
@@ -104,9 +106,11 @@ def _resolve(
 ) -> tuple[UnsettledIntent, Stored | str | None]:
     """Runs in a pool thread: the row and what the server holds for it (None: nothing)."""
     if intent.state == S.WITHDRAWING:
-        assert intent.annotation_id is not None
-        api.withdraw(intent.annotation_id)
+        if api.is_annotation_id(intent.annotation_id):
+            assert intent.annotation_id is not None
+            api.withdraw(intent.annotation_id)
         return intent, "withdrawn"
+    # Only annotations with a usable id come from the search.
     found = sorted(
         (
             annotation
@@ -119,7 +123,7 @@ def _resolve(
     if account is not None:  # then every one found is this account's own
         for surplus in found[1:]:
             api.withdraw(str(surplus["id"]))
-    return intent, Stored.of(found[0]) if found else None
+    return intent, api.stored(found[0]) if found else None
 
 
 def same_tag(annotation: dict[str, Any], concept: str, item_uri: str) -> bool:

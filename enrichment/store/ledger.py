@@ -73,7 +73,13 @@ class Publication(Base):
 
 
 def publications_for_record(db: Database, record_id: str) -> list[dict[str, Any]]:
-    """A record's ledger rows, for `enrich results`: what is published for it, and where."""
+    """A record's ledger rows, for `enrich results`: what is published for it, and where.
+
+    `sent` is False for an intent (`creating`, `updating`, `withdrawing`): the
+    request was about to go out, and no answer of the server confirmed it, so
+    it may never have reached the server. Show such a row as an intent, not as
+    something published.
+    """
     query = (
         sa.select(Publication)
         .where(Publication.record_id == record_id)
@@ -89,6 +95,7 @@ def publications_for_record(db: Database, record_id: str) -> list[dict[str, Any]
                 "annotation_id": row.annotation_id,
                 "owner": row.owner,
                 "state": row.state,
+                "sent": row.state not in UNSETTLED,
                 "published_at": _iso(row.published_at),
                 "updated_at": _iso(row.updated_at),
                 "withdrawn_at": _iso(row.withdrawn_at),

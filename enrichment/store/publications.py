@@ -40,6 +40,9 @@ class LedgerEntry:
     content_sha256: str
     annotation_id: str | None
     owner: str | None
+    # The label as last published, for a dry run's list of withdrawals.
+    concept: str
+    model_version: str
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,8 @@ def _entries(
         Publication.content_sha256,
         Publication.annotation_id,
         Publication.owner,
+        Publication.concept,
+        Publication.model_version,
     ).where(Publication.api_url == api_url, *scope)
     if selection.labels:
         query = query.where(Publication.label_key.in_(selection.labels))

@@ -9,14 +9,14 @@ confidence and review filters itself (`review_keeps`: the same rule as the
 SQL). Rows stream through a server-side cursor on PostgreSQL: an export of
 every label holds one chunk of rows at a time.
 
-The filter checks (`run_exists`, `known_models`) let the caller refuse a
+The filter checks (`run_exists`, `known_models`, `unknown_datasets`) let the caller refuse a
 selection that names nothing the database knows before it writes anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -88,8 +88,38 @@ def known_models(db: Database) -> dict[str, ModelClasses]:
         return model_classes(session)
 
 
+def unknown_datasets(db: Database, datasets: Sequence[str]) -> list[str]:
+    """The datasets of `datasets` that no record belongs to (an index serves each)."""
+    with db.transaction() as session:
+        known = set(
+            session.scalars(
+                sa.select(RecordRow.dataset).where(RecordRow.dataset.in_(datasets)).distinct()
+            )
+        )
+    return sorted(set(datasets) - known)
+
+
+def count_left_out_by_reviews(db: Database, selection: Selection) -> int:
+    """How many stored labels of the selection its `reviewed` rule leaves out (0 for `any`)."""
+    if selection.reviewed == "any":
+        return 0
+    query = _labels_query(replace(selection, reviewed="any")).where(
+        ~_reviewed_condition(Label.record_id, Label.label_key, selection.reviewed)
+    )
+    with db.transaction() as session:
+        return session.execute(
+            sa.select(sa.func.count()).select_from(query.subquery())
+        ).scalar_one()
+
+
 def stored_labels(db: Database, selection: Selection) -> Iterator[LabelRow]:
     """The selected stored labels, ordered by record, model version and label key."""
+    query = _labels_query(selection).order_by(Label.record_id, Label.model_version, Label.label_key)
+    yield from (LabelRow(*row) for row in _stream(db, query))
+
+
+def _labels_query(selection: Selection) -> sa.Select:
+    """The selected stored labels, unordered: every filter of the selection in SQL."""
     chosen = current_results(selection.datasets, selection.run_id, selection.model_version)
     query = (
         sa.select(
@@ -108,7 +138,6 @@ def stored_labels(db: Database, selection: Selection) -> Iterator[LabelRow]:
             & (chosen.c.model_version == Label.model_version),
         )
         .join(RecordRow, RecordRow.id == Label.record_id)
-        .order_by(Label.record_id, Label.model_version, Label.label_key)
     )
     if selection.since is not None:
         query = query.where(chosen.c.classified_at >= selection.since)
@@ -120,7 +149,7 @@ def stored_labels(db: Database, selection: Selection) -> Iterator[LabelRow]:
         query = query.where(
             _reviewed_condition(Label.record_id, Label.label_key, selection.reviewed)
         )
-    yield from (LabelRow(*row) for row in _stream(db, query))
+    return query
 
 
 def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResult]:

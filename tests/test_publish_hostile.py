@@ -1,0 +1,298 @@
+"""`enrich publish` against an Annotations API that answers badly (tests/annotations_api.py).
+
+Each case is the stand-in answering as issue #23 found a server could: ids
+that are not annotation ids, one id for many annotations, malformed pages,
+endless search pages, a body trickled a byte at a time, a redirect, the
+server's root as the URL, terminal escapes in its messages. The ledger must
+only ever hold what the server clearly said, and every failure is a line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from enrichment.publish.annotations_api import (
+    SEARCH_PAGES,
+    AnnotationsAPI,
+    AnnotationsAPIError,
+    Unsettled,
+)
+from enrichment.publish.export import ExportFilter
+from enrichment.publish.sync import Publisher
+from enrichment.store.database import Database
+from enrichment.store.ledger import Publication, PublicationState, publications_for_record
+from enrichment.store.publications import CreateIntent, record_intents
+from enrichment.store.reviews import Decision, Review
+from tests.annotations_api import ID_BASE, AnnotationsServer
+from tests.conftest import VOCABULARY, enrich
+from tests.export_support import NEW, OLD, item_uri, record_ids
+from tests.test_publish import TOKEN, catalogue_of, held, ledger, publish, wanted
+
+pytest_plugins = ["tests.test_publish"]  # its `db` and `server` fixtures
+
+UNUSABLE_IDS: dict[str, Callable[[str], Any]] = {
+    "not-a-url": lambda _: "not-a-url",
+    "an object": lambda real: {"id": real},
+    "one id for all": lambda _: ID_BASE + "1",
+    "another API's": lambda real: real.replace("data.europeana.eu", "example.org"),
+}
+
+
+def assert_ledger_matches_server(db: Database, server: AnnotationsServer) -> None:
+    """Every id in the ledger is one the server holds, none twice: a later publish can use it."""
+    ids = [row.annotation_id for row in ledger(db).values() if row.annotation_id is not None]
+    assert len(ids) == len(set(ids))
+    assert set(ids) <= {annotation["id"] for annotation in server.annotations.values()}
+
+
+@pytest.mark.parametrize("answer", list(UNUSABLE_IDS))
+def test_unusable_ids_are_never_recorded_and_publish_and_withdraw_still_work(
+    db: Database, server: AnnotationsServer, answer: str
+) -> None:
+    catalogue = catalogue_of(db)
+    expected = wanted(catalogue)
+    server.answer_id = UNUSABLE_IDS[answer]
+    report = publish(db, server)
+    assert report.unusable == len(expected) and report.created == 0
+    assert any("answer not recorded" in problem for problem in report.problems)
+    # The closing resolve found each on the server, under its real id.
+    assert report.adopted == len(expected)
+    assert {row.state for row in ledger(db).values()} == {PublicationState.PUBLISHED}
+    assert_ledger_matches_server(db, server)
+    assert held(server) == expected
+
+    gone = publish(db, server, withdraw_all=True)
+    assert gone.withdrawn == len(expected) and server.active() == []
+    server.answer_id = None
+    again = publish(db, server)
+    assert again.created == len(expected) and held(server) == expected
+    assert_ledger_matches_server(db, server)
+
+
+PAGE_ITEMS: dict[str, Callable[[list[Any]], Any]] = {
+    "null": lambda items: None,
+    "a number": lambda items: 7,
+    "strings": lambda items: ["annotation"] * len(items),
+    "without id": lambda items: [{k: v for k, v in i.items() if k != "id"} for i in items],
+    "one short": lambda items: items[:-1],
+}
+
+
+@pytest.mark.parametrize("shape", list(PAGE_ITEMS))
+def test_malformed_page_answers_are_item_errors_and_end_with_exactly_the_labels(
+    db: Database, server: AnnotationsServer, shape: str
+) -> None:
+    catalogue = catalogue_of(db)
+    server.page_items = PAGE_ITEMS[shape]
+    report = publish(db, server)
+    assert report.created == 0 and report.problems
+    assert report.adopted == len(wanted(catalogue))
+    assert held(server) == wanted(catalogue)
+    assert_ledger_matches_server(db, server)
+
+    # Updates answered the same way stay `updating`, and go again when the server mends.
+    catalogue.classify(db, NEW, record_ids("1001")[:4])
+    changed = publish(db, server)
+    assert changed.problems and changed.updated + changed.unusable >= 1
+    server.page_items = None
+    publish(db, server)
+    assert {row.state for row in ledger(db).values()} <= {
+        PublicationState.PUBLISHED,
+        PublicationState.WITHDRAWN,
+    }
+    assert held(server) == wanted(catalogue)
+
+
+def test_a_duplicate_message_without_ids_is_refused_for_its_item(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6])
+    old = {(r, VOCABULARY[k]) for r, _, k in catalogue.expected(version=OLD)}
+    new = {(r, VOCABULARY[k]) for r, _, k in catalogue.expected(version=NEW)}
+    record_id, concept = sorted(old & new)[0]
+    gone = ledger(db)[(record_id, concept)].annotation_id
+    server.deleted.add(int(gone.rsplit("/", 1)[1]))
+    # Someone else holds the same tag: the re-create is a duplicate, named without ids.
+    server.add({"motivation": "tagging", "target": item_uri(record_id), "body": concept}, "other")
+    server.empty_duplicates = True
+    report = publish(db, server)
+    assert report.rejected == 1
+    assert any("no usable id of the duplicate" in problem for problem in report.problems)
+    # A refused update keeps its row as it was, with the server's words, to be tried again.
+    row = ledger(db)[(record_id, concept)]
+    assert row.annotation_id == gone and "no usable id" in row.last_error
+
+
+def test_an_endless_search_stops_after_its_page_bound(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue_of(db)
+    server.lose_answer_every, server.lock_every = 1, 0  # every create's answer lost
+    server.endless_search = True
+    with pytest.raises(AnnotationsAPIError, match=f"went on past {SEARCH_PAGES} pages"):
+        publish(db, server)
+    # The rows stay intents: nothing was recorded that the server did not say.
+    assert {row.state for row in ledger(db).values()} == {PublicationState.CREATING}
+
+    # One record's search: exactly the bound of pages, then the error.
+    before = len(server.requests)
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    with pytest.raises(AnnotationsAPIError, match="the server's paging is broken"):
+        list(api.search_record(record_ids("1001")[0]))
+    api.close()
+    assert len(server.requests) - before == SEARCH_PAGES
+
+
+def test_a_trickled_answer_is_cut_off_at_the_deadline(server: AnnotationsServer) -> None:
+    server.trickle = 0.05  # a search answer of ~100 bytes would take 5 s
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01, timeout=(2.0, 4.0), deadline=1.0)
+    started = time.monotonic()
+    with pytest.raises(AnnotationsAPIError, match="no whole answer within 1 s"):
+        list(api.search_record("/1001/object_1"))
+    assert time.monotonic() - started < 3.0
+    started = time.monotonic()
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    with pytest.raises(Unsettled, match="no whole answer within 1 s"):
+        api.create_page([annotation])
+    assert time.monotonic() - started < 3.0
+    api.close()
+
+
+def test_a_url_that_is_not_the_annotations_api_says_so(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue_of(db)
+    root = server.url.removesuffix("/annotation")
+    with pytest.raises(AnnotationsAPIError, match="does not look like the Annotations API"):
+        AnnotationsAPI(root, TOKEN)
+    elsewhere = root + "/v2/annotation"  # the right shape, but nothing answers there
+    api = AnnotationsAPI(elsewhere, TOKEN, backoff=0.01)
+    with pytest.raises(AnnotationsAPIError, match=r"404 .*does not look like the Annotations API"):
+        Publisher(db, elsewhere, api).publish(ExportFilter())
+    api.close()
+    assert server.active() == []
+
+    env = {"DATABASE_URL": db.url, "EUROPEANA_ANNOTATION_API_URL": root}
+    done = enrich("publish", env={**env, "EUROPEANA_ANNOTATION_TOKEN": TOKEN})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "does not look like the Annotations API" in done.stderr
+
+
+def test_a_redirected_publish_creates_nothing_says_so_and_fails(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue_of(db)
+    target = AnnotationsServer()
+    server.redirect_to = f"http://127.0.0.1:{target.port}"
+    env = {
+        "DATABASE_URL": db.url,
+        "EUROPEANA_ANNOTATION_API_URL": server.url,
+        "EUROPEANA_ANNOTATION_TOKEN": TOKEN,
+    }
+    done = enrich("publish", env=env)
+    target.close()
+    assert done.returncode == 1, done.stdout
+    assert "redirected (307)" in done.stderr and "nothing was created" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert server.active() == [] and target.requests == []
+
+
+def test_server_messages_are_printed_with_control_characters_escaped(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue = catalogue_of(db)
+    refused = sorted(wanted(catalogue))[0][0]
+    server.refuse_targets = {item_uri(refused)}
+    server.message_suffix = "\x1b[2J\x1b]0;owned\x07\u202e"
+    env = {
+        "DATABASE_URL": db.url,
+        "EUROPEANA_ANNOTATION_API_URL": server.url,
+        "EUROPEANA_ANNOTATION_TOKEN": TOKEN,
+    }
+    done = enrich("publish", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "annotation validation" in done.stderr
+    assert "\\x1b[2J\\x1b]0;owned\\x07\\u202e" in done.stderr
+    assert not any(c in done.stderr + done.stdout for c in "\x1b\x07\u202e")
+
+
+def test_a_dry_run_lists_each_change_and_the_labels_reviews_left_out(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6])
+    record_id, concept = sorted(wanted(catalogue))[-1]
+    key = next(k for k, uri in VOCABULARY.items() if uri == concept)
+    with db.transaction() as session:
+        session.add(
+            Review(
+                record_id=record_id,
+                label_key=key,
+                model_version=OLD,
+                decision=Decision.REJECT,
+                reviewer="curator",
+            )
+        )
+    env = {"DATABASE_URL": db.url, "EUROPEANA_ANNOTATION_API_URL": server.url}
+    requests_before = len(server.requests)
+    dry = enrich("publish", "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    changes = report["changes"]
+    counts = {a: sum(c["action"] == a for c in changes) for a in ("create", "update", "withdraw")}
+    assert counts == {
+        "create": report["created"],
+        "update": report["updated"],
+        "withdraw": report["withdrawn"],
+    }
+    assert report["created"] and report["updated"] and report["withdrawn"]
+    assert report["left_out_by_reviews"] == 1
+    rows = ledger(db)
+    withdrawn = {(c["record_id"], c["concept"]) for c in changes if c["action"] == "withdraw"}
+    assert (record_id, concept) in withdrawn
+    assert all(rows[(r, c)].state == PublicationState.PUBLISHED for r, c in withdrawn)
+    for change in changes:
+        if change["action"] != "create":
+            row = rows[(change["record_id"], change["concept"])]
+            assert change["annotation_id"] == row.annotation_id
+
+    text = enrich("publish", "--dry-run", env=env)
+    lines = [line for line in text.stdout.splitlines() if line.startswith("would ")]
+    assert len(lines) == len(changes)
+    assert f"would withdraw\t{record_id}\t{key}\t{OLD}\t" in text.stdout
+    assert "1 labels left out by the curators' reviews (--reviewed not-rejected)" in text.stdout
+    assert len(server.requests) == requests_before, "a dry run sends nothing"
+    assert {key: row.state for key, row in ledger(db).items()} == {
+        key: row.state for key, row in rows.items()
+    }
+
+
+def test_an_intent_shows_as_not_sent_until_the_server_answers(
+    db: Database, server: AnnotationsServer
+) -> None:
+    catalogue_of(db)
+    record_id = record_ids("1001")[0]
+    record_intents(
+        db,
+        server.url,
+        [CreateIntent(None, record_id, "map", VOCABULARY["map"], OLD, "sha-map")],
+    )
+    [intent] = publications_for_record(db, record_id)
+    assert intent["state"] == PublicationState.CREATING and intent["sent"] is False
+    publish(db, server)
+    shown = publications_for_record(db, record_id)
+    assert shown and all(entry["sent"] for entry in shown)
+    with db.transaction() as session:
+        states = set(session.scalars(sa.select(Publication.state)))
+    assert states == {PublicationState.PUBLISHED}
