@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from enrichment.cli import cli
 from enrichment.publish.annotations_api import (
     SEARCH_PAGES,
     AnnotationsAPI,
@@ -290,6 +292,11 @@ def test_an_intent_shows_as_not_sent_until_the_server_answers(
     )
     [intent] = publications_for_record(db, record_id)
     assert intent["state"] == PublicationState.CREATING and intent["sent"] is False
+    shown_as = CliRunner().invoke(
+        cli, ["results", "--record", record_id], env={"DATABASE_URL": db.url}
+    )
+    assert shown_as.exit_code == 0, shown_as.output
+    assert f"{record_id}\tintent:creating\tmap - ({OLD})" in shown_as.output
     publish(db, server)
     shown = publications_for_record(db, record_id)
     assert shown and all(entry["sent"] for entry in shown)

@@ -291,7 +291,8 @@ def results(
         click.echo("\t".join(map(tsv_field, (result.record_id, result.status, detail))))
         for entry in published:
             where = f"{entry['label']} {entry['annotation_id'] or '-'} ({entry['model_version']})"
-            fields = (result.record_id, f"published:{entry['state']}", where)
+            sent = "published" if entry["sent"] else "intent"
+            fields = (result.record_id, f"{sent}:{entry['state']}", where)
             click.echo("\t".join(map(tsv_field, fields)))
     if found:
         return

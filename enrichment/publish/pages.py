@@ -23,9 +23,7 @@ when the whole export has succeeded.
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from enrichment.errors import OutputError
+from enrichment.files import output_target
 from enrichment.publish.annotations import Profile
 
 FORMATS = ("jsonld", "jsonl")
@@ -140,36 +139,6 @@ class _Checked:
             return self._handle.write(text)
         except OSError as error:
             raise _output_error(self._path, error) from None
-
-
-def output_target(path: Path) -> tuple[Path, bool]:
-    """Where to write for `path`, and whether through a temporary file and a rename.
-
-    A new path or a regular file: atomically, at the path (or, for a symlink,
-    at the file it points to, so the link stays). A FIFO, a device, or a name
-    for an open descriptor (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`):
-    written through, as it is.
-    """
-    if _names_a_descriptor(path):
-        return path, False
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
-    except OSError as error:
-        raise _output_error(path, error) from None
-    if stat.S_ISDIR(mode):
-        raise OutputError(f"cannot write {path}: it is a directory")
-    if not stat.S_ISREG(mode):
-        return path, False
-    return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
-
-
-def _names_a_descriptor(path: Path) -> bool:
-    text = os.path.abspath(path)
-    if text.startswith(("/proc/", "/dev/fd/")):
-        return True
-    return path.is_symlink() and os.readlink(path).startswith("/proc/")
 
 
 def _output_error(path: Path, error: OSError) -> OutputError:
