@@ -11,10 +11,15 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from enrichment.review.context import review_context
-from enrichment.review.params import decisions_from_json, ids_from_json, queue_filter
+from enrichment.review.params import (
+    ReviewError,
+    decisions_from_json,
+    ids_from_json,
+    queue_filter,
+)
 from enrichment.review.stats import class_stats
 from enrichment.store.decisions import record_decisions, take_back_decisions
-from enrichment.store.review_queue import MAX_LIMIT, queue_page, record_view
+from enrichment.store.review_queue import MAX_LIMIT, queue_page, queue_progress, record_view
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -28,7 +33,22 @@ def queue() -> Any:
         total=page.total,
         limit=filters.limit,
         offset=filters.offset,
+        next_after=page.next_page.as_text() if page.next_page else None,
     )
+
+
+@api.get("/progress")
+def progress() -> Any:
+    """How far the queue of these filters is: pending items, decisions made today."""
+    return jsonify(queue_progress(review_context().db, queue_filter(request.args, 1)).as_json())
+
+
+def json_body() -> Any:
+    """The request's JSON (None if it is not JSON); too deep a nesting is a 400, not a crash."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ReviewError("the JSON body is nested too deeply") from None
 
 
 @api.get("/record")
@@ -41,13 +61,13 @@ def record() -> Any:
 
 @api.post("/decisions")
 def decisions() -> Any:
-    made = decisions_from_json(request.get_json(silent=True))
+    made = decisions_from_json(json_body())
     return jsonify(ids=record_decisions(review_context().db, made)), 201
 
 
 @api.post("/undo")
 def undo() -> Any:
-    ids = ids_from_json(request.get_json(silent=True))
+    ids = ids_from_json(json_body())
     return jsonify(undone=take_back_decisions(review_context().db, ids))
 
 

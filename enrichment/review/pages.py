@@ -7,12 +7,13 @@ Images come from the app itself (`images.py`), never hot-linked.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
 
 from enrichment.review.context import review_context
 from enrichment.review.images import SIZES
-from enrichment.review.params import queue_filter
+from enrichment.review.params import page_query, queue_filter
 from enrichment.review.stats import class_stats
 from enrichment.store.review_queue import (
     MAX_LIMIT,
@@ -20,6 +21,7 @@ from enrichment.store.review_queue import (
     STATES,
     image_url,
     queue_page,
+    queue_progress,
     record_view,
     registered_models,
 )
@@ -41,17 +43,28 @@ def queue() -> Any:
     page = queue_page(db, filters)
     models = registered_models(db)
     classes = sorted({key for model in models.values() for key in model.keys})
+    names = {
+        key: name
+        for model in models.values()
+        for key, name in zip(model.keys, model.names, strict=True)
+    }
+    base = url_for("pages.queue")
+    after = page.next_page.as_text() if page.next_page else None
     return render_template(
         "queue.html",
         items=page.items,
         total=page.total,
+        class_names=names,
+        progress=queue_progress(db, filters),
+        next_link=f"{base}?{urlencode(page_query(request.args, after=after))}" if after else None,
+        first_link=f"{base}?{urlencode(page_query(request.args, after=None))}",
+        progress_query=urlencode(page_query(request.args, after=None)),
         filters=filters,
         classes=classes,
         versions=sorted(models),
         sides=SIDES,
         states=STATES,
         page_size=PAGE_SIZE,
-        args=request.args,
     )
 
 

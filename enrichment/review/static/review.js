@@ -6,6 +6,8 @@
   const RECORDS_KEY = "enrichReviewRecords";
   const QUEUE_KEY = "enrichReviewQueue";
   const undoStack = [];
+  // What the page does once decisions are stored or taken back (the grid sets them).
+  const hooks = { afterUndo: () => {}, afterChange: () => {} };
 
   function toast(message) {
     const box = document.getElementById("toast");
@@ -103,6 +105,8 @@
       await post("/api/undo", { ids: answer.ids });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
       toast("Undone");
+      hooks.afterUndo(last.elements);
+      hooks.afterChange();
     } catch (error) {
       undoStack.push(last);
       updateUndo();
@@ -136,6 +140,27 @@
     sessionStorage.setItem(QUEUE_KEY, location.pathname + location.search);
     sessionStorage.setItem(RECORDS_KEY, JSON.stringify(
       Array.from(new Set(tiles.map((tile) => tile.dataset.recordUrl)))));
+
+    // The counts from the server, and on to the next page once this one has nothing pending.
+    async function refreshProgress() {
+      const box = document.getElementById("progress");
+      let now = null;
+      try {
+        const response = await fetch("/api/progress?" + box.dataset.query, { credentials: "same-origin" });
+        if (response.ok) now = await response.json();
+      } catch (error) { /* the counts stay as they were; the decisions are stored */ }
+      if (now) {
+        document.getElementById("pending").textContent = now.pending;
+        document.getElementById("decided-today").textContent = now.decided_today;
+      }
+      const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);
+      if (open) return;
+      if (list.dataset.next) location.href = list.dataset.next;
+      else if (now && now.pending > 0) location.href = list.dataset.first;
+      else toast("Nothing left to review with these filters");
+    }
+    hooks.afterChange = refreshProgress;
+    hooks.afterUndo = (elements) => { const at = tiles.indexOf(elements[0]); if (at !== -1) setFocus(at); };
 
     function setFocus(index) {
       if (tiles.length === 0) return;
@@ -174,8 +199,9 @@
       const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending"
         && !tile.dataset.busy);
       setFocus(next === -1 ? after : next);
-      await decide(chosen, chosen.map(() => yes), { audit: audit });
+      const saved = await decide(chosen, chosen.map(() => yes), { audit: audit });
       chosen.forEach((tile) => { delete tile.dataset.busy; });
+      if (saved) hooks.afterChange();
     }
 
     tiles.forEach((tile, index) => {
@@ -275,6 +301,14 @@
     const input = document.getElementById("reviewer");
     input.value = localStorage.getItem(REVIEWER_KEY) || "";
     input.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, input.value.trim()));
+    // Enter confirms the name and gives the keys back to the page: the next "a" is a decision.
+    input.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter") return;
+      event.preventDefault();
+      localStorage.setItem(REVIEWER_KEY, input.value.trim());
+      input.blur();
+      if (input.value.trim()) toast("Reviewing as " + input.value.trim());
+    });
     const list = document.getElementById("grid");
     if (list) grid(list);
     const article = document.getElementById("record");
