@@ -12,13 +12,19 @@ from flask import Blueprint, jsonify, request
 
 from enrichment.review.context import review_context
 from enrichment.review.params import (
+    MAX_REVIEWER,
     ReviewError,
     decisions_from_json,
     ids_from_json,
     queue_filter,
+    reviewer_from_json,
 )
 from enrichment.review.stats import class_stats
-from enrichment.store.decisions import record_decisions, take_back_decisions
+from enrichment.store.decisions import (
+    recent_decisions,
+    record_decisions,
+    take_back_decisions,
+)
 from enrichment.store.review_queue import MAX_LIMIT, queue_page, queue_progress, record_view
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -67,8 +73,20 @@ def decisions() -> Any:
 
 @api.post("/undo")
 def undo() -> Any:
-    ids = ids_from_json(json_body())
-    return jsonify(undone=take_back_decisions(review_context().db, ids))
+    body = json_body()
+    ids = ids_from_json(body)
+    reviewer = reviewer_from_json(body)
+    return jsonify(undone=take_back_decisions(review_context().db, ids, reviewer))
+
+
+@api.get("/recent")
+def recent() -> Any:
+    """A reviewer's latest decisions, newest first, each with whether it was taken back."""
+    reviewer = (request.args.get("reviewer") or "").strip()
+    if not reviewer:
+        raise ReviewError("name the reviewer: /api/recent?reviewer=NAME")
+    found = recent_decisions(review_context().db, reviewer[:MAX_REVIEWER])
+    return jsonify(decisions=[decision.as_json() for decision in found])
 
 
 @api.get("/stats")

@@ -15,6 +15,7 @@ from enrichment.review.context import review_context
 from enrichment.review.images import SIZES
 from enrichment.review.params import page_query, queue_filter
 from enrichment.review.stats import class_stats
+from enrichment.store.decisions import recent_decisions
 from enrichment.store.review_queue import (
     MAX_LIMIT,
     SIDES,
@@ -73,6 +74,15 @@ def record() -> Any:
     record_id = request.args.get("id", "")
     view = record_view(review_context().db, record_id, request.args.get("model_version") or None)
     return render_template("record.html", view=view, audit=request.args.get("audit") == "1")
+
+
+@pages.get("/recent")
+def recent() -> Any:
+    """A reviewer's recent decisions, to take one back after leaving its page (the script
+    fills in the reviewer from the name the browser remembers)."""
+    reviewer = (request.args.get("reviewer") or "").strip()[:200]
+    found = recent_decisions(review_context().db, reviewer) if reviewer else []
+    return render_template("recent.html", reviewer=reviewer, decisions=found)
 
 
 @pages.get("/stats")

@@ -109,6 +109,18 @@ def ids_from_json(body: Any) -> list[int]:
     return ids
 
 
+def reviewer_from_json(body: Any) -> str | None:
+    """Who takes decisions back ({"reviewer": NAME}, optional): a short string or nothing."""
+    reviewer = body.get("reviewer") if isinstance(body, dict) else None
+    if reviewer is None:
+        return None
+    if not isinstance(reviewer, str) or not reviewer.strip():
+        raise InvalidValue("reviewer", "reviewer is a non-empty string")
+    if len(reviewer.strip()) > MAX_REVIEWER:
+        raise InvalidValue("reviewer", f"reviewer is at most {MAX_REVIEWER} characters")
+    return reviewer.strip()
+
+
 def page_query(args: Any, **changes: str | None) -> list[tuple[str, str]]:
     """The query of a link to another page of the same queue: the known parameters only
     (repeated ones, such as `label`, kept whole), with `changes` set (None removes one)."""

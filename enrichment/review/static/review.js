@@ -71,7 +71,7 @@
       audit: base.audit,
     }));
     const previous = elements.map((element) => element.dataset.state);
-    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous };
+    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name };
     undoStack.push(entry);
     updateUndo();
     try {
@@ -102,7 +102,7 @@
       return; // never saved, so nothing to take back; decide has said so
     }
     try {
-      await post("/api/undo", { ids: answer.ids });
+      await post("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
       toast("Undone");
       hooks.afterUndo(last.elements);
@@ -297,6 +297,28 @@
     });
   }
 
+  // The recent decisions of the reviewer this browser remembers, each one undoable.
+  function recent(section) {
+    const name = localStorage.getItem(REVIEWER_KEY) || "";
+    if (!section.dataset.reviewer && name) {
+      location.replace("/recent?reviewer=" + encodeURIComponent(name));
+      return;
+    }
+    section.querySelectorAll(".take-back").forEach((button) => {
+      button.addEventListener("click", async () => {
+        const row = button.closest("tr");
+        try {
+          await post("/api/undo", { ids: [Number(row.dataset.id)], reviewer: section.dataset.reviewer });
+          row.classList.add("taken-back");
+          button.replaceWith("taken back");
+          toast("Undone");
+        } catch (error) {
+          toast("Undo failed: " + error.message);
+        }
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const input = document.getElementById("reviewer");
     input.value = localStorage.getItem(REVIEWER_KEY) || "";
@@ -313,5 +335,7 @@
     if (list) grid(list);
     const article = document.getElementById("record");
     if (article) record(article);
+    const section = document.getElementById("recent");
+    if (section) recent(section);
   });
 })();
