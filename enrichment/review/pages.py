@@ -14,7 +14,7 @@ from flask import Blueprint, Response, abort, redirect, render_template, request
 from enrichment.review.context import review_context
 from enrichment.review.images import SIZES
 from enrichment.review.params import page_query, queue_filter
-from enrichment.review.stats import class_stats
+from enrichment.review.stats import MIN_DECISIONS, class_stats
 from enrichment.store.decisions import recent_decisions
 from enrichment.store.review_queue import (
     MAX_LIMIT,
@@ -88,7 +88,7 @@ def recent() -> Any:
 @pages.get("/stats")
 def stats() -> Any:
     figures = class_stats(review_context().db, queue_filter(request.args, MAX_LIMIT))
-    return render_template("stats.html", stats=figures)
+    return render_template("stats.html", stats=figures, min_decisions=MIN_DECISIONS)
 
 
 @pages.get("/image")

@@ -49,6 +49,18 @@
     element.classList.add("state-" + state);
     const badge = element.querySelector(".badge");
     if (badge) badge.textContent = state;
+    showOn(element);
+  }
+
+  // A record view's class row shows whether the class is on, and what its key will do.
+  function showOn(row) {
+    const box = row.querySelector("input.on");
+    if (!box) return;
+    const on = row.dataset.state === "accept" || row.dataset.state === "add"
+      || (row.dataset.state === "pending" && row.dataset.labelled === "1");
+    box.checked = on;
+    row.querySelector(".does").textContent = on ? "turn off: reject"
+      : "turn on: " + (row.dataset.labelled === "1" ? "accept" : "add");
   }
 
   function decisionFor(element, yes) {
@@ -121,11 +133,24 @@
 
   function typing(event) {
     const tag = event.target.tagName;
-    return tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey;
+    return (tag === "INPUT" && event.target.type !== "checkbox") || tag === "SELECT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey;
   }
 
+  // An image the app could not show says why (the app answers "image unavailable: REASON").
   function markMissing(img) {
-    const failed = () => img.classList.add("missing");
+    const failed = async () => {
+      if (img.classList.contains("missing")) return;
+      img.classList.add("missing");
+      const note = document.createElement("p");
+      note.className = "unavailable";
+      note.textContent = "image unavailable";
+      img.after(note);
+      try {
+        const answer = await fetch(img.currentSrc || img.src, { credentials: "same-origin" });
+        const text = (await answer.text()).trim();
+        if (text.startsWith("image unavailable")) note.textContent = text;
+      } catch (error) { /* the short note stays */ }
+    };
     img.addEventListener("error", failed);
     if (img.complete && img.naturalWidth === 0 && img.currentSrc) failed();
   }
@@ -264,6 +289,13 @@
       location.href = target;
     }
     const labelled = () => rows.filter((row) => row.dataset.labelled === "1");
+    rows.forEach((row) => {
+      const box = row.querySelector("input.on");
+      box.addEventListener("click", (event) => {
+        event.preventDefault(); // the box shows the stored state, once the decision is saved
+        decide([row], [!positive(row)], base);
+      });
+    });
 
     document.getElementById("accept-labels").addEventListener("click", () => {
       const todo = labelled().filter((row) => row.dataset.state !== "accept");
