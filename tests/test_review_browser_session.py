@@ -12,10 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
-from enrichment.store.schema import Outcome
+from enrichment.store.schema import Outcome, RecordRow, Result
 from enrichment.store.writes import (
     LabelScore,
     RecordOutcome,
@@ -276,6 +277,79 @@ def test_a_long_queue_decided_page_by_page_with_the_keys(
         assert read(browser, tab, "document.getElementById('pending').textContent") == "0"
         for event in ("Runtime.exceptionThrown", "Network.loadingFailed"):
             assert browser.seen(event, tab) == []
+    finally:
+        browser.close()
+        server.close()
+        db.dispose()
+
+
+def test_what_the_keys_do_is_on_screen(
+    pg_url: str,
+    image_host,
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The heading asks about one thing; after `u` the focus is back on the undone tile; the
+    record view shows each class on or off and what its key will do; a tile whose image
+    cannot be shown says why."""
+    db = build_review_db(pg_url, image_host)
+    blocked = "http://169.254.169.254/latest/image.png"  # link-local: the fetcher refuses it
+    with db.engine.begin() as connection:
+        for table in (RecordRow, Result):
+            connection.execute(
+                sa.update(table)
+                .where(
+                    table.__table__.c[("id" if table is RecordRow else "record_id")] == "/9002/d"
+                )
+                .values(image_url=blocked)
+            )
+    server = serve(db, tmp_path)
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        tab, _ = browser.load(f"{server.url}/queue?label=map", 1280)
+        assert read(browser, tab, "document.querySelector('h1').innerText") == "Is this a map?"
+        browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada', true")
+        until(
+            browser,
+            "the unavailable image's reason",
+            lambda: (
+                read(
+                    browser,
+                    tab,
+                    "Array.from(document.querySelectorAll('.unavailable'))"
+                    ".map(n => n.innerText).join()",
+                )
+                == "image unavailable: blocked_address"
+            ),
+        )
+        focused = (
+            "Array.from(document.querySelectorAll('.tile'))"
+            ".findIndex(t => t.classList.contains('focused'))"
+        )
+        press(browser, tab, "a")
+        until(browser, "the decision", lambda: len(server.decisions()) == 1)
+        until(browser, "the focus on", lambda: read(browser, tab, focused) == 1)
+        press(browser, tab, "u")
+        until(browser, "the undo", lambda: len(server.decisions()) == 0)
+        until(browser, "the focus back", lambda: read(browser, tab, focused) == 0)
+
+        # /9001/b: photograph .52 >= .5 is a model label, pending; key 1 turns it off.
+        record, _ = browser.load(f"{server.url}/record?id=/9001/b&model_version={VERSION}", 1280)
+        browser.evaluate(record, "document.getElementById('reviewer').value = 'ada', true")
+        row = "document.querySelectorAll('.class-row')[0]"
+        shown = f"[{row}.querySelector('input.on').checked, {row}.querySelector('.does').innerText]"
+        assert read(browser, record, shown) == [True, "turn off: reject"]
+        press(browser, record, "1")
+        until(browser, "the reject", lambda: len(server.decisions()) == 1)
+        until(
+            browser,
+            "the row turned off",
+            lambda: read(browser, record, shown) == [False, "turn on: accept"],
+        )
+        assert server.decisions() == [("/9001/b", "photograph", "reject", "ada", False)]
+        press(browser, record, "1")
+        until(browser, "the accept", lambda: len(server.decisions()) == 2)
+        assert server.decisions()[-1][2] == "accept"
     finally:
         browser.close()
         server.close()
