@@ -33,6 +33,7 @@ MODEL = HERE / "model"
 OUT = Path("demo-output")
 DATASET = "demo"
 KEY = "demo-key"
+REVIEW_CACHE = OUT / "review-cache"
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -81,6 +82,30 @@ def labels_table(env: dict[str, str], expected: dict[str, set[str]]) -> None:
         print(f"  {key:<11} {tp} right, {fp} wrongly added, {fn} missed")
 
 
+def fill_review_cache(env: dict[str, str]) -> None:
+    """Shrink every record's image into the review app's cache while the demo's image host
+    still serves them, so that `enrich review` shows the demo's images after the demo."""
+    from enrichment.bootstrap import open_database, read_settings
+    from enrichment.review.images import SIZES, ImageCache
+    from enrichment.store.review_queue import QueueFilter, items_by_record
+
+    settings = read_settings(env)
+    db = open_database(settings)
+    cache = ImageCache(settings, REVIEW_CACHE)
+    try:
+        everything = QueueFilter(state="any", limit=500)
+        for record in items_by_record(db, everything):
+            if record.image_url:
+                cache.get(record.image_url, next(iter(SIZES)))
+    finally:
+        cache.close()
+        db.dispose()
+    print(
+        "\nreview the demo's labels (its images are cached, the image host is gone):\n"
+        f"  DATABASE_URL={env['DATABASE_URL']} enrich review --cache-dir {REVIEW_CACHE}"
+    )
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
@@ -125,6 +150,7 @@ def main() -> None:
             env=env,
         )
         enrich("report", "--out", str(OUT / "report"), env=env)
+        fill_review_cache(env)
         labels_table(env, expected)
     finally:
         api.close()

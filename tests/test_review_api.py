@@ -30,7 +30,7 @@ from enrichment.review.stats import class_stats
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.review_queue import QueueFilter
-from enrichment.store.reviews import Review
+from enrichment.store.reviews import Review, standing
 from enrichment.store.schema import Outcome
 from enrichment.store.writes import (
     LabelScore,
@@ -120,6 +120,7 @@ class ReviewServer:
     channels: dict
 
     def decisions(self) -> list[tuple]:
+        """The decisions that stand, in order: not take-backs, not taken back."""
         with self.db.engine.connect() as connection:
             rows = connection.execute(
                 sa.select(
@@ -128,7 +129,9 @@ class ReviewServer:
                     Review.decision,
                     Review.reviewer,
                     Review.audit,
-                ).order_by(Review.id)
+                )
+                .where(standing())
+                .order_by(Review.id)
             )
             return [tuple(row) for row in rows]
 
@@ -382,7 +385,15 @@ def test_review_stats_precision_by_hand(review_db: Database, pg_url: str) -> Non
     assert rows["map"]["suggested_threshold"] is None  # no positive: nothing to place it by
     text = CliRunner().invoke(cli, ["review", "stats"], env={"DATABASE_URL": pg_url})
     assert text.exit_code == 0, text.output
-    assert "0.67 [" in text.stdout and "0.395" in text.stdout
+    table = text.stdout.splitlines()
+    assert "0.667 [0.208, 0.939]" in text.stdout  # three decimals, as the page shows them
+    assert "0.395 (too few decisions: 5 < 30)" in text.stdout
+    # Aligned: numbers end under the end of their heading, the suggestion starts under its own.
+    for heading in ("reviewed", "precision (95% CI)", "audit precision"):
+        end = table[0].index(heading) + len(heading)
+        assert all(line[end - 1] != " " and line[end] == " " for line in table[1:]), heading
+    start = table[0].index("suggested")
+    assert all(line[start - 1] == " " and line[start] != " " for line in table[1:])
     as_json = CliRunner().invoke(cli, ["review", "stats", "--json"], env={"DATABASE_URL": pg_url})
     assert as_json.exit_code == 0, as_json.output
     assert {row["key"]: row for row in json.loads(as_json.stdout)} == rows
@@ -517,4 +528,6 @@ def test_enrich_review_serves_on_loopback_and_refuses_the_network_without_a_toke
     finally:
         process.terminate()
         process.wait(20)
-    assert f"review app on http://127.0.0.1:{port}/" in process.stderr.read()
+    started = process.stderr.read()
+    assert f"review app on http://127.0.0.1:{port}/ over postgresql" in started
+    assert "15 pending items" in started

@@ -147,5 +147,5 @@ def test_review_in_headless_chromium(
     shot = Image.open(path)
     colours = shot.convert("RGB").resize((64, 64)).getcolors(64 * 64)
     assert colours is not None and len(colours) > 20, "a blank page"
-    if os.environ.get("REVIEW_SCREENSHOT"):  # how docs/review-screenshot.png is made
+    if os.environ.get("REVIEW_SCREENSHOT"):  # a look at the page, on request
         shot.save(os.environ["REVIEW_SCREENSHOT"], optimize=True)

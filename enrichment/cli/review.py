@@ -48,8 +48,22 @@ def with_filters(function):
     help="Where fetched images are kept, shrunk (default: ~/.cache/enrichment-review).",
 )
 @click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option(
+    "--behind-proxy",
+    is_flag=True,
+    envvar="ENRICH_REVIEW_BEHIND_PROXY",
+    help="Trust one reverse proxy's X-Forwarded-Proto/-Host/-Port/-For/-Prefix "
+    "(a TLS-terminating proxy in front of the app). Off by default.",
+)
 @click.pass_context
-def review(ctx: click.Context, host: str, port: int, cache_dir: Path | None, threads: int) -> None:
+def review(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    cache_dir: Path | None,
+    threads: int,
+    behind_proxy: bool,
+) -> None:
     """Serve the curator review web app over DATABASE_URL (or run a subcommand).
 
     A queue per class, most uncertain first, a grid with bulk accept/reject, a
@@ -58,14 +72,39 @@ def review(ctx: click.Context, host: str, port: int, cache_dir: Path | None, thr
     """
     if ctx.invoked_subcommand is not None:
         return
-    import waitress
+    import socket
 
+    import waitress.server
+
+    from enrichment.errors import InvalidValue
     from enrichment.review.app import create_app
+    from enrichment.store.review_queue import QueueFilter, queue_progress
 
-    app = create_app(open_db(), settings(), cache_dir or default_cache_dir(), bound_to=host)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise InvalidValue("host", f"{host} does not resolve: {reason}") from None
+    db = open_db()
+    app = create_app(
+        db, settings(), cache_dir or default_cache_dir(), bound_to=host, behind_proxy=behind_proxy
+    )
+    try:
+        server = waitress.server.create_server(
+            app, host=host, port=port, threads=threads, ident="enrich-review"
+        )
+    except OSError as error:
+        raise InvalidValue("port", f"cannot listen on {host}:{port}: {error.strerror}") from None
+    pending = queue_progress(db, QueueFilter()).pending
     shown = f"[{host}]" if ":" in host else host
-    click.echo(f"review app on http://{shown}:{port}/ (Ctrl-C stops it)", err=True)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="enrich-review")
+    database = db.engine.url.render_as_string(hide_password=True)
+    click.echo(
+        f"review app on http://{shown}:{port}/ over {database}: {pending} pending item"
+        f"{'' if pending == 1 else 's'}{' (behind a proxy)' if behind_proxy else ''}"
+        " (Ctrl-C stops it)",
+        err=True,
+    )
+    server.run()
 
 
 @review.command()
@@ -96,25 +135,62 @@ def stats(
         click.echo("no decisions yet")
         return
 
+    click.echo(stats_table(rows))
+
+
+def stats_table(rows) -> str:
+    """The stats as an aligned text table, with the page's three decimals."""
+    from enrichment.review.stats import MIN_DECISIONS
+
     def interval(value) -> str:
         if value is None:
             return "-"
-        return f"{value.estimate:.2f} [{value.low:.2f}, {value.high:.2f}]"
+        return f"{value.estimate:.3f} [{value.low:.3f}, {value.high:.3f}]"
+
+    def suggested(row) -> str:
+        value = "-" if row.suggested_threshold is None else f"{row.suggested_threshold:.3f}"
+        if row.too_few_decisions:
+            return f"{value} (too few decisions: {row.reviewed} < {MIN_DECISIONS})"
+        return value
 
     header = (
-        f"{'model':<22} {'class':<16} {'thr':>5} {'reviewed':>8} {'acc':>5} {'rej':>5} "
-        f"{'added':>5} {'precision (95% CI)':>20} {'audit':>5} {'audit precision':>20} "
-        f"{'suggested':>9}"
+        "model",
+        "class",
+        "thr",
+        "reviewed",
+        "acc",
+        "rej",
+        "added",
+        "precision (95% CI)",
+        "audit",
+        "audit precision",
+        "suggested",
     )
-    click.echo(header)
-    for row in rows:
-        suggested = "-" if row.suggested_threshold is None else f"{row.suggested_threshold:.3f}"
-        click.echo(
-            f"{row.model_version:<22} {row.key:<16} {row.threshold:>5.2f} {row.reviewed:>8} "
-            f"{row.accepted:>5} {row.rejected_above:>5} {row.added:>5} "
-            f"{interval(row.precision):>20} {row.audited:>5} "
-            f"{interval(row.audit_precision):>20} {suggested:>9}"
+    table = [header] + [
+        (
+            row.model_version,
+            row.key,
+            f"{row.threshold:.3f}",
+            str(row.reviewed),
+            str(row.accepted),
+            str(row.rejected_above),
+            str(row.added),
+            interval(row.precision),
+            str(row.audited),
+            interval(row.audit_precision),
+            suggested(row),
         )
+        for row in rows
+    ]
+    widths = [max(len(line[column]) for line in table) for column in range(len(header))]
+    left = {0, 1, len(header) - 1}  # text columns; the rest are numbers, right-aligned
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if column in left else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    )
 
 
 @review.command("export")

@@ -11,10 +11,21 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from enrichment.review.context import review_context
-from enrichment.review.params import decisions_from_json, ids_from_json, queue_filter
+from enrichment.review.params import (
+    MAX_REVIEWER,
+    ReviewError,
+    decisions_from_json,
+    ids_from_json,
+    queue_filter,
+    reviewer_from_json,
+)
 from enrichment.review.stats import class_stats
-from enrichment.store.decisions import record_decisions, take_back_decisions
-from enrichment.store.review_queue import MAX_LIMIT, queue_page, record_view
+from enrichment.store.decisions import (
+    recent_decisions,
+    record_decisions,
+    take_back_decisions,
+)
+from enrichment.store.review_queue import MAX_LIMIT, queue_page, queue_progress, record_view
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
@@ -28,7 +39,22 @@ def queue() -> Any:
         total=page.total,
         limit=filters.limit,
         offset=filters.offset,
+        next_after=page.next_page.as_text() if page.next_page else None,
     )
+
+
+@api.get("/progress")
+def progress() -> Any:
+    """How far the queue of these filters is: pending items, decisions made today."""
+    return jsonify(queue_progress(review_context().db, queue_filter(request.args, 1)).as_json())
+
+
+def json_body() -> Any:
+    """The request's JSON (None if it is not JSON); too deep a nesting is a 400, not a crash."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise ReviewError("the JSON body is nested too deeply") from None
 
 
 @api.get("/record")
@@ -41,14 +67,26 @@ def record() -> Any:
 
 @api.post("/decisions")
 def decisions() -> Any:
-    made = decisions_from_json(request.get_json(silent=True))
+    made = decisions_from_json(json_body())
     return jsonify(ids=record_decisions(review_context().db, made)), 201
 
 
 @api.post("/undo")
 def undo() -> Any:
-    ids = ids_from_json(request.get_json(silent=True))
-    return jsonify(undone=take_back_decisions(review_context().db, ids))
+    body = json_body()
+    ids = ids_from_json(body)
+    reviewer = reviewer_from_json(body)
+    return jsonify(undone=take_back_decisions(review_context().db, ids, reviewer))
+
+
+@api.get("/recent")
+def recent() -> Any:
+    """A reviewer's latest decisions, newest first, each with whether it was taken back."""
+    reviewer = (request.args.get("reviewer") or "").strip()
+    if not reviewer:
+        raise ReviewError("name the reviewer: /api/recent?reviewer=NAME")
+    found = recent_decisions(review_context().db, reviewer[:MAX_REVIEWER])
+    return jsonify(decisions=[decision.as_json() for decision in found])
 
 
 @api.get("/stats")

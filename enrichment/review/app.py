@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, render_template, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from enrichment.config import Settings
 from enrichment.errors import InvalidValue
@@ -31,10 +32,19 @@ def create_app(
     settings: Settings,
     cache_dir: Path,
     bound_to: str = "127.0.0.1",
+    behind_proxy: bool = False,
 ) -> Flask:
-    """The app over `db`; `bound_to` is the address it listens on, which decides the guards."""
+    """The app over `db`; `bound_to` is the address it listens on, which decides the guards.
+
+    `behind_proxy` trusts one reverse proxy's X-Forwarded-* headers (Werkzeug's ProxyFix),
+    so that behind a TLS-terminating proxy the guard compares a POST's Origin with the
+    https origin the browser used, not the proxy's plain-HTTP hop. Off by default: without
+    a proxy, those headers would be anybody's to forge.
+    """
     guard = Guard(bound_to, settings.review_token)
     app = Flask(__name__)
+    if behind_proxy:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_port=1, x_prefix=1)
     app.config.update(
         SECRET_KEY=secrets.token_bytes(32),
         SESSION_COOKIE_NAME="enrich_review",

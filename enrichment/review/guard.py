@@ -7,7 +7,12 @@
 - Cross-site request forgery: a state-changing request whose Origin is not
   the app's own is refused; one without Origin (a script) is accepted on
   loopback, and needs the bearer token when there is one. API writes must be
-  JSON, which no cross-site form can send without a preflight.
+  JSON, which no cross-site form can send without a preflight. Pages are
+  served with `Referrer-Policy: same-origin`, so a browser names the app's
+  origin on its own form posts (under `no-referrer` Chromium sends
+  `Origin: null`); an `Origin: null` is still accepted when the browser's own
+  `Sec-Fetch-Site: same-origin` vouches for it (no page can set that header),
+  and refused otherwise.
 - Every answer carries a Content-Security-Policy that allows the app's own
   origin only, so a page cannot leak what a curator looks at, nor be framed.
 """
@@ -75,6 +80,7 @@ class Guard:
     def install(self, app: Flask) -> None:
         """Check every request before it is served, and set the headers on every answer."""
         app.before_request(self.check)
+        app.jinja_env.globals["login_required"] = self.token is not None
         app.after_request(headers)
         app.register_blueprint(self.login_pages())
 
@@ -109,11 +115,12 @@ class Guard:
         """The refusal of a state-changing request another site may have sent, or None."""
         origin = request.headers.get("Origin")
         own = f"{request.scheme}://{request.host}"
-        if origin is not None and origin != own:
-            return api_error(403, f"cross-origin request refused (Origin {origin})")
         fetch_site = request.headers.get("Sec-Fetch-Site")
-        if origin is None and fetch_site not in (None, "same-origin", "none"):
-            return api_error(403, "cross-site request refused")
+        if fetch_site not in (None, "same-origin", "none"):
+            return api_error(403, f"cross-site request refused (Sec-Fetch-Site {fetch_site})")
+        vouched = origin == "null" and fetch_site == "same-origin"
+        if origin is not None and origin != own and not vouched:
+            return api_error(403, f"cross-origin request refused (Origin {origin})")
         if origin is None and self.token is not None and not self.bearer_ok():
             return api_error(401, "a request without Origin needs Authorization: Bearer")
         if api and not request.is_json:
@@ -125,10 +132,12 @@ class Guard:
         pages = Blueprint("guard", __name__)
         token = self.token
 
+        loopback = self.loopback
+
         @pages.get("/login")
         def login() -> Any:
             target = local_target(request.args.get("next"))
-            return render_template("login.html", next=target, failed=False)
+            return render_template("login.html", next=target, failed=False, loopback=loopback)
 
         @pages.post("/login")
         def login_post() -> Any:
@@ -137,7 +146,10 @@ class Guard:
             if token and hmac.compare_digest(given.encode(), token.encode()):
                 session["login"] = login_mark(token)
                 return redirect(target)
-            return render_template("login.html", next=target, failed=True), 401
+            return (
+                render_template("login.html", next=target, failed=True, loopback=loopback),
+                401,
+            )
 
         @pages.post("/logout")
         def logout() -> Any:
@@ -150,7 +162,9 @@ class Guard:
 def headers(response: Response) -> Response:
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` on the
+    # app's own form posts; same-origin still tells other sites nothing.
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["X-Frame-Options"] = "DENY"
     if response.mimetype in ("text/html", "application/json"):
         response.headers["Cache-Control"] = "no-store"
@@ -163,7 +177,22 @@ def login_mark(token: str) -> str:
 
 
 def local_target(target: str | None) -> str:
-    """A redirect target on this app only (a path, never //host or a URL)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A redirect target on this app only: a plain path, judged as a browser would read it.
+
+    Browsers drop tabs and newlines from a URL and read a backslash as a slash, so
+    `/\t/evil.com` becomes `//evil.com`, another host: anything with a control
+    character, a backslash, or a scheme or host of its own is refused.
+    """
+    if (
+        not target
+        or len(target) > 2000
+        or any(ord(character) < 0x20 or ord(character) == 0x7F for character in target)
+        or "\\" in target
+        or not target.startswith("/")
+        or target.startswith("//")
+    ):
+        return "/queue"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
         return "/queue"
     return target

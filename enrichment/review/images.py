@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from enrichment.config import Settings
-from enrichment.files import write_atomically
+from enrichment.errors import OutputError
+from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 
@@ -38,7 +40,14 @@ class ImageCache:
     def __init__(self, settings: Settings, directory: Path) -> None:
         self.settings = settings
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        make_directory(directory)
+        try:  # refused at startup, not at the first image
+            with tempfile.NamedTemporaryFile(dir=directory):
+                pass
+        except OSError as error:
+            raise OutputError(
+                f"cannot write the image cache {directory}: {error.strerror}"
+            ) from None
         self.fetcher = Fetcher(settings)
         self._failures: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()

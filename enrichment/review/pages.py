@@ -7,19 +7,22 @@ Images come from the app itself (`images.py`), never hot-linked.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
 
 from enrichment.review.context import review_context
 from enrichment.review.images import SIZES
-from enrichment.review.params import queue_filter
-from enrichment.review.stats import class_stats
+from enrichment.review.params import page_query, queue_filter
+from enrichment.review.stats import MIN_DECISIONS, class_stats
+from enrichment.store.decisions import recent_decisions
 from enrichment.store.review_queue import (
     MAX_LIMIT,
     SIDES,
     STATES,
     image_url,
     queue_page,
+    queue_progress,
     record_view,
     registered_models,
 )
@@ -41,17 +44,28 @@ def queue() -> Any:
     page = queue_page(db, filters)
     models = registered_models(db)
     classes = sorted({key for model in models.values() for key in model.keys})
+    names = {
+        key: name
+        for model in models.values()
+        for key, name in zip(model.keys, model.names, strict=True)
+    }
+    base = url_for("pages.queue")
+    after = page.next_page.as_text() if page.next_page else None
     return render_template(
         "queue.html",
         items=page.items,
         total=page.total,
+        class_names=names,
+        progress=queue_progress(db, filters),
+        next_link=f"{base}?{urlencode(page_query(request.args, after=after))}" if after else None,
+        first_link=f"{base}?{urlencode(page_query(request.args, after=None))}",
+        progress_query=urlencode(page_query(request.args, after=None)),
         filters=filters,
         classes=classes,
         versions=sorted(models),
         sides=SIDES,
         states=STATES,
         page_size=PAGE_SIZE,
-        args=request.args,
     )
 
 
@@ -62,10 +76,19 @@ def record() -> Any:
     return render_template("record.html", view=view, audit=request.args.get("audit") == "1")
 
 
+@pages.get("/recent")
+def recent() -> Any:
+    """A reviewer's recent decisions, to take one back after leaving its page (the script
+    fills in the reviewer from the name the browser remembers)."""
+    reviewer = (request.args.get("reviewer") or "").strip()[:200]
+    found = recent_decisions(review_context().db, reviewer) if reviewer else []
+    return render_template("recent.html", reviewer=reviewer, decisions=found)
+
+
 @pages.get("/stats")
 def stats() -> Any:
     figures = class_stats(review_context().db, queue_filter(request.args, MAX_LIMIT))
-    return render_template("stats.html", stats=figures)
+    return render_template("stats.html", stats=figures, min_decisions=MIN_DECISIONS)
 
 
 @pages.get("/image")

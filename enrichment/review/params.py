@@ -12,11 +12,26 @@ from typing import Any
 
 from enrichment.errors import EnrichError, InvalidValue
 from enrichment.store.decisions import NewDecision
-from enrichment.store.review_queue import MAX_LIMIT, QueueFilter
+from enrichment.store.review_queue import MAX_LIMIT, Cursor, QueueFilter
 
 # A QueueFilter field -> the query parameter that sets it, where the two differ.
 QUERY_PARAMETERS = {"classes": "label", "datasets": "dataset", "run_id": "run"}
 MAX_REVIEWER = 200
+MAX_ID = 2**63 - 1
+# Every query parameter a queue page reads, in the order links write them.
+QUEUE_PARAMETERS = (
+    "label",
+    "dataset",
+    "run",
+    "model_version",
+    "min_score",
+    "max_score",
+    "side",
+    "state",
+    "audit",
+    "limit",
+    "after",
+)
 
 
 class ReviewError(EnrichError):
@@ -27,6 +42,8 @@ def _number(args: Any, name: str, kind: Callable[[str], Any]) -> Any:
     raw = (args.get(name) or "").strip()
     if not raw:
         return None
+    if len(raw) > 40:
+        raise InvalidValue(name, f"{name} is too long to be a number here")
     try:
         return kind(raw)
     except ValueError:
@@ -50,6 +67,7 @@ def queue_filter(args: Any, default_limit: int) -> QueueFilter:
         audit=args.get("audit") in ("1", "true"),
         limit=default_limit if limit is None else limit,
         offset=_number(args, "offset", int) or 0,
+        after=Cursor.from_text(args["after"]) if args.get("after") else None,
     )
 
 
@@ -81,7 +99,36 @@ def decisions_from_json(body: Any) -> list[NewDecision]:
     return [decision_from_json(document) for document in documents]
 
 
-def ids_from_json(body: Any) -> list[Any]:
-    """The ids an undo names ({"ids": [...]}); the store checks they are integers."""
+def ids_from_json(body: Any) -> list[int]:
+    """The ids an undo names ({"ids": [...]}): at most MAX_LIMIT integers a database holds."""
     ids = body.get("ids") if isinstance(body, dict) else None
-    return ids if isinstance(ids, list) else []
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_LIMIT:
+        raise InvalidValue("ids", f"undo needs the ids of 1 to {MAX_LIMIT} decisions")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids):
+        raise InvalidValue("ids", "ids are the positive integers the decisions were given")
+    return ids
+
+
+def reviewer_from_json(body: Any) -> str | None:
+    """Who takes decisions back ({"reviewer": NAME}, optional): a short string or nothing."""
+    reviewer = body.get("reviewer") if isinstance(body, dict) else None
+    if reviewer is None:
+        return None
+    if not isinstance(reviewer, str) or not reviewer.strip():
+        raise InvalidValue("reviewer", "reviewer is a non-empty string")
+    if len(reviewer.strip()) > MAX_REVIEWER:
+        raise InvalidValue("reviewer", f"reviewer is at most {MAX_REVIEWER} characters")
+    return reviewer.strip()
+
+
+def page_query(args: Any, **changes: str | None) -> list[tuple[str, str]]:
+    """The query of a link to another page of the same queue: the known parameters only
+    (repeated ones, such as `label`, kept whole), with `changes` set (None removes one)."""
+    pairs = [
+        (name, value)
+        for name in QUEUE_PARAMETERS
+        if name not in changes
+        for value in args.getlist(name)
+        if value
+    ]
+    return pairs + [(name, value) for name, value in changes.items() if value is not None]

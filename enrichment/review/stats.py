@@ -10,6 +10,10 @@ Per class, over the items of the chosen results that have a decision:
 - labels added by reviewers (the model's misses);
 - a suggested threshold: the one with the best F1 on the reviewed items,
   halfway to the next lower score, as `enrich model calibrate` places it.
+  Below `MIN_DECISIONS` decisions on a class it is marked "too few decisions":
+  with n decisions a 95% Wilson interval on a proportion near 0.5 is about
+  ±1/√n wide, so under 30 it is wider than ±0.18 and one more decision can
+  move the best threshold across most of the scores.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from enrichment.store.review_queue import Item, QueueFilter, all_items
 from enrichment.store.reviews import Decision
 
 Z_95 = 1.959963984540054
+MIN_DECISIONS = 30  # below this, a suggested threshold is shown as a caveat only
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,13 @@ class ClassStats:
     audit_precision: Interval | None
     suggested_threshold: float | None
 
+    @property
+    def too_few_decisions(self) -> bool:
+        """True when the suggested threshold rests on fewer than MIN_DECISIONS decisions."""
+        return self.reviewed < MIN_DECISIONS
+
     def as_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "too_few_decisions": self.too_few_decisions}
 
 
 def suggest_threshold(truth: Sequence[bool], scores: Sequence[float]) -> float | None:

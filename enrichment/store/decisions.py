@@ -2,13 +2,15 @@
 
 `record_decisions` checks every decision against the model's classes, its
 results and its labels before storing any (accept is for a label the model
-gave, add for one it did not); `take_back_decisions` is a curator's undo.
+gave, add for one it did not); `take_back_decisions` is a curator's undo, a
+row of its own; `recent_decisions` what a curator may still take back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -16,7 +18,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.models import model_classes
-from enrichment.store.reviews import Decision, Review, latest_decisions
+from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions, standing
 from enrichment.store.schema import Label, Result
 
 LOOKUP_CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
@@ -103,16 +105,74 @@ def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int
         return [review.id for review in reviews]
 
 
-def take_back_decisions(db: Database, ids: Sequence[int]) -> int:
-    """Take back decisions just made (a slip of the key): the one before each counts again.
+def take_back_decisions(db: Database, ids: Sequence[int], reviewer: str | None = None) -> int:
+    """Take back decisions (a slip of the key): the one before each counts again.
 
-    Returns how many were taken back (ids already gone count for nothing).
+    Each take-back is a row of its own (decision `undo`, who, when, `reverses`), so the
+    audit trail keeps both. Returns how many were taken back: ids that name no decision,
+    a take-back, or one already taken back count for nothing.
     """
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise InvalidValue("ids", "undo needs the ids of the decisions to take back")
     with db.transaction() as session:
-        deleted = session.execute(sa.delete(Review).where(Review.id.in_(ids)))
-        return deleted.rowcount
+        targets = session.scalars(
+            sa.select(Review).where(Review.id.in_(sorted(set(ids))), standing()).order_by(Review.id)
+        ).all()
+        session.add_all(
+            Review(
+                record_id=target.record_id,
+                label_key=target.label_key,
+                model_version=target.model_version,
+                decision=TAKE_BACK,
+                reviewer=reviewer or target.reviewer,
+                audit=target.audit,
+                reverses=target.id,
+            )
+            for target in targets
+        )
+        return len(targets)
+
+
+@dataclass(frozen=True)
+class RecentDecision:
+    """A decision as a curator's "recent" list shows it, with whether it still stands."""
+
+    id: int
+    record_id: str
+    label_key: str
+    model_version: str
+    decision: str
+    decided_at: datetime
+    taken_back: bool
+
+    def as_json(self) -> dict[str, object]:
+        document = asdict(self)
+        document["decided_at"] = self.decided_at.isoformat() + "Z"
+        return document
+
+
+def recent_decisions(db: Database, reviewer: str, limit: int = 50) -> list[RecentDecision]:
+    """A reviewer's latest decisions, newest first, each with whether it was taken back."""
+    taken = sa.select(Review.reverses).where(Review.reverses.is_not(None))
+    with db.transaction() as session:
+        rows = session.execute(
+            sa.select(Review, Review.id.in_(taken).label("taken_back"))
+            .where(Review.reviewer == reviewer, Review.decision != TAKE_BACK)
+            .order_by(Review.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            RecentDecision(
+                review.id,
+                review.record_id,
+                review.label_key,
+                review.model_version,
+                review.decision,
+                review.decided_at,
+                bool(taken_back),
+            )
+            for review, taken_back in rows
+        ]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,11 @@ first: those are the labels where a curator's word changes most. Scores are
 read from the stored score vectors in SQL (JSON indexing works on PostgreSQL
 and SQLite), one arm per (model version, class), so nothing is recomputed.
 
+Pages follow a keyset, not an offset: "next" asks for the items after the
+last one shown (its margin, record and class), so deciding a page never
+shifts pending items out of reach, as `offset` did once the first page was
+decided.
+
 The audit queue instead draws labelled items at random among those without an
 audit decision yet: precision estimated from it is not biased by the
 uncertainty ordering.
@@ -19,7 +24,7 @@ the caller gave that names nothing is an `InvalidValue` naming its field.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from itertools import chain
 from typing import Any
@@ -33,13 +38,44 @@ from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result, Run
+from enrichment.store.schema import Label, RecordRow, Result, Run, utc_now
 
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
 MAX_LIMIT = 500
+MAX_OFFSET = 10_000_000  # far past any queue a person pages through; keeps the number SQL-sized
+MAX_ID = 2**63 - 1  # the largest id a database integer holds
 EUROPEANA_ITEM_PAGE = "https://www.europeana.eu/item"
 STREAM = {"stream_results": True, "yield_per": 2000}
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of the queue ended: the last item's margin |score - threshold| (None
+    for an item without a score, which sorts last), record and class."""
+
+    margin: float | None
+    record_id: str
+    label_key: str
+
+    def as_text(self) -> str:
+        """`margin~class~record` (the record last: it may hold any character)."""
+        margin = "none" if self.margin is None else repr(self.margin)
+        return f"{margin}~{self.label_key}~{self.record_id}"
+
+    @classmethod
+    def from_text(cls, text: str) -> Cursor:
+        margin, _, rest = text.partition("~")
+        label_key, _, record_id = rest.partition("~")
+        if not record_id or not label_key:
+            raise InvalidValue("after", "after is margin~class~record, as a next-page link has it")
+        try:
+            value = None if margin == "none" else float(margin)
+        except ValueError:
+            raise InvalidValue("after", f"after: {margin!r} is not a number") from None
+        if value is not None and not 0 <= value <= 1:
+            raise InvalidValue("after", "after: the margin is in [0, 1]")
+        return cls(value, record_id, label_key)
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,8 @@ class QueueFilter:
     audit: bool = False
     limit: int = 50
     offset: int = 0
+    # Keyset paging: only items ordered after this one (see `Cursor`); not for the audit.
+    after: Cursor | None = None
 
     def check(self) -> None:
         """Refuse values out of range (what needs the database is `check_filter`'s)."""
@@ -73,8 +111,10 @@ class QueueFilter:
             )
         if not 1 <= self.limit <= MAX_LIMIT:
             raise InvalidValue("limit", f"limit must be between 1 and {MAX_LIMIT}")
-        if self.offset < 0:
-            raise InvalidValue("offset", "offset must not be negative")
+        if not 0 <= self.offset <= MAX_OFFSET:
+            raise InvalidValue("offset", f"offset must be between 0 and {MAX_OFFSET}")
+        if self.run_id is not None and not 0 < self.run_id <= MAX_ID:
+            raise InvalidValue("run_id", f"run {self.run_id} does not exist")
         for name, value in (("min_score", self.min_score), ("max_score", self.max_score)):
             if value is not None and not 0 <= value <= 1:
                 raise InvalidValue(name, f"{name} must be in [0, 1]")
@@ -122,6 +162,8 @@ class Item:
 class QueuePage:
     items: list[Item]
     total: int  # every matching item, not only the page's
+    # Where the next page starts (None: this page is the last one).
+    next_page: Cursor | None = None
 
 
 @dataclass(frozen=True)
@@ -196,22 +238,63 @@ def queue_page(db: Database, filters: QueueFilter) -> QueuePage:
             return [margin.asc().nulls_last(), items.c.record_id, items.c.label_key]
 
         order = [sa.func.random()] if filters.audit else uncertainty(inner)
-        # The count as a window over the same rows: one pass over the items instead of two.
-        page = (
-            sa.select(inner, sa.func.count().over().label("total"))
-            .order_by(*order)
-            .limit(filters.limit)
-            .offset(filters.offset)
-            .subquery("page")
+        total = session.execute(sa.select(sa.func.count()).select_from(inner)).scalar_one()
+        selected = sa.select(
+            inner, sa.func.abs(inner.c.confidence - inner.c.threshold).label("margin")
         )
+        if filters.after is not None and not filters.audit:
+            selected = selected.where(_after(inner, filters.after))
+        page = selected.order_by(*order).limit(filters.limit + 1).offset(filters.offset)
+        page = page.subquery("page")
         with_records = _with_records(page)
         if not filters.audit:  # the page in the same order (the audit's random one needs none)
             with_records = with_records.order_by(*uncertainty(page))
         rows = session.execute(with_records).all()
-        if rows:
-            return QueuePage([_item(row) for row in rows], rows[0].total)
-        total = session.execute(sa.select(sa.func.count()).select_from(inner)).scalar_one()
-        return QueuePage([], total)
+        more, rows = len(rows) > filters.limit, rows[: filters.limit]
+        last = rows[-1] if rows and more and not filters.audit else None
+        cursor = None if last is None else Cursor(last.margin, last.record_id, last.label_key)
+        return QueuePage([_item(row) for row in rows], total, cursor)
+
+
+def _after(items: Any, cursor: Cursor) -> Any:
+    """Items ordered after `cursor` by (margin, nulls last; record; class)."""
+    margin = sa.func.abs(items.c.confidence - items.c.threshold)
+    later_same = sa.tuple_(items.c.record_id, items.c.label_key) > sa.tuple_(
+        sa.literal(cursor.record_id), sa.literal(cursor.label_key)
+    )
+    if cursor.margin is None:
+        return margin.is_(None) & later_same
+    return (margin > cursor.margin) | margin.is_(None) | ((margin == cursor.margin) & later_same)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a curator stands: items of the filters still pending, decisions made today."""
+
+    pending: int
+    decided_today: int
+
+    def as_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def queue_progress(db: Database, filters: QueueFilter) -> Progress:
+    """The pending items of `filters` (whatever its state) and today's decisions (UTC day)."""
+    pending = replace(filters, state="pending", audit=False, after=None, offset=0)
+    with db.transaction() as session:
+        models = check_filter(session, pending)
+        query = _items_query(session, pending, models, labelled_column=False)
+        count = 0
+        if query is not None:
+            count = session.execute(
+                sa.select(sa.func.count()).select_from(query.subquery("pending"))
+            ).scalar_one()
+        today = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
+        standing = latest_decisions()
+        decided = session.execute(
+            sa.select(sa.func.count()).select_from(standing).where(standing.c.decided_at >= today)
+        ).scalar_one()
+        return Progress(count, decided)
 
 
 def all_items(db: Database, filters: QueueFilter) -> Iterator[Item]:

@@ -6,6 +6,8 @@
   const RECORDS_KEY = "enrichReviewRecords";
   const QUEUE_KEY = "enrichReviewQueue";
   const undoStack = [];
+  // What the page does once decisions are stored or taken back (the grid sets them).
+  const hooks = { afterUndo: () => {}, afterChange: () => {} };
 
   function toast(message) {
     const box = document.getElementById("toast");
@@ -47,6 +49,18 @@
     element.classList.add("state-" + state);
     const badge = element.querySelector(".badge");
     if (badge) badge.textContent = state;
+    showOn(element);
+  }
+
+  // A record view's class row shows whether the class is on, and what its key will do.
+  function showOn(row) {
+    const box = row.querySelector("input.on");
+    if (!box) return;
+    const on = row.dataset.state === "accept" || row.dataset.state === "add"
+      || (row.dataset.state === "pending" && row.dataset.labelled === "1");
+    box.checked = on;
+    row.querySelector(".does").textContent = on ? "turn off: reject"
+      : "turn on: " + (row.dataset.labelled === "1" ? "accept" : "add");
   }
 
   function decisionFor(element, yes) {
@@ -69,7 +83,7 @@
       audit: base.audit,
     }));
     const previous = elements.map((element) => element.dataset.state);
-    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous };
+    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name };
     undoStack.push(entry);
     updateUndo();
     try {
@@ -100,9 +114,11 @@
       return; // never saved, so nothing to take back; decide has said so
     }
     try {
-      await post("/api/undo", { ids: answer.ids });
+      await post("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
       toast("Undone");
+      hooks.afterUndo(last.elements);
+      hooks.afterChange();
     } catch (error) {
       undoStack.push(last);
       updateUndo();
@@ -117,11 +133,24 @@
 
   function typing(event) {
     const tag = event.target.tagName;
-    return tag === "INPUT" || tag === "SELECT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey;
+    return (tag === "INPUT" && event.target.type !== "checkbox") || tag === "SELECT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey;
   }
 
+  // An image the app could not show says why (the app answers "image unavailable: REASON").
   function markMissing(img) {
-    const failed = () => img.classList.add("missing");
+    const failed = async () => {
+      if (img.classList.contains("missing")) return;
+      img.classList.add("missing");
+      const note = document.createElement("p");
+      note.className = "unavailable";
+      note.textContent = "image unavailable";
+      img.after(note);
+      try {
+        const answer = await fetch(img.currentSrc || img.src, { credentials: "same-origin" });
+        const text = (await answer.text()).trim();
+        if (text.startsWith("image unavailable")) note.textContent = text;
+      } catch (error) { /* the short note stays */ }
+    };
     img.addEventListener("error", failed);
     if (img.complete && img.naturalWidth === 0 && img.currentSrc) failed();
   }
@@ -136,6 +165,27 @@
     sessionStorage.setItem(QUEUE_KEY, location.pathname + location.search);
     sessionStorage.setItem(RECORDS_KEY, JSON.stringify(
       Array.from(new Set(tiles.map((tile) => tile.dataset.recordUrl)))));
+
+    // The counts from the server, and on to the next page once this one has nothing pending.
+    async function refreshProgress() {
+      const box = document.getElementById("progress");
+      let now = null;
+      try {
+        const response = await fetch("/api/progress?" + box.dataset.query, { credentials: "same-origin" });
+        if (response.ok) now = await response.json();
+      } catch (error) { /* the counts stay as they were; the decisions are stored */ }
+      if (now) {
+        document.getElementById("pending").textContent = now.pending;
+        document.getElementById("decided-today").textContent = now.decided_today;
+      }
+      const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);
+      if (open) return;
+      if (list.dataset.next) location.href = list.dataset.next;
+      else if (now && now.pending > 0) location.href = list.dataset.first;
+      else toast("Nothing left to review with these filters");
+    }
+    hooks.afterChange = refreshProgress;
+    hooks.afterUndo = (elements) => { const at = tiles.indexOf(elements[0]); if (at !== -1) setFocus(at); };
 
     function setFocus(index) {
       if (tiles.length === 0) return;
@@ -174,8 +224,9 @@
       const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending"
         && !tile.dataset.busy);
       setFocus(next === -1 ? after : next);
-      await decide(chosen, chosen.map(() => yes), { audit: audit });
+      const saved = await decide(chosen, chosen.map(() => yes), { audit: audit });
       chosen.forEach((tile) => { delete tile.dataset.busy; });
+      if (saved) hooks.afterChange();
     }
 
     tiles.forEach((tile, index) => {
@@ -238,6 +289,13 @@
       location.href = target;
     }
     const labelled = () => rows.filter((row) => row.dataset.labelled === "1");
+    rows.forEach((row) => {
+      const box = row.querySelector("input.on");
+      box.addEventListener("click", (event) => {
+        event.preventDefault(); // the box shows the stored state, once the decision is saved
+        decide([row], [!positive(row)], base);
+      });
+    });
 
     document.getElementById("accept-labels").addEventListener("click", () => {
       const todo = labelled().filter((row) => row.dataset.state !== "accept");
@@ -271,13 +329,45 @@
     });
   }
 
+  // The recent decisions of the reviewer this browser remembers, each one undoable.
+  function recent(section) {
+    const name = localStorage.getItem(REVIEWER_KEY) || "";
+    if (!section.dataset.reviewer && name) {
+      location.replace("/recent?reviewer=" + encodeURIComponent(name));
+      return;
+    }
+    section.querySelectorAll(".take-back").forEach((button) => {
+      button.addEventListener("click", async () => {
+        const row = button.closest("tr");
+        try {
+          await post("/api/undo", { ids: [Number(row.dataset.id)], reviewer: section.dataset.reviewer });
+          row.classList.add("taken-back");
+          button.replaceWith("taken back");
+          toast("Undone");
+        } catch (error) {
+          toast("Undo failed: " + error.message);
+        }
+      });
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const input = document.getElementById("reviewer");
     input.value = localStorage.getItem(REVIEWER_KEY) || "";
     input.addEventListener("change", () => localStorage.setItem(REVIEWER_KEY, input.value.trim()));
+    // Enter confirms the name and gives the keys back to the page: the next "a" is a decision.
+    input.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter") return;
+      event.preventDefault();
+      localStorage.setItem(REVIEWER_KEY, input.value.trim());
+      input.blur();
+      if (input.value.trim()) toast("Reviewing as " + input.value.trim());
+    });
     const list = document.getElementById("grid");
     if (list) grid(list);
     const article = document.getElementById("record");
     if (article) record(article);
+    const section = document.getElementById("recent");
+    if (section) recent(section);
   });
 })();
