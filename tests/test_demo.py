@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -69,6 +70,21 @@ def test_demo_writes_json_ld_whose_labels_are_the_models(demo_dir: Path) -> None
     assert all(item["motivation"] == "tagging" for item in items)
     log = (demo_dir / "demo-run.log").read_text()
     assert "agreement with the manifest" in log and "demo-output/report/run-1.html" in log
+
+
+def test_the_demo_database_stays_reviewable_after_its_image_host_is_gone(demo_dir: Path) -> None:
+    """Every record's image is in the review app's cache, and the log says how to use it."""
+    log = (demo_dir / "demo-run.log").read_text()
+    assert "enrich review --cache-dir demo-output/review-cache" in log
+    cached = [
+        path for path in (demo_dir / "demo-output" / "review-cache").rglob("*") if path.is_file()
+    ]
+    assert len(cached) >= len(collection_rows()), "an image per record of the collection"
+
+
+def collection_rows() -> list[dict[str, str]]:
+    with (REPO / "demo" / "sample" / "manifest.csv").open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row["split"] == "collection"]
 
 
 def test_readme_offline_commands_work_as_written(demo_dir: Path) -> None:

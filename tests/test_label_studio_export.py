@@ -127,7 +127,10 @@ def test_export_failures_from_the_command_line_are_one_line(image_host, tmp_path
     outputs.mkdir()
     missing = outputs / "missing" / "tasks.json"
     for options, message in [
-        (["--out", "/dev/full"], "cannot write /dev/full: No space left on device"),
+        (
+            ["--out", "/dev/full", "--config", str(outputs / "config.xml")],
+            "cannot write /dev/full: No space left on device",
+        ),
         (
             ["--out", str(outputs / "tasks.json"), "--config", "/dev/full"],
             "cannot write /dev/full: No space left on device",
@@ -138,5 +141,9 @@ def test_export_failures_from_the_command_line_are_one_line(image_host, tmp_path
             cli, ["review", "label-studio", "export", *options], env={"DATABASE_URL": url}
         )
         assert (done.exit_code, done.output) == (1, f"Error: {message}\n")
-    assert not Path("/dev/full.xml").exists()
+    no_config = CliRunner().invoke(
+        cli, ["review", "label-studio", "export", "--out", "/dev/stdout"], env={"DATABASE_URL": url}
+    )
+    assert no_config.exit_code == 2 and "give --config when --out is a device" in no_config.output
+    assert not Path("/dev/full.xml").exists() and not Path("/dev/stdout.xml").exists()
     assert list(outputs.iterdir()) == []

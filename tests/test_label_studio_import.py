@@ -247,6 +247,12 @@ def test_import_from_the_command_line(image_host, tmp_path: Path) -> None:
         "2 tasks: 2 decisions recorded, 0 already standing, 1 tasks skipped",
         "  task 1 (id 1): result 1 of its annotation has choices that are a string, not a list",
     ]
+    export.write_text(json.dumps([MALFORMED["choices a string"][0]] * 12))
+    many = runner.invoke(
+        cli, ["review", "label-studio", "import", str(export)], env={"DATABASE_URL": url}
+    )
+    assert many.exit_code == 0 and many.output.splitlines()[-1] == "  … and 2 more"
+    assert len(many.output.splitlines()) == 1 + 10 + 1
     export.write_bytes('[{"data": "\u00e9"}]'.encode("latin-1"))
     refused = runner.invoke(
         cli, ["review", "label-studio", "import", str(export)], env={"DATABASE_URL": url}

@@ -198,7 +198,7 @@ def test_queue_is_ordered_by_distance_to_the_threshold(app_server: ReviewServer)
         "labelled": True,
         "state": "pending",
         "title": "Object C",
-        "item_page": "https://www.europeana.eu/item/9001/c",
+        "item_page": "http://data.europeana.eu/item/9001/c",
     }
     assert abs(first["confidence"] - 0.41) < 1e-6
     maps = requests.get(f"{app_server.url}/api/queue?label=map", timeout=10).json()["items"]

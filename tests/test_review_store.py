@@ -193,3 +193,12 @@ def test_decision_is_a_string_enum_with_the_stored_values() -> None:
     assert [str(item) for item in Decision] == ["accept", "reject", "add"]
     assert Decision("reject") is Decision.REJECT and Decision.ADD == "add"
     assert set(Decision.POSITIVE) == {Decision.ACCEPT, Decision.ADD}
+
+
+def test_an_items_page_is_its_item_uri_as_the_report_links_it() -> None:
+    """One rule for the review app and the run report; third-party text is never a link."""
+    from enrichment.store.review_queue import item_page
+
+    uri = "http://data.europeana.eu/item/2048128/object_1"
+    assert item_page(uri) == uri
+    assert item_page("javascript:alert(1)") is None and item_page(None) is None

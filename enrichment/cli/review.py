@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from enrichment.cli.base import RUN_ID, emit_json, open_db, settings
+from enrichment.files import output_target
 
 DEFAULT_PORT = 8765
+SKIPPED_SHOWN = 10  # skipped Label Studio tasks listed one by one; the rest are counted
 
 
 def default_cache_dir() -> Path:
@@ -266,7 +268,11 @@ def ls_export(
         model_version=model_version,
         state="pending" if pending else "any",
     )
-    config_path = config_path or out_path.with_suffix(".xml")
+    if config_path is None:
+        _, regular = output_target(out_path)
+        if not regular:  # /dev/stdout.xml would be a new file in /dev
+            raise click.UsageError("give --config when --out is a device or a pipe")
+        config_path = out_path.with_suffix(".xml")
     count = write_label_studio(open_db(), filters, out_path, config_path)
     click.echo(
         f"wrote {count} tasks to {out_path} and the labelling config to {config_path}", err=True
@@ -291,5 +297,7 @@ def ls_import(path: Path, reviewer: str) -> None:
         f"{report.unchanged} already standing, {len(report.skipped)} tasks skipped",
         err=True,
     )
-    for problem in report.skipped[:10]:
+    for problem in report.skipped[:SKIPPED_SHOWN]:
         click.echo(f"  {problem}", err=True)
+    if len(report.skipped) > SKIPPED_SHOWN:
+        click.echo(f"  … and {len(report.skipped) - SKIPPED_SHOWN} more", err=True)

@@ -45,7 +45,6 @@ STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
 MAX_LIMIT = 500
 MAX_OFFSET = 10_000_000  # far past any queue a person pages through; keeps the number SQL-sized
 MAX_ID = 2**63 - 1  # the largest id a database integer holds
-EUROPEANA_ITEM_PAGE = "https://www.europeana.eu/item"
 STREAM = {"stream_results": True, "yield_per": 2000}
 
 
@@ -149,7 +148,7 @@ class Item:
     title: str | None
     provider: str | None
     dataset: str
-    item_page: str
+    item_page: str | None
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -173,7 +172,7 @@ class RecordView:
     title: str | None
     provider: str | None
     dataset: str
-    item_page: str
+    item_page: str | None
     image_url: str | None
     items: list[Item] = field(default_factory=list)
 
@@ -500,13 +499,26 @@ def _item(row: Any) -> Item:
         row.title or None,
         row.provider,
         row.dataset,
-        EUROPEANA_ITEM_PAGE + row.record_id,
+        item_page(row.item_uri),
     )
+
+
+def item_page(item_uri: str | None) -> str | None:
+    """Where a person sees the record: its item URI, as the run report links it (one rule).
+
+    Europeana's `http://data.europeana.eu/item/…` resolves to the item's page. Only
+    http(s) is a link: an item URI from a records file is third-party text.
+    """
+    if item_uri and item_uri.startswith(("http://", "https://")):
+        return item_uri
+    return None
 
 
 def _with_records(items: sa.Subquery) -> sa.Select:
     """Items with their record's title, provider and dataset (and `labelled`, if missing)."""
-    query = sa.select(items, RecordRow.title, RecordRow.provider, RecordRow.dataset).join(
+    query = sa.select(
+        items, RecordRow.title, RecordRow.provider, RecordRow.dataset, RecordRow.item_uri
+    ).join(
         RecordRow, RecordRow.id == items.c.record_id
     )
     if "labelled" not in items.c:
