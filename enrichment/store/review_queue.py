@@ -518,9 +518,7 @@ def _with_records(items: sa.Subquery) -> sa.Select:
     """Items with their record's title, provider and dataset (and `labelled`, if missing)."""
     query = sa.select(
         items, RecordRow.title, RecordRow.provider, RecordRow.dataset, RecordRow.item_uri
-    ).join(
-        RecordRow, RecordRow.id == items.c.record_id
-    )
+    ).join(RecordRow, RecordRow.id == items.c.record_id)
     if "labelled" not in items.c:
         labelled = sa.exists().where(
             Label.record_id == items.c.record_id,
