@@ -232,7 +232,7 @@ def download_images(
         total=len(records),
         initial=len(records) - sum(map(len, todo.values())),
         desc="images",
-        unit="image",
+        unit=" images",
         disable=not progress,
     ) as bar:
         try:

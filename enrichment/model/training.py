@@ -445,7 +445,7 @@ def _fit(
         with tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch}/{options.epochs}",
-            unit="batch",
+            unit=" batches",
             disable=not options.progress,
             file=sys.stderr,
         ) as bar:
