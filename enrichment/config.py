@@ -188,9 +188,7 @@ class Settings:
             max_attempts=int(number("ENRICH_MAX_ATTEMPTS", cls.max_attempts, int)),
             visibility_timeout=visibility,
             nightly_at=parse_clock("ENRICH_NIGHTLY_AT", text("ENRICH_NIGHTLY_AT") or "02:00"),
-            gpus=tuple(
-                gpu.strip() for gpu in (text("ENRICH_GPUS") or "").split(",") if gpu.strip()
-            ),
+            gpus=parse_gpus("ENRICH_GPUS", text("ENRICH_GPUS") or ""),
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
             review_token=header_safe("ENRICH_REVIEW_TOKEN", text("ENRICH_REVIEW_TOKEN")),
             processes_per_gpu=int(number(processes_variable(env), cls.processes_per_gpu, int)),
@@ -225,6 +223,15 @@ def parse_clock(name: str, raw: str) -> tuple[int, int]:
     if not (hour.isdigit() and minute.isdigit() and int(hour) < 24 and int(minute) < 60):
         raise ConfigError(f"{name}={raw!r} must be HH:MM")
     return int(hour), int(minute)
+
+
+def parse_gpus(name: str, raw: str) -> tuple[str, ...]:
+    """GPU indices or UUIDs (`0,1`, `GPU-8f1c...`, `MIG-...`), as CUDA_VISIBLE_DEVICES takes."""
+    gpus = tuple(gpu.strip() for gpu in raw.split(",") if gpu.strip())
+    for gpu in gpus:
+        if not re.fullmatch(r"\d{1,3}|(GPU|MIG)-[0-9A-Za-z/-]{1,80}", gpu):
+            raise ConfigError(f"{name}: {gpu!r} is not a GPU index (0, 1, ...) or UUID (GPU-...)")
+    return gpus
 
 
 def parse_allow_list(name: str, raw: str) -> tuple[str, ...]:

@@ -70,6 +70,7 @@ def test_the_old_worker_batches_variable_still_works_with_one_warning(
         ({"EUROPEANA_API_KEY": "k\u0101y"}, "EUROPEANA_API_KEY must hold Latin-1"),
         ({"EUROPEANA_API_URL": "ftp://x.example"}, "EUROPEANA_API_URL='ftp://x.example' must be"),
         ({"EUROPEANA_ANNOTATION_API_URL": "annotation"}, "EUROPEANA_ANNOTATION_API_URL="),
+        ({"ENRICH_GPUS": "0,all"}, "ENRICH_GPUS: 'all' is not a GPU index"),
     ],
 )
 def test_every_setting_out_of_its_range_is_one_error_naming_the_variable(
@@ -88,9 +89,11 @@ def test_values_inside_the_ranges_are_kept() -> None:
             "ENRICH_VISIBILITY_TIMEOUT": "10",
             "ENRICH_CONTACT_URL": "https://museum.example/caf\u00e9",
             "EUROPEANA_API_URL": "http://127.0.0.1:8080/",
+            "ENRICH_GPUS": "0, 1,GPU-8f1c2d3e-aaaa-bbbb",
         }
     )
     assert (settings.heartbeat_interval, settings.heartbeat_stale) == (1.0, 2)
     assert settings.visibility_timeout == 10
     assert settings.contact_url == "https://museum.example/caf\u00e9"
     assert settings.europeana_api_url == "http://127.0.0.1:8080"
+    assert settings.gpus == ("0", "1", "GPU-8f1c2d3e-aaaa-bbbb")
