@@ -9,6 +9,7 @@ import pytest
 
 from enrichment.config import Settings
 from enrichment.errors import ConfigError
+from tests.conftest import enrich
 
 
 def test_processes_per_gpu_and_inference_batch_have_defaults_and_variables() -> None:
@@ -97,3 +98,15 @@ def test_values_inside_the_ranges_are_kept() -> None:
     assert settings.contact_url == "https://museum.example/caf\u00e9"
     assert settings.europeana_api_url == "http://127.0.0.1:8080"
     assert settings.gpus == ("0", "1", "GPU-8f1c2d3e-aaaa-bbbb")
+
+
+def test_the_command_line_says_which_setting_is_out_of_range_in_one_line(tmp_path) -> None:
+    result = enrich(
+        "status",
+        env={
+            "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+            "ENRICH_HEARTBEAT_INTERVAL": "1e308",
+        },
+    )
+    assert result.returncode == 1
+    assert result.stderr == "Error: ENRICH_HEARTBEAT_INTERVAL=1e308 must be between 1 and 3600\n"
