@@ -55,6 +55,8 @@ EXTENSIONS = {
     "WEBP": "webp",
     "BMP": "bmp",
 }
+UNKNOWN_EXTENSION = "img"  # an image format without an extension of its own here
+STORED_EXTENSIONS = (*EXTENSIONS.values(), UNKNOWN_EXTENSION)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECK_SIDE = 32  # decoded at least this large to prove the file is a usable image
 COLUMNS = ("image", "labels", "group", "europeana_id", "provider", "rights", "title", "duplicates")
@@ -128,7 +130,7 @@ class HarvestDir:
 
     def store(self, data: bytes, sha256: str, image_format: str) -> str:
         """Write an image under its content hash (once), atomically; its path relative to DIR."""
-        name = f"images/{sha256}.{EXTENSIONS.get(image_format, 'img')}"
+        name = f"images/{sha256}.{EXTENSIONS.get(image_format, UNKNOWN_EXTENSION)}"
         target = self.root / name
         if not target.exists():
             write_atomically(target, data)
@@ -144,13 +146,11 @@ def confined(download: Download) -> bool:
     if not isinstance(download.record_id, str):
         return False
     if download.image is None:
-        return all(isinstance(v, str | None) for v in (download.reason, download.message))
-    return (
-        isinstance(download.sha256, str)
-        and download.image
-        in {f"images/{download.sha256}.{extension}" for extension in (*EXTENSIONS.values(), "img")}
-        and bool(SHA256.fullmatch(download.sha256))
-    )
+        return all(isinstance(text, str | None) for text in (download.reason, download.message))
+    if not (isinstance(download.sha256, str) and SHA256.fullmatch(download.sha256)):
+        return False
+    names = {f"images/{download.sha256}.{extension}" for extension in STORED_EXTENSIONS}
+    return download.image in names
 
 
 def read_selection(path: Path) -> dict[str, Any]:
