@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import torch
 from safetensors.torch import load_file, save_file
 
+from enrichment.config import Settings
 from enrichment.errors import ModelError
 from enrichment.model.classifier import Classifier
 from enrichment.model.spec import WEIGHTS_FILE, weights_sha256
+from enrichment.runs import service
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.writes import (
@@ -27,7 +28,8 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
-from tests.conftest import enrich
+from tests.conftest import enrich, image_bytes, make_tiny_model
+from tests.scenario import run_in_process
 
 VERSION = "tiny@000000000000"
 PHOTO = "http://data.europeana.eu/concept/base/48"
@@ -97,23 +99,64 @@ def test_a_batch_with_non_finite_scores_stores_the_others_and_reads_still_work(
     assert sorted(targets) == ["http://item/d/ok1", "http://item/d/ok2"]
 
 
-def test_a_model_whose_weights_hold_nan_is_refused_at_load(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    model = Path(shutil.copytree(tiny_model, tmp_path / "diverged"))
+def rewrite_weights(model: Path, change) -> None:
+    """Change the weights in place and record their new hash, as a training would write them."""
     weights = model / WEIGHTS_FILE
     state = load_file(str(weights))
-    state["fc.weight"][0, 0] = float("nan")
+    change(state)
     save_file(state, str(weights))
     document = json.loads((model / "model.json").read_text())
     document["weights_sha256"] = weights_sha256(weights)
     (model / "model.json").write_text(json.dumps(document))
-    with pytest.raises(ModelError, match=r"fc\.weight holds NaN or infinite values") as refused:
-        Classifier.load(model)
-    assert "\n" not in str(refused.value)
-    state["fc.weight"][0, 0] = torch.inf
-    save_file(state, str(weights))
-    document["weights_sha256"] = weights_sha256(weights)
-    (model / "model.json").write_text(json.dumps(document))
-    with pytest.raises(ModelError, match="holds NaN or infinite values"):
-        Classifier.load(model)
+
+
+def test_a_run_whose_model_gives_nan_stores_its_own_error_and_no_score(
+    tmp_path: Path, image_host
+) -> None:
+    """Finite weights can still overflow to NaN (+inf and -inf summed): caught at the store."""
+    model = tmp_path / "overflowing"
+    make_tiny_model(model)
+
+    def overflow(state: dict) -> None:
+        state["fc.weight"][0, :256] = 3e38
+        state["fc.weight"][0, 256:] = -3e38
+
+    rewrite_weights(model, overflow)
+    records = tmp_path / "records.jsonl"
+    lines = [{"id": "/n/empty"}] + [
+        {"id": f"/n/{n}", "image_url": image_host.add(f"/n/{n}.png", image_bytes((n * 60, 9, 9)))}
+        for n in range(3)
+    ]
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    database = f"sqlite:///{tmp_path}/run.sqlite3"
+    settings = Settings(database_url=database, model_dir=model, fetch_allow=("127.0.0.1",))
+    run_in_process(settings, service.records_scope(records))
+    engine = sa.create_engine(database)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT record_id, status, error_reason, scores FROM results ORDER BY 1")
+        ).all()
+        labels = connection.execute(sa.text("SELECT count(*) FROM labels")).scalar_one()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("/n/0", "error", NON_FINITE_SCORE, None),
+        ("/n/1", "error", NON_FINITE_SCORE, None),
+        ("/n/2", "error", NON_FINITE_SCORE, None),
+        ("/n/empty", "error", "no_image", None),
+    ]
+    assert labels == 0
+
+
+def test_a_model_whose_weights_hold_nan_is_refused_at_load(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    model = Path(shutil.copytree(tiny_model, tmp_path / "diverged"))
+    for value in (math.nan, math.inf):
+
+        def poison(state: dict, value: float = value) -> None:
+            state["fc.weight"][0, 0] = value
+
+        rewrite_weights(model, poison)
+        with pytest.raises(ModelError, match=r"fc\.weight holds NaN or infinite values") as refused:
+            Classifier.load(model)
+        assert "\n" not in str(refused.value)
