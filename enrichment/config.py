@@ -30,6 +30,29 @@ DEFAULT_EUROPEANA_API_URL = "https://api.europeana.eu"
 # limit is adaptive, so a 429 or 503 from it still halves that at once.
 # docs/throughput.md gives the reasoning in full.
 DEFAULT_HOST_LIMITS: tuple[tuple[str, int], ...] = (("api.europeana.eu", 256),)
+# The range of every numeric setting, checked when it is read: a value outside it is
+# a typing slip (ENRICH_HEARTBEAT_INTERVAL=1e308 overflows the heartbeat's timer, 0.001
+# re-sends live batches), refused with the variable's name rather than met later.
+NUMBER_RANGES: dict[str, tuple[float, float]] = {
+    "ENRICH_BATCH_SIZE": (1, 100_000),
+    "ENRICH_FETCH_TIMEOUT": (0.1, 3600),
+    "ENRICH_FETCH_CONNECT_TIMEOUT": (0.1, 600),
+    "ENRICH_FETCH_READ_TIMEOUT": (0.1, 3600),
+    "ENRICH_FETCH_CONCURRENCY": (1, 4096),
+    "ENRICH_MAX_IMAGE_BYTES": (1024, 2**31),
+    "ENRICH_FETCH_PER_HOST": (1, 4096),
+    "ENRICH_FETCH_PER_HOST_MAX": (1, 4096),
+    "ENRICH_MAX_IMAGE_PIXELS": (1024, 2**31),
+    "ENRICH_MAX_ATTEMPTS": (1, 100),
+    "ENRICH_VISIBILITY_TIMEOUT": (10, 7 * 24 * 3600),
+    "ENRICH_PROCESSES_PER_GPU": (1, 64),
+    "ENRICH_WORKER_BATCHES": (1, 64),
+    "ENRICH_INFERENCE_BATCH": (1, 4096),
+    "ENRICH_HEARTBEAT_INTERVAL": (1, 3600),
+    "ENRICH_HEARTBEAT_STALE": (2, 1000),
+    "ENRICH_BROKER_RETRY_SECONDS": (1, 24 * 3600),
+}
+MAX_HOST_LIMIT = 4096
 HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?$|^\[?[0-9a-f:.]+\]?$")
 
 
@@ -102,6 +125,9 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r} must be a finite number")
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {raw}")
+            low, high = NUMBER_RANGES.get(name, (0, math.inf))
+            if not low <= value <= high:
+                raise ConfigError(f"{name}={raw} must be between {low:g} and {high:g}")
             return value
 
         def flag(name: str, default: bool) -> bool:
@@ -115,8 +141,6 @@ class Settings:
             raise ConfigError(f"{name}={raw!r} must be 1 or 0")
 
         visibility = int(number("ENRICH_VISIBILITY_TIMEOUT", cls.visibility_timeout, int))
-        if visibility < 10:
-            raise ConfigError(f"ENRICH_VISIBILITY_TIMEOUT={visibility} must be >= 10 seconds")
         model = text("ENRICH_MODEL")
         allow = parse_allow_list("ENRICH_FETCH_ALLOW", text("ENRICH_FETCH_ALLOW") or "")
         per_host = int(number("ENRICH_FETCH_PER_HOST", cls.fetch_per_host, int))
@@ -129,12 +153,17 @@ class Settings:
         return cls(
             database_url=text("DATABASE_URL") or DEFAULT_DATABASE_URL,
             broker_url=text("CELERY_BROKER_URL"),
-            europeana_api_key=text("EUROPEANA_API_KEY"),
-            europeana_api_url=(text("EUROPEANA_API_URL") or DEFAULT_EUROPEANA_API_URL).rstrip("/"),
-            europeana_annotation_api_url=(
-                text("EUROPEANA_ANNOTATION_API_URL") or cls.europeana_annotation_api_url
-            ).rstrip("/"),
-            europeana_annotation_token=text("EUROPEANA_ANNOTATION_TOKEN"),
+            europeana_api_key=header_safe("EUROPEANA_API_KEY", text("EUROPEANA_API_KEY")),
+            europeana_api_url=web_url(
+                "EUROPEANA_API_URL", text("EUROPEANA_API_URL") or DEFAULT_EUROPEANA_API_URL
+            ),
+            europeana_annotation_api_url=web_url(
+                "EUROPEANA_ANNOTATION_API_URL",
+                text("EUROPEANA_ANNOTATION_API_URL") or cls.europeana_annotation_api_url,
+            ),
+            europeana_annotation_token=header_safe(
+                "EUROPEANA_ANNOTATION_TOKEN", text("EUROPEANA_ANNOTATION_TOKEN")
+            ),
             model_dir=Path(model) if model else None,
             batch_size=int(number("ENRICH_BATCH_SIZE", cls.batch_size, int)),
             fetch_allow=allow,
@@ -154,15 +183,14 @@ class Settings:
             ),
             fetch_read_timeout=number("ENRICH_FETCH_READ_TIMEOUT", cls.fetch_read_timeout, float),
             max_image_pixels=int(number("ENRICH_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
-            contact_url=text("ENRICH_CONTACT_URL") or cls.contact_url,
+            contact_url=header_safe("ENRICH_CONTACT_URL", text("ENRICH_CONTACT_URL"))
+            or cls.contact_url,
             max_attempts=int(number("ENRICH_MAX_ATTEMPTS", cls.max_attempts, int)),
             visibility_timeout=visibility,
             nightly_at=parse_clock("ENRICH_NIGHTLY_AT", text("ENRICH_NIGHTLY_AT") or "02:00"),
-            gpus=tuple(
-                gpu.strip() for gpu in (text("ENRICH_GPUS") or "").split(",") if gpu.strip()
-            ),
+            gpus=parse_gpus("ENRICH_GPUS", text("ENRICH_GPUS") or ""),
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
-            review_token=text("ENRICH_REVIEW_TOKEN"),
+            review_token=header_safe("ENRICH_REVIEW_TOKEN", text("ENRICH_REVIEW_TOKEN")),
             processes_per_gpu=int(number(processes_variable(env), cls.processes_per_gpu, int)),
             inference_batch=int(number("ENRICH_INFERENCE_BATCH", cls.inference_batch, int)),
             heartbeat_interval=number("ENRICH_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
@@ -197,6 +225,15 @@ def parse_clock(name: str, raw: str) -> tuple[int, int]:
     return int(hour), int(minute)
 
 
+def parse_gpus(name: str, raw: str) -> tuple[str, ...]:
+    """GPU indices or UUIDs (`0,1`, `GPU-8f1c...`, `MIG-...`), as CUDA_VISIBLE_DEVICES takes."""
+    gpus = tuple(gpu.strip() for gpu in raw.split(",") if gpu.strip())
+    for gpu in gpus:
+        if not re.fullmatch(r"\d{1,3}|(GPU|MIG)-[0-9A-Za-z/-]{1,80}", gpu):
+            raise ConfigError(f"{name}: {gpu!r} is not a GPU index (0, 1, ...) or UUID (GPU-...)")
+    return gpus
+
+
 def parse_allow_list(name: str, raw: str) -> tuple[str, ...]:
     """ENRICH_FETCH_ALLOW: host names and CIDRs; anything else is refused, never guessed at.
 
@@ -224,12 +261,46 @@ def parse_host_limits(name: str, raw: str) -> tuple[tuple[str, int], ...]:
             continue
         host, equals, value = (part.strip() for part in entry.partition("="))
         host = host.lower().rstrip(".")
-        if not equals or not HOST_PATTERN.match(host) or not value.isdigit() or int(value) < 1:
+        if (
+            not equals
+            or not HOST_PATTERN.match(host)
+            or not value.isdigit()
+            or not 1 <= int(value) <= MAX_HOST_LIMIT
+        ):
             raise ConfigError(
-                f"{name}: {entry!r} must be HOST=N or *.DOMAIN=N with N a positive whole number"
+                f"{name}: {entry!r} must be HOST=N or *.DOMAIN=N with N a whole number "
+                f"from 1 to {MAX_HOST_LIMIT}"
             )
         limits.append((host.strip("[]"), int(value)))
     return tuple(limits)
+
+
+def header_safe(name: str, value: str | None) -> str | None:
+    """A value sent in an HTTP header: printable Latin-1 on one line, or refused by name.
+
+    A CR/LF or a character outside Latin-1 cannot go into a header; accepted, it
+    would fail every request later, blamed on whatever that request was for.
+    """
+    if value is None:
+        return None
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        raise ConfigError(f"{name} must be one line without control characters")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{name} must hold Latin-1 characters only (encode others as %XX)"
+        ) from None
+    return value
+
+
+def web_url(name: str, value: str) -> str:
+    """An http(s) URL without its trailing slash, or refused by name."""
+    header_safe(name, value)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={value!r} must be an http:// or https:// URL")
+    return value.rstrip("/")
 
 
 def redact_url(url: str) -> str:

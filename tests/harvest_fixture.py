@@ -64,8 +64,10 @@ def fill(
     seed: int = 0,
     prefix: str = "h",
     first_dataset: int = 900,
+    datasets: int = 8,
 ) -> Fixture:
-    """`count` records with at least one label each; every third one multilabel."""
+    """`count` records with at least one label each, over `datasets` datasets; every
+    third one multilabel."""
     rng = np.random.default_rng(seed)
     keys = list(VOCABULARY)
     fixture = Fixture({}, {}, {})
@@ -76,7 +78,7 @@ def fill(
             labels = {keys[int(rng.integers(len(keys)))]}
         path = f"/{prefix}/{index:04d}.png"
         url = add_image(path, picture(rng, labels))
-        dataset = str(first_dataset + index % 8)
+        dataset = str(first_dataset + index % datasets)
         rights = RIGHTS[index % len(RIGHTS)]
         item = generated_item(
             dataset,

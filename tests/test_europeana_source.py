@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from enrichment.config import Settings
 from enrichment.errors import EnrichError
 from enrichment.runs import service
+from enrichment.sources import EuropeanaSource
 from enrichment.sources.europeana import (
     SearchClient,
     SearchPageError,
@@ -389,3 +390,20 @@ def test_resuming_a_completed_run_leaves_it_as_it_finished(
     resume_in_process(settings, run_id)
     assert run_row(database, run_id) == finished  # finished_at, counts and checkpoint untouched
     assert api.requests == []
+
+
+def test_items_with_dot_segments_in_their_id_are_skipped_with_their_reason(
+    api: SearchAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.items.append(generated_item("4040", 1, "http://example.org/1.png"))
+    for record_id in ("/4040/../4041/obj", "/4040/./obj", "/4040/%2e%2e/obj"):
+        api.items.append({**generated_item("4040", 2, "http://example.org/2.png"), "id": record_id})
+    source = EuropeanaSource(
+        SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url)),
+        [SearchQuery("*")],
+    )
+    with caplog.at_level("WARNING", logger="enrichment.sources"):
+        records = [record for page in source.pages(None) for record in page.records]
+    assert [record.id for record in records] == ["/4040/item_00001"]
+    assert source.skipped == 3
+    assert sum("'.' or '..' segment" in message for message in caplog.messages) == 3

@@ -318,7 +318,10 @@ def test_redirect_to_a_blocked_address_is_refused(
     url = server.route("/inwards", redirect(canary.url("/secret")))
     result = make_fetcher().fetch(url)
     assert result.error_reason == "blocked_address"
-    assert "127.0.0.2" in (result.error_message or "")
+    assert result.error_message == (
+        "127.0.0.2 resolves to a non-public address (127.0.0.2): "
+        "if it is your own image server, allow it with ENRICH_FETCH_ALLOW"
+    )
 
 
 @pytest.mark.parametrize(

@@ -282,9 +282,13 @@ def test_a_harvest_dir_is_continued_only_with_the_same_options(tmp_path: Path) -
     def identity(options: HarvestOptions) -> dict:
         return {"options": options.as_json(), "vocabulary": VOCABULARY}
 
-    made = directory.plan(identity(HarvestOptions()), lambda: {"records": ["first"]})
-    again = directory.plan(identity(HarvestOptions()), lambda: {"records": ["second"]})
-    assert again == made and made["records"] == ["first"]
+    def selection(record_id: str) -> dict:
+        record = {"id": record_id, "dataset": "1", "image_url": "http://x/1.png", "labels": []}
+        return {"candidates": 1, "found": {}, "left_out": {}, "records": [record]}
+
+    made = directory.plan(identity(HarvestOptions()), lambda: selection("/1/first"))
+    again = directory.plan(identity(HarvestOptions()), lambda: selection("/1/second"))
+    assert again == made and made["records"][0]["id"] == "/1/first"
     with pytest.raises(InvalidValue, match="holds a harvest made with other options") as raised:
         directory.plan(identity(HarvestOptions(per_class=3)), lambda: {"records": []})
     assert raised.value.field == "out" and str(tmp_path / "set") in str(raised.value)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -74,4 +76,28 @@ def test_a_models_classes_keep_their_rows_across_the_rename(database_url: str) -
     with db.engine.connect() as connection:
         stored = connection.execute(sa.text("SELECT labels FROM models")).scalar_one()
     assert (json.loads(stored) if isinstance(stored, str) else stored) == classes
+    db.dispose()
+
+
+def upgrade_after(barrier: Any, url: str) -> str:
+    """In a process of its own: wait for the others, then upgrade; the error if any."""
+    barrier.wait()
+    try:
+        Database(url).upgrade()
+    except Exception as error:  # whatever it is, the test shows it
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def test_several_upgrades_at_once_on_an_empty_server_database_all_succeed(pg_url: str) -> None:
+    """They take turns on an advisory lock; the later ones find the schema at head."""
+    count = 4
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Manager().Barrier(count)
+    with context.Pool(count) as pool:
+        errors = pool.starmap(upgrade_after, [(barrier, pg_url)] * count)
+    assert errors == [""] * count
+    db = Database(pg_url)
+    assert table_names(db) == TABLES
+    db.ensure_schema()  # at head
     db.dispose()

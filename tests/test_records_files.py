@@ -130,6 +130,12 @@ def test_a_file_that_cannot_be_read_as_records_names_its_line(
         ("/d/a?b", "QUESTION MARK"),
         ("/d/a#b", "NUMBER SIGN"),
         ("/d/x/", "is not of the form"),
+        ("/d//x", "is not of the form"),
+        ("/2048128/../2048129/obj", "'.' or '..' segment"),
+        ("/../2048129/obj", "'.' or '..' segment"),
+        ("/d/./obj", "'.' or '..' segment"),
+        ("/d/obj/..", "'.' or '..' segment"),
+        ("/d/%2e%2E/obj", "'.' or '..' segment"),
         ("/d/" + "x" * 600, "over 512 characters"),
     ],
 )

@@ -56,8 +56,36 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     assert got == sorted((record, VOCABULARY[key]) for record, key in want)
 
     again = enrich("run", "--records", str(records), "--json", env=env)
-    assert again.returncode == 0, again.stderr
+    assert again.returncode == 3, again.stderr  # the three it retried all failed again
     rerun = json.loads(again.stdout)
     # Incremental: only the three records whose result was an error are retried.
     assert rerun["records_enqueued"] == 3
     assert_rows_match(stored_rows(database), expected, version)
+
+
+def test_a_run_in_which_every_record_failed_exits_3_and_the_bar_has_its_own_line(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        "".join(
+            json.dumps({"id": f"/gone/{n}", "image_url": image_host.url(f"/gone/{n}.png")}) + "\n"
+            for n in range(4)
+        )
+    )
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3",
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    run = enrich("run", "--records", str(records), env=env)
+    assert run.returncode == 3, run.stderr
+    assert "run 1 completed" in run.stdout
+    lines = run.stderr.replace("\r", "\n").splitlines()
+    assert lines[0].startswith("run 1 started for model tiny@")
+    bars = [line for line in lines if line.startswith("classified:")]
+    assert bars and "4 records [" in bars[-1] and "record/s" not in bars[-1]
+    assert "every record of run 1 failed: see `enrich results --run 1`" in lines
+
+    as_json = enrich("resume", "--run", "1", "--json", env=env)
+    assert as_json.returncode == 3 and json.loads(as_json.stdout)["outcomes"] == {"error": 4}

@@ -34,11 +34,11 @@ from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier, head_parameter_names
 from enrichment.model.labelled import read_labelled
 from enrichment.model.spec import read_model_json
+from enrichment.model.split import split_by_group, split_groups_or_rows
 from enrichment.model.training import (
     Augmentation,
     InferenceView,
     TrainingOptions,
-    split_by_group,
     starting_point,
     train,
 )
@@ -200,6 +200,20 @@ def test_validation_split_keeps_each_objects_views_together(trained: tuple[Path,
     assert split_by_group(groups, 0.25, seed=7) == (train_rows, val_rows)
     with pytest.raises(EnrichError, match="single object"):
         split_by_group(["same"] * 5, 0.2, seed=0)
+
+
+def test_too_few_groups_fall_back_to_a_split_by_image_and_say_so() -> None:
+    kept = split_groups_or_rows([f"o{i // 3}" for i in range(30)], 0.2, seed=0)
+    assert kept.fallback is None and 3 <= len(kept.validation) <= 12
+    one = split_groups_or_rows(["2048128"] * 10, 0.2, seed=0)
+    assert len(one.validation) == 2 and sorted(one.train + one.validation) == list(range(10))
+    assert one.fallback is not None and one.fallback.startswith("1 group cannot give")
+    # Two groups, one holding nearly everything: a whole group would be 5 % or 95 %.
+    skewed = split_groups_or_rows(["big"] * 19 + ["small"], 0.2, seed=0)
+    assert skewed.fallback is not None and "2 groups" in skewed.fallback
+    assert len(skewed.validation) == 4
+    with pytest.raises(EnrichError, match="single image"):
+        split_groups_or_rows(["only"], 0.2, seed=0)
 
 
 def test_early_stopping_keeps_the_best_epoch(trained: tuple[Path, dict]) -> None:

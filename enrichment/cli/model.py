@@ -211,6 +211,7 @@ def train(
                 "seconds": round(result.seconds, 1),
                 "skipped": [item.as_json() for item in result.skipped],
                 "validation": result.validation.as_json(),
+                "split_fallback": result.split_fallback,
                 "calibrated": result.calibrated.as_json(),
                 "thresholds": {item.key: item.as_json() for item in result.thresholds},
             }
@@ -218,6 +219,8 @@ def train(
         return
     for item in result.skipped:
         click.echo(f"skipped line {item.line}: {item.reason}: {item.message}", err=True)
+    if result.split_fallback:
+        click.echo(f"validation: {result.split_fallback}", err=True)
     metrics = result.validation
     click.echo(
         f"{result.version} written to {out}: best epoch {result.best_epoch} of "

@@ -24,8 +24,12 @@ from enrichment.cli.base import (
 from enrichment.errors import EnrichError
 from enrichment.store.database import Database
 from enrichment.store.query import INTERRUPTED
+from enrichment.store.schema import RunStatus
 
 SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to enrich."
+# `enrich run` and `resume`: the run completed but not one record got a result, so a
+# cron job can tell (1 stays "the command could not run", 2 a usage error).
+EVERY_RECORD_FAILED = 3
 
 
 @click.command()
@@ -196,12 +200,24 @@ def _summary(db: Database, run_id: int | None):
 
 
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
+    """The run's summary; exits with EVERY_RECORD_FAILED when it completed with no result."""
     summary = _summary(db, run_id)
     if as_json:
         emit_json(summary.as_json())
-        return
-    click.echo(f"run {summary.id} {summary.status}")
-    print_summary_counts(summary)
+    else:
+        click.echo(f"run {summary.id} {summary.status}")
+        print_summary_counts(summary)
+    failed = summary.outcomes.get("error", 0)
+    if (
+        summary.status == RunStatus.COMPLETED
+        and summary.records_done
+        and failed == sum(summary.outcomes.values())
+    ):
+        click.echo(
+            f"every record of run {summary.id} failed: see `enrich results --run {summary.id}`",
+            err=True,
+        )
+        raise SystemExit(EVERY_RECORD_FAILED)
 
 
 def print_summary_counts(summary) -> None:

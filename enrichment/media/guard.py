@@ -168,7 +168,10 @@ def connect_checked(
             last_error = error
     if last_error is not None:
         raise last_error
-    raise BlockedAddress(f"{host} resolves to a non-public address ({', '.join(refused)})")
+    raise BlockedAddress(
+        f"{host} resolves to a non-public address ({', '.join(refused)}): "
+        "if it is your own image server, allow it with ENRICH_FETCH_ALLOW"
+    )
 
 
 class AttemptDeadline:

@@ -143,6 +143,7 @@ class Classifier:
             raise ModelError(f"{weights_path} is not a safetensors file: {error}") from None
         network = build_network(spec.architecture, len(spec.classes))
         _check_shapes(network, state, len(spec.classes), weights_path)
+        _check_finite(state, weights_path)
         load_weights(network, state)
         device = device or pick_device()
         network.eval().to(device)
@@ -196,3 +197,13 @@ def _check_shapes(
             f"{path}: model.json lists {num_classes} classes but the weights' head has "
             f"{outputs} outputs ({head} is {actual[head]}, expected {expected[head]})"
         )
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or ±inf (a diverged training): every score would be NaN."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(
+                f"{path}: {name} holds NaN or infinite values (a training that diverged?): "
+                "this model would give no usable score"
+            )

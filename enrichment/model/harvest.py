@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +55,9 @@ EXTENSIONS = {
     "WEBP": "webp",
     "BMP": "bmp",
 }
+UNKNOWN_EXTENSION = "img"  # an image format without an extension of its own here
+STORED_EXTENSIONS = (*EXTENSIONS.values(), UNKNOWN_EXTENSION)
+SHA256 = re.compile(r"[0-9a-f]{64}")
 CHECK_SIDE = 32  # decoded at least this large to prove the file is a usable image
 COLUMNS = ("image", "labels", "group", "europeana_id", "provider", "rights", "title", "duplicates")
 
@@ -90,7 +94,7 @@ class HarvestDir:
         """The stored selection when `identity` (options, vocabulary) matches, else a new one."""
         path = self.state / SELECTION
         if path.exists():
-            stored = json.loads(path.read_text(encoding="utf-8"))
+            stored = read_selection(path)
             if stored.get("identity") != dict(identity):
                 raise InvalidValue(
                     "out",
@@ -113,6 +117,8 @@ class HarvestDir:
                 download = Download(**json.loads(line))
             except (json.JSONDecodeError, TypeError):
                 continue
+            if not confined(download):
+                continue  # not a line this harvest wrote: its record is fetched again
             done[download.record_id] = download
         return done
 
@@ -124,11 +130,74 @@ class HarvestDir:
 
     def store(self, data: bytes, sha256: str, image_format: str) -> str:
         """Write an image under its content hash (once), atomically; its path relative to DIR."""
-        name = f"images/{sha256}.{EXTENSIONS.get(image_format, 'img')}"
+        name = f"images/{sha256}.{EXTENSIONS.get(image_format, UNKNOWN_EXTENSION)}"
         target = self.root / name
         if not target.exists():
             write_atomically(target, data)
         return name
+
+
+def confined(download: Download) -> bool:
+    """A journal line as `keep` writes it: an image only ever as `images/<sha256>.<ext>`.
+
+    The journal is read back into labels.csv, which training opens: a path that
+    leaves DIR (`../x`, `/etc/passwd`) or names another file is never taken from it.
+    """
+    if not isinstance(download.record_id, str):
+        return False
+    if download.image is None:
+        return all(isinstance(text, str | None) for text in (download.reason, download.message))
+    if not (isinstance(download.sha256, str) and SHA256.fullmatch(download.sha256)):
+        return False
+    names = {f"images/{download.sha256}.{extension}" for extension in STORED_EXTENSIONS}
+    return download.image in names
+
+
+def read_selection(path: Path) -> dict[str, Any]:
+    """A stored selection, checked whole: a damaged one is one line naming the way out."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        problem = selection_problem(stored)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        problem = f"cannot be read ({type(error).__name__})"
+    if problem:
+        raise InvalidValue(
+            "out",
+            f"{path} is damaged ({problem}): remove it to select the records again "
+            "(images already downloaded are kept)",
+        )
+    return stored
+
+
+def selection_problem(stored: Any) -> str | None:
+    """What is wrong with a selection document, or None when every field is as `plan` wrote it."""
+    if not isinstance(stored, dict) or stored.get("format") != FORMAT_VERSION:
+        return f"not a format {FORMAT_VERSION} selection"
+    if not isinstance(stored.get("identity"), dict) or not isinstance(
+        stored.get("candidates"), int
+    ):
+        return "no identity or candidate count"
+    for name in ("found", "left_out"):
+        counts = stored.get(name)
+        if not isinstance(counts, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in counts.values()
+        ):
+            return f"{name} is not a count per key"
+    records = stored.get("records")
+    if not isinstance(records, list):
+        return "records is not a list"
+    for record in records:
+        if not (
+            isinstance(record, dict)
+            and all(isinstance(record.get(name), str) for name in ("id", "dataset", "image_url"))
+            and isinstance(record.get("labels"), list)
+            and all(isinstance(label, str) for label in record["labels"])
+            and all(
+                isinstance(record.get(name), str | None) for name in ("provider", "title", "rights")
+            )
+        ):
+            return f"a record is not as written: {json.dumps(record)[:80]}"
+    return None
 
 
 def still_needed(download: Download | None, root: Path) -> bool:
@@ -163,7 +232,7 @@ def download_images(
         total=len(records),
         initial=len(records) - sum(map(len, todo.values())),
         desc="images",
-        unit="image",
+        unit=" images",
         disable=not progress,
     ) as bar:
         try:

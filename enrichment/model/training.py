@@ -60,6 +60,7 @@ from enrichment.model.classifier import (
 from enrichment.model.evaluation import Metrics, compute_metrics
 from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
 from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, ClassSpec, ModelSpec, decide
+from enrichment.model.split import split_groups_or_rows
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224
@@ -104,6 +105,7 @@ class TrainingResult:
     skipped: list[Skipped]
     thresholds: list[ClassThreshold]  # chosen on the validation split, by best F1
     calibrated: Metrics  # on the validation split at those thresholds
+    split_fallback: str | None = None  # why validation was split by image, not by group
 
 
 @dataclass(frozen=True)
@@ -179,33 +181,6 @@ class _Images(Dataset):
         source = self.sources[index]
         data = source if isinstance(source, bytes) else source.read_bytes()
         return self.view(data), self.targets[index]
-
-
-def split_by_group(
-    groups: Sequence[str], fraction: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """Indices for training and validation, with every group wholly on one side.
-
-    Groups are shuffled with `seed` and moved to validation until it holds
-    `fraction` of the images, so the split is reproducible.
-    """
-    if not 0.0 < fraction < 1.0:
-        raise EnrichError(f"the validation fraction must be between 0 and 1, not {fraction}")
-    members: dict[str, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    if len(members) < 2:
-        raise EnrichError("cannot split a single object into training and validation")
-    order = list(members)
-    np.random.default_rng(seed).shuffle(order)
-    wanted = max(1, round(fraction * len(groups)))
-    validation: list[int] = []
-    for group in order[:-1]:  # the last group always stays for training
-        if len(validation) >= wanted:
-            break
-        validation.extend(members[group])
-    held_out = set(validation)
-    return [i for i in range(len(groups)) if i not in held_out], sorted(validation)
 
 
 def positive_weights(targets: np.ndarray) -> np.ndarray:
@@ -292,6 +267,7 @@ class _Split:
     validation_set: LabelledSet
     skipped: list[Skipped]
     description: str
+    fallback: str | None = None  # why it is split by image and not by group
 
 
 @dataclass(frozen=True)
@@ -375,6 +351,7 @@ def train(
             "data": str(data.path),
             "data_sha256": hashlib.sha256(data.path.read_bytes()).hexdigest(),
             "validation": split.description,
+            "validation_fallback": split.fallback,
             "images": {
                 "train": len(split.train),
                 "validation": len(split.validation),
@@ -413,7 +390,7 @@ def train(
     version = save_model_dir(out, spec, network.cpu())
     return TrainingResult(
         version, spec, best.epoch, len(history), best.metrics, seconds, split.skipped, chosen,
-        calibrated,
+        calibrated, split.fallback,
     )  # fmt: skip
 
 
@@ -430,16 +407,17 @@ def _split(
         return _Split(
             images, held_out, validation, skipped_images + skipped_held_out, str(validation.path)
         )
-    train_rows, val_rows = split_by_group(
+    split = split_groups_or_rows(
         [data.images[row].group for row, _ in images], options.validation_fraction, options.seed
     )
+    by = "image" if split.fallback else data.group_field or "row"
     return _Split(
-        [images[i] for i in train_rows],
-        [images[i] for i in val_rows],
+        [images[i] for i in split.train],
+        [images[i] for i in split.validation],
         data,
         skipped_images,
-        f"{options.validation_fraction:.0%} of {data.path.name}, "
-        f"by {data.group_field or 'row'}, seed {options.seed}",
+        f"{options.validation_fraction:.0%} of {data.path.name}, by {by}, seed {options.seed}",
+        split.fallback,
     )
 
 
@@ -467,7 +445,7 @@ def _fit(
         with tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch}/{options.epochs}",
-            unit="batch",
+            unit=" batches",
             disable=not options.progress,
             file=sys.stderr,
         ) as bar:

@@ -67,7 +67,10 @@ class InProcessDispatcher:
         self.inference_batch = inference_batch
         self.classifier = classifier
         self.fetcher = fetcher
-        self.progress = tqdm(unit="record", desc="classified", disable=not show_progress)
+        self.show_progress = show_progress
+        # Made at the first dispatch, so it starts on a line of its own after whatever
+        # the command printed first ("run 1 started ..."), never run into it.
+        self.progress: tqdm | None = None
         self._incoming: queue.Queue[Any] = queue.Queue()
         self._started: queue.Queue[Any] = queue.Queue(maxsize=AHEAD - 1)
         self._classified: queue.Queue[Any] = queue.Queue(maxsize=2)
@@ -100,6 +103,8 @@ class InProcessDispatcher:
 
     def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
         """Queue the batches for the stages and return; `queue` is the broker's concern."""
+        if self.progress is None:
+            self.progress = tqdm(unit=" records", desc="classified", disable=not self.show_progress)
         with self._idle:
             self._outstanding += len(batch_ids)
         for batch_id in batch_ids:
@@ -121,7 +126,8 @@ class InProcessDispatcher:
         deadline = time.monotonic() + 5  # a stage stuck in a download is a daemon: left behind
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
 
     # The stages. Each passes (db, batch_id, payload) on; a failure goes to `_retry`.
 
@@ -203,7 +209,8 @@ class InProcessDispatcher:
         self._incoming.put((db, batch_id))
 
     def _finished(self, records: int) -> None:
-        self.progress.update(records)
+        if self.progress is not None:  # set by `dispatch`, which comes first
+            self.progress.update(records)
         with self._idle:
             self._outstanding -= 1
             self._idle.notify_all()

@@ -13,6 +13,7 @@ query with a clear error instead of paging forever.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,6 +28,8 @@ from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
 from enrichment.errors import ConfigError, EnrichError, InvalidValue
 from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
+
+log = logging.getLogger(__name__)
 
 SEARCH_PATH = "/record/v2/search.json"
 ROWS = 100
@@ -206,7 +209,7 @@ class SearchClient:
             if cursor_after is not None and not isinstance(cursor_after, str):
                 problem = "its nextCursor is not a string"
                 continue
-            return SearchPage(items, cursor_after, body.get("totalResults"))
+            return SearchPage(items, cursor_after, result_count(body.get("totalResults")))
         raise SearchPageError(f"Europeana Search API page failed: {problem}")
 
     def pages(self, query: SearchQuery, cursor: str = "*") -> Iterator[SearchPage]:
@@ -244,6 +247,19 @@ class SearchClient:
                         del in_window[record_id]
             cursors.append(page.next_cursor)
             cursor = page.next_cursor
+
+
+def result_count(value: Any) -> int | None:
+    """`totalResults` when it is a count; anything else (a list, an object, -1) is unknown.
+
+    The count is only reported (a harvest keeps it per concept), so a server
+    that sends nonsense there costs the number, never the harvest or a later run.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if value is not None:
+        log.warning("the Search API's totalResults is not a count (%.80r): ignored", value)
+    return None
 
 
 def _json_body(response: requests.Response) -> dict[str, Any] | None:

@@ -204,8 +204,11 @@ def _merge(
         collected.leave_out(record.id, "rights_not_in_reusability")
         return 0
     concepts = item.get("edmConcept")
+    # edmConcept is a list of URIs; anything else in it (an object, a number) is not one.
     labels = {key} | {
-        by_uri[uri] for uri in (concepts if isinstance(concepts, list) else []) if uri in by_uri
+        by_uri[uri]
+        for uri in (concepts if isinstance(concepts, list) else [])
+        if isinstance(uri, str) and uri in by_uri
     }
     collected.candidates[record.id] = Candidate(record, rights, labels)
     return 1

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from enrichment.errors import RecordIdError, RecordsFileError
 from enrichment.sources.tabular import CSV, JSONL, read_rows, table_format
@@ -51,6 +52,9 @@ def normalise_id(raw: str) -> str:
     segments = value.split("/")
     if len(segments) < 3 or not all(segments[1:]):
         raise RecordIdError(f"record id {raw!r} is not of the form /DATASET/LOCAL_ID")
+    if any(unquote(segment) in (".", "..") for segment in segments):
+        # `/2048128/../2048129/obj` would be read by any URI normaliser as another record.
+        raise RecordIdError(f"record id {raw!r} has a '.' or '..' segment, which ids may not hold")
     check_id(value)
     return value
 

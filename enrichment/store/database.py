@@ -8,6 +8,7 @@ reporting reads in `query`.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -44,6 +45,8 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (sa.exc.OperationalError, sa.exc
 SUPPORTED = {"postgresql": "postgresql://USER:PASSWORD@HOST/DB", "sqlite": "sqlite:///PATH"}
 CONNECT_TIMEOUT = 10  # seconds; a DATABASE_URL with ?connect_timeout=N keeps its own
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# The PostgreSQL advisory lock key of migrations, signed 64-bit as scope keys are.
+MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"enrich:migrate").digest()[:8], signed=True)
 
 
 def database_failure(url: str, error: Exception, doing: str = "cannot use") -> DatabaseError:
@@ -196,8 +199,17 @@ class Database:
         )
 
     def _migrate(self, step: Callable[[Config, str], None], revision: str) -> None:
+        """One migration in one transaction; on PostgreSQL after every other one has ended.
+
+        Several `enrich db upgrade` at once on an empty server database would each
+        create the tables and all but one fail on the catalog; a transaction-level
+        advisory lock makes them take turns, and each later one finds the schema
+        at head (it reads the revision after the lock) and has nothing to do.
+        """
         try:
             with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
                 step(alembic_config(connection), revision)
         except sa.exc.DBAPIError as error:
             raise database_failure(self.url, error, "cannot migrate") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,6 +70,30 @@ class RecordOutcome:
             image_url=image_url,
             **extra,
         )
+
+
+NON_FINITE_SCORE = "non_finite_score"
+
+
+def finite_or_failed(outcome: RecordOutcome) -> RecordOutcome:
+    """The outcome as it is, or an error of its own when a score or confidence is NaN or ±inf.
+
+    A non-finite number is not JSON: SQLite would keep `[NaN, ...]`, breaking every
+    read that parses the scores, and PostgreSQL would refuse the whole batch. The
+    record fails alone, with the scores left out, and the rest of the batch is kept.
+    """
+    numbers = [*(outcome.scores or ()), *(label.confidence for label in outcome.labels)]
+    if all(math.isfinite(number) for number in numbers):
+        return outcome
+    return RecordOutcome.failed(
+        outcome.record_id,
+        NON_FINITE_SCORE,
+        "the model gave a score that is not a finite number (NaN or infinite): "
+        "its weights may have diverged in training",
+        image_url=outcome.image_url,
+        image_sha256=outcome.image_sha256,
+        source_timestamp=outcome.source_timestamp,
+    )
 
 
 def upsert_statement(session: Session, table: sa.Table) -> Any:
@@ -194,7 +219,10 @@ def save_outcomes(
     A record that appears twice is written once, with its last outcome: one
     statement may not upsert the same row twice.
     """
-    outcomes = list({outcome.record_id: outcome for outcome in outcomes}.values())
+    outcomes = [
+        finite_or_failed(outcome)
+        for outcome in {outcome.record_id: outcome for outcome in outcomes}.values()
+    ]
     if not outcomes:
         return
     connection = session.connection()
