@@ -160,3 +160,55 @@ def test_a_model_whose_weights_hold_nan_is_refused_at_load(
         with pytest.raises(ModelError, match=r"fc\.weight holds NaN or infinite values") as refused:
             Classifier.load(model)
         assert "\n" not in str(refused.value)
+
+
+def test_nan_scores_an_older_version_stored_become_errors_and_reads_work_again(
+    tmp_path: Path,
+) -> None:
+    """Migration 0010: an SQLite database written before the check held `[NaN, ...]`."""
+    url = f"sqlite:///{tmp_path}/old.sqlite3"
+    db = Database(url)
+    db.upgrade("0009")
+    with db.engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO models (version, name, architecture, classes, thresholds, "
+                "top_k_fallback, registered_at) VALUES (:v, 'tiny', 'resnet18', :c, '[0.5]', 0, "
+                "'2026-12-01')"
+            ),
+            {"v": VERSION, "c": json.dumps(CLASSES)},
+        )
+        for name, scores, status in (("ok", "[0.9]", "labelled"), ("bad", "[NaN]", "labelled")):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO records (id, dataset, item_uri, first_seen, last_seen) "
+                    "VALUES (:id, 'd', :uri, '2026-12-01', '2026-12-01')"
+                ),
+                {"id": f"/d/{name}", "uri": f"http://item/d/{name}"},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO results (record_id, model_version, status, scores, "
+                    "classified_at) VALUES (:id, :v, :status, :scores, '2026-12-01')"
+                ),
+                {"id": f"/d/{name}", "v": VERSION, "status": status, "scores": scores},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO labels (record_id, model_version, label_key, concept, "
+                    "confidence) VALUES (:id, :v, 'photograph', :c, 0.9)"
+                ),
+                {"id": f"/d/{name}", "v": VERSION, "c": PHOTO},
+            )
+    db.upgrade()
+    with db.engine.connect() as connection:
+        rows = dict(
+            connection.execute(sa.text("SELECT record_id, error_reason FROM results")).all()
+        )
+        labelled = connection.execute(sa.text("SELECT record_id FROM labels")).scalars().all()
+    assert rows == {"/d/ok": None, "/d/bad": NON_FINITE_SCORE} and labelled == ["/d/ok"]
+    exported = enrich("export", "--format", "jsonl", env={"DATABASE_URL": url})
+    assert exported.returncode == 0, exported.stderr
+    annotations = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert len(annotations) == 1 and "http://item/d/ok" in json.dumps(annotations[0]["target"])
+    db.dispose()
