@@ -13,6 +13,7 @@ their own writer (`enrichment.publish.pages.AtomicFiles`) on `output_target`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -49,7 +50,7 @@ def output_target(path: Path) -> tuple[Path, bool]:
     except OSError as error:
         raise OutputError(f"cannot write {path}: {error.strerror or error}") from None
     if stat.S_ISDIR(mode):
-        raise OutputError(f"cannot write {path}: it is a directory")
+        raise OutputError(f"cannot write {path}: {os.strerror(errno.EISDIR)}")
     if not stat.S_ISREG(mode):
         return path, False
     return (Path(os.path.realpath(path)) if path.is_symlink() else path), True
