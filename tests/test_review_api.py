@@ -136,9 +136,13 @@ class ReviewServer:
             return [tuple(row) for row in rows]
 
     def close(self) -> None:
-        """Stop the loop: it runs while any channel is open, the dispatcher's trigger included."""
+        """Stop the loop: it runs while any channel is open, the dispatcher's trigger included.
+
+        The channels are closed on the loop's own thread (through its trigger): closed from
+        here, a descriptor could vanish under the loop's select (EBADF in the server thread).
+        """
         self.server.task_dispatcher.shutdown()
-        waitress.wasyncore.close_all(self.channels)
+        self.server.trigger.pull_trigger(lambda: waitress.wasyncore.close_all(self.channels))
         self.thread.join(10)
         assert not self.thread.is_alive()
 
