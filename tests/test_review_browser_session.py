@@ -121,13 +121,18 @@ def test_team_login_through_the_form_then_a_decision_and_logout(
             "the queue after logging in",
             lambda: (
                 read(browser, tab, "location.pathname + location.search") == "/queue?label=map"
-                and read(browser, tab, "!!document.getElementById('grid')")
+                and read(browser, tab, "!!document.querySelector('#grid .tile')")
+                and read(browser, tab, "document.readyState") == "complete"
             ),
         )
         # `a` with no reviewer asks for the name; Enter confirms it and gives the keys back.
         browser.evaluate(tab, "localStorage.clear(), document.getElementById('reviewer').value=''")
         press(browser, tab, "a")
-        assert read(browser, tab, "document.activeElement.id") == "reviewer"
+        until(
+            browser,
+            "the reviewer box asking for a name",
+            lambda: read(browser, tab, "document.activeElement.id") == "reviewer",
+        )
         type_text(browser, tab, "Cleo")
         press_enter(browser, tab)
         assert read(browser, tab, "document.activeElement.id") != "reviewer"
