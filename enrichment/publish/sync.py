@@ -30,6 +30,12 @@ the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the
 server's message and every other item is published.
 
+With a precision gate (`--min-precision P`, `model.compare.PrecisionGate`),
+only the classes whose reviewed precision's lower bound reaches P are
+published; a refused class is left on the server as it is (nothing of it
+created, updated or withdrawn: the version's word on it is not trusted yet),
+and the report lists it with its reviewed labels and lower bound.
+
 Only the owner may update or withdraw an annotation: rows whose recorded owner
 is not this publish's account (learned from the server's answers) are left
 alone and reported.
@@ -51,6 +57,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from enrichment.errors import InvalidValue
+from enrichment.model.compare import PrecisionGate
 from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations
 from enrichment.publish.annotations_api import (
     AnnotationsAPI,
@@ -80,7 +88,7 @@ from enrichment.store.publications import (
     record_intents,
     record_outcomes,
 )
-from enrichment.store.selection import LabelRow, count_left_out_by_reviews
+from enrichment.store.selection import LabelRow, count_left_out_by_reviews, known_models
 
 PAGE_SIZE = 100
 CONCURRENCY = 4
@@ -117,6 +125,10 @@ class PublishReport:
     unusable: int = 0
     # Labels of the selection that the curators' decisions (`--reviewed`) leave out.
     left_out_by_reviews: int = 0
+    # With a precision gate: the classes it refused (version, class, reviewed labels,
+    # lower bound) and how many of the selection's labels they held back.
+    refused_classes: list[dict[str, Any]] = field(default_factory=list)
+    held_back: int = 0
     problems: list[str] = field(default_factory=list)
     # A dry run's planned changes, when asked for: action, record, label, annotation id.
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -207,18 +219,41 @@ class Publisher:
         self._unwritten: list[PublicationOutcome] = []
         # Ids the server gave this publish, and the row each went to: one id, one row.
         self._assigned: dict[str, int] = {}
+        self.gate: PrecisionGate | None = None
 
     # -- the whole publish ---------------------------------------------------------------
 
     def publish(
-        self, filters: ExportFilter, withdraw_all: bool = False, list_changes: bool = False
+        self,
+        filters: ExportFilter,
+        withdraw_all: bool = False,
+        list_changes: bool = False,
+        min_precision: float | None = None,
     ) -> PublishReport:
         """Make the server hold exactly the current labels of the selection, or none.
 
         A dry run (no `api`) only plans: with `list_changes`, each planned
-        change is in the report's `changes`.
+        change is in the report's `changes`. With `min_precision`, only the
+        classes the precision gate admits (see the module's docstring).
         """
         check_filter(self.db, filters)
+        if min_precision is not None:
+            if withdraw_all:
+                raise InvalidValue(
+                    "min_precision", "the precision gate is for publishing, not for withdrawing"
+                )
+            self.gate = PrecisionGate(self.db, min_precision, known_models(self.db))
+            if filters.model_version is not None:
+                self.gate.judge(filters.model_version)
+        try:
+            return self._publish(filters, withdraw_all, list_changes)
+        finally:
+            if self.gate is not None:
+                self.report.refused_classes = [asdict(item) for item in self.gate.refused]
+
+    def _publish(
+        self, filters: ExportFilter, withdraw_all: bool, list_changes: bool
+    ) -> PublishReport:
         if not withdraw_all:
             self.report.left_out_by_reviews = count_left_out_by_reviews(
                 self.db, filters.selection()
@@ -263,10 +298,17 @@ class Publisher:
         if not withdraw_all:
             for wanted in self._wanted(filters):
                 entry = held.pop((wanted.row.record_id, wanted.row.label_key), None)
+                if self.gate is not None and not self.gate.admits(
+                    wanted.row.model_version, wanted.row.label_key
+                ):
+                    self.report.held_back += 1
+                    continue
                 op = self._decide(wanted, entry)
                 if op is not None:
                     yield op
         for entry in held.values():
+            if self.gate is not None and self.gate.refuses_key(entry.label_key):
+                continue
             if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
                 yield _Op("withdraw", None, entry)
 
