@@ -184,7 +184,7 @@ def test_the_gate_is_refused_with_withdraw_and_out_of_range(
 ) -> None:
     api = AnnotationsAPI(server.url, TOKEN, concurrency=2, backoff=0.01)
     try:
-        with pytest.raises(InvalidValue, match="not for withdrawing"):
+        with pytest.raises(InvalidValue, match="gates publishing, not withdrawing"):
             Publisher(db, server.url, api).publish(
                 ExportFilter(), withdraw_all=True, min_precision=0.9
             )

@@ -444,17 +444,15 @@ def retire(version: str, chunk: int, yes: bool) -> None:
     or unfinished runs. Rows go in transactions of --chunk records; if
     interrupted, run it again to go on. Runs and exports refuse a retired version.
     """
+    from tqdm import tqdm
+
     from enrichment.store.retire import mark_retired, remove_some
 
     db = open_db()
     if not yes:
         click.confirm(f"Remove every result and label of {version} (its reviews stay)?", abort=True)
     retirement = mark_retired(db, version)
-    with click.progressbar(
-        length=retirement.remaining,
-        label=f"retiring {version}",
-        file=click.get_text_stream("stderr"),
-    ) as bar:
+    with tqdm(total=retirement.remaining, desc=f"retiring {version}", unit=" results") as bar:
         while removed := remove_some(db, version, chunk):
             bar.update(removed)
     click.echo(

@@ -31,6 +31,7 @@ from enrichment.store.comparison import (
 )
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
+from enrichment.store.selection import known_models
 
 Z_95 = 1.959963984540054
 MIN_REVIEWS = 10  # below this, no interval: "too few reviews"
@@ -219,6 +220,14 @@ class PrecisionGate:
         self._judged: set[str] = set()
         self.refused: list[RefusedClass] = []
         self._refused_pairs: set[tuple[str, str]] = set()
+
+    @classmethod
+    def of(cls, db: Database, min_precision: float, version: str | None = None) -> PrecisionGate:
+        """The gate over every registered version; `version`'s classes judged at once."""
+        gate = cls(db, min_precision, known_models(db))
+        if version is not None:
+            gate.judge(version)
+        return gate
 
     def admits(self, version: str, key: str) -> bool:
         """Whether this version's labels of this class may be published."""

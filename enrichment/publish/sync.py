@@ -30,11 +30,8 @@ the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the
 server's message and every other item is published.
 
-With a precision gate (`--min-precision P`, `model.compare.PrecisionGate`),
-only the classes whose reviewed precision's lower bound reaches P are
-published; a refused class is left on the server as it is (nothing of it
-created, updated or withdrawn: the version's word on it is not trusted yet),
-and the report lists it with its reviewed labels and lower bound.
+A precision gate (`--min-precision P`, `model.compare.PrecisionGate`) refuses classes below P:
+nothing of them is created, updated or withdrawn; the report lists them.
 
 Only the owner may update or withdraw an annotation: rows whose recorded owner
 is not this publish's account (learned from the server's answers) are left
@@ -88,7 +85,7 @@ from enrichment.store.publications import (
     record_intents,
     record_outcomes,
 )
-from enrichment.store.selection import LabelRow, count_left_out_by_reviews, known_models
+from enrichment.store.selection import LabelRow, count_left_out_by_reviews
 
 PAGE_SIZE = 100
 CONCURRENCY = 4
@@ -125,8 +122,7 @@ class PublishReport:
     unusable: int = 0
     # Labels of the selection that the curators' decisions (`--reviewed`) leave out.
     left_out_by_reviews: int = 0
-    # With a precision gate: the classes it refused (version, class, reviewed labels,
-    # lower bound) and how many of the selection's labels they held back.
+    # With a precision gate: the classes it refused, and the labels they held back.
     refused_classes: list[dict[str, Any]] = field(default_factory=list)
     held_back: int = 0
     problems: list[str] = field(default_factory=list)
@@ -233,27 +229,13 @@ class Publisher:
         """Make the server hold exactly the current labels of the selection, or none.
 
         A dry run (no `api`) only plans: with `list_changes`, each planned
-        change is in the report's `changes`. With `min_precision`, only the
-        classes the precision gate admits (see the module's docstring).
+        change is in the report's `changes`. `min_precision`: the gate above.
         """
         check_filter(self.db, filters)
         if min_precision is not None:
             if withdraw_all:
-                raise InvalidValue(
-                    "min_precision", "the precision gate is for publishing, not for withdrawing"
-                )
-            self.gate = PrecisionGate(self.db, min_precision, known_models(self.db))
-            if filters.model_version is not None:
-                self.gate.judge(filters.model_version)
-        try:
-            return self._publish(filters, withdraw_all, list_changes)
-        finally:
-            if self.gate is not None:
-                self.report.refused_classes = [asdict(item) for item in self.gate.refused]
-
-    def _publish(
-        self, filters: ExportFilter, withdraw_all: bool, list_changes: bool
-    ) -> PublishReport:
+                raise InvalidValue("min_precision", "gates publishing, not withdrawing")
+            self.gate = PrecisionGate.of(self.db, min_precision, filters.model_version)
         if not withdraw_all:
             self.report.left_out_by_reviews = count_left_out_by_reviews(
                 self.db, filters.selection()
@@ -298,7 +280,7 @@ class Publisher:
         if not withdraw_all:
             for wanted in self._wanted(filters):
                 entry = held.pop((wanted.row.record_id, wanted.row.label_key), None)
-                if self.gate is not None and not self.gate.admits(
+                if self.gate and not self.gate.admits(
                     wanted.row.model_version, wanted.row.label_key
                 ):
                     self.report.held_back += 1
@@ -311,6 +293,8 @@ class Publisher:
                 continue
             if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
                 yield _Op("withdraw", None, entry)
+        if self.gate is not None:
+            self.report.refused_classes = [asdict(item) for item in self.gate.refused]
 
     def _decide(self, wanted: Wanted, entry: LedgerEntry | None) -> _Op | None:
         if entry is None or entry.state in (S.WITHDRAWN, S.REJECTED):

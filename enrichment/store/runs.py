@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.store.database import Database
 from enrichment.store.query import outcome_counts
+from enrichment.store.retire import refuse_retired
 from enrichment.store.schema import (
     FINISHED_BATCHES,
     Batch,
@@ -104,6 +105,7 @@ def start_run(
         busy = _busy_run(session, scope)
         if busy is not None:
             raise UnfinishedRun(busy)
+        refuse_retired(session, model.version)
         register_model(
             session,
             model.version,
