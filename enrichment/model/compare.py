@@ -192,17 +192,6 @@ class RefusedClass:
     reviewed: int
     low: float | None  # None: too few reviews for an interval
 
-    def describe(self) -> str:
-        if self.low is None:
-            return (
-                f"{self.key} ({self.model_version}): {self.reviewed} reviewed labels, "
-                f"too few for an interval (needs {MIN_REVIEWS})"
-            )
-        return (
-            f"{self.key} ({self.model_version}): {self.reviewed} reviewed labels, "
-            f"lower bound {self.low:.3f}"
-        )
-
 
 class PrecisionGate:
     """Which (model version, class) may be published: reviewed precision's lower bound >= P.

@@ -169,6 +169,7 @@ def reviewed_labels(
     correct = sa.case((decisions.c.decision.in_(Decision.POSITIVE), 1), else_=0)
     query = (
         sa.select(Label.model_version, Label.label_key, sa.func.count(), sa.func.sum(correct))
+        .select_from(decisions)
         .join(
             Label,
             (Label.record_id == decisions.c.record_id) & (Label.label_key == decisions.c.label_key),
