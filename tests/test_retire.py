@@ -35,7 +35,16 @@ from enrichment.store.retire import (
 )
 from enrichment.store.reviews import Review
 from enrichment.store.runs import ModelRegistration
-from enrichment.store.schema import Label, ModelRow, Result, Run, RunStatus, utc_now
+from enrichment.store.schema import (
+    Batch,
+    BatchStatus,
+    Label,
+    ModelRow,
+    Result,
+    Run,
+    RunStatus,
+    utc_now,
+)
 from enrichment.store.writes import register_model
 
 OLD = "pilot@aaaaaaaaaaaa"
@@ -200,6 +209,10 @@ def test_a_version_is_retired_in_bounded_transactions_and_refused_while_live(
     model = ModelRegistration(OLD, "pilot", "resnet18", CLASSES, [0.5])
     with pytest.raises(RetiredVersion, match=f"{OLD} was retired on"):
         runs.start_run(db, model, "on_demand", "q", {"s": 2}, lambda _: {}, False)
+    with db.transaction() as session:
+        old_run = session.scalars(sa.select(Run.id)).one()
+    with pytest.raises(RetiredVersion, match=f"{OLD} was retired on"):
+        runs.mark_scheduling(db, old_run)  # `enrich resume` of one of its runs
     with pytest.raises(ExportError, match="was retired on") as refused_export:
         check_filter(db, ExportFilter(model_version=OLD))
     assert refused_export.value.field == "model_version"
@@ -236,16 +249,20 @@ def test_an_unknown_version_and_an_unconfirmed_retire_change_nothing(db: Databas
     env = {"DATABASE_URL": db.url}
     declined = CliRunner().invoke(cli, ["model", "retire", OLD], input="n\n", env=env)
     assert declined.exit_code != 0
+    assert f"Remove the {RECORDS} results of {OLD}" in declined.output
     assert retired_versions(db) == {} and counts(db)["old_results"] == RECORDS
-    with pytest.raises(RetireRefused, match="unfinished runs"):
-        with db.transaction() as session:
-            session.add(
-                Run(
-                    kind="nightly",
-                    scope={},
-                    model_version=OLD,
-                    status=RunStatus.SCHEDULING,
-                    queue="q",
-                )
-            )
+
+
+def test_a_failed_run_with_a_queued_batch_holds_its_version(db: Database) -> None:
+    """Scheduling failed, but a worker may still write the batch it had queued."""
+    with db.transaction() as session:
+        run = Run(kind="nightly", scope={}, model_version=OLD, status=RunStatus.FAILED, queue="q")
+        session.add(run)
+        session.flush()
+        session.add(Batch(run_id=run.id, seq=0, status=BatchStatus.QUEUED, record_ids=["/a"]))
+        run_id = run.id
+    with pytest.raises(RetireRefused, match=f"unfinished runs \\({run_id}\\)"):
         mark_retired(db, OLD)
+    with db.transaction() as session:
+        session.execute(sa.update(Batch).values(status=BatchStatus.DONE))
+    assert mark_retired(db, OLD).remaining == RECORDS

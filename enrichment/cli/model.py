@@ -446,11 +446,15 @@ def retire(version: str, chunk: int, yes: bool) -> None:
     """
     from tqdm import tqdm
 
-    from enrichment.store.retire import mark_retired, remove_some
+    from enrichment.store.retire import check_retirable, mark_retired, remove_some
 
     db = open_db()
     if not yes:
-        click.confirm(f"Remove every result and label of {version} (its reviews stay)?", abort=True)
+        results = check_retirable(db, version)
+        click.confirm(
+            f"Remove the {results} results of {version} and their labels (its reviews stay)?",
+            abort=True,
+        )
     retirement = mark_retired(db, version)
     with tqdm(total=retirement.remaining, desc=f"retiring {version}", unit=" results") as bar:
         while removed := remove_some(db, version, chunk):

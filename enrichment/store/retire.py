@@ -11,7 +11,7 @@ same command goes on where it stopped: what is left is simply what remains.
 Refused while the version has live annotations in the publication ledger
 (published, or an intent whose request may have reached the server): those
 would be left on Europeana with nothing behind them. Refused too while a run
-of the version is scheduling or running.
+of the version is scheduling or running, or has batches not yet done.
 
 What stays: the `models` row, marked `retired_at` (runs and reviews still name
 it; runs and exports refuse a retired version, `refuse_retired`), the runs
@@ -30,7 +30,16 @@ from sqlalchemy.orm import Session
 from enrichment.errors import EnrichError, InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.ledger import UNSETTLED, Publication, PublicationState
-from enrichment.store.schema import Label, ModelRow, Result, Run, RunStatus, utc_now
+from enrichment.store.schema import (
+    FINISHED_BATCHES,
+    Batch,
+    Label,
+    ModelRow,
+    Result,
+    Run,
+    RunStatus,
+    utc_now,
+)
 
 CHUNK = 5000  # records per transaction
 LIVE = (PublicationState.PUBLISHED, *UNSETTLED)
@@ -51,6 +60,13 @@ class Retirement:
     remaining: int  # results still to remove when the mark was set (or found)
 
 
+def check_retirable(db: Database, version: str) -> int:
+    """How many results retiring the version would remove; raises as `mark_retired` does."""
+    with db.transaction() as session:
+        _checked(session, version)
+        return _results_of(session, version)
+
+
 def mark_retired(db: Database, version: str) -> Retirement:
     """Check that the version may be retired and mark it (kept if already marked).
 
@@ -59,34 +75,49 @@ def mark_retired(db: Database, version: str) -> Retirement:
     unfinished runs.
     """
     with db.transaction() as session:
-        row = session.get(ModelRow, version, with_for_update=True)
-        if row is None:
-            known = ", ".join(sorted(session.scalars(sa.select(ModelRow.version)))) or "none yet"
-            raise InvalidValue("version", f"unknown model version {version} (known: {known})")
-        _refuse_unfinished_runs(session, version)
-        _refuse_live_publications(session, version)
+        row = _checked(session, version)
         if row.retired_at is None:
             row.retired_at = utc_now()
-        remaining = session.execute(
-            sa.select(sa.func.count()).where(Result.model_version == version)
-        ).scalar_one()
-        return Retirement(version, row.retired_at, remaining)
+        return Retirement(version, row.retired_at, _results_of(session, version))
+
+
+def _checked(session: Session, version: str) -> ModelRow:
+    row = session.get(ModelRow, version, with_for_update=True)
+    if row is None:
+        known = ", ".join(sorted(session.scalars(sa.select(ModelRow.version)))) or "none yet"
+        raise InvalidValue("version", f"unknown model version {version} (known: {known})")
+    _refuse_unfinished_runs(session, version)
+    _refuse_live_publications(session, version)
+    return row
+
+
+def _results_of(session: Session, version: str) -> int:
+    return session.execute(
+        sa.select(sa.func.count()).where(Result.model_version == version)
+    ).scalar_one()
 
 
 def _refuse_unfinished_runs(session: Session, version: str) -> None:
+    """A run still paging or running, or one that failed while batches of it were queued
+    (a worker may still write them)."""
+    open_batches = (
+        sa.select(Batch.id)
+        .where(Batch.run_id == Run.id, Batch.status.not_in(FINISHED_BATCHES))
+        .exists()
+    )
     runs = session.scalars(
         sa.select(Run.id)
         .where(
             Run.model_version == version,
-            Run.status.in_([RunStatus.SCHEDULING, RunStatus.RUNNING]),
+            Run.status.in_([RunStatus.SCHEDULING, RunStatus.RUNNING]) | open_batches,
         )
         .order_by(Run.id)
     ).all()
     if runs:
         named = ", ".join(str(run) for run in runs)
         raise RetireRefused(
-            f"model version {version} has unfinished runs ({named}): let them finish "
-            f"(enrich status) before retiring it"
+            f"model version {version} has unfinished runs ({named}): let them finish, "
+            f"or resume them, before retiring it (enrich status --run {runs[0]})"
         )
 
 

@@ -164,6 +164,7 @@ def mark_scheduling(db: Database, run_id: int) -> RunState:
     """The run is being paged (again): status `scheduling`, an earlier failure's error cleared."""
     with db.transaction() as session:
         run = _get_run(session, run_id)
+        refuse_retired(session, run.model_version)
         run.status, run.error = RunStatus.SCHEDULING, None
         return _state(run)
 
