@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.store.database import Database
 from enrichment.store.query import outcome_counts
+from enrichment.store.retire import refuse_retired
 from enrichment.store.schema import (
     FINISHED_BATCHES,
     Batch,
@@ -104,6 +105,7 @@ def start_run(
         busy = _busy_run(session, scope)
         if busy is not None:
             raise UnfinishedRun(busy)
+        refuse_retired(session, model.version)
         register_model(
             session,
             model.version,
@@ -162,6 +164,7 @@ def mark_scheduling(db: Database, run_id: int) -> RunState:
     """The run is being paged (again): status `scheduling`, an earlier failure's error cleared."""
     with db.transaction() as session:
         run = _get_run(session, run_id)
+        refuse_retired(session, run.model_version)
         run.status, run.error = RunStatus.SCHEDULING, None
         return _state(run)
 

@@ -134,6 +134,8 @@ class ModelRow(Base):
     thresholds: Mapped[list[Any]]
     top_k_fallback: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+    # Set by `enrich model retire`: its results and labels are removed, runs refuse it.
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Result(Base):
