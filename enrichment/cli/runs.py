@@ -174,21 +174,32 @@ def resume(
     progress: bool,
     as_json: bool,
 ) -> None:
-    """Continue a run from its checkpoint and re-dispatch its batches that never finished."""
+    """Continue a run from its checkpoint and re-dispatch its batches that never finished.
+
+    With --model-dir naming another model version than the run's, the run's
+    unfinished batches (and pages still to come) move to that version first;
+    without it a run keeps its version, and waits for workers that hold it.
+    """
     from enrichment.runs import service
 
     chosen = chosen_run(run_id, run_alias, required=True)
     assert chosen is not None
     config = settings()
-    db = open_db()
+    move_to = service.model_identity(model_dir) if model_dir is not None else None
     model_dir = model_dir or config.require_model_dir()
+    runs_here = None if config.broker_url else service.model_identity(model_dir).version
+    db = open_db()
     service.resume(
         db,
         config,
         chosen,
         lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
         batch_size or config.batch_size,
+        move_to,
+        runs_here,
     )
+    if move_to is not None and not as_json:
+        click.echo(f"run {chosen} is for model {move_to.version}", err=True)
     report_run(db, chosen, as_json)
 
 
@@ -251,12 +262,40 @@ def status(run_id: int | None, run_alias: int | None, as_json: bool) -> None:
     """Show a run's state and its counts by outcome (default: the latest run)."""
     db = open_db()
     summary = _summary(db, chosen_run(run_id, run_alias, required=False))
+    waiting = waiting_for(db, summary)
     if as_json:
-        emit_json(summary.as_json())
+        emit_json({**summary.as_json(), "waiting_for_model": waiting})
         return
     click.echo(f"run {summary.id} ({summary.kind}) {summary.status}")
     click.echo(f"  scope          {json.dumps(summary.scope)}")
     print_summary_counts(summary)
+    if waiting is not None:
+        click.echo(
+            f"  waiting        for a worker with model {waiting}: no live worker holds it; "
+            f"start one with that model, or move the run with "
+            f"`enrich resume --run {summary.id} --model-dir NEW`"
+        )
+
+
+def waiting_for(db: Database, summary) -> str | None:
+    """The model version a run's queued batches wait for, when no live worker holds it.
+
+    Only batches handed to a broker wait for workers (an in-process run's are
+    `pending`); a worker counts as live while it reports within the window
+    that makes its batches stale (`store.workers`).
+    """
+    from enrichment.store.schema import BatchStatus
+    from enrichment.store.workers import live_versions
+
+    if summary.status not in (RunStatus.SCHEDULING, RunStatus.RUNNING):
+        return None
+    if not summary.batches.get(BatchStatus.QUEUED):
+        return None
+    config = settings()
+    window = config.heartbeat_interval * config.heartbeat_stale
+    if summary.model_version in live_versions(db, window):
+        return None
+    return summary.model_version
 
 
 @click.command()

@@ -16,6 +16,7 @@ over an unchanged collection costs little more than one query.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,34 @@ class RunKind:
 
 
 QUEUES = {RunKind.NIGHTLY: "enrich.nightly", RunKind.ON_DEMAND: "enrich.on_demand"}
+
+
+def version_queue(queue_name: str, version: str) -> str:
+    """The broker queue of a run's kind (`queue_name`) for one model version.
+
+    Only workers holding that version consume it (`version_queues`), so a
+    batch never reaches a worker that would have to refuse it. The version
+    (`name@` + 12 hex digits) becomes a slug safe in a queue list
+    (`enrich.on_demand.tiny-0123456789ab`).
+    """
+    return f"{queue_name}.{re.sub(r'[^A-Za-z0-9_-]+', '-', version)}"
+
+
+def version_queues(version: str) -> tuple[str, ...]:
+    """The queues a worker holding `version` consumes, in priority order.
+
+    On-demand before nightly, so on-demand still overtakes a nightly
+    backlog; each kind's shared queue (where releases without routing put
+    every batch) right after its version queue, so a message left there is
+    run, or handed on to its own version's queue, in its turn.
+    """
+    on_demand, nightly = QUEUES[RunKind.ON_DEMAND], QUEUES[RunKind.NIGHTLY]
+    return (
+        version_queue(on_demand, version),
+        on_demand,
+        version_queue(nightly, version),
+        nightly,
+    )
 
 
 @dataclass(frozen=True)
@@ -113,7 +142,8 @@ def fill_run(
     `failed` with its checkpoint intact; `enrich resume` continues from there.
     """
     run = runs.mark_scheduling(db, run_id)
-    version, queue_name, checkpoint = run.model_version, run.queue, run.checkpoint
+    version, checkpoint = run.model_version, run.checkpoint
+    queue_name = version_queue(run.queue, version)
     try:
         if not checkpoint.get("done"):
             for page in prefetched(source.pages(checkpoint.get("position"))):
@@ -154,7 +184,7 @@ def resume_run(
         return RunProgress(run_id, run.records_seen, run.batches_total)
     leftovers = unfinished_batches(db, run_id)
     if leftovers:
-        dispatcher.dispatch(db, run.queue, leftovers)
+        dispatcher.dispatch(db, version_queue(run.queue, run.model_version), leftovers)
     return fill_run(db, run_id, source, dispatcher, batch_size)
 
 

@@ -348,6 +348,48 @@ def complete_run_if_done(db: Database, run_id: int) -> bool:
         return True
 
 
+def move_run(db: Database, run_id: int, model: ModelRegistration) -> int:
+    """Move a run's unfinished work to another model version (registered here); batches moved.
+
+    Only ever asked for explicitly (`enrich resume --model-dir`). Results of
+    the batches already done stay their version's; the unfinished batches
+    start their attempts afresh under the new version, and pages still to come
+    are cut for it. A batch still running under the old version when it is
+    moved is not committed by it (`finish_batch` refuses), so every record of
+    the run ends with one result. Refused when nothing is left to move.
+    """
+    with db.transaction() as session:
+        run = _get_run(session, run_id)
+        if run.model_version == model.version:
+            raise EnrichError(f"run {run_id} is already for model {model.version}")
+        unfinished = session.scalars(
+            sa.select(Batch.id).where(Batch.run_id == run_id, Batch.status.not_in(FINISHED_BATCHES))
+        ).all()
+        paging_done = bool((run.checkpoint or {}).get("done"))
+        if run.status == RunStatus.COMPLETED or (not unfinished and paging_done):
+            raise EnrichError(
+                f"run {run_id} has nothing left to move to model {model.version}: "
+                f"it is {run.status} with every batch finished"
+            )
+        register_model(
+            session,
+            model.version,
+            model.name,
+            model.architecture,
+            model.classes,
+            model.thresholds,
+            model.top_k_fallback,
+        )
+        run.model_version = model.version
+        if unfinished:
+            session.execute(
+                sa.update(Batch)
+                .where(Batch.id.in_(unfinished))
+                .values(attempts=0, error=None, heartbeat_at=None, updated_at=utc_now())
+            )
+        return len(unfinished)
+
+
 def unfinished_batches(db: Database, run_id: int) -> list[int]:
     """The batches of a run that never finished, in order, for `enrich resume`."""
     with db.transaction() as session:
