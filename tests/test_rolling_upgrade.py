@@ -6,8 +6,8 @@ may fail or be classified by B: its batches wait on A's queue, `enrich status`
 says the run waits for a worker with model A, and an old message that does
 reach B (as a release before routing left it on the shared queue) is handed
 back without counting an attempt. When an A worker comes back the run
-completes; a second run is moved to B explicitly (`enrich resume --model-dir`)
-and completes there.
+completes; a second run (a sample run) is moved to B explicitly
+(`enrich resume --model-dir`) and completes there.
 """
 
 from __future__ import annotations
@@ -158,9 +158,10 @@ def test_a_rolling_upgrade_fails_nothing_and_b_never_runs_a_batch_of_a(
     assert db.value("SELECT count(*) FROM results") == 10
     worker_a.stop()
 
-    # No A worker now: a new run for A waits, and is moved to B only when asked.
-    quick = records_file(tmp_path, image_host, "moved", 4, delay=0.0)
-    moved = start(env_a, "--records", str(quick), "--batch-size", "2")
+    # No A worker now: a new run for A (a sample of 4 of 6 records) waits, and is moved to
+    # B only when asked.
+    quick = records_file(tmp_path, image_host, "moved", 6, delay=0.0)
+    moved = start(env_a, "--records", str(quick), "--batch-size", "2", "--sample", "4")
     wait_for(lambda: status(env_a, moved)["waiting_for_model"] == version_a, 30, "the run to wait")
     assert db.value("SELECT count(*) FROM results WHERE run_id = :id", id=moved) == 0
     resumed = enrich("resume", "--run", str(moved), "--model-dir", str(model_b), env=env_a)

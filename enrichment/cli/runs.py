@@ -59,6 +59,17 @@ EVERY_RECORD_FAILED = 3
 @click.option(
     "--full", is_flag=True, help="Enqueue every record in scope, not only new or changed ones."
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Classify only a stable random draw of N records of the scope, preferring records "
+    "another model version classified and curators reviewed (to compare versions).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="The draw of --sample: the same N and seed give the same records (default: 0).",
+)
 @progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def run(
@@ -75,6 +86,8 @@ def run(
     batch_size: int | None,
     inference_batch: int | None,
     full: bool,
+    sample: int | None,
+    seed: int | None,
     progress: bool,
     as_json: bool,
 ) -> None:
@@ -105,6 +118,10 @@ def run(
             for q in queries
         ]
         scope = service.europeana_scope(queries, image_source)
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed draws a sample: give --sample N too")
+    if sample is not None:
+        scope = service.sampled(scope, sample, seed or 0)
     config = settings()
     model_dir = model_dir or config.require_model_dir()
     request = service.RunRequest(

@@ -11,6 +11,10 @@ for this model version, its last result was an error, or its image URL or
 source timestamp changed since. For Europeana, a run over a scope that already
 completed with this model adds a `timestamp_update` filter, so a nightly run
 over an unchanged collection costs little more than one query.
+
+A sample run (`scope["sample"]`: size and seed) pages its whole scope but
+classifies only a stable draw of it (`store.selection.sample_ranks`), cut
+into batches after the last page.
 """
 
 from __future__ import annotations
@@ -118,7 +122,9 @@ def start_run(
 
     def first_checkpoint(previous: PreviousRun | None) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"pending": []}
-        if previous is not None and scope["source"] == "europeana":
+        if "sample" in scope:  # drawn from the whole scope, never only what changed
+            checkpoint["sample"] = {**scope["sample"], "chosen": []}
+        elif previous is not None and scope["source"] == "europeana":
             since = previous.started_at - SINCE_MARGIN
             checkpoint.update(since=since.strftime("%Y-%m-%dT%H:%M:%SZ"), previous_run=previous.id)
         return checkpoint

@@ -51,6 +51,19 @@ def europeana_scope(queries: Sequence[SearchQuery], image_source: str = "auto") 
     }
 
 
+def sampled(scope: dict[str, Any], size: int, seed: int = 0) -> dict[str, Any]:
+    """`scope` narrowed to a stable random draw of `size` records (the same for the same seed).
+
+    The draw prefers records another model version classified and curators
+    reviewed, so a new version's sample can be compared with the current one
+    on judged labels. A sample is a scope of its own: it never takes its
+    previous run's "changed since" shortcut, and never blocks the full scope.
+    """
+    if size < 1:
+        raise InvalidValue("sample", "must be at least 1")
+    return {**scope, "sample": {"size": size, "seed": seed}}
+
+
 def check_scope(scope: dict[str, Any], settings: Settings) -> None:
     """Fail before any run exists: a bad records file names its line, a missing key says so."""
     if scope["source"] == "records_file":

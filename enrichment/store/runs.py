@@ -31,6 +31,7 @@ from enrichment.store.schema import (
     as_utc_naive,
     utc_now,
 )
+from enrichment.store.selection import sample_ranks
 from enrichment.store.writes import SourceRecord, register_model, upsert_records
 
 
@@ -221,6 +222,8 @@ def commit_page(
     with db.transaction() as session:
         unique = list({record.id: record for record in records}.values())
         upsert_records(session, unique)
+        if "sample" in checkpoint:
+            return _draw_page(session, run_id, model_version, unique, position, checkpoint, full)
         fresh = unique if full else list(_needing_work(session, unique, model_version))
         # A record still waiting for a batch is not added again: one id twice in a
         # batch would collide with itself on the results' and labels' keys.
@@ -242,13 +245,50 @@ def commit_page(
     return CommittedPage(checkpoint, batch_ids)
 
 
+def _draw_page(
+    session: Session,
+    run_id: int,
+    version: str,
+    records: list[SourceRecord],
+    position: dict[str, Any],
+    checkpoint: dict[str, Any],
+    full: bool,
+) -> CommittedPage:
+    """A sample run's page: its records compete for the sample; nothing is cut before the end.
+
+    The checkpoint keeps the `size` best-ranked records seen so far
+    (`selection.sample_ranks`), each with whether this version still has work
+    on it (always, with `full`), so the draw is bounded by the sample and survives a resume.
+    """
+    sample = checkpoint["sample"]
+    ranks = sample_ranks(session, [r.id for r in records], version, sample["seed"])
+    needing = {r.id for r in (records if full else _needing_work(session, records, version))}
+    seen = {entry[2] for entry in sample["chosen"]}
+    candidates = [
+        *sample["chosen"],
+        *([*ranks[r.id], r.id, r.id in needing] for r in records if r.id not in seen),
+    ]
+    chosen = sorted(candidates)[: sample["size"]]
+    checkpoint = {**checkpoint, "position": position, "sample": {**sample, "chosen": chosen}}
+    session.execute(
+        sa.update(Run)
+        .where(Run.id == run_id)
+        .values(checkpoint=checkpoint, records_seen=Run.records_seen + len(records))
+    )
+    return CommittedPage(checkpoint, [])
+
+
 def commit_tail(
     db: Database, run_id: int, model_version: str, checkpoint: dict[str, Any], batch_size: int
 ) -> CommittedPage:
-    """After the last page: batches for the records left waiting, and for the previous run's
-    errors when this run only pages what changed since it (their records are not paged)."""
+    """After the last page: batches for the records left waiting (a sample run's: those it
+    drew that still need work), and for the previous run's errors when this run only pages
+    what changed since it (their records are not paged)."""
     with db.transaction() as session:
         pending = list(checkpoint["pending"])
+        if "sample" in checkpoint:
+            chosen = checkpoint["sample"]["chosen"]
+            pending.extend(record_id for *_, record_id, needs in chosen if needs)
         if checkpoint.get("previous_run"):
             retry = session.scalars(
                 sa.select(Result.record_id).where(
