@@ -230,11 +230,13 @@ def _summary(db: Database, run_id: int | None):
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
     """The run's summary; exits with EVERY_RECORD_FAILED when it completed with no result."""
     summary = _summary(db, run_id)
+    waiting = waiting_for(db, summary)
     if as_json:
-        emit_json(summary.as_json())
+        emit_json({**summary.as_json(), "waiting_for_model": waiting})
     else:
         click.echo(f"run {summary.id} {summary.status}")
         print_summary_counts(summary)
+        print_waiting(summary.id, waiting)
     failed = summary.outcomes.get("error", 0)
     if (
         summary.status == RunStatus.COMPLETED
@@ -286,11 +288,15 @@ def status(run_id: int | None, run_alias: int | None, as_json: bool) -> None:
     click.echo(f"run {summary.id} ({summary.kind}) {summary.status}")
     click.echo(f"  scope          {json.dumps(summary.scope)}")
     print_summary_counts(summary)
+    print_waiting(summary.id, waiting)
+
+
+def print_waiting(run_id: int, waiting: str | None) -> None:
     if waiting is not None:
         click.echo(
             f"  waiting        for a worker with model {waiting}: no live worker holds it; "
             f"start one with that model, or move the run with "
-            f"`enrich resume --run {summary.id} --model-dir NEW`"
+            f"`enrich resume --run {run_id} --model-dir NEW`"
         )
 
 

@@ -99,7 +99,8 @@ class Dispatcher(Protocol):
     """Hands batches to whatever executes them: this process, or Celery workers.
 
     `db` is where the batches are (the in-process pipeline works on it, the
-    Celery adapter marks them queued there); `queue` is the run's broker queue.
+    Celery adapter marks them queued there); `queue` is the broker queue of the
+    run's kind and model version (`version_queue`).
     """
 
     def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None: ...
