@@ -126,7 +126,11 @@ def resend_stale(db: Database, stale_after: float) -> list[int]:
             # Not sent, this one and the rest claimed with it: let a later sweep claim them.
             restart_heartbeats(db, [c.batch_id for c in claimed if c.batch_id not in sent])
             raise
-        log.warning("batch %s: its worker stopped beating; sent again", stale.batch_id)
+        log.warning(
+            "batch %s: its worker stopped beating; sent again to %s",
+            stale.batch_id,
+            version_queue(stale.queue, stale.model_version),
+        )
         sent.append(stale.batch_id)
     return sent
 
