@@ -138,7 +138,8 @@ def resend_stale(db: Database, stale_after: float) -> list[int]:
 def hand_back(misrouted: Misrouted) -> str:
     """Send a batch that reached this worker to its own version's queue; that queue."""
     queue = version_queue(misrouted.queue, misrouted.model_version)
-    app.send_task("enrichment.process_batch", args=[misrouted.batch_id], queue=queue)
+    # Retried through a broker blip: this message is acknowledged once the task returns.
+    app.send_task("enrichment.process_batch", args=[misrouted.batch_id], queue=queue, retry=True)
     log.warning("%s: handed back to %s", misrouted, queue)
     return queue
 
