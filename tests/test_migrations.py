@@ -16,7 +16,17 @@ from enrichment.errors import DatabaseError
 from enrichment.store.database import Database
 from enrichment.store.schema import Base
 
-TABLES = {"runs", "batches", "records", "models", "results", "labels", "publications", "reviews"}
+TABLES = {
+    "runs",
+    "batches",
+    "records",
+    "models",
+    "results",
+    "labels",
+    "publications",
+    "reviews",
+    "workers",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

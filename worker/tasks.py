@@ -10,11 +10,20 @@ Every worker process also runs a keeper thread: it beats the heartbeat of the
 batch in progress there and sweeps for batches whose worker stopped beating
 (a machine that died), sending them again. With the defaults a dead worker's
 batch is re-sent within about two and a half minutes (8 beats of 15 s, plus a
-sweep), rather than after the broker's visibility timeout of an hour.
+sweep), rather than after the broker's visibility timeout of an hour. The
+same beat reports the model version the process holds (`store.workers`), so
+`enrich status` can tell a run that waits for a worker with its model.
+
+A batch whose run is for another model version than this process holds (a
+message from a release before routing by version, or a run moved meanwhile)
+is handed back to its version's queue, its attempts untouched: it waits for a
+worker of its own, and is never failed for reaching the wrong one.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from contextlib import suppress
@@ -30,15 +39,17 @@ from enrichment.errors import ScopeBusy
 from enrichment.runs import service
 from enrichment.runs.lifecycle import Heartbeat, fail_batch
 from enrichment.runs.pipeline import process_batch
-from enrichment.runs.schedule import RunKind
+from enrichment.runs.schedule import RunKind, version_queue
 from enrichment.sources.europeana import whole_collection_query
 from enrichment.store.batches import (
     AttemptsExhausted,
+    Misrouted,
     claim_stale_batches,
     note_batch_error,
     restart_heartbeats,
 )
 from enrichment.store.database import TRANSIENT_ERRORS, Database
+from enrichment.store.workers import advertise
 from worker.app import app, process_settings
 from worker.dispatch import CeleryDispatcher
 
@@ -71,39 +82,66 @@ def heartbeat() -> Heartbeat:
     return Heartbeat(db, settings.heartbeat_interval)
 
 
-def start_keeper(settings: Settings) -> threading.Thread:
-    """The heartbeat-and-sweep thread of this worker process."""
-    thread = threading.Thread(target=keep, args=(settings,), name="keeper", daemon=True)
+def node_name() -> str:
+    """This worker process, as the table of live workers names it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def start_keeper(settings: Settings, version: str | None) -> threading.Thread:
+    """The heartbeat-and-sweep thread of this worker process; `version` is the model it holds
+    (None on the scheduler worker, which holds none)."""
+    thread = threading.Thread(target=keep, args=(settings, version), name="keeper", daemon=True)
     thread.start()
     return thread
 
 
-def keep(settings: Settings) -> None:
+def keep(settings: Settings, version: str | None) -> None:
     beat = heartbeat()
     stale_after = settings.heartbeat_interval * settings.heartbeat_stale
+    node = node_name()
     while True:
-        time.sleep(settings.heartbeat_interval)
         try:
+            if version is not None:
+                advertise(beat.db, node, version)
             beat.touch()
             resend_stale(beat.db, stale_after)
         except Exception as error:  # a database blip: the next beat tries again
             log.warning("heartbeat or sweep failed: %s", error)
+        time.sleep(settings.heartbeat_interval)
 
 
 def resend_stale(db: Database, stale_after: float) -> list[int]:
-    """Send again each batch whose worker stopped beating; this process claimed each alone."""
+    """Send again each batch whose worker stopped beating, to its model version's queue;
+    this process claimed each alone."""
     sent: list[int] = []
     claimed = claim_stale_batches(db, stale_after)
-    for batch_id, queue in claimed:
+    for stale in claimed:
         try:
-            app.send_task("enrichment.process_batch", args=[batch_id], queue=queue)
+            app.send_task(
+                "enrichment.process_batch",
+                args=[stale.batch_id],
+                queue=version_queue(stale.queue, stale.model_version),
+            )
         except Exception:
             # Not sent, this one and the rest claimed with it: let a later sweep claim them.
-            restart_heartbeats(db, [claim for claim, _ in claimed if claim not in sent])
+            restart_heartbeats(db, [c.batch_id for c in claimed if c.batch_id not in sent])
             raise
-        log.warning("batch %s: its worker stopped beating; sent again", batch_id)
-        sent.append(batch_id)
+        log.warning(
+            "batch %s: its worker stopped beating; sent again to %s",
+            stale.batch_id,
+            version_queue(stale.queue, stale.model_version),
+        )
+        sent.append(stale.batch_id)
     return sent
+
+
+def hand_back(misrouted: Misrouted) -> str:
+    """Send a batch that reached this worker to its own version's queue; that queue."""
+    queue = version_queue(misrouted.queue, misrouted.model_version)
+    # Retried through a broker blip: this message is acknowledged once the task returns.
+    app.send_task("enrichment.process_batch", args=[misrouted.batch_id], queue=queue, retry=True)
+    log.warning("%s: handed back to %s", misrouted, queue)
+    return queue
 
 
 @app.task(
@@ -127,6 +165,8 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
             settings.inference_batch,
             heartbeat=heartbeat(),
         )
+    except Misrouted as misrouted:
+        return {"batch": batch_id, "handed_back": hand_back(misrouted)}
     except AttemptsExhausted as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}

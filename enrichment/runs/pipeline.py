@@ -94,17 +94,14 @@ def begin_batch(
     The attempt is committed before any work, so a worker killed mid-batch
     (SIGKILL, OOM, a crashing decoder) still leaves its count behind, and the
     delivery after the last allowed attempt raises AttemptsExhausted instead of
-    looping forever. With `heartbeat`, the batch's heartbeat starts now: a
-    worker that dies stops touching it, and the sweep re-sends it.
+    looping forever. A batch whose run is for another model version raises
+    `Misrouted` before anything is counted: the caller hands it back. With
+    `heartbeat`, the batch's heartbeat starts now: a worker that dies stops
+    touching it, and the sweep re-sends it.
     """
-    attempt = batches.start_batch(db, batch_id, max_attempts, heartbeat)
+    attempt = batches.start_batch(db, batch_id, max_attempts, heartbeat, classifier.version)
     if attempt is None:
         return None
-    if attempt.model_version != classifier.version:
-        raise RuntimeError(
-            f"run {attempt.run_id} was scheduled for model {attempt.model_version}, "
-            f"this worker has {classifier.version}"
-        )
     preprocessing = classifier.spec.preprocessing
     prepared = [
         fetcher.submit(prepare_record, record, fetcher, preprocessing) for record in attempt.records
