@@ -5,7 +5,7 @@ with when it was retired; runs and exports refuse a retired version. Going
 down forgets the mark (the results and labels it removed stay removed).
 
 Revision ID: 0014
-Revises: 0010
+Revises: 0013
 Create Date: 2026-12-06
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0014"
-down_revision = "0010"
+down_revision = "0013"
 branch_labels = None
 depends_on = None
 
