@@ -42,6 +42,7 @@ can never move more images per second than 1000 / (GIL ms per image): that is
 the ceiling printed beside it.
 
     python benchmarks/bench_feed.py [--quick] [--stand-in-only]
+    python benchmarks/bench_feed.py --gpu [--quick | --dry-run]   # gpu.sh
 
 Not a test: it measures time, which the tests never do.
 """
@@ -665,9 +666,146 @@ def summary(figures: dict[str, Any]) -> list[common.Figure]:
     return lines
 
 
+def run_gpu(quick: bool, dry_run: bool = False) -> dict[str, Any]:
+    """gpu.sh's part: resnet50 (bf16, channels_last) fed from one host, against the model alone.
+
+    Also the batched GPU decode (`Classifier.batch_decoder`) of the same previews
+    against the CPU path on every core, with their mean difference in pixel units.
+    `dry_run`: 64 images, so that `gpu.sh --dry-run` checks all of it on a CPU.
+    """
+    count = 64 if dry_run else 3000 if quick else 12000
+    figures: dict[str, Any] = {"images": count, "latency_s": LATENCY, "cores": usable_cpus()}
+    figures["load_average"] = [round(load, 2) for load in os.getloadavg()]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-feed-gpu-") as directory,
+        common.database_server() as base,
+        common.peers("images", "1", str(count), str(LATENCY)) as slow,
+    ):
+        tmp = Path(directory)
+        from bench_e2e import make_model
+
+        real = make_model(tmp / "resnet50", "resnet50")
+        figures["real_model"] = f"{real.spec.architecture} on {real.device}"
+        inference_batch = settings_for("sqlite://").inference_batch
+        common.say(f"  model only: {figures['real_model']}, batches of {inference_batch}")
+        figures["model_only"] = model_only(real, count, inference_batch)
+        common.say(f"  {count} images from one host at 200 ms: {figures['real_model']}")
+        figures["gpu_slow"] = in_process(base, slow["hosts"][0], count, real, tmp, CpuClock())
+        common.say("  decoding the previews: batched on the model's device, then the CPU path")
+        figures["decode_batched"] = batched_decode(real, min(count, 2048))
+        figures["decode_only"] = decode_only(min(count, 3000), real.spec.preprocessing)
+    figures["gpu_slow"]["gil"] = gil_estimate(
+        figures["gpu_slow"]["cpu"], figures["decode_only"]["serial_share"]
+    )
+    figures["feed_over_model"] = round(
+        figures["gpu_slow"]["rate"] / figures["model_only"]["rate"], 3
+    )
+    return figures
+
+
+def model_only(classifier: Any, count: int, batch: int) -> dict[str, Any]:
+    """`scores` alone on inputs already decoded, as many images as the feed moves."""
+    inputs = np.random.default_rng(0).standard_normal(
+        (batch, 3, classifier.spec.input_size, classifier.spec.input_size), dtype=np.float32
+    )
+    for _ in range(3):
+        classifier.scores(inputs)  # warm: cuDNN picks its kernels
+    rounds = max(1, count // batch)
+    began = time.perf_counter()
+    for _ in range(rounds):
+        classifier.scores(inputs)
+    seconds = time.perf_counter() - began
+    return {"seconds": round(seconds, 2), "rate": round(rounds * batch / seconds, 1)}
+
+
+def batched_decode(classifier: Any, count: int) -> dict[str, Any]:
+    """`Classifier.batch_decoder` over the previews in batches of 256, and its difference."""
+    pictures = [preview_jpeg(seed) for seed in range(PICTURES)]
+    bodies = [distinct(pictures[number % PICTURES], number) for number in range(count)]
+    decoder = classifier.batch_decoder()
+    decoder.decode(bodies[:256])  # warm
+    began = time.perf_counter()
+    for start in range(0, count, 256):
+        decoded = decoder.decode(bodies[start : start + 256])
+    if decoded.inputs.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - began
+    preprocessing = classifier.spec.preprocessing
+    std = np.asarray(preprocessing.std, dtype=np.float32)[:, None, None] * 255.0
+    sample = decoder.decode(bodies[:64]).inputs.float().cpu().numpy()
+    reference = np.stack([decode(body, preprocessing) for body in bodies[:64]])
+    difference = float(np.abs((sample - reference) * std).mean())
+    return {
+        "seconds": round(seconds, 2),
+        "rate": round(count / seconds, 1),
+        "on_gpu": decoder.on_gpu,
+        "mean_abs_diff": round(difference, 3),
+    }
+
+
+def report_gpu(figures: dict[str, Any]) -> list[str]:
+    load = ", ".join(f"{value:g}" for value in figures["load_average"])
+    batched = figures["decode_batched"]
+    lines = [
+        f"  {figures['images']} distinct 400x300 JPEGs from ONE local host at 200 ms, "
+        f"{figures['cores']} cores (load average {load} at the start)",
+    ]
+    for key, title in (
+        ("model_only", f"model only, {figures['real_model']}"),
+        ("gpu_slow", f"pipeline, {figures['real_model']}, 200 ms"),
+        ("decode_batched", "decode, batched " + ("on the GPU" if batched["on_gpu"] else "(CPU)")),
+        ("decode_only", "decode, CPU path, every core"),
+    ):
+        part = figures[key]
+        lines.append(f"    {title:<58} {part['rate']:8.1f} images/s ({part['seconds']} s)")
+    cpu, gil = figures["gpu_slow"]["cpu"], figures["gpu_slow"]["gil"]
+    stages = ", ".join(f"{stage} {ms:.2f}" for stage, ms in cpu["ms_per_image"].items())
+    lines += [
+        f"    pipeline CPU ms per image: {stages}; total {cpu['total_ms']:.2f} "
+        f"({cpu['cores_busy']:.2f} cores busy), GIL held {gil['held_ms']:.2f} (estimate)",
+        f"    batched decode differs from the CPU path by {batched['mean_abs_diff']} on average "
+        "(0..255 pixel units; tolerance 2.0)",
+    ]
+    return lines
+
+
+def summary_gpu(figures: dict[str, Any]) -> list[common.Figure]:
+    return [
+        common.Figure(
+            "feed_end_to_end_rate",
+            figures["gpu_slow"]["rate"],
+            ">= 3000",
+            unit="images/s",
+            note=f"{figures['real_model']}, one host at 200 ms, one process",
+        ),
+        common.Figure(
+            "feed_over_model",
+            figures["feed_over_model"],
+            note=f"the same over the model alone ({figures['model_only']['rate']:.0f} images/s)",
+        ),
+        common.Figure(
+            "decode_batched_over_cpu",
+            round(figures["decode_batched"]["rate"] / figures["decode_only"]["rate"], 3),
+            note=f"decode on the model's device (batches of 256) over the CPU path on every core;"
+            f" mean difference {figures['decode_batched']['mean_abs_diff']} (<= 2.0)",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stand_in_only = "--stand-in-only" in argv
+    if "--gpu" in argv:  # gpu.sh: CUDA, or a CPU with --dry-run
+        dry_run = "--dry-run" in argv
+        argv = [arg for arg in argv if arg not in ("--gpu", "--dry-run")]
+        return common.stand_alone(
+            __doc__,
+            "3,000 images instead of 12,000",
+            lambda quick: run_gpu(quick, dry_run),
+            report_gpu,
+            summary_gpu,
+            argv,
+        )
     argv = [arg for arg in argv if arg != "--stand-in-only"]
     return common.stand_alone(
         __doc__,
