@@ -330,7 +330,7 @@ def gil_estimate(cpu: dict[str, Any], decode_serial: float) -> dict[str, float]:
     estimate between them takes decode's serial share, which only a quiet machine
     measures well (on a busy one the second core is not free, and it reads high).
     """
-    held = cpu["python_user_ms"] + cpu["decode_ms"] * decode_serial
+    held = cpu["python_user_ms"] + cpu["decode_user_ms"] * decode_serial
     return {
         "low_ms": round(cpu["python_user_ms"], 3),
         "high_ms": round(cpu["python_user_ms"] + cpu["decode_user_ms"], 3),

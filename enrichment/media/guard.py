@@ -224,6 +224,15 @@ class _GuardedHTTPSConnection(_GuardedHTTPConnection, HTTPSConnection):
     pass
 
 
+def _put_conn_released(pool: HTTPConnectionPool, conn: Any) -> None:
+    """Back to the pool, out of the deadline of the fetch that used it (on its thread)."""
+    attempt = getattr(conn, "attempt", None)
+    deadline = attempt.deadline if attempt is not None else None
+    if deadline is not None and conn.sock is not None:
+        deadline.release(conn.sock)
+    HTTPConnectionPool._put_conn(pool, conn)
+
+
 class GuardedAdapter(HTTPAdapter):
     """A requests adapter whose every connection goes through an AddressPolicy.
 
@@ -245,9 +254,14 @@ class GuardedAdapter(HTTPAdapter):
         guard = {"policy": policy, "resolver": resolver, "attempt": attempt}
         plain = type("PolicyHTTPConnection", (_GuardedHTTPConnection,), guard)
         secure = type("PolicyHTTPSConnection", (_GuardedHTTPSConnection,), guard)
+        returning = {"_put_conn": _put_conn_released}
         self._pools = {
-            "http": type("PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain}),
-            "https": type("PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure}),
+            "http": type(
+                "PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain, **returning}
+            ),
+            "https": type(
+                "PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure, **returning}
+            ),
         }
         super().__init__(
             pool_connections=hosts,
