@@ -36,7 +36,7 @@ def feeders_per_gpu(setting: int, gpus: int, proc: Path = PROC_SELF) -> int:
 
     Otherwise one per usable CPU of the GPU's share, less one for the process that
     runs the model and writes: most of a feeder's CPU is Python holding its
-    process's GIL (about 80%, measured by bench_feed), so one process uses little
+    process's GIL (80-95% by bench_feed's estimate), so one process uses little
     more than one core however many threads it has, and cores are used by
     processes. See docs/throughput.md.
     """
