@@ -16,7 +16,18 @@ from enrichment.errors import DatabaseError
 from enrichment.store.database import Database
 from enrichment.store.schema import Base
 
-TABLES = {"runs", "batches", "records", "models", "results", "labels", "publications", "reviews"}
+TABLES = {
+    "runs",
+    "batches",
+    "records",
+    "models",
+    "results",
+    "labels",
+    "publications",
+    "reviews",
+    "current_results",
+    "review_items",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

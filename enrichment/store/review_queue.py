@@ -23,6 +23,7 @@ the caller gave that names nothing is an `InvalidValue` naming its field.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -37,13 +38,16 @@ from enrichment.errors import InvalidValue
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.reviews import Decision, latest_decisions
+from enrichment.store.review_index import BAND, ReviewItem
+from enrichment.store.reviews import Decision, Review, latest_decisions, standing
 from enrichment.store.schema import Label, RecordRow, Result, Run, utc_now
 
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
 MAX_LIMIT = 500
-MAX_OFFSET = 10_000_000  # far past any queue a person pages through; keeps the number SQL-sized
+# Offsets read and skip every item before the page: `after` (keyset) is how to page deep.
+MAX_OFFSET = 10_000
+TOTAL_CAP = 10_000  # totals are exact up to this, then "10,000+"
 MAX_ID = 2**63 - 1  # the largest id a database integer holds
 STREAM = {"stream_results": True, "yield_per": 2000}
 
@@ -160,9 +164,10 @@ class Item:
 @dataclass(frozen=True)
 class QueuePage:
     items: list[Item]
-    total: int  # every matching item, not only the page's
+    total: int  # every matching item, not only the page's, up to TOTAL_CAP
     # Where the next page starts (None: this page is the last one).
     next_page: Cursor | None = None
+    total_capped: bool = False  # more than TOTAL_CAP items match
 
 
 @dataclass(frozen=True)
@@ -224,35 +229,316 @@ def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClass
 
 
 def queue_page(db: Database, filters: QueueFilter) -> QueuePage:
-    """One page of items, most uncertain first (audit: in random order), and how many match."""
+    """One page of items, most uncertain first (audit: in random order), and how many match
+    (counted up to `TOTAL_CAP`).
+
+    The default queue (pending or any state, over all datasets, of the current results,
+    by class and side) and the audit sample are read from the review index: their pages
+    cost the same at any collection size. Other filters scan `results` (`_scanned_rows`).
+    """
     with db.transaction() as session:
         models = check_filter(session, filters)
-        query = _items_query(session, filters, models, labelled_column=False)
-        if query is None:
+        keys = _keys(filters, models)
+        if not keys:
             return QueuePage([], 0)
-        inner = query.subquery("matching")
-
-        def uncertainty(items: Any) -> list[Any]:
-            margin = sa.func.abs(items.c.confidence - items.c.threshold)
-            return [margin.asc().nulls_last(), items.c.record_id, items.c.label_key]
-
-        order = [sa.func.random()] if filters.audit else uncertainty(inner)
-        total = session.execute(sa.select(sa.func.count()).select_from(inner)).scalar_one()
-        selected = sa.select(
-            inner, sa.func.abs(inner.c.confidence - inner.c.threshold).label("margin")
+        total, capped = _total(session, filters, models, keys)
+        if filters.audit and _indexed(filters):
+            rows = _sampled_rows(session, filters, keys)
+            items = _indexed_items(session, rows[filters.offset :], models)
+            return QueuePage(items, total, None, capped)
+        in_band = filters.after is None or (
+            filters.after.margin is not None and filters.after.margin <= BAND
         )
-        if filters.after is not None and not filters.audit:
-            selected = selected.where(_after(inner, filters.after))
-        page = selected.order_by(*order).limit(filters.limit + 1).offset(filters.offset)
-        page = page.subquery("page")
-        with_records = _with_records(page)
-        if not filters.audit:  # the page in the same order (the audit's random one needs none)
-            with_records = with_records.order_by(*uncertainty(page))
-        rows = session.execute(with_records).all()
-        more, rows = len(rows) > filters.limit, rows[: filters.limit]
-        last = rows[-1] if rows and more and not filters.audit else None
-        cursor = None if last is None else Cursor(last.margin, last.record_id, last.label_key)
-        return QueuePage([_item(row) for row in rows], total, cursor)
+        if _indexed(filters) and in_band:
+            rows = _band_rows(session, filters, keys)
+            picked = rows[filters.offset : filters.offset + filters.limit + 1]
+            items = _indexed_items(session, picked, models)
+            margins = [row.margin for row in picked]
+            if len(rows) < filters.offset + filters.limit + 1:  # the band is exhausted
+                tail = _scanned_rows(
+                    session,
+                    replace(filters, after=None),
+                    models,
+                    offset=max(0, filters.offset - len(rows)),
+                    limit=filters.limit + 1 - len(items),
+                    tail=True,
+                )
+                items += [_item(row) for row in tail]
+                margins += [row.margin for row in tail]
+        else:
+            rows = _scanned_rows(
+                session, filters, models, offset=filters.offset, limit=filters.limit + 1
+            )
+            items = [_item(row) for row in rows]
+            margins = [row.margin for row in rows]
+        more, items = len(items) > filters.limit, items[: filters.limit]
+        last = items[-1] if items and more and not filters.audit else None
+        cursor = (
+            None
+            if last is None
+            else Cursor(margins[filters.limit - 1], last.record_id, last.label_key)
+        )
+        return QueuePage(items, total, cursor, capped)
+
+
+def _indexed(filters: QueueFilter) -> bool:
+    """Whether the review index answers these filters: it holds the current results' items
+    over all datasets, with their margin and whether labelled, not their score."""
+    return (
+        not filters.datasets
+        and filters.run_id is None
+        and filters.model_version is None
+        and filters.min_score is None
+        and filters.max_score is None
+        and (filters.audit or filters.state in ("pending", "any"))
+    )
+
+
+def _keys(filters: QueueFilter, models: dict[str, ModelClasses]) -> list[str]:
+    """The class keys the filters cover, over the model versions they cover."""
+    return sorted(
+        {
+            key
+            for model in models.values()
+            if filters.model_version is None or model.version == filters.model_version
+            for key in model.keys
+            if not filters.classes or key in filters.classes
+        }
+    )
+
+
+def _decided(item: type[ReviewItem], audit_only: bool = False) -> sa.Exists:
+    """A standing decision (in the audit sample, with `audit_only`) on the index item."""
+    return sa.exists().where(
+        Review.record_id == item.record_id,
+        Review.label_key == item.label_key,
+        *([Review.audit.is_(True)] if audit_only else []),
+        standing(),
+    )
+
+
+def _band_scope(filters: QueueFilter) -> list[Any]:
+    """The conditions on index items in the band that the state and side filters set."""
+    scope: list[Any] = [ReviewItem.margin <= BAND]
+    if filters.side == "above":
+        scope.append(ReviewItem.labelled.is_(True))
+    elif filters.side == "below":
+        scope.append(ReviewItem.labelled.is_(False))
+    if filters.state == "pending":
+        scope.append(~_decided(ReviewItem))
+    return scope
+
+
+INDEX_COLUMNS = (
+    ReviewItem.record_id,
+    ReviewItem.label_key,
+    ReviewItem.model_version,
+    ReviewItem.margin,
+    ReviewItem.labelled,
+)
+
+
+def _band_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -> list[Any]:
+    """The first `offset + limit + 1` items in the band after the cursor, in queue order.
+
+    One arm per class, each an index range scan from the cursor that stops at the page's
+    size, merged and ordered in SQL (so record ids compare under the database's collation,
+    as the scanned query's do).
+    """
+    want = filters.offset + filters.limit + 1
+    scope = _band_scope(filters)
+    cursor = filters.after
+    if cursor is not None:
+        at = sa.tuple_(ReviewItem.margin, ReviewItem.record_id)
+        mark = sa.tuple_(sa.literal(cursor.margin, sa.Float), sa.literal(cursor.record_id))
+        same = (ReviewItem.margin == cursor.margin) & (ReviewItem.record_id == cursor.record_id)
+        scope += [at >= mark, ~(same & (ReviewItem.label_key <= cursor.label_key))]
+    arms = [
+        sa.select(
+            *sa.select(*INDEX_COLUMNS)
+            .where(ReviewItem.label_key == key, *scope)
+            .order_by(ReviewItem.margin, ReviewItem.record_id)
+            .limit(want)
+            .subquery(f"arm{number}")
+            .c
+        )
+        for number, key in enumerate(keys)
+    ]
+    merged = sa.union_all(*arms).subquery("band")
+    return session.execute(
+        sa.select(merged)
+        .order_by(merged.c.margin, merged.c.record_id, merged.c.label_key)
+        .limit(want)
+    ).all()
+
+
+def _sampled_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -> list[Any]:
+    """`offset + limit` labelled items without an audit decision, from a random point of
+    the sample-key order on (wrapping around): the sample key is a hash of the record id,
+    so whatever the start, every such item is as likely to be drawn, whatever its score."""
+    want = filters.offset + filters.limit
+    start = secrets.randbelow(2**31)
+    scope = [ReviewItem.labelled.is_(True), ~_decided(ReviewItem, audit_only=True)]
+    rows: list[Any] = []
+    for part in (ReviewItem.sample_key >= start, ReviewItem.sample_key < start):
+        arms = [
+            sa.select(
+                *sa.select(*INDEX_COLUMNS, ReviewItem.sample_key)
+                .where(ReviewItem.label_key == key, part, *scope)
+                .order_by(ReviewItem.sample_key, ReviewItem.record_id)
+                .limit(want - len(rows))
+                .subquery(f"arm{number}")
+                .c
+            )
+            for number, key in enumerate(keys)
+        ]
+        merged = sa.union_all(*arms).subquery("sample")
+        rows += session.execute(
+            sa.select(merged)
+            .order_by(merged.c.sample_key, merged.c.record_id, merged.c.label_key)
+            .limit(want - len(rows))
+        ).all()
+        if len(rows) >= want:
+            break
+    return rows
+
+
+def _indexed_items(
+    session: Session, rows: Sequence[Any], models: dict[str, ModelClasses]
+) -> list[Item]:
+    """Items of index rows, in their order: the score from the result, the threshold and
+    name from the model, the decision and the record's columns, a few lookups per page."""
+    if not rows:
+        return []
+    record_ids = sorted({row.record_id for row in rows})
+    records = {
+        record.id: record
+        for record in session.execute(
+            sa.select(
+                RecordRow.id,
+                RecordRow.title,
+                RecordRow.provider,
+                RecordRow.dataset,
+                RecordRow.item_uri,
+            ).where(RecordRow.id.in_(record_ids))
+        )
+    }
+    pairs = {(row.record_id, row.model_version) for row in rows}
+    scores = {
+        (record_id, version): vector
+        for record_id, version, vector in session.execute(
+            sa.select(Result.record_id, Result.model_version, Result.scores).where(
+                Result.record_id.in_(record_ids)
+            )
+        )
+        if (record_id, version) in pairs
+    }
+    decided = latest_decisions()
+    decisions = {
+        (row.record_id, row.label_key): row
+        for row in session.execute(sa.select(decided).where(decided.c.record_id.in_(record_ids)))
+    }
+    items = []
+    for row in rows:
+        model = models[row.model_version]
+        index = model.keys.index(row.label_key)
+        vector = scores.get((row.record_id, row.model_version)) or []
+        record = records[row.record_id]
+        decision = decisions.get((row.record_id, row.label_key))
+        items.append(
+            Item(
+                row.record_id,
+                row.label_key,
+                model.names[index],
+                row.model_version,
+                vector[index] if index < len(vector) else None,
+                model.thresholds[index],
+                bool(row.labelled),
+                decision.decision if decision else None,
+                decision.reviewer if decision else None,
+                decision.decided_at if decision else None,
+                record.title or None,
+                record.provider,
+                record.dataset,
+                item_page(record.item_uri),
+            )
+        )
+    return items
+
+
+def _scanned_rows(
+    session: Session,
+    filters: QueueFilter,
+    models: dict[str, ModelClasses],
+    offset: int,
+    limit: int,
+    tail: bool = False,
+) -> list[Any]:
+    """A page of items read from `results` (with `tail`, of those beyond the band only),
+    with their margin: what the review index does not hold, and the reference its
+    answers are tested against."""
+    inner = _scanned(session, filters, models, tail)
+    if inner is None:
+        return []
+
+    def uncertainty(items: Any) -> list[Any]:
+        margin = sa.func.abs(items.c.confidence - items.c.threshold)
+        return [margin.asc().nulls_last(), items.c.record_id, items.c.label_key]
+
+    order = [sa.func.random()] if filters.audit else uncertainty(inner)
+    selected = sa.select(inner, sa.func.abs(inner.c.confidence - inner.c.threshold).label("margin"))
+    if filters.after is not None and not filters.audit:
+        selected = selected.where(_after(inner, filters.after))
+    page = selected.order_by(*order).limit(limit).offset(offset).subquery("page")
+    with_records = _with_records(page)
+    if not filters.audit:  # the page in the same order (the audit's random one needs none)
+        with_records = with_records.order_by(*uncertainty(page))
+    return session.execute(with_records).all()
+
+
+def _scanned(
+    session: Session, filters: QueueFilter, models: dict[str, ModelClasses], tail: bool = False
+) -> sa.Subquery | None:
+    """Every matching item read from `results` (`tail`: beyond the band), as a subquery."""
+    query = _items_query(session, filters, models, labelled_column=False)
+    if query is None:
+        return None
+    if tail:
+        inner = query.subquery("all_matching")
+        margin = sa.func.abs(inner.c.confidence - inner.c.threshold)
+        query = sa.select(inner).where((margin > BAND) | margin.is_(None))
+    return query.subquery("matching")
+
+
+def _total(
+    session: Session, filters: QueueFilter, models: dict[str, ModelClasses], keys: Sequence[str]
+) -> tuple[int, bool]:
+    """How many items match, counted up to `TOTAL_CAP` (then True: there are more): an exact
+    count of the default queue would be a pass over every result."""
+    counted = 0
+    tail = False
+    if _indexed(filters):
+        if filters.audit:
+            scope = [ReviewItem.labelled.is_(True), ~_decided(ReviewItem, audit_only=True)]
+        else:
+            scope, tail = _band_scope(filters), True
+        band = (
+            sa.select(ReviewItem.record_id)
+            .where(ReviewItem.label_key.in_(keys), *scope)
+            .limit(TOTAL_CAP + 1)
+        )
+        counted = _count(session, band.subquery("band"))
+        if counted > TOTAL_CAP or not tail:
+            return min(counted, TOTAL_CAP), counted > TOTAL_CAP
+    scanned = _scanned(session, replace(filters, after=None), models, tail)
+    if scanned is not None:
+        limited = sa.select(scanned).limit(TOTAL_CAP + 1 - counted).subquery("limited")
+        counted += _count(session, limited)
+    return min(counted, TOTAL_CAP), counted > TOTAL_CAP
+
+
+def _count(session: Session, rows: sa.Subquery) -> int:
+    return session.execute(sa.select(sa.func.count()).select_from(rows)).scalar_one()
 
 
 def _after(items: Any, cursor: Cursor) -> Any:
@@ -268,12 +554,14 @@ def _after(items: Any, cursor: Cursor) -> Any:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a curator stands: items of the filters still pending, decisions made today."""
+    """Where a curator stands: items of the filters still pending (up to `TOTAL_CAP`, then
+    `pending_capped`), decisions made today."""
 
     pending: int
     decided_today: int
+    pending_capped: bool = False
 
-    def as_json(self) -> dict[str, int]:
+    def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -282,18 +570,16 @@ def queue_progress(db: Database, filters: QueueFilter) -> Progress:
     pending = replace(filters, state="pending", audit=False, after=None, offset=0)
     with db.transaction() as session:
         models = check_filter(session, pending)
-        query = _items_query(session, pending, models, labelled_column=False)
-        count = 0
-        if query is not None:
-            count = session.execute(
-                sa.select(sa.func.count()).select_from(query.subquery("pending"))
-            ).scalar_one()
+        keys = _keys(pending, models)
+        count, capped = _total(session, pending, models, keys) if keys else (0, False)
         today = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
-        standing = latest_decisions()
+        standing_now = latest_decisions()
         decided = session.execute(
-            sa.select(sa.func.count()).select_from(standing).where(standing.c.decided_at >= today)
+            sa.select(sa.func.count())
+            .select_from(standing_now)
+            .where(standing_now.c.decided_at >= today)
         ).scalar_one()
-        return Progress(count, decided)
+        return Progress(count, decided, capped)
 
 
 def all_items(db: Database, filters: QueueFilter) -> Iterator[Item]:
@@ -410,8 +696,13 @@ def _items_query(
         Result,
         (Result.record_id == chosen.c.record_id) & (Result.model_version == chosen.c.model_version),
     )
-    if record_id is not None:  # on the window's partition key: the database pushes it down
+    if record_id is not None:
         with_scores = with_scores.where(chosen.c.record_id == record_id)
+    if not filters.audit and filters.state not in ("pending", "any"):
+        # Reviewed items only: start from the decisions, which are few, not from every result.
+        with_scores = with_scores.where(
+            chosen.c.record_id.in_(sa.select(Review.record_id).where(standing()))
+        )
     scored = with_scores.cte("scored")
     arms = []
     for model in models.values():
