@@ -17,6 +17,8 @@ import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -46,6 +48,7 @@ from enrichment.store.review_queue import (
 from enrichment.store.reviews import Decision
 from enrichment.store.schema import Outcome, Result, Run
 from enrichment.store.writes import (
+    LABEL_COLUMNS,
     LabelScore,
     RecordOutcome,
     register_model,
@@ -295,3 +298,130 @@ def test_totals_are_capped(db: Database, monkeypatch: pytest.MonkeyPatch) -> Non
     progress = queue_progress(db, QueueFilter(datasets=("400",)))
     assert (progress.pending, progress.pending_capped) == (100, True)
     assert queue_page(db, QueueFilter(classes=("ceramic",), side="above")).total_capped is False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/migrate.sqlite3"
+    return request.getfixturevalue("pg_url")
+
+
+def test_migration_0011_builds_the_index_from_existing_rows_and_goes_down(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(review_index, "REBUILD_BATCH", 70)  # several batches
+    rng = random.Random(11)
+    db = Database(database_url)
+    db.upgrade("0010")
+    ids = [record_id(n) for n in range(300)]
+    table = sa.table
+    column = sa.column
+    records = table(
+        "records",
+        *(column(n) for n in ("id", "dataset", "item_uri")),
+        column("first_seen", sa.DateTime),
+        column("last_seen", sa.DateTime),
+    )
+    models = table(
+        "models",
+        *(column(n) for n in ("version", "name", "architecture", "top_k_fallback")),
+        column("classes", sa.JSON),
+        column("thresholds", sa.JSON),
+        column("registered_at", sa.DateTime),
+    )
+    results = table(
+        "results",
+        *(column(n) for n in ("record_id", "model_version", "status")),
+        column("scores", sa.JSON),
+        column("classified_at", sa.DateTime),
+    )
+    labels = table("labels", *(column(n) for n in LABEL_COLUMNS))
+    rows, label_rows = [], []
+    for version, keys, thresholds, every, minute in (
+        (OLD, OLD_KEYS, OLD_THRESHOLDS, 1, 1),
+        (NEW, NEW_KEYS, NEW_THRESHOLDS, 2, 2),
+    ):
+        for rid in ids[::every]:
+            made = outcome(rng, rid, keys, thresholds, 0.1)
+            at = datetime(2026, 1, 1, 0, minute if rng.random() < 0.9 else 3)
+            rows.append(
+                {
+                    "record_id": rid,
+                    "model_version": version,
+                    "status": made.status,
+                    "scores": made.scores,
+                    "classified_at": at,
+                }
+            )
+            label_rows += [
+                {
+                    "record_id": rid,
+                    "model_version": version,
+                    "label_key": label.key,
+                    "concept": label.concept,
+                    "confidence": label.confidence,
+                }
+                for label in made.labels
+            ]
+    with db.engine.begin() as connection:
+        connection.execute(
+            records.insert(),
+            [
+                {
+                    "id": r,
+                    "dataset": "100",
+                    "item_uri": "http://i" + r,
+                    "first_seen": datetime(2026, 1, 1),
+                    "last_seen": datetime(2026, 1, 1),
+                }
+                for r in ids
+            ],
+        )
+        connection.execute(
+            models.insert(),
+            [
+                {
+                    "version": version,
+                    "name": "pilot",
+                    "architecture": "resnet18",
+                    "top_k_fallback": 0,
+                    "classes": classes(keys),
+                    "thresholds": thresholds,
+                    "registered_at": datetime(2026, 1, 1),
+                }
+                for version, keys, thresholds in (
+                    (OLD, OLD_KEYS, OLD_THRESHOLDS),
+                    (NEW, NEW_KEYS, NEW_THRESHOLDS),
+                )
+            ],
+        )
+        connection.execute(results.insert(), rows)
+        connection.execute(labels.insert(), label_rows)
+    db.upgrade()
+    current, items = index_rows(db)
+    with db.transaction() as session:
+        computed = sorted(tuple(row) for row in session.execute(newest_classified(ids)))
+    assert current == computed
+    assert {version for _, version in current} == {OLD, NEW}
+    assert sum(labelled for *_, labelled, _ in items) == len(
+        label_rows_of_current(current, label_rows)
+    )
+    review_index.rebuild(db)
+    assert index_rows(db) == (current, items)
+    # The queue reads them as the scan does.
+    expected = reference(db, QueueFilter(state="any", limit=MAX_LIMIT))
+    assert paged(db, QueueFilter(state="any", limit=MAX_LIMIT)) == expected
+    db.downgrade("0010")
+    names = set(sa.inspect(db.engine).get_table_names())
+    assert {"current_results", "review_items"}.isdisjoint(names)
+    with db.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM results")).scalar() == len(rows)
+    db.upgrade()
+    assert index_rows(db) == (current, items)
+    db.dispose()
+
+
+def label_rows_of_current(current: list[tuple], label_rows: list[dict]) -> list[dict]:
+    chosen = set(current)
+    return [row for row in label_rows if (row["record_id"], row["model_version"]) in chosen]
