@@ -698,10 +698,13 @@ def _items_query(
     )
     if record_id is not None:
         with_scores = with_scores.where(chosen.c.record_id == record_id)
-    if not filters.audit and filters.state not in ("pending", "any"):
-        # Reviewed items only: start from the decisions, which are few, not from every result.
-        with_scores = with_scores.where(
-            chosen.c.record_id.in_(sa.select(Review.record_id).where(standing()))
+    reviewed_only = not filters.audit and filters.state not in ("pending", "any")
+    if reviewed_only:
+        # Start from the decisions, which are few, not from every result: one row per
+        # decision, each arm keeping those on its class.
+        on = latest_decisions().alias("decided_items")
+        with_scores = with_scores.add_columns(on.c.label_key.label("decided_key")).join(
+            on, on.c.record_id == chosen.c.record_id
         )
     scored = with_scores.cte("scored")
     arms = []
@@ -721,7 +724,10 @@ def _items_query(
                     sa.literal(name, sa.String).label("label_name"),
                     scored.c.scores[index].as_float().label("confidence"),
                     sa.literal(threshold, sa.Float).label("threshold"),
-                ).where(scored.c.model_version == model.version)
+                ).where(
+                    scored.c.model_version == model.version,
+                    *([scored.c.decided_key == key] if reviewed_only else []),
+                )
             )
     if not arms:
         return None
