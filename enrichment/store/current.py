@@ -17,26 +17,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy import String
-from sqlalchemy.orm import Mapped, mapped_column
 
-from enrichment.store.schema import Base, Outcome, RecordRow, Result
+from enrichment.store.review_tables import CurrentResult
+from enrichment.store.schema import Outcome, RecordRow, Result
 
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
 
 
-class CurrentResult(Base):
-    """The model version whose result counts for a record; no row: no classified result."""
-
-    __tablename__ = "current_results"
-
-    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(120))
-
-
-def newest_classified(record_ids: Sequence[str], results: sa.Table | None = None) -> sa.Select:
+def newest_classified(
+    record_ids: Sequence[str] | sa.Select, results: sa.Table | None = None
+) -> sa.Select:
     """(record_id, model_version) of the result that counts for each of these records: the
-    latest classified one, ties to the later version name. A migration passes its own
+    latest classified one, ties to the later version name (`record_ids`: a list, or a
+    SELECT of them such as a staging table's). A migration passes its own
     description of `results` (the ORM's may describe a later schema)."""
     table = Result.__table__ if results is None else results
     newest_first = sa.func.row_number().over(
@@ -49,6 +42,26 @@ def newest_classified(record_ids: Sequence[str], results: sa.Table | None = None
         .subquery("ranked")
     )
     return sa.select(ranked.c.record_id, ranked.c.model_version).where(ranked.c.rank == 1)
+
+
+def newest_of_staged() -> sa.Select:
+    """`newest_classified` for the records of PostgreSQL's `stage_results` table (a batch
+    being written): one index lookup per record (LATERAL), whatever the planner guesses of
+    a temporary table without statistics."""
+    stage = sa.select(sa.table("stage_results", sa.column("record_id")).c.record_id)
+    staged = stage.distinct().subquery("staged")
+    newest = (
+        sa.select(Result.record_id, Result.model_version)
+        .where(Result.record_id == staged.c.record_id, Result.status.in_(CLASSIFIED))
+        .order_by(Result.classified_at.desc(), Result.model_version.desc())
+        .limit(1)
+        .lateral("newest")
+    )
+    return (
+        sa.select(newest.c.record_id, newest.c.model_version)
+        .select_from(staged)
+        .join(newest, sa.true())
+    )
 
 
 def current_results(

@@ -28,48 +28,26 @@ them, the same arithmetic in double precision as the queue's SQL.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Boolean, Float, Index, Integer, String
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from enrichment.store.current import CurrentResult, newest_classified
+from enrichment.store.current import newest_classified, newest_of_staged
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.schema import Base, Label, Result
+from enrichment.store.review_tables import CurrentResult, ReviewItem
+from enrichment.store.schema import Label, Result
 
-# Items at most this far from their threshold are indexed. On realistic scores (most near 0,
-# thresholds 0.3-0.6) it keeps about one item per record besides the labelled ones.
-BAND = 0.25
+# Items at most this far from their threshold are indexed. With 20 classes, 60 % of records
+# labelled and sigmoid scores mostly near 0 it costs about 0.4 rows per record besides the
+# labelled ones (1.2); scores spread evenly below the thresholds would cost 2.3 (0.25: 9).
+# At 10 million records that leaves some 200,000 items per class in the band.
+BAND = 0.1
 CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
 REBUILD_BATCH = 2000  # records read, scored and written at a time by `rebuild`
-
-
-class ReviewItem(Base):
-    """One class of one record's current result that is within the band or labelled."""
-
-    __tablename__ = "review_items"
-    __table_args__ = (
-        Index("ix_review_items_margin", "label_key", "margin", "record_id"),
-        Index(
-            "ix_review_items_sample",
-            "label_key",
-            "sample_key",
-            "record_id",
-            postgresql_where=sa.text("labelled"),
-            sqlite_where=sa.text("labelled = 1"),
-        ),
-    )
-
-    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
-    label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(120))
-    # |score - threshold|; None only for a labelled class the score vector lacks.
-    margin: Mapped[float | None] = mapped_column(Float)
-    labelled: Mapped[bool] = mapped_column(Boolean)
-    sample_key: Mapped[int] = mapped_column(Integer)
 
 
 def sample_key(record_id: str) -> int:
@@ -78,56 +56,122 @@ def sample_key(record_id: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+# An index row, in the table's column order (what COPY and the inserts take).
+ITEM_COLUMNS = ("record_id", "label_key", "model_version", "margin", "labelled", "sample_key")
+ItemRow = tuple[str, str, str, float | None, bool, int]
+
+
 def item_rows(
     record_id: str, model: ModelClasses, scores: Sequence[float | None], labelled: Iterable[str]
-) -> list[dict[str, Any]]:
+) -> list[ItemRow]:
     """The index rows of one result: its classes within the band, and its labels."""
     labelled = set(labelled)
     rows = []
+    key_of_record = None
     for index, (key, threshold) in enumerate(zip(model.keys, model.thresholds, strict=True)):
         score = scores[index] if index < len(scores) else None
         margin = None if score is None else abs(score - threshold)
         if key in labelled or (margin is not None and margin <= BAND):
-            rows.append(
-                {
-                    "record_id": record_id,
-                    "label_key": key,
-                    "model_version": model.version,
-                    "margin": margin,
-                    "labelled": key in labelled,
-                    "sample_key": sample_key(record_id),
-                }
-            )
+            if key_of_record is None:
+                key_of_record = sample_key(record_id)
+            rows.append((record_id, key, model.version, margin, key in labelled, key_of_record))
     return rows
+
+
+def _insert(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
+    if rows:
+        connection.execute(
+            sa.insert(ReviewItem.__table__),
+            [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows],
+        )
 
 
 def refresh(
     connection: sa.Connection,
     model_version: str,
     outcomes: Iterable[tuple[str, Sequence[float] | None, Iterable[str]]],
+    staged: bool = False,
 ) -> None:
     """Bring both tables up to date for records whose `model_version` result was just written,
     in the writer's transaction. `outcomes`: (record id, scores or None, labelled keys).
 
     The current result of each record is worked out again from its few results; the
     items come from the scores just written, or, where another version's result counts
-    (this one failed), from that result's stored scores.
+    (this one failed), from that result's stored scores. With `staged` (PostgreSQL's COPY
+    path) the records are those of the session's `stage_results` table, and each step
+    is one statement over it.
     """
     written = {record_id: (scores, list(keys)) for record_id, scores, keys in outcomes}
     models = model_classes(connection)
-    current = _recompute_current(connection, sorted(written))
     rows = [
         row
-        for record_id, version in current.items()
-        if version == model_version
-        for row in item_rows(
-            record_id, models[version], written[record_id][0] or [], written[record_id][1]
-        )
+        for record_id, (scores, keys) in written.items()
+        if scores is not None
+        for row in item_rows(record_id, models[model_version], scores, keys)
     ]
-    others = sorted((r, v) for r, v in current.items() if v != model_version)
-    rows.extend(_rows_from_results(connection, others, models, Result.__table__))
-    if rows:
-        connection.execute(sa.insert(ReviewItem.__table__), rows)
+    if not staged:
+        current = _recompute_current(connection, sorted(written))
+        rows = [row for row in rows if current.get(row[0]) == model_version]
+        others = sorted((r, v) for r, v in current.items() if v != model_version)
+        rows.extend(_rows_from_results(connection, others, models, Result.__table__))
+        _insert(connection, rows)
+        return
+    stage = sa.table("stage_results", sa.column("record_id"), sa.column("model_version"))
+    batch = sa.select(stage.c.record_id)
+    current = CurrentResult.__table__
+    connection.execute(sa.delete(current).where(current.c.record_id.in_(batch)))
+    connection.execute(
+        sa.insert(current).from_select(["record_id", "model_version"], newest_of_staged())
+    )
+    connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(batch)))
+    now = dict(
+        connection.execute(
+            sa.select(current.c.record_id, current.c.model_version).where(
+                current.c.record_id.in_(batch)
+            )
+        ).all()
+    )
+    _copy_rows(connection, [row for row in rows if now.get(row[0]) == model_version])
+    # Records whose items are not among those just copied: another version's result counts,
+    # or an earlier call in the same transaction staged them (`stage_results` keeps them).
+    others = sorted(
+        (record_id, version)
+        for record_id, version in now.items()
+        if version != model_version or record_id not in written
+    )
+    _insert(connection, _rows_from_results(connection, others, models, Result.__table__))
+
+
+NULL = "\\N"  # COPY's text format
+
+
+def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
+    """PostgreSQL: COPY index rows into the table, several times faster than INSERTs."""
+    if not rows:
+        return
+    buffer = io.StringIO()
+    for record_id, key, version, margin, labelled, key_of_record in rows:
+        fields = (
+            _copy_text(record_id),
+            _copy_text(key),
+            _copy_text(version),
+            NULL if margin is None else repr(margin),
+            "t" if labelled else "f",
+            str(key_of_record),
+        )
+        buffer.write("\t".join(fields) + "\n")
+    buffer.seek(0)
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY review_items ({', '.join(ITEM_COLUMNS)}) FROM STDIN", buffer)
+    finally:
+        cursor.close()
+
+
+def _copy_text(value: str) -> str:
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
 
 
 def rebuild(db: Database, model_version: str | None = None) -> int:
@@ -154,9 +198,8 @@ def rebuild_on(
         else:
             _delete_items(connection, batch)
             current = dict.fromkeys(batch, model_version)
-        rows = _rows_from_results(connection, sorted(current.items()), models, results)
-        if rows:
-            connection.execute(sa.insert(ReviewItem.__table__), rows)
+        pairs = sorted(current.items())
+        _insert(connection, _rows_from_results(connection, pairs, models, results))
         count += len(current)
     return count
 
@@ -220,10 +263,10 @@ def _rows_from_results(
     pairs: Sequence[tuple[str, str]],
     models: dict[str, ModelClasses],
     results: sa.Table,
-) -> list[dict[str, Any]]:
+) -> list[ItemRow]:
     """The index rows of these (record, model version) results, from their stored scores
     (read through the table's own column type) and labels."""
-    rows: list[dict[str, Any]] = []
+    rows: list[ItemRow] = []
     by_version: dict[str, list[str]] = {}
     for record_id, version in pairs:
         by_version.setdefault(version, []).append(record_id)

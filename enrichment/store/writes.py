@@ -349,7 +349,7 @@ def _copy_outcomes(
         connection.exec_driver_sql(
             f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
         )
-    review_index.refresh(connection, model_version, _for_index(outcomes))
+    review_index.refresh(connection, model_version, _for_index(outcomes), staged=True)
 
 
 def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:
