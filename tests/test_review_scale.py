@@ -7,7 +7,7 @@ again after it), scores rounded to ties, fallback labels below threshold, decisi
 decisions and take-backs, and a recalibrated model version (the index rebuilt).
 
 The reference is the scan the queue still uses for what the index does not hold
-(`_scanned_rows`, over the whole item set), and the window function that picks a record's
+(`review_scan.scanned_rows`, over the whole item set), and the window function that picks a record's
 current result (`current.newest_classified`) over every record.
 """
 
@@ -40,11 +40,10 @@ from enrichment.store.review_queue import (
     MAX_LIMIT,
     Item,
     QueueFilter,
-    _item,
-    _scanned_rows,
     queue_page,
     queue_progress,
 )
+from enrichment.store.review_scan import scanned_item, scanned_rows
 from enrichment.store.reviews import Decision
 from enrichment.store.schema import Outcome, Result, Run
 from enrichment.store.writes import (
@@ -112,8 +111,8 @@ def reference(db: Database, filters: QueueFilter) -> list[Item]:
     """Every item of `filters` in queue order, read by the scan of `results`."""
     with db.transaction() as session:
         models = model_classes(session)
-        rows = _scanned_rows(session, filters, models, offset=0, limit=10**9)
-        return [_item(row) for row in rows]
+        rows = scanned_rows(session, filters, models, offset=0, limit=10**9)
+        return [scanned_item(row) for row in rows]
 
 
 def build(url: str) -> Database:
