@@ -184,9 +184,9 @@ def _band_scope(filters: QueueFilter) -> list[Any]:
     """The conditions on index items in the band that the state and side filters set."""
     scope: list[Any] = [ReviewItem.margin <= BAND]
     if filters.side == "above":
-        scope.append(ReviewItem.labelled.is_(True))
+        scope.append(ReviewItem.labelled == sa.true())
     elif filters.side == "below":
-        scope.append(ReviewItem.labelled.is_(False))
+        scope.append(ReviewItem.labelled == sa.false())
     if filters.state == "pending":
         scope.append(~_decided(ReviewItem))
     return scope
@@ -241,7 +241,7 @@ def _sampled_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -
     so whatever the start, every such item is as likely to be drawn, whatever its score."""
     want = filters.offset + filters.limit
     start = secrets.randbelow(2**31)
-    scope = [ReviewItem.labelled.is_(True), ~_decided(ReviewItem, audit_only=True)]
+    scope = [ReviewItem.labelled == sa.true(), ~_decided(ReviewItem, audit_only=True)]
     rows: list[Any] = []
     for part in (ReviewItem.sample_key >= start, ReviewItem.sample_key < start):
         arms = [
@@ -338,7 +338,7 @@ def _total(
     tail = False
     if _indexed(filters):
         if filters.audit:
-            scope = [ReviewItem.labelled.is_(True), ~_decided(ReviewItem, audit_only=True)]
+            scope = [ReviewItem.labelled == sa.true(), ~_decided(ReviewItem, audit_only=True)]
         else:
             scope, tail = _band_scope(filters), True
         band = (
