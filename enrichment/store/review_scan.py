@@ -214,9 +214,9 @@ def _items_query(
         # Start from the decisions, which are few, not from every result: one row per
         # decision, each arm keeping those on its class.
         on = latest_decisions().alias("decided_items")
-        with_scores = with_scores.add_columns(on.c.label_key.label("decided_key")).join(
-            on, on.c.record_id == chosen.c.record_id
-        )
+        with_scores = with_scores.add_columns(
+            on.c.label_key.label("decided_key"), on.c.decision, on.c.reviewer, on.c.decided_at
+        ).join(on, on.c.record_id == chosen.c.record_id)
     scored = with_scores.cte("scored")
     arms = []
     for model in models.values():
@@ -235,6 +235,11 @@ def _items_query(
                     sa.literal(name, sa.String).label("label_name"),
                     scored.c.scores[index].as_float().label("confidence"),
                     sa.literal(threshold, sa.Float).label("threshold"),
+                    *(
+                        [scored.c.decision, scored.c.reviewer, scored.c.decided_at]
+                        if reviewed_only
+                        else []
+                    ),
                 ).where(
                     scored.c.model_version == model.version,
                     *([scored.c.decided_key == key] if reviewed_only else []),
@@ -243,22 +248,26 @@ def _items_query(
     if not arms:
         return None
     items = sa.union_all(*arms).subquery("items")
-    decided = latest_decisions()
     # The records' own columns are joined later, for the page only (`_with_records`).
-    query = sa.select(
+    columns = (
         items.c.record_id,
         items.c.label_key,
         items.c.label_name,
         items.c.model_version,
         items.c.confidence,
         items.c.threshold,
-        decided.c.decision,
-        decided.c.reviewer,
-        decided.c.decided_at,
-    ).outerjoin(
-        decided,
-        (decided.c.record_id == items.c.record_id) & (decided.c.label_key == items.c.label_key),
     )
+    if reviewed_only:  # the items carry their decision already
+        decided = items
+        query = sa.select(*columns, items.c.decision, items.c.reviewer, items.c.decided_at)
+    else:
+        decided = latest_decisions()
+        query = sa.select(
+            *columns, decided.c.decision, decided.c.reviewer, decided.c.decided_at
+        ).outerjoin(
+            decided,
+            (decided.c.record_id == items.c.record_id) & (decided.c.label_key == items.c.label_key),
+        )
     if labelled_column or filters.side != "any" or filters.audit:
         query = query.add_columns(Label.record_id.is_not(None).label("labelled")).outerjoin(
             Label,
