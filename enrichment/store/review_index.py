@@ -79,7 +79,9 @@ def item_rows(
 
 
 def _insert(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
-    if rows:
+    if rows and connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
+        _copy_rows(connection, rows)
+    elif rows:
         connection.execute(
             sa.insert(ReviewItem.__table__),
             [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows],
