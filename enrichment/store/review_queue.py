@@ -237,8 +237,9 @@ def _band_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -> l
 
 def _sampled_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -> list[Any]:
     """`offset + limit` labelled items without an audit decision, from a random point of
-    the sample-key order on (wrapping around): the sample key is a hash of the record id,
-    so whatever the start, every such item is as likely to be drawn, whatever its score."""
+    the sample-key order on (wrapping around). The sample key is a hash of the record id:
+    which items a draw gets depends on that hash and the random start, never on a score,
+    so precision estimated from the sample is unbiased."""
     want = filters.offset + filters.limit
     start = secrets.randbelow(2**31)
     scope = [ReviewItem.labelled == sa.true(), ~_decided(ReviewItem, audit_only=True)]
