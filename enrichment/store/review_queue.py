@@ -97,7 +97,7 @@ def queue_page(db: Database, filters: QueueFilter) -> QueuePage:
 
     The default queue (pending or any state, over all datasets, of the current results,
     by class and side) and the audit sample are read from the review index: their pages
-    cost the same at any collection size. Other filters scan `results` (`_scanned_rows`).
+    cost the same at any collection size. Other filters scan `results` (`review_scan`).
     """
     with db.transaction() as session:
         models = check_filter(session, filters)
