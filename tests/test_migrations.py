@@ -26,6 +26,8 @@ TABLES = {
     "publications",
     "reviews",
     "workers",
+    "current_results",
+    "review_items",
 }
 
 

@@ -178,4 +178,4 @@ class Label(Base):
 
 # Tables of later stages live beside the code that owns them; importing them here
 # registers them on Base, so migrations and the schema check see every table.
-from enrichment.store import ledger, reviews, workers  # noqa: E402, F401
+from enrichment.store import ledger, review_tables, reviews, workers  # noqa: E402, F401

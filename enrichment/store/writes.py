@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
+from enrichment.store import review_index
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -165,7 +166,11 @@ def register_model(
     thresholds: list[float],
     top_k_fallback: int = 0,
 ) -> None:
-    """Record a model version; registering it again updates how it decides labels."""
+    """Record a model version; registering it again updates how it decides labels (and the
+    review index, whose margins are to the thresholds, when those change)."""
+    before = session.execute(
+        sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
+    ).first()
     statement = upsert_statement(session, ModelRow.__table__).values(
         version=version,
         name=name,
@@ -186,6 +191,8 @@ def register_model(
             },
         )
     )
+    if before is not None and (before.classes, before.thresholds) != (classes, list(thresholds)):
+        review_index.rebuild_on(session.connection(), version)
 
 
 RESULT_COLUMNS = (
@@ -277,6 +284,12 @@ def save_outcomes(
     ]
     if label_rows:
         connection.execute(sa.insert(Label.__table__), label_rows)
+    review_index.refresh(connection, model_version, _for_index(outcomes))
+
+
+def _for_index(outcomes: Sequence[RecordOutcome]) -> list[tuple[str, Any, list[str]]]:
+    """(record, scores, labelled keys) of each outcome, as the review index takes them."""
+    return [(o.record_id, o.scores, [label.key for label in o.labels]) for o in outcomes]
 
 
 def _copy_outcomes(
@@ -336,6 +349,7 @@ def _copy_outcomes(
         connection.exec_driver_sql(
             f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
         )
+    review_index.refresh(connection, model_version, _for_index(outcomes), staged=True)
 
 
 def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:
