@@ -33,6 +33,7 @@ from enrichment.store.retire import (
     remove_some,
     retired_versions,
 )
+from enrichment.store.review_tables import CurrentResult, ReviewItem
 from enrichment.store.reviews import Review
 from enrichment.store.runs import ModelRegistration
 from enrichment.store.schema import (
@@ -40,12 +41,13 @@ from enrichment.store.schema import (
     BatchStatus,
     Label,
     ModelRow,
+    RecordRow,
     Result,
     Run,
     RunStatus,
     utc_now,
 )
-from enrichment.store.writes import register_model
+from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
 
 OLD = "pilot@aaaaaaaaaaaa"
 NEW = "pilot@bbbbbbbbbbbb"
@@ -266,3 +268,54 @@ def test_a_failed_run_with_a_queued_batch_holds_its_version(db: Database) -> Non
     with db.transaction() as session:
         session.execute(sa.update(Batch).values(status=BatchStatus.DONE))
     assert mark_retired(db, OLD).remaining == RECORDS
+
+
+def test_retiring_a_version_hands_its_records_to_the_version_that_counts_next(
+    tmp_path,
+) -> None:
+    """The stored current result and the review index follow the removal: a record the
+    retired version classified last counts with the other version's result again, and a
+    record only it classified leaves the review index."""
+    small = Database(f"sqlite:///{tmp_path}/retire.sqlite3")
+    small.upgrade()
+    with small.transaction() as session:
+        for version in (NEW, OLD):  # OLD classifies last: its results count at first
+            register_model(session, version, "pilot", "resnet18", CLASSES, [0.5])
+        session.add_all(
+            RecordRow(id=f"/r/{n}", dataset="9001", item_uri=f"http://x/{n}") for n in range(4)
+        )
+    for version, numbers in ((NEW, range(2)), (OLD, range(4))):
+        with small.transaction() as session:
+            save_outcomes(
+                session,
+                None,
+                version,
+                [
+                    RecordOutcome(
+                        f"/r/{n}",
+                        "labelled",
+                        scores=[0.55],
+                        labels=[LabelScore("photograph", "urn:photograph", 0.55)],
+                    )
+                    for n in numbers
+                ],
+            )
+
+    def indexed() -> tuple[dict[str, str], set[tuple[str, str]]]:
+        with small.transaction() as session:
+            current = dict(
+                session.execute(
+                    sa.select(CurrentResult.record_id, CurrentResult.model_version)
+                ).all()
+            )
+            items = set(
+                session.execute(sa.select(ReviewItem.record_id, ReviewItem.model_version)).all()
+            )
+        return current, items
+
+    assert indexed() == ({f"/r/{n}": OLD for n in range(4)}, {(f"/r/{n}", OLD) for n in range(4)})
+    mark_retired(small, OLD)
+    while remove_some(small, OLD, 3):
+        pass
+    assert indexed() == ({f"/r/{n}": NEW for n in range(2)}, {(f"/r/{n}", NEW) for n in range(2)})
+    small.dispose()

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import EnrichError, InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.ledger import UNSETTLED, Publication, PublicationState
+from enrichment.store.review_index import reindex
 from enrichment.store.schema import (
     FINISHED_BATCHES,
     Batch,
@@ -153,6 +154,8 @@ def remove_some(db: Database, version: str, chunk: int = CHUNK) -> int:
                 Result.model_version == version, Result.record_id.in_(record_ids)
             )
         )
+        # Where the version's result counted, another version's (or none) counts now.
+        reindex(session.connection(), record_ids)
         return len(record_ids)
 
 

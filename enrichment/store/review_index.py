@@ -206,6 +206,17 @@ def rebuild_on(
     return count
 
 
+def reindex(connection: sa.Connection, record_ids: Sequence[str]) -> None:
+    """Work out again which result counts for these records, and their items, in the
+    caller's transaction: after some of their results were removed (a retired version)."""
+    current = _recompute_current(connection, record_ids)
+    models = model_classes(connection)
+    _insert(
+        connection,
+        _rows_from_results(connection, sorted(current.items()), models, Result.__table__),
+    )
+
+
 def _record_batches(
     connection: sa.Connection, model_version: str | None, results: sa.Table
 ) -> Iterator[list[str]]:
