@@ -9,10 +9,17 @@ guard, the deadlines, the byte caps and the per-host limits are exactly those
 of `enrichment.media.fetch`; a fetch thread hands its bytes to an idle feeder
 and waits for the answer, as it would wait for its own decode.
 
-- The processes start once (the `spawn` context: no forked copy of the
-  caller's threads, sockets or CUDA state) and serve every batch after.
-- The bytes go to a feeder raw on its pipe, and the answer comes back as one
-  JSON line (empty, or an error's reason and message): nothing is pickled.
+- The processes start once and serve every batch after. Each is a fresh
+  interpreter (`python -m enrichment.media.feeders`), spawned, not forked: no
+  copy of the caller's threads, sockets or CUDA state. Not `multiprocessing`'s
+  spawn: that runs the caller's main script again in every child (a benchmark
+  or a script without a `__main__` guard would import torch there, or start
+  feeders of its own) and pickles the process object to it; a feeder imports
+  this module alone (numpy and Pillow), about 0.2 s, and reads its settings as
+  one JSON argument.
+- The bytes go to a feeder raw on its socket (`multiprocessing.connection`'s
+  length-prefixed frames), and the answer comes back as one JSON object
+  (empty, or an error's reason and message): nothing is pickled.
 - The pixels do not travel on the pipe: each feeder normalises straight into
   its own slot of one shared-memory block, and the caller copies the slot out
   (one memcpy of the input, 0.6 MB at 224 px) before the feeder takes the
@@ -25,15 +32,20 @@ and waits for the answer, as it would wait for its own decode.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import multiprocessing
+import os
 import queue
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 
@@ -45,9 +57,13 @@ WAIT_SECONDS = 0.2  # how often a thread waiting for an idle feeder looks for a 
 STOP_SECONDS = 2.0  # how long a feeder gets to leave on its own at close
 
 
+# The directory that holds this `enrichment`, first on the feeders' path: they run this code.
+CODE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
 @dataclass
 class _Feeder:
-    process: BaseProcess
+    process: subprocess.Popen[bytes]
     connection: Connection
 
 
@@ -71,7 +87,6 @@ class FeederPool:
         self.max_pixels = max_pixels
         self.shape = (3, size, size)
         self._slot_bytes = 3 * size * size * np.dtype(np.float32).itemsize
-        self._context = multiprocessing.get_context("spawn")
         self._memory = SharedMemory(create=True, size=processes * self._slot_bytes)
         self._lock = threading.Lock()
         self._closed = False
@@ -104,14 +119,12 @@ class FeederPool:
         for feeder in feeders:
             feeder.connection.close()  # the feeder reads end-of-file and leaves
         for feeder in feeders:
-            feeder.process.join(STOP_SECONDS)
-            if feeder.process.is_alive():
-                feeder.process.kill()
-                feeder.process.join()
-        self._memory.close()
+            _stop(feeder.process)
+        with contextlib.suppress(BufferError):  # a copy abandoned mid-way (an interrupt)
+            self._memory.close()
         self._memory.unlink()
 
-    def pids(self) -> list[int | None]:
+    def pids(self) -> list[int]:
         """The feeders' process ids, in slot order (for tests and benchmarks)."""
         with self._lock:
             return [feeder.process.pid for feeder in self._feeders]
@@ -127,7 +140,7 @@ class FeederPool:
 
     def _decode_on(self, index: int, data: bytes) -> np.ndarray:
         feeder = self._feeders[index]
-        if not feeder.process.is_alive():  # died while idle: this image is not to blame
+        if feeder.process.poll() is not None:  # died while idle: this image is not to blame
             feeder = self._restart(index)
         try:
             try:
@@ -154,49 +167,62 @@ class FeederPool:
         with self._lock:
             old = self._feeders[index]
             old.connection.close()
-            old.process.join(STOP_SECONDS)
+            _stop(old.process)
             if self._closed:
                 raise ImageError("decode_error", "the decoding processes closed meanwhile")
             self._feeders[index] = feeder = self._start(index)
             return feeder
 
     def _start(self, index: int) -> _Feeder:
-        ours, theirs = self._context.Pipe()
+        ours, theirs = socket.socketpair()
         preprocessing = self.preprocessing
-        process = self._context.Process(
-            target=serve,
-            args=(
-                theirs,
-                self._memory.name,
-                index * self._slot_bytes,
-                preprocessing.input_size,
-                list(preprocessing.mean),
-                list(preprocessing.std),
-                self.max_pixels,
-            ),
-            name=f"feeder-{index}",
-            daemon=True,
+        settings = {
+            "socket": theirs.fileno(),
+            "memory": self._memory.name,
+            "offset": index * self._slot_bytes,
+            "input_size": preprocessing.input_size,
+            "mean": list(preprocessing.mean),
+            "std": list(preprocessing.std),
+            "max_pixels": self.max_pixels,
+        }
+        path = os.environ.get("PYTHONPATH")
+        environment = {
+            **os.environ,
+            "PYTHONPATH": CODE_ROOT + (os.pathsep + path if path else ""),
+            "OMP_NUM_THREADS": "1",  # one image at a time: no thread pools of its own
+        }
+        process = subprocess.Popen(
+            [sys.executable, "-m", "enrichment.media.feeders", json.dumps(settings)],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
+            env=environment,
         )
-        process.start()
         theirs.close()  # so that this end reads end-of-file when the feeder dies
-        return _Feeder(process, ours)
+        return _Feeder(process, Connection(ours.detach()))
 
 
-def serve(
-    connection: Connection,
-    memory_name: str,
-    offset: int,
-    input_size: int,
-    mean: list[float],
-    std: list[float],
-    max_pixels: int,
-) -> None:
-    """A feeder's life: decode each body it is sent into its slot, until its pipe closes."""
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a feeder whose socket is closed to leave; kill one that does not."""
+    try:
+        process.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def serve(settings: dict) -> None:
+    """A feeder's life: decode each body it is sent into its slot, until its socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is its parent's to handle
-    preprocessing = Preprocessing(input_size, tuple(mean), tuple(std))  # type: ignore[arg-type]
-    memory = SharedMemory(name=memory_name)
-    out = np.frombuffer(memory.buf, np.float32, 3 * input_size * input_size, offset)
-    out = out.reshape(3, input_size, input_size)
+    connection = Connection(settings["socket"])
+    size = settings["input_size"]
+    preprocessing = Preprocessing(size, tuple(settings["mean"]), tuple(settings["std"]))
+    max_pixels = settings["max_pixels"]
+    memory = SharedMemory(name=settings["memory"])
+    # Attaching registered the block with this process's own resource tracker, which
+    # would unlink it as this process ends: it is the pool's to unlink.
+    resource_tracker.unregister(memory._name, "shared_memory")  # type: ignore[attr-defined]
+    out = np.frombuffer(memory.buf, np.float32, 3 * size * size, settings["offset"])
+    out = out.reshape(3, size, size)
     try:
         while True:
             try:
@@ -215,3 +241,7 @@ def serve(
     finally:
         del out
         memory.close()
+
+
+if __name__ == "__main__":
+    serve(json.loads(sys.argv[1]))
