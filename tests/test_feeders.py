@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from enrichment import bootstrap
 from enrichment.config import Settings
 from enrichment.media.decode import ImageError, Preprocessing, decode
 from enrichment.media.feeders import FeederPool
@@ -225,3 +226,18 @@ def test_a_run_through_feeders_or_the_device_path_stores_what_the_threads_do(
         assert feeders[record]["scores"] == row["scores"], record
         if row["scores"]:
             np.testing.assert_allclose(device[record]["scores"], row["scores"], atol=0.02)
+
+
+def test_the_setting_starts_that_many_feeders_shared_by_a_gpus_processes(
+    tiny_model: Path,
+) -> None:
+    classifier = Classifier.load(tiny_model)
+    settings = Settings(feeders_per_gpu=4)
+    assert bootstrap.new_decoding(Settings(feeders_per_gpu=1), classifier) is IN_THREAD
+    assert bootstrap.new_decoding(Settings(feeders_per_gpu=2), classifier, 2) is IN_THREAD
+    shared = bootstrap.new_decoding(settings, classifier, processes=2)
+    try:
+        assert shared.feeders is not None and shared.feeders.processes == 2
+        assert shared.feeders.max_pixels == settings.max_image_pixels
+    finally:
+        shared.close()
