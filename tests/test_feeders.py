@@ -7,6 +7,7 @@ image host, and the runs write to a real SQLite database.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sys
@@ -24,12 +25,13 @@ from enrichment.media.feeders import FeederPool
 from enrichment.media.fetch import Fetcher
 from enrichment.model.batch_decode import BatchDecoder
 from enrichment.model.classifier import Classifier
+from enrichment.model.spec import read_model_json
 from enrichment.runs import service
 from enrichment.runs.pipeline import IN_THREAD, Decoding, decoding_for, process_batch
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
-from tests.conftest import image_bytes, write_jsonl
-from tests.scenario import stored_rows
+from tests.conftest import enrich, image_bytes, write_jsonl
+from tests.scenario import assert_rows_match, build_scenario, stored_rows
 
 IMAGENET = Preprocessing(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -241,3 +243,21 @@ def test_the_setting_starts_that_many_feeders_shared_by_a_gpus_processes(
         assert shared.feeders.max_pixels == settings.max_image_pixels
     finally:
         shared.close()
+
+
+def test_enrich_run_with_two_feeders_per_gpu_stores_the_expected_rows(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/feeders")
+    _, version, _ = read_model_json(tiny_model)
+    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
+    env = {
+        "DATABASE_URL": database,
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+        "ENRICH_FEEDERS_PER_GPU": "2",
+    }
+    run = enrich("run", "--records", str(records), "--batch-size", "3", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["status"] == "completed"
+    assert_rows_match(stored_rows(database), expected, version)
