@@ -18,6 +18,10 @@ The one host plays Europeana's thumbnail service and has its default limit
   the same host and URLs, `--processes_count` = cores, resizing to 224:
   `feed_over_img2dataset` is the 200 ms pipeline over it; the same pipeline
   with the real CPU model (the demo model) is reported beside it;
+- feeder processes: the stand-in pipeline with its decoding in 2 feeder
+  processes (`ENRICH_FEEDERS_PER_GPU=2`, `enrichment.media.feeders`) beside the
+  same run decoding on the fetch threads (=1), at 0 and 200 ms, in images/s and
+  CPU ms per image (this process and its feeders together);
 - through Celery: a real `enrich worker` on Redis and PostgreSQL with the demo
   model, against the in-process dispatcher with the same model, both at 200 ms.
 
@@ -41,7 +45,7 @@ cores holds the GIL for a share (N/S - 1)/(N - 1) of its time). One process
 can never move more images per second than 1000 / (GIL ms per image): that is
 the ceiling printed beside it.
 
-    python benchmarks/bench_feed.py [--quick] [--stand-in-only]
+    python benchmarks/bench_feed.py [--quick] [--stand-in-only | --feeders-only]
     python benchmarks/bench_feed.py --gpu [--quick | --dry-run]   # gpu.sh
 
 Not a test: it measures time, which the tests never do.
@@ -49,6 +53,7 @@ Not a test: it measures time, which the tests never do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -72,7 +77,7 @@ from peers import PICTURES, distinct, preview_jpeg
 
 from enrichment import bootstrap
 from enrichment.config import DEFAULT_HOST_LIMITS, Settings
-from enrichment.media.cpus import usable_cpus
+from enrichment.media.cpus import feeders_per_gpu, usable_cpus
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier
@@ -231,19 +236,28 @@ def settings_for(url: str, host: str | None = None) -> Settings:
 
 
 def in_process(
-    base_url: str, host: str, count: int, model: Any, tmp: Path, clock: CpuClock | None = None
+    base_url: str,
+    host: str,
+    count: int,
+    model: Any,
+    tmp: Path,
+    clock: CpuClock | None = None,
+    feeders: int = 0,
 ) -> dict[str, Any]:
     """One run of `count` records through the in-process dispatcher; model already loaded.
 
     With a `clock`, the run's CPU time is taken apart by stage (`cpu_by_stage`).
+    `feeders`: ENRICH_FEEDERS_PER_GPU for the run (0: the default). `cpu_ms_per_image`
+    counts this process and its feeders (children, reaped as the dispatcher closes).
     """
     with common.fresh_database(base_url) as url:
         db = Database(url)
         db.upgrade()
         records = write_records(tmp / f"records-{time.monotonic_ns()}.jsonl", host, count)
-        settings = settings_for(url, host)
+        settings = dataclasses.replace(settings_for(url, host), feeders_per_gpu=feeders)
         began = time.perf_counter()
         cpu_began = _cpu(resource.RUSAGE_SELF)
+        children_began = _cpu(resource.RUSAGE_CHILDREN)
         with (
             clock.installed() if clock is not None else _nothing(),
             bootstrap.in_process_dispatcher(settings, model) as dispatcher,
@@ -259,9 +273,17 @@ def in_process(
             )
         seconds = time.perf_counter() - began
         cpu_ended = _cpu(resource.RUSAGE_SELF)
+        children_ended = _cpu(resource.RUSAGE_CHILDREN)
         errors = _errors(db, progress.run_id)
         db.dispose()
-    figures = {"seconds": round(seconds, 2), "rate": round(count / seconds, 1), "errors": errors}
+    spent = sum(cpu_ended) - sum(cpu_began) + sum(children_ended) - sum(children_began)
+    figures = {
+        "seconds": round(seconds, 2),
+        "rate": round(count / seconds, 1),
+        "errors": errors,
+        "cpu_ms_per_image": round(1000 * spent / count, 3),
+        "cores_busy": round(spent / seconds, 2),
+    }
     if clock is not None:
         process = (cpu_ended[0] - cpu_began[0], cpu_ended[1] - cpu_began[1])
         figures["cpu"] = cpu_by_stage(clock, process, count)
@@ -448,10 +470,35 @@ def through_celery(
     return {"seconds": round(seconds, 2), "rate": round(count / seconds, 1), "errors": errors}
 
 
-def run(quick: bool, stand_in_only: bool = False) -> dict[str, Any]:
+def feeder_cases() -> list[int]:
+    """ENRICH_FEEDERS_PER_GPU values to compare: 1 (decoding on the fetch threads), 2, and
+    this machine's default where that is more (15 on 16 cores)."""
+    return sorted({1, 2, feeders_per_gpu(0, 1)})
+
+
+def feeder_runs(
+    base: str, hosts: dict[str, str], count: int, model: Any, tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """The stand-in pipeline decoding on the fetch threads and in feeder processes, side by side.
+
+    Interleaved (threads, feeders, threads, feeders) by latency, so that a change in
+    the machine's load meanwhile touches both alike.
+    """
+    figures: dict[str, dict[str, Any]] = {}
+    for latency, host in hosts.items():
+        for feeders in feeder_cases():
+            common.say(f"  stand-in model, {latency}, ENRICH_FEEDERS_PER_GPU={feeders}")
+            figures[f"{latency}, feeders={feeders}"] = in_process(
+                base, host, count, model, tmp, feeders=feeders
+            )
+    return figures
+
+
+def run(quick: bool, stand_in_only: bool = False, feeders_only: bool = False) -> dict[str, Any]:
     """On a CPU the real model is the demo model; on a GPU, resnet50 (bf16, channels_last).
 
     `stand_in_only`: the stand-in runs and decode only, with the CPU by stage (a few minutes).
+    `feeders_only`: the feeder-process runs beside the in-thread ones, nothing else.
     """
     cuda = torch.cuda.is_available()
     count = (600 if quick else 3000) * (4 if cuda else 1)
@@ -473,9 +520,18 @@ def run(quick: bool, stand_in_only: bool = False) -> dict[str, Any]:
     ):
         tmp = Path(directory)
         slow_host, fast_host = slow["hosts"][0], fast["hosts"][0]
+        hosts = {"0 ms": fast_host, "200 ms": slow_host}
+        figures["feeders"] = feeder_runs(base, hosts, count, stand_in, tmp)
+        if feeders_only:
+            return figures
         common.say(f"  {count} images from one host; stand-in model, 200 ms then no latency")
-        figures["stand_in_slow"] = in_process(base, slow_host, count, stand_in, tmp, CpuClock())
-        figures["stand_in_fast"] = in_process(base, fast_host, count, stand_in, tmp, CpuClock())
+        # Decoding on the fetch threads, where the clock sees it (feeders are other processes).
+        figures["stand_in_slow"] = in_process(
+            base, slow_host, count, stand_in, tmp, CpuClock(), feeders=1
+        )
+        figures["stand_in_fast"] = in_process(
+            base, fast_host, count, stand_in, tmp, CpuClock(), feeders=1
+        )
         common.say("  decode only, every core, then one thread")
         figures["decode_only"] = decode_only(count, stand_in.spec.preprocessing)
         if not stand_in_only:
@@ -534,6 +590,19 @@ def _real_model_runs(
     figures["celery_slow"] = through_celery(base, slow_host, count, tmp, model_dir)
 
 
+def feeders_report(figures: dict[str, Any]) -> list[str]:
+    lines = [
+        "  decoding on the fetch threads (feeders=1) and in feeder processes, stand-in model"
+        " (CPU: this process and its feeders):"
+    ]
+    for case, part in figures["feeders"].items():
+        lines.append(
+            f"    {case:<24} {part['rate']:8.1f} images/s ({part['seconds']} s), "
+            f"{part['cpu_ms_per_image']:.2f} CPU ms per image, {part['cores_busy']:.2f} cores busy"
+        )
+    return lines
+
+
 def report(figures: dict[str, Any]) -> list[str]:
     d = figures["defaults"]
     load = ", ".join(f"{value:g}" for value in figures.get("load_average", []))
@@ -561,7 +630,8 @@ def report(figures: dict[str, Any]) -> list[str]:
             lines.append(f"    {title:<58} {part['rate']:8.1f} images/s ({part['seconds']} s)")
         else:
             lines.append(f"    {title:<58} not run: {part.get('error')}")
-    return lines + cpu_report(figures)
+    lines += feeders_report(figures)
+    return lines + (cpu_report(figures) if "stand_in_fast" in figures else [])
 
 
 def gil_range(gil: dict[str, float]) -> str:
@@ -603,9 +673,32 @@ def cpu_report(figures: dict[str, Any]) -> list[str]:
     return lines
 
 
+def feeders_summary(figures: dict[str, Any]) -> list[common.Figure]:
+    """Feeder processes over the fetch threads, by rate, at each latency and feeder count."""
+    runs = figures["feeders"]
+    lines = []
+    for case, part in runs.items():
+        latency, feeders = case.split(", feeders=")
+        if feeders == "1":
+            continue
+        threads = runs[f"{latency}, feeders=1"]
+        lines.append(
+            common.Figure(
+                f"feed_feeders{feeders}_over_threads_{latency.replace(' ', '')}",
+                round(part["rate"] / threads["rate"], 3),
+                note=f"stand-in model, one host at {latency}: {feeders} feeder processes over "
+                f"in-thread decoding, {figures['cores']} cores",
+            )
+        )
+    return lines
+
+
 def summary(figures: dict[str, Any]) -> list[common.Figure]:
+    if "stand_in_fast" not in figures:
+        return feeders_summary(figures)
     fast_cpu = figures["stand_in_fast"]["cpu"]
     lines = [
+        *feeders_summary(figures),
         common.Figure(
             "feed_latency_hidden",
             figures["feed_latency_hidden"],
@@ -706,6 +799,10 @@ def run_gpu(quick: bool, dry_run: bool = False) -> dict[str, Any]:
         figures["model_only"] = model_only(real, count, inference_batch)
         common.say(f"  {count} images from one host at 200 ms: {figures['real_model']}")
         figures["gpu_slow"] = in_process(base, slow["hosts"][0], count, real, tmp, CpuClock())
+        feeding = min(count, 3000)  # three runs of it: within gpu.sh's 6 minutes
+        figures["feeders"] = feeder_runs(
+            base, {"200 ms": slow["hosts"][0]}, feeding, StandInModel(STAND_IN_SECONDS), tmp
+        )
         common.say("  decoding the previews: batched on the model's device, then the CPU path")
         figures["decode_batched"] = batched_decode(real, min(count, 2048))
         figures["decode_only"] = decode_only(min(count, 3000), real.spec.preprocessing)
@@ -782,11 +879,12 @@ def report_gpu(figures: dict[str, Any]) -> list[str]:
         f"    batched decode differs from the CPU path by {batched['mean_abs_diff']} on average "
         "(0..255 pixel units; tolerance 2.0)",
     ]
-    return lines
+    return lines + feeders_report(figures)
 
 
 def summary_gpu(figures: dict[str, Any]) -> list[common.Figure]:
     return [
+        *feeders_summary(figures),
         common.Figure(
             "feed_end_to_end_rate",
             figures["gpu_slow"]["rate"],
@@ -822,11 +920,12 @@ def main(argv: list[str] | None = None) -> int:
             summary_gpu,
             argv,
         )
-    argv = [arg for arg in argv if arg != "--stand-in-only"]
+    feeders_only = "--feeders-only" in argv
+    argv = [arg for arg in argv if arg not in ("--stand-in-only", "--feeders-only")]
     return common.stand_alone(
         __doc__,
         "600 images instead of 3,000",
-        lambda quick: run(quick, stand_in_only),
+        lambda quick: run(quick, stand_in_only, feeders_only),
         report,
         summary,
         argv,

@@ -1,10 +1,11 @@
 """Celery tasks: thin adapters over `enrichment.runs.pipeline` and `enrichment.runs.service`.
 
-The model and the fetcher are created once per worker process, inside that
-process (see `worker.signals`); torch is imported only there, so the scheduler
-worker that runs the nightly task never loads it. Database and broker blips are retried with
-exponential backoff and jitter; a batch that has used up its attempts is given
-up with an error result for each of its records.
+The model, the fetcher and the decoding (its feeder processes, or the GPU's
+decoder) are created once per worker process, inside that process (see
+`worker.signals`); torch is imported only there, so the scheduler worker that
+runs the nightly task never loads it. Database and broker blips are retried
+with exponential backoff and jitter; a batch that has used up its attempts is
+given up with an error result for each of its records.
 
 Every worker process also runs a keeper thread: it beats the heartbeat of the
 batch in progress there and sweeps for batches whose worker stopped beating
@@ -58,6 +59,7 @@ log = get_task_logger(__name__)
 if TYPE_CHECKING:
     from enrichment.media.fetch import Fetcher
     from enrichment.model.classifier import Classifier
+    from enrichment.runs.pipeline import Decoding
 
 BLIPS = (*TRANSIENT_ERRORS, ConnectionError, TimeoutError)
 
@@ -70,10 +72,11 @@ def database() -> tuple[Settings, Database]:
 
 
 @cache
-def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
+def runtime() -> tuple[Settings, Database, Classifier, Fetcher, Decoding]:
     settings, db = database()
     classifier = bootstrap.load_classifier(settings.require_model_dir())
-    return settings, db, classifier, bootstrap.new_fetcher(settings)
+    decoding = bootstrap.new_decoding(settings, classifier, settings.processes_per_gpu)
+    return settings, db, classifier, bootstrap.new_fetcher(settings), decoding
 
 
 @cache
@@ -154,7 +157,7 @@ def hand_back(misrouted: Misrouted) -> str:
     max_retries=10,
 )
 def process_batch_task(self: Task, batch_id: int) -> dict:
-    settings, db, classifier, fetcher = runtime()
+    settings, db, classifier, fetcher, decoding = runtime()
     try:
         report = process_batch(
             db,
@@ -164,6 +167,7 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
             settings.max_attempts,
             settings.inference_batch,
             heartbeat=heartbeat(),
+            decoding=decoding,
         )
     except Misrouted as misrouted:
         return {"batch": batch_id, "handed_back": hand_back(misrouted)}

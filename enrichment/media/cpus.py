@@ -32,13 +32,15 @@ def usable_cpus(proc: Path = PROC_SELF) -> int:
 
 
 def feeders_per_gpu(setting: int, gpus: int, proc: Path = PROC_SELF) -> int:
-    """Feeding processes (fetch + decode) per GPU: `setting` (ENRICH_FEEDERS_PER_GPU) if set.
+    """Feeder processes (decoding, `enrichment.media.feeders`) per GPU: `setting`
+    (ENRICH_FEEDERS_PER_GPU) if set.
 
     Otherwise one per usable CPU of the GPU's share, less one for the process that
-    runs the model and writes: most of a feeder's CPU is Python holding its
+    fetches, runs the model and writes: most of a feed's CPU is Python holding its
     process's GIL (80-95% by bench_feed's estimate), so one process uses little
     more than one core however many threads it has, and cores are used by
-    processes. See docs/throughput.md.
+    processes. 1 (as on 2 CPUs) means no feeder: the fetch threads decode.
+    See docs/throughput.md.
     """
     if setting > 0:
         return setting

@@ -99,14 +99,21 @@ class Preprocessing:
 
 
 def decode(
-    data: bytes, preprocessing: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    preprocessing: Preprocessing,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Bytes to a normalised (3, size, size) float32 array, or an ImageError."""
+    """Bytes to a normalised (3, size, size) float32 array, or an ImageError.
+
+    With `out` (a feeder's shared-memory slot) the input is written there and no
+    array is allocated.
+    """
     size = preprocessing.input_size
     with DECODE_SLOTS.slot():
         image = load_rgb(data, size, max_pixels)
         image = _guarded(image.resize, (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return normalise(image, preprocessing)
+    return normalise(image, preprocessing, out)
 
 
 def load_rgb(data: bytes, min_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -161,17 +168,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def normalise(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+def normalise(
+    image: Image.Image, preprocessing: Preprocessing, out: np.ndarray | None = None
+) -> np.ndarray:
     """An RGB image to the model's (3, H, W) float32 input, with its mean and std.
 
     `(x / 255 - mean) / std` is computed as `x * scale - shift` straight into the
     output, channels first: two passes over one array instead of five temporary
     arrays and a transposing copy, about 7x less CPU (a fifth of a decode, before),
-    equal to the textbook form within float32 rounding (5e-7).
+    equal to the textbook form within float32 rounding (5e-7). `out`, if given, is
+    a float32 array of that shape to write into.
     """
     pixels = np.asarray(image).transpose(2, 0, 1)  # a view: (3, H, W) uint8
     scale, shift = _affine(tuple(preprocessing.mean), tuple(preprocessing.std))
-    out = np.empty(pixels.shape, dtype=np.float32)
+    if out is None:
+        out = np.empty(pixels.shape, dtype=np.float32)
     np.multiply(pixels, scale, out=out)
     np.subtract(out, shift, out=out)
     return out
