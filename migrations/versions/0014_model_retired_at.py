@@ -18,11 +18,14 @@ branch_labels = None
 depends_on = None
 
 
+# Plain ALTER TABLE on both databases (SQLite has had DROP COLUMN since 3.35): a batch
+# operation would copy `models` and drop the original, which the foreign keys of runs and
+# results refuse once either has rows.
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("models") as batch:
-        batch.add_column(sa.Column("retired_at", sa.DateTime(), nullable=True))
+    op.add_column("models", sa.Column("retired_at", sa.DateTime(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("models") as batch:
-        batch.drop_column("retired_at")
+    op.drop_column("models", "retired_at")
