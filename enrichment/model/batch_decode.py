@@ -20,6 +20,7 @@ the GPU path's code with the CPU as its device.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -161,12 +162,16 @@ class BatchDecoder:
             for position in positions
         ]
         try:
-            images = decode_jpeg(
-                encoded,
-                mode=ImageReadMode.RGB,
-                device=self.jpeg_device,
-                apply_exif_orientation=True,
-            )
+            with warnings.catch_warnings():
+                # torchvision 0.29 warns on every call that its decoders move to TorchCodec
+                # (not installed); the batched nvJPEG decode is there in the pinned release.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                images = decode_jpeg(
+                    encoded,
+                    mode=ImageReadMode.RGB,
+                    device=self.jpeg_device,
+                    apply_exif_orientation=True,
+                )
         except Exception:  # one broken JPEG fails the call: each gets its CPU-path reason
             for position in positions:
                 self._on_cpu(position, bodies[position], rows, errors)
