@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import common
 import numpy as np
@@ -167,7 +166,6 @@ class Dataset:
     size: int
     shape: str  # the local id's pattern
     provider: str
-    host: str
 
 
 @dataclass
@@ -204,7 +202,6 @@ def layout(records: int, large: int, rng: np.random.Generator) -> list[Dataset]:
                 int(size),
                 LOCAL_IDS[index % len(LOCAL_IDS)],
                 f"{WORDS[index % len(WORDS)].capitalize()} Collection {index}",
-                f"images.provider{index}.example.org",
             )
         )
     return made
@@ -299,11 +296,11 @@ class Generator:
     def _chunk(self, part: list[tuple[Dataset, int]]) -> dict[str, Columns]:
         rng, n = self.rng, len(part)
         ids = [f"/{dataset.id}/{local_id(dataset, number)}" for dataset, number in part]
+        # Europeana's thumbnail service names an image by the MD5 of its URL.
+        digests = rng.bytes(16 * n).hex()
         previews = [
-            "https://api.europeana.eu/thumbnail/v2/url.json?uri="
-            + quote(f"https://{dataset.host}/image/{number}.jpg", safe="")
-            + "&type=IMAGE"
-            for dataset, number in part
+            f"https://api.europeana.eu/thumbnail/v3/400/{digests[32 * i : 32 * i + 32]}"
+            for i in range(n)
         ]
         updated = moments(datetime(2015, 1, 1), rng.integers(0, 300_000_000, n))
         records: Columns = {
