@@ -19,7 +19,7 @@ and the review app's routes (Flask's test client); interpreter start-up would
 hide growth. Each operation runs under a timeout (120 s): past it the worker
 is killed, its queries cancelled, and the line says ">120 s". Sizes alternate
 operation by operation, so other work on the machine slows both alike; an
-operation under 0.1 s is timed nine times, under a second five times, under ten
+operation under 0.1 s is timed 15 times, under a second 7 times, under ten
 seconds twice, and the fastest counts. The run report is gathered and rendered as `enrich report`
 does, without fetching thumbnails (a benchmark never reaches the internet).
 `enrich export` of everything runs in a fresh worker, for its peak RSS.
@@ -820,7 +820,7 @@ class Timing:
 
 def tries_wanted(slowest: float) -> int:
     """Short operations are tried again (the fastest counts): noise is most of a few ms."""
-    return 9 if slowest < 0.1 else 5 if slowest < 1 else 2 if slowest < 10 else 1
+    return 15 if slowest < 0.1 else 7 if slowest < 1 else 2 if slowest < 10 else 1
 
 
 def time_operations(server_url: str, urls: dict[int, str], params: dict[int, dict[str, Any]]):
@@ -934,7 +934,9 @@ def run(quick: bool, sizes: str | None = None) -> dict[str, Any]:
                     "offset": DEEP_OFFSET,
                 }
                 common.say(f"    built {size:,} records in {built[size].seconds:.0f} s")
+            loads = [os.getloadavg()]
             timings = time_operations(server, urls, params)
+            loads.append(os.getloadavg())
     sizes = (small, large)
     export = timings["export_all"]
     return {
@@ -942,6 +944,7 @@ def run(quick: bool, sizes: str | None = None) -> dict[str, Any]:
         "probe_records": PROBE_RECORDS,
         "large_records": large_dataset,
         "timeout": TIMEOUT,
+        "load_average": [[round(value, 1) for value in load] for load in loads],
         "built": {
             str(size): {
                 "seconds": round(item.seconds, 1),
@@ -983,6 +986,11 @@ def report(figures: dict[str, Any]) -> list[str]:
         f"{figures['probe_records']:,} records and the large one {figures['large_records']:,} "
         f"at both; timeout {figures['timeout']:.0f} s per operation"
     ]
+    start, end = (", ".join(map(str, load)) for load in figures["load_average"])
+    lines_out.append(
+        f"    load average (1/5/15 min) {start} when the timing began, {end} when it ended: "
+        "other work on the machine lengthens the short operations most"
+    )
     for size in (small, large):
         item = figures["built"][str(size)]
         extra = f"; derived: {', '.join(item['derived'])}" if item["derived"] else ""
