@@ -101,7 +101,7 @@ STATUS_SHARES = (0.60, 0.37, 0.03)
 V2_SHARE = 0.5
 LABELS_PER_LABELLED = (1, 2, 3)
 LABELS_PER_LABELLED_SHARES = (0.65, 0.25, 0.10)
-NEAR_THRESHOLD_SHARE = 0.04  # of the scores under a threshold: between 0.05 and it
+NEAR_THRESHOLD_SHARE = 0.04  # of the scores: up to the threshold, from a twentieth of it
 # How often each class is a label, relative (photographs are most of Europeana's images).
 CLASS_WEIGHTS = {
     "photograph": 30,
@@ -323,9 +323,7 @@ class Generator:
             scores, labelled = scores_for(rng, statuses, self.limits[version], self.weights)
             self._add(
                 tables,
-                self._results(
-                    version, part, ids, previews, updated, hashes, chosen, statuses, scores
-                ),
+                self._results(version, ids, previews, updated, hashes, chosen, statuses, scores),
             )
             self._add(tables, self._labels(version, part, ids, chosen, scores, labelled))
             self._add(tables, self._batches(version, [ids[i] for i in chosen]))
@@ -344,7 +342,17 @@ class Generator:
             for name, values in columns.items():
                 tables[table][name].extend(values)
 
-    def _results(self, version, part, ids, previews, updated, hashes, chosen, statuses, scores):
+    def _results(
+        self,
+        version: int,
+        ids: list[str],
+        previews: list[str],
+        updated: list[str],
+        hashes: str,
+        chosen: np.ndarray,
+        statuses: np.ndarray,
+        scores: np.ndarray,
+    ) -> dict[str, Columns]:
         """One version's result rows for the chosen records; errors carry no scores or hash."""
         names = np.array(("labelled", "below_threshold", "error"))[statuses].tolist()
         count = len(chosen)
@@ -383,7 +391,15 @@ class Generator:
             }
         }
 
-    def _labels(self, version, part, ids, chosen, scores, labelled):
+    def _labels(
+        self,
+        version: int,
+        part: list[tuple[Dataset, int]],
+        ids: list[str],
+        chosen: np.ndarray,
+        scores: np.ndarray,
+        labelled: np.ndarray,
+    ) -> dict[str, Columns]:
         """The labels of one version's results, and the ledger's rows for the first's."""
         rows, classes = np.nonzero(labelled)
         records = [ids[chosen[row]] for row in rows]
@@ -462,7 +478,12 @@ class Generator:
             }
         }
 
-    def _pick_candidates(self, part, ids, current) -> None:
+    def _pick_candidates(
+        self,
+        part: list[tuple[Dataset, int]],
+        ids: list[str],
+        current: dict[int, tuple[int, np.ndarray, np.ndarray]],
+    ) -> None:
         """Items curators reviewed, drawn in proportion (the probe dataset gets its own share)."""
         others_total = self.records - PROBE_RECORDS
         in_probe = [i for i, (dataset, _) in enumerate(part) if dataset.id == PROBE_DATASET]
