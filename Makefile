@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick lint format clean
+.PHONY: install demo test bench bench-quick bench-scale lint format clean
 
 # torch and torchvision are installed first at the release this project is tested
 # with (on this project's machines pip takes them from local disk, CPU or CUDA).
@@ -31,6 +31,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --quick
+
+# The scale benchmark alone (issue 24): 100,000 against 1,000,000 records.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --only scale
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

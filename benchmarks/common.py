@@ -57,11 +57,15 @@ class Figure:
     target: str | None = None  # ">= 0.9" or "<= 1.1"; None: reported, no target
     unit: str = "x"
     note: str = ""
+    # The measurement did not finish (a timeout, a failure): its target counts as missed.
+    incomplete: bool = False
 
     @property
     def met(self) -> bool | None:
         if self.target is None:
             return None
+        if self.incomplete:
+            return False
         operator, bound = self.target.split()
         return self.value >= float(bound) if operator == ">=" else self.value <= float(bound)
 

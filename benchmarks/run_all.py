@@ -28,6 +28,7 @@ import bench_decode
 import bench_e2e
 import bench_export
 import bench_feed
+import bench_scale
 import bench_schedule
 import common
 
@@ -116,6 +117,12 @@ BENCHMARKS = {
         "scheduler (item 6)", bench_schedule, bench_schedule.report, bench_schedule.summary
     ),
     "export": Benchmark("JSON-LD export (item 5)", bench_export, export_report, export_summary),
+    "scale": Benchmark(
+        "scale: pages and per-dataset commands at 10x the records (issue 24)",
+        bench_scale,
+        bench_scale.report,
+        bench_scale.summary,
+    ),
 }
 
 

@@ -1,0 +1,190 @@
+"""bench_scale's worker: times one operation at a time, the way people run it, in one process.
+
+Started by bench_scale.py (`python benchmarks/scale_worker.py`); it imports the
+`enrich` command and the review app once, says it is ready, then reads one
+JSON request a line ({"url", "step", "params"}) and answers each with one line
+({"seconds", "detail", "rss_mb"} or {"error"}). Commands run in-process through
+click's runner and the review app's routes through Flask's test client, so the
+time is the command's own, without interpreter start-up. It imports neither
+torch nor benchmarks/common.py, so its peak RSS is the command's, as in
+`enrich export`. bench_scale kills it when a step runs past its timeout.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+class Target:
+    """One database as the `enrich` command and the review app see it."""
+
+    def __init__(self, url: str, scratch: Path) -> None:
+        from click.testing import CliRunner
+
+        from enrichment import bootstrap
+        from enrichment.review.app import create_app
+
+        self.env = {"DATABASE_URL": url}
+        self.settings = bootstrap.read_settings({**os.environ, **self.env})
+        self.db = bootstrap.open_database(self.settings)
+        self.scratch = scratch
+        self.runner = CliRunner()
+        self.client = create_app(self.db, self.settings, scratch / "cache").test_client()
+
+    def enrich(self, *arguments: str) -> str:
+        """`enrich ARGUMENTS` in this process; its output (stdout and stderr)."""
+        from enrichment.cli import cli
+
+        result = self.runner.invoke(cli, list(arguments), env=self.env)
+        if result.exit_code != 0:
+            failure = result.exception
+            raised = (
+                "".join(traceback.format_exception(failure))
+                if failure is not None and not isinstance(failure, SystemExit)
+                else ""
+            )
+            raise RuntimeError(
+                f"enrich {' '.join(arguments)} exited {result.exit_code}: "
+                f"{result.output[-1500:]}{raised}"
+            )
+        return result.output
+
+    def get(self, path: str) -> Any:
+        response = self.client.get(path)
+        if response.status_code != 200:
+            raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:1500]}")
+        return response
+
+    def queue(self, query: str) -> dict[str, Any]:
+        page = self.get(f"/api/queue?{query}").get_json()
+        return {"items": len(page["items"]), "total": page["total"], "after": page["next_after"]}
+
+
+def lines(text: str) -> dict[str, int]:
+    return {"lines": len(text.splitlines())}
+
+
+def written(text: str) -> dict[str, int]:
+    found = re.search(r"wrote (\d+) annotations", text)
+    return {"annotations": int(found.group(1)) if found else -1}
+
+
+def report_run(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """`enrich report` without its thumbnails (fetching them would reach the internet):
+    write_report's gather, render and write."""
+    from enrichment.files import write_atomically
+    from enrichment.report.report import gather, render
+
+    report = gather(target.db, params["run"], 4)
+    page = render(report, {})
+    write_atomically(target.scratch / "report.html", page.encode("utf-8"))
+    return {"classes": len(report.classes), "bytes": len(page)}
+
+
+def export_all(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    out = target.scratch / "everything.jsonld"
+    found: dict[str, Any] = written(target.enrich("export", "--out", str(out)))
+    found["file_mb"] = round(out.stat().st_size / 2**20, 1)
+    out.unlink()
+    return found
+
+
+def status_json(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    document = json.loads(target.enrich("status", "--run", str(params["run"]), "--json"))
+    return {"records_done": document["records_done"]}
+
+
+def review_record(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    view = target.get(f"/api/record?id={quote(params['record_id'])}").get_json()
+    return {"items": len(view["items"])}
+
+
+def publish_dry(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    output = target.enrich("publish", "--dry-run", "--dataset", params["probe"])
+    return {"summary": output.splitlines()[-1]}
+
+
+def export_probe(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    out = str(target.scratch / "probe.jsonld")
+    return written(target.enrich("export", "--dataset", params["probe"], "--out", out))
+
+
+STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
+    "status": lambda t, p: lines(t.enrich("status")),
+    "status_run_json": status_json,
+    "results_record": lambda t, p: lines(t.enrich("results", "--record", p["record_id"])),
+    "results_probe": lambda t, p: lines(t.enrich("results", "--dataset", p["probe"])),
+    "export_probe": export_probe,
+    "publish_dry_probe": publish_dry,
+    "results_large_json": lambda t, p: lines(
+        t.enrich("results", "--dataset", p["large"], "--json")
+    ),
+    "review_record": review_record,
+    "queue_dataset": lambda t, p: t.queue(f"dataset={p['probe']}"),
+    "queue_class": lambda t, p: t.queue(f"label={p['class']}"),
+    "queue_class_offset": lambda t, p: t.queue(f"label={p['class']}&offset={p['offset']}"),
+    "queue_class_after": lambda t, p: t.queue(f"label={p['class']}&after={quote(p['after'])}"),
+    "queue_default": lambda t, p: t.queue(""),
+    "audit_class": lambda t, p: t.queue(f"label={p['class']}&audit=1"),
+    "stats_page": lambda t, p: {"bytes": len(t.get("/stats").data)},
+    "review_stats": lambda t, p: {
+        "classes": len(json.loads(t.enrich("review", "stats", "--json")))
+    },
+    "report_run": report_run,
+    "export_all": export_all,
+}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: getrusage's maxrss would count the parent's, which it
+    keeps across the fork and exec that started this one)."""
+    status = Path("/proc/self/status").read_text()
+    return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+
+
+def serve() -> None:
+    """Import everything once, then time each step sent on stdin; answers on stdout."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # nothing else reaches the protocol
+    import click.testing  # noqa: F401
+
+    import enrichment.cli
+    import enrichment.report.report
+    import enrichment.review.app  # noqa: F401
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    targets: dict[str, Target] = {}
+    protocol.write(json.dumps({"ready": True, "rss_mb": peak_rss_mb()}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            url = request["url"]
+            if url not in targets:
+                targets[url] = Target(url, scratch / str(len(targets)))
+            began = time.perf_counter()
+            detail = STEPS[request["step"]](targets[url], request["params"])
+            answer = {"seconds": time.perf_counter() - began, "detail": detail}
+        except Exception:
+            answer = {"error": traceback.format_exc(limit=-8)}
+        answer["rss_mb"] = peak_rss_mb()
+        gc.collect()  # engines the commands opened close their connections, as at exit
+        protocol.write(json.dumps(answer, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    serve()
