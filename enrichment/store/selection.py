@@ -26,7 +26,7 @@ from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result, Run
+from enrichment.store.schema import Label, RecordRow, Result, Run, result_image_url
 
 # Rows per chunk of a streamed read.
 STREAM_ROWS = 2000
@@ -125,7 +125,7 @@ def _labels_query(selection: Selection) -> sa.Select:
         sa.select(
             Label.record_id,
             RecordRow.item_uri,
-            chosen.c.image_url,
+            result_image_url(chosen.c.image_url, RecordRow.image_url),
             Label.model_version,
             Label.label_key,
             Label.concept,
@@ -164,7 +164,7 @@ def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResu
         sa.select(
             chosen.c.record_id,
             RecordRow.item_uri,
-            chosen.c.image_url,
+            result_image_url(chosen.c.image_url, RecordRow.image_url),
             chosen.c.model_version,
             chosen.c.classified_at,
             Result.scores,

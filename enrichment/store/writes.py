@@ -12,7 +12,6 @@ default, upserts with multi-row INSERTs.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
+from enrichment.store.columns import scores_literal
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -132,6 +132,7 @@ def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
     """Insert new records and bring known ones up to date; `first_seen` stays the first."""
     if not records:
         return
+    _keep_result_urls(session, records)
     now = utc_now()
     insert = upsert_statement(session, RecordRow.__table__)
     session.execute(
@@ -154,6 +155,38 @@ def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
             for record in records
         ],
     )
+
+
+def _keep_result_urls(session: Session, records: Sequence[SourceRecord]) -> None:
+    """Results that share their record's image URL (stored NULL) keep it when it changes.
+
+    A result's URL is the one its image came from: a record whose URL changes
+    leaves its results pointing at the old one, written out before the record
+    takes the new one.
+    """
+    wanted = {record.id: record.image_url for record in records}
+    known = session.execute(
+        sa.select(RecordRow.id, RecordRow.image_url).where(RecordRow.id.in_(wanted))
+    )
+    changed = [record_id for record_id, url in known if url != wanted[record_id]]
+    if not changed:
+        return
+    old_url = (
+        sa.select(RecordRow.image_url).where(RecordRow.id == Result.record_id).scalar_subquery()
+    )
+    session.execute(
+        sa.update(Result)
+        .where(Result.record_id.in_(changed), Result.image_url.is_(None))
+        .values(image_url=sa.func.coalesce(old_url, ""))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def stored_image_url(outcome_url: str | None, record_url: str | None) -> str | None:
+    """What a result stores of its image URL: NULL when it is the record's, "" for none."""
+    if outcome_url == record_url:
+        return None
+    return outcome_url or ""
 
 
 def register_model(
@@ -202,6 +235,10 @@ RESULT_COLUMNS = (
     "classified_at",
 )
 LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
+STAGED_URL = (
+    "CASE WHEN s.image_url IS NOT DISTINCT FROM r.image_url THEN NULL"
+    " ELSE coalesce(s.image_url, '') END"
+)
 STAGING = (
     # Temporary, so private to the session; emptied at each commit, so never merged twice.
     "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
@@ -230,6 +267,13 @@ def save_outcomes(
         _copy_outcomes(connection, run_id, model_version, outcomes)
         return
     now = utc_now()
+    record_urls = dict(
+        connection.execute(
+            sa.select(RecordRow.id, RecordRow.image_url).where(
+                RecordRow.id.in_([outcome.record_id for outcome in outcomes])
+            )
+        ).all()
+    )
     rows = [
         {
             "record_id": outcome.record_id,
@@ -239,7 +283,7 @@ def save_outcomes(
             "error_reason": outcome.error_reason,
             "error_message": outcome.error_message,
             "scores": outcome.scores,
-            "image_url": outcome.image_url,
+            "image_url": stored_image_url(outcome.image_url, record_urls.get(outcome.record_id)),
             "image_sha256": outcome.image_sha256,
             "source_timestamp": outcome.source_timestamp,
             "classified_at": now,
@@ -295,9 +339,9 @@ def _copy_outcomes(
             outcome.status,
             outcome.error_reason,
             outcome.error_message,
-            None if outcome.scores is None else json.dumps(outcome.scores),
+            None if outcome.scores is None else scores_literal(outcome.scores),
             outcome.image_url,
-            outcome.image_sha256,
+            None if outcome.image_sha256 is None else "\\x" + outcome.image_sha256,
             outcome.source_timestamp,
             now,
         )
@@ -322,8 +366,13 @@ def _copy_outcomes(
         cursor.close()
     updated = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
     columns = ", ".join(RESULT_COLUMNS)
+    # The image URL as `stored_image_url` has it, against the record's (a join by key).
+    staged = ", ".join(
+        STAGED_URL if name == "image_url" else f"s.{name}" for name in RESULT_COLUMNS
+    )
     connection.exec_driver_sql(
-        f"INSERT INTO results ({columns}) SELECT {columns} FROM stage_results"
+        f"INSERT INTO results ({columns}) SELECT {staged} FROM stage_results s"
+        " LEFT JOIN records r ON r.id = s.record_id"
         f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
     )
     connection.exec_driver_sql(

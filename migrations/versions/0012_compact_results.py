@@ -1,0 +1,178 @@
+"""Compact result rows, and the indexes per-dataset commands, the report and publish use.
+
+Results keep the same values in fewer bytes (`enrichment.store.columns`): on
+PostgreSQL the score vector as `real[]` rather than JSON text (SQLite keeps
+JSON); the image hash as 32 bytes rather than 64 hex characters; the image URL
+NULL where it is the record's own ("" where the result has none although the
+record has one). Existing rows are converted in bounded batches of `BATCH`
+results, in key order, so no statement holds more than a batch's rows.
+
+Indexes: records by (dataset, id) for keyset pages within a dataset; the image
+hash by hash on PostgreSQL (4 bytes an entry); labels by (class, confidence) for
+the report's galleries; the ledger by (API, published_at) for the account
+lookup of every publish.
+
+Going down converts every row back the same way.
+
+Revision ID: 0012
+Revises: 0010
+Create Date: 2026-12-06
+"""
+
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0012"
+down_revision = "0010"
+branch_labels = None
+depends_on = None
+
+BATCH = 5000
+KEY = "(results.record_id, results.model_version)"
+IN_BATCH = f"{KEY} > (:after_record, :after_version) AND {KEY} <= (:last_record, :last_version)"
+SAME_URL = (
+    "CASE WHEN results.image_url IS NOT DISTINCT FROM records.image_url THEN NULL"
+    " ELSE coalesce(results.image_url, '') END"
+)
+SQLITE_SAME_URL = SAME_URL.replace("IS NOT DISTINCT FROM", "IS")
+RECORDS_URL = "nullif(coalesce(results.image_url, records.image_url), '')"
+PACKED = (
+    "CASE WHEN json_typeof(results.scores) = 'array'"
+    " THEN CAST(translate(CAST(results.scores AS TEXT), '[]', '{}') AS REAL[]) END"
+)
+UNPACKED = (
+    "CAST(array_to_json(ARRAY(SELECT round(CAST(score AS NUMERIC), 6)"
+    " FROM unnest(results.packed_scores) WITH ORDINALITY AS s(score, i) ORDER BY i)) AS JSON)"
+)
+
+
+def batches() -> Iterator[dict[str, str]]:
+    """The results' keys cut into bounded ranges, in key order (bound parameters of IN_BATCH)."""
+    connection = op.get_bind()
+    after = ("", "")
+    following = f"SELECT record_id, model_version FROM results WHERE {KEY} > (:r, :v)"
+    while True:
+        last = (
+            connection.execute(
+                sa.text(
+                    f"{following} ORDER BY record_id, model_version LIMIT 1 OFFSET {BATCH - 1}"
+                ),
+                {"r": after[0], "v": after[1]},
+            ).first()
+            or connection.execute(
+                sa.text(f"{following} ORDER BY record_id DESC, model_version DESC LIMIT 1"),
+                {"r": after[0], "v": after[1]},
+            ).first()
+        )
+        if last is None:
+            return
+        yield {
+            "after_record": after[0],
+            "after_version": after[1],
+            "last_record": last[0],
+            "last_version": last[1],
+        }
+        after = (last[0], last[1])
+
+
+def convert_digests(source: str, target: str, bounds: dict[str, str]) -> None:
+    """SQLite has no hex functions: one batch's image hashes converted in Python (hex <-> bytes)."""
+    connection = op.get_bind()
+    rows = connection.execute(
+        sa.text(
+            f"SELECT record_id, model_version, {source} FROM results"
+            f" WHERE {IN_BATCH} AND {source} IS NOT NULL"
+        ),
+        bounds,
+    ).all()
+    if not rows:
+        return
+    connection.execute(
+        sa.text(
+            f"UPDATE results SET {target} = :digest"
+            " WHERE record_id = :record AND model_version = :version"
+        ),
+        [
+            {
+                "record": record,
+                "version": version,
+                "digest": bytes.fromhex(digest) if isinstance(digest, str) else digest.hex(),
+            }
+            for record, version, digest in rows
+        ],
+    )
+
+
+def upgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
+        op.add_column("results", sa.Column("packed_scores", postgresql.ARRAY(sa.REAL())))
+    op.add_column("results", sa.Column("image_digest", sa.LargeBinary()))
+    for bounds in batches():
+        if postgres:
+            op.execute(
+                sa.text(
+                    f"UPDATE results SET packed_scores = {PACKED},"
+                    " image_digest = decode(results.image_sha256, 'hex'),"
+                    f" image_url = {SAME_URL} FROM records"
+                    f" WHERE records.id = results.record_id AND {IN_BATCH}"
+                ).bindparams(**bounds)
+            )
+            continue
+        convert_digests("image_sha256", "image_digest", bounds)
+        op.execute(
+            sa.text(
+                f"UPDATE results SET image_url = (SELECT {SQLITE_SAME_URL} FROM records"
+                f" WHERE records.id = results.record_id) WHERE {IN_BATCH}"
+            ).bindparams(**bounds)
+        )
+    op.drop_index("ix_results_image_sha256", table_name="results")
+    op.execute("ALTER TABLE results DROP COLUMN image_sha256")
+    op.execute("ALTER TABLE results RENAME COLUMN image_digest TO image_sha256")
+    if postgres:
+        op.execute("ALTER TABLE results DROP COLUMN scores")
+        op.execute("ALTER TABLE results RENAME COLUMN packed_scores TO scores")
+    op.create_index("ix_results_image_sha256", "results", ["image_sha256"], postgresql_using="hash")
+    op.drop_index("ix_records_dataset", table_name="records")
+    op.create_index("ix_records_dataset_id", "records", ["dataset", "id"])
+    op.create_index("ix_labels_class_confidence", "labels", ["label_key", "confidence"])
+    op.create_index("ix_publications_account", "publications", ["api_url", "published_at"])
+
+
+def downgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    op.drop_index("ix_publications_account", table_name="publications")
+    op.drop_index("ix_labels_class_confidence", table_name="labels")
+    op.drop_index("ix_records_dataset_id", table_name="records")
+    op.create_index("ix_records_dataset", "records", ["dataset"])
+    op.drop_index("ix_results_image_sha256", table_name="results")
+    op.execute("ALTER TABLE results RENAME COLUMN image_sha256 TO image_digest")
+    op.add_column("results", sa.Column("image_sha256", sa.String(64)))
+    if postgres:
+        op.execute("ALTER TABLE results RENAME COLUMN scores TO packed_scores")
+        op.add_column("results", sa.Column("scores", sa.JSON()))
+    for bounds in batches():
+        if postgres:
+            op.execute(
+                sa.text(
+                    f"UPDATE results SET scores = {UNPACKED},"
+                    " image_sha256 = encode(results.image_digest, 'hex'),"
+                    f" image_url = {RECORDS_URL} FROM records"
+                    f" WHERE records.id = results.record_id AND {IN_BATCH}"
+                ).bindparams(**bounds)
+            )
+            continue
+        convert_digests("image_digest", "image_sha256", bounds)
+        op.execute(
+            sa.text(
+                f"UPDATE results SET image_url = (SELECT {RECORDS_URL} FROM records"
+                f" WHERE records.id = results.record_id) WHERE {IN_BATCH}"
+            ).bindparams(**bounds)
+        )
+    if postgres:
+        op.execute("ALTER TABLE results DROP COLUMN packed_scores")
+    op.execute("ALTER TABLE results DROP COLUMN image_digest")
+    op.create_index("ix_results_image_sha256", "results", ["image_sha256"])
