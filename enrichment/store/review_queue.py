@@ -30,10 +30,10 @@ from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from enrichment.errors import InvalidValue
+from enrichment.store.columns import score_at
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
@@ -401,11 +401,9 @@ def _items_query(
     looked up for every item, it is most of the cost of a queue over all classes.
     """
     chosen = current_results(filters.datasets, filters.run_id, filters.model_version)
-    scores: Any = Result.scores
-    if session.get_bind().dialect.name == "postgresql":  # parsed once, not once per class
-        scores = sa.cast(Result.scores, postgresql.JSONB)
+    dialect = session.get_bind().dialect.name
     with_scores = sa.select(
-        chosen.c.record_id, chosen.c.model_version, scores.label("scores")
+        chosen.c.record_id, chosen.c.model_version, Result.scores.label("scores")
     ).join(
         Result,
         (Result.record_id == chosen.c.record_id) & (Result.model_version == chosen.c.model_version),
@@ -428,7 +426,7 @@ def _items_query(
                     scored.c.model_version,
                     sa.literal(key, sa.String).label("label_key"),
                     sa.literal(name, sa.String).label("label_name"),
-                    scored.c.scores[index].as_float().label("confidence"),
+                    score_at(scored.c.scores, index, dialect).label("confidence"),
                     sa.literal(threshold, sa.Float).label("threshold"),
                 ).where(scored.c.model_version == model.version)
             )
