@@ -21,11 +21,12 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
+from sqlalchemy.orm import aliased
 
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.reviews import Decision, latest_decisions
+from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions
 from enrichment.store.schema import Label, RecordRow, Result, Run, result_image_url
 
 # Rows per chunk of a streamed read.
@@ -200,14 +201,29 @@ def review_keeps(decision: str | None, reviewed: str) -> bool:
 def _reviewed_condition(
     record_id: sa.ColumnElement[str], label_key: sa.ColumnElement[str], reviewed: str
 ) -> sa.ColumnElement[bool]:
-    """`review_keeps` in SQL: the label's last decision is positive, or is not a rejection."""
-    decisions = latest_decisions()
-    decided = sa.select(decisions.c.id).where(
-        decisions.c.record_id == record_id, decisions.c.label_key == label_key
+    """`review_keeps` in SQL: the label's last decision is positive, or is not a rejection.
+
+    The last decision is looked up for this label alone (the reviews' (record, class)
+    index, then its take-backs by `reverses`), so the check costs the same per label
+    whatever the number of labels or decisions.
+    """
+    taken_back = aliased(Review)
+    last = (
+        sa.select(Review.decision)
+        .where(
+            Review.record_id == record_id,
+            Review.label_key == label_key,
+            Review.decision != TAKE_BACK,
+            ~sa.select(taken_back.id).where(taken_back.reverses == Review.id).exists(),
+        )
+        .order_by(Review.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
+    decision = sa.func.coalesce(last, "")  # none: "", never NULL, so the negation holds
     if reviewed == "accepted":
-        return decided.where(decisions.c.decision.in_(Decision.POSITIVE)).exists()
-    return ~decided.where(decisions.c.decision == Decision.REJECT).exists()
+        return decision.in_(Decision.POSITIVE)
+    return decision != Decision.REJECT
 
 
 def _stream(db: Database, query: sa.Select) -> Iterator[Any]:

@@ -44,8 +44,10 @@ PACKED = (
     " THEN CAST(translate(CAST(results.scores AS TEXT), '[]', '{}') AS REAL[]) END"
 )
 UNPACKED = (
-    "CAST(array_to_json(ARRAY(SELECT round(CAST(score AS NUMERIC), 6)"
+    "CASE WHEN results.packed_scores IS NOT NULL"
+    " THEN CAST(array_to_json(ARRAY(SELECT round(CAST(score AS NUMERIC), 6)"
     " FROM unnest(results.packed_scores) WITH ORDINALITY AS s(score, i) ORDER BY i)) AS JSON)"
+    " END"
 )
 
 
