@@ -222,7 +222,11 @@ def record_results(
                 page = session.scalars(query).all()
                 if not page:
                     break
-                found = _with_labels(session, _results_of(run_id).where(Result.record_id.in_(page)))
+                # The page's ids on both tables: each is read by its key, never scanned.
+                of_page = _results_of(run_id).where(
+                    Result.record_id.in_(page), RecordRow.id.in_(page)
+                )
+                found = _with_labels(session, of_page)
             yield from found
             after = page[-1]
 
@@ -233,7 +237,7 @@ def _results_pages(
     """Results keyed on (record, model version): every one, a run's, or some records'."""
     query = _results_of(run_id)
     if record_ids:
-        query = query.where(Result.record_id.in_(record_ids))
+        query = query.where(Result.record_id.in_(record_ids), RecordRow.id.in_(record_ids))
     after: tuple[str, str] | None = None
     while True:
         page_query = query.limit(PAGE)

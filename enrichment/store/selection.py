@@ -140,6 +140,7 @@ def _labels_query(selection: Selection) -> sa.Select:
         )
         .join(RecordRow, RecordRow.id == Label.record_id)
     )
+    query = _in_datasets(query, selection)
     if selection.since is not None:
         query = query.where(chosen.c.classified_at >= selection.since)
     if selection.labels:
@@ -151,6 +152,15 @@ def _labels_query(selection: Selection) -> sa.Select:
             _reviewed_condition(Label.record_id, Label.label_key, selection.reviewed)
         )
     return query
+
+
+def _in_datasets(query: sa.Select, selection: Selection) -> sa.Select:
+    """The selection's datasets on the records joined for their item URI too (`current_results`
+    applies them to the results): the database can then start from the datasets' records
+    (their (dataset, id) index) rather than read every record to join them."""
+    if not selection.datasets:
+        return query
+    return query.where(RecordRow.dataset.in_(selection.datasets))
 
 
 def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResult]:
@@ -178,6 +188,7 @@ def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResu
         )
         .order_by(chosen.c.record_id, chosen.c.model_version)
     )
+    query = _in_datasets(query, selection)
     if selection.since is not None:
         query = query.where(chosen.c.classified_at >= selection.since)
     yield from (ScoredResult(*row) for row in _stream(db, query))
