@@ -10,18 +10,21 @@ databases where both can be computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 
 from enrichment.sources.records_file import Record
 from enrichment.store import query
 from enrichment.store.batches import stored_scores
 from enrichment.store.database import Database
+from enrichment.store.publications import known_account
 from enrichment.store.query import RecordResult, record_results
 from enrichment.store.reporting import reading_run
 from enrichment.store.reviews import REVIEWED, TAKE_BACK, Decision, Review, latest_decisions
@@ -330,3 +333,51 @@ def test_the_report_galleries_read_the_runs_labels_by_confidence(db: Database) -
             assert [shown.record_id for shown in reading.most_confident(key, 5)] == top
             bottom = [record_id for _, record_id in reversed(ranking)][:5]
             assert [shown.record_id for shown in reading.least_confident(key, 5)] == bottom
+
+
+def plans_of(db: Database, read: Callable[[], object]) -> list[str]:
+    """The PostgreSQL plans of the SELECTs `read` runs, with sequential scans ruled out: what
+    the indexes can serve (a small table's cheapest plan would be a scan anyway)."""
+    statements: list[tuple[str, Any]] = []
+
+    def grab(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    event.listen(db.engine, "before_cursor_execute", grab)
+    try:
+        read()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", grab)
+    raw = db.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("SET enable_seqscan = off")
+        plans = []
+        for statement, parameters in statements:
+            cursor.execute("EXPLAIN " + statement, parameters)
+            plans.append("\n".join(row[0] for row in cursor.fetchall()))
+        return plans
+    finally:
+        raw.close()
+
+
+def test_the_indexes_serve_the_lookups_that_must_not_grow(pg_url: str) -> None:
+    db = Database(pg_url)
+    db.upgrade()
+    written = fill(db)
+    digest = next(made.image_sha256 for made, _ in written.values() if made.scores)
+
+    def gallery() -> None:
+        with reading_run(db, 1) as reading:
+            reading.most_confident("map", 3)
+
+    checks = {
+        "ix_results_image_sha256": lambda: stored_scores(db, OLD, [digest]),
+        "ix_records_dataset_id": lambda: list(record_results(db, datasets=["70"])),
+        "ix_labels_class_confidence": gallery,
+        "ix_publications_account": lambda: known_account(db, "http://annotations"),
+    }
+    for index, read in checks.items():
+        assert any(index in plan for plan in plans_of(db, read)), index
+    db.dispose()
