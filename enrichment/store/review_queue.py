@@ -38,7 +38,7 @@ from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result, Run, utc_now
+from enrichment.store.schema import Label, RecordRow, Result, Run, shown_image_url, utc_now
 
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
@@ -367,7 +367,7 @@ def image_url(db: Database, record_id: str, model_version: str) -> str | None:
 
 def _image_url(session: Session, record_id: str, model_version: str) -> str | None:
     return session.execute(
-        sa.select(sa.func.coalesce(Result.image_url, RecordRow.image_url))
+        sa.select(shown_image_url(Result.image_url, RecordRow.image_url))
         .join(RecordRow, RecordRow.id == Result.record_id)
         .where(Result.record_id == record_id, Result.model_version == model_version)
     ).scalar_one_or_none()
