@@ -103,6 +103,9 @@ def test_several_upgrades_at_once_on_an_empty_server_database_all_succeed(pg_url
     db.dispose()
 
 
+CLASSES_0012 = [{"key": "a", "concept": "urn:a"}, {"key": "b", "concept": "urn:b"}]
+
+
 def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_url: str) -> None:
     """More results than one batch of 0012, with every kind of scores, hash and image URL."""
     from enrichment.store.batches import stored_scores
@@ -131,15 +134,22 @@ def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_
                     "sha": None if n % 11 == 0 else f"{n:064x}",
                 }
             )
+    # Labels of two classes: one with its class's concept (stored "" after 0012), one not.
+    labels = [
+        {"id": row["id"], "version": row["version"], "key": key, "concept": concept}
+        for row in results
+        if row["status"] == "labelled"
+        for key, concept in (("a", "urn:a"), ("b", "urn:elsewhere"))
+    ]
     with db.engine.begin() as connection:
         for version in ("m@1", "m@2"):
             connection.execute(
                 sa.text(
                     "INSERT INTO models (version, name, architecture, classes, thresholds,"
-                    " top_k_fallback, registered_at) VALUES (:v, 'm', 'resnet18', '[]', '[]', 0,"
-                    " '2026-12-06')"
+                    " top_k_fallback, registered_at) VALUES (:v, 'm', 'resnet18', :classes,"
+                    " '[0.5, 0.5]', 0, '2026-12-06')"
                 ),
-                {"v": version},
+                {"v": version, "classes": json.dumps(CLASSES_0012)},
             )
         connection.execute(
             sa.text(
@@ -156,11 +166,28 @@ def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_
             ),
             results,
         )
+        connection.execute(
+            sa.text(
+                "INSERT INTO labels (record_id, model_version, label_key, concept, confidence)"
+                " VALUES (:id, :version, :key, :concept, 0.5)"
+            ),
+            labels,
+        )
     db.upgrade()
     read = {(row.record_id, row.model_version): row for row in record_results(db)}
     assert len(read) == len(results)
     for row in results:
         assert read[(row["id"], row["version"])].image_url == row["url"]
+    assert sorted(
+        (record_id, version, label["key"], label["concept"])
+        for (record_id, version), row in read.items()
+        for label in row.labels
+    ) == sorted((row["id"], row["version"], row["key"], row["concept"]) for row in labels)
+    with db.engine.connect() as connection:
+        derived = connection.execute(
+            sa.text("SELECT count(*) FROM labels WHERE concept = ''")
+        ).scalar_one()
+    assert derived == sum(1 for row in labels if row["key"] == "a")
     with db.engine.connect() as connection:
         stored_urls = connection.execute(
             sa.text("SELECT count(*) FROM results WHERE image_url IS NULL")
@@ -187,6 +214,13 @@ def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_
                 )
             )
         }
+    with db.engine.connect() as connection:
+        concepts = connection.execute(
+            sa.text("SELECT record_id, model_version, label_key, concept FROM labels")
+        ).all()
+    assert sorted(tuple(row) for row in concepts) == sorted(
+        (row["id"], row["version"], row["key"], row["concept"]) for row in labels
+    )
     for row in results:
         again = back[(row["id"], row["version"])]
         scores = again.scores if not isinstance(again.scores, str) else json.loads(again.scores)

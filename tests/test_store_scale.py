@@ -381,3 +381,41 @@ def test_the_indexes_serve_the_lookups_that_must_not_grow(pg_url: str) -> None:
     for index, read in checks.items():
         assert any(index in plan for plan in plans_of(db, read)), index
     db.dispose()
+
+
+def test_labels_store_their_classes_concept_once_and_read_it_back(db: Database) -> None:
+    written = fill(db)
+    odd = RecordOutcome(
+        "/70/r001",
+        Outcome.LABELLED,
+        [0.9, 0.1, 0.1],
+        [LabelScore("photograph", "urn:not-the-class", 0.9)],
+        image_url=image("/70/r001"),
+    )
+    with db.transaction() as session:
+        save_outcomes(session, 1, OLD, [odd])
+    written[("/70/r001", OLD)] = (odd, 1)
+    with db.engine.connect() as connection:
+        stored = connection.execute(
+            sa.text("SELECT concept, count(*) FROM labels GROUP BY concept")
+        ).all()
+    assert dict(stored)["urn:not-the-class"] == 1
+    assert dict(stored)[""] == sum(len(made.labels) for made, _ in written.values()) - 1
+    exported = {
+        (row.record_id, row.model_version, row.label_key): row.concept
+        for row in stored_labels(db, Selection(model_version=OLD))
+    }
+    assert exported == {
+        (record_id, version, label.key): label.concept
+        for (record_id, version), (made, _) in written.items()
+        if version == OLD and made.scores is not None
+        for label in made.labels
+    }
+    assert list(record_results(db)) == expected(written)
+    # A class given another concept keeps the old one on the labels it gave before.
+    renamed = [
+        {**entry, "concept": "urn:new"} if entry["key"] == "map" else entry for entry in CLASSES
+    ]
+    with db.transaction() as session:
+        register_model(session, OLD, "m", "resnet18", renamed, THRESHOLDS)
+    assert list(record_results(db)) == expected(written)

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
 from enrichment.store.database import Database
+from enrichment.store.models import class_concepts
 from enrichment.store.schema import (
     Batch,
     BatchStatus,
@@ -20,6 +21,7 @@ from enrichment.store.schema import (
     Result,
     Run,
     RunStatus,
+    label_concept,
     result_image_url,
     utc_now,
 )
@@ -276,6 +278,7 @@ def _with_labels(session: Session, query: sa.Select) -> list[RecordResult]:
     rows = session.execute(query).all()
     if not rows:
         return []
+    concepts = class_concepts(session)
     labels: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for label in session.execute(
         sa.select(
@@ -284,8 +287,9 @@ def _with_labels(session: Session, query: sa.Select) -> list[RecordResult]:
         .where(Label.record_id.in_({row.record_id for row in rows}))
         .order_by(Label.confidence.desc())
     ):
+        concept = label_concept(label.concept, concepts.get((label.model_version, label.label_key)))
         labels.setdefault((label.record_id, label.model_version), []).append(
-            {"key": label.label_key, "concept": label.concept, "confidence": label.confidence}
+            {"key": label.label_key, "concept": concept, "confidence": label.confidence}
         )
     return [
         RecordResult(*row, labels=labels.get((row.record_id, row.model_version), []))

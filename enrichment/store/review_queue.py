@@ -368,6 +368,7 @@ def image_url(db: Database, record_id: str, model_version: str) -> str | None:
 def _image_url(session: Session, record_id: str, model_version: str) -> str | None:
     return session.execute(
         sa.select(shown_image_url(Result.image_url, RecordRow.image_url))
+        .select_from(Result)
         .join(RecordRow, RecordRow.id == Result.record_id)
         .where(Result.record_id == record_id, Result.model_version == model_version)
     ).scalar_one_or_none()

@@ -205,8 +205,15 @@ class Label(Base):
     record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120), primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # "" where it is the class's concept in the model's classes (nearly every label): read
+    # it through `label_concept`.
     concept: Mapped[str] = mapped_column(Text)
     confidence: Mapped[float] = mapped_column(Float)
+
+
+def label_concept(stored: str, class_concept: str | None) -> str:
+    """A label's concept URI from what it stores ("": its class's)."""
+    return stored or class_concept or ""
 
 
 # Tables of later stages live beside the code that owns them; importing them here

@@ -25,9 +25,16 @@ from sqlalchemy.orm import aliased
 
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
-from enrichment.store.models import ModelClasses, model_classes
+from enrichment.store.models import ModelClasses, class_concepts, model_classes
 from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result, Run, result_image_url
+from enrichment.store.schema import (
+    Label,
+    RecordRow,
+    Result,
+    Run,
+    label_concept,
+    result_image_url,
+)
 
 # Rows per chunk of a streamed read.
 STREAM_ROWS = 2000
@@ -116,7 +123,11 @@ def count_left_out_by_reviews(db: Database, selection: Selection) -> int:
 def stored_labels(db: Database, selection: Selection) -> Iterator[LabelRow]:
     """The selected stored labels, ordered by record, model version and label key."""
     query = _labels_query(selection).order_by(Label.record_id, Label.model_version, Label.label_key)
-    yield from (LabelRow(*row) for row in _stream(db, query))
+    with db.transaction() as session:
+        concepts = class_concepts(session)
+    for record_id, item_uri, image_url, version, key, concept, confidence, at in _stream(db, query):
+        concept = label_concept(concept, concepts.get((version, key)))
+        yield LabelRow(record_id, item_uri, image_url, version, key, concept, confidence, at)
 
 
 def _labels_query(selection: Selection) -> sa.Select:

@@ -182,6 +182,20 @@ def _keep_result_urls(session: Session, records: Sequence[SourceRecord]) -> None
     )
 
 
+def class_concepts(connection: sa.Connection, model_version: str) -> dict[str, str]:
+    """A model version's concept URI by class key (none: an unregistered version)."""
+    classes = connection.execute(
+        sa.select(ModelRow.classes).where(ModelRow.version == model_version)
+    ).scalar()
+    return {entry["key"]: entry["concept"] for entry in classes or ()}
+
+
+def stored_concept(label: LabelScore, concepts: dict[str, str]) -> str:
+    """What a label stores of its concept: "" when it is its class's (read back from the
+    model's classes, `schema.label_concept`), else the concept itself."""
+    return "" if concepts.get(label.key) == label.concept else label.concept
+
+
 def stored_image_url(outcome_url: str | None, record_url: str | None) -> str | None:
     """What a result stores of its image URL: NULL when it is the record's, "" for none."""
     if outcome_url == record_url:
@@ -198,7 +212,24 @@ def register_model(
     thresholds: list[float],
     top_k_fallback: int = 0,
 ) -> None:
-    """Record a model version; registering it again updates how it decides labels."""
+    """Record a model version; registering it again updates how it decides labels.
+
+    Labels store their concept as "" where it is their class's (`stored_concept`): a class
+    whose concept changes here first writes the old one into its labels.
+    """
+    before = session.scalar(sa.select(ModelRow.classes).where(ModelRow.version == version))
+    now = {entry["key"]: entry["concept"] for entry in classes}
+    for entry in before or ():
+        if now.get(entry["key"]) != entry["concept"]:
+            session.execute(
+                sa.update(Label)
+                .where(
+                    Label.model_version == version,
+                    Label.label_key == entry["key"],
+                    Label.concept == "",
+                )
+                .values(concept=entry["concept"])
+            )
     statement = upsert_statement(session, ModelRow.__table__).values(
         version=version,
         name=name,
@@ -263,8 +294,9 @@ def save_outcomes(
     if not outcomes:
         return
     connection = session.connection()
+    concepts = class_concepts(connection, model_version)
     if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
-        _copy_outcomes(connection, run_id, model_version, outcomes)
+        _copy_outcomes(connection, run_id, model_version, outcomes, concepts)
         return
     now = utc_now()
     record_urls = dict(
@@ -313,7 +345,7 @@ def save_outcomes(
             "record_id": outcome.record_id,
             "model_version": model_version,
             "label_key": label.key,
-            "concept": label.concept,
+            "concept": stored_concept(label, concepts),
             "confidence": label.confidence,
         }
         for outcome in outcomes
@@ -328,6 +360,7 @@ def _copy_outcomes(
     run_id: int | None,
     model_version: str,
     outcomes: Sequence[RecordOutcome],
+    concepts: dict[str, str],
 ) -> None:
     """PostgreSQL: COPY into the staging tables, then one merge per table."""
     now = utc_now()
@@ -348,7 +381,13 @@ def _copy_outcomes(
         for outcome in outcomes
     )
     labels = _copy_text(
-        (outcome.record_id, model_version, label.key, label.concept, label.confidence)
+        (
+            outcome.record_id,
+            model_version,
+            label.key,
+            stored_concept(label, concepts),
+            label.confidence,
+        )
         for outcome in outcomes
         for label in outcome.labels
     )

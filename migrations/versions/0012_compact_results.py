@@ -6,6 +6,8 @@ JSON); the image hash as 32 bytes rather than 64 hex characters; the image URL
 NULL where it is the record's own ("" where the result has none although the
 record has one). Existing rows are converted in bounded batches of `BATCH`
 results, in key order, so no statement holds more than a batch's rows.
+Labels store their concept as "" where it is their class's in the model's
+classes (read back from there), converted in batches the same way.
 
 Indexes: records by (dataset, id) for keyset pages within a dataset; the image
 hash by hash on PostgreSQL (4 bytes an entry); labels by (class, confidence) for
@@ -19,6 +21,7 @@ Revises: 0010
 Create Date: 2026-12-06
 """
 
+import json
 from collections.abc import Iterator
 
 import sqlalchemy as sa
@@ -31,8 +34,8 @@ branch_labels = None
 depends_on = None
 
 BATCH = 5000
-KEY = "(results.record_id, results.model_version)"
-IN_BATCH = f"{KEY} > (:after_record, :after_version) AND {KEY} <= (:last_record, :last_version)"
+RESULT_KEY = ("record_id", "model_version")
+LABEL_KEY = ("record_id", "model_version", "label_key")
 SAME_URL = (
     "CASE WHEN results.image_url IS NOT DISTINCT FROM records.image_url THEN NULL"
     " ELSE coalesce(results.image_url, '') END"
@@ -51,33 +54,52 @@ UNPACKED = (
 )
 
 
-def batches() -> Iterator[dict[str, str]]:
-    """The results' keys cut into bounded ranges, in key order (bound parameters of IN_BATCH)."""
+def in_range(table: str, key: tuple[str, ...]) -> str:
+    """The condition of one batch: its rows' keys after `:a0, ...` and up to `:b0, ...`."""
+    columns = ", ".join(f"{table}.{column}" for column in key)
+    after = ", ".join(f":a{i}" for i in range(len(key)))
+    last = ", ".join(f":b{i}" for i in range(len(key)))
+    return f"({columns}) > ({after}) AND ({columns}) <= ({last})"
+
+
+def batches(table: str, key: tuple[str, ...]) -> Iterator[dict[str, str]]:
+    """A table's keys cut into ranges of BATCH rows, in key order (parameters of `in_range`)."""
     connection = op.get_bind()
-    after = ("", "")
-    following = f"SELECT record_id, model_version FROM results WHERE {KEY} > (:r, :v)"
+    after = ("",) * len(key)
+    columns = ", ".join(key)
+    placeholders = ", ".join(f":a{i}" for i in range(len(key)))
+    following = f"SELECT {columns} FROM {table} WHERE ({columns}) > ({placeholders})"
+    descending = ", ".join(f"{column} DESC" for column in key)
     while True:
+        bounds = {f"a{i}": value for i, value in enumerate(after)}
         last = (
             connection.execute(
-                sa.text(
-                    f"{following} ORDER BY record_id, model_version LIMIT 1 OFFSET {BATCH - 1}"
-                ),
-                {"r": after[0], "v": after[1]},
+                sa.text(f"{following} ORDER BY {columns} LIMIT 1 OFFSET {BATCH - 1}"), bounds
             ).first()
             or connection.execute(
-                sa.text(f"{following} ORDER BY record_id DESC, model_version DESC LIMIT 1"),
-                {"r": after[0], "v": after[1]},
+                sa.text(f"{following} ORDER BY {descending} LIMIT 1"), bounds
             ).first()
         )
         if last is None:
             return
-        yield {
-            "after_record": after[0],
-            "after_version": after[1],
-            "last_record": last[0],
-            "last_version": last[1],
-        }
-        after = (last[0], last[1])
+        yield {**bounds, **{f"b{i}": value for i, value in enumerate(last)}}
+        after = tuple(last)
+
+
+def class_concepts() -> tuple[str, dict[str, str]]:
+    """Every registered class's (version, key, concept), as a subquery `m` (v, k, c)."""
+    connection = op.get_bind()
+    triples = []
+    for version, classes in connection.execute(sa.text("SELECT version, classes FROM models")):
+        entries = json.loads(classes) if isinstance(classes, str) else classes
+        triples += [(version, entry["key"], entry["concept"]) for entry in entries]
+    selects = " UNION ALL ".join(
+        f"SELECT :v{i} AS v, :k{i} AS k, :c{i} AS c" for i in range(len(triples))
+    )
+    values = {}
+    for i, (version, key, concept) in enumerate(triples):
+        values.update({f"v{i}": version, f"k{i}": key, f"c{i}": concept})
+    return (f"({selects}) AS m" if triples else ""), values
 
 
 def convert_digests(source: str, target: str, bounds: dict[str, str]) -> None:
@@ -86,7 +108,7 @@ def convert_digests(source: str, target: str, bounds: dict[str, str]) -> None:
     rows = connection.execute(
         sa.text(
             f"SELECT record_id, model_version, {source} FROM results"
-            f" WHERE {IN_BATCH} AND {source} IS NOT NULL"
+            f" WHERE {in_range('results', RESULT_KEY)} AND {source} IS NOT NULL"
         ),
         bounds,
     ).all()
@@ -113,14 +135,14 @@ def upgrade() -> None:
     if postgres:
         op.add_column("results", sa.Column("packed_scores", postgresql.ARRAY(sa.REAL())))
     op.add_column("results", sa.Column("image_digest", sa.LargeBinary()))
-    for bounds in batches():
+    for bounds in batches("results", RESULT_KEY):
         if postgres:
             op.execute(
                 sa.text(
                     f"UPDATE results SET packed_scores = {PACKED},"
                     " image_digest = decode(results.image_sha256, 'hex'),"
                     f" image_url = {SAME_URL} FROM records"
-                    f" WHERE records.id = results.record_id AND {IN_BATCH}"
+                    f" WHERE records.id = results.record_id AND {in_range('results', RESULT_KEY)}"
                 ).bindparams(**bounds)
             )
             continue
@@ -128,8 +150,17 @@ def upgrade() -> None:
         op.execute(
             sa.text(
                 f"UPDATE results SET image_url = (SELECT {SQLITE_SAME_URL} FROM records"
-                f" WHERE records.id = results.record_id) WHERE {IN_BATCH}"
+                f" WHERE records.id = results.record_id) WHERE {in_range('results', RESULT_KEY)}"
             ).bindparams(**bounds)
+        )
+    concepts, values = class_concepts()
+    for bounds in batches("labels", LABEL_KEY) if concepts else ():
+        op.execute(
+            sa.text(
+                f"UPDATE labels SET concept = '' FROM {concepts} WHERE labels.model_version = m.v"
+                " AND labels.label_key = m.k AND labels.concept = m.c"
+                f" AND {in_range('labels', LABEL_KEY)}"
+            ).bindparams(**bounds, **values)
         )
     op.drop_index("ix_results_image_sha256", table_name="results")
     op.execute("ALTER TABLE results DROP COLUMN image_sha256")
@@ -156,14 +187,14 @@ def downgrade() -> None:
     if postgres:
         op.execute("ALTER TABLE results RENAME COLUMN scores TO packed_scores")
         op.add_column("results", sa.Column("scores", sa.JSON()))
-    for bounds in batches():
+    for bounds in batches("results", RESULT_KEY):
         if postgres:
             op.execute(
                 sa.text(
                     f"UPDATE results SET scores = {UNPACKED},"
                     " image_sha256 = encode(results.image_digest, 'hex'),"
                     f" image_url = {RECORDS_URL} FROM records"
-                    f" WHERE records.id = results.record_id AND {IN_BATCH}"
+                    f" WHERE records.id = results.record_id AND {in_range('results', RESULT_KEY)}"
                 ).bindparams(**bounds)
             )
             continue
@@ -171,8 +202,17 @@ def downgrade() -> None:
         op.execute(
             sa.text(
                 f"UPDATE results SET image_url = (SELECT {RECORDS_URL} FROM records"
-                f" WHERE records.id = results.record_id) WHERE {IN_BATCH}"
+                f" WHERE records.id = results.record_id) WHERE {in_range('results', RESULT_KEY)}"
             ).bindparams(**bounds)
+        )
+    concepts, values = class_concepts()
+    for bounds in batches("labels", LABEL_KEY) if concepts else ():
+        op.execute(
+            sa.text(
+                f"UPDATE labels SET concept = m.c FROM {concepts} WHERE labels.model_version = m.v"
+                " AND labels.label_key = m.k AND labels.concept = ''"
+                f" AND {in_range('labels', LABEL_KEY)}"
+            ).bindparams(**bounds, **values)
         )
     if postgres:
         op.execute("ALTER TABLE results DROP COLUMN packed_scores")
