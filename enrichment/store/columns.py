@@ -54,7 +54,8 @@ def exact_scores(stored: list[float]) -> list[float]:
 
 def scores_literal(scores: list[float]) -> str:
     """A score vector as PostgreSQL's array text (COPY and casts): `{0.1,0.25}`."""
-    return "{" + ",".join(repr(float(score)) for score in scores) + "}"
+    # A list's repr is each float's repr, comma-separated, made in C: what the array takes.
+    return "{" + str([float(score) for score in scores])[1:-1] + "}"
 
 
 class Sha256(TypeDecorator[str]):

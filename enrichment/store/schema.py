@@ -154,9 +154,9 @@ class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
         Index("ix_results_model_status", "model_version", "status"),
-        # The dedupe of identical images looks digests up; a hash index holds 4 bytes of
-        # each rather than all 32 (SQLite has none: a b-tree there).
-        Index("ix_results_image_sha256", "image_sha256", postgresql_using="hash"),
+        # The dedupe of identical images looks digests up: 32 bytes an entry, half the
+        # hex text's.
+        Index("ix_results_image_sha256", "image_sha256"),
     )
 
     record_id: Mapped[str] = mapped_column(

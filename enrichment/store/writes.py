@@ -270,6 +270,11 @@ STAGED_URL = (
     "CASE WHEN s.image_url IS NOT DISTINCT FROM r.image_url THEN NULL"
     " ELSE coalesce(s.image_url, '') END"
 )
+CLASS_CONCEPTS = (
+    "SELECT class->>'key' AS key, class->>'concept' AS concept"
+    " FROM models, json_array_elements(models.classes) AS class WHERE models.version = %s"
+)
+STAGED_CONCEPT = "CASE WHEN s.concept = c.concept THEN '' ELSE s.concept END"
 STAGING = (
     # Temporary, so private to the session; emptied at each commit, so never merged twice.
     "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
@@ -294,10 +299,10 @@ def save_outcomes(
     if not outcomes:
         return
     connection = session.connection()
-    concepts = class_concepts(connection, model_version)
     if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
-        _copy_outcomes(connection, run_id, model_version, outcomes, concepts)
+        _copy_outcomes(connection, run_id, model_version, outcomes)
         return
+    concepts = class_concepts(connection, model_version)
     now = utc_now()
     record_urls = dict(
         connection.execute(
@@ -360,7 +365,6 @@ def _copy_outcomes(
     run_id: int | None,
     model_version: str,
     outcomes: Sequence[RecordOutcome],
-    concepts: dict[str, str],
 ) -> None:
     """PostgreSQL: COPY into the staging tables, then one merge per table."""
     now = utc_now()
@@ -381,13 +385,7 @@ def _copy_outcomes(
         for outcome in outcomes
     )
     labels = _copy_text(
-        (
-            outcome.record_id,
-            model_version,
-            label.key,
-            stored_concept(label, concepts),
-            label.confidence,
-        )
+        (outcome.record_id, model_version, label.key, label.concept, label.confidence)
         for outcome in outcomes
         for label in outcome.labels
     )
@@ -421,8 +419,14 @@ def _copy_outcomes(
     )
     if labels.getvalue():
         columns = ", ".join(LABEL_COLUMNS)
+        # The concept as `stored_concept` has it, against the model's classes (read once).
+        staged = ", ".join(
+            STAGED_CONCEPT if name == "concept" else f"s.{name}" for name in LABEL_COLUMNS
+        )
         connection.exec_driver_sql(
-            f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
+            f"WITH classes AS ({CLASS_CONCEPTS}) INSERT INTO labels ({columns})"
+            f" SELECT {staged} FROM stage_labels s LEFT JOIN classes c ON c.key = s.label_key",
+            (model_version,),
         )
 
 

@@ -9,10 +9,9 @@ results, in key order, so no statement holds more than a batch's rows.
 Labels store their concept as "" where it is their class's in the model's
 classes (read back from there), converted in batches the same way.
 
-Indexes: records by (dataset, id) for keyset pages within a dataset; the image
-hash by hash on PostgreSQL (4 bytes an entry); labels by (class, confidence) for
-the report's galleries; the ledger by (API, published_at) for the account
-lookup of every publish.
+Indexes: records by (dataset, id) for keyset pages within a dataset; labels by
+(class, confidence) for the report's galleries; the ledger by (API,
+published_at) for the account lookup of every publish.
 
 Going down converts every row back the same way.
 
@@ -168,7 +167,7 @@ def upgrade() -> None:
     if postgres:
         op.execute("ALTER TABLE results DROP COLUMN scores")
         op.execute("ALTER TABLE results RENAME COLUMN packed_scores TO scores")
-    op.create_index("ix_results_image_sha256", "results", ["image_sha256"], postgresql_using="hash")
+    op.create_index("ix_results_image_sha256", "results", ["image_sha256"])
     op.drop_index("ix_records_dataset", table_name="records")
     op.create_index("ix_records_dataset_id", "records", ["dataset", "id"])
     op.create_index("ix_labels_class_confidence", "labels", ["label_key", "confidence"])
