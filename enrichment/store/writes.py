@@ -270,11 +270,6 @@ STAGED_URL = (
     "CASE WHEN s.image_url IS NOT DISTINCT FROM r.image_url THEN NULL"
     " ELSE coalesce(s.image_url, '') END"
 )
-CLASS_CONCEPTS = (
-    "SELECT class->>'key' AS key, class->>'concept' AS concept"
-    " FROM models, json_array_elements(models.classes) AS class WHERE models.version = %s"
-)
-STAGED_CONCEPT = "CASE WHEN s.concept = c.concept THEN '' ELSE s.concept END"
 STAGING = (
     # Temporary, so private to the session; emptied at each commit, so never merged twice.
     "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
@@ -367,6 +362,12 @@ def _copy_outcomes(
     outcomes: Sequence[RecordOutcome],
 ) -> None:
     """PostgreSQL: COPY into the staging tables, then one merge per table."""
+    # The staging tables' DDL and the model's classes in one round trip (the last
+    # statement's rows are the answer).
+    classes = connection.exec_driver_sql(
+        STAGING + "; SELECT classes FROM models WHERE version = %s", (model_version,)
+    ).scalar()
+    concepts = {entry["key"]: entry["concept"] for entry in classes or ()}
     now = utc_now()
     results = _copy_text(
         (
@@ -385,7 +386,13 @@ def _copy_outcomes(
         for outcome in outcomes
     )
     labels = _copy_text(
-        (outcome.record_id, model_version, label.key, label.concept, label.confidence)
+        (
+            outcome.record_id,
+            model_version,
+            label.key,
+            stored_concept(label, concepts),
+            label.confidence,
+        )
         for outcome in outcomes
         for label in outcome.labels
     )
@@ -393,7 +400,6 @@ def _copy_outcomes(
     # driver's cursor, on the same connection and so in the same transaction.
     # No TRUNCATE: the staging tables empty at each commit, and rows left by an earlier
     # call in the same transaction would only be merged again to the same result.
-    connection.exec_driver_sql(STAGING)
     cursor = connection.connection.dbapi_connection.cursor()
     try:
         cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
@@ -419,14 +425,8 @@ def _copy_outcomes(
     )
     if labels.getvalue():
         columns = ", ".join(LABEL_COLUMNS)
-        # The concept as `stored_concept` has it, against the model's classes (read once).
-        staged = ", ".join(
-            STAGED_CONCEPT if name == "concept" else f"s.{name}" for name in LABEL_COLUMNS
-        )
         connection.exec_driver_sql(
-            f"WITH classes AS ({CLASS_CONCEPTS}) INSERT INTO labels ({columns})"
-            f" SELECT {staged} FROM stage_labels s LEFT JOIN classes c ON c.key = s.label_key",
-            (model_version,),
+            f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
         )
 
 
