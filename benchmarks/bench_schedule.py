@@ -38,7 +38,7 @@ import sqlalchemy as sa
 
 from enrichment.config import Settings
 from enrichment.model.spec import ModelSpec
-from enrichment.runs.schedule import ModelIdentity, RunKind
+from enrichment.runs.schedule import QUEUES, ModelIdentity, RunKind, version_queue
 from enrichment.sources.europeana import SearchClient, whole_collection_query
 from enrichment.store.database import Database
 from enrichment.store.schema import Batch, RecordRow, Run
@@ -134,7 +134,9 @@ def run(quick: bool) -> dict[str, Any]:
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
             figures = child.submit(measure, api["url"], url, broker).result()
-        figures["messages_queued"] = queued_messages(broker, "enrich.nightly")
+        figures["messages_queued"] = queued_messages(
+            broker, version_queue(QUEUES[RunKind.NIGHTLY], VERSION)
+        )
     batches = math.ceil(records / figures["batch_size"])
     expected = (records, records, batches, batches)
     done = (

@@ -21,6 +21,7 @@ from enrichment.store.database import Database
 if TYPE_CHECKING:
     from enrichment.media.fetch import Fetcher
     from enrichment.model.classifier import Classifier
+    from enrichment.runs.pipeline import Decoding
     from enrichment.runs.schedule import Dispatcher
 
 
@@ -50,6 +51,21 @@ def load_classifier(model_dir: Path) -> Classifier:
     return Classifier.load(model_dir)
 
 
+def new_decoding(settings: Settings, classifier: Classifier, processes: int = 1) -> Decoding:
+    """Where this model process turns fetched bytes into input: its GPU, feeders, or threads.
+
+    `processes` is how many model processes share each GPU (a Celery worker's
+    ENRICH_PROCESSES_PER_GPU): they split its feeders (ENRICH_FEEDERS_PER_GPU).
+    Feeder processes are started here, once; whoever holds the result closes it.
+    """
+    from enrichment.media.cpus import feeders_per_gpu
+    from enrichment.runs.pipeline import decoding_for
+
+    gpus = max(1, len(settings.gpus))
+    feeders = max(1, feeders_per_gpu(settings.feeders_per_gpu, gpus) // max(1, processes))
+    return decoding_for(classifier, feeders, settings.max_image_pixels)
+
+
 def dispatcher(
     settings: Settings,
     model_dir: Path,
@@ -75,7 +91,8 @@ def in_process_dispatcher(
     inference_batch: int | None = None,
     show_progress: bool = False,
 ) -> AbstractContextManager[Dispatcher]:
-    """Batches run in this process with a loaded model, and a fetcher the dispatcher owns."""
+    """Batches run in this process with a loaded model, and a fetcher and decoding (feeder
+    processes where there are enough CPUs) that the dispatcher owns."""
     from enrichment.runs.inprocess import InProcessDispatcher
 
     return InProcessDispatcher(
@@ -84,4 +101,5 @@ def in_process_dispatcher(
         settings.max_attempts,
         inference_batch=inference_batch or settings.inference_batch,
         show_progress=show_progress,
+        decoding=new_decoding(settings, classifier),
     )

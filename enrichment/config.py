@@ -46,6 +46,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "ENRICH_MAX_ATTEMPTS": (1, 100),
     "ENRICH_VISIBILITY_TIMEOUT": (10, 7 * 24 * 3600),
     "ENRICH_PROCESSES_PER_GPU": (1, 64),
+    "ENRICH_FEEDERS_PER_GPU": (0, 256),
     "ENRICH_WORKER_BATCHES": (1, 64),
     "ENRICH_INFERENCE_BATCH": (1, 4096),
     "ENRICH_HEARTBEAT_INTERVAL": (1, 3600),
@@ -96,6 +97,9 @@ class Settings:
     review_token: str | None = field(default=None, repr=False)
     # Pool processes per GPU (or for the CPU): while one classifies, the next fetches.
     processes_per_gpu: int = 2
+    # Processes that fetch and decode for each GPU's model (each has its own GIL);
+    # 0: derived from the usable CPUs (`enrichment.media.cpus.feeders_per_gpu`).
+    feeders_per_gpu: int = 0
     # Images per forward pass of the model, in every process that classifies.
     inference_batch: int = 32
     # A running batch's worker touches `batches.heartbeat_at` this often (seconds); a
@@ -192,6 +196,7 @@ class Settings:
             preload_model=flag("ENRICH_PRELOAD_MODEL", cls.preload_model),
             review_token=header_safe("ENRICH_REVIEW_TOKEN", text("ENRICH_REVIEW_TOKEN")),
             processes_per_gpu=int(number(processes_variable(env), cls.processes_per_gpu, int)),
+            feeders_per_gpu=int(number("ENRICH_FEEDERS_PER_GPU", cls.feeders_per_gpu, int)),
             inference_batch=int(number("ENRICH_INFERENCE_BATCH", cls.inference_batch, int)),
             heartbeat_interval=number("ENRICH_HEARTBEAT_INTERVAL", cls.heartbeat_interval, float),
             heartbeat_stale=int(number("ENRICH_HEARTBEAT_STALE", cls.heartbeat_stale, int)),

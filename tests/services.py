@@ -185,6 +185,10 @@ class ImageHost:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The answer goes out in three writes (headers, body, last byte); with Nagle's
+            # algorithm the last waits for the client's delayed ACK, about 40 ms a request,
+            # so a host without latency would not be one.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 host.requests.append(self.path)

@@ -16,7 +16,19 @@ from enrichment.errors import DatabaseError
 from enrichment.store.database import Database
 from enrichment.store.schema import Base
 
-TABLES = {"runs", "batches", "records", "models", "results", "labels", "publications", "reviews"}
+TABLES = {
+    "runs",
+    "batches",
+    "records",
+    "models",
+    "results",
+    "labels",
+    "publications",
+    "reviews",
+    "workers",
+    "current_results",
+    "review_items",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -12,13 +12,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.sources.records_file import Record
-from enrichment.store import batches, runs
+from enrichment.store import batches, runs, workers
 from enrichment.store.database import Database
 from enrichment.store.runs import ModelRegistration, PreviousRun
-from enrichment.store.schema import Batch, BatchStatus, Outcome, Run, RunStatus, utc_now
+from enrichment.store.schema import Batch, BatchStatus, Outcome, Result, Run, RunStatus, utc_now
 from enrichment.store.writes import RecordOutcome
 
 VERSION = "tiny@000000000000"
@@ -215,7 +216,7 @@ def test_a_stale_batch_is_claimed_once_and_its_beat_stops_with_it(db: Database) 
     _age_heartbeat(db, stale, timedelta(minutes=10))
     batches.touch_heartbeats(db, [beating, stale])  # the stale one's worker is alive after all
     _age_heartbeat(db, stale, timedelta(minutes=10))
-    claims: list[list[tuple[int, str]]] = []
+    claims: list[list[batches.StaleBatch]] = []
     sweepers = [
         threading.Thread(target=lambda: claims.append(batches.claim_stale_batches(db, 60)))
         for _ in range(4)
@@ -224,12 +225,82 @@ def test_a_stale_batch_is_claimed_once_and_its_beat_stops_with_it(db: Database) 
         sweeper.start()
     for sweeper in sweepers:
         sweeper.join()
-    assert sorted(claim for claimed in claims for claim in claimed) == [(stale, "enrich.on_demand")]
+    claimed_once = [batches.StaleBatch(stale, "enrich.on_demand", VERSION)]
+    assert [claim for claimed in claims for claim in claimed] == claimed_once
     assert _statuses(db, run_id)[stale] == BatchStatus.QUEUED
     assert batches.claim_stale_batches(db, 60) == []  # its heartbeat is cleared
     batches.restart_heartbeats(db, [stale])  # not sent after all: a later sweep finds it
     _age_heartbeat(db, stale, timedelta(minutes=10))
-    assert batches.claim_stale_batches(db, 60) == [(stale, "enrich.on_demand")]
+    assert batches.claim_stale_batches(db, 60) == claimed_once
+
+
+def test_a_batch_for_another_version_is_refused_without_counting_an_attempt(
+    db: Database,
+) -> None:
+    _, (batch_id,) = _run_with_batches(db, 1)
+    for _ in range(3):  # however often it reaches the wrong worker, nothing is counted
+        with pytest.raises(batches.Misrouted) as refused:
+            batches.start_batch(db, batch_id, max_attempts=1, version="other@000000000000")
+    assert (refused.value.queue, refused.value.model_version) == ("enrich.on_demand", VERSION)
+    with db.transaction() as session:
+        assert session.get(Batch, batch_id).attempts == 0
+    assert batches.start_batch(db, batch_id, max_attempts=1, version=VERSION) is not None
+
+
+def test_moving_a_run_moves_its_unfinished_batches_and_refuses_when_none_are_left(
+    db: Database,
+) -> None:
+    run_id, (done, running, waiting) = _run_with_batches(db, 3)
+    other = ModelRegistration(
+        "tiny@bbbbbbbbbbbb",
+        "tiny",
+        "resnet18",
+        [{"key": "a", "label": "A", "concept": "urn:a"}],
+        [0.5],
+    )
+    batches.start_batch(db, done, max_attempts=3)
+    batches.finish_batch(
+        db, done, run_id, VERSION, [RecordOutcome("/d/1", Outcome.LABELLED, [0.9])]
+    )
+    batches.start_batch(db, running, max_attempts=3, heartbeat=True)
+    runs.mark_running(db, run_id)
+    with pytest.raises(EnrichError, match="already for model"):
+        runs.move_run(db, run_id, MODEL)
+    assert runs.move_run(db, run_id, other) == 2
+    assert runs.run_state(db, run_id).model_version == other.version
+    with db.transaction() as session:
+        moved = [session.get(Batch, batch_id) for batch_id in (running, waiting)]
+        assert [(b.attempts, b.heartbeat_at) for b in moved] == [(0, None), (0, None)]
+    # The old version's worker still running a moved batch may not commit it.
+    with pytest.raises(batches.Misrouted):
+        batches.finish_batch(
+            db, running, run_id, VERSION, [RecordOutcome("/d/3", Outcome.LABELLED, [0.9])]
+        )
+    for batch_id, record_id in ((running, "/d/3"), (waiting, "/d/5")):
+        batches.start_batch(db, batch_id, max_attempts=3, version=other.version)
+        batches.finish_batch(
+            db, batch_id, run_id, other.version, [RecordOutcome(record_id, Outcome.LABELLED, [0.8])]
+        )
+    runs.complete_run_if_done(db, run_id)
+    with pytest.raises(EnrichError, match="nothing left to move"):
+        runs.move_run(db, run_id, MODEL)
+    with db.transaction() as session:
+        versions = dict(session.execute(sa.select(Result.record_id, Result.model_version)).all())
+    assert versions == {"/d/1": VERSION, "/d/3": other.version, "/d/5": other.version}
+
+
+def test_live_versions_are_those_reported_recently(db: Database) -> None:
+    workers.advertise(db, "gpu1:10", VERSION)
+    workers.advertise(db, "gpu2:11", "tiny@bbbbbbbbbbbb")
+    assert workers.live_versions(db, 60) == {VERSION, "tiny@bbbbbbbbbbbb"}
+    workers.withdraw(db, "gpu2:11")
+    with db.transaction() as session:  # gpu1's machine died a while ago
+        session.execute(
+            sa.update(workers.LiveWorker).values(seen_at=utc_now() - timedelta(minutes=10))
+        )
+    assert workers.live_versions(db, 60) == set()
+    workers.advertise(db, "gpu1:10", VERSION)
+    assert workers.live_versions(db, 60) == {VERSION}
 
 
 def test_finishing_a_batch_writes_its_outcomes_and_stored_scores_are_found(db: Database) -> None:

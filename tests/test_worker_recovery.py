@@ -12,6 +12,7 @@ from pathlib import Path
 
 import redis
 
+from enrichment.model.spec import read_model_json
 from tests.conftest import enrich, image_bytes, write_jsonl
 from tests.services import CeleryWorker, wait_for
 from tests.test_worker_runtime import Db
@@ -74,4 +75,8 @@ def test_a_sigkilled_worker_machine_is_recovered_by_the_live_worker(
     )
     assert duplicates == 0
     assert [(b["status"], b["attempts"]) for b in db.batches(run_id)] == [("done", 2)] * 2
-    assert "stopped beating; sent again" in live.output()
+    # ... to the queue of the run's model version, which only workers holding it consume.
+    version = read_model_json(tiny_model)[1]
+    assert f"stopped beating; sent again to enrich.on_demand.{version.replace('@', '-')}" in (
+        live.output()
+    )

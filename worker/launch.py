@@ -5,6 +5,8 @@
 batch at a time, fetching and decoding on its own threads beside the model;
 with two per GPU, one process's batch downloads while the other's is
 classified and written, so the GPU never waits on the network or a commit.
+The queues are those of the model version it holds (`version_queues`), unless
+the operator names others.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ import socket
 import sys
 
 from enrichment.config import Settings
-from enrichment.runs.schedule import QUEUES, RunKind
-
-DEFAULT_QUEUES = (QUEUES[RunKind.ON_DEMAND], QUEUES[RunKind.NIGHTLY])
 
 
 def visible_gpus() -> list[str]:
@@ -28,7 +27,7 @@ def visible_gpus() -> list[str]:
 
 
 def worker_argv(
-    queues: tuple[str, ...] = DEFAULT_QUEUES,
+    queues: tuple[str, ...],
     processes: int = 1,
     loglevel: str = "INFO",
     name: str | None = None,

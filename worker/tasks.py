@@ -1,20 +1,30 @@
 """Celery tasks: thin adapters over `enrichment.runs.pipeline` and `enrichment.runs.service`.
 
-The model and the fetcher are created once per worker process, inside that
-process (see `worker.signals`); torch is imported only there, so the scheduler
-worker that runs the nightly task never loads it. Database and broker blips are retried with
-exponential backoff and jitter; a batch that has used up its attempts is given
-up with an error result for each of its records.
+The model, the fetcher and the decoding (its feeder processes, or the GPU's
+decoder) are created once per worker process, inside that process (see
+`worker.signals`); torch is imported only there, so the scheduler worker that
+runs the nightly task never loads it. Database and broker blips are retried
+with exponential backoff and jitter; a batch that has used up its attempts is
+given up with an error result for each of its records.
 
 Every worker process also runs a keeper thread: it beats the heartbeat of the
 batch in progress there and sweeps for batches whose worker stopped beating
 (a machine that died), sending them again. With the defaults a dead worker's
 batch is re-sent within about two and a half minutes (8 beats of 15 s, plus a
-sweep), rather than after the broker's visibility timeout of an hour.
+sweep), rather than after the broker's visibility timeout of an hour. The
+same beat reports the model version the process holds (`store.workers`), so
+`enrich status` can tell a run that waits for a worker with its model.
+
+A batch whose run is for another model version than this process holds (a
+message from a release before routing by version, or a run moved meanwhile)
+is handed back to its version's queue, its attempts untouched: it waits for a
+worker of its own, and is never failed for reaching the wrong one.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from contextlib import suppress
@@ -30,15 +40,17 @@ from enrichment.errors import ScopeBusy
 from enrichment.runs import service
 from enrichment.runs.lifecycle import Heartbeat, fail_batch
 from enrichment.runs.pipeline import process_batch
-from enrichment.runs.schedule import RunKind
+from enrichment.runs.schedule import RunKind, version_queue
 from enrichment.sources.europeana import whole_collection_query
 from enrichment.store.batches import (
     AttemptsExhausted,
+    Misrouted,
     claim_stale_batches,
     note_batch_error,
     restart_heartbeats,
 )
 from enrichment.store.database import TRANSIENT_ERRORS, Database
+from enrichment.store.workers import advertise
 from worker.app import app, process_settings
 from worker.dispatch import CeleryDispatcher
 
@@ -47,6 +59,7 @@ log = get_task_logger(__name__)
 if TYPE_CHECKING:
     from enrichment.media.fetch import Fetcher
     from enrichment.model.classifier import Classifier
+    from enrichment.runs.pipeline import Decoding
 
 BLIPS = (*TRANSIENT_ERRORS, ConnectionError, TimeoutError)
 
@@ -59,10 +72,11 @@ def database() -> tuple[Settings, Database]:
 
 
 @cache
-def runtime() -> tuple[Settings, Database, Classifier, Fetcher]:
+def runtime() -> tuple[Settings, Database, Classifier, Fetcher, Decoding]:
     settings, db = database()
     classifier = bootstrap.load_classifier(settings.require_model_dir())
-    return settings, db, classifier, bootstrap.new_fetcher(settings)
+    decoding = bootstrap.new_decoding(settings, classifier, settings.processes_per_gpu)
+    return settings, db, classifier, bootstrap.new_fetcher(settings), decoding
 
 
 @cache
@@ -71,39 +85,66 @@ def heartbeat() -> Heartbeat:
     return Heartbeat(db, settings.heartbeat_interval)
 
 
-def start_keeper(settings: Settings) -> threading.Thread:
-    """The heartbeat-and-sweep thread of this worker process."""
-    thread = threading.Thread(target=keep, args=(settings,), name="keeper", daemon=True)
+def node_name() -> str:
+    """This worker process, as the table of live workers names it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def start_keeper(settings: Settings, version: str | None) -> threading.Thread:
+    """The heartbeat-and-sweep thread of this worker process; `version` is the model it holds
+    (None on the scheduler worker, which holds none)."""
+    thread = threading.Thread(target=keep, args=(settings, version), name="keeper", daemon=True)
     thread.start()
     return thread
 
 
-def keep(settings: Settings) -> None:
+def keep(settings: Settings, version: str | None) -> None:
     beat = heartbeat()
     stale_after = settings.heartbeat_interval * settings.heartbeat_stale
+    node = node_name()
     while True:
-        time.sleep(settings.heartbeat_interval)
         try:
+            if version is not None:
+                advertise(beat.db, node, version)
             beat.touch()
             resend_stale(beat.db, stale_after)
         except Exception as error:  # a database blip: the next beat tries again
             log.warning("heartbeat or sweep failed: %s", error)
+        time.sleep(settings.heartbeat_interval)
 
 
 def resend_stale(db: Database, stale_after: float) -> list[int]:
-    """Send again each batch whose worker stopped beating; this process claimed each alone."""
+    """Send again each batch whose worker stopped beating, to its model version's queue;
+    this process claimed each alone."""
     sent: list[int] = []
     claimed = claim_stale_batches(db, stale_after)
-    for batch_id, queue in claimed:
+    for stale in claimed:
         try:
-            app.send_task("enrichment.process_batch", args=[batch_id], queue=queue)
+            app.send_task(
+                "enrichment.process_batch",
+                args=[stale.batch_id],
+                queue=version_queue(stale.queue, stale.model_version),
+            )
         except Exception:
             # Not sent, this one and the rest claimed with it: let a later sweep claim them.
-            restart_heartbeats(db, [claim for claim, _ in claimed if claim not in sent])
+            restart_heartbeats(db, [c.batch_id for c in claimed if c.batch_id not in sent])
             raise
-        log.warning("batch %s: its worker stopped beating; sent again", batch_id)
-        sent.append(batch_id)
+        log.warning(
+            "batch %s: its worker stopped beating; sent again to %s",
+            stale.batch_id,
+            version_queue(stale.queue, stale.model_version),
+        )
+        sent.append(stale.batch_id)
     return sent
+
+
+def hand_back(misrouted: Misrouted) -> str:
+    """Send a batch that reached this worker to its own version's queue; that queue."""
+    queue = version_queue(misrouted.queue, misrouted.model_version)
+    # Retried through a broker blip: this message is acknowledged once the task returns.
+    app.send_task("enrichment.process_batch", args=[misrouted.batch_id], queue=queue, retry=True)
+    log.warning("%s: handed back to %s", misrouted, queue)
+    return queue
 
 
 @app.task(
@@ -116,7 +157,7 @@ def resend_stale(db: Database, stale_after: float) -> list[int]:
     max_retries=10,
 )
 def process_batch_task(self: Task, batch_id: int) -> dict:
-    settings, db, classifier, fetcher = runtime()
+    settings, db, classifier, fetcher, decoding = runtime()
     try:
         report = process_batch(
             db,
@@ -126,7 +167,10 @@ def process_batch_task(self: Task, batch_id: int) -> dict:
             settings.max_attempts,
             settings.inference_batch,
             heartbeat=heartbeat(),
+            decoding=decoding,
         )
+    except Misrouted as misrouted:
+        return {"batch": batch_id, "handed_back": hand_back(misrouted)}
     except AttemptsExhausted as error:
         fail_batch(db, batch_id, "batch_failed", str(error))
         return {"batch": batch_id, "given_up": str(error)}

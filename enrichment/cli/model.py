@@ -1,14 +1,16 @@
-"""`enrich model`: inspecting, training, calibrating and evaluating model directories."""
+"""`enrich model`: model directories (inspect, train, calibrate, evaluate) and the versions
+in the database (compare two, retire one: docs/rollout.md)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from enrichment.cli.base import FiniteFloat, emit_json, settings
+from enrichment.cli.base import FiniteFloat, emit_json, open_db, settings
 from enrichment.errors import InvalidValue, OutputError
 
 if TYPE_CHECKING:  # the model commands import their libraries when they run
@@ -39,7 +41,7 @@ inference_batch_option = click.option(
 
 @click.group()
 def model() -> None:
-    """Inspect, train, calibrate and evaluate model directories."""
+    """Inspect, train, calibrate and evaluate model directories; compare and retire versions."""
 
 
 @model.command()
@@ -358,6 +360,108 @@ def evaluate(directory: Path, data_path: Path, inference_batch: int, as_json: bo
     click.echo(
         f"  macro F1 {metrics.macro_f1:.3f}  micro F1 {metrics.micro_f1:.3f}  "
         f"mAP {'-' if mean_ap is None else f'{mean_ap:.3f}'}"
+    )
+
+
+@model.command()
+@click.argument("version_a", metavar="A")
+@click.argument("version_b", metavar="B")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the comparison as a self-contained HTML page here.",
+)
+@click.option(
+    "--disagreements",
+    "list_disagreements",
+    is_flag=True,
+    help="Instead, list each label only one of them gives (record, class, version giving it), "
+    "to hand to curators.",
+)
+def compare(
+    version_a: str, version_b: str, as_json: bool, html_path: Path | None, list_disagreements: bool
+) -> None:
+    """Compare model version B with A on the records both classified.
+
+    Per class: labels B adds, removes and keeps, the mean score shift, and
+    each version's precision on curator-reviewed labels with a 95% Wilson
+    interval (none under 10 reviewed labels: "too few reviews").
+    """
+    db = open_db()
+    if list_disagreements:
+        from enrichment.store.comparison import disagreements, versions_compared
+
+        versions_compared(db, version_a, version_b)
+        for item in disagreements(db, version_a, version_b):
+            if as_json:
+                click.echo(json.dumps(item._asdict()))
+            else:
+                click.echo(f"{item.record_id}\t{item.label_key}\t{item.labelled_by}")
+        return
+    from enrichment.model.compare import compare as compare_versions
+
+    comparison = compare_versions(db, version_a, version_b)
+    if html_path is not None:
+        from enrichment.report.compare import write_comparison
+
+        write_comparison(comparison, html_path)
+    if as_json:
+        emit_json(comparison.as_json())
+        return
+    click.echo(f"{version_b} against {version_a}: {comparison.records} records classified by both")
+    click.echo(
+        f"  {'class':<20}{'added':>8}{'removed':>8}{'kept':>8}{'shift':>8}"
+        f"  {'precision A':<30}precision B"
+    )
+    for item in comparison.classes:
+        shift = "-" if item.score_shift is None else f"{item.score_shift:+.3f}"
+        click.echo(
+            f"  {item.key:<20}{item.added:>8}{item.removed:>8}{item.kept:>8}{shift:>8}"
+            f"  {item.precision_a.describe():<30}{item.precision_b.describe()}"
+        )
+    if html_path is not None:
+        click.echo(f"written to {html_path}")
+
+
+@model.command()
+@click.argument("version")
+@click.option(
+    "--chunk",
+    type=click.IntRange(100, 100_000),
+    default=5000,
+    show_default=True,
+    help="Records whose rows go per transaction.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def retire(version: str, chunk: int, yes: bool) -> None:
+    """Remove a model version's results and labels; keep its reviews and its row, marked retired.
+
+    Refused while the version has live annotations in the publication ledger
+    (withdraw them first: enrich publish --withdraw --model-version VERSION)
+    or unfinished runs. Rows go in transactions of --chunk records; if
+    interrupted, run it again to go on. Runs and exports refuse a retired version.
+    """
+    from tqdm import tqdm
+
+    from enrichment.store.retire import check_retirable, mark_retired, remove_some
+
+    db = open_db()
+    if not yes:
+        results = check_retirable(db, version)
+        click.confirm(
+            f"Remove the {results} results of {version} and their labels (its reviews stay)?",
+            abort=True,
+        )
+    retirement = mark_retired(db, version)
+    with tqdm(total=retirement.remaining, desc=f"retiring {version}", unit=" results") as bar:
+        while removed := remove_some(db, version, chunk):
+            bar.update(removed)
+    click.echo(
+        f"{version} retired: {retirement.remaining} results and their labels removed; "
+        "its reviews are kept"
     )
 
 

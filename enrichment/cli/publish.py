@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from enrichment.cli.base import emit_json, open_db, selection_options, settings
+from enrichment.cli.base import FiniteFloat, emit_json, open_db, selection_options, settings
 from enrichment.errors import ConfigError
 
 
@@ -26,6 +26,14 @@ from enrichment.errors import ConfigError
     "--dry-run",
     is_flag=True,
     help="List what would be created, updated and withdrawn (one line each), and change nothing.",
+)
+@click.option(
+    "--min-precision",
+    type=FiniteFloat(0, 1),
+    metavar="P",
+    default=None,
+    help="Only classes whose reviewed precision's 95% lower bound is >= P (and that have "
+    "10 reviewed labels); the others are listed and left as they are on the server.",
 )
 @click.option("--status", "show_status", is_flag=True, help="Summarise the publication ledger.")
 @click.option(
@@ -52,6 +60,7 @@ def publish(
     reviewed: str,
     withdraw_all: bool,
     dry_run: bool,
+    min_precision: float | None,
     show_status: bool,
     concurrency: int,
     page_size: int,
@@ -100,7 +109,9 @@ def publish(
         )
     try:
         publisher = Publisher(db, api_url, api, concurrency=concurrency, page_size=page_size)
-        report = publisher.publish(filters, withdraw_all=withdraw_all, list_changes=dry_run)
+        report = publisher.publish(
+            filters, withdraw_all=withdraw_all, list_changes=dry_run, min_precision=min_precision
+        )
     finally:
         if api is not None:
             api.close()
@@ -128,6 +139,18 @@ def publish(
                 else ""
             )
         )
+    if report.refused_classes and not as_json:
+        click.echo(
+            f"refused by --min-precision {min_precision:g} ({report.held_back} labels held back; "
+            "class, model version, reviewed labels, lower bound):",
+            err=True,
+        )
+        for refused in report.refused_classes:
+            low = "too few reviews" if refused["low"] is None else f"{refused['low']:.3f}"
+            click.echo(
+                f"  {refused['key']}\t{refused['model_version']}\t{refused['reviewed']}\t{low}",
+                err=True,
+            )
     if report.left_out_by_reviews and not as_json:
         click.echo(
             f"{report.left_out_by_reviews} labels left out by the curators' reviews "

@@ -97,11 +97,13 @@ def review(
         )
     except OSError as error:
         raise InvalidValue("port", f"cannot listen on {host}:{port}: {error.strerror}") from None
-    pending = queue_progress(db, QueueFilter()).pending
+    progress = queue_progress(db, QueueFilter())
+    pending = progress.pending
     shown = f"[{host}]" if ":" in host else host
     database = db.engine.url.render_as_string(hide_password=True)
     click.echo(
-        f"review app on http://{shown}:{port}/ over {database}: {pending} pending item"
+        f"review app on http://{shown}:{port}/ over {database}:"
+        f" {pending}{'+' if progress.pending_capped else ''} pending item"
         f"{'' if pending == 1 else 's'}{' (behind a proxy)' if behind_proxy else ''}"
         " (Ctrl-C stops it)",
         err=True,

@@ -59,6 +59,17 @@ EVERY_RECORD_FAILED = 3
 @click.option(
     "--full", is_flag=True, help="Enqueue every record in scope, not only new or changed ones."
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Classify only a stable random draw of N records of the scope, preferring records "
+    "another model version classified and curators reviewed (to compare versions).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    help="The draw of --sample: the same N and seed give the same records (default: 0).",
+)
 @progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON.")
 def run(
@@ -75,6 +86,8 @@ def run(
     batch_size: int | None,
     inference_batch: int | None,
     full: bool,
+    sample: int | None,
+    seed: int | None,
     progress: bool,
     as_json: bool,
 ) -> None:
@@ -105,6 +118,10 @@ def run(
             for q in queries
         ]
         scope = service.europeana_scope(queries, image_source)
+    if seed is not None and sample is None:
+        raise click.UsageError("--seed draws a sample: give --sample N too")
+    if sample is not None:
+        scope = service.sampled(scope, sample, seed or 0)
     config = settings()
     model_dir = model_dir or config.require_model_dir()
     request = service.RunRequest(
@@ -174,21 +191,32 @@ def resume(
     progress: bool,
     as_json: bool,
 ) -> None:
-    """Continue a run from its checkpoint and re-dispatch its batches that never finished."""
+    """Continue a run from its checkpoint and re-dispatch its batches that never finished.
+
+    With --model-dir naming another model version than the run's, the run's
+    unfinished batches (and pages still to come) move to that version first;
+    without it a run keeps its version, and waits for workers that hold it.
+    """
     from enrichment.runs import service
 
     chosen = chosen_run(run_id, run_alias, required=True)
     assert chosen is not None
     config = settings()
-    db = open_db()
+    move_to = service.model_identity(model_dir) if model_dir is not None else None
     model_dir = model_dir or config.require_model_dir()
+    runs_here = None if config.broker_url else service.model_identity(model_dir).version
+    db = open_db()
     service.resume(
         db,
         config,
         chosen,
         lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
         batch_size or config.batch_size,
+        move_to,
+        runs_here,
     )
+    if move_to is not None and not as_json:
+        click.echo(f"run {chosen} is for model {move_to.version}", err=True)
     report_run(db, chosen, as_json)
 
 
@@ -202,11 +230,13 @@ def _summary(db: Database, run_id: int | None):
 def report_run(db: Database, run_id: int, as_json: bool) -> None:
     """The run's summary; exits with EVERY_RECORD_FAILED when it completed with no result."""
     summary = _summary(db, run_id)
+    waiting = waiting_for(db, summary)
     if as_json:
-        emit_json(summary.as_json())
+        emit_json({**summary.as_json(), "waiting_for_model": waiting})
     else:
         click.echo(f"run {summary.id} {summary.status}")
         print_summary_counts(summary)
+        print_waiting(summary.id, waiting)
     failed = summary.outcomes.get("error", 0)
     if (
         summary.status == RunStatus.COMPLETED
@@ -251,12 +281,44 @@ def status(run_id: int | None, run_alias: int | None, as_json: bool) -> None:
     """Show a run's state and its counts by outcome (default: the latest run)."""
     db = open_db()
     summary = _summary(db, chosen_run(run_id, run_alias, required=False))
+    waiting = waiting_for(db, summary)
     if as_json:
-        emit_json(summary.as_json())
+        emit_json({**summary.as_json(), "waiting_for_model": waiting})
         return
     click.echo(f"run {summary.id} ({summary.kind}) {summary.status}")
     click.echo(f"  scope          {json.dumps(summary.scope)}")
     print_summary_counts(summary)
+    print_waiting(summary.id, waiting)
+
+
+def print_waiting(run_id: int, waiting: str | None) -> None:
+    if waiting is not None:
+        click.echo(
+            f"  waiting        for a worker with model {waiting}: no live worker holds it; "
+            f"start one with that model, or move the run with "
+            f"`enrich resume --run {run_id} --model-dir NEW`"
+        )
+
+
+def waiting_for(db: Database, summary) -> str | None:
+    """The model version a run's queued batches wait for, when no live worker holds it.
+
+    Only batches handed to a broker wait for workers (an in-process run's are
+    `pending`); a worker counts as live while it reports within the window
+    that makes its batches stale (`store.workers`).
+    """
+    from enrichment.store.schema import BatchStatus
+    from enrichment.store.workers import live_versions
+
+    if summary.status not in (RunStatus.SCHEDULING, RunStatus.RUNNING):
+        return None
+    if not summary.batches.get(BatchStatus.QUEUED):
+        return None
+    config = settings()
+    window = config.heartbeat_interval * config.heartbeat_stale
+    if summary.model_version in live_versions(db, window):
+        return None
+    return summary.model_version
 
 
 @click.command()

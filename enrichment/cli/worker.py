@@ -6,17 +6,13 @@ import click
 
 from enrichment.cli.base import settings
 from enrichment.errors import ConfigError
-from enrichment.runs.schedule import QUEUES, RunKind
-
-DEFAULT_QUEUES = f"{QUEUES[RunKind.ON_DEMAND]},{QUEUES[RunKind.NIGHTLY]}"
 
 
 @click.command()
 @click.option(
     "--queues",
-    default=DEFAULT_QUEUES,
-    show_default=True,
-    help="Queues to consume, in priority order.",
+    help="Queues to consume, in priority order (default: those of the model's version, "
+    "on-demand first).",
 )
 @click.option(
     "--gpus",
@@ -24,16 +20,26 @@ DEFAULT_QUEUES = f"{QUEUES[RunKind.ON_DEMAND]},{QUEUES[RunKind.NIGHTLY]}"
 )
 @click.option("--name", help="Worker node name (default: enrich@HOSTNAME).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, gpus: str | None, name: str | None, loglevel: str) -> None:
+def worker(queues: str | None, gpus: str | None, name: str | None, loglevel: str) -> None:
     """Run a worker: one process per GPU (or one on CPU), the model loaded once in each.
 
     Needs CELERY_BROKER_URL, DATABASE_URL and ENRICH_MODEL; start one per machine.
+    It takes only the batches of its model's version: a run for another
+    version waits for a worker holding that one.
     """
     from enrichment.runs.dispatchers import celery_entry
+    from enrichment.runs.schedule import version_queues
+    from enrichment.runs.service import model_identity
 
     config = settings()
     if not config.broker_url:
         raise ConfigError("CELERY_BROKER_URL is not set: a worker needs a broker")
-    config.require_model_dir()
+    version = model_identity(config.require_model_dir()).version
+    chosen_queues = (
+        tuple(q.strip() for q in queues.split(",") if q.strip())
+        if queues
+        else version_queues(version)
+    )
     chosen = tuple(gpu.strip() for gpu in gpus.split(",") if gpu.strip()) if gpus else config.gpus
-    celery_entry("launch")(config, tuple(queues.split(",")), chosen, loglevel, name)
+    click.echo(f"worker for model {version}: queues {', '.join(chosen_queues)}", err=True)
+    celery_entry("launch")(config, chosen_queues, chosen, loglevel, name)

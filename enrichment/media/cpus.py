@@ -31,6 +31,22 @@ def usable_cpus(proc: Path = PROC_SELF) -> int:
     return count
 
 
+def feeders_per_gpu(setting: int, gpus: int, proc: Path = PROC_SELF) -> int:
+    """Feeder processes (decoding, `enrichment.media.feeders`) per GPU: `setting`
+    (ENRICH_FEEDERS_PER_GPU) if set.
+
+    Otherwise one per usable CPU of the GPU's share, less one for the process that
+    fetches, runs the model and writes: most of a feed's CPU is Python holding its
+    process's GIL (80-95% by bench_feed's estimate), so one process uses little
+    more than one core however many threads it has, and cores are used by
+    processes. 1 (as on 2 CPUs) means no feeder: the fetch threads decode.
+    See docs/throughput.md.
+    """
+    if setting > 0:
+        return setting
+    return max(1, usable_cpus(proc) // max(1, gpus) - 1)
+
+
 def cgroup_cpu_quota(proc: Path = PROC_SELF) -> float | None:
     """The CPUs (quota / period) this process's cgroups allow, or None where none is set."""
     quotas = [

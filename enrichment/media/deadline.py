@@ -55,6 +55,16 @@ class Deadline:
             elif not self._finished:
                 self._sockets.append(sock)
 
+    def release(self, sock: socket.socket) -> None:
+        """`sock` goes back to the shared pool: no longer this deadline's to shut down.
+
+        Another thread may take its connection next; a deadline passing afterwards
+        must not cut that thread's download.
+        """
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+
     def expire(self) -> None:
         """The budget is spent: end every read in progress; from now on nothing waits."""
         with self._lock:

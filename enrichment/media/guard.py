@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import sys
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -174,12 +175,13 @@ def connect_checked(
     )
 
 
-class AttemptDeadline:
-    """The deadline of the fetch that a fetch thread's session is serving now.
+class AttemptDeadline(threading.local):
+    """The deadline of the fetch that the calling thread is serving now; one per thread.
 
-    Each fetch thread has a session of its own (for its keep-alive connections),
-    and its connections read the deadline here: to bound their name lookups and
-    to put their sockets under it once the request is sent.
+    The fetch threads share one adapter and its keep-alive connections; a
+    connection is used by one thread at a time, and reads the deadline of that
+    thread's fetch here: to bound its name lookup and to put its socket under
+    it once the request is sent.
     """
 
     def __init__(self) -> None:
@@ -187,7 +189,7 @@ class AttemptDeadline:
 
 
 class _GuardedHTTPConnection(HTTPConnection):
-    # Set per adapter (see GuardedAdapter), so that each session has its own.
+    # Set per adapter (see GuardedAdapter), so that each fetcher has its own.
     policy: AddressPolicy
     resolver: Resolver
     attempt: AttemptDeadline
@@ -222,23 +224,50 @@ class _GuardedHTTPSConnection(_GuardedHTTPConnection, HTTPSConnection):
     pass
 
 
+def _put_conn_released(pool: HTTPConnectionPool, conn: Any) -> None:
+    """Back to the pool, out of the deadline of the fetch that used it (on its thread)."""
+    attempt = getattr(conn, "attempt", None)
+    deadline = attempt.deadline if attempt is not None else None
+    if deadline is not None and conn.sock is not None:
+        deadline.release(conn.sock)
+    HTTPConnectionPool._put_conn(pool, conn)
+
+
 class GuardedAdapter(HTTPAdapter):
     """A requests adapter whose every connection goes through an AddressPolicy.
 
     It makes one attempt per request: the fetcher retries and follows
     redirects itself, so that both stay inside its deadline. Names are looked
-    up on `resolver`, under the deadline of the fetch in `attempt`.
+    up on `resolver`, under the deadline of the fetch in `attempt`. One adapter
+    may serve many threads (urllib3's pools are thread-safe): `hosts` host pools
+    are kept, each with up to `per_host` idle keep-alive connections.
     """
 
-    def __init__(self, policy: AddressPolicy, resolver: Resolver, attempt: AttemptDeadline) -> None:
+    def __init__(
+        self,
+        policy: AddressPolicy,
+        resolver: Resolver,
+        attempt: AttemptDeadline,
+        hosts: int = 10,
+        per_host: int = 10,
+    ) -> None:
         guard = {"policy": policy, "resolver": resolver, "attempt": attempt}
         plain = type("PolicyHTTPConnection", (_GuardedHTTPConnection,), guard)
         secure = type("PolicyHTTPSConnection", (_GuardedHTTPSConnection,), guard)
+        returning = {"_put_conn": _put_conn_released}
         self._pools = {
-            "http": type("PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain}),
-            "https": type("PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure}),
+            "http": type(
+                "PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain, **returning}
+            ),
+            "https": type(
+                "PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure, **returning}
+            ),
         }
-        super().__init__(max_retries=Retry(0, read=False, redirect=False))
+        super().__init__(
+            pool_connections=hosts,
+            pool_maxsize=per_host,
+            max_retries=Retry(0, read=False, redirect=False),
+        )
 
     def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
         super().init_poolmanager(*args, **kwargs)

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from enrichment.errors import ModelError
 from enrichment.files import make_directory
 from enrichment.media.cpus import usable_cpus
+from enrichment.media.decode import DEFAULT_MAX_PIXELS
+from enrichment.model.batch_decode import BatchDecoder
 from enrichment.model.spec import (
     WEIGHTS_FILE,
     ModelSpec,
@@ -153,10 +155,22 @@ class Classifier:
             set_cpu_threads()
         return cls(spec, version, network, device)
 
-    def scores(self, inputs: np.ndarray) -> np.ndarray:
-        """Sigmoid scores, shape (batch, classes), for normalised (batch, 3, H, W) inputs."""
+    def batch_decoder(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> BatchDecoder:
+        """Decodes image bytes into this model's input on its device: JPEGs on the GPU if any.
+
+        Its `DecodedBatch.inputs` go straight to `scores`, without a trip through the host.
+        """
+        return BatchDecoder.for_device(self.spec.preprocessing, self.device, max_pixels)
+
+    def scores(self, inputs: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Sigmoid scores, shape (batch, classes), for normalised (batch, 3, H, W) inputs.
+
+        A tensor already on the device (from `batch_decoder`) is used where it is.
+        """
         with torch.inference_mode():
-            tensor = torch.from_numpy(inputs).to(self.device, non_blocking=True)
+            if isinstance(inputs, np.ndarray):
+                inputs = torch.from_numpy(inputs)
+            tensor = inputs.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 tensor = tensor.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=autocast_dtype()):

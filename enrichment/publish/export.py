@@ -41,6 +41,7 @@ from enrichment.publish.annotations import ANNOTATION_ID_NAMESPACE, PROFILES, Ch
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
+from enrichment.store.retire import retired_version_message, retired_versions
 from enrichment.store.reviews import REVIEWED
 from enrichment.store.selection import (
     LabelRow,
@@ -230,6 +231,12 @@ def check_filter(db: Database, filters: ExportFilter) -> None:
         known = ", ".join(sorted(models)) or "none yet"
         raise ExportError(
             "model_version", f"unknown model version {filters.model_version} (known: {known})"
+        )
+    retired = retired_versions(db)
+    if filters.model_version in retired:
+        raise ExportError(
+            "model_version",
+            retired_version_message(filters.model_version, retired[filters.model_version]),
         )
     keys = {key for model in models.values() for key in model.keys}
     for field, named in (("labels", filters.labels), ("thresholds", filters.thresholds or {})):

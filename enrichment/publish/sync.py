@@ -30,6 +30,9 @@ the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the
 server's message and every other item is published.
 
+A precision gate (`--min-precision P`, `model.compare.PrecisionGate`) refuses classes below P:
+nothing of them is created, updated or withdrawn; the report lists them.
+
 Only the owner may update or withdraw an annotation: rows whose recorded owner
 is not this publish's account (learned from the server's answers) are left
 alone and reported.
@@ -51,6 +54,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from enrichment.errors import InvalidValue
+from enrichment.model.compare import PrecisionGate
 from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations
 from enrichment.publish.annotations_api import (
     AnnotationsAPI,
@@ -117,6 +122,9 @@ class PublishReport:
     unusable: int = 0
     # Labels of the selection that the curators' decisions (`--reviewed`) leave out.
     left_out_by_reviews: int = 0
+    # With a precision gate: the classes it refused, and the labels they held back.
+    refused_classes: list[dict[str, Any]] = field(default_factory=list)
+    held_back: int = 0
     problems: list[str] = field(default_factory=list)
     # A dry run's planned changes, when asked for: action, record, label, annotation id.
     changes: list[dict[str, Any]] = field(default_factory=list)
@@ -207,18 +215,27 @@ class Publisher:
         self._unwritten: list[PublicationOutcome] = []
         # Ids the server gave this publish, and the row each went to: one id, one row.
         self._assigned: dict[str, int] = {}
+        self.gate: PrecisionGate | None = None
 
     # -- the whole publish ---------------------------------------------------------------
 
     def publish(
-        self, filters: ExportFilter, withdraw_all: bool = False, list_changes: bool = False
+        self,
+        filters: ExportFilter,
+        withdraw_all: bool = False,
+        list_changes: bool = False,
+        min_precision: float | None = None,
     ) -> PublishReport:
         """Make the server hold exactly the current labels of the selection, or none.
 
         A dry run (no `api`) only plans: with `list_changes`, each planned
-        change is in the report's `changes`.
+        change is in the report's `changes`. `min_precision`: the gate above.
         """
         check_filter(self.db, filters)
+        if min_precision is not None:
+            if withdraw_all:
+                raise InvalidValue("min_precision", "gates publishing, not withdrawing")
+            self.gate = PrecisionGate.of(self.db, min_precision, filters.model_version)
         if not withdraw_all:
             self.report.left_out_by_reviews = count_left_out_by_reviews(
                 self.db, filters.selection()
@@ -263,12 +280,21 @@ class Publisher:
         if not withdraw_all:
             for wanted in self._wanted(filters):
                 entry = held.pop((wanted.row.record_id, wanted.row.label_key), None)
+                if self.gate and not self.gate.admits(
+                    wanted.row.model_version, wanted.row.label_key
+                ):
+                    self.report.held_back += 1
+                    continue
                 op = self._decide(wanted, entry)
                 if op is not None:
                     yield op
         for entry in held.values():
+            if self.gate is not None and self.gate.refuses_key(entry.label_key):
+                continue
             if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
                 yield _Op("withdraw", None, entry)
+        if self.gate is not None:
+            self.report.refused_classes = [asdict(item) for item in self.gate.refused]
 
     def _decide(self, wanted: Wanted, entry: LedgerEntry | None) -> _Op | None:
         if entry is None or entry.state in (S.WITHDRAWN, S.REJECTED):

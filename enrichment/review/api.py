@@ -37,6 +37,7 @@ def queue() -> Any:
     return jsonify(
         items=[item.as_json() for item in page.items],
         total=page.total,
+        total_capped=page.total_capped,
         limit=filters.limit,
         offset=filters.offset,
         next_after=page.next_page.as_text() if page.next_page else None,

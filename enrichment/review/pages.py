@@ -55,6 +55,7 @@ def queue() -> Any:
         "queue.html",
         items=page.items,
         total=page.total,
+        total_capped=page.total_capped,
         class_names=names,
         progress=queue_progress(db, filters),
         next_link=f"{base}?{urlencode(page_query(request.args, after=after))}" if after else None,

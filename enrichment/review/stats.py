@@ -18,37 +18,18 @@ Per class, over the items of the chosen results that have a decision:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from enrichment.model.compare import Interval, wilson
 from enrichment.store.database import Database
 from enrichment.store.decisions import standing_decisions
 from enrichment.store.review_queue import Item, QueueFilter, all_items
 from enrichment.store.reviews import Decision
 
-Z_95 = 1.959963984540054
 MIN_DECISIONS = 30  # below this, a suggested threshold is shown as a caveat only
-
-
-@dataclass(frozen=True)
-class Interval:
-    estimate: float
-    low: float
-    high: float
-
-
-def wilson(successes: int, trials: int, z: float = Z_95) -> Interval | None:
-    """The Wilson score interval for a binomial proportion; None without trials."""
-    if trials == 0:
-        return None
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)

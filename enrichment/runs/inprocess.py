@@ -36,7 +36,9 @@ from enrichment.model.classifier import Classifier
 from enrichment.runs.lifecycle import fail_batch
 from enrichment.runs.pipeline import (
     DEFAULT_INFERENCE_BATCH,
+    IN_THREAD,
     Classified,
+    Decoding,
     StartedBatch,
     begin_batch,
     classify_started,
@@ -52,7 +54,8 @@ _STOP = object()
 class InProcessDispatcher:
     """Runs dispatched batches on a three-stage pipeline in this process; a context manager.
 
-    It owns the fetcher it is given: closing the dispatcher closes it.
+    It owns the fetcher and the decoding (feeder processes) it is given: closing
+    the dispatcher closes them.
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class InProcessDispatcher:
         max_attempts: int,
         inference_batch: int = DEFAULT_INFERENCE_BATCH,
         show_progress: bool = True,
+        decoding: Decoding = IN_THREAD,
     ) -> None:
         self.max_attempts = max_attempts
+        self.decoding = decoding
         self.inference_batch = inference_batch
         self.classifier = classifier
         self.fetcher = fetcher
@@ -123,6 +128,7 @@ class InProcessDispatcher:
         self._stopping.set()
         self._incoming.put(_STOP)
         self.fetcher.close(wait=wait)
+        self.decoding.close()
         deadline = time.monotonic() + 5  # a stage stuck in a download is a daemon: left behind
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -140,7 +146,12 @@ class InProcessDispatcher:
             db, batch_id = item
             try:
                 started = begin_batch(
-                    db, batch_id, self.classifier, self.fetcher, self.max_attempts
+                    db,
+                    batch_id,
+                    self.classifier,
+                    self.fetcher,
+                    self.max_attempts,
+                    decoding=self.decoding,
                 )
             except AttemptsExhausted as error:
                 self._give_up(db, batch_id, error)

@@ -10,6 +10,11 @@ heartbeat) are `enrichment.runs.lifecycle` and `enrichment.store.batches`.
 `process_batch` runs the three in turn (a Celery task); the in-process
 dispatcher overlaps them across batches (`enrichment.runs.inprocess`).
 
+Where fetched bytes become model input is the run's `Decoding`: on the fetch
+threads (the default), in feeder processes past this process's GIL
+(`enrichment.media.feeders`), or, where the model is on CUDA, on the GPU a
+chunk at a time (`enrichment.model.batch_decode`); `decoding_for` chooses.
+
 A failure tied to one record (a bad image, a decoder that raises anything at
 all) becomes that record's error reason; only what concerns the whole batch
 (the database, the model) fails the batch.
@@ -26,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from enrichment.media.decode import ImageError, decode
+from enrichment.media.decode import ImageError, Preprocessing, decode
+from enrichment.media.feeders import FeederPool
 from enrichment.media.fetch import Fetcher
 from enrichment.runs.lifecycle import Heartbeat, commit_outcomes
 from enrichment.store import batches
@@ -36,6 +42,9 @@ from enrichment.store.schema import Outcome
 from enrichment.store.writes import RecordOutcome
 
 if TYPE_CHECKING:  # the scheduler worker imports this module and never loads a model
+    import torch
+
+    from enrichment.model.batch_decode import BatchDecoder
     from enrichment.model.classifier import Classifier
 
 DEFAULT_INFERENCE_BATCH = 32  # images per forward pass
@@ -62,13 +71,47 @@ ScoreLookup = Callable[[Sequence[str]], dict[str, list[float]]]
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """Where fetched bytes become model input; neither set: on the fetch threads.
+
+    `feeders`: decoded in those processes (the fetch threads wait for them).
+    `on_device`: the bytes are kept, and decoded a chunk at a time on the model's
+    device just before inference. Whoever made it closes it.
+    """
+
+    feeders: FeederPool | None = None
+    on_device: BatchDecoder | None = None
+
+    def close(self) -> None:
+        if self.feeders is not None:
+            self.feeders.close()
+
+
+IN_THREAD = Decoding()
+
+
+def decoding_for(classifier: Classifier, feeders: int, max_pixels: int) -> Decoding:
+    """The GPU where the model is on CUDA (its `batch_decoder` decodes JPEGs there),
+    else `feeders` processes where there are more than one, else the fetch threads."""
+    make = getattr(classifier, "batch_decoder", None)  # benchmarks' stand-in models have none
+    if make is not None:
+        decoder = make(max_pixels)
+        if decoder.on_gpu:
+            return Decoding(on_device=decoder)
+    if feeders > 1:
+        return Decoding(feeders=FeederPool(feeders, classifier.spec.preprocessing, max_pixels))
+    return IN_THREAD
+
+
+@dataclass(frozen=True)
 class _Prepared:
-    """A record's decoded input, or the outcome that stands in for it."""
+    """A record's decoded input (or its bytes, for `on_device`), or the outcome in its place."""
 
     record: BatchRecord
     inputs: np.ndarray | None
     sha256: str | None
     failure: RecordOutcome | None
+    body: bytes | None = None
 
 
 @dataclass
@@ -79,6 +122,7 @@ class StartedBatch:
     run_id: int
     records: list[BatchRecord]
     prepared: list[Future[_Prepared]]
+    decoding: Decoding = IN_THREAD
 
 
 def begin_batch(
@@ -88,28 +132,27 @@ def begin_batch(
     fetcher: Fetcher,
     max_attempts: int,
     heartbeat: bool = False,
+    decoding: Decoding = IN_THREAD,
 ) -> StartedBatch | None:
     """Start a batch: count the attempt, submit its images; None if it already finished.
 
     The attempt is committed before any work, so a worker killed mid-batch
     (SIGKILL, OOM, a crashing decoder) still leaves its count behind, and the
     delivery after the last allowed attempt raises AttemptsExhausted instead of
-    looping forever. With `heartbeat`, the batch's heartbeat starts now: a
-    worker that dies stops touching it, and the sweep re-sends it.
+    looping forever. A batch whose run is for another model version raises
+    `Misrouted` before anything is counted: the caller hands it back. With
+    `heartbeat`, the batch's heartbeat starts now: a worker that dies stops
+    touching it, and the sweep re-sends it.
     """
-    attempt = batches.start_batch(db, batch_id, max_attempts, heartbeat)
+    attempt = batches.start_batch(db, batch_id, max_attempts, heartbeat, classifier.version)
     if attempt is None:
         return None
-    if attempt.model_version != classifier.version:
-        raise RuntimeError(
-            f"run {attempt.run_id} was scheduled for model {attempt.model_version}, "
-            f"this worker has {classifier.version}"
-        )
     preprocessing = classifier.spec.preprocessing
     prepared = [
-        fetcher.submit(prepare_record, record, fetcher, preprocessing) for record in attempt.records
+        fetcher.submit(prepare_record, record, fetcher, preprocessing, decoding)
+        for record in attempt.records
     ]
-    return StartedBatch(batch_id, attempt.run_id, attempt.records, prepared)
+    return StartedBatch(batch_id, attempt.run_id, attempt.records, prepared, decoding)
 
 
 def classify_started(
@@ -117,7 +160,8 @@ def classify_started(
 ) -> Classified:
     """The model stage: one outcome per record, as its images become ready."""
     lookup = partial(batches.stored_scores, db, classifier.version)
-    return classify_prepared(started.prepared, classifier, inference_batch, lookup)
+    on_device = started.decoding.on_device
+    return classify_prepared(started.prepared, classifier, inference_batch, lookup, on_device)
 
 
 def commit_batch(
@@ -150,6 +194,7 @@ def process_batch(
     max_attempts: int,
     inference_batch: int = DEFAULT_INFERENCE_BATCH,
     heartbeat: Heartbeat | None = None,
+    decoding: Decoding = IN_THREAD,
 ) -> BatchReport:
     """Classify one batch and commit its results; a finished batch is skipped.
 
@@ -157,7 +202,9 @@ def process_batch(
     then give it up with `lifecycle.fail_batch`. With a `heartbeat`, the batch is kept alive in
     the database while it runs, so that a dead worker's batch is found and re-sent.
     """
-    started = begin_batch(db, batch_id, classifier, fetcher, max_attempts, heartbeat is not None)
+    started = begin_batch(
+        db, batch_id, classifier, fetcher, max_attempts, heartbeat is not None, decoding
+    )
     if started is None:
         return skipped_report(db, batch_id)
     with heartbeat.beating(batch_id) if heartbeat is not None else nullcontext():
@@ -165,7 +212,12 @@ def process_batch(
         return commit_batch(db, started, classifier.version, classified)
 
 
-def prepare_record(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Prepared:
+def prepare_record(
+    record: BatchRecord,
+    fetcher: Fetcher,
+    preprocessing: Preprocessing,
+    decoding: Decoding = IN_THREAD,
+) -> _Prepared:
     """Fetch and decode one record's image, on a fetch thread; whatever goes wrong is its own.
 
     Fetching never raises and decoding raises ImageError for bad bytes; anything
@@ -173,7 +225,7 @@ def prepare_record(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Pre
     record's error, never its batch's.
     """
     try:
-        return _prepare(record, fetcher, preprocessing)
+        return _prepare(record, fetcher, preprocessing, decoding)
     except Exception as error:
         failure = RecordOutcome.failed(
             record.id,
@@ -185,7 +237,9 @@ def prepare_record(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Pre
         return _Prepared(record, None, None, failure)
 
 
-def _prepare(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Prepared:
+def _prepare(
+    record: BatchRecord, fetcher: Fetcher, preprocessing: Preprocessing, decoding: Decoding
+) -> _Prepared:
     if not record.image_url:
         failure = RecordOutcome.failed(record.id, "no_image", "the record has no usable image URL")
         return _Prepared(record, None, None, failure)
@@ -199,8 +253,13 @@ def _prepare(record: BatchRecord, fetcher: Fetcher, preprocessing) -> _Prepared:
             source_timestamp=record.timestamp_update,
         )
         return _Prepared(record, None, None, failure)
+    if decoding.on_device is not None:  # decoded with its chunk, on the model's device
+        return _Prepared(record, None, fetched.sha256, None, fetched.content)
     try:
-        inputs = decode(fetched.content, preprocessing, fetcher.settings.max_image_pixels)
+        if decoding.feeders is not None:
+            inputs = decoding.feeders.decode(fetched.content)
+        else:
+            inputs = decode(fetched.content, preprocessing, fetcher.settings.max_image_pixels)
     except ImageError as error:
         failure = RecordOutcome.failed(
             record.id,
@@ -219,12 +278,14 @@ def classify_prepared(
     classifier: Classifier,
     inference_batch: int,
     lookup: ScoreLookup | None = None,
+    on_device: BatchDecoder | None = None,
 ) -> Classified:
     """Run the model over prepared records in chunks, in order, as they become ready.
 
     Identical images (same SHA-256), whether reached through several records
     or URLs in this batch or already classified by this model version before,
-    go through the model once.
+    go through the model once (and, with `on_device`, are decoded once: an
+    image whose scores are stored is never decoded at all).
     """
     outcomes: list[RecordOutcome] = []
     known: dict[str, np.ndarray] = {}  # image SHA-256 -> scores, as stored
@@ -240,16 +301,33 @@ def classify_prepared(
         for item in ready:
             if item.sha256 not in known:
                 to_run.setdefault(item.sha256, item)
+        failed: dict[str | None, ImageError] = {}
         if to_run:
-            scores = classifier.scores(np.stack([item.inputs for item in to_run.values()]))
-            # Stored scores keep 6 decimals; thresholds see exactly what is stored, so a
-            # reused or re-run image gives the same labels and confidences to the digit.
-            known.update(zip(to_run, np.round(scores.astype(np.float64), 6), strict=True))
-        model_inputs += len(to_run)
-        reused += len(ready) - len(to_run)
+            inputs, failed = _model_inputs(list(to_run.values()), on_device)
+            ran = [digest for digest in to_run if digest not in failed]
+            if ran:
+                scores = classifier.scores(inputs)
+                # Stored scores keep 6 decimals; thresholds see exactly what is stored, so a
+                # reused or re-run image gives the same labels and confidences to the digit.
+                known.update(zip(ran, np.round(scores.astype(np.float64), 6), strict=True))
+            model_inputs += len(ran)
+        reused += sum(item.sha256 not in failed for item in ready) - (len(to_run) - len(failed))
         for item in chunk:
             if item.failure is not None:
                 outcomes.append(item.failure)
+                continue
+            if item.sha256 in failed:
+                error = failed[item.sha256]
+                outcomes.append(
+                    RecordOutcome.failed(
+                        item.record.id,
+                        error.reason,
+                        error.message,
+                        image_url=item.record.image_url,
+                        image_sha256=item.sha256,
+                        source_timestamp=item.record.timestamp_update,
+                    )
+                )
                 continue
             vector = known[item.sha256]
             labels = classifier.labels_above_threshold(vector)
@@ -265,3 +343,18 @@ def classify_prepared(
                 )
             )
     return Classified(outcomes, model_inputs, reused)
+
+
+def _model_inputs(
+    items: list[_Prepared], on_device: BatchDecoder | None
+) -> tuple[np.ndarray | torch.Tensor, dict[str | None, ImageError]]:
+    """The chunk's inputs, one row per image that decoded, and why the others did not.
+
+    Decoded already (on the fetch threads or the feeders): stacked. Bytes kept for
+    `on_device`: decoded together there, JPEGs on the GPU, with the CPU path's reasons.
+    """
+    if on_device is None or items[0].body is None:
+        return np.stack([item.inputs for item in items]), {}
+    decoded = on_device.decode([item.body for item in items])  # type: ignore[misc]
+    failed = {items[position].sha256: error for position, error in decoded.errors.items()}
+    return decoded.inputs, failed

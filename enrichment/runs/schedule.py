@@ -11,11 +11,16 @@ for this model version, its last result was an error, or its image URL or
 source timestamp changed since. For Europeana, a run over a scope that already
 completed with this model adds a `timestamp_update` filter, so a nightly run
 over an unchanged collection costs little more than one query.
+
+A sample run (`scope["sample"]`: size and seed) pages its whole scope but
+classifies only a stable draw of it (`store.selection.sample_ranks`), cut
+into batches after the last page.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,6 +44,34 @@ class RunKind:
 
 
 QUEUES = {RunKind.NIGHTLY: "enrich.nightly", RunKind.ON_DEMAND: "enrich.on_demand"}
+
+
+def version_queue(queue_name: str, version: str) -> str:
+    """The broker queue of a run's kind (`queue_name`) for one model version.
+
+    Only workers holding that version consume it (`version_queues`), so a
+    batch never reaches a worker that would have to refuse it. The version
+    (`name@` + 12 hex digits) becomes a slug safe in a queue list
+    (`enrich.on_demand.tiny-0123456789ab`).
+    """
+    return f"{queue_name}.{re.sub(r'[^A-Za-z0-9_-]+', '-', version)}"
+
+
+def version_queues(version: str) -> tuple[str, ...]:
+    """The queues a worker holding `version` consumes, in priority order.
+
+    On-demand before nightly, so on-demand still overtakes a nightly
+    backlog; each kind's shared queue (where releases without routing put
+    every batch) right after its version queue, so a message left there is
+    run, or handed on to its own version's queue, in its turn.
+    """
+    on_demand, nightly = QUEUES[RunKind.ON_DEMAND], QUEUES[RunKind.NIGHTLY]
+    return (
+        version_queue(on_demand, version),
+        on_demand,
+        version_queue(nightly, version),
+        nightly,
+    )
 
 
 @dataclass(frozen=True)
@@ -66,7 +99,8 @@ class Dispatcher(Protocol):
     """Hands batches to whatever executes them: this process, or Celery workers.
 
     `db` is where the batches are (the in-process pipeline works on it, the
-    Celery adapter marks them queued there); `queue` is the run's broker queue.
+    Celery adapter marks them queued there); `queue` is the broker queue of the
+    run's kind and model version (`version_queue`).
     """
 
     def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None: ...
@@ -89,7 +123,9 @@ def start_run(
 
     def first_checkpoint(previous: PreviousRun | None) -> dict[str, Any]:
         checkpoint: dict[str, Any] = {"pending": []}
-        if previous is not None and scope["source"] == "europeana":
+        if "sample" in scope:  # drawn from the whole scope, never only what changed
+            checkpoint["sample"] = {**scope["sample"], "chosen": []}
+        elif previous is not None and scope["source"] == "europeana":
             since = previous.started_at - SINCE_MARGIN
             checkpoint.update(since=since.strftime("%Y-%m-%dT%H:%M:%SZ"), previous_run=previous.id)
         return checkpoint
@@ -113,7 +149,8 @@ def fill_run(
     `failed` with its checkpoint intact; `enrich resume` continues from there.
     """
     run = runs.mark_scheduling(db, run_id)
-    version, queue_name, checkpoint = run.model_version, run.queue, run.checkpoint
+    version, checkpoint = run.model_version, run.checkpoint
+    queue_name = version_queue(run.queue, version)
     try:
         if not checkpoint.get("done"):
             for page in prefetched(source.pages(checkpoint.get("position"))):
@@ -154,7 +191,7 @@ def resume_run(
         return RunProgress(run_id, run.records_seen, run.batches_total)
     leftovers = unfinished_batches(db, run_id)
     if leftovers:
-        dispatcher.dispatch(db, run.queue, leftovers)
+        dispatcher.dispatch(db, version_queue(run.queue, run.model_version), leftovers)
     return fill_run(db, run_id, source, dispatcher, batch_size)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from enrichment.config import Settings
-from enrichment.errors import ConfigError, InvalidValue
+from enrichment.errors import ConfigError, EnrichError, InvalidValue
 from enrichment.model.spec import read_model_json
 from enrichment.runs.schedule import (
     Dispatcher,
@@ -29,7 +29,7 @@ from enrichment.sources import RecordsFileSource, Source, source_for_scope
 from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
 from enrichment.store.database import Database
 from enrichment.store.locks import execution_scope, scope_lock
-from enrichment.store.runs import run_state
+from enrichment.store.runs import move_run, run_state
 
 # Builds the dispatcher once the request is known to be good (it may load a model).
 DispatcherFactory = Callable[[], AbstractContextManager[Dispatcher]]
@@ -49,6 +49,19 @@ def europeana_scope(queries: Sequence[SearchQuery], image_source: str = "auto") 
         "queries": [query.as_json() for query in dict.fromkeys(queries)],
         "image_source": image_source,
     }
+
+
+def sampled(scope: dict[str, Any], size: int, seed: int = 0) -> dict[str, Any]:
+    """`scope` narrowed to a stable random draw of `size` records (the same for the same seed).
+
+    The draw prefers records another model version classified and curators
+    reviewed, so a new version's sample can be compared with the current one
+    on judged labels. A sample is a scope of its own: it never takes its
+    previous run's "changed since" shortcut, and never blocks the full scope.
+    """
+    if size < 1:
+        raise InvalidValue("sample", "must be at least 1")
+    return {**scope, "sample": {"size": size, "seed": seed}}
 
 
 def check_scope(scope: dict[str, Any], settings: Settings) -> None:
@@ -168,19 +181,35 @@ def resume(
     run_id: int,
     dispatchers: DispatcherFactory,
     batch_size: int,
+    move_to: ModelIdentity | None = None,
+    runs_here: str | None = None,
 ) -> RunProgress:
     """Continue a run from its checkpoint and re-dispatch its unfinished batches.
 
     The run's scope is checked first; the run's executing lock is held until
     the new dispatcher has finished, and its scope's lock while it pages.
+    With `move_to` (a model the operator named), a run for another version is
+    first moved to it (`store.runs.move_run`); never otherwise. `runs_here` is
+    the version this process would classify with (in-process): a run for
+    another one is refused rather than moved behind the operator's back.
     """
-    scope = run_state(db, run_id).scope
-    check_scope(scope, settings)
+    state = run_state(db, run_id)
+    check_scope(state.scope, settings)
+    moving = move_to is not None and move_to.version != state.model_version
+    if not moving and runs_here is not None and runs_here != state.model_version:
+        raise EnrichError(
+            f"run {run_id} is for model {state.model_version}, and the model here is "
+            f"{runs_here}: resume with that model's directory, or move the run to this "
+            f"one with `--model-dir`"
+        )
     with (
         scope_lock(db, execution_scope(run_id)),
         dispatchers() as dispatcher,
-        scope_lock(db, scope),
+        scope_lock(db, state.scope),
     ):
+        if moving:
+            assert move_to is not None
+            move_run(db, run_id, move_to.registration())
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
 
 

@@ -6,6 +6,11 @@ attempts is refused (`AttemptsExhausted`) and then given up with an error
 result per record. Workers touch the heartbeat of the batches they run; a
 batch whose heartbeat went stale is claimed by exactly one sweeping worker
 (one conditional UPDATE) and sent again.
+
+A batch that reaches a worker holding another model version (a message
+from before routing by version, or a run moved to another version while its
+batch was running) is refused with `Misrouted` before its attempt is counted:
+the worker hands it back to its version's queue, and it is never failed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,29 @@ class AttemptsExhausted(Exception):
     its worker. The caller gives it up (`give_up_batch`)."""
 
 
+class Misrouted(Exception):
+    """The batch's run is for another model version than the worker's; nothing was counted.
+
+    `queue` is the run's queue (its kind's), `model_version` the version whose
+    workers must run it.
+    """
+
+    def __init__(self, batch_id: int, queue: str, model_version: str, held: str) -> None:
+        super().__init__(f"batch {batch_id} is for model {model_version}, this worker holds {held}")
+        self.batch_id = batch_id
+        self.queue = queue
+        self.model_version = model_version
+
+
+@dataclass(frozen=True)
+class StaleBatch:
+    """A batch claimed from a worker that stopped beating, to be sent again."""
+
+    batch_id: int
+    queue: str
+    model_version: str
+
+
 @dataclass(frozen=True)
 class BatchRecord:
     """A record of a batch, as the pipeline needs it to fetch and classify its image."""
@@ -55,13 +83,19 @@ class BatchAttempt:
 
 
 def start_batch(
-    db: Database, batch_id: int, max_attempts: int, heartbeat: bool = False
+    db: Database,
+    batch_id: int,
+    max_attempts: int,
+    heartbeat: bool = False,
+    version: str | None = None,
 ) -> BatchAttempt | None:
     """Count an attempt and load the batch's records; None if the batch already finished.
 
     The batch row is locked (PostgreSQL) while its attempt is counted, so two
-    deliveries of one batch count two attempts. Raises AttemptsExhausted once
-    it has used `max_attempts`. With `heartbeat`, its heartbeat starts now.
+    deliveries of one batch count two attempts. Raises Misrouted, counting
+    nothing, if its run is for another model version than `version` (the
+    worker's); AttemptsExhausted once it has used `max_attempts`. With
+    `heartbeat`, its heartbeat starts now.
     """
     with db.transaction() as session:
         batch = session.get(Batch, batch_id, with_for_update=db.dialect == "postgresql")
@@ -69,6 +103,10 @@ def start_batch(
             raise LookupError(f"batch {batch_id} does not exist")
         if batch.status in FINISHED_BATCHES:
             return None
+        run = session.get(Run, batch.run_id)
+        assert run is not None
+        if version is not None and run.model_version != version:
+            raise Misrouted(batch_id, run.queue, run.model_version, version)
         if batch.attempts >= max_attempts:
             raise AttemptsExhausted(
                 f"batch {batch_id} was started {batch.attempts} times without finishing"
@@ -77,8 +115,6 @@ def start_batch(
         batch.attempts += 1
         if heartbeat:
             batch.heartbeat_at = utc_now()
-        run = session.get(Run, batch.run_id)
-        assert run is not None
         wanted = list(dict.fromkeys(batch.record_ids))  # a record listed twice is done once
         rows = session.execute(
             sa.select(RecordRow.id, RecordRow.image_url, RecordRow.timestamp_update).where(
@@ -106,8 +142,15 @@ def finish_batch(
     model_version: str,
     outcomes: Sequence[RecordOutcome],
 ) -> None:
-    """Write a batch's outcomes and mark it done, in one transaction (idempotently)."""
+    """Write a batch's outcomes and mark it done, in one transaction (idempotently).
+
+    Raises Misrouted, writing nothing, if the run was moved to another model
+    version while the batch ran (`move_run`): its new version's workers run it.
+    """
     with db.transaction() as session:
+        run = session.get(Run, run_id)
+        if run is not None and run.model_version != model_version:
+            raise Misrouted(batch_id, run.queue, run.model_version, model_version)
         save_outcomes(session, run_id, model_version, outcomes)
         session.execute(
             sa.update(Batch)
@@ -176,8 +219,8 @@ def restart_heartbeats(db: Database, batch_ids: Sequence[int]) -> None:
         )
 
 
-def claim_stale_batches(db: Database, stale_after: float) -> list[tuple[int, str]]:
-    """Claim the batches whose worker stopped beating; (batch id, queue) of each, to re-send.
+def claim_stale_batches(db: Database, stale_after: float) -> list[StaleBatch]:
+    """Claim the batches whose worker stopped beating, to re-send each to its version's queue.
 
     A claim is one conditional UPDATE per batch (its heartbeat cleared, its
     status back to queued), so of several live workers sweeping at once exactly
@@ -186,10 +229,10 @@ def claim_stale_batches(db: Database, stale_after: float) -> list[tuple[int, str
     still stopped by the attempts limit.
     """
     cutoff = utc_now() - timedelta(seconds=stale_after)
-    claimed: list[tuple[int, str]] = []
+    claimed: list[StaleBatch] = []
     with db.transaction() as session:
         stale = session.execute(
-            sa.select(Batch.id, Batch.heartbeat_at, Run.queue)
+            sa.select(Batch.id, Batch.heartbeat_at, Run.queue, Run.model_version)
             .join(Run, Run.id == Batch.run_id)
             .where(
                 Batch.status.not_in(FINISHED_BATCHES),
@@ -197,7 +240,7 @@ def claim_stale_batches(db: Database, stale_after: float) -> list[tuple[int, str
                 Batch.heartbeat_at < cutoff,
             )
         ).all()
-    for batch_id, seen, queue in stale:
+    for batch_id, seen, queue, version in stale:
         with db.transaction() as session:
             won = session.execute(
                 sa.update(Batch)
@@ -205,7 +248,7 @@ def claim_stale_batches(db: Database, stale_after: float) -> list[tuple[int, str
                 .values(heartbeat_at=None, status=BatchStatus.QUEUED, updated_at=utc_now())
             )
             if won.rowcount == 1:
-                claimed.append((batch_id, queue))
+                claimed.append(StaleBatch(batch_id, queue, version))
     return claimed
 
 

@@ -4,6 +4,12 @@ A record classified by several model versions has several results. Asked for
 a run or a model version, its result there counts; asked for neither, the
 latest classified one does (ties to the later version name). Error results
 never count: they carry no scores.
+
+The latest classified result is stored, one row per record in `current_results`,
+kept by the transaction that writes results (`review_index.refresh`): worked out
+over all of `results` with a window function on every read, it cost a sort of
+the whole table per queue page. `newest_classified` is the rule itself, which
+the writes and `review_index.rebuild` apply to a few records at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +18,50 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from enrichment.store.review_tables import CurrentResult
 from enrichment.store.schema import Outcome, RecordRow, Result
 
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
+
+
+def newest_classified(
+    record_ids: Sequence[str] | sa.Select, results: sa.Table | None = None
+) -> sa.Select:
+    """(record_id, model_version) of the result that counts for each of these records: the
+    latest classified one, ties to the later version name (`record_ids`: a list, or a
+    SELECT of them such as a staging table's). A migration passes its own
+    description of `results` (the ORM's may describe a later schema)."""
+    table = Result.__table__ if results is None else results
+    newest_first = sa.func.row_number().over(
+        partition_by=table.c.record_id,
+        order_by=(table.c.classified_at.desc(), table.c.model_version.desc()),
+    )
+    ranked = (
+        sa.select(table.c.record_id, table.c.model_version, newest_first.label("rank"))
+        .where(table.c.status.in_(CLASSIFIED), table.c.record_id.in_(record_ids))
+        .subquery("ranked")
+    )
+    return sa.select(ranked.c.record_id, ranked.c.model_version).where(ranked.c.rank == 1)
+
+
+def newest_of_staged() -> sa.Select:
+    """`newest_classified` for the records of PostgreSQL's `stage_results` table (a batch
+    being written): one index lookup per record (LATERAL), whatever the planner guesses of
+    a temporary table without statistics."""
+    stage = sa.select(sa.table("stage_results", sa.column("record_id")).c.record_id)
+    staged = stage.distinct().subquery("staged")
+    newest = (
+        sa.select(Result.record_id, Result.model_version)
+        .where(Result.record_id == staged.c.record_id, Result.status.in_(CLASSIFIED))
+        .order_by(Result.classified_at.desc(), Result.model_version.desc())
+        .limit(1)
+        .lateral("newest")
+    )
+    return (
+        sa.select(newest.c.record_id, newest.c.model_version)
+        .select_from(staged)
+        .join(newest, sa.true())
+    )
 
 
 def current_results(
@@ -27,24 +74,25 @@ def current_results(
         Result.image_url,
         Result.classified_at,
     )
-    scope = [Result.status.in_(CLASSIFIED)]
-    if datasets:
-        scope.append(
-            Result.record_id.in_(sa.select(RecordRow.id).where(RecordRow.dataset.in_(datasets)))
-        )
-    if run_id is not None:
-        scope.append(Result.run_id == run_id)
-    if model_version is not None:
-        scope.append(Result.model_version == model_version)
-    if run_id is not None or model_version is not None:
-        return sa.select(*columns).where(*scope).subquery("chosen")
-    newest_first = sa.func.row_number().over(
-        partition_by=Result.record_id,
-        order_by=(Result.classified_at.desc(), Result.model_version.desc()),
+    in_datasets = (
+        [Result.record_id.in_(sa.select(RecordRow.id).where(RecordRow.dataset.in_(datasets)))]
+        if datasets
+        else []
     )
-    ranked = sa.select(*columns, newest_first.label("rank")).where(*scope).subquery("ranked")
+    if run_id is not None or model_version is not None:
+        scope = [Result.status.in_(CLASSIFIED), *in_datasets]
+        if run_id is not None:
+            scope.append(Result.run_id == run_id)
+        if model_version is not None:
+            scope.append(Result.model_version == model_version)
+        return sa.select(*columns).where(*scope).subquery("chosen")
     return (
-        sa.select(*(ranked.c[column.key] for column in columns))
-        .where(ranked.c.rank == 1)
+        sa.select(*columns)
+        .join(
+            CurrentResult,
+            (CurrentResult.record_id == Result.record_id)
+            & (CurrentResult.model_version == Result.model_version),
+        )
+        .where(*in_datasets)
         .subquery("chosen")
     )

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.store.database import Database
 from enrichment.store.query import outcome_counts
+from enrichment.store.retire import refuse_retired
 from enrichment.store.schema import (
     FINISHED_BATCHES,
     Batch,
@@ -33,6 +34,7 @@ from enrichment.store.schema import (
     result_image_url,
     utc_now,
 )
+from enrichment.store.selection import sample_ranks
 from enrichment.store.writes import SourceRecord, register_model, upsert_records
 
 
@@ -106,6 +108,7 @@ def start_run(
         busy = _busy_run(session, scope)
         if busy is not None:
             raise UnfinishedRun(busy)
+        refuse_retired(session, model.version)
         register_model(
             session,
             model.version,
@@ -164,6 +167,7 @@ def mark_scheduling(db: Database, run_id: int) -> RunState:
     """The run is being paged (again): status `scheduling`, an earlier failure's error cleared."""
     with db.transaction() as session:
         run = _get_run(session, run_id)
+        refuse_retired(session, run.model_version)
         run.status, run.error = RunStatus.SCHEDULING, None
         return _state(run)
 
@@ -223,6 +227,8 @@ def commit_page(
     with db.transaction() as session:
         unique = list({record.id: record for record in records}.values())
         upsert_records(session, unique)
+        if "sample" in checkpoint:
+            return _draw_page(session, run_id, model_version, unique, position, checkpoint, full)
         fresh = unique if full else list(_needing_work(session, unique, model_version))
         # A record still waiting for a batch is not added again: one id twice in a
         # batch would collide with itself on the results' and labels' keys.
@@ -244,13 +250,50 @@ def commit_page(
     return CommittedPage(checkpoint, batch_ids)
 
 
+def _draw_page(
+    session: Session,
+    run_id: int,
+    version: str,
+    records: list[SourceRecord],
+    position: dict[str, Any],
+    checkpoint: dict[str, Any],
+    full: bool,
+) -> CommittedPage:
+    """A sample run's page: its records compete for the sample; nothing is cut before the end.
+
+    The checkpoint keeps the `size` best-ranked records seen so far
+    (`selection.sample_ranks`), each with whether this version still has work
+    on it (always, with `full`), so the draw is bounded by the sample and survives a resume.
+    """
+    sample = checkpoint["sample"]
+    ranks = sample_ranks(session, [r.id for r in records], version, sample["seed"])
+    needing = {r.id for r in (records if full else _needing_work(session, records, version))}
+    seen = {entry[2] for entry in sample["chosen"]}
+    candidates = [
+        *sample["chosen"],
+        *([*ranks[r.id], r.id, r.id in needing] for r in records if r.id not in seen),
+    ]
+    chosen = sorted(candidates)[: sample["size"]]
+    checkpoint = {**checkpoint, "position": position, "sample": {**sample, "chosen": chosen}}
+    session.execute(
+        sa.update(Run)
+        .where(Run.id == run_id)
+        .values(checkpoint=checkpoint, records_seen=Run.records_seen + len(records))
+    )
+    return CommittedPage(checkpoint, [])
+
+
 def commit_tail(
     db: Database, run_id: int, model_version: str, checkpoint: dict[str, Any], batch_size: int
 ) -> CommittedPage:
-    """After the last page: batches for the records left waiting, and for the previous run's
-    errors when this run only pages what changed since it (their records are not paged)."""
+    """After the last page: batches for the records left waiting (a sample run's: those it
+    drew that still need work), and for the previous run's errors when this run only pages
+    what changed since it (their records are not paged)."""
     with db.transaction() as session:
         pending = list(checkpoint["pending"])
+        if "sample" in checkpoint:
+            chosen = checkpoint["sample"]["chosen"]
+            pending.extend(record_id for *_, record_id, needs in chosen if needs)
         if checkpoint.get("previous_run"):
             retry = session.scalars(
                 sa.select(Result.record_id).where(
@@ -353,6 +396,48 @@ def complete_run_if_done(db: Database, run_id: int) -> bool:
             .values(final_counts=outcome_counts(session, run_id))
         )
         return True
+
+
+def move_run(db: Database, run_id: int, model: ModelRegistration) -> int:
+    """Move a run's unfinished work to another model version (registered here); batches moved.
+
+    Only ever asked for explicitly (`enrich resume --model-dir`). Results of
+    the batches already done stay their version's; the unfinished batches
+    start their attempts afresh under the new version, and pages still to come
+    are cut for it. A batch still running under the old version when it is
+    moved is not committed by it (`finish_batch` refuses), so every record of
+    the run ends with one result. Refused when nothing is left to move.
+    """
+    with db.transaction() as session:
+        run = _get_run(session, run_id)
+        if run.model_version == model.version:
+            raise EnrichError(f"run {run_id} is already for model {model.version}")
+        unfinished = session.scalars(
+            sa.select(Batch.id).where(Batch.run_id == run_id, Batch.status.not_in(FINISHED_BATCHES))
+        ).all()
+        paging_done = bool((run.checkpoint or {}).get("done"))
+        if run.status == RunStatus.COMPLETED or (not unfinished and paging_done):
+            raise EnrichError(
+                f"run {run_id} has nothing left to move to model {model.version}: "
+                f"it is {run.status} with every batch finished"
+            )
+        register_model(
+            session,
+            model.version,
+            model.name,
+            model.architecture,
+            model.classes,
+            model.thresholds,
+            model.top_k_fallback,
+        )
+        run.model_version = model.version
+        if unfinished:
+            session.execute(
+                sa.update(Batch)
+                .where(Batch.id.in_(unfinished))
+                .values(attempts=0, error=None, heartbeat_at=None, updated_at=utc_now())
+            )
+        return len(unfinished)
 
 
 def unfinished_batches(db: Database, run_id: int) -> list[int]:

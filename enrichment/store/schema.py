@@ -141,6 +141,8 @@ class ModelRow(Base):
     thresholds: Mapped[list[Any]]
     top_k_fallback: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+    # Set by `enrich model retire`: its results and labels are removed, runs refuse it.
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Result(Base):
@@ -218,4 +220,4 @@ def label_concept(stored: str, class_concept: str | None) -> str:
 
 # Tables of later stages live beside the code that owns them; importing them here
 # registers them on Base, so migrations and the schema check see every table.
-from enrichment.store import ledger, reviews  # noqa: E402, F401
+from enrichment.store import ledger, review_tables, reviews, workers  # noqa: E402, F401

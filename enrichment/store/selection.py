@@ -9,24 +9,27 @@ confidence and review filters itself (`review_keeps`: the same rule as the
 SQL). Rows stream through a server-side cursor on PostgreSQL: an export of
 every label holds one chunk of rows at a time.
 
+`sample_ranks` orders records for a sample run (`enrich run --sample`).
+
 The filter checks (`run_exists`, `known_models`, `unknown_datasets`) let the caller refuse a
 selection that names nothing the database knows before it writes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
-from enrichment.store.current import current_results
+from enrichment.store.current import CLASSIFIED, current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, class_concepts, model_classes
-from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions
+from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions, standing
 from enrichment.store.schema import (
     Label,
     RecordRow,
@@ -259,3 +262,48 @@ def _stream(db: Database, query: sa.Select) -> Iterator[Any]:
     options = {"stream_results": True, "yield_per": STREAM_ROWS}
     with db.transaction() as session:
         yield from session.connection().execute(query, execution_options=options)
+
+
+def sample_ranks(
+    session: Session, record_ids: Sequence[str], version: str, seed: int
+) -> dict[str, tuple[int, str]]:
+    """Each record's place in a sample run drawn with `seed` for model `version`; lower first.
+
+    First the records another version has classified and curators have
+    reviewed (under that version), then those another version has classified,
+    then the rest, so a new version's sample lands where it can be compared
+    with the current one on judged labels. Within each tier the order is a
+    hash of (seed, record id): the same seed draws the same records whatever
+    order the source pages them in, and whatever this version has done since.
+    """
+    if not record_ids:
+        return {}
+    others = (
+        sa.select(Result.record_id, Result.model_version)
+        .where(
+            Result.record_id.in_(record_ids),
+            Result.model_version != version,
+            Result.status.in_(CLASSIFIED),
+        )
+        .subquery("others")
+    )
+    classified = set(session.scalars(sa.select(others.c.record_id)))
+    reviewed = set(
+        session.scalars(
+            sa.select(Review.record_id)
+            .join(
+                others,
+                (others.c.record_id == Review.record_id)
+                & (others.c.model_version == Review.model_version),
+            )
+            .where(standing())
+            .distinct()
+        )
+    )
+    return {
+        record_id: (
+            0 if record_id in reviewed else 1 if record_id in classified else 2,
+            hashlib.sha256(f"{seed}\n{record_id}".encode()).hexdigest()[:16],
+        )
+        for record_id in record_ids
+    }

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
+from enrichment.store import review_index
 from enrichment.store.columns import scores_literal
 from enrichment.store.schema import (
     Label,
@@ -212,14 +213,17 @@ def register_model(
     thresholds: list[float],
     top_k_fallback: int = 0,
 ) -> None:
-    """Record a model version; registering it again updates how it decides labels.
+    """Record a model version; registering it again updates how it decides labels (and the
+    review index, whose margins are to the thresholds, when those change).
 
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
     whose concept changes here first writes the old one into its labels.
     """
-    before = session.scalar(sa.select(ModelRow.classes).where(ModelRow.version == version))
+    before = session.execute(
+        sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
+    ).first()
     now = {entry["key"]: entry["concept"] for entry in classes}
-    for entry in before or ():
+    for entry in before.classes if before is not None else ():
         if now.get(entry["key"]) != entry["concept"]:
             session.execute(
                 sa.update(Label)
@@ -250,6 +254,8 @@ def register_model(
             },
         )
     )
+    if before is not None and (before.classes, before.thresholds) != (classes, list(thresholds)):
+        review_index.rebuild_on(session.connection(), version)
 
 
 RESULT_COLUMNS = (
@@ -353,6 +359,12 @@ def save_outcomes(
     ]
     if label_rows:
         connection.execute(sa.insert(Label.__table__), label_rows)
+    review_index.refresh(connection, model_version, _for_index(outcomes))
+
+
+def _for_index(outcomes: Sequence[RecordOutcome]) -> list[tuple[str, Any, list[str]]]:
+    """(record, scores, labelled keys) of each outcome, as the review index takes them."""
+    return [(o.record_id, o.scores, [label.key for label in o.labels]) for o in outcomes]
 
 
 def _copy_outcomes(
@@ -428,6 +440,7 @@ def _copy_outcomes(
         connection.exec_driver_sql(
             f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
         )
+    review_index.refresh(connection, model_version, _for_index(outcomes), staged=True)
 
 
 def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:

@@ -175,7 +175,7 @@
         if (response.ok) now = await response.json();
       } catch (error) { /* the counts stay as they were; the decisions are stored */ }
       if (now) {
-        document.getElementById("pending").textContent = now.pending;
+        document.getElementById("pending").textContent = now.pending + (now.pending_capped ? "+" : "");
         document.getElementById("decided-today").textContent = now.decided_today;
       }
       const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);

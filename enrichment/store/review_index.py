@@ -1,0 +1,323 @@
+"""The review index: the items a curator's page reads, kept where an index orders them.
+
+The review queue orders the items of each record's current result (one per
+class) by their margin |score - threshold|, closest first, and the audit
+sample draws labelled items at random. Worked out from `results` on each page,
+both cost a pass over every result; here they are stored, so that a page
+costs the same at any collection size:
+
+- `current_results` (in `store/current.py`): which result counts for a record;
+- `review_items`: of each record's current result, the items within `BAND` of
+  their class threshold, and every labelled item (the audit sample draws from
+  those, whatever their margin). An index on (class, margin, record) serves the
+  queue; a partial one on (class, sample key, record) over labelled items serves
+  the audit sample, the sample key being a hash of the record id.
+
+Most sigmoid scores are near 0, far below any threshold, so the band holds a
+few items per record rather than one per class: the queue's pages beyond the
+band are read from `results` as before (`review_queue` does), so answers stay
+exact at any depth.
+
+Both tables are kept by the transaction that writes results (`refresh`, called
+by `save_outcomes`), rebuilt for a model version whose thresholds change
+(`register_model`), and built whole by migration 0011 (`rebuild`). Margins are
+computed in Python from the scores, with the thresholds as `store.models` reads
+them, the same arithmetic in double precision as the queue's SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from enrichment.store.current import newest_classified, newest_of_staged
+from enrichment.store.database import Database
+from enrichment.store.models import ModelClasses, model_classes
+from enrichment.store.review_tables import CurrentResult, ReviewItem
+from enrichment.store.schema import Label, Result
+
+# Items at most this far from their threshold are indexed. With 20 classes, 60 % of records
+# labelled and sigmoid scores mostly near 0 it costs about 0.4 rows per record besides the
+# labelled ones (1.2); scores spread evenly below the thresholds would cost 2.3 (0.25: 9).
+# At 10 million records that leaves some 200,000 items per class in the band.
+BAND = 0.1
+CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
+REBUILD_BATCH = 2000  # records read, scored and written at a time by `rebuild`
+
+
+def sample_key(record_id: str) -> int:
+    """A 31-bit hash of the record id: the audit sample's order, independent of any score."""
+    digest = hashlib.blake2b(record_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+# An index row, in the table's column order (what COPY and the inserts take).
+ITEM_COLUMNS = ("record_id", "label_key", "model_version", "margin", "labelled", "sample_key")
+ItemRow = tuple[str, str, str, float | None, bool, int]
+
+
+def item_rows(
+    record_id: str, model: ModelClasses, scores: Sequence[float | None], labelled: Iterable[str]
+) -> list[ItemRow]:
+    """The index rows of one result: its classes within the band, and its labels."""
+    labelled = set(labelled)
+    rows = []
+    key_of_record = None
+    for index, (key, threshold) in enumerate(zip(model.keys, model.thresholds, strict=True)):
+        score = scores[index] if index < len(scores) else None
+        margin = None if score is None else abs(score - threshold)
+        if key in labelled or (margin is not None and margin <= BAND):
+            if key_of_record is None:
+                key_of_record = sample_key(record_id)
+            rows.append((record_id, key, model.version, margin, key in labelled, key_of_record))
+    return rows
+
+
+def _insert(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
+    if rows and connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
+        _copy_rows(connection, rows)
+    elif rows:
+        connection.execute(
+            sa.insert(ReviewItem.__table__),
+            [dict(zip(ITEM_COLUMNS, row, strict=True)) for row in rows],
+        )
+
+
+def refresh(
+    connection: sa.Connection,
+    model_version: str,
+    outcomes: Iterable[tuple[str, Sequence[float] | None, Iterable[str]]],
+    staged: bool = False,
+) -> None:
+    """Bring both tables up to date for records whose `model_version` result was just written,
+    in the writer's transaction. `outcomes`: (record id, scores or None, labelled keys).
+
+    The current result of each record is worked out again from its few results; the
+    items come from the scores just written, or, where another version's result counts
+    (this one failed), from that result's stored scores. With `staged` (PostgreSQL's COPY
+    path) the records are those of the session's `stage_results` table, and each step
+    is one statement over it.
+    """
+    written = {record_id: (scores, list(keys)) for record_id, scores, keys in outcomes}
+    models = model_classes(connection)
+    rows = [
+        row
+        for record_id, (scores, keys) in written.items()
+        if scores is not None
+        for row in item_rows(record_id, models[model_version], scores, keys)
+    ]
+    if not staged:
+        current = _recompute_current(connection, sorted(written))
+        rows = [row for row in rows if current.get(row[0]) == model_version]
+        others = sorted((r, v) for r, v in current.items() if v != model_version)
+        rows.extend(_rows_from_results(connection, others, models, Result.__table__))
+        _insert(connection, rows)
+        return
+    stage = sa.table("stage_results", sa.column("record_id"), sa.column("model_version"))
+    batch = sa.select(stage.c.record_id)
+    current = CurrentResult.__table__
+    connection.execute(sa.delete(current).where(current.c.record_id.in_(batch)))
+    connection.execute(
+        sa.insert(current).from_select(["record_id", "model_version"], newest_of_staged())
+    )
+    connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(batch)))
+    now = dict(
+        connection.execute(
+            sa.select(current.c.record_id, current.c.model_version).where(
+                current.c.record_id.in_(batch)
+            )
+        ).all()
+    )
+    _copy_rows(connection, [row for row in rows if now.get(row[0]) == model_version])
+    # Records whose items are not among those just copied: another version's result counts,
+    # or an earlier call in the same transaction staged them (`stage_results` keeps them).
+    others = sorted(
+        (record_id, version)
+        for record_id, version in now.items()
+        if version != model_version or record_id not in written
+    )
+    _insert(connection, _rows_from_results(connection, others, models, Result.__table__))
+
+
+NULL = "\\N"  # COPY's text format
+
+
+def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
+    """PostgreSQL: COPY index rows into the table, several times faster than INSERTs."""
+    if not rows:
+        return
+    buffer = io.StringIO()
+    for record_id, key, version, margin, labelled, key_of_record in rows:
+        fields = (
+            _copy_text(record_id),
+            _copy_text(key),
+            _copy_text(version),
+            NULL if margin is None else repr(margin),
+            "t" if labelled else "f",
+            str(key_of_record),
+        )
+        buffer.write("\t".join(fields) + "\n")
+    buffer.seek(0)
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        cursor.copy_expert(f"COPY review_items ({', '.join(ITEM_COLUMNS)}) FROM STDIN", buffer)
+    finally:
+        cursor.close()
+
+
+def _copy_text(value: str) -> str:
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def rebuild(db: Database, model_version: str | None = None) -> int:
+    """Build both tables again from `results` (those of `model_version`'s current results
+    only, when only its thresholds changed), in batches; returns the records indexed."""
+    with db.transaction() as session:
+        return rebuild_on(session.connection(), model_version)
+
+
+def rebuild_on(
+    connection: sa.Connection,
+    model_version: str | None = None,
+    results: sa.Table | None = None,
+    models: dict[str, ModelClasses] | None = None,
+) -> int:
+    """`rebuild` in the caller's transaction. A migration passes its own description of the
+    `results` table (the ORM's may describe a later schema) and of the models."""
+    results = Result.__table__ if results is None else results
+    models = model_classes(connection) if models is None else models
+    count = 0
+    for batch in _record_batches(connection, model_version, results):
+        if model_version is None:
+            current = _recompute_current(connection, batch, results)
+        else:
+            _delete_items(connection, batch)
+            current = dict.fromkeys(batch, model_version)
+        pairs = sorted(current.items())
+        _insert(connection, _rows_from_results(connection, pairs, models, results))
+        count += len(current)
+    return count
+
+
+def reindex(connection: sa.Connection, record_ids: Sequence[str]) -> None:
+    """Work out again which result counts for these records, and their items, in the
+    caller's transaction: after some of their results were removed (a retired version)."""
+    current = _recompute_current(connection, record_ids)
+    models = model_classes(connection)
+    _insert(
+        connection,
+        _rows_from_results(connection, sorted(current.items()), models, Result.__table__),
+    )
+
+
+def _record_batches(
+    connection: sa.Connection, model_version: str | None, results: sa.Table
+) -> Iterator[list[str]]:
+    """Record ids in key order, `REBUILD_BATCH` at a time: every record with a result, or
+    those whose current result is `model_version`'s."""
+    if model_version is None:
+        column = results.c.record_id
+        scope: list[Any] = []
+    else:
+        column = CurrentResult.record_id
+        scope = [CurrentResult.model_version == model_version]
+    last: str | None = None
+    while True:
+        query = sa.select(column).distinct().where(*scope).order_by(column).limit(REBUILD_BATCH)
+        if last is not None:
+            query = query.where(column > last)
+        batch = list(connection.scalars(query))
+        if not batch:
+            return
+        yield batch
+        last = batch[-1]
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), CHUNK):
+        yield values[start : start + CHUNK]
+
+
+def _delete_items(connection: sa.Connection, record_ids: Sequence[str]) -> None:
+    for chunk in _chunks(record_ids):
+        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+
+
+def _recompute_current(
+    connection: sa.Connection, record_ids: Sequence[str], results: sa.Table | None = None
+) -> dict[str, str]:
+    """Store which result counts for each of these records, and drop their items; returns
+    {record: model version} for those with a classified result."""
+    current: dict[str, str] = {}
+    for chunk in _chunks(record_ids):
+        connection.execute(
+            sa.delete(CurrentResult.__table__).where(CurrentResult.record_id.in_(chunk))
+        )
+        found = connection.execute(newest_classified(chunk, results)).all()
+        if found:
+            connection.execute(
+                sa.insert(CurrentResult.__table__),
+                [{"record_id": r, "model_version": v} for r, v in found],
+            )
+        current.update(found)
+        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+    return current
+
+
+def _rows_from_results(
+    connection: sa.Connection,
+    pairs: Sequence[tuple[str, str]],
+    models: dict[str, ModelClasses],
+    results: sa.Table,
+) -> list[ItemRow]:
+    """The index rows of these (record, model version) results, from their stored scores
+    (read through the table's own column type) and labels."""
+    rows: list[ItemRow] = []
+    by_version: dict[str, list[str]] = {}
+    for record_id, version in pairs:
+        by_version.setdefault(version, []).append(record_id)
+    for version, record_ids in by_version.items():
+        for chunk in _chunks(record_ids):
+            scores = dict(
+                connection.execute(
+                    sa.select(results.c.record_id, results.c.scores).where(
+                        results.c.model_version == version, results.c.record_id.in_(chunk)
+                    )
+                ).all()
+            )
+            labels: dict[str, list[str]] = {}
+            for record_id, key in connection.execute(
+                sa.select(Label.record_id, Label.label_key).where(
+                    Label.model_version == version, Label.record_id.in_(chunk)
+                )
+            ):
+                labels.setdefault(record_id, []).append(key)
+            for record_id in chunk:
+                rows.extend(
+                    item_rows(
+                        record_id,
+                        models[version],
+                        scores.get(record_id) or [],
+                        labels.get(record_id, []),
+                    )
+                )
+    return rows
+
+
+def index_counts(session: Session) -> dict[str, int]:
+    """Rows in each table: what the index costs, for benchmarks and `docs/scale.md`."""
+    return {
+        "current_results": session.execute(
+            sa.select(sa.func.count()).select_from(CurrentResult)
+        ).scalar_one(),
+        "review_items": session.execute(
+            sa.select(sa.func.count()).select_from(ReviewItem)
+        ).scalar_one(),
+    }
