@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from enrichment.config import Settings
+from enrichment.store.columns import scores_literal
 from enrichment.store.database import Database
 from enrichment.store.schema import Label, Result, Run, RunStatus, utc_now
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
@@ -213,9 +213,9 @@ def write_copy(
                 version,
                 run_id,
                 outcome.status,
-                json.dumps(outcome.scores),
+                scores_literal(outcome.scores),
                 outcome.image_url,
-                outcome.image_sha256,
+                "\\x" + outcome.image_sha256,
                 outcome.source_timestamp,
                 now,
             )

@@ -121,7 +121,7 @@ def load(url: str, labels: int) -> dict[str, int]:
             "results",
             "record_id, model_version, status, scores, image_url, classified_at",
             (
-                f'{rid},{VERSION},labelled,"[0.{n % 9000 + 1000}, 0.{n % 7000 + 2000}, 0.1]",'
+                f'{rid},{VERSION},labelled,"{{0.{n % 9000 + 1000},0.{n % 7000 + 2000},0.1}}",'
                 f"https://images.example.org{rid}.jpg,2024-05-01 12:00:00\n"
                 for n, rid in enumerate(map(record_id, range(records)))
             ),

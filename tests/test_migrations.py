@@ -113,3 +113,129 @@ def test_several_upgrades_at_once_on_an_empty_server_database_all_succeed(pg_url
     assert table_names(db) == TABLES
     db.ensure_schema()  # at head
     db.dispose()
+
+
+CLASSES_0012 = [{"key": "a", "concept": "urn:a"}, {"key": "b", "concept": "urn:b"}]
+
+
+def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_url: str) -> None:
+    """More results than one batch of 0012, with every kind of scores, hash and image URL."""
+    from enrichment.store.batches import stored_scores
+    from enrichment.store.query import record_results
+
+    db = Database(database_url)
+    db.upgrade("0010")
+    count = 2600  # two versions each: 5,200 results, more than one batch of 5,000
+    records = [
+        {"id": f"/9/r{n:05d}", "url": f"http://img/{n}.jpg" if n % 7 else None}
+        for n in range(count)
+    ]
+    results = []
+    for n, record in enumerate(records):
+        for version in ("m@1", "m@2"):
+            own = record["url"] if n % 3 else f"http://other/{n}.png"
+            results.append(
+                {
+                    "id": record["id"],
+                    "version": version,
+                    "status": "error" if n % 11 == 0 else "labelled",
+                    "scores": None
+                    if n % 11 == 0
+                    else json.dumps([0.000001, round(n / count, 6), 0.5]),
+                    "url": None if n % 13 == 0 else own,
+                    "sha": None if n % 11 == 0 else f"{n:064x}",
+                }
+            )
+    # Labels of two classes: one with its class's concept (stored "" after 0012), one not.
+    labels = [
+        {"id": row["id"], "version": row["version"], "key": key, "concept": concept}
+        for row in results
+        if row["status"] == "labelled"
+        for key, concept in (("a", "urn:a"), ("b", "urn:elsewhere"))
+    ]
+    with db.engine.begin() as connection:
+        for version in ("m@1", "m@2"):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO models (version, name, architecture, classes, thresholds,"
+                    " top_k_fallback, registered_at) VALUES (:v, 'm', 'resnet18', :classes,"
+                    " '[0.5, 0.5]', 0, '2026-12-06')"
+                ),
+                {"v": version, "classes": json.dumps(CLASSES_0012)},
+            )
+        connection.execute(
+            sa.text(
+                "INSERT INTO records (id, dataset, item_uri, image_url, first_seen, last_seen)"
+                " VALUES (:id, '9', 'http://item', :url, '2026-12-06', '2026-12-06')"
+            ),
+            records,
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO results (record_id, model_version, status, scores, image_url,"
+                " image_sha256, classified_at) VALUES (:id, :version, :status, :scores, :url,"
+                " :sha, '2026-12-06')"
+            ),
+            results,
+        )
+        connection.execute(
+            sa.text(
+                "INSERT INTO labels (record_id, model_version, label_key, concept, confidence)"
+                " VALUES (:id, :version, :key, :concept, 0.5)"
+            ),
+            labels,
+        )
+    db.upgrade()
+    read = {(row.record_id, row.model_version): row for row in record_results(db)}
+    assert len(read) == len(results)
+    for row in results:
+        assert read[(row["id"], row["version"])].image_url == row["url"]
+    assert sorted(
+        (record_id, version, label["key"], label["concept"])
+        for (record_id, version), row in read.items()
+        for label in row.labels
+    ) == sorted((row["id"], row["version"], row["key"], row["concept"]) for row in labels)
+    with db.engine.connect() as connection:
+        derived = connection.execute(
+            sa.text("SELECT count(*) FROM labels WHERE concept = ''")
+        ).scalar_one()
+    assert derived == sum(1 for row in labels if row["key"] == "a")
+    with db.engine.connect() as connection:
+        stored_urls = connection.execute(
+            sa.text("SELECT count(*) FROM results WHERE image_url IS NULL")
+        ).scalar_one()
+    assert stored_urls == sum(
+        1
+        for row, record in zip(results, [r for r in records for _ in (1, 2)], strict=True)
+        if row["url"] == record["url"]
+    )
+    digests = [row["sha"] for row in results if row["version"] == "m@2" and row["sha"]]
+    expected = {
+        row["sha"]: json.loads(row["scores"])
+        for row in results
+        if row["version"] == "m@2" and row["sha"]
+    }
+    assert stored_scores(db, "m@2", digests) == expected
+    db.downgrade("0010")
+    with db.engine.connect() as connection:
+        back = {
+            (row.record_id, row.model_version): row
+            for row in connection.execute(
+                sa.text(
+                    "SELECT record_id, model_version, scores, image_url, image_sha256 FROM results"
+                )
+            )
+        }
+    with db.engine.connect() as connection:
+        concepts = connection.execute(
+            sa.text("SELECT record_id, model_version, label_key, concept FROM labels")
+        ).all()
+    assert sorted(tuple(row) for row in concepts) == sorted(
+        (row["id"], row["version"], row["key"], row["concept"]) for row in labels
+    )
+    for row in results:
+        again = back[(row["id"], row["version"])]
+        scores = again.scores if not isinstance(again.scores, str) else json.loads(again.scores)
+        assert scores == (None if row["scores"] is None else json.loads(row["scores"]))
+        assert (again.image_url, again.image_sha256) == (row["url"], row["sha"])
+    db.dispose()

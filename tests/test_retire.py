@@ -9,7 +9,6 @@ transaction removed: never more than a chunk, never the whole version at once.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,7 +91,7 @@ def db(pg_url: str) -> Iterator[Database]:
             database,
             "results",
             "record_id, model_version, status, scores, classified_at",
-            ((record_id(n), version, "labelled", json.dumps([0.9]), now) for n in range(count)),
+            ((record_id(n), version, "labelled", "{0.9}", now) for n in range(count)),
         )
         copy_rows(
             database,

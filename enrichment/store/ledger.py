@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import Boolean, DateTime, String, Text, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from enrichment.store.database import Database
@@ -48,7 +48,11 @@ UNSETTLED = (
 
 class Publication(Base):
     __tablename__ = "publications"
-    __table_args__ = (UniqueConstraint("api_url", "record_id", "label_key"),)
+    __table_args__ = (
+        UniqueConstraint("api_url", "record_id", "label_key"),
+        # `known_account`, on every publish: the API's latest publication, read from the end.
+        Index("ix_publications_account", "api_url", "published_at"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     api_url: Mapped[str] = mapped_column(Text)

@@ -50,3 +50,13 @@ def model_classes(session: Session) -> dict[str, ModelClasses]:
         )
         for version, classes, thresholds, top_k_fallback in rows
     }
+
+
+def class_concepts(session: Session) -> dict[tuple[str, str], str]:
+    """(model version, class key) -> concept URI, of every registered version: labels store
+    their class's concept as "" (`schema.label_concept`)."""
+    return {
+        (model.version, key): concept
+        for model in model_classes(session).values()
+        for key, concept in zip(model.keys, model.concepts, strict=True)
+    }

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError
 from enrichment.store.database import Database
+from enrichment.store.models import class_concepts
 from enrichment.store.schema import (
     Batch,
     BatchStatus,
@@ -20,6 +21,8 @@ from enrichment.store.schema import (
     Result,
     Run,
     RunStatus,
+    label_concept,
+    result_image_url,
     utc_now,
 )
 
@@ -192,49 +195,103 @@ def record_results(
     datasets: Sequence[str] = (),
     record_ids: Sequence[str] = (),
 ) -> Iterator[RecordResult]:
-    """One entry per (record, model version), ordered by record id, read page by page."""
-    query = sa.select(Result).order_by(Result.record_id, Result.model_version)
+    """One entry per (record, model version), ordered by record id, read page by page.
+
+    With datasets, dataset after dataset (in name order), each in record id
+    order: a page is the next records of one dataset after the last one read
+    (the records' (dataset, id) index), then their results by key, so a page
+    costs the same whatever the dataset's or the collection's size.
+    """
     if run_id is not None:
-        query = query.where(Result.run_id == check_run_id(run_id))
-    if datasets:
-        query = query.join(RecordRow, RecordRow.id == Result.record_id).where(
-            RecordRow.dataset.in_(datasets)
-        )
+        check_run_id(run_id)
+    if not datasets:
+        yield from _results_pages(db, run_id, record_ids)
+        return
+    for dataset in sorted(set(datasets)):
+        after: str | None = None
+        while True:
+            query = (
+                sa.select(RecordRow.id)
+                .where(RecordRow.dataset == dataset)
+                .order_by(RecordRow.id)
+                .limit(PAGE)
+            )
+            if after is not None:
+                query = query.where(RecordRow.id > after)
+            if record_ids:
+                query = query.where(RecordRow.id.in_(record_ids))
+            with db.transaction() as session:
+                page = session.scalars(query).all()
+                if not page:
+                    break
+                # The page's ids on both tables: each is read by its key, never scanned.
+                of_page = _results_of(run_id).where(
+                    Result.record_id.in_(page), RecordRow.id.in_(page)
+                )
+                found = _with_labels(session, of_page)
+            yield from found
+            after = page[-1]
+
+
+def _results_pages(
+    db: Database, run_id: int | None, record_ids: Sequence[str]
+) -> Iterator[RecordResult]:
+    """Results keyed on (record, model version): every one, a run's, or some records'."""
+    query = _results_of(run_id)
     if record_ids:
-        query = query.where(Result.record_id.in_(record_ids))
+        query = query.where(Result.record_id.in_(record_ids), RecordRow.id.in_(record_ids))
     after: tuple[str, str] | None = None
     while True:
+        page_query = query.limit(PAGE)
+        if after is not None:
+            page_query = page_query.where(sa.tuple_(Result.record_id, Result.model_version) > after)
         with db.transaction() as session:
-            page_query = query
-            if after is not None:
-                page_query = page_query.where(
-                    sa.tuple_(Result.record_id, Result.model_version) > after
-                )
-            page = session.scalars(page_query.limit(PAGE)).all()
-            if not page:
-                return
-            labels: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for label in session.scalars(
-                sa.select(Label)
-                .where(Label.record_id.in_({row.record_id for row in page}))
-                .order_by(Label.confidence.desc())
-            ):
-                labels.setdefault((label.record_id, label.model_version), []).append(
-                    {
-                        "key": label.label_key,
-                        "concept": label.concept,
-                        "confidence": label.confidence,
-                    }
-                )
-        for row in page:
-            yield RecordResult(
-                record_id=row.record_id,
-                model_version=row.model_version,
-                run_id=row.run_id,
-                status=row.status,
-                error_reason=row.error_reason,
-                error_message=row.error_message,
-                image_url=row.image_url,
-                labels=labels.get((row.record_id, row.model_version), []),
-            )
+            page = _with_labels(session, page_query)
+        if not page:
+            return
+        yield from page
         after = (page[-1].record_id, page[-1].model_version)
+
+
+def _results_of(run_id: int | None) -> sa.Select:
+    """Results with their image URL (`result_image_url`), ordered by record and version."""
+    query = (
+        sa.select(
+            Result.record_id,
+            Result.model_version,
+            Result.run_id,
+            Result.status,
+            Result.error_reason,
+            Result.error_message,
+            result_image_url(Result.image_url, RecordRow.image_url),
+        )
+        .join(RecordRow, RecordRow.id == Result.record_id)
+        .order_by(Result.record_id, Result.model_version)
+    )
+    if run_id is not None:
+        query = query.where(Result.run_id == run_id)
+    return query
+
+
+def _with_labels(session: Session, query: sa.Select) -> list[RecordResult]:
+    """The query's results, each with its labels, most confident first."""
+    rows = session.execute(query).all()
+    if not rows:
+        return []
+    concepts = class_concepts(session)
+    labels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for label in session.execute(
+        sa.select(
+            Label.record_id, Label.model_version, Label.label_key, Label.concept, Label.confidence
+        )
+        .where(Label.record_id.in_({row.record_id for row in rows}))
+        .order_by(Label.confidence.desc())
+    ):
+        concept = label_concept(label.concept, concepts.get((label.model_version, label.label_key)))
+        labels.setdefault((label.record_id, label.model_version), []).append(
+            {"key": label.label_key, "concept": concept, "confidence": label.confidence}
+        )
+    return [
+        RecordResult(*row, labels=labels.get((row.record_id, row.model_version), []))
+        for row in rows
+    ]

@@ -22,7 +22,7 @@ from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.query import check_run_id
-from enrichment.store.schema import Label, RecordRow, Result, Run
+from enrichment.store.schema import Label, RecordRow, Result, Run, shown_image_url
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class RunReading:
                 Label.record_id,
                 RecordRow.item_uri,
                 RecordRow.provider,
-                sa.func.coalesce(Result.image_url, RecordRow.image_url),
+                shown_image_url(Result.image_url, RecordRow.image_url),
                 Label.confidence,
             )
             .where(Label.label_key == key)

@@ -15,10 +15,10 @@ from itertools import chain
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from enrichment.errors import InvalidValue
+from enrichment.store.columns import score_at
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
@@ -35,7 +35,7 @@ from enrichment.store.review_types import (
     item_page,
 )
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result
+from enrichment.store.schema import Label, RecordRow, Result, shown_image_url
 
 
 def scanned_rows(
@@ -164,7 +164,8 @@ def image_url(db: Database, record_id: str, model_version: str) -> str | None:
 
 def _image_url(session: Session, record_id: str, model_version: str) -> str | None:
     return session.execute(
-        sa.select(sa.func.coalesce(Result.image_url, RecordRow.image_url))
+        sa.select(shown_image_url(Result.image_url, RecordRow.image_url))
+        .select_from(Result)
         .join(RecordRow, RecordRow.id == Result.record_id)
         .where(Result.record_id == record_id, Result.model_version == model_version)
     ).scalar_one_or_none()
@@ -198,11 +199,9 @@ def _items_query(
     looked up for every item, it is most of the cost of a queue over all classes.
     """
     chosen = current_results(filters.datasets, filters.run_id, filters.model_version)
-    scores: Any = Result.scores
-    if session.get_bind().dialect.name == "postgresql":  # parsed once, not once per class
-        scores = sa.cast(Result.scores, postgresql.JSONB)
+    dialect = session.get_bind().dialect.name
     with_scores = sa.select(
-        chosen.c.record_id, chosen.c.model_version, scores.label("scores")
+        chosen.c.record_id, chosen.c.model_version, Result.scores.label("scores")
     ).join(
         Result,
         (Result.record_id == chosen.c.record_id) & (Result.model_version == chosen.c.model_version),
@@ -233,7 +232,7 @@ def _items_query(
                     scored.c.model_version,
                     sa.literal(key, sa.String).label("label_key"),
                     sa.literal(name, sa.String).label("label_name"),
-                    scored.c.scores[index].as_float().label("confidence"),
+                    score_at(scored.c.scores, index, dialect).label("confidence"),
                     sa.literal(threshold, sa.Float).label("threshold"),
                     *(
                         [scored.c.decision, scored.c.reviewer, scored.c.decided_at]

@@ -26,10 +26,12 @@ from enrichment.store.schema import (
     Batch,
     BatchStatus,
     Outcome,
+    RecordRow,
     Result,
     Run,
     RunStatus,
     as_utc_naive,
+    result_image_url,
     utc_now,
 )
 from enrichment.store.selection import sample_ranks
@@ -324,8 +326,13 @@ def _needing_work(
         row.record_id: row
         for row in session.execute(
             sa.select(
-                Result.record_id, Result.image_url, Result.source_timestamp, Result.status
-            ).where(Result.model_version == version, Result.record_id.in_([r.id for r in records]))
+                Result.record_id,
+                result_image_url(Result.image_url, RecordRow.image_url).label("image_url"),
+                Result.source_timestamp,
+                Result.status,
+            )
+            .join(RecordRow, RecordRow.id == Result.record_id)
+            .where(Result.model_version == version, Result.record_id.in_([r.id for r in records]))
         )
     }
     for record in records:

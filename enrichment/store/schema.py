@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -25,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from enrichment.store.columns import Scores, Sha256
 
 
 def utc_now() -> datetime:
@@ -112,8 +115,12 @@ class Batch(Base):
 class RecordRow(Base):
     __tablename__ = "records"
 
+    # (dataset, id): a per-dataset command pages through one dataset's records in id order,
+    # so each page costs the same however many records the collection holds.
+    __table_args__ = (Index("ix_records_dataset_id", "dataset", "id"),)
+
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
-    dataset: Mapped[str] = mapped_column(String(128), index=True)
+    dataset: Mapped[str] = mapped_column(String(128))
     item_uri: Mapped[str] = mapped_column(Text)
     image_url: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(Text)
@@ -139,10 +146,20 @@ class ModelRow(Base):
 
 
 class Result(Base):
-    """One record classified (or failed) by one model version; the full score vector is kept."""
+    """One record classified (or failed) by one model version; the full score vector is kept.
+
+    Stored compactly (`store.columns`): the scores packed, the image hash as bytes, and the
+    image URL only where it is not the record's own (NULL: the record's; read it through
+    `result_image_url`).
+    """
 
     __tablename__ = "results"
-    __table_args__ = (Index("ix_results_model_status", "model_version", "status"),)
+    __table_args__ = (
+        Index("ix_results_model_status", "model_version", "status"),
+        # The dedupe of identical images looks digests up: 32 bytes an entry, half the
+        # hex text's.
+        Index("ix_results_image_sha256", "image_sha256"),
+    )
 
     record_id: Mapped[str] = mapped_column(
         ForeignKey("records.id", ondelete="CASCADE"), primary_key=True
@@ -154,11 +171,27 @@ class Result(Base):
     status: Mapped[str] = mapped_column(String(20))
     error_reason: Mapped[str | None] = mapped_column(String(40))
     error_message: Mapped[str | None] = mapped_column(Text)
-    scores: Mapped[list[Any] | None]
+    scores: Mapped[list[float] | None] = mapped_column(Scores())
+    # NULL when it is the record's image URL (most results); "" when the result has none
+    # although the record has one.
     image_url: Mapped[str | None] = mapped_column(Text)
-    image_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    image_sha256: Mapped[str | None] = mapped_column(Sha256())
     source_timestamp: Mapped[datetime | None] = mapped_column(DateTime)
     classified_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+def result_image_url(
+    result_url: sa.ColumnElement[str | None], record_url: sa.ColumnElement[str | None]
+) -> sa.ColumnElement[str | None]:
+    """The image URL a result was classified from (None: it had none), from its stored form."""
+    return sa.func.nullif(sa.func.coalesce(result_url, record_url), "")
+
+
+def shown_image_url(
+    result_url: sa.ColumnElement[str | None], record_url: sa.ColumnElement[str | None]
+) -> sa.ColumnElement[str | None]:
+    """The image to show for a result: the one it was classified from, else its record's."""
+    return sa.func.coalesce(sa.func.nullif(result_url, ""), record_url)
 
 
 class Label(Base):
@@ -166,14 +199,23 @@ class Label(Base):
 
     __tablename__ = "labels"
     # No foreign key to results (labels are only written by `save_outcomes`, in the
-    # transaction of their result; a per-row check halved batch write speed) and no
-    # index beyond the primary key, whose record_id prefix serves every query.
+    # transaction of their result; a per-row check halved batch write speed). The primary
+    # key's record_id prefix serves the per-record reads; (class, confidence) serves the
+    # report's galleries, which read a class's labels from either end of the ranking.
+    __table_args__ = (Index("ix_labels_class_confidence", "label_key", "confidence"),)
 
     record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120), primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # "" where it is the class's concept in the model's classes (nearly every label): read
+    # it through `label_concept`.
     concept: Mapped[str] = mapped_column(Text)
     confidence: Mapped[float] = mapped_column(Float)
+
+
+def label_concept(stored: str, class_concept: str | None) -> str:
+    """A label's concept URI from what it stores ("": its class's)."""
+    return stored or class_concept or ""
 
 
 # Tables of later stages live beside the code that owns them; importing them here

@@ -24,13 +24,20 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from enrichment.store.current import CLASSIFIED, current_results
 from enrichment.store.database import Database
-from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.reviews import Decision, Review, latest_decisions, standing
-from enrichment.store.schema import Label, RecordRow, Result, Run
+from enrichment.store.models import ModelClasses, class_concepts, model_classes
+from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions, standing
+from enrichment.store.schema import (
+    Label,
+    RecordRow,
+    Result,
+    Run,
+    label_concept,
+    result_image_url,
+)
 
 # Rows per chunk of a streamed read.
 STREAM_ROWS = 2000
@@ -119,7 +126,11 @@ def count_left_out_by_reviews(db: Database, selection: Selection) -> int:
 def stored_labels(db: Database, selection: Selection) -> Iterator[LabelRow]:
     """The selected stored labels, ordered by record, model version and label key."""
     query = _labels_query(selection).order_by(Label.record_id, Label.model_version, Label.label_key)
-    yield from (LabelRow(*row) for row in _stream(db, query))
+    with db.transaction() as session:
+        concepts = class_concepts(session)
+    for record_id, item_uri, image_url, version, key, concept, confidence, at in _stream(db, query):
+        concept = label_concept(concept, concepts.get((version, key)))
+        yield LabelRow(record_id, item_uri, image_url, version, key, concept, confidence, at)
 
 
 def _labels_query(selection: Selection) -> sa.Select:
@@ -129,7 +140,7 @@ def _labels_query(selection: Selection) -> sa.Select:
         sa.select(
             Label.record_id,
             RecordRow.item_uri,
-            chosen.c.image_url,
+            result_image_url(chosen.c.image_url, RecordRow.image_url),
             Label.model_version,
             Label.label_key,
             Label.concept,
@@ -143,6 +154,7 @@ def _labels_query(selection: Selection) -> sa.Select:
         )
         .join(RecordRow, RecordRow.id == Label.record_id)
     )
+    query = _in_datasets(query, selection)
     if selection.since is not None:
         query = query.where(chosen.c.classified_at >= selection.since)
     if selection.labels:
@@ -154,6 +166,15 @@ def _labels_query(selection: Selection) -> sa.Select:
             _reviewed_condition(Label.record_id, Label.label_key, selection.reviewed)
         )
     return query
+
+
+def _in_datasets(query: sa.Select, selection: Selection) -> sa.Select:
+    """The selection's datasets on the records joined for their item URI too (`current_results`
+    applies them to the results): the database can then start from the datasets' records
+    (their (dataset, id) index) rather than read every record to join them."""
+    if not selection.datasets:
+        return query
+    return query.where(RecordRow.dataset.in_(selection.datasets))
 
 
 def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResult]:
@@ -168,7 +189,7 @@ def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResu
         sa.select(
             chosen.c.record_id,
             RecordRow.item_uri,
-            chosen.c.image_url,
+            result_image_url(chosen.c.image_url, RecordRow.image_url),
             chosen.c.model_version,
             chosen.c.classified_at,
             Result.scores,
@@ -181,6 +202,7 @@ def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResu
         )
         .order_by(chosen.c.record_id, chosen.c.model_version)
     )
+    query = _in_datasets(query, selection)
     if selection.since is not None:
         query = query.where(chosen.c.classified_at >= selection.since)
     yield from (ScoredResult(*row) for row in _stream(db, query))
@@ -204,14 +226,29 @@ def review_keeps(decision: str | None, reviewed: str) -> bool:
 def _reviewed_condition(
     record_id: sa.ColumnElement[str], label_key: sa.ColumnElement[str], reviewed: str
 ) -> sa.ColumnElement[bool]:
-    """`review_keeps` in SQL: the label's last decision is positive, or is not a rejection."""
-    decisions = latest_decisions()
-    decided = sa.select(decisions.c.id).where(
-        decisions.c.record_id == record_id, decisions.c.label_key == label_key
+    """`review_keeps` in SQL: the label's last decision is positive, or is not a rejection.
+
+    The last decision is looked up for this label alone (the reviews' (record, class)
+    index, then its take-backs by `reverses`), so the check costs the same per label
+    whatever the number of labels or decisions.
+    """
+    taken_back = aliased(Review)
+    last = (
+        sa.select(Review.decision)
+        .where(
+            Review.record_id == record_id,
+            Review.label_key == label_key,
+            Review.decision != TAKE_BACK,
+            ~sa.select(taken_back.id).where(taken_back.reverses == Review.id).exists(),
+        )
+        .order_by(Review.id.desc())
+        .limit(1)
+        .scalar_subquery()
     )
+    decision = sa.func.coalesce(last, "")  # none: "", never NULL, so the negation holds
     if reviewed == "accepted":
-        return decided.where(decisions.c.decision.in_(Decision.POSITIVE)).exists()
-    return ~decided.where(decisions.c.decision == Decision.REJECT).exists()
+        return decision.in_(Decision.POSITIVE)
+    return decision != Decision.REJECT
 
 
 def _stream(db: Database, query: sa.Select) -> Iterator[Any]:

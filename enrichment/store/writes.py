@@ -12,7 +12,6 @@ default, upserts with multi-row INSERTs.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from enrichment.errors import DatabaseError
 from enrichment.store import review_index
+from enrichment.store.columns import scores_literal
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -133,6 +133,7 @@ def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
     """Insert new records and bring known ones up to date; `first_seen` stays the first."""
     if not records:
         return
+    _keep_result_urls(session, records)
     now = utc_now()
     insert = upsert_statement(session, RecordRow.__table__)
     session.execute(
@@ -157,6 +158,52 @@ def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
     )
 
 
+def _keep_result_urls(session: Session, records: Sequence[SourceRecord]) -> None:
+    """Results that share their record's image URL (stored NULL) keep it when it changes.
+
+    A result's URL is the one its image came from: a record whose URL changes
+    leaves its results pointing at the old one, written out before the record
+    takes the new one.
+    """
+    wanted = {record.id: record.image_url for record in records}
+    known = session.execute(
+        sa.select(RecordRow.id, RecordRow.image_url).where(RecordRow.id.in_(wanted))
+    )
+    changed = [record_id for record_id, url in known if url != wanted[record_id]]
+    if not changed:
+        return
+    old_url = (
+        sa.select(RecordRow.image_url).where(RecordRow.id == Result.record_id).scalar_subquery()
+    )
+    session.execute(
+        sa.update(Result)
+        .where(Result.record_id.in_(changed), Result.image_url.is_(None))
+        .values(image_url=sa.func.coalesce(old_url, ""))
+        .execution_options(synchronize_session=False)
+    )
+
+
+def class_concepts(connection: sa.Connection, model_version: str) -> dict[str, str]:
+    """A model version's concept URI by class key (none: an unregistered version)."""
+    classes = connection.execute(
+        sa.select(ModelRow.classes).where(ModelRow.version == model_version)
+    ).scalar()
+    return {entry["key"]: entry["concept"] for entry in classes or ()}
+
+
+def stored_concept(label: LabelScore, concepts: dict[str, str]) -> str:
+    """What a label stores of its concept: "" when it is its class's (read back from the
+    model's classes, `schema.label_concept`), else the concept itself."""
+    return "" if concepts.get(label.key) == label.concept else label.concept
+
+
+def stored_image_url(outcome_url: str | None, record_url: str | None) -> str | None:
+    """What a result stores of its image URL: NULL when it is the record's, "" for none."""
+    if outcome_url == record_url:
+        return None
+    return outcome_url or ""
+
+
 def register_model(
     session: Session,
     version: str,
@@ -167,10 +214,26 @@ def register_model(
     top_k_fallback: int = 0,
 ) -> None:
     """Record a model version; registering it again updates how it decides labels (and the
-    review index, whose margins are to the thresholds, when those change)."""
+    review index, whose margins are to the thresholds, when those change).
+
+    Labels store their concept as "" where it is their class's (`stored_concept`): a class
+    whose concept changes here first writes the old one into its labels.
+    """
     before = session.execute(
         sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
     ).first()
+    now = {entry["key"]: entry["concept"] for entry in classes}
+    for entry in before.classes if before is not None else ():
+        if now.get(entry["key"]) != entry["concept"]:
+            session.execute(
+                sa.update(Label)
+                .where(
+                    Label.model_version == version,
+                    Label.label_key == entry["key"],
+                    Label.concept == "",
+                )
+                .values(concept=entry["concept"])
+            )
     statement = upsert_statement(session, ModelRow.__table__).values(
         version=version,
         name=name,
@@ -209,6 +272,10 @@ RESULT_COLUMNS = (
     "classified_at",
 )
 LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
+STAGED_URL = (
+    "CASE WHEN s.image_url IS NOT DISTINCT FROM r.image_url THEN NULL"
+    " ELSE coalesce(s.image_url, '') END"
+)
 STAGING = (
     # Temporary, so private to the session; emptied at each commit, so never merged twice.
     "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
@@ -236,7 +303,15 @@ def save_outcomes(
     if connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2":
         _copy_outcomes(connection, run_id, model_version, outcomes)
         return
+    concepts = class_concepts(connection, model_version)
     now = utc_now()
+    record_urls = dict(
+        connection.execute(
+            sa.select(RecordRow.id, RecordRow.image_url).where(
+                RecordRow.id.in_([outcome.record_id for outcome in outcomes])
+            )
+        ).all()
+    )
     rows = [
         {
             "record_id": outcome.record_id,
@@ -246,7 +321,7 @@ def save_outcomes(
             "error_reason": outcome.error_reason,
             "error_message": outcome.error_message,
             "scores": outcome.scores,
-            "image_url": outcome.image_url,
+            "image_url": stored_image_url(outcome.image_url, record_urls.get(outcome.record_id)),
             "image_sha256": outcome.image_sha256,
             "source_timestamp": outcome.source_timestamp,
             "classified_at": now,
@@ -276,7 +351,7 @@ def save_outcomes(
             "record_id": outcome.record_id,
             "model_version": model_version,
             "label_key": label.key,
-            "concept": label.concept,
+            "concept": stored_concept(label, concepts),
             "confidence": label.confidence,
         }
         for outcome in outcomes
@@ -299,6 +374,12 @@ def _copy_outcomes(
     outcomes: Sequence[RecordOutcome],
 ) -> None:
     """PostgreSQL: COPY into the staging tables, then one merge per table."""
+    # The staging tables' DDL and the model's classes in one round trip (the last
+    # statement's rows are the answer).
+    classes = connection.exec_driver_sql(
+        STAGING + "; SELECT classes FROM models WHERE version = %s", (model_version,)
+    ).scalar()
+    concepts = {entry["key"]: entry["concept"] for entry in classes or ()}
     now = utc_now()
     results = _copy_text(
         (
@@ -308,16 +389,22 @@ def _copy_outcomes(
             outcome.status,
             outcome.error_reason,
             outcome.error_message,
-            None if outcome.scores is None else json.dumps(outcome.scores),
+            None if outcome.scores is None else scores_literal(outcome.scores),
             outcome.image_url,
-            outcome.image_sha256,
+            None if outcome.image_sha256 is None else "\\x" + outcome.image_sha256,
             outcome.source_timestamp,
             now,
         )
         for outcome in outcomes
     )
     labels = _copy_text(
-        (outcome.record_id, model_version, label.key, label.concept, label.confidence)
+        (
+            outcome.record_id,
+            model_version,
+            label.key,
+            stored_concept(label, concepts),
+            label.confidence,
+        )
         for outcome in outcomes
         for label in outcome.labels
     )
@@ -325,7 +412,6 @@ def _copy_outcomes(
     # driver's cursor, on the same connection and so in the same transaction.
     # No TRUNCATE: the staging tables empty at each commit, and rows left by an earlier
     # call in the same transaction would only be merged again to the same result.
-    connection.exec_driver_sql(STAGING)
     cursor = connection.connection.dbapi_connection.cursor()
     try:
         cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
@@ -335,8 +421,13 @@ def _copy_outcomes(
         cursor.close()
     updated = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
     columns = ", ".join(RESULT_COLUMNS)
+    # The image URL as `stored_image_url` has it, against the record's (a join by key).
+    staged = ", ".join(
+        STAGED_URL if name == "image_url" else f"s.{name}" for name in RESULT_COLUMNS
+    )
     connection.exec_driver_sql(
-        f"INSERT INTO results ({columns}) SELECT {columns} FROM stage_results"
+        f"INSERT INTO results ({columns}) SELECT {staged} FROM stage_results s"
+        " LEFT JOIN records r ON r.id = s.record_id"
         f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
     )
     connection.exec_driver_sql(
