@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 import torch
 from PIL import Image, ImageDraw
@@ -50,13 +51,22 @@ def pg_url(postgres: PostgresServer | str) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer | str]:
+def redis_process() -> Iterator[RedisServer | str]:
     if os.environ.get("TEST_REDIS_URL"):
         yield os.environ["TEST_REDIS_URL"]
         return
     server = RedisServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def redis_server(redis_process: RedisServer | str) -> RedisServer | str:
+    """The session's Redis, emptied: a message an earlier test left in a queue (a batch id
+    of its own database) must not reach this test's workers, whose batch ids are the same."""
+    url = redis_process if isinstance(redis_process, str) else redis_process.url
+    redis.Redis.from_url(url).flushall()
+    return redis_process
 
 
 @pytest.fixture(scope="session")

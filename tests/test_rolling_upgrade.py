@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from enrichment.model.spec import read_model_json
 from enrichment.runs.schedule import version_queue
@@ -31,10 +30,8 @@ from tests.test_worker_runtime import Db, stack_env, start
 
 @pytest.fixture
 def broker(redis_server) -> str:
-    """The session's Redis, emptied, so no message of an earlier test reaches this one."""
-    url = redis_server if isinstance(redis_server, str) else redis_server.url
-    redis.Redis.from_url(url).flushall()
-    return url
+    """The URL of the session's Redis, emptied for this test (`redis_server`)."""
+    return redis_server if isinstance(redis_server, str) else redis_server.url
 
 
 @pytest.fixture

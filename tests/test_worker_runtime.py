@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 import sqlalchemy as sa
 
 from enrichment.store.schema import utc_now
@@ -22,10 +21,8 @@ from tests.services import CeleryWorker, PostgresServer, RedisServer, wait_for
 
 @pytest.fixture
 def broker(redis_server) -> str:
-    """The session's Redis, emptied, so no message of an earlier test reaches this one."""
-    url = redis_server if isinstance(redis_server, str) else redis_server.url
-    redis.Redis.from_url(url).flushall()
-    return url
+    """The URL of the session's Redis, emptied for this test (`redis_server`)."""
+    return redis_server if isinstance(redis_server, str) else redis_server.url
 
 
 def stack_env(database_url: str, broker_url: str, model: Path, **extra: str) -> dict[str, str]:
