@@ -38,13 +38,17 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from werkzeug.datastructures import MultiDict
 
 from enrichment.cli import cli
+from enrichment.errors import InvalidValue
 from enrichment.model.compare import compare, wilson
+from enrichment.review.params import queue_filter
 from enrichment.sources.records_file import Record
 from enrichment.store.comparison import Disagreement, disagree_condition, disagreements
 from enrichment.store.database import Database
 from enrichment.store.decisions import NewDecision, record_decisions
+from enrichment.store.review_queue import MAX_LIMIT, QueueFilter, queue_page
 from enrichment.store.schema import Label, Outcome
 from enrichment.store.writes import (
     LabelScore,
@@ -253,3 +257,31 @@ def test_wilson_matches_a_published_table() -> None:
     interval = wilson(81, 263)
     assert interval is not None
     assert (round(interval.low, 4), round(interval.high, 4)) == (0.2553, 0.3662)
+
+
+def test_the_review_queue_shows_the_disagreements(db: Database) -> None:
+    """The review app's `disagree=A,B` filter: the same (record, class) pairs as
+    `disagreements`, pending ones without a decision, unknown versions refused."""
+    everything = queue_page(db, QueueFilter(disagree=(A, B), state="any", limit=MAX_LIMIT))
+    assert {(item.record_id, item.label_key) for item in everything.items} == {
+        (record_id("p10"), "photograph"),
+        (record_id("p11"), "photograph"),
+        (record_id("r1"), "drawing"),
+        (record_id("r1"), "painting"),
+        (record_id("r2"), "photograph"),
+    }
+    margins = [abs(item.confidence - item.threshold) for item in everything.items]
+    assert margins == sorted(margins)
+    pending = queue_page(db, QueueFilter(disagree=(A, B), limit=MAX_LIMIT))
+    assert {(item.record_id, item.label_key) for item in pending.items} == {
+        (record_id("r1"), "painting"),
+        (record_id("r2"), "photograph"),
+    }
+    with pytest.raises(InvalidValue, match="unknown model version pilot@nothing"):
+        queue_page(db, QueueFilter(disagree=(A, "pilot@nothing")))
+    with pytest.raises(InvalidValue, match="two different model versions"):
+        queue_page(db, QueueFilter(disagree=(A, A)))
+    args = MultiDict({"disagree": f"{A},{B}", "state": "any"})
+    assert queue_filter(args, 50).disagree == (A, B)
+    with pytest.raises(InvalidValue, match="A,B"):
+        queue_filter(MultiDict({"disagree": A}), 50)

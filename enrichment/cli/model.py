@@ -379,7 +379,7 @@ def evaluate(directory: Path, data_path: Path, inference_batch: int, as_json: bo
     "list_disagreements",
     is_flag=True,
     help="Instead, list each label only one of them gives (record, class, version giving it), "
-    "to hand to curators.",
+    "to hand to curators; the review app shows the same items at /?disagree=A,B.",
 )
 def compare(
     version_a: str, version_b: str, as_json: bool, html_path: Path | None, list_disagreements: bool

@@ -31,6 +31,7 @@ QUEUE_PARAMETERS = (
     "audit",
     "limit",
     "after",
+    "disagree",
 )
 
 
@@ -68,7 +69,18 @@ def queue_filter(args: Any, default_limit: int) -> QueueFilter:
         limit=default_limit if limit is None else limit,
         offset=_number(args, "offset", int) or 0,
         after=Cursor.from_text(args["after"]) if args.get("after") else None,
+        disagree=_version_pair(args.get("disagree")),
     )
+
+
+def _version_pair(raw: str | None) -> tuple[str, str] | None:
+    """`disagree=A,B`: the two model versions whose disagreements to show."""
+    if not raw:
+        return None
+    first, comma, second = raw.partition(",")
+    if not comma or not first.strip() or not second.strip() or "," in second:
+        raise InvalidValue("disagree", "disagree is two model versions: A,B")
+    return first.strip(), second.strip()
 
 
 def decision_from_json(document: Any) -> NewDecision:

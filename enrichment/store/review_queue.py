@@ -153,6 +153,7 @@ def _indexed(filters: QueueFilter) -> bool:
         and filters.model_version is None
         and filters.min_score is None
         and filters.max_score is None
+        and filters.disagree is None
         and (filters.audit or filters.state in ("pending", "any"))
     )
 

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from enrichment.errors import InvalidValue
 from enrichment.store.columns import score_at
+from enrichment.store.comparison import disagree_condition
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
@@ -278,6 +279,10 @@ def _items_query(
         query = query.where(items.c.confidence >= filters.min_score)
     if filters.max_score is not None:
         query = query.where(items.c.confidence <= filters.max_score)
+    if filters.disagree is not None:
+        query = query.where(
+            disagree_condition(items.c.record_id, items.c.label_key, *filters.disagree)
+        )
     if filters.side == "above" or filters.audit:
         query = query.where(Label.record_id.is_not(None))
     elif filters.side == "below":

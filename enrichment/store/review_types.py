@@ -81,6 +81,9 @@ class QueueFilter:
     offset: int = 0
     # Keyset paging: only items ordered after this one (see `Cursor`); not for the audit.
     after: Cursor | None = None
+    # Two model versions: only the items where exactly one of them gives the label, on
+    # records both classified (`store.comparison.disagree_condition`), as a rollout reviews them.
+    disagree: tuple[str, str] | None = None
 
     def check(self) -> None:
         """Refuse values out of range (what needs the database is `check_filter`'s)."""
@@ -110,6 +113,7 @@ class QueueFilter:
             model_version=self.model_version,
             state=state,
             limit=MAX_LIMIT,
+            disagree=self.disagree,
         )
 
 
@@ -193,6 +197,12 @@ def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClass
     models = model_classes(session)
     if filters.model_version is not None and filters.model_version not in models:
         raise InvalidValue("model_version", f"unknown model version {filters.model_version}")
+    if filters.disagree is not None:
+        unknown_versions = [version for version in filters.disagree if version not in models]
+        if unknown_versions:
+            raise InvalidValue("disagree", f"unknown model version {unknown_versions[0]}")
+        if filters.disagree[0] == filters.disagree[1]:
+            raise InvalidValue("disagree", "disagree names two different model versions")
     if (
         filters.run_id is not None
         and session.execute(sa.select(Run.id).where(Run.id == filters.run_id)).first() is None
