@@ -126,6 +126,14 @@ def load(url: str, labels: int) -> dict[str, int]:
                 for n, rid in enumerate(map(record_id, range(records)))
             ),
         )
+        # Which result counts for each record, as `save_outcomes` stores it beside the result
+        # (one version here, so its own); the export reads it.
+        _copy(
+            cursor,
+            "current_results",
+            "record_id, model_version",
+            (f"{rid},{VERSION}\n" for rid in map(record_id, range(records))),
+        )
         _copy(
             cursor,
             "labels",
