@@ -88,6 +88,19 @@ class CommittedPage:
     batch_ids: list[int]
 
 
+def _register(session: Session, model: ModelRegistration) -> None:
+    """Register the model a run is for (again, when it was recalibrated)."""
+    register_model(
+        session,
+        model.version,
+        model.name,
+        model.architecture,
+        model.classes,
+        model.thresholds,
+        model.top_k_fallback,
+    )
+
+
 def start_run(
     db: Database,
     model: ModelRegistration,
@@ -109,15 +122,7 @@ def start_run(
         if busy is not None:
             raise UnfinishedRun(busy)
         refuse_retired(session, model.version)
-        register_model(
-            session,
-            model.version,
-            model.name,
-            model.architecture,
-            model.classes,
-            model.thresholds,
-            model.top_k_fallback,
-        )
+        _register(session, model)
         previous = None if full else _last_completed(session, scope, model.version)
         run = Run(
             kind=kind,
@@ -421,15 +426,7 @@ def move_run(db: Database, run_id: int, model: ModelRegistration) -> int:
                 f"run {run_id} has nothing left to move to model {model.version}: "
                 f"it is {run.status} with every batch finished"
             )
-        register_model(
-            session,
-            model.version,
-            model.name,
-            model.architecture,
-            model.classes,
-            model.thresholds,
-            model.top_k_fallback,
-        )
+        _register(session, model)
         run.model_version = model.version
         if unfinished:
             session.execute(
