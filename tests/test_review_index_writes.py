@@ -223,3 +223,16 @@ def test_exact_score_in_sql_is_exact_scores_to_the_last_bit(pg_url: str) -> None
         ).all()
     engine.dispose()
     assert read == exact_scores(values.tolist())
+
+
+def test_a_failing_batch_raises_sqlalchemys_error_and_leaves_nothing(pg_url: str) -> None:
+    """The COPY path's statements go through the driver's cursor; their errors still arrive
+    as SQLAlchemy's (what callers catch: `database.TRANSIENT_ERRORS` for a blip)."""
+    db = Database(pg_url)
+    db.upgrade()
+    with db.transaction() as session:
+        register_model(session, OLD, "idx", "resnet18", classes(), THRESHOLDS)
+    with pytest.raises(sa.exc.IntegrityError, match="results_record_id_fkey"):
+        write(db, OLD, first_batch())  # no such records
+    assert stored(db) == ({}, [])
+    db.dispose()

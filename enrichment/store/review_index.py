@@ -18,11 +18,12 @@ few items per record rather than one per class: the queue's pages beyond the
 band are read from `results` as before (`review_queue` does), so answers stay
 exact at any depth.
 
-Both tables are kept by the transaction that writes results (`refresh`, called
-by `save_outcomes`), rebuilt for a model version whose thresholds change
-(`register_model`), and built whole by migration 0011 (`rebuild`). Margins are
-computed in Python from the scores, with the thresholds as `store.models` reads
-them, the same arithmetic in double precision as the queue's SQL.
+Both tables are kept by the transaction that writes results (`save_outcomes`:
+`refresh` in Python, or on PostgreSQL `staged_sql`, set-based SQL sent with the
+batch), rebuilt for a model version whose thresholds change (`register_model`),
+and built whole by migration 0011 (`rebuild`). Margins are the queue's: |score -
+threshold| in double precision, the score as `Scores` reads it (in SQL,
+`columns.exact_score`), the threshold as `store.models` reads it.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def refresh(
     The current result of each record is worked out again from its few results; the
     items come from the scores just written, or, where another version's result counts
     (this one failed), from that result's stored scores. PostgreSQL's COPY path has its
-    own: `refresh_staged`.
+    own, in SQL: `staged_sql`.
     """
     written = {record_id: (scores, list(keys)) for record_id, scores, keys in outcomes}
     models = model_classes(connection)

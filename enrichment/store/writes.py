@@ -5,8 +5,10 @@ results and replaces its labels in one transaction, so a batch that runs twice
 leaves the same rows. On PostgreSQL a batch is streamed with COPY into
 session-local staging tables and merged with one `INSERT ... SELECT ... ON
 CONFLICT` per table: COPY parses rows several times faster than multi-row
-INSERTs, and the merge keeps the upsert's idempotence. SQLite, the embedded
-default, upserts with multi-row INSERTs.
+INSERTs, and the merge keeps the upsert's idempotence. The merges and the review
+index's upkeep travel in the COPY's own query string, so a batch costs the server
+one or two round trips. SQLite, the embedded default, upserts with multi-row
+INSERTs.
 """
 
 from __future__ import annotations
@@ -416,7 +418,7 @@ def _copy_outcomes(
     results = "".join(_result_line(outcome, version, run, now) for outcome in outcomes)
     labels = "".join(
         f"{copy_text(outcome.record_id)}\t{version}\t{copy_text(label.key)}"
-        f"\t{copy_text(label.concept)}\t{label.confidence!r}\n"
+        f"\t{copy_text(label.concept)}\t{float(label.confidence)!r}\n"
         for outcome in outcomes
         for label in outcome.labels
     )
