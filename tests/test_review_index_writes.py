@@ -5,10 +5,10 @@ rows for the outcomes written, whichever version's result counts for a record.
 The cases: a score exactly at threshold - BAND and at threshold + BAND (in the band by
 double-precision arithmetic) and one a hair beyond it; a raw float32 score (not a 6-decimal
 number); labels above and below threshold (a fallback) and outside the band; a score vector
-shorter than the classes with a label on the missing class; a failed result whose record's
-other version counts; a failed result with no other; a non-finite score (stored as a
-failure); a record classified again by the older version later; a batch written twice; two
-batches in one transaction.
+shorter than the classes with a label on the missing class; a labelled result with no score
+vector; a failed result whose record's other version counts; a failed result with no other;
+a non-finite score (stored as a failure); a record classified again by the older version
+later; a batch written twice; two batches in one transaction.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def first_batch() -> list[RecordOutcome]:
         labelled("/1/old-again", [0.49, 0.29, 0.44, 0.69], ()),
         RecordOutcome.failed("/1/never", "http_404", "gone"),
         labelled("/1/nan-later", [0.52, 0.1, 0.1, 0.1], ("map",)),
+        # Labelled with no score vector at all: its labels are items without a margin.
+        RecordOutcome("/1/no-scores", "labelled", labels=[LabelScore("map", "http://m", 0.9)]),
     ]
 
 
@@ -157,6 +159,7 @@ def test_the_writes_keep_item_rows_rows_of_the_current_results(db: Database) -> 
         "/1/fallback": OLD,
         "/1/fails-later": OLD,  # NEW failed: OLD's result counts, its items from its scores
         "/1/nan-later": OLD,  # NEW's NaN made it a failure
+        "/1/no-scores": OLD,
         "/1/old-again": OLD,  # classified by OLD after NEW
         "/1/raw": NEW,
         "/1/short": OLD,
@@ -170,6 +173,7 @@ def test_the_writes_keep_item_rows_rows_of_the_current_results(db: Database) -> 
     assert [row[1] for row in edges] == ["map", "coin"]
     assert ("/1/short", "coin") not in by_item and by_item[("/1/short", "drawing")][3] is None
     assert ("/1/never", "map") not in by_item
+    assert by_item[("/1/no-scores", "map")][3:5] == (None, True)
     # What the writes keep is what a rebuild from `results` gives.
     review_index.rebuild(db)
     assert stored(db) == (current, items)

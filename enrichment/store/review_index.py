@@ -111,8 +111,8 @@ def refresh(
     rows = [
         row
         for record_id, (scores, keys) in written.items()
-        if scores is not None and current.get(record_id) == model_version
-        for row in item_rows(record_id, models[model_version], scores, keys)
+        if current.get(record_id) == model_version
+        for row in item_rows(record_id, models[model_version], scores or [], keys)
     ]
     others = sorted((r, v) for r, v in current.items() if v != model_version)
     rows.extend(_rows_from_results(connection, others, models, Result.__table__))
