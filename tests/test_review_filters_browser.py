@@ -231,6 +231,34 @@ def test_the_disagreement_filter_is_shown_kept_and_cleared(
     assert "unknown model version pilot@nothing" in refused.text
 
 
+def test_every_filter_survives_the_show_button(
+    two_versions: ReviewServer,
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two classes and two datasets (as a link names them, each repeated), a page size and a
+    state: Show, pressed without a change, shows the same queue, not a wider one."""
+    start = (
+        "/queue?label=photograph&label=map&dataset=9001&dataset=9002"
+        f"&model_version={NEWER}&state=any&side=above&limit=3"
+    )
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        tab, _ = browser.load(two_versions.url + start, 1280)
+        before = browser.evaluate(tab, TILES)
+        total = browser.evaluate(tab, "document.getElementById('total').innerText")
+        assert len(before) == 3 and total == "5"  # NEWER's photograph and map labels
+        mark_page(browser, tab)
+        click(browser, tab, ".filters button[type=submit]")
+        new_page(browser, tab, "the queue after Show")
+        assert sorted(query(browser, tab, "label")) == ["map", "photograph"]
+        assert query(browser, tab, "limit") == ["3"]
+        assert browser.evaluate(tab, TILES) == before
+        assert browser.evaluate(tab, "document.getElementById('total').innerText") == total
+    finally:
+        browser.close()
+
+
 # Twenty classes whose names and keys are long: words, and unbroken URIs.
 WIDE = "wide@eeeeeeeeeeee"
 WIDE_LABELS = [
