@@ -288,7 +288,7 @@ def wide_server(pg_url: str, image_host, tmp_path: Path) -> Iterator[tuple[Revie
             f"http://data.europeana.eu/item/9301/item_{n}",
             image,
             "Museum of Long Names " * 6,
-            title="A title that goes on " * 12 + f"({n})",
+            title="A title that goes on " * 12 + f"IMG_{'0123456789' * 10}_{n}",
         )
         for n in range(3)
     ]
