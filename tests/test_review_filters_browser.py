@@ -236,11 +236,12 @@ def test_every_filter_survives_the_show_button(
     chromium: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """Two classes and two datasets (as a link names them, each repeated), a page size and a
-    state: Show, pressed without a change, shows the same queue, not a wider one."""
+    """Two classes and two datasets (as a link names them, each repeated), a model, a state,
+    a side, a score range and a page size: Show, pressed without a change, shows the same
+    queue, not a wider one."""
     start = (
         "/queue?label=photograph&label=map&dataset=9001&dataset=9002"
-        f"&model_version={NEWER}&state=any&side=above&limit=3"
+        f"&model_version={NEWER}&state=any&side=above&min_score=0.05&max_score=0.99&limit=3"
     )
     browser = DevTools(chromium, tmp_path / "profile")
     try:
@@ -252,7 +253,12 @@ def test_every_filter_survives_the_show_button(
         click(browser, tab, ".filters button[type=submit]")
         new_page(browser, tab, "the queue after Show")
         assert sorted(query(browser, tab, "label")) == ["map", "photograph"]
-        assert query(browser, tab, "limit") == ["3"]
+        assert query(browser, tab, "dataset") == ["9001, 9002"]  # one box, both datasets
+        kept = {"model_version": NEWER, "state": "any", "side": "above", "limit": "3"}
+        kept |= {"min_score": "0.05", "max_score": "0.99"}
+        assert {name: query(browser, tab, name) for name in kept} == {
+            name: [value] for name, value in kept.items()
+        }
         assert browser.evaluate(tab, TILES) == before
         assert browser.evaluate(tab, "document.getElementById('total').innerText") == total
     finally:
