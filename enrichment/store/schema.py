@@ -171,7 +171,8 @@ class Result(Base):
     __table_args__ = (
         Index("ix_results_model_status", "model_version", "status"),
         # The dedupe of identical images looks digests up by equality only: on PostgreSQL a
-        # hash index (a 4-byte hash an entry, no NULLs: half the b-tree of 32-byte digests).
+        # hash index (a 4-byte hash an entry, no NULLs), 40 % smaller than the b-tree of the
+        # 32-byte digests (docs/scale.md).
         Index("ix_results_image_sha256", "image_sha256", postgresql_using="hash"),
     )
 
@@ -223,8 +224,8 @@ def dataset_range(dataset: str) -> tuple[str, str]:
 def of_datasets(
     record_id: sa.ColumnElement[str], datasets: Sequence[str]
 ) -> sa.ColumnElement[bool]:
-    """The rows whose record id is of one of these datasets: a range scan of an index that
-    starts with the record id (`RecordId`), one range a dataset."""
+    """The rows whose record id is of one of these datasets (at least one): a range scan of
+    an index that starts with the record id (`RecordId`), one range a dataset."""
     return sa.or_(
         *(
             sa.and_(record_id >= low, record_id < high)
