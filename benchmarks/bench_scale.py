@@ -64,7 +64,8 @@ from sqlalchemy.dialects import postgresql
 from enrichment.model.spec import decide
 from enrichment.runs.service import europeana_scope
 from enrichment.sources.europeana import SearchQuery, whole_collection_query
-from enrichment.store import writes
+from enrichment.sources.records_file import ITEM_URI_BASE
+from enrichment.store import schema, writes
 from enrichment.store.database import Database
 from enrichment.store.schema import Base, Run, RunStatus
 from enrichment.store.writes import register_model
@@ -158,6 +159,12 @@ REVIEWERS = tuple(f"curator-{n}" for n in range(1, 7))
 # URL itself, or the store's own rule where it has one (NULL where it is the record's).
 stored_url: Callable[[str | None, str | None], str | None] = getattr(
     writes, "stored_image_url", lambda outcome_url, record_url: outcome_url
+)
+
+# What a record stores of its item URI (every record's is the one its id gives): the URI
+# itself, or the store's own rule where it has one (NULL).
+stored_item_uri: Callable[[str, str], str | None] = getattr(
+    schema, "stored_item_uri", lambda record_id, item_uri: item_uri
 )
 
 
@@ -307,7 +314,7 @@ class Generator:
         records: Columns = {
             "id": ids,
             "dataset": [dataset.id for dataset, _ in part],
-            "item_uri": [f"http://data.europeana.eu/item{record}" for record in ids],
+            "item_uri": [stored_item_uri(record, ITEM_URI_BASE + record) for record in ids],
             "image_url": previews,
             "provider": [dataset.provider for dataset, _ in part],
             "title": [self.titles[i] for i in rng.integers(0, len(self.titles), n)],

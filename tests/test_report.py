@@ -38,6 +38,7 @@ from enrichment.report.report import (
 from enrichment.store.database import Database
 from enrichment.store.query import RunSummary
 from enrichment.store.reporting import LabelledRecord
+from enrichment.store.schema import item_uri_of
 from tests.conftest import enrich, image_bytes, write_jsonl
 from tests.scenario import PICTURES, build_scenario
 
@@ -275,7 +276,10 @@ def test_report_has_every_section_with_the_database_counts(finished_run: Finishe
         assert found == [(reason,)]
 
     gallery = document.one("section", id="gallery")
-    items = dict(query(database, "SELECT id, item_uri FROM records"))
+    items = {
+        record: item_uri_of(record, stored)
+        for record, stored in query(database, "SELECT id, item_uri FROM records")
+    }
     for key in keys:
         ranked = [
             record

@@ -34,7 +34,10 @@ pages = Blueprint("pages", __name__)
 
 @pages.get("/")
 def home() -> Any:
-    return redirect(url_for("pages.queue"))
+    """The queue, with the query kept: `enrich model compare --disagreements` and
+    docs/rollout.md hand curators `/?disagree=A,B`."""
+    query = request.query_string.decode("latin-1")
+    return redirect(url_for("pages.queue") + (f"?{query}" if query else ""))
 
 
 @pages.get("/queue")
@@ -61,6 +64,7 @@ def queue() -> Any:
         next_link=f"{base}?{urlencode(page_query(request.args, after=after))}" if after else None,
         first_link=f"{base}?{urlencode(page_query(request.args, after=None))}",
         progress_query=urlencode(page_query(request.args, after=None)),
+        whole_queue_link=f"{base}?{urlencode(page_query(request.args, after=None, disagree=None))}",
         filters=filters,
         classes=classes,
         versions=sorted(models),

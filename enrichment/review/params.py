@@ -54,7 +54,13 @@ def _number(args: Any, name: str, kind: Callable[[str], Any]) -> Any:
 def queue_filter(args: Any, default_limit: int) -> QueueFilter:
     """A QueueFilter from query parameters, as the API documents them."""
     classes = tuple(value for value in args.getlist("label") if value)
-    datasets = tuple(value for value in args.getlist("dataset") if value)
+    # The queue's form sends the datasets as one comma-separated box: "9101, 9102".
+    datasets = tuple(
+        part.strip()
+        for value in args.getlist("dataset")
+        for part in value.split(",")
+        if part.strip()
+    )
     limit = _number(args, "limit", int)
     return QueueFilter(
         classes=classes,

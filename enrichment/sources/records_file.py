@@ -17,8 +17,8 @@ from urllib.parse import unquote
 
 from enrichment.errors import RecordIdError, RecordsFileError
 from enrichment.sources.tabular import CSV, JSONL, read_rows, table_format
+from enrichment.store.schema import ITEM_URI_BASE
 
-ITEM_URI_BASE = "http://data.europeana.eu/item"
 MAX_ID_LENGTH = 512  # records.id
 MAX_DATASET_LENGTH = 128  # records.dataset
 FORBIDDEN_IN_ID = frozenset('<>"{}|\\^`?#')

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 
 from enrichment.store.review_tables import CurrentResult
-from enrichment.store.schema import Outcome, RecordRow, Result
+from enrichment.store.schema import Outcome, Result, of_datasets
 
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
 
@@ -76,11 +76,7 @@ def current_results(
         Result.image_url,
         Result.classified_at,
     )
-    in_datasets = (
-        [Result.record_id.in_(sa.select(RecordRow.id).where(RecordRow.dataset.in_(datasets)))]
-        if datasets
-        else []
-    )
+    in_datasets = [of_datasets(Result.record_id, datasets)] if datasets else []
     if run_id is not None or model_version is not None:
         scope = [Result.status.in_(CLASSIFIED), *in_datasets]
         if run_id is not None:

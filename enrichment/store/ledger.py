@@ -20,7 +20,7 @@ from sqlalchemy import Boolean, DateTime, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from enrichment.store.database import Database
-from enrichment.store.schema import Base, utc_now
+from enrichment.store.schema import Base, RecordId, utc_now
 
 # Rejections listed by `enrich publish --status`.
 ERRORS_SHOWN = 10
@@ -56,7 +56,7 @@ class Publication(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     api_url: Mapped[str] = mapped_column(Text)
-    record_id: Mapped[str] = mapped_column(String(512), index=True)
+    record_id: Mapped[str] = mapped_column(RecordId, index=True)
     label_key: Mapped[str] = mapped_column(String(100))
     concept: Mapped[str] = mapped_column(Text)
     model_version: Mapped[str] = mapped_column(String(120), index=True)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from enrichment.store.current import current_results
 from enrichment.store.database import Database
 from enrichment.store.ledger import UNSETTLED, Publication, PublicationState
-from enrichment.store.schema import RecordRow, Result, utc_now
+from enrichment.store.schema import RecordRow, Result, of_datasets, record_item_uri, utc_now
 from enrichment.store.selection import Selection
 
 S = PublicationState
@@ -107,11 +107,7 @@ def entries_published_by(
     if selection.model_version is not None:
         scope.append(Publication.model_version == selection.model_version)
     if selection.datasets:
-        scope.append(
-            Publication.record_id.in_(
-                sa.select(RecordRow.id).where(RecordRow.dataset.in_(selection.datasets))
-            )
-        )
+        scope.append(of_datasets(Publication.record_id, selection.datasets))
     if selection.run_id is not None:
         scope.append(
             Publication.record_id.in_(
@@ -153,7 +149,7 @@ def unsettled_intents(db: Database, api_url: str) -> list[UnsettledIntent]:
             Publication.state,
             Publication.concept,
             Publication.annotation_id,
-            RecordRow.item_uri,
+            record_item_uri(RecordRow.item_uri, RecordRow.id).label("item_uri"),
         )
         .join(RecordRow, RecordRow.id == Publication.record_id)
         .where(

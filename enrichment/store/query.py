@@ -22,6 +22,7 @@ from enrichment.store.schema import (
     Run,
     RunStatus,
     label_concept,
+    of_datasets,
     result_image_url,
     utc_now,
 )
@@ -199,7 +200,7 @@ def record_results(
 
     With datasets, dataset after dataset (in name order), each in record id
     order: a page is the next records of one dataset after the last one read
-    (the records' (dataset, id) index), then their results by key, so a page
+    (a range of the records' primary key), then their results by key, so a page
     costs the same whatever the dataset's or the collection's size.
     """
     if run_id is not None:
@@ -212,7 +213,7 @@ def record_results(
         while True:
             query = (
                 sa.select(RecordRow.id)
-                .where(RecordRow.dataset == dataset)
+                .where(of_datasets(RecordRow.id, [dataset]))
                 .order_by(RecordRow.id)
                 .limit(PAGE)
             )

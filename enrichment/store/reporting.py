@@ -22,7 +22,14 @@ from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.query import check_run_id
-from enrichment.store.schema import Label, RecordRow, Result, Run, shown_image_url
+from enrichment.store.schema import (
+    Label,
+    RecordRow,
+    Result,
+    Run,
+    record_item_uri,
+    shown_image_url,
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class RunReading:
             .join(RecordRow, RecordRow.id == Label.record_id)
             .with_only_columns(
                 Label.record_id,
-                RecordRow.item_uri,
+                record_item_uri(RecordRow.item_uri, RecordRow.id).label("item_uri"),
                 RecordRow.provider,
                 shown_image_url(Result.image_url, RecordRow.image_url),
                 Label.confidence,

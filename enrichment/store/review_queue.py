@@ -65,7 +65,7 @@ from enrichment.store.review_types import (
     registered_models,
 )
 from enrichment.store.reviews import Review, latest_decisions, standing
-from enrichment.store.schema import RecordRow, Result, utc_now
+from enrichment.store.schema import RecordRow, Result, item_uri_of, utc_now
 
 # What the review app, the CLI and exports import from here.
 __all__ = [
@@ -325,7 +325,7 @@ def _indexed_items(
                 record.title or None,
                 record.provider,
                 record.dataset,
-                item_page(record.item_uri),
+                item_page(item_uri_of(record.id, record.item_uri)),
             )
         )
     return items

@@ -36,7 +36,7 @@ from enrichment.store.review_types import (
     item_page,
 )
 from enrichment.store.reviews import Decision, latest_decisions
-from enrichment.store.schema import Label, RecordRow, Result, shown_image_url
+from enrichment.store.schema import Label, RecordRow, Result, record_item_uri, shown_image_url
 
 
 def scanned_rows(
@@ -327,7 +327,11 @@ def scanned_item(row: Any) -> Item:
 def _with_records(items: sa.Subquery) -> sa.Select:
     """Items with their record's title, provider and dataset (and `labelled`, if missing)."""
     query = sa.select(
-        items, RecordRow.title, RecordRow.provider, RecordRow.dataset, RecordRow.item_uri
+        items,
+        RecordRow.title,
+        RecordRow.provider,
+        RecordRow.dataset,
+        record_item_uri(RecordRow.item_uri, RecordRow.id).label("item_uri"),
     ).join(RecordRow, RecordRow.id == items.c.record_id)
     if "labelled" not in items.c:
         labelled = sa.exists().where(

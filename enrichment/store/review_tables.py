@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy import Boolean, Float, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from enrichment.store.schema import Base
+from enrichment.store.schema import Base, RecordId
 
 
 class CurrentResult(Base):
@@ -15,7 +15,7 @@ class CurrentResult(Base):
 
     __tablename__ = "current_results"
 
-    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    record_id: Mapped[str] = mapped_column(RecordId, primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120))
 
 
@@ -35,7 +35,7 @@ class ReviewItem(Base):
         ),
     )
 
-    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    record_id: Mapped[str] = mapped_column(RecordId, primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120))
     # |score - threshold|; None only for a labelled class the score vector lacks.

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import Boolean, DateTime, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from enrichment.store.schema import Base, utc_now
+from enrichment.store.schema import Base, RecordId, utc_now
 
 
 class Decision(enum.StrEnum):
@@ -46,7 +46,7 @@ class Review(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    record_id: Mapped[str] = mapped_column(String(512))
+    record_id: Mapped[str] = mapped_column(RecordId)
     label_key: Mapped[str] = mapped_column(String(100))
     model_version: Mapped[str] = mapped_column(String(120))
     decision: Mapped[str] = mapped_column(String(10))

@@ -9,6 +9,7 @@ and SQLite compare them the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -38,6 +39,19 @@ def as_utc_naive(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is None:
         return value
     return value.astimezone(UTC).replace(tzinfo=None)
+
+
+# A record's item page where Europeana serves it: the base followed by the record's id.
+# Records store their item URI as NULL where it is exactly that (nearly every record);
+# read it through `record_item_uri` (SQL) or `item_uri_of` (Python).
+ITEM_URI_BASE = "http://data.europeana.eu/item"
+
+# A record's id ("/DATASET/LOCAL") and every column that holds one. PostgreSQL compares
+# it bytewise (COLLATE "C", as SQLite compares text) so that a dataset's records are one
+# range of every index that starts with a record id (`of_datasets`), whatever the
+# database's own collation; columns joined to `records.id` share its collation, since
+# PostgreSQL uses an index for a join only where both sides' collations agree.
+RecordId = String(512).with_variant(String(512, collation="C"), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -113,15 +127,15 @@ class Batch(Base):
 
 
 class RecordRow(Base):
+    """A collection record. Its dataset is its id's first segment, so the primary key serves
+    a dataset's records as one range (`of_datasets`): no index of its own."""
+
     __tablename__ = "records"
 
-    # (dataset, id): a per-dataset command pages through one dataset's records in id order,
-    # so each page costs the same however many records the collection holds.
-    __table_args__ = (Index("ix_records_dataset_id", "dataset", "id"),)
-
-    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    id: Mapped[str] = mapped_column(RecordId, primary_key=True)
     dataset: Mapped[str] = mapped_column(String(128))
-    item_uri: Mapped[str] = mapped_column(Text)
+    # NULL where it is ITEM_URI_BASE + id: read it through `record_item_uri`.
+    item_uri: Mapped[str | None] = mapped_column(Text)
     image_url: Mapped[str | None] = mapped_column(Text)
     provider: Mapped[str | None] = mapped_column(Text)
     title: Mapped[str | None] = mapped_column(Text)
@@ -156,9 +170,10 @@ class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
         Index("ix_results_model_status", "model_version", "status"),
-        # The dedupe of identical images looks digests up: 32 bytes an entry, half the
-        # hex text's.
-        Index("ix_results_image_sha256", "image_sha256"),
+        # The dedupe of identical images looks digests up by equality only: on PostgreSQL a
+        # hash index (a 4-byte hash an entry, no NULLs), 40 % smaller than the b-tree of the
+        # 32-byte digests (docs/scale.md).
+        Index("ix_results_image_sha256", "image_sha256", postgresql_using="hash"),
     )
 
     record_id: Mapped[str] = mapped_column(
@@ -178,6 +193,45 @@ class Result(Base):
     image_sha256: Mapped[str | None] = mapped_column(Sha256())
     source_timestamp: Mapped[datetime | None] = mapped_column(DateTime)
     classified_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+
+
+def stored_item_uri(record_id: str, item_uri: str) -> str | None:
+    """What a record stores of its item URI: NULL where it is the one its id gives."""
+    return None if item_uri == ITEM_URI_BASE + record_id else item_uri
+
+
+def item_uri_of(record_id: str, stored: str | None) -> str:
+    """A record's item URI from its stored form (`stored_item_uri`)."""
+    return ITEM_URI_BASE + record_id if stored is None else stored
+
+
+def record_item_uri(
+    item_uri: sa.ColumnElement[str | None], record_id: sa.ColumnElement[str]
+) -> sa.ColumnElement[str]:
+    """A record's item URI from its stored form, in SQL (`item_uri_of`)."""
+    return sa.func.coalesce(item_uri, sa.literal(ITEM_URI_BASE, Text) + record_id, type_=Text)
+
+
+def dataset_range(dataset: str) -> tuple[str, str]:
+    """The ids of a dataset's records are those from the first bound up to the second.
+
+    An id is "/DATASET/LOCAL" and a dataset has no "/": its ids are the strings that start
+    "/DATASET/", which compare bytewise from there up to "/DATASET0" ("0" follows "/").
+    """
+    return f"/{dataset}/", f"/{dataset}0"
+
+
+def of_datasets(
+    record_id: sa.ColumnElement[str], datasets: Sequence[str]
+) -> sa.ColumnElement[bool]:
+    """The rows whose record id is of one of these datasets (at least one): a range scan of
+    an index that starts with the record id (`RecordId`), one range a dataset."""
+    return sa.or_(
+        *(
+            sa.and_(record_id >= low, record_id < high)
+            for low, high in map(dataset_range, sorted(set(datasets)))
+        )
+    )
 
 
 def result_image_url(
@@ -204,7 +258,7 @@ class Label(Base):
     # report's galleries, which read a class's labels from either end of the ranking.
     __table_args__ = (Index("ix_labels_class_confidence", "label_key", "confidence"),)
 
-    record_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    record_id: Mapped[str] = mapped_column(RecordId, primary_key=True)
     model_version: Mapped[str] = mapped_column(String(120), primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
     # "" where it is the class's concept in the model's classes (nearly every label): read

@@ -36,6 +36,8 @@ from enrichment.store.schema import (
     Result,
     Run,
     label_concept,
+    of_datasets,
+    record_item_uri,
     result_image_url,
 )
 
@@ -100,14 +102,17 @@ def known_models(db: Database) -> dict[str, ModelClasses]:
 
 
 def unknown_datasets(db: Database, datasets: Sequence[str]) -> list[str]:
-    """The datasets of `datasets` that no record belongs to (an index serves each)."""
+    """The datasets of `datasets` that no record belongs to (each one lookup of a range of
+    the records' primary key)."""
     with db.transaction() as session:
-        known = set(
-            session.scalars(
-                sa.select(RecordRow.dataset).where(RecordRow.dataset.in_(datasets)).distinct()
-            )
-        )
-    return sorted(set(datasets) - known)
+        return [
+            dataset
+            for dataset in sorted(set(datasets))
+            if session.execute(
+                sa.select(RecordRow.id).where(of_datasets(RecordRow.id, [dataset])).limit(1)
+            ).first()
+            is None
+        ]
 
 
 def count_left_out_by_reviews(db: Database, selection: Selection) -> int:
@@ -139,7 +144,7 @@ def _labels_query(selection: Selection) -> sa.Select:
     query = (
         sa.select(
             Label.record_id,
-            RecordRow.item_uri,
+            record_item_uri(RecordRow.item_uri, RecordRow.id).label("item_uri"),
             result_image_url(chosen.c.image_url, RecordRow.image_url),
             Label.model_version,
             Label.label_key,
@@ -171,10 +176,10 @@ def _labels_query(selection: Selection) -> sa.Select:
 def _in_datasets(query: sa.Select, selection: Selection) -> sa.Select:
     """The selection's datasets on the records joined for their item URI too (`current_results`
     applies them to the results): the database can then start from the datasets' records
-    (their (dataset, id) index) rather than read every record to join them."""
+    (ranges of their primary key) rather than read every record to join them."""
     if not selection.datasets:
         return query
-    return query.where(RecordRow.dataset.in_(selection.datasets))
+    return query.where(of_datasets(RecordRow.id, selection.datasets))
 
 
 def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResult]:
@@ -188,7 +193,7 @@ def classified_scores(db: Database, selection: Selection) -> Iterator[ScoredResu
     query = (
         sa.select(
             chosen.c.record_id,
-            RecordRow.item_uri,
+            record_item_uri(RecordRow.item_uri, RecordRow.id).label("item_uri"),
             result_image_url(chosen.c.image_url, RecordRow.image_url),
             chosen.c.model_version,
             chosen.c.classified_at,

@@ -34,6 +34,7 @@ from enrichment.store.schema import (
     RecordRow,
     Result,
     as_utc_naive,
+    stored_item_uri,
     utc_now,
 )
 
@@ -134,7 +135,10 @@ RECORD_FIELDS = ("dataset", "item_uri", "image_url", "provider", "title", "times
 
 
 def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
-    """Insert new records and bring known ones up to date; `first_seen` stays the first."""
+    """Insert new records and bring known ones up to date; `first_seen` stays the first.
+
+    An item URI that its id gives is stored NULL (`schema.stored_item_uri`).
+    """
     if not records:
         return
     _keep_result_urls(session, records)
@@ -149,7 +153,7 @@ def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
             {
                 "id": record.id,
                 "dataset": record.dataset,
-                "item_uri": record.item_uri,
+                "item_uri": stored_item_uri(record.id, record.item_uri),
                 "image_url": record.image_url,
                 "provider": record.provider,
                 "title": record.title,
