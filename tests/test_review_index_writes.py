@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.types import REAL
 
+from enrichment.errors import InvalidValue
 from enrichment.sources.records_file import Record
 from enrichment.store import review_index
 from enrichment.store.columns import exact_score, exact_scores
@@ -240,3 +241,13 @@ def test_a_failing_batch_raises_sqlalchemys_error_and_leaves_nothing(pg_url: str
         write(db, OLD, first_batch())  # no such records
     assert stored(db) == ({}, [])
     db.dispose()
+
+
+def test_a_model_with_a_threshold_missing_is_refused(db: Database) -> None:
+    """The index pairs classes and thresholds one to one; a short list would drop a class."""
+    with (
+        pytest.raises(InvalidValue, match="3 thresholds for 4 classes"),
+        db.transaction() as session,
+    ):
+        register_model(session, "idx@000000000003", "idx", "resnet18", classes(), [0.5] * 3)
+    assert set(classes_of(db)) == {OLD, NEW}

@@ -7,7 +7,7 @@ session-local staging tables and merged with one `INSERT ... SELECT ... ON
 CONFLICT` per table: COPY parses rows several times faster than multi-row
 INSERTs, and the merge keeps the upsert's idempotence. The merges and the review
 index's upkeep travel in the COPY's own query string, so a batch costs the server
-one or two round trips. SQLite, the embedded default, upserts with multi-row
+one COPY exchange (two with labels). SQLite, the embedded default, upserts with multi-row
 INSERTs.
 """
 
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from enrichment.errors import DatabaseError
+from enrichment.errors import DatabaseError, InvalidValue
 from enrichment.store import review_index
 from enrichment.store.columns import NULL, copy_text, scores_literal
 from enrichment.store.schema import (
@@ -227,6 +227,10 @@ def register_model(
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
     whose concept changes here first writes the old one into its labels.
     """
+    if len(thresholds) != len(classes):
+        # The review index pairs them one to one, in SQL too, where a missing threshold
+        # would silently drop its class.
+        raise InvalidValue("thresholds", f"{len(thresholds)} thresholds for {len(classes)} classes")
     before = session.execute(
         sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
     ).first()
@@ -409,7 +413,7 @@ def _copy_outcomes(
     model_version: str,
     outcomes: Sequence[RecordOutcome],
 ) -> None:
-    """PostgreSQL: the batch in one round trip (two with labels): the staging tables made
+    """PostgreSQL: the batch in one COPY exchange (two with labels): the staging tables made
     if need be, COPY into them and, in the same query string, the merges and the review
     index's statements (`review_index.staged_sql`).
 
