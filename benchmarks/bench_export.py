@@ -111,7 +111,8 @@ def load(url: str, labels: int) -> dict[str, int]:
             "records",
             "id, dataset, item_uri, image_url, first_seen, last_seen",
             (
-                f"{rid},{rid.split('/')[1]},http://data.europeana.eu/item{rid},"
+                # No item URI: the one its id gives, stored NULL as `upsert_records` does.
+                f"{rid},{rid.split('/')[1]},,"
                 f"https://images.example.org{rid}.jpg,2024-05-01 12:00:00,2024-05-01 12:00:00\n"
                 for rid in map(record_id, range(records))
             ),

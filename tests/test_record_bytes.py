@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from enrichment.errors import InvalidValue
 from enrichment.sources.records_file import Record
 from enrichment.store.batches import stored_scores
 from enrichment.store.database import Database
@@ -105,6 +106,20 @@ def test_a_datasets_ids_are_one_range_that_no_other_datasets_id_falls_in() -> No
     others = ["/7/a", "/700/a", "/70-1/a", "/70a/a", "/7/70/a", "/70", "/71/a", "/70.0/a"]
     assert all(low.encode() <= i.encode() < high.encode() for i in ours)
     assert not any(low.encode() <= i.encode() < high.encode() for i in others)
+
+
+@pytest.mark.parametrize("name", ["70/a", "", "/70"])
+def test_a_dataset_name_with_a_slash_is_refused_before_anything_is_read(
+    db: Database, name: str
+) -> None:
+    """ "70/a" would be the part of dataset 70 under /70/a/: never a dataset of its own."""
+    with pytest.raises(InvalidValue, match="not a dataset"):
+        of_datasets(RecordRow.id, ["70", name])
+    with pytest.raises(InvalidValue, match="not a dataset"):
+        unknown_datasets(db, [name])
+    results = record_results(db, datasets=["70", name])
+    with pytest.raises(InvalidValue, match="not a dataset"):
+        next(results)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ pages = Blueprint("pages", __name__)
 def home() -> Any:
     """The queue, with the query kept: `enrich model compare --disagreements` and
     docs/rollout.md hand curators `/?disagree=A,B`."""
-    query = request.query_string.decode("latin-1")
+    query = urlencode(list(request.args.items(multi=True)))
     return redirect(url_for("pages.queue") + (f"?{query}" if query else ""))
 
 

@@ -58,6 +58,20 @@ def scores_literal(scores: list[float]) -> str:
     return "{" + str([float(score) for score in scores])[1:-1] + "}"
 
 
+NULL = "\\N"  # COPY's text format
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str | None) -> str:
+    """A value in COPY's text format: \\N for NULL, backslash escapes (rarely needed, so
+    looked for before any copy is made)."""
+    if value is None:
+        return NULL
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
 class Sha256(TypeDecorator[str]):
     """A SHA-256 digest: 32 bytes stored, hex digits in Python (as `hashlib.hexdigest` gives)."""
 
@@ -75,9 +89,17 @@ def score_at(scores: sa.ColumnElement[Any], index: int, dialect: str) -> sa.Colu
     """One class's score in SQL (0-based `index`), the same number `Scores` reads in Python."""
     if dialect != "postgresql":
         return sa.type_coerce(scores, JSON)[index].as_float()
-    packed = sa.type_coerce(scores, postgresql.ARRAY(REAL(), dimensions=1))[index + 1]
-    rounded = sa.func.round(sa.cast(packed, sa.Numeric), SCORE_DECIMALS)
+    return exact_score(sa.type_coerce(scores, postgresql.ARRAY(REAL(), dimensions=1))[index + 1])
+
+
+def exact_score(packed: sa.ColumnElement[Any]) -> sa.ColumnElement[float]:
+    """PostgreSQL: one stored `real` score as `exact_scores` reads it, by the same arithmetic:
+    a float32 times 10**6 is exact in double precision, and PostgreSQL's round() of a double
+    is numpy's (rint, ties to even), so the 6-decimal candidate is numpy's to the last bit.
+    The review index's writes apply it to each element of a batch's score vectors."""
+    scale = sa.cast(sa.literal(10**SCORE_DECIMALS), sa.Float)
+    rounded = sa.func.round(sa.cast(packed, sa.Float) * scale, type_=sa.Float) / scale
     return sa.case(
-        (sa.cast(rounded, REAL()) == packed, sa.cast(rounded, sa.Float)),
+        (sa.cast(rounded, REAL()) == packed, rounded),
         else_=sa.cast(packed, sa.Float),
     )

@@ -44,12 +44,14 @@ def newest_classified(
     return sa.select(ranked.c.record_id, ranked.c.model_version).where(ranked.c.rank == 1)
 
 
-def newest_of_staged() -> sa.Select:
+def newest_of_staged(*carried: str) -> sa.Select:
     """`newest_classified` for the records of PostgreSQL's `stage_results` table (a batch
-    being written): one index lookup per record (LATERAL), whatever the planner guesses of
-    a temporary table without statistics."""
-    stage = sa.select(sa.table("stage_results", sa.column("record_id")).c.record_id)
-    staged = stage.distinct().subquery("staged")
+    being written), with the `carried` columns of the staging table beside: one index
+    lookup per record (LATERAL), whatever the planner guesses of a temporary table
+    without statistics."""
+    stage = sa.table("stage_results", sa.column("record_id"), *map(sa.column, carried))
+    staged = sa.select(stage.c.record_id, *(stage.c[name] for name in carried))
+    staged = staged.distinct().subquery("staged")
     newest = (
         sa.select(Result.record_id, Result.model_version)
         .where(Result.record_id == staged.c.record_id, Result.status.in_(CLASSIFIED))
@@ -58,7 +60,7 @@ def newest_of_staged() -> sa.Select:
         .lateral("newest")
     )
     return (
-        sa.select(newest.c.record_id, newest.c.model_version)
+        sa.select(newest.c.record_id, newest.c.model_version, *(staged.c[name] for name in carried))
         .select_from(staged)
         .join(newest, sa.true())
     )

@@ -21,6 +21,7 @@ from enrichment.store.schema import (
     Result,
     Run,
     RunStatus,
+    check_dataset,
     label_concept,
     of_datasets,
     result_image_url,
@@ -205,6 +206,8 @@ def record_results(
     """
     if run_id is not None:
         check_run_id(run_id)
+    for dataset in datasets:  # refused before the first line is written, not midway
+        check_dataset(dataset)
     if not datasets:
         yield from _results_pages(db, run_id, record_ids)
         return

@@ -18,23 +18,27 @@ few items per record rather than one per class: the queue's pages beyond the
 band are read from `results` as before (`review_queue` does), so answers stay
 exact at any depth.
 
-Both tables are kept by the transaction that writes results (`refresh`, called
-by `save_outcomes`), rebuilt for a model version whose thresholds change
-(`register_model`), and built whole by migration 0011 (`rebuild`). Margins are
-computed in Python from the scores, with the thresholds as `store.models` reads
-them, the same arithmetic in double precision as the queue's SQL.
+Both tables are kept by the transaction that writes results (`save_outcomes`:
+`refresh` in Python, or on PostgreSQL `staged_sql`, set-based SQL sent with the
+batch), rebuilt for a model version whose thresholds change (`register_model`),
+and built whole by migration 0011 (`rebuild`). Margins are the queue's: |score -
+threshold| in double precision, the score as `Scores` reads it (in SQL,
+`columns.exact_score`), the threshold as `store.models` reads it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from enrichment.store.columns import NULL, copy_text, exact_score
 from enrichment.store.current import newest_classified, newest_of_staged
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
@@ -92,70 +96,87 @@ def refresh(
     connection: sa.Connection,
     model_version: str,
     outcomes: Iterable[tuple[str, Sequence[float] | None, Iterable[str]]],
-    staged: bool = False,
 ) -> None:
     """Bring both tables up to date for records whose `model_version` result was just written,
     in the writer's transaction. `outcomes`: (record id, scores or None, labelled keys).
 
     The current result of each record is worked out again from its few results; the
     items come from the scores just written, or, where another version's result counts
-    (this one failed), from that result's stored scores. With `staged` (PostgreSQL's COPY
-    path) the records are those of the session's `stage_results` table, and each step
-    is one statement over it.
+    (this one failed), from that result's stored scores. PostgreSQL's COPY path has its
+    own, in SQL: `staged_sql`.
     """
     written = {record_id: (scores, list(keys)) for record_id, scores, keys in outcomes}
     models = model_classes(connection)
+    current = _recompute_current(connection, sorted(written))
     rows = [
         row
         for record_id, (scores, keys) in written.items()
-        if scores is not None
-        for row in item_rows(record_id, models[model_version], scores, keys)
+        if current.get(record_id) == model_version
+        for row in item_rows(record_id, models[model_version], scores or [], keys)
     ]
-    if not staged:
-        current = _recompute_current(connection, sorted(written))
-        rows = [row for row in rows if current.get(row[0]) == model_version]
-        others = sorted((r, v) for r, v in current.items() if v != model_version)
-        rows.extend(_rows_from_results(connection, others, models, Result.__table__))
-        _insert(connection, rows)
-        return
-    stage = sa.table("stage_results", sa.column("record_id"), sa.column("model_version"))
-    staged_ids = sorted(set(connection.scalars(sa.select(stage.c.record_id))))
-    current = CurrentResult.__table__
+    others = sorted((r, v) for r, v in current.items() if v != model_version)
+    rows.extend(_rows_from_results(connection, others, models, Result.__table__))
+    _insert(connection, rows)
+
+
+@functools.cache
+def staged_sql() -> str:
+    """`refresh` for PostgreSQL's COPY path, as SQL that `save_outcomes` sends in the same
+    round trip as the batch: for the records of the session's `stage_results` table (with
+    their `sample_key`), whose results and labels are already merged.
+
+    Set-based, no Python per item: each staged record's current result is looked up
+    again, and its items computed from that result's stored scores and labels, whichever
+    version it is. The margins are those of the queue's SQL (`columns.score_at`), which
+    are `item_rows`'s for the scores as they read back. Made once: the exact score and the
+    current result's lookup are compiled from their one definition."""
+    dialect = postgresql.dialect()
+    literal = {"literal_binds": True}
+    newest = newest_of_staged("sample_key").compile(dialect=dialect, compile_kwargs=literal)
+    exact = exact_score(sa.literal_column("w.scores[k.i]")).compile(
+        dialect=dialect, compile_kwargs=literal
+    )
     # A batch's few ids are always best found by primary key. Until autovacuum has first
-    # analysed the two tables (a new database's first run), PostgreSQL guesses many rows
-    # per id and reads the whole table instead, once per batch: each batch cost more as
-    # the tables grew (bench_db: 13 ms a DELETE at 200,000 items, 0.2 ms by the index).
-    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-    for chunk in _chunks(staged_ids):
-        connection.execute(sa.delete(current).where(current.c.record_id.in_(chunk)))
-    _delete_items(connection, staged_ids)
-    connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")  # stage_results is read whole
-    connection.execute(
-        sa.insert(current).from_select(["record_id", "model_version"], newest_of_staged())
-    )
-    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-    now: dict[str, str] = {}
-    for chunk in _chunks(staged_ids):
-        now.update(
-            connection.execute(
-                sa.select(current.c.record_id, current.c.model_version).where(
-                    current.c.record_id.in_(chunk)
-                )
-            ).all()
-        )
-    connection.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
-    _copy_rows(connection, [row for row in rows if now.get(row[0]) == model_version])
-    # Records whose items are not among those just copied: another version's result counts,
-    # or an earlier call in the same transaction staged them (`stage_results` keeps them).
-    others = sorted(
-        (record_id, version)
-        for record_id, version in now.items()
-        if version != model_version or record_id not in written
-    )
-    _insert(connection, _rows_from_results(connection, others, models, Result.__table__))
-
-
-NULL = "\\N"  # COPY's text format
+    # analysed the tables (a new database's first run), PostgreSQL guesses many rows per
+    # id and reads whole tables instead, once per batch: each batch cost more as the
+    # tables grew (bench_db: 13 ms a DELETE at 200,000 items, 0.2 ms by the index).
+    # The staging table has no index: it is read whole either way, at a cost the planner
+    # then counts as huge, which would start JIT compilation (tens of ms a statement).
+    return f"""
+SET LOCAL enable_seqscan = off;
+SET LOCAL jit = off;
+DELETE FROM current_results c USING stage_results s WHERE c.record_id = s.record_id;
+DELETE FROM review_items i USING stage_results s WHERE i.record_id = s.record_id;
+WITH current AS ({newest}
+), stored AS (
+    INSERT INTO current_results (record_id, model_version)
+    SELECT record_id, model_version FROM current
+), written AS (
+    SELECT c.record_id, c.model_version, c.sample_key, r.scores,
+        ARRAY(
+            SELECT l.label_key FROM labels l
+            WHERE l.record_id = c.record_id AND l.model_version = c.model_version
+        ) AS labelled
+    FROM current c
+    JOIN results r ON r.record_id = c.record_id AND r.model_version = c.model_version
+), classes AS MATERIALIZED (
+    SELECT m.version, k.i, k.class ->> 'key' AS key, t.threshold::text::float8 AS threshold
+    FROM models m
+    CROSS JOIN LATERAL json_array_elements(m.classes) WITH ORDINALITY AS k (class, i)
+    JOIN LATERAL json_array_elements(m.thresholds) WITH ORDINALITY AS t (threshold, i)
+        ON t.i = k.i
+    WHERE m.version IN (SELECT model_version FROM written)
+), items AS (
+    SELECT w.record_id, k.key, w.model_version,
+        abs({exact} - k.threshold) AS margin,
+        k.key = ANY (w.labelled) AS labelled, w.sample_key
+    FROM written w JOIN classes k ON k.version = w.model_version
+)
+INSERT INTO review_items ({", ".join(ITEM_COLUMNS)})
+SELECT * FROM items WHERE labelled OR margin <= {BAND!r};
+SET LOCAL enable_seqscan TO DEFAULT;
+SET LOCAL jit TO DEFAULT
+"""
 
 
 def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
@@ -165,9 +186,9 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
     buffer = io.StringIO()
     for record_id, key, version, margin, labelled, key_of_record in rows:
         fields = (
-            _copy_text(record_id),
-            _copy_text(key),
-            _copy_text(version),
+            copy_text(record_id),
+            copy_text(key),
+            copy_text(version),
             NULL if margin is None else repr(margin),
             "t" if labelled else "f",
             str(key_of_record),
@@ -179,12 +200,6 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
         cursor.copy_expert(f"COPY review_items ({', '.join(ITEM_COLUMNS)}) FROM STDIN", buffer)
     finally:
         cursor.close()
-
-
-def _copy_text(value: str) -> str:
-    return (
-        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    )
 
 
 def rebuild(db: Database, model_version: str | None = None) -> int:

@@ -28,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from enrichment.errors import InvalidValue
 from enrichment.store.columns import Scores, Sha256
 
 
@@ -43,7 +44,9 @@ def as_utc_naive(value: datetime | None) -> datetime | None:
 
 # A record's item page where Europeana serves it: the base followed by the record's id.
 # Records store their item URI as NULL where it is exactly that (nearly every record);
-# read it through `record_item_uri` (SQL) or `item_uri_of` (Python).
+# read it through `record_item_uri` (SQL) or `item_uri_of` (Python). Changing the base
+# would change every such record's URI, and the targets of annotations already published:
+# it takes a migration that first writes the old base into those records.
 ITEM_URI_BASE = "http://data.europeana.eu/item"
 
 # A record's id ("/DATASET/LOCAL") and every column that holds one. PostgreSQL compares
@@ -127,8 +130,9 @@ class Batch(Base):
 
 
 class RecordRow(Base):
-    """A collection record. Its dataset is its id's first segment, so the primary key serves
-    a dataset's records as one range (`of_datasets`): no index of its own."""
+    """A collection record. Its dataset is its id's first segment (the sources set it so:
+    `id.split("/")[1]`), so the primary key serves a dataset's records as one range
+    (`of_datasets`), and dataset filters read the id, not this column: no index of its own."""
 
     __tablename__ = "records"
 
@@ -212,12 +216,26 @@ def record_item_uri(
     return sa.func.coalesce(item_uri, sa.literal(ITEM_URI_BASE, Text) + record_id, type_=Text)
 
 
+def check_dataset(dataset: str) -> str:
+    """A dataset name as a filter takes it: the first segment of a record id, so never empty
+    and never with a "/" (which would name a part of another dataset's id range)."""
+    if not dataset or "/" in dataset:
+        raise InvalidValue(
+            "dataset",
+            f"{dataset!r} is not a dataset: a dataset is the first segment of a record id"
+            " /DATASET/LOCAL_ID, such as 2048128, and holds no '/'",
+        )
+    return dataset
+
+
 def dataset_range(dataset: str) -> tuple[str, str]:
     """The ids of a dataset's records are those from the first bound up to the second.
 
-    An id is "/DATASET/LOCAL" and a dataset has no "/": its ids are the strings that start
-    "/DATASET/", which compare bytewise from there up to "/DATASET0" ("0" follows "/").
+    An id is "/DATASET/LOCAL" and a dataset has no "/" (`check_dataset`): its ids are the
+    strings that start "/DATASET/", which compare bytewise from there up to "/DATASET0"
+    ("0" follows "/").
     """
+    check_dataset(dataset)
     return f"/{dataset}/", f"/{dataset}0"
 
 

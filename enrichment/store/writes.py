@@ -5,15 +5,17 @@ results and replaces its labels in one transaction, so a batch that runs twice
 leaves the same rows. On PostgreSQL a batch is streamed with COPY into
 session-local staging tables and merged with one `INSERT ... SELECT ... ON
 CONFLICT` per table: COPY parses rows several times faster than multi-row
-INSERTs, and the merge keeps the upsert's idempotence. SQLite, the embedded
-default, upserts with multi-row INSERTs.
+INSERTs, and the merge keeps the upsert's idempotence. The merges and the review
+index's upkeep travel in the COPY's own query string, so a batch costs the server
+one COPY exchange (two with labels). SQLite, the embedded default, upserts with multi-row
+INSERTs.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -22,9 +24,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from enrichment.errors import DatabaseError
+from enrichment.errors import DatabaseError, InvalidValue
 from enrichment.store import review_index
-from enrichment.store.columns import scores_literal
+from enrichment.store.columns import NULL, copy_text, scores_literal
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -85,7 +87,9 @@ def finite_or_failed(outcome: RecordOutcome) -> RecordOutcome:
     record fails alone, with the scores left out, and the rest of the batch is kept.
     """
     numbers = [*(outcome.scores or ()), *(label.confidence for label in outcome.labels)]
-    if all(math.isfinite(number) for number in numbers):
+    # A finite sum has only finite terms (NaN and ±inf carry through a sum), and costs one
+    # pass in C; a sum that overflows is looked at number by number.
+    if math.isfinite(sum(numbers)) or all(math.isfinite(number) for number in numbers):
         return outcome
     return RecordOutcome.failed(
         outcome.record_id,
@@ -223,6 +227,10 @@ def register_model(
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
     whose concept changes here first writes the old one into its labels.
     """
+    if len(thresholds) != len(classes):
+        # The review index pairs them one to one, in SQL too, where a missing threshold
+        # would silently drop its class.
+        raise InvalidValue("thresholds", f"{len(thresholds)} thresholds for {len(classes)} classes")
     before = session.execute(
         sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
     ).first()
@@ -275,18 +283,46 @@ RESULT_COLUMNS = (
     "source_timestamp",
     "classified_at",
 )
+# The staging table's one column besides the result's: the review index's sample key,
+# a hash that PostgreSQL cannot compute (`review_index.sample_key`).
+STAGED_COLUMNS = (*RESULT_COLUMNS, "sample_key")
 LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
+STAGING = (
+    # Temporary, so private to the session; emptied at each commit, so never merged twice.
+    "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
+    " (LIKE results INCLUDING DEFAULTS, sample_key integer) ON COMMIT DELETE ROWS;"
+    " CREATE TEMPORARY TABLE IF NOT EXISTS stage_labels"
+    " (LIKE labels INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+# The image URL as `stored_image_url` has it, against the record's (a join by key).
 STAGED_URL = (
     "CASE WHEN s.image_url IS NOT DISTINCT FROM r.image_url THEN NULL"
     " ELSE coalesce(s.image_url, '') END"
 )
-STAGING = (
-    # Temporary, so private to the session; emptied at each commit, so never merged twice.
-    "CREATE TEMPORARY TABLE IF NOT EXISTS stage_results"
-    " (LIKE results INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;"
-    " CREATE TEMPORARY TABLE IF NOT EXISTS stage_labels"
-    " (LIKE labels INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+STAGED_RESULT = ", ".join(STAGED_URL if n == "image_url" else f"s.{n}" for n in RESULT_COLUMNS)
+UPDATED = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
+# The merges of the staging tables into `results` and `labels`. No TRUNCATE: the staging
+# tables empty at each commit, and rows left by an earlier call in the same transaction
+# are only merged again to the same result. A label's concept is stored as
+# `stored_concept` has it ("" where it is its class's), each model's classes parsed once
+# (MATERIALIZED), not once per label.
+MERGES = f"""
+INSERT INTO results ({", ".join(RESULT_COLUMNS)})
+SELECT {STAGED_RESULT} FROM stage_results s LEFT JOIN records r ON r.id = s.record_id
+ON CONFLICT (record_id, model_version) DO UPDATE SET {UPDATED};
+DELETE FROM labels USING stage_results s
+WHERE labels.model_version = s.model_version AND labels.record_id = s.record_id;
+WITH classes AS MATERIALIZED (
+    SELECT m.version, class ->> 'key' AS key, class ->> 'concept' AS concept
+    FROM models m CROSS JOIN LATERAL json_array_elements(m.classes) AS class
+    WHERE m.version IN (SELECT model_version FROM stage_labels)
 )
+INSERT INTO labels ({", ".join(LABEL_COLUMNS)})
+SELECT s.record_id, s.model_version, s.label_key,
+    CASE WHEN s.concept = c.concept THEN '' ELSE s.concept END, s.confidence
+FROM stage_labels s
+LEFT JOIN classes c ON c.version = s.model_version AND c.key = s.label_key
+"""
 
 
 def save_outcomes(
@@ -377,97 +413,55 @@ def _copy_outcomes(
     model_version: str,
     outcomes: Sequence[RecordOutcome],
 ) -> None:
-    """PostgreSQL: COPY into the staging tables, then one merge per table."""
-    # The staging tables' DDL and the model's classes in one round trip (the last
-    # statement's rows are the answer).
-    classes = connection.exec_driver_sql(
-        STAGING + "; SELECT classes FROM models WHERE version = %s", (model_version,)
-    ).scalar()
-    concepts = {entry["key"]: entry["concept"] for entry in classes or ()}
-    now = utc_now()
-    results = _copy_text(
-        (
-            outcome.record_id,
-            model_version,
-            run_id,
-            outcome.status,
-            outcome.error_reason,
-            outcome.error_message,
-            None if outcome.scores is None else scores_literal(outcome.scores),
-            outcome.image_url,
-            None if outcome.image_sha256 is None else "\\x" + outcome.image_sha256,
-            outcome.source_timestamp,
-            now,
-        )
-        for outcome in outcomes
-    )
-    labels = _copy_text(
-        (
-            outcome.record_id,
-            model_version,
-            label.key,
-            stored_concept(label, concepts),
-            label.confidence,
-        )
+    """PostgreSQL: the batch in one COPY exchange (two with labels): the staging tables made
+    if need be, COPY into them and, in the same query string, the merges and the review
+    index's statements (`review_index.staged_sql`).
+
+    A batch's own work on the server is a few milliseconds, so each round trip counts,
+    and more so on a busy machine, where each costs both processes a wait for a CPU.
+    """
+    now = utc_now().isoformat(sep=" ")
+    version = copy_text(model_version)
+    run = NULL if run_id is None else str(run_id)
+    results = "".join(_result_line(outcome, version, run, now) for outcome in outcomes)
+    labels = "".join(
+        f"{copy_text(outcome.record_id)}\t{version}\t{copy_text(label.key)}"
+        f"\t{copy_text(label.concept)}\t{float(label.confidence)!r}\n"
         for outcome in outcomes
         for label in outcome.labels
     )
-    # The merges go through SQLAlchemy (its statement events see them); COPY needs the
-    # driver's cursor, on the same connection and so in the same transaction.
-    # No TRUNCATE: the staging tables empty at each commit, and rows left by an earlier
-    # call in the same transaction would only be merged again to the same result.
+    stage_results = f"{STAGING}; COPY stage_results ({', '.join(STAGED_COLUMNS)}) FROM STDIN"
+    stage_labels = f"COPY stage_labels ({', '.join(LABEL_COLUMNS)}) FROM STDIN"
+    merged = f"{MERGES}; {review_index.staged_sql()}"
+    if labels:
+        copies = [(stage_results, results), (f"{stage_labels}; {merged}", labels)]
+    else:
+        copies = [(f"{stage_results}; {merged}", results)]
+    # COPY needs the driver's cursor, on the same connection and so in the same transaction;
+    # its errors are raised as SQLAlchemy's, as every other statement's are.
+    dbapi = connection.dialect.loaded_dbapi
     cursor = connection.connection.dbapi_connection.cursor()
     try:
-        cursor.copy_expert(f"COPY stage_results ({', '.join(RESULT_COLUMNS)}) FROM STDIN", results)
-        if labels.getvalue():
-            cursor.copy_expert(f"COPY stage_labels ({', '.join(LABEL_COLUMNS)}) FROM STDIN", labels)
+        for statement, rows in copies:
+            try:
+                cursor.copy_expert(statement, io.StringIO(rows))
+            except dbapi.Error as error:
+                raise sa.exc.DBAPIError.instance(statement, None, error, dbapi.Error) from error
     finally:
         cursor.close()
-    updated = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
-    columns = ", ".join(RESULT_COLUMNS)
-    # The image URL as `stored_image_url` has it, against the record's (a join by key).
-    staged = ", ".join(
-        STAGED_URL if name == "image_url" else f"s.{name}" for name in RESULT_COLUMNS
-    )
-    connection.exec_driver_sql(
-        f"INSERT INTO results ({columns}) SELECT {staged} FROM stage_results s"
-        " LEFT JOIN records r ON r.id = s.record_id"
-        f" ON CONFLICT (record_id, model_version) DO UPDATE SET {updated}"
-    )
-    connection.exec_driver_sql(
-        "DELETE FROM labels USING stage_results"
-        " WHERE labels.model_version = stage_results.model_version"
-        " AND labels.record_id = stage_results.record_id"
-    )
-    if labels.getvalue():
-        columns = ", ".join(LABEL_COLUMNS)
-        connection.exec_driver_sql(
-            f"INSERT INTO labels ({columns}) SELECT {columns} FROM stage_labels"
-        )
-    review_index.refresh(connection, model_version, _for_index(outcomes), staged=True)
 
 
-def _copy_text(rows: Iterable[tuple[Any, ...]]) -> io.StringIO:
-    """Rows in COPY's text format: tab-separated, \\N for NULL, backslash escapes."""
-    buffer = io.StringIO()
-    for row in rows:
-        buffer.write("\t".join(_copy_value(value) for value in row))
-        buffer.write("\n")
-    buffer.seek(0)
-    return buffer
-
-
-def _copy_value(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ")
-    if isinstance(value, float):
-        return repr(value)
+def _result_line(outcome: RecordOutcome, version: str, run: str, now: str) -> str:
+    """One staged result in COPY's text format (the model version, run and time made once
+    per batch), in `STAGED_COLUMNS` order."""
+    scores = NULL if outcome.scores is None else scores_literal(outcome.scores)
+    # bytea's hex input, its backslash escaped for COPY.
+    sha256 = NULL if outcome.image_sha256 is None else "\\\\x" + copy_text(outcome.image_sha256)
+    taken = outcome.source_timestamp
+    source_timestamp = NULL if taken is None else taken.isoformat(sep=" ")
     return (
-        str(value)
-        .replace("\\", "\\\\")
-        .replace("\t", "\\t")
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
+        f"{copy_text(outcome.record_id)}\t{version}\t{run}\t{copy_text(outcome.status)}"
+        f"\t{copy_text(outcome.error_reason)}\t{copy_text(outcome.error_message)}\t{scores}"
+        f"\t{copy_text(outcome.image_url)}\t{sha256}\t{source_timestamp}\t{now}"
+        f"\t{review_index.sample_key(outcome.record_id)}\n"
     )

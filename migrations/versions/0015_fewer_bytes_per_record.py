@@ -3,7 +3,9 @@
 - `records.item_uri` is NULL where it is ITEM_URI_BASE + id (nearly every
   record; `schema.record_item_uri` reads it back). Rows are converted in
   bounded batches of `BATCH` records, in id order, so no statement holds more
-  than a batch's rows. PostgreSQL drops the column's NOT NULL; SQLite, which
+  than a batch's rows (the migration is still one transaction: docs/scale.md
+  says what that asks of an operator, and the VACUUM FULL that gives the
+  updated rows' old space back). PostgreSQL drops the column's NOT NULL; SQLite, which
   cannot, copies it into a new nullable column (batch by batch) that takes its
   place.
 - A record id is "/DATASET/LOCAL", so a dataset's records are one range of the
