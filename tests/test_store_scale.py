@@ -335,9 +335,12 @@ def test_the_report_galleries_read_the_runs_labels_by_confidence(db: Database) -
             assert [shown.record_id for shown in reading.least_confident(key, 5)] == bottom
 
 
-def plans_of(db: Database, read: Callable[[], object]) -> list[str]:
-    """The PostgreSQL plans of the SELECTs `read` runs, with sequential scans ruled out: what
-    the indexes can serve (a small table's cheapest plan would be a scan anyway)."""
+def plans_of(
+    db: Database, read: Callable[[], object], ruled_out: tuple[str, ...] = ("seqscan",)
+) -> list[str]:
+    """The PostgreSQL plans of the SELECTs `read` runs, with sequential scans (and any other
+    plan node in `ruled_out`) ruled out: what the indexes can serve, and the plan a large
+    table gets (a small table's cheapest plan would be a scan anyway)."""
     statements: list[tuple[str, Any]] = []
 
     def grab(conn, cursor, statement, parameters, context, executemany) -> None:
@@ -352,7 +355,8 @@ def plans_of(db: Database, read: Callable[[], object]) -> list[str]:
     raw = db.engine.raw_connection()
     try:
         cursor = raw.cursor()
-        cursor.execute("SET enable_seqscan = off")
+        for node in ruled_out:
+            cursor.execute(f"SET enable_{node} = off")
         plans = []
         for statement, parameters in statements:
             cursor.execute("EXPLAIN " + statement, parameters)
@@ -381,6 +385,35 @@ def test_the_indexes_serve_the_lookups_that_must_not_grow(pg_url: str) -> None:
     }
     for index, read in checks.items():
         assert any(index in plan for plan in plans_of(db, read)), index
+    db.dispose()
+
+
+def test_every_page_of_a_runs_results_starts_the_records_at_its_cursor(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`results --run N` and `results` page through every result; a page whose join read the
+    records' index from its start (no bound on that side) made the whole listing quadratic."""
+    db = Database(pg_url)
+    db.upgrade()
+    written = fill(db)
+    monkeypatch.setattr(query, "PAGE", 5)
+    for run_id in (1, None):
+        listed = [(r.record_id, r.model_version) for r in record_results(db, run_id=run_id)]
+        assert listed == sorted(k for k, (_, run) in written.items() if run_id in (None, run))
+        # The plan of a large collection: the pages' merge join of both primary keys.
+        plans = plans_of(
+            db,
+            lambda run_id=run_id: list(record_results(db, run_id=run_id)),
+            ruled_out=("seqscan", "nestloop", "hashjoin", "bitmapscan", "sort"),
+        )
+        pages = [plan for plan in plans if "Merge Join" in plan]
+        assert len(pages) > 3
+        for plan in pages[1:]:  # every page after the first has a cursor
+            lines = plan.splitlines()
+            scans = [n for n, line in enumerate(lines) if "using records_pkey" in line]
+            assert scans, plan
+            for n in scans:
+                assert "Index Cond" in lines[n + 1], plan
     db.dispose()
 
 

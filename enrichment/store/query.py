@@ -248,7 +248,13 @@ def _results_pages(
     while True:
         page_query = query.limit(PAGE)
         if after is not None:
-            page_query = page_query.where(sa.tuple_(Result.record_id, Result.model_version) > after)
+            # The bound on both sides of the join: with it on `results` only, each page's
+            # merge join read the records' index from its start up to the cursor (every
+            # page of `results --run` cost the collection so far: quadratic).
+            page_query = page_query.where(
+                sa.tuple_(Result.record_id, Result.model_version) > after,
+                RecordRow.id >= after[0],
+            )
         with db.transaction() as session:
             page = _with_labels(session, page_query)
         if not page:
