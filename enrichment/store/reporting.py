@@ -159,10 +159,7 @@ class RunReading:
             .render_derived()
             .lateral()
         )
-        bounds = sa.cast(
-            sa.literal(float32_bounds(edges), postgresql.ARRAY(REAL())),
-            postgresql.ARRAY(REAL()),
-        )
+        bounds = sa.literal(float32_bounds(edges), postgresql.ARRAY(REAL()))
         bin_ = sa.func.width_bucket(element.c.score, bounds, type_=sa.Integer)
         query = (
             sa.select(element.c.position, bin_, sa.func.count())
