@@ -40,7 +40,6 @@ from enrichment.store.schema import Outcome, utc_now
 
 BIN_EDGES = np.linspace(0.0, 1.0, 21)
 THUMBNAIL_SIDE = 160
-SCORE_PAGE = 2000
 OUTCOME_ORDER = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD, Outcome.ERROR)
 
 
@@ -93,7 +92,7 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
         started = run.started_at or run.created_at
         seconds = max(0.0, ((run.finished_at or utc_now()) - started).total_seconds())
         counts = reading.label_counts()
-        histograms, scored = _histograms(reading, len(model.keys))
+        histograms = reading.score_histograms(BIN_EDGES.tolist())
         classes = []
         for index, (key, name, threshold) in enumerate(
             zip(model.keys, model.names, model.thresholds, strict=True)
@@ -106,8 +105,8 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
                     name=name,
                     threshold=threshold,
                     labelled=counts.get(key, 0),
-                    scored=scored,
-                    histogram=histograms[index],
+                    scored=histograms.scored,
+                    histogram=histograms.counts[index],
                     highest=highest,
                     lowest=lowest,
                 )
@@ -117,18 +116,6 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
             for reason, count in summary.errors_by_reason.items()
         ]
     return RunReport(summary, started, seconds, classes, errors)
-
-
-def _histograms(reading: RunReading, classes: int) -> tuple[np.ndarray, int]:
-    """Per-class score histograms, accumulated page by page: a run may hold millions."""
-    histograms = np.zeros((classes, len(BIN_EDGES) - 1), dtype=np.int64)
-    scored = 0
-    for page in reading.score_pages(SCORE_PAGE):
-        scores = np.asarray(page, dtype=np.float64)
-        scored += len(scores)
-        for index in range(classes):
-            histograms[index] += np.histogram(scores[:, index], BIN_EDGES)[0]
-    return histograms, scored
 
 
 def _error_reason(reading: RunReading, reason: str, count: int) -> ErrorReason:

@@ -1,10 +1,15 @@
 """Reads for the run report and for explanations: a run's stored results, and a record's image.
 
-The report reads several things about one run (labels per class, score
-vectors for the histograms, the most and least confident labels per class,
-an example of each error reason); `reading_run` reads them all in one
+The report reads several things about one run (labels per class, each
+class's score histogram, the most and least confident labels per class, an
+example of each error reason); `reading_run` reads them all in one
 transaction, so the page describes one state of the run even while it goes
 on. Everything handed out is a plain dataclass or number, never a query.
+
+A run may cover the whole collection (millions of results, tens of millions of
+scores), so nothing here reads every result into Python on PostgreSQL: the
+histograms are counted by the database in one pass (`score_histograms`), and
+only SQLite, the small embedded case, pages the score vectors through numpy.
 """
 
 from __future__ import annotations
@@ -14,10 +19,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
+from sqlalchemy.types import REAL
 
 from enrichment.errors import EnrichError
+from enrichment.store.columns import exact_scores
 from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
@@ -30,6 +39,9 @@ from enrichment.store.schema import (
     record_item_uri,
     shown_image_url,
 )
+
+# Score vectors a page when SQLite's are read into numpy.
+SCORE_PAGE = 2000
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,16 @@ class LabelledRecord:
     provider: str | None
     image_url: str | None  # the one the run classified, else the record's
     confidence: float
+
+
+@dataclass(frozen=True)
+class ScoreHistograms:
+    """Each class's scores counted over bins, as `numpy.histogram(scores, edges)` counts
+    them: bin i holds edges[i] <= score < edges[i + 1], the last bin its upper edge too,
+    and a score outside the edges (or NaN) is in none."""
+
+    counts: np.ndarray  # classes x bins, int64
+    scored: int  # the classified results whose scores were counted
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,61 @@ class RunReading:
         for page in pages:
             yield [row.scores for row in page]
 
+    def score_histograms(self, edges: Sequence[float]) -> ScoreHistograms:
+        """Each of the model's classes' scores over the run's classified results, binned.
+
+        On PostgreSQL one grouped pass over the run's results, whatever their number
+        (`_binned_in_sql`); elsewhere the score vectors are paged through numpy.
+        """
+        if self._session.get_bind().dialect.name == "postgresql":
+            return self._binned_in_sql(edges)
+        counts = np.zeros((len(self.classes.keys), len(edges) - 1), dtype=np.int64)
+        scored = 0
+        for page in self.score_pages(SCORE_PAGE):
+            scores = np.asarray(page, dtype=np.float64)
+            scored += len(scores)
+            for index in range(len(counts)):
+                counts[index] += np.histogram(scores[:, index], edges)[0]
+        return ScoreHistograms(counts, scored)
+
+    def _binned_in_sql(self, edges: Sequence[float]) -> ScoreHistograms:
+        """PostgreSQL: count (class, bin) pairs over the unnested score vectors.
+
+        The stored scores are float32s that Python reads as `exact_scores` gives them;
+        comparing each stored float32 with `float32_bounds(edges)` puts it in the bin
+        its read value falls in, with no per-score arithmetic in SQL.
+        """
+        element = (
+            sa.func.unnest(sa.type_coerce(Result.scores, postgresql.ARRAY(REAL())))
+            .table_valued("score", with_ordinality="position")
+            .render_derived()
+            .lateral()
+        )
+        bounds = sa.literal(float32_bounds(edges), postgresql.ARRAY(REAL()))
+        bin_ = sa.func.width_bucket(element.c.score, bounds, type_=sa.Integer)
+        query = (
+            sa.select(element.c.position, bin_, sa.func.count())
+            .select_from(Result)
+            .join(element, sa.true())
+            .where(
+                Result.run_id == self.run.id,
+                Result.model_version == self.run.model_version,
+                Result.status.in_(CLASSIFIED),
+            )
+            .group_by(element.c.position, bin_)
+        )
+        bins = len(edges) - 1
+        counts = np.zeros((len(self.classes.keys), bins), dtype=np.int64)
+        scored = 0
+        for position, found, count in self._session.execute(query):
+            # width_bucket gives 0 below the first bound and len(edges) at or above the
+            # last (NaN included): in no bin, but the result was scored all the same.
+            if position == 1:
+                scored += count
+            if position <= len(counts) and 1 <= found <= bins:
+                counts[position - 1, found - 1] += count
+        return ScoreHistograms(counts, scored)
+
     def most_confident(self, key: str, limit: int) -> list[LabelledRecord]:
         """The run's `limit` most confident labels of class `key`; ties by record id."""
         return self._gallery(key, (Label.confidence.desc(), Label.record_id), limit, ())
@@ -148,6 +225,39 @@ class RunReading:
             .limit(1)
         ).first()
         return None if example is None else ErrorExample(example.record_id, example.error_message)
+
+
+def float32_bounds(edges: Sequence[float]) -> list[float]:
+    """The stored (float32) scores at which a score enters each bin of `edges`.
+
+    A stored score f reads as `exact_scores([f])`, which grows with f, so for each edge
+    but the last there is a least float32 whose read value is at or above it, and the
+    last bin (which holds its upper edge) ends before the least float32 whose read value
+    is above the last edge. A float32 f is then in bin i exactly when
+    bounds[i] <= f < bounds[i + 1], as its read value is in numpy's bin i.
+    """
+    return [
+        _least_float32(edge, strictly_above=index == len(edges) - 1)
+        for index, edge in enumerate(edges)
+    ]
+
+
+def _least_float32(edge: float, strictly_above: bool) -> float:
+    """The least float32 whose read value is at (or, `strictly_above`, past) `edge`:
+    a few steps from the float32 nearest the edge, since a read value is within half a
+    unit of the sixth decimal of its float32."""
+
+    def reaches(candidate: np.float32) -> bool:
+        read = exact_scores([float(candidate)])[0]
+        return read > edge if strictly_above else read >= edge
+
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    found = np.float32(edge)
+    while not reaches(found):
+        found = np.nextafter(found, up)
+    while reaches(lower := np.nextafter(found, down)):
+        found = lower
+    return float(found)
 
 
 @contextmanager
