@@ -190,7 +190,7 @@ class AttemptDeadline(threading.local):
 
 
 class _GuardedHTTPConnection(HTTPConnection):
-    # Set per adapter (see GuardedAdapter), so that each fetcher has its own.
+    # Set per fetcher (see GuardedPools), so that each fetcher has its own.
     policy: AddressPolicy
     resolver: Resolver
     attempt: AttemptDeadline
