@@ -23,10 +23,10 @@ Image URLs come from other people's metadata, so:
 
 Each request goes straight to urllib3's guarded connection pools, not through
 `requests` at all: a session's per-request work (merging settings, hooks, its
-cookie jar) was a third of a fetch's CPU, and an adapter's (preparing the request,
-proxies from the environment, wrapping the response) a third of what was left;
-none of it is needed here (redirects and retries are the fetcher's own; image
-servers get no cookies back; no proxy was ever used).
+cookie jar) was a third of a fetch's CPU, and an adapter's (preparing the
+request, proxies from the environment, wrapping the response) about a quarter
+of what was left; none of it is needed here (redirects and retries are the
+fetcher's own; image servers get no cookies back; no proxy was ever used).
 
 A `Fetcher` is a context manager that owns its threads: the fetch threads, the
 name-lookup threads, and the one watchdog thread that times every download.
