@@ -237,9 +237,9 @@ def _put_conn_released(pool: HTTPConnectionPool, conn: Any) -> None:
 class GuardedPools(PoolManager):
     """urllib3 connection pools, one per host, whose every connection goes through an AddressPolicy.
 
-    Used straight, not behind a `requests` adapter and session: their per-request
-    work (preparing the request, cookies, proxies from the environment, wrapping the
-    response) was a third of a fetch's CPU, and none of it is needed here. A request
+    Used straight, not behind a `requests` adapter: its per-request work (preparing
+    the request, cookies, proxies, wrapping the response) was about a quarter of a
+    fetch's CPU (docs/throughput.md, section 5), and none of it is needed here. A request
     is one attempt: the fetcher retries and follows redirects itself, so that both
     stay inside its deadline. Names are looked up on `resolver`, under the deadline
     of the fetch in `attempt`. One manager serves many threads (urllib3's pools are
