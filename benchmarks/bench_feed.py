@@ -122,12 +122,17 @@ class StandInModel:
         means = inputs.reshape(len(inputs), -1).mean(axis=1, keepdims=True)
         return 1 / (1 + np.exp(-np.repeat(means, len(self.spec.classes), axis=1)))
 
-    def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
-        chosen = decide(np.asarray(scores)[np.newaxis, :], self.thresholds, 0)[0]
+    def labels_of(self, scores: np.ndarray) -> list[list[LabelScore]]:
+        chosen = decide(scores, self.thresholds, 0).tolist()
         return [
-            LabelScore(label.key, label.concept, float(score))
-            for label, score, given in zip(self.spec.classes, scores, chosen, strict=True)
-            if given
+            [
+                LabelScore(label.key, label.concept, score)
+                for label, score, given in zip(self.spec.classes, row, choice, strict=True)
+                if given
+            ]
+            for row, choice in zip(
+                np.asarray(scores, dtype=np.float64).tolist(), chosen, strict=True
+            )
         ]
 
 

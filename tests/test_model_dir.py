@@ -125,6 +125,28 @@ def test_top_k_fallback_labels_the_best_classes_only_when_none_passes(model_copy
     assert rows.tolist() == [[False, True, True], [True, False, False]]
 
 
+def test_a_matrix_gets_the_labels_its_rows_get_one_at_a_time(model_copy: Path) -> None:
+    """`labels_of` (the model stage's, a chunk at once) is `labels_above_threshold` per row."""
+    document = json.loads((model_copy / "model.json").read_text())
+    document["top_k_fallback"] = 1
+    (model_copy / "model.json").write_text(json.dumps(document))
+    classifier = Classifier.load(model_copy)
+    classifier.thresholds = np.asarray([0.9, 0.2, 0.5], dtype=np.float64)
+    scores = np.asarray(
+        [[0.85, 0.25, 0.5], [0.95, 0.1, 0.49], [0.3, 0.1, 0.2], [0.9, 0.2, 0.5]], dtype=np.float64
+    )
+    together = classifier.labels_of(scores)
+    assert together == [classifier.labels_above_threshold(row) for row in scores]
+    assert [[label.key for label in labels] for labels in together] == [
+        ["drawing", "map"],
+        ["photograph"],
+        ["photograph"],  # none passes: the fallback's best class
+        ["photograph", "drawing", "map"],  # each exactly at its threshold
+    ]
+    assert all(type(label.confidence) is float for labels in together for label in labels)
+    assert classifier.labels_of(np.empty((0, 3))) == []
+
+
 def test_top_k_fallback_beyond_the_label_count_is_refused(model_copy: Path) -> None:
     document = json.loads((model_copy / "model.json").read_text())
     document["top_k_fallback"] = 4

@@ -21,10 +21,12 @@ Image URLs come from other people's metadata, so:
   429/503 (once per round); keep-alive connections are shared by the fetch threads, at
   most a host's ceiling of them kept open per host.
 
-Each request goes straight to the guarded adapter, not through a `requests.Session`:
-the session's per-request work (merging settings, hooks, its cookie jar) was a
-third of a fetch's CPU, and none of it is needed here (redirects and retries are
-the fetcher's own; image servers get no cookies back).
+Each request goes straight to urllib3's guarded connection pools, not through
+`requests` at all: a session's per-request work (merging settings, hooks, its
+cookie jar) was a third of a fetch's CPU, and an adapter's (preparing the
+request, proxies from the environment, wrapping the response) about a quarter
+of what was left; none of it is needed here (redirects and retries are the
+fetcher's own; image servers get no cookies back; no proxy was ever used).
 
 A `Fetcher` is a context manager that owns its threads: the fetch threads, the
 name-lookup threads, and the one watchdog thread that times every download.
@@ -41,16 +43,18 @@ import hashlib
 import http.client
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
-import requests
 import urllib3.exceptions
-from urllib3.exceptions import NameResolutionError
+from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
+from urllib3.util.timeout import Timeout
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
@@ -59,7 +63,7 @@ from enrichment.media.guard import (
     AddressPolicy,
     AttemptDeadline,
     BlockedAddress,
-    GuardedAdapter,
+    GuardedPools,
     Resolver,
     is_public,
 )
@@ -126,11 +130,11 @@ class Fetcher:
         # As many lookups at once as downloads from hosts without a limit of their own:
         # each new host (and each new connection) needs one. Threads start as needed.
         self._resolver = Resolver(threads=settings.fetch_concurrency)
-        # One adapter for every fetch thread, so a host's keep-alive connections serve
+        # One set of pools for every fetch thread, so a host's keep-alive connections serve
         # whichever thread fetches from it next: about as many open as the host's limit,
         # not one per thread that ever fetched from it. Each thread's deadline is its own.
         self._attempt_deadline = AttemptDeadline()
-        self._adapter = GuardedAdapter(
+        self._pools = GuardedPools(
             self.policy,
             self._resolver,
             self._attempt_deadline,
@@ -162,7 +166,7 @@ class Fetcher:
         self._pool.shutdown(wait=wait, cancel_futures=True)
         self.pacer.close()
         self._resolver.close()
-        self._adapter.close()
+        self._pools.clear()
         self._watchdog.close(wait=wait)
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
@@ -238,26 +242,24 @@ class Fetcher:
             remaining = deadline.remaining()
             if remaining <= 0:
                 return _timed_out(original, deadline), None
-            timeout = (
-                min(settings.fetch_connect_timeout, remaining),
-                min(settings.fetch_read_timeout, remaining),
+            timeout = Timeout(
+                connect=min(settings.fetch_connect_timeout, remaining),
+                read=min(settings.fetch_read_timeout, remaining),
             )
-            request = requests.PreparedRequest()
-            request.prepare(method="GET", url=url, headers=self._headers)
-            with self._adapter.send(request, stream=True, timeout=timeout) as response:
+            with self._answer(url, timeout) as response:
                 answered.append(time.monotonic())
                 location = response.headers.get("Location")
-                if response.status_code in REDIRECT_STATUSES and location:
+                if response.status in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
                     refusal = _refuse_url(original, url)
                     if refusal is not None:
                         return refusal, None
                     continue
-                if response.status_code != 200:
+                if response.status != 200:
                     failure = FetchResult.failed(
                         original,
-                        f"http_{response.status_code}",
-                        f"the image server answered HTTP {response.status_code}",
+                        f"http_{response.status}",
+                        f"the image server answered HTTP {response.status}",
                     )
                     return failure, _retry_after(response)
                 return self._read_body(original, response, deadline), None
@@ -265,7 +267,30 @@ class Fetcher:
             original, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects"
         ), None
 
-    def _read_body(self, url: str, response: requests.Response, deadline: Deadline) -> FetchResult:
+    @contextmanager
+    def _answer(self, url: str, timeout: Timeout) -> Iterator[BaseHTTPResponse]:
+        """One GET of `url` (no redirect followed, no retry), its body left to be streamed.
+
+        Afterwards its connection goes back to the pool: kept alive where the body was
+        read to its end, closed where it was not (a redirect, an error, a body over the
+        cap), so that nothing unread is ever drained.
+        """
+        response = self._pools.urlopen(
+            "GET",
+            url.strip(),  # metadata's URLs may carry spaces around them (requests stripped them)
+            headers=self._headers,
+            redirect=False,
+            preload_content=False,
+            decode_content=False,
+            timeout=timeout,
+        )
+        try:
+            yield response
+        finally:
+            response.close()  # a no-op for a connection already back (a body read to its end)
+            response.release_conn()
+
+    def _read_body(self, url: str, response: BaseHTTPResponse, deadline: Deadline) -> FetchResult:
         limit = self.settings.fetch_max_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -273,7 +298,7 @@ class Fetcher:
                 url, "too_large", f"Content-Length {declared} is over the {limit}-byte limit"
             )
         body = bytearray()
-        for chunk in response.iter_content(CHUNK_BYTES):
+        for chunk in response.stream(CHUNK_BYTES, decode_content=True):
             body += chunk
             if len(body) > limit:
                 return FetchResult.failed(
@@ -309,7 +334,7 @@ def _timed_out(url: str, deadline: Deadline) -> FetchResult:
 
 
 def _classify(url: str, error: Exception, deadline: Deadline) -> FetchResult:
-    """The reason for one failed try, from the exception requests/urllib3 raised."""
+    """The reason for one failed try, from the exception urllib3 (or the guard) raised."""
     if deadline.expired or _caused_by(error, DeadlinePassed) is not None:
         return _timed_out(url, deadline)
     if _caused_by(error, http.client.IncompleteRead) is not None:
@@ -321,24 +346,27 @@ def _classify(url: str, error: Exception, deadline: Deadline) -> FetchResult:
         return FetchResult.failed(url, "blocked_address", str(blocked))
     if _caused_by(error, NameResolutionError) is not None:
         return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(url).hostname}")
-    if isinstance(error, requests.exceptions.SSLError):
+    # A connection that failed comes wrapped (its one attempt used up): judge its reason.
+    reason = error.reason if isinstance(error, MaxRetryError) and error.reason else error
+    if isinstance(reason, urllib3.exceptions.SSLError):
         return FetchResult.failed(url, "tls_error", _short(error))
-    if isinstance(error, requests.exceptions.Timeout) or _caused_by(
-        error, urllib3.exceptions.ReadTimeoutError
-    ):
+    connect_timeout = isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
+        reason, NewConnectionError
+    )  # a refused connection is a NewConnectionError too, but no timeout
+    if connect_timeout or _caused_by(error, urllib3.exceptions.ReadTimeoutError) is not None:
         return FetchResult.failed(url, "timeout", "the image server did not answer in time")
-    if isinstance(error, ValueError):  # requests' InvalidURL and kin, urllib3's, IDNA's
+    if isinstance(error, ValueError):  # urllib3's unparseable URLs and ports, IDNA's
         return FetchResult.failed(url, "bad_url", _short(error))
-    # requests' own exceptions are OSErrors: refused, reset, cut-off and garbled answers.
-    if isinstance(error, OSError | urllib3.exceptions.ProtocolError | http.client.HTTPException):
+    # Refused, reset, cut-off and garbled answers; whatever else urllib3 raised.
+    if isinstance(error, OSError | urllib3.exceptions.HTTPError | http.client.HTTPException):
         return FetchResult.failed(url, "connection_error", _short(error))
     return FetchResult.failed(url, "fetch_error", f"{type(error).__name__}: {_short(error)}")
 
 
-def _retry_after(response: requests.Response) -> float | None:
+def _retry_after(response: BaseHTTPResponse) -> float | None:
     """Seconds the server asks us to wait (delay or HTTP date), if it says so sensibly."""
     try:
-        return Retry().get_retry_after(response.raw)
+        return Retry().get_retry_after(response)
     except urllib3.exceptions.InvalidHeader:
         return None
 

@@ -24,7 +24,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from requests.adapters import HTTPAdapter
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
+from urllib3 import PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
@@ -189,7 +190,7 @@ class AttemptDeadline(threading.local):
 
 
 class _GuardedHTTPConnection(HTTPConnection):
-    # Set per adapter (see GuardedAdapter), so that each fetcher has its own.
+    # Set per fetcher (see GuardedPools), so that each fetcher has its own.
     policy: AddressPolicy
     resolver: Resolver
     attempt: AttemptDeadline
@@ -233,14 +234,18 @@ def _put_conn_released(pool: HTTPConnectionPool, conn: Any) -> None:
     HTTPConnectionPool._put_conn(pool, conn)
 
 
-class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose every connection goes through an AddressPolicy.
+class GuardedPools(PoolManager):
+    """urllib3 connection pools, one per host, whose every connection goes through an AddressPolicy.
 
-    It makes one attempt per request: the fetcher retries and follows
-    redirects itself, so that both stay inside its deadline. Names are looked
-    up on `resolver`, under the deadline of the fetch in `attempt`. One adapter
-    may serve many threads (urllib3's pools are thread-safe): `hosts` host pools
-    are kept, each with up to `per_host` idle keep-alive connections.
+    Used straight, not behind a `requests` adapter: its per-request work (preparing
+    the request, cookies, proxies, wrapping the response) was about a quarter of a
+    fetch's CPU (docs/throughput.md, section 5), and none of it is needed here. A request
+    is one attempt: the fetcher retries and follows redirects itself, so that both
+    stay inside its deadline. Names are looked up on `resolver`, under the deadline
+    of the fetch in `attempt`. One manager serves many threads (urllib3's pools are
+    thread-safe): `hosts` host pools are kept, each with up to `per_host` idle
+    keep-alive connections. TLS certificates are verified against the bundle
+    `requests` uses, as when the fetch went through it.
     """
 
     def __init__(
@@ -251,11 +256,19 @@ class GuardedAdapter(HTTPAdapter):
         hosts: int = 10,
         per_host: int = 10,
     ) -> None:
+        super().__init__(
+            num_pools=hosts,
+            maxsize=per_host,
+            block=False,
+            retries=Retry(0, read=False, redirect=False),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=DEFAULT_CA_BUNDLE_PATH,
+        )
         guard = {"policy": policy, "resolver": resolver, "attempt": attempt}
         plain = type("PolicyHTTPConnection", (_GuardedHTTPConnection,), guard)
         secure = type("PolicyHTTPSConnection", (_GuardedHTTPSConnection,), guard)
         returning = {"_put_conn": _put_conn_released}
-        self._pools = {
+        self.pool_classes_by_scheme = {
             "http": type(
                 "PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain, **returning}
             ),
@@ -263,12 +276,3 @@ class GuardedAdapter(HTTPAdapter):
                 "PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure, **returning}
             ),
         }
-        super().__init__(
-            pool_connections=hosts,
-            pool_maxsize=per_host,
-            max_retries=Retry(0, read=False, redirect=False),
-        )
-
-    def init_poolmanager(self, *args, **kwargs) -> None:  # type: ignore[override]
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = self._pools

@@ -185,11 +185,25 @@ class Classifier:
 
     def labels_above_threshold(self, scores: np.ndarray) -> list[LabelScore]:
         """The labels one score vector gets (see `decide`), with their confidence."""
-        chosen = self.decide(np.asarray(scores)[np.newaxis, :])[0]
+        return self.labels_of(np.asarray(scores)[np.newaxis, :])[0]
+
+    def labels_of(self, scores: np.ndarray) -> list[list[LabelScore]]:
+        """The labels each row of a (batch, classes) score matrix gets, with their confidence.
+
+        One `decide` and one conversion to Python floats for the whole matrix: done
+        row by row, numpy's per-call set-up cost more than the comparisons themselves.
+        """
+        chosen = self.decide(scores).tolist()
+        classes = self.spec.classes
         return [
-            LabelScore(item.key, item.concept, float(score))
-            for item, score, given in zip(self.spec.classes, scores, chosen, strict=True)
-            if given
+            [
+                LabelScore(item.key, item.concept, score)
+                for item, score, given in zip(classes, row, choice, strict=True)
+                if given
+            ]
+            for row, choice in zip(
+                np.asarray(scores, dtype=np.float64).tolist(), chosen, strict=True
+            )
         ]
 
 

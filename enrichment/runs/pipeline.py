@@ -312,6 +312,11 @@ def classify_prepared(
                 known.update(zip(ran, np.round(scores.astype(np.float64), 6), strict=True))
             model_inputs += len(ran)
         reused += sum(item.sha256 not in failed for item in ready) - (len(to_run) - len(failed))
+        scored = [known[item.sha256] for item in ready if item.sha256 not in failed]
+        # The chunk's thresholds in one call, and its scores as Python floats in one
+        # conversion: per image, numpy's set-up cost more than the work.
+        matrix = np.stack(scored) if scored else np.empty((0, len(classifier.spec.classes)))
+        labelled = iter(zip(matrix.tolist(), classifier.labels_of(matrix), strict=True))
         for item in chunk:
             if item.failure is not None:
                 outcomes.append(item.failure)
@@ -329,13 +334,12 @@ def classify_prepared(
                     )
                 )
                 continue
-            vector = known[item.sha256]
-            labels = classifier.labels_above_threshold(vector)
+            vector, labels = next(labelled)
             outcomes.append(
                 RecordOutcome(
                     record_id=item.record.id,
                     status=Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
-                    scores=[float(score) for score in vector],
+                    scores=vector,
                     labels=labels,
                     image_url=item.record.image_url,
                     image_sha256=item.sha256,
