@@ -690,7 +690,10 @@ def complete_runs(db: Database, generator: Generator) -> None:
             run.records_seen = run.records_enqueued = done
             run.batches_total = generator.batches[number]
             run.finished_at = RUN_STARTS[number] + timedelta(hours=RUN_HOURS[number])
-            run.final_counts = generator.counts[number]
+            run.final_counts = {
+                **generator.counts[number],
+                "batches": {"done": generator.batches[number]},
+            }
 
 
 def rebuild_derived(db: Database) -> list[str]:

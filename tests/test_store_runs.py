@@ -18,6 +18,7 @@ from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.sources.records_file import Record
 from enrichment.store import batches, runs, workers
 from enrichment.store.database import Database
+from enrichment.store.query import run_summary
 from enrichment.store.runs import ModelRegistration, PreviousRun
 from enrichment.store.schema import Batch, BatchStatus, Outcome, Result, Run, RunStatus, utc_now
 from enrichment.store.writes import RecordOutcome
@@ -154,6 +155,11 @@ def test_a_run_completes_only_when_running_and_every_batch_finished(db: Database
     state = runs.run_state(db, run_id)
     assert state.status == RunStatus.COMPLETED
     assert runs.unfinished_batches(db, run_id) == []
+    # Its batches are counted once, when it completes, and read from there after.
+    with db.transaction() as session:
+        assert session.get(Run, run_id).final_counts["batches"] == {"done": 1, "failed": 1}
+        session.execute(sa.delete(Batch).where(Batch.run_id == run_id))
+    assert run_summary(db, run_id).batches == {"done": 1, "failed": 1}
 
 
 def test_marking_queued_moves_only_pending_batches(db: Database) -> None:

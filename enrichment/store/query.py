@@ -127,14 +127,10 @@ def run_summary(
             run = session.get(Run, check_run_id(run_id))
             if run is None:
                 raise EnrichError(f"run {run_id} does not exist")
-        batches = dict(
-            session.execute(
-                sa.select(Batch.status, sa.func.count())
-                .where(Batch.run_id == run.id)
-                .group_by(Batch.status)
-            ).all()
-        )
         counts = run.final_counts or outcome_counts(session, run.id)
+        # A completed run's batches were counted when it completed: a run over the whole
+        # collection has a batch per 128 records, too many to count on every look.
+        batches = counts.get("batches") or batch_counts(session, run.id)
         outcomes, errors = counts["outcomes"], counts["errors_by_reason"]
         done = sum(outcomes.values())
         rate, eta = _progress(
@@ -161,6 +157,17 @@ def run_summary(
             rate=rate,
             eta_seconds=eta,
         )
+
+
+def batch_counts(session: Session, run_id: int) -> dict[str, int]:
+    """A run's batches by status."""
+    return dict(
+        session.execute(
+            sa.select(Batch.status, sa.func.count())
+            .where(Batch.run_id == run_id)
+            .group_by(Batch.status)
+        ).all()
+    )
 
 
 def outcome_counts(session: Session, run_id: int) -> dict[str, dict[str, int]]:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.store.database import Database
-from enrichment.store.query import outcome_counts
+from enrichment.store.query import batch_counts, outcome_counts
 from enrichment.store.retire import refuse_retired
 from enrichment.store.schema import (
     FINISHED_BATCHES,
@@ -380,7 +380,7 @@ def complete_run_if_done(db: Database, run_id: int) -> bool:
     Called after each batch commits; whichever batch commits last sees all the
     others, so no chord or counter is needed. The counts by outcome are frozen
     in the same transaction: a later run over the same records takes these
-    result rows over.
+    result rows over; so are its batches by status, which no longer change.
     """
     unfinished = (
         sa.select(Batch.id)
@@ -398,7 +398,12 @@ def complete_run_if_done(db: Database, run_id: int) -> bool:
         session.execute(
             sa.update(Run)
             .where(Run.id == run_id)
-            .values(final_counts=outcome_counts(session, run_id))
+            .values(
+                final_counts={
+                    **outcome_counts(session, run_id),
+                    "batches": batch_counts(session, run_id),
+                }
+            )
         )
         return True
 
