@@ -68,6 +68,22 @@ def margin_order(scores: dict[str, list[float]], keys=KEYS) -> list[tuple[str, s
     return [(record, key) for _, record, key in sorted(items)]
 
 
+def scored_outcome(record_id: str, scores: list[float], image_url: str) -> RecordOutcome:
+    """A record's outcome from its scores: a label for each class at or above its threshold."""
+    labels = [
+        LabelScore(key, VOCABULARY[key], score)
+        for key, score, threshold in zip(KEYS, scores, THRESHOLDS, strict=True)
+        if score >= threshold
+    ]
+    return RecordOutcome(
+        record_id,
+        Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
+        scores=scores,
+        labels=labels,
+        image_url=image_url,
+    )
+
+
 def build_review_db(url: str, image_host, version: str = VERSION) -> Database:
     """Five classified records with images on the local image host; labels at threshold."""
     db = Database(url)
@@ -85,22 +101,10 @@ def build_review_db(url: str, image_host, version: str = VERSION) -> Database:
                 title=f"Object {record_id[-1].upper()}",
             )
         )
-    outcomes = []
-    for record_id, scores in SCORES.items():
-        labels = [
-            LabelScore(key, VOCABULARY[key], score)
-            for key, score, threshold in zip(KEYS, scores, THRESHOLDS, strict=True)
-            if score >= threshold
-        ]
-        outcomes.append(
-            RecordOutcome(
-                record_id,
-                Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
-                scores=scores,
-                labels=labels,
-                image_url=next(r.image_url for r in records if r.id == record_id),
-            )
-        )
+    outcomes = [
+        scored_outcome(record_id, scores, next(r.image_url for r in records if r.id == record_id))
+        for record_id, scores in SCORES.items()
+    ]
     with db.transaction() as session:
         register_model(session, version, "pilot", "resnet18", MODEL_LABELS, list(THRESHOLDS))
         upsert_records(session, records)

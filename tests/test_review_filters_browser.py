@@ -23,7 +23,7 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
-from tests.conftest import VOCABULARY, image_bytes
+from tests.conftest import image_bytes
 from tests.test_report import DevTools, chromium  # noqa: F401 (the fixture)
 from tests.test_review_api import (
     KEYS,
@@ -33,6 +33,7 @@ from tests.test_review_api import (
     VERSION,
     ReviewServer,
     build_review_db,
+    scored_outcome,
     serve,
 )
 from tests.test_review_browser import press, until
@@ -68,22 +69,10 @@ def disagreements() -> set[tuple[str, str]]:
 
 def classify_again(db: Database, image_host) -> None:
     """The newer version's results for the five records of `build_review_db`."""
-    outcomes = []
-    for record_id, scores in NEWER_SCORES.items():
-        labels = [
-            LabelScore(key, VOCABULARY[key], score)
-            for key, score, threshold in zip(KEYS, scores, THRESHOLDS, strict=True)
-            if score >= threshold
-        ]
-        outcomes.append(
-            RecordOutcome(
-                record_id,
-                Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
-                scores=scores,
-                labels=labels,
-                image_url=image_host.url(f"/review{record_id}.png"),
-            )
-        )
+    outcomes = [
+        scored_outcome(record_id, scores, image_host.url(f"/review{record_id}.png"))
+        for record_id, scores in NEWER_SCORES.items()
+    ]
     with db.transaction() as session:
         register_model(session, NEWER, "pilot", "resnet18", MODEL_LABELS, list(THRESHOLDS))
     with db.transaction() as session:
