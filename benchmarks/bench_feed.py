@@ -248,12 +248,15 @@ def in_process(
     tmp: Path,
     clock: CpuClock | None = None,
     feeders: int = 0,
+    host_pid: int | None = None,
 ) -> dict[str, Any]:
     """One run of `count` records through the in-process dispatcher; model already loaded.
 
     With a `clock`, the run's CPU time is taken apart by stage (`cpu_by_stage`).
     `feeders`: ENRICH_FEEDERS_PER_GPU for the run (0: the default). `cpu_ms_per_image`
-    counts this process and its feeders (children, reaped as the dispatcher closes).
+    counts this process and its feeders (children, reaped as the dispatcher closes);
+    `host_cpu_ms_per_image` the image host's process (`host_pid`), which shares this
+    machine's cores although a real provider's server would not.
     """
     with common.fresh_database(base_url) as url:
         db = Database(url)
@@ -263,6 +266,7 @@ def in_process(
         began = time.perf_counter()
         cpu_began = _cpu(resource.RUSAGE_SELF)
         children_began = _cpu(resource.RUSAGE_CHILDREN)
+        host_began = common.process_cpu(host_pid) if host_pid else 0.0
         with (
             clock.installed() if clock is not None else _nothing(),
             bootstrap.in_process_dispatcher(settings, model) as dispatcher,
@@ -279,6 +283,7 @@ def in_process(
         seconds = time.perf_counter() - began
         cpu_ended = _cpu(resource.RUSAGE_SELF)
         children_ended = _cpu(resource.RUSAGE_CHILDREN)
+        host_spent = common.process_cpu(host_pid) - host_began if host_pid else None
         errors = _errors(db, progress.run_id)
         db.dispose()
     spent = sum(cpu_ended) - sum(cpu_began) + sum(children_ended) - sum(children_began)
@@ -289,6 +294,8 @@ def in_process(
         "cpu_ms_per_image": round(1000 * spent / count, 3),
         "cores_busy": round(spent / seconds, 2),
     }
+    if host_spent is not None:
+        figures["host_cpu_ms_per_image"] = round(1000 * host_spent / count, 3)
     if clock is not None:
         process = (cpu_ended[0] - cpu_began[0], cpu_ended[1] - cpu_began[1])
         figures["cpu"] = cpu_by_stage(clock, process, count)
@@ -532,10 +539,10 @@ def run(quick: bool, stand_in_only: bool = False, feeders_only: bool = False) ->
         common.say(f"  {count} images from one host; stand-in model, 200 ms then no latency")
         # Decoding on the fetch threads, where the clock sees it (feeders are other processes).
         figures["stand_in_slow"] = in_process(
-            base, slow_host, count, stand_in, tmp, CpuClock(), feeders=1
+            base, slow_host, count, stand_in, tmp, CpuClock(), feeders=1, host_pid=slow["pid"]
         )
         figures["stand_in_fast"] = in_process(
-            base, fast_host, count, stand_in, tmp, CpuClock(), feeders=1
+            base, fast_host, count, stand_in, tmp, CpuClock(), feeders=1, host_pid=fast["pid"]
         )
         common.say("  decode only, every core, then one thread")
         figures["decode_only"] = decode_only(count, stand_in.spec.preprocessing)

@@ -247,7 +247,7 @@ def peers(*arguments: str) -> Iterator[dict[str, Any]]:
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(f"peers.py {' '.join(arguments)} did not start")
-        yield json.loads(line)
+        yield {**json.loads(line), "pid": process.pid}
     finally:
         assert process.stdin is not None
         process.stdin.close()
@@ -256,6 +256,12 @@ def peers(*arguments: str) -> Iterator[dict[str, Any]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU (user and system) another process of this machine has spent so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stand_alone(
