@@ -13,6 +13,7 @@ import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -475,29 +476,42 @@ def test_report_into_a_path_that_cannot_be_written(
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, installed on first use where we are root and apt can reach it;
-    otherwise the test is skipped, saying why."""
+    otherwise the test is skipped, saying why. Test processes (`make test` runs two) take
+    turns at the install: apt holds a lock of its own, and the second would fail on it."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         reason = "chromium is not installed, and installing it needs root and apt-get"
-    else:
-        try:
-            installed = subprocess.run(
-                "apt-get update -q && apt-get install -y -q chromium",
-                shell=True,
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                capture_output=True,
-                text=True,
-                timeout=900,
-            )
-            last = (installed.stderr.strip() or installed.stdout.strip()).splitlines()[-1:]
-            reason = f"apt-get install chromium failed: {' '.join(last)}"
-        except subprocess.TimeoutExpired:
-            reason = "apt-get install chromium took over 15 minutes"
-        found = shutil.which("chromium")
-        if found:
-            return found
+        print(f"skipping the browser check: {reason}")
+        pytest.skip(reason)
+    with (Path(tempfile.gettempdir()) / "enrich-tests-chromium.lock").open("w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # released as the file closes
+        return _installed_chromium()
+
+
+def _installed_chromium() -> str:
+    """Chromium, installed by this process unless another test process did meanwhile;
+    the test is skipped, saying why, where the install fails."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    try:
+        installed = subprocess.run(
+            "apt-get update -q && apt-get install -y -q chromium",
+            shell=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        last = (installed.stderr.strip() or installed.stdout.strip()).splitlines()[-1:]
+        reason = f"apt-get install chromium failed: {' '.join(last)}"
+    except subprocess.TimeoutExpired:
+        reason = "apt-get install chromium took over 15 minutes"
+    found = shutil.which("chromium")
+    if found:
+        return found
     print(f"skipping the browser check: {reason}")
     pytest.skip(reason)
 
