@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from enrichment.model.classifier import build_network, save_model_dir
 from enrichment.model.spec import ClassSpec, ModelSpec
+from enrichment.store.database import Database
 from tests.services import ImageHost, PostgresServer, RedisServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +49,19 @@ def pg_url(postgres: PostgresServer | str) -> str:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     engine.dispose()
     return sa.engine.make_url(base).set(database=name).render_as_string(hide_password=False)
+
+
+def upgraded_database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """An empty database at this code's schema, of the dialect a fixture parametrised with
+    "sqlite" or "postgresql" asks for (`request.param`)."""
+    url = (
+        f"sqlite:///{tmp_path}/test.sqlite3"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+    db = Database(url)
+    db.upgrade()
+    return db
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from enrichment.store.database import Database
 from enrichment.store.reporting import float32_bounds, reading_run
 from enrichment.store.schema import RecordRow, Run
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from tests.conftest import upgraded_database
 
 VERSION = "tiny@000000000000"
 OTHER = "tiny@111111111111"
@@ -48,17 +49,6 @@ def outcome(record: str, photo: float, map_: float) -> RecordOutcome:
     ]
     status = "labelled" if labels else "below_threshold"
     return RecordOutcome(f"/n/{record}", status, scores=[photo, map_], labels=labels)
-
-
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    url = (
-        f"sqlite:///{tmp_path}/n.sqlite3"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    db = Database(url)
-    db.upgrade()
-    return db
 
 
 def add_records_and_runs(db: Database, names: list[str], runs: int) -> None:
@@ -98,7 +88,7 @@ def add_records_and_runs(db: Database, names: list[str], runs: int) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def reported(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     """Run 1 over a..i and r; run 2 classifies r and i again; another version beside."""
-    db = database(request, tmp_path)
+    db = upgraded_database(request, tmp_path)
     add_records_and_runs(db, list("abcdefghir"), 2)
     with db.transaction() as session:
         save_outcomes(
@@ -174,7 +164,7 @@ def on_the_edges(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
             nearest = np.nextafter(nearest, np.float32(2))
     scores.extend([-0.000001, 1.5, 3.999999])
     pairs = [scores[index : index + 2] for index in range(0, len(scores) - 1, 2)]
-    db = database(request, tmp_path)
+    db = upgraded_database(request, tmp_path)
     add_records_and_runs(db, [f"{number:04}" for number in range(len(pairs))], 1)
     with db.transaction() as session:
         save_outcomes(

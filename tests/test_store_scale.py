@@ -42,6 +42,7 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
+from tests.conftest import upgraded_database
 
 OLD, NEW = "m@000000000001", "m@000000000002"
 KEYS = ("photograph", "drawing", "map")
@@ -53,13 +54,7 @@ DATASETS = {"7": 23, "70": 9, "700": 14}
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = (
-        f"sqlite:///{tmp_path}/scale.sqlite3"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    database = Database(url)
-    database.upgrade()
+    database = upgraded_database(request, tmp_path)
     yield database
     database.dispose()
 
