@@ -20,20 +20,21 @@ The one host plays Europeana's thumbnail service and has its default limit
   with the real CPU model (the demo model) is reported beside it;
 - feeder processes: the stand-in pipeline with its decoding in 2 feeder
   processes (`ENRICH_FEEDERS_PER_GPU=2`, `enrichment.media.feeders`) beside the
-  same run decoding on the fetch threads (=1), at 0 and 200 ms, in images/s and
+  same run decoding on the handler threads (=1), at 0 and 200 ms, in images/s and
   CPU ms per image (this process and its feeders together);
 - through Celery: a real `enrich worker` on Redis and PostgreSQL with the demo
   model, against the in-process dispatcher with the same model, both at 200 ms.
 
 Where the CPU goes (`CpuClock`): in the stand-in runs every stage's call is
 wrapped, on the thread that runs it, with that thread's own CPU clock
-(`getrusage(RUSAGE_THREAD)`, user and system apart): fetch (`Fetcher.fetch`:
-the host's turn, the SSRF guard, HTTP, the SHA-256), decode (`decode`), start
+(`getrusage(RUSAGE_THREAD)`, user and system apart): fetch (the fetcher's event
+loop thread, all its life: the hosts' turns, the SSRF guard, HTTP, the SHA-256),
+decode (`decode`), start
 (counting the attempt, submitting the images), classify (the stand-in model,
 stored-score look-ups, thresholds), write (`commit_batch`) and schedule
 (`service.start`: reading the records, cutting batches). The process's own
 `getrusage(RUSAGE_SELF)` over the run less their sum is "the rest": thread
-hand-offs, the watchdog, queues, the GIL's own switching. All as CPU
+hand-offs, name lookups, queues, the GIL's own switching. All as CPU
 milliseconds per image, which load on the machine changes far less than rates.
 
 The GIL's share is estimated, not measured: Python code holds the GIL, while
@@ -189,7 +190,7 @@ class CpuClock:
     @contextmanager
     def installed(self) -> Iterator[CpuClock]:
         patches = [
-            (Fetcher, "fetch", "fetch"),
+            (Fetcher, "_run_loop", "fetch"),  # the event loop's thread, for the fetcher's life
             (pipeline, "decode", "decode"),
             (inprocess, "begin_batch", "start"),
             (inprocess, "classify_started", "classify"),
@@ -504,7 +505,7 @@ def through_celery(
 
 
 def feeder_cases() -> list[int]:
-    """ENRICH_FEEDERS_PER_GPU values to compare: 1 (decoding on the fetch threads), 2, and
+    """ENRICH_FEEDERS_PER_GPU values to compare: 1 (decoding on the handler threads), 2, and
     this machine's default where that is more (15 on 16 cores)."""
     return sorted({1, 2, feeders_per_gpu(0, 1)})
 
@@ -512,7 +513,7 @@ def feeder_cases() -> list[int]:
 def feeder_runs(
     base: str, hosts: dict[str, str], count: int, model: Any, tmp: Path
 ) -> dict[str, dict[str, Any]]:
-    """The stand-in pipeline decoding on the fetch threads and in feeder processes, side by side.
+    """The stand-in pipeline decoding on the handler threads and in feeder processes, side by side.
 
     Interleaved (threads, feeders, threads, feeders) by latency, so that a change in
     the machine's load meanwhile touches both alike.
@@ -563,7 +564,7 @@ def run(quick: bool, stand_in_only: bool = False, feeders_only: bool = False) ->
         if feeders_only:
             return figures
         common.say(f"  {count} images from one host; stand-in model, 200 ms then no latency")
-        # Decoding on the fetch threads, where the clock sees it (feeders are other processes).
+        # Decoding on the handler threads, where the clock sees it (feeders are other processes).
         figures["stand_in_slow"] = in_process(
             base, slow_host, count, stand_in, tmp, CpuClock(), feeders=1, host_pid=slow["pid"]
         )
@@ -628,7 +629,7 @@ def _real_model_runs(
 
 def feeders_report(figures: dict[str, Any]) -> list[str]:
     lines = [
-        "  decoding on the fetch threads (feeders=1) and in feeder processes, stand-in model"
+        "  decoding on the handler threads (feeders=1) and in feeder processes, stand-in model"
         " (CPU: this process and its feeders):"
     ]
     for case, part in figures["feeders"].items():
@@ -714,7 +715,7 @@ def cpu_report(figures: dict[str, Any]) -> list[str]:
 
 
 def feeders_summary(figures: dict[str, Any]) -> list[common.Figure]:
-    """Feeder processes over the fetch threads, by rate, at each latency and feeder count."""
+    """Feeder processes over the handler threads, by rate, at each latency and feeder count."""
     runs = figures["feeders"]
     lines = []
     for case, part in runs.items():

@@ -7,7 +7,6 @@ Speed itself is measured in benchmarks/bench_feed.py, never here.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from PIL import Image
 
 from enrichment.config import ConfigError, Settings
 from enrichment.media.cpus import feeders_per_gpu
-from enrichment.media.deadline import Deadline, Watchdog
 from enrichment.media.decode import Preprocessing, normalise
 from enrichment.media.fetch import Fetcher
 
@@ -124,23 +122,3 @@ def test_gpu_sh_parses_and_refuses_an_unknown_argument() -> None:
         ["bash", str(script), "--fast"], capture_output=True, text=True, check=False
     )
     assert refused.returncode == 2 and "usage" in refused.stderr
-
-
-def test_a_connection_back_in_the_shared_pool_is_out_of_its_fetchs_deadline() -> None:
-    """Another thread may take it next: the first fetch's deadline must not cut that one."""
-    watchdog = Watchdog()
-    mine, theirs = socket.socketpair()
-    released, peer = socket.socketpair()
-    try:
-        with Deadline(30, watchdog) as deadline:
-            deadline.watch(mine)
-            deadline.watch(released)
-            deadline.release(released)  # urllib3 put its connection back in the pool
-            deadline.expire()
-        assert mine.recv(1) == b""  # shut down: a read ends at once, with nothing
-        peer.sendall(b"y")
-        assert released.recv(1) == b"y"  # still open for whoever took it
-    finally:
-        watchdog.close()
-        for sock in (mine, theirs, released, peer):
-            sock.close()

@@ -27,6 +27,7 @@ import pytest
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
+from enrichment.media.cpus import usable_cpus
 from enrichment.media.decode import ImageError, Preprocessing, decode
 from enrichment.media.fetch import MAX_RETRIES, AddressPolicy, Fetcher, is_public
 from tests.conftest import image_bytes
@@ -506,12 +507,30 @@ def test_a_body_cut_short_of_its_content_length_is_truncated_and_not_retried(
     assert server.hits("/cut.png") == 1
 
 
-def test_deadlines_share_one_watchdog_thread(server: Server, make_fetcher) -> None:
+def test_downloads_run_on_one_event_loop_not_a_thread_each(server: Server, make_fetcher) -> None:
     fetcher = make_fetcher()
+    before = set(threading.enumerate())
     urls = [server.route(f"/many{n}.png", send()) for n in range(40)]
-    assert all(
-        f.result().content == PICTURE for f in [fetcher.submit(fetcher.fetch, u) for u in urls]
-    )
-    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
-    assert timers == [], "no timer thread per URL"
-    assert sum(t.name == "deadlines" for t in threading.enumerate()) == 1
+    futures = [fetcher.fetch_then(url, lambda fetched: fetched.content) for url in urls]
+    assert [future.result() for future in futures] == [PICTURE] * 40
+    started = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not any(isinstance(t, threading.Timer) for t in threading.enumerate())
+    assert not [name for name in started if name.startswith("fetch_")], "no thread per download"
+    handlers = [name for name in started if name.startswith("fetched")]
+    assert 1 <= len(handlers) <= max(usable_cpus(), BASE.feeders_per_gpu)
+    assert sum(t.name == "fetch-loop" for t in threading.enumerate()) == 1
+
+
+def test_what_is_done_with_the_bytes_may_fail_on_its_own(server: Server, make_fetcher) -> None:
+    """`fetch_then`'s function raising is its future's exception; other downloads go on."""
+    url = server.route("/then.png", send())
+
+    def refuse(fetched: object) -> None:
+        raise RuntimeError("a decoder bug")
+
+    fetcher = make_fetcher()
+    failing = fetcher.fetch_then(url, refuse)
+    fine = fetcher.fetch_then(url, lambda fetched: len(fetched.content or b""))
+    with pytest.raises(RuntimeError, match="a decoder bug"):
+        failing.result()
+    assert fine.result() == len(PICTURE)

@@ -100,8 +100,8 @@ def test_a_name_is_resolved_and_its_address_checked(
     assert host.requests == ["/named.png"], "the loopback address was refused before any request"
 
 
-def deadline_threads() -> set[threading.Thread]:
-    return {thread for thread in threading.enumerate() if thread.name == "deadlines"}
+def loop_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "fetch-loop"}
 
 
 def test_leaving_the_with_block_stops_the_fetchers_threads(host: ImageHost) -> None:
@@ -110,7 +110,7 @@ def test_leaving_the_with_block_stops_the_fetchers_threads(host: ImageHost) -> N
     with Fetcher(dataclasses.replace(BASE, fetch_timeout=5.0)) as fetcher:
         results = [f.result() for f in [fetcher.submit(fetcher.fetch, u) for u in urls]]
         assert all(result.content == PICTURE for result in results)
-        assert len(deadline_threads() - before) == 1, "one watchdog, owned by this fetcher"
+        assert len(loop_threads() - before) == 1, "one event loop, owned by this fetcher"
     # The image host's own request threads may still be closing their connections.
     left = [
         thread.name
@@ -123,14 +123,14 @@ def test_leaving_the_with_block_stops_the_fetchers_threads(host: ImageHost) -> N
     assert len(host.requests) == 20
 
 
-def test_two_fetchers_do_not_share_a_watchdog(host: ImageHost) -> None:
-    before = deadline_threads()
+def test_two_fetchers_do_not_share_an_event_loop(host: ImageHost) -> None:
+    before = loop_threads()
     url = host.add("/two.png", PICTURE)
     with Fetcher(BASE) as first, Fetcher(BASE) as second:
         assert first.fetch(url).content == PICTURE
         assert second.fetch(url).content == PICTURE
-        assert len(deadline_threads() - before) == 2
-    assert deadline_threads() - before == set()
+        assert len(loop_threads() - before) == 2
+    assert loop_threads() - before == set()
 
 
 class Trickle:
@@ -165,15 +165,15 @@ def test_a_download_in_flight_when_closed_without_waiting_still_ends_at_its_dead
     server = Server("127.0.0.1")
     try:
         url = server.route("/trickle", trickle)
-        before = deadline_threads()
+        before = loop_threads()
         fetcher = Fetcher(dataclasses.replace(BASE, fetch_timeout=1.0))
         in_flight = fetcher.submit(fetcher.fetch, url)
         assert trickle.started.wait(5)
         fetcher.close(wait=False)
         assert in_flight.result(timeout=10).error_reason == "timeout"
         assert trickle.over.wait(5) and not trickle.completed
-        for watchdog in deadline_threads() - before:
-            watchdog.join(timeout=5)
-            assert not watchdog.is_alive(), "the watchdog ends once its last fetch has"
+        for loop in loop_threads() - before:
+            loop.join(timeout=5)
+            assert not loop.is_alive(), "the event loop ends once its last download has"
     finally:
         server.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -104,8 +105,12 @@ def test_busy_answers_to_requests_sent_before_a_cut_do_not_cut_again() -> None:
 
 def test_retry_after_pauses_the_host() -> None:
     pacer = HostPacer(start=4, ceiling=4, overrides=(), total=10, max_pause=0.5)
-    with pacer.slot("h") as slot:
-        slot.report("busy", time.monotonic(), None, 3600.0)
+
+    async def refused() -> None:
+        async with pacer.slot("h") as slot:
+            slot.report("busy", time.monotonic(), None, 3600.0)
+
+    asyncio.run(refused())
     limit = pacer.hosts["h"]
     assert limit.limit == 2
     assert 0 < limit.paused_until - time.monotonic() <= 0.5, "capped"

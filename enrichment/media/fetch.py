@@ -9,27 +9,28 @@ Image URLs come from other people's metadata, so:
   addresses are refused unless allow-listed, so DNS rebinding and redirects
   inwards fail too;
 - a byte cap (on Content-Length and while streaming) and a total deadline per
-  URL (`enrichment.media.deadline`), enforced on the sockets themselves, so a
-  server that trickles bytes is cut off on time, and on the name lookup, so a
-  slow resolver is too;
+  URL, which covers the name lookup, every attempt, every wait between them and
+  every byte of the body, so a server that trickles bytes is cut off on time,
+  and so is a slow resolver;
 - timeouts, connection errors, 429 (honouring Retry-After) and 5xx are retried
   with backoff while the deadline allows; other 4xx are not, and neither is a
   body cut short of its Content-Length (`truncated`: a server that cuts an image
   off does it the same way each time);
 - per-host concurrency adapts to each host (`enrichment.media.hosts`): a small
   start for an unknown host, an operator's limit where one is set, halved on
-  429/503 (once per round); keep-alive connections are shared by the fetch threads, at
-  most a host's ceiling of them kept open per host.
+  429/503 (once per round); keep-alive connections are shared by every download
+  from a host, about as many open as its limit lets downloads run at once.
 
-Each request goes straight to urllib3's guarded connection pools, not through
-`requests` at all: a session's per-request work (merging settings, hooks, its
-cookie jar) was a third of a fetch's CPU, and an adapter's (preparing the
-request, proxies from the environment, wrapping the response) about a quarter
-of what was left; none of it is needed here (redirects and retries are the
-fetcher's own; image servers get no cookies back; no proxy was ever used).
+Every download is a task on the fetcher's one event loop (aiohttp, its HTTP
+parsing in C), not a thread: with a thread per download a fetch cost about 1 ms
+of CPU, most of it holding the GIL, so one process could not fetch for a GPU
+(docs/throughput.md, section 5). Redirects, retries and the deadline are the
+fetcher's own; image servers get no cookies back; no proxy is used.
 
-A `Fetcher` is a context manager that owns its threads: the fetch threads, the
-name-lookup threads, and the one watchdog thread that times every download.
+A `Fetcher` is a context manager that owns its threads: the event loop's, the
+name-lookup threads, the threads that take each download's bytes on
+(`fetch_then`: decoding, as many as the usable CPUs) and the threads of work
+that fetches (`submit`).
 
 `Fetcher.fetch` never raises: every failure is a `FetchResult` with a short
 machine-readable reason (http_404, timeout, too_large, blocked_address,
@@ -39,33 +40,34 @@ connection_error, fetch_error) and a human message.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import http.client
 import random
+import socket
+import ssl
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import urllib3.exceptions
-from urllib3.exceptions import MaxRetryError, NameResolutionError, NewConnectionError
-from urllib3.response import BaseHTTPResponse
+from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from urllib3.util.retry import Retry
-from urllib3.util.timeout import Timeout
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
-from enrichment.media.deadline import Deadline, DeadlinePassed, Watchdog
+from enrichment.media.cpus import usable_cpus
 from enrichment.media.guard import (
     AddressPolicy,
-    AttemptDeadline,
     BlockedAddress,
-    GuardedPools,
-    Resolver,
+    GuardedResolver,
     is_public,
+    refused_literal,
 )
 from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer, PacerClosed, Slot
 
@@ -100,13 +102,25 @@ class FetchResult:
         return cls(url=url, error_reason=reason, error_message=message)
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """How one try went: its result, a 429/503's Retry-After, when the headers came, and
+    whether the fetch's own deadline cut it (rather than the server failing)."""
+
+    result: FetchResult
+    retry_after: float | None = None
+    answered: float | None = None
+    cut_by_deadline: bool = False
+
+
 class Fetcher:
     """Downloads many images at once, each host at its own adaptive pace; a context manager.
 
-    The thread pool is larger than the downloads allowed at once by two
-    batches, so that records waiting for a busy host's slot never hold up
-    downloads from other hosts, and the next batch can be fetched while this
-    one is classified. Leaving the `with` block (or `close`) stops every thread
+    Downloads run on one event loop in a thread of the fetcher's own; callers on
+    any other thread wait for one (`fetch`), or have its bytes handed on to a
+    function on the handler threads (`fetch_then`), as many of which run at once
+    as this process has usable CPUs: that is where images are decoded, past the
+    GIL in Pillow's C code. Leaving the `with` block (or `close`) stops every thread
     the fetcher started; a closed fetcher fetches nothing more.
     """
 
@@ -122,32 +136,35 @@ class Fetcher:
             max_pause=settings.fetch_timeout,
         )
         largest = max((limit for _, limit in settings.fetch_host_limits), default=0)
-        self._pool = ThreadPoolExecutor(
+        # Work that itself fetches (`submit`) blocks a thread while it waits: as many as
+        # downloads may run at once, plus two batches, so waiting work never holds up
+        # other hosts' downloads. Threads start as needed.
+        self._workers = ThreadPoolExecutor(
             max_workers=settings.fetch_concurrency + largest + 2 * settings.batch_size,
             thread_name_prefix="fetch",
         )
-        self._watchdog = Watchdog()
-        # As many lookups at once as downloads from hosts without a limit of their own:
-        # each new host (and each new connection) needs one. Threads start as needed.
-        self._resolver = Resolver(threads=settings.fetch_concurrency)
-        # One set of pools for every fetch thread, so a host's keep-alive connections serve
-        # whichever thread fetches from it next: about as many open as the host's limit,
-        # not one per thread that ever fetched from it. Each thread's deadline is its own.
-        self._attempt_deadline = AttemptDeadline()
-        self._pools = GuardedPools(
-            self.policy,
-            self._resolver,
-            self._attempt_deadline,
-            hosts=2 * settings.fetch_concurrency + len(settings.fetch_host_limits),
-            per_host=max(settings.fetch_per_host_max, largest),
+        # Decoding the fetched bytes (or handing them to as many feeder processes).
+        self._handlers = ThreadPoolExecutor(
+            max_workers=max(usable_cpus(), settings.feeders_per_gpu),
+            thread_name_prefix="fetched",
+        )
+        # As many lookups at once as downloads from hosts without a limit of their own.
+        self._lookups = ThreadPoolExecutor(
+            max_workers=settings.fetch_concurrency, thread_name_prefix="resolve"
         )
         self._headers = {
             "User-Agent": self.user_agent,
             "Accept": "image/*",
             # Images are compressed already; asking for identity keeps gzip bombs out.
             "Accept-Encoding": "identity",
-            "Connection": "keep-alive",
         }
+        self._downloads: set[asyncio.Task[FetchResult]] = set()
+        self._closed = False
+        self._lock = threading.Lock()  # `_closed` against new downloads being scheduled
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="fetch-loop", daemon=True)
+        self._thread.start()
+        self._session = asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
 
     def __enter__(self) -> Fetcher:
         return self
@@ -161,97 +178,177 @@ class Fetcher:
 
         Downloads already under way then end on their own, by their deadlines at the latest.
         """
-        if not wait:
-            self.pacer.close()  # those waiting for a host's turn end now, with PacerClosed
-        self._pool.shutdown(wait=wait, cancel_futures=True)
-        self.pacer.close()
-        self._resolver.close()
-        self._pools.clear()
-        self._watchdog.close(wait=wait)
+        if self._thread is None:
+            return
+        if not wait:  # those waiting for a host's turn end now, with PacerClosed
+            self._loop.call_soon_threadsafe(self.pacer.close)
+        self._workers.shutdown(wait=wait, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+        finished = asyncio.run_coroutine_threadsafe(self._finish(), self._loop)
+        if wait:
+            finished.result()
+        self._handlers.shutdown(wait=wait, cancel_futures=True)
+        self._lookups.shutdown(wait=False, cancel_futures=True)  # a stuck lookup is left to end
+        if wait:
+            self._thread.join()
+        self._thread = None
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
-        """Run work that fetches (and decodes) on the fetch threads."""
-        return self._pool.submit(function, *args)
+        """Run work that fetches (and decodes) on a thread of its own."""
+        return self._workers.submit(function, *args)
 
     def fetch(self, url: str) -> FetchResult:
         """One URL to its bytes, or to the reason there are none; never raises."""
-        refusal = _refuse_url(url, url)
+        return self._start(url).result()
+
+    def fetch_then(self, url: str, then: Callable[[FetchResult], T]) -> Future[T]:
+        """Fetch `url`, then hand its result to `then` on a handler thread; what it returns.
+
+        No thread waits for the download: it is a task on the event loop until its
+        bytes (or its failure) are there.
+        """
+        outcome: Future[T] = Future()
+        self._start(url).add_done_callback(partial(self._hand_on, outcome, then))
+        return outcome
+
+    def _hand_on(
+        self, outcome: Future[T], then: Callable[[FetchResult], T], fetched: Future[FetchResult]
+    ) -> None:
+        try:
+            self._handlers.submit(_settle, outcome, then, fetched.result())
+        except RuntimeError:  # closed without waiting: what was not handed on is dropped
+            outcome.cancel()
+
+    def _start(self, url: str) -> Future[FetchResult]:
+        fetched: Future[FetchResult] = Future()
+        with self._lock:
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self._begin, url, fetched)
+                return fetched
+        fetched.set_result(FetchResult.failed(url, "fetch_error", "the fetcher is closed"))
+        return fetched
+
+    def _begin(self, url: str, fetched: Future[FetchResult]) -> None:
+        """On the loop: the download as a task, known to `_finish` from now on."""
+        task = self._loop.create_task(self._fetch(url))
+        self._downloads.add(task)
+        task.add_done_callback(partial(self._done, fetched))
+
+    def _done(self, fetched: Future[FetchResult], task: asyncio.Task[FetchResult]) -> None:
+        self._downloads.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled():
+            fetched.cancel()
+        elif error is not None:
+            fetched.set_exception(error)
+        else:
+            fetched.set_result(task.result())
+
+    def _run_loop(self) -> None:
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    async def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # the pacer limits downloads, host by host
+            ssl=ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH),
+            resolver=GuardedResolver(self.policy, self._lookups),
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            auto_decompress=False,
+            trust_env=False,  # no proxy from the environment
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def _finish(self) -> None:
+        """Wait for the downloads under way (each ends by its deadline), then stop the loop."""
+        if self._downloads:
+            await asyncio.wait(set(self._downloads))
+        self.pacer.close()
+        await self._session.close()
+        # After this coroutine's own result is handed over (in the same round of callbacks).
+        self._loop.call_soon(self._loop.stop)
+
+    async def _fetch(self, url: str) -> FetchResult:
+        refusal = _refuse_url(url, url, self.policy)
         if refusal is not None:
             return refusal
         host = (urlsplit(url).hostname or "").lower().rstrip(".")
         try:
-            return self._fetch_at(url, host)
+            async with self.pacer.slot(host) as slot:
+                return await self._attempts(url, slot)
         except PacerClosed as closed:
             return FetchResult.failed(url, "fetch_error", str(closed))
 
-    def _fetch_at(self, url: str, host: str) -> FetchResult:
-        attempt_deadline = self._attempt_deadline
-        with (
-            self.pacer.slot(host) as slot,
-            Deadline(self.settings.fetch_timeout, self._watchdog) as deadline,
-        ):
-            attempt_deadline.deadline = deadline
-            try:
-                return self._attempts(url, slot, deadline)
-            finally:
-                attempt_deadline.deadline = None
-
-    def _attempts(self, url: str, slot: Slot, deadline: Deadline) -> FetchResult:
+    async def _attempts(self, url: str, slot: Slot) -> FetchResult:
         """Try until the image comes, the failure is final, or the deadline leaves no time."""
+        end = self._loop.time() + self.settings.fetch_timeout
         host_said: FetchResult | None = None  # the host's last answer before the deadline
         for attempt in range(MAX_RETRIES + 1):
             began = time.monotonic()
-            result, retry_after, answered = self._attempt(url, deadline)
+            tried = await self._attempt(url, end)
+            result = tried.result
             reason = result.error_reason
             if reason is None:
-                slot.report(OK, began, answered - began if answered else None, None)
-            elif host_said is not None and deadline.expired:
+                latency = tried.answered - began if tried.answered else None
+                slot.report(OK, began, latency, None)
+            elif host_said is not None and tried.cut_by_deadline:
                 # Our deadline cut a retry short: that says nothing new about the
                 # host, and its last real answer (a 429, a 503) is the truer reason.
                 slot.report(NEUTRAL, began, None, None)
                 return host_said
             else:
                 signal = BUSY if reason in BUSY_REASONS else NEUTRAL
-                slot.report(signal, began, None, retry_after)
+                slot.report(signal, began, None, tried.retry_after)
             if reason not in RETRYABLE or attempt == MAX_RETRIES:
                 break
             host_said = result
-            pause = retry_after if retry_after is not None else _backoff(attempt)
-            if pause >= deadline.remaining():
+            pause = tried.retry_after if tried.retry_after is not None else _backoff(attempt)
+            if pause >= end - self._loop.time():
                 break  # the answer would come too late: give up now, with the last reason
-            time.sleep(pause)
+            await asyncio.sleep(pause)
         return result
 
-    def _attempt(
-        self, url: str, deadline: Deadline
-    ) -> tuple[FetchResult, float | None, float | None]:
-        """One try, following redirects: the result, a 429/503's Retry-After, when headers came."""
+    async def _attempt(self, url: str, end: float) -> _Attempt:
+        """One try, following redirects, within what is left of the deadline."""
         answered: list[float] = []
+        budget = asyncio.timeout_at(end)
         try:
-            result, retry_after = self._follow(url, deadline, answered)
+            async with budget:
+                result, retry_after = await self._follow(url, end, answered)
         except Exception as error:  # every failure is a result; classified below
-            return _classify(url, error, deadline), None, None
-        return result, retry_after, answered[-1] if answered else None
+            if budget.expired():
+                return _Attempt(_timed_out(url, self.settings.fetch_timeout), cut_by_deadline=True)
+            return _Attempt(_classify(url, error))
+        return _Attempt(result, retry_after, answered[-1] if answered else None)
 
-    def _follow(
-        self, url: str, deadline: Deadline, answered: list[float]
+    async def _follow(
+        self, url: str, end: float, answered: list[float]
     ) -> tuple[FetchResult, float | None]:
         settings = self.settings
         original = url
         for _ in range(MAX_REDIRECTS + 1):
-            remaining = deadline.remaining()
-            if remaining <= 0:
-                return _timed_out(original, deadline), None
-            timeout = Timeout(
-                connect=min(settings.fetch_connect_timeout, remaining),
-                read=min(settings.fetch_read_timeout, remaining),
+            remaining = end - self._loop.time()
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=min(settings.fetch_connect_timeout, remaining),
+                sock_read=min(settings.fetch_read_timeout, remaining),
             )
-            with self._answer(url, timeout) as response:
+            # Metadata's URLs may carry spaces around them (requests stripped them too).
+            async with self._session.get(
+                url.strip(), allow_redirects=False, timeout=timeout
+            ) as response:
                 answered.append(time.monotonic())
                 location = response.headers.get("Location")
                 if response.status in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
-                    refusal = _refuse_url(original, url)
+                    refusal = _refuse_url(original, url, self.policy)
                     if refusal is not None:
                         return refusal, None
                     continue
@@ -261,56 +358,46 @@ class Fetcher:
                         f"http_{response.status}",
                         f"the image server answered HTTP {response.status}",
                     )
-                    return failure, _retry_after(response)
-                return self._read_body(original, response, deadline), None
+                    return failure, _retry_after(response.headers.get("Retry-After"))
+                return await self._read_body(original, response), None
         return FetchResult.failed(
             original, "too_many_redirects", f"more than {MAX_REDIRECTS} redirects"
         ), None
 
-    @contextmanager
-    def _answer(self, url: str, timeout: Timeout) -> Iterator[BaseHTTPResponse]:
-        """One GET of `url` (no redirect followed, no retry), its body left to be streamed.
-
-        Afterwards its connection goes back to the pool: kept alive where the body was
-        read to its end, closed where it was not (a redirect, an error, a body over the
-        cap), so that nothing unread is ever drained.
-        """
-        response = self._pools.urlopen(
-            "GET",
-            url.strip(),  # metadata's URLs may carry spaces around them (requests stripped them)
-            headers=self._headers,
-            redirect=False,
-            preload_content=False,
-            decode_content=False,
-            timeout=timeout,
-        )
-        try:
-            yield response
-        finally:
-            response.close()  # a no-op for a connection already back (a body read to its end)
-            response.release_conn()
-
-    def _read_body(self, url: str, response: BaseHTTPResponse, deadline: Deadline) -> FetchResult:
+    async def _read_body(self, url: str, response: aiohttp.ClientResponse) -> FetchResult:
+        """The body, within the byte cap; leaving `_follow`'s `async with` then gives the
+        connection back to the pool where it was read to its end, and closes it where not."""
         limit = self.settings.fetch_max_bytes
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return FetchResult.failed(
-                url, "too_large", f"Content-Length {declared} is over the {limit}-byte limit"
-            )
-        body = bytearray()
-        for chunk in response.stream(CHUNK_BYTES, decode_content=True):
-            body += chunk
-            if len(body) > limit:
+        if declared.isdigit():
+            if int(declared) > limit:
                 return FetchResult.failed(
-                    url, "too_large", f"the body is over the {limit}-byte limit"
+                    url, "too_large", f"Content-Length {declared} is over the {limit}-byte limit"
                 )
-        if deadline.expired:  # the deadline shut the socket: what arrived is partial
-            return _timed_out(url, deadline)
-        content = bytes(body)
+            content = await response.read()  # no more than it declared
+        else:
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                body += chunk
+                if len(body) > limit:
+                    return FetchResult.failed(
+                        url, "too_large", f"the body is over the {limit}-byte limit"
+                    )
+            content = bytes(body)
         return FetchResult(url=url, content=content, sha256=hashlib.sha256(content).hexdigest())
 
 
-def _refuse_url(url: str, hop: str) -> FetchResult | None:
+def _settle(outcome: Future[T], then: Callable[[FetchResult], T], fetched: FetchResult) -> None:
+    """Run `then` on a handler thread, its return or its exception `outcome`'s."""
+    if not outcome.set_running_or_notify_cancel():
+        return
+    try:
+        outcome.set_result(then(fetched))
+    except BaseException as error:  # the caller's to judge, through the future
+        outcome.set_exception(error)
+
+
+def _refuse_url(url: str, hop: str, policy: AddressPolicy) -> FetchResult | None:
     """Why `hop` (the URL or a redirect target) must not be fetched at all, if it must not."""
     try:
         parts = urlsplit(hop)
@@ -324,60 +411,56 @@ def _refuse_url(url: str, hop: str) -> FetchResult | None:
         )
     if not host:
         return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
+    refused = refused_literal(policy, host)
+    if refused is not None:
+        return FetchResult.failed(url, "blocked_address", refused)
     return None
 
 
-def _timed_out(url: str, deadline: Deadline) -> FetchResult:
-    return FetchResult.failed(
-        url, "timeout", f"the image took longer than {deadline.seconds:g} s to fetch"
-    )
+def _timed_out(url: str, seconds: float) -> FetchResult:
+    return FetchResult.failed(url, "timeout", f"the image took longer than {seconds:g} s to fetch")
 
 
-def _classify(url: str, error: Exception, deadline: Deadline) -> FetchResult:
-    """The reason for one failed try, from the exception urllib3 (or the guard) raised."""
-    if deadline.expired or _caused_by(error, DeadlinePassed) is not None:
-        return _timed_out(url, deadline)
-    if _caused_by(error, http.client.IncompleteRead) is not None:
-        return FetchResult.failed(
-            url, "truncated", "the image server sent less than the Content-Length it announced"
-        )
+def _classify(url: str, error: Exception) -> FetchResult:
+    """The reason for one failed try (not cut by the deadline), from what aiohttp raised."""
     blocked = _caused_by(error, BlockedAddress)
     if blocked is not None:
         return FetchResult.failed(url, "blocked_address", str(blocked))
-    if _caused_by(error, NameResolutionError) is not None:
+    if _caused_by(error, socket.gaierror) is not None:
         return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(url).hostname}")
-    # A connection that failed comes wrapped (its one attempt used up): judge its reason.
-    reason = error.reason if isinstance(error, MaxRetryError) and error.reason else error
-    if isinstance(reason, urllib3.exceptions.SSLError):
+    if isinstance(error, aiohttp.ClientSSLError) or _caused_by(error, ssl.SSLError) is not None:
         return FetchResult.failed(url, "tls_error", _short(error))
-    connect_timeout = isinstance(reason, urllib3.exceptions.ConnectTimeoutError) and not isinstance(
-        reason, NewConnectionError
-    )  # a refused connection is a NewConnectionError too, but no timeout
-    if connect_timeout or _caused_by(error, urllib3.exceptions.ReadTimeoutError) is not None:
+    if isinstance(error, TimeoutError):  # a connect or read timeout, not the deadline
         return FetchResult.failed(url, "timeout", "the image server did not answer in time")
-    if isinstance(error, ValueError):  # urllib3's unparseable URLs and ports, IDNA's
+    if isinstance(error, aiohttp.ClientPayloadError):
+        return FetchResult.failed(
+            url, "truncated", "the image server sent less than the Content-Length it announced"
+        )
+    if isinstance(error, ValueError):  # aiohttp's and yarl's unparseable URLs, IDNA's
         return FetchResult.failed(url, "bad_url", _short(error))
-    # Refused, reset, cut-off and garbled answers; whatever else urllib3 raised.
-    if isinstance(error, OSError | urllib3.exceptions.HTTPError | http.client.HTTPException):
+    # Refused, reset, cut-off and garbled answers; whatever else aiohttp raised.
+    if isinstance(error, OSError | aiohttp.ClientError):
         return FetchResult.failed(url, "connection_error", _short(error))
     return FetchResult.failed(url, "fetch_error", f"{type(error).__name__}: {_short(error)}")
 
 
-def _retry_after(response: BaseHTTPResponse) -> float | None:
+def _retry_after(value: str | None) -> float | None:
     """Seconds the server asks us to wait (delay or HTTP date), if it says so sensibly."""
+    if value is None:
+        return None
     try:
-        return Retry().get_retry_after(response)
+        return Retry().parse_retry_after(value)
     except urllib3.exceptions.InvalidHeader:
         return None
 
 
 def _backoff(attempt: int) -> float:
-    """Exponential backoff with jitter, so that retries from many threads spread out."""
+    """Exponential backoff with jitter, so that retries of many downloads spread out."""
     return BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.0)
 
 
 def _caused_by(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first `kind` in the chain of causes, contexts, arguments and urllib3 reasons."""
+    """The first `kind` in the chain of causes, contexts and arguments."""
     seen: set[int] = set()
     stack: list[BaseException | None] = [error]
     while stack:
@@ -394,9 +477,9 @@ def _caused_by(error: BaseException, kind: type[BaseException]) -> BaseException
                 *[a for a in current.args if isinstance(a, BaseException)],
             ]
         )
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
+        os_error = getattr(current, "os_error", None)  # aiohttp's connector errors
+        if isinstance(os_error, BaseException):
+            stack.append(os_error)
     return None
 
 

@@ -3,43 +3,38 @@
 Image URLs come from other people's metadata, so a host name proves nothing:
 the check is on the addresses the name resolves to, on every hop of every
 redirect. Loopback, private, link-local, CGNAT, unique-local and other
-non-global addresses are refused unless allow-listed, and the socket connects
-to the very address that was checked (so DNS rebinding between a check and a
-connect cannot send it inwards).
+non-global addresses are refused unless allow-listed, and the connection is
+made to the very addresses that were checked: `GuardedResolver` hands aiohttp
+only the allowed ones, and aiohttp connects to what its resolver returns (so DNS
+rebinding between a check and a connect cannot send it inwards). A host that is
+an address literal is connected to without a lookup, so `refused_literal` checks
+it before any request, in every spelling the system's resolver would accept.
 
-Name lookups run on the fetcher's `Resolver` threads and a fetch waits for one
-only until its deadline: `getaddrinfo` cannot be interrupted, and a slow
-resolver must not hold a download (and its host's slot) past its time budget.
+Name lookups run on the fetcher's lookup threads; a fetch waits for one only
+until its deadline (`getaddrinfo` cannot be interrupted, and a slow resolver must
+not hold a download, and its host's slot, past its time budget).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
-import sys
-import threading
-from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
-from requests.utils import DEFAULT_CA_BUNDLE_PATH
-from urllib3 import PoolManager
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
-from urllib3.util.retry import Retry
-
-from enrichment.media.deadline import Deadline, DeadlinePassed
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-AddressInfo = tuple[Any, ...]  # one entry of socket.getaddrinfo's answer
 
 # Non-global ranges that `ipaddress.is_global` misses on older Pythons.
 EXTRA_NON_GLOBAL = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("fec0::/10"))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# What an IPv4 address written in a legacy form (decimal, octal, hex parts) is made of.
+LEGACY_IPV4_CHARACTERS = frozenset("0123456789abcdefABCDEFxX.")
 
 
 class BlockedAddress(OSError):
@@ -100,179 +95,72 @@ def is_public(address: IPAddress) -> bool:
     )
 
 
-class Resolver:
-    """Name lookups on threads of their own, each waited for only until its fetch's deadline.
+class GuardedResolver(AbstractResolver):
+    """aiohttp's name lookups, answering only with the addresses the policy allows.
 
-    A lookup that outlives its deadline keeps its resolver thread until the
-    system resolver gives up, but no longer the download's thread or its host's
-    slot. An address literal needs no lookup and is answered on the spot.
+    A name whose every address is refused raises `BlockedAddress`, which aiohttp
+    passes on as the cause of its connection error, so the fetch names the
+    addresses it refused. Each lookup runs on one of `lookups`' threads.
     """
 
-    def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="resolve")
+    def __init__(self, policy: AddressPolicy, lookups: Executor) -> None:
+        self.policy = policy
+        self.lookups = lookups
 
-    def addresses(self, host: str, port: int, deadline: Deadline | None) -> list[AddressInfo]:
-        """`getaddrinfo(host, port)` for TCP; DeadlinePassed if the deadline comes first.
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        lookup = partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM)
+        answers = await asyncio.get_running_loop().run_in_executor(self.lookups, lookup)
+        allowed: list[ResolveResult] = []
+        refused: list[str] = []
+        for found_family, _, proto, _, sockaddr in answers:
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+            if not self.policy.allows(host, address):
+                refused.append(str(address))
+                continue
+            allowed.append(
+                ResolveResult(
+                    hostname=host,
+                    host=str(sockaddr[0]),
+                    port=int(sockaddr[1]),
+                    family=found_family,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        if not allowed:
+            raise BlockedAddress(refusal(host, refused))
+        return allowed
 
-        Without a deadline (a connection made outside a fetch) the lookup is waited for.
-        """
-        if _is_address_literal(host):
-            flags = socket.AI_NUMERICHOST
-            return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, flags)
-        lookup = self._pool.submit(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-        try:
-            return lookup.result(timeout=deadline.remaining() if deadline is not None else None)
-        except FutureTimeout:
-            lookup.cancel()
-            if deadline is not None:  # always so: only a wait with a deadline times out
-                deadline.expire()
-            raise DeadlinePassed(f"resolving {host} outlasted the deadline") from None
-
-    def close(self) -> None:
-        """Drop lookups not yet begun; one stuck in the system resolver is left to end."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    async def close(self) -> None:
+        """The lookup threads are the fetcher's: it shuts them down."""
 
 
-def _is_address_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+def refused_literal(policy: AddressPolicy, host: str) -> str | None:
+    """Why a host that is an address (in any spelling: 127.2, 2130706434, ::ffff:7f00:2)
+    must not be connected to, if it must not; None for a name or an allowed address."""
+    address = _address_literal(host)
+    if address is None or policy.allows(host, address):
+        return None
+    return refusal(host, [str(address)])
 
 
-def connect_checked(
-    policy: AddressPolicy,
-    host: str,
-    port: int,
-    timeout: float | None,
-    options: Sequence | None,
-    addresses: Iterable[AddressInfo],
-) -> socket.socket:
-    """Refuse the disallowed ones of the `addresses` that `host` resolved to; connect to the first
-    allowed one."""
-    refused: list[str] = []
-    last_error: OSError | None = None
-    for family, kind, proto, _, sockaddr in addresses:
-        address = ipaddress.ip_address(sockaddr[0].split("%")[0])
-        if not policy.allows(host, address):
-            refused.append(str(address))
-            continue
-        sock = socket.socket(family, kind, proto)
-        try:
-            for option in options or ():
-                sock.setsockopt(*option)
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-            return sock
-        except OSError as error:
-            sock.close()
-            last_error = error
-    if last_error is not None:
-        raise last_error
-    raise BlockedAddress(
+def refusal(host: str, refused: Iterable[str]) -> str:
+    return (
         f"{host} resolves to a non-public address ({', '.join(refused)}): "
         "if it is your own image server, allow it with ENRICH_FETCH_ALLOW"
     )
 
 
-class AttemptDeadline(threading.local):
-    """The deadline of the fetch that the calling thread is serving now; one per thread.
-
-    The fetch threads share one adapter and its keep-alive connections; a
-    connection is used by one thread at a time, and reads the deadline of that
-    thread's fetch here: to bound its name lookup and to put its socket under
-    it once the request is sent.
-    """
-
-    def __init__(self) -> None:
-        self.deadline: Deadline | None = None
-
-
-class _GuardedHTTPConnection(HTTPConnection):
-    # Set per fetcher (see GuardedPools), so that each fetcher has its own.
-    policy: AddressPolicy
-    resolver: Resolver
-    attempt: AttemptDeadline
-
-    def _new_conn(self) -> socket.socket:
-        timeout = self.timeout if isinstance(self.timeout, int | float) else None
-        try:
-            addresses = self.resolver.addresses(self._dns_host, self.port, self.attempt.deadline)
-            sock = connect_checked(
-                self.policy, self._dns_host, self.port, timeout, self.socket_options, addresses
-            )
-        except socket.gaierror as error:
-            raise NameResolutionError(self.host, self, error) from error
-        except BlockedAddress:
-            raise
-        except TimeoutError as error:  # DeadlinePassed too: the fetcher tells them apart
-            raise ConnectTimeoutError(self, f"connection to {self.host} timed out") from error
-        except OSError as error:
-            raise NewConnectionError(self, f"failed to connect: {error}") from error
-        sys.audit("http.client.connect", self, self.host, self.port)
-        return sock
-
-    def getresponse(self) -> Any:  # type: ignore[override]
-        # Headers and body are read from here on: put the socket under the deadline.
-        deadline = self.attempt.deadline
-        if deadline is not None and self.sock is not None:
-            deadline.watch(self.sock)
-        return super().getresponse()
-
-
-class _GuardedHTTPSConnection(_GuardedHTTPConnection, HTTPSConnection):
-    pass
-
-
-def _put_conn_released(pool: HTTPConnectionPool, conn: Any) -> None:
-    """Back to the pool, out of the deadline of the fetch that used it (on its thread)."""
-    attempt = getattr(conn, "attempt", None)
-    deadline = attempt.deadline if attempt is not None else None
-    if deadline is not None and conn.sock is not None:
-        deadline.release(conn.sock)
-    HTTPConnectionPool._put_conn(pool, conn)
-
-
-class GuardedPools(PoolManager):
-    """urllib3 connection pools, one per host, whose every connection goes through an AddressPolicy.
-
-    Used straight, not behind a `requests` adapter: its per-request work (preparing
-    the request, cookies, proxies, wrapping the response) was about a quarter of a
-    fetch's CPU (docs/throughput.md, section 5), and none of it is needed here. A request
-    is one attempt: the fetcher retries and follows redirects itself, so that both
-    stay inside its deadline. Names are looked up on `resolver`, under the deadline
-    of the fetch in `attempt`. One manager serves many threads (urllib3's pools are
-    thread-safe): `hosts` host pools are kept, each with up to `per_host` idle
-    keep-alive connections. TLS certificates are verified against the bundle
-    `requests` uses, as when the fetch went through it.
-    """
-
-    def __init__(
-        self,
-        policy: AddressPolicy,
-        resolver: Resolver,
-        attempt: AttemptDeadline,
-        hosts: int = 10,
-        per_host: int = 10,
-    ) -> None:
-        super().__init__(
-            num_pools=hosts,
-            maxsize=per_host,
-            block=False,
-            retries=Retry(0, read=False, redirect=False),
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=DEFAULT_CA_BUNDLE_PATH,
-        )
-        guard = {"policy": policy, "resolver": resolver, "attempt": attempt}
-        plain = type("PolicyHTTPConnection", (_GuardedHTTPConnection,), guard)
-        secure = type("PolicyHTTPSConnection", (_GuardedHTTPSConnection,), guard)
-        returning = {"_put_conn": _put_conn_released}
-        self.pool_classes_by_scheme = {
-            "http": type(
-                "PolicyHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain, **returning}
-            ),
-            "https": type(
-                "PolicyHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure, **returning}
-            ),
-        }
+def _address_literal(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not set(host) <= LEGACY_IPV4_CHARACTERS:
+        return None
+    try:  # the legacy IPv4 forms the resolver would accept: 127.1, 0x7f000001, 2130706433
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None

@@ -23,21 +23,25 @@ control:
 Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
 burst never raises a limit on the strength of a few lucky timings.
 
-Waiting is per host, as with img2dataset's semaphore per host: each host has a
-condition of its own, and a finished download wakes one download waiting for
-that host, never the waiters of every other host. Downloads from hosts without
-a limit of their own also share the total (ENRICH_FETCH_CONCURRENCY); one whose
+The pacer lives on the fetcher's one event loop, so it needs no locks. Waiting
+is per host, as with img2dataset's semaphore per host: each host has a queue of
+waiters of its own, and a finished download wakes one download waiting for that
+host, never the waiters of every other host. Downloads from hosts without a
+limit of their own also share the total (ENRICH_FETCH_CONCURRENCY); one whose
 host has room but the total has none waits in the total's own queue, woken one
-at a time as the total frees up.
+at a time as the total frees up. A download cancelled while it waits (closing,
+or its deadline) is skipped by later wake-ups, and passes on one it had already
+been given, so that no wake-up is lost with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 MIN_WINDOW = 16
@@ -62,8 +66,8 @@ class HostLimit:
     best: float | None = None  # the fastest window's median time to headers
     window: list[float] = field(default_factory=list)
     cut_at: float = float("-inf")  # when the limit was last halved (time.monotonic)
-    # Downloads waiting for this host's turn; the pacer gives it the pacer's lock.
-    turn: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    # Downloads waiting for this host's turn (see `_wait`).
+    turn: deque[asyncio.Future[bool]] = field(default_factory=deque, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.threshold = self.ceiling
@@ -71,7 +75,7 @@ class HostLimit:
     def record(
         self, signal: str, began: float, latency: float | None, retry_after: float | None
     ) -> None:
-        """Adjust the limit after one attempt that began at `began` (with the pacer's lock held)."""
+        """Adjust the limit after one attempt that began at `began` (time.monotonic)."""
         now = time.monotonic()
         if signal == BUSY:
             if began > self.cut_at:
@@ -130,17 +134,15 @@ class HostPacer:
         self.max_pause = max_pause
         self.hosts: dict[str, HostLimit] = {}
         self.closed = False
-        self._lock = threading.Lock()
         # Downloads whose host has room but the total has none (hosts without their own limit).
-        self._total_turn = threading.Condition(self._lock)
+        self._total_turn: deque[asyncio.Future[bool]] = deque()
 
     def close(self) -> None:
         """Wake every download still waiting for a slot: it ends with PacerClosed."""
-        with self._lock:
-            self.closed = True
-            for limit in self.hosts.values():
-                limit.turn.notify_all()
-            self._total_turn.notify_all()
+        self.closed = True
+        for limit in self.hosts.values():
+            _wake(limit.turn, len(limit.turn))
+        _wake(self._total_turn, len(self._total_turn))
 
     def override_for(self, host: str) -> int | None:
         """The first matching `host=N` or `*.domain=N` (which also covers `domain` itself)."""
@@ -154,48 +156,45 @@ class HostPacer:
         return None
 
     def host(self, host: str) -> HostLimit:
-        """This host's limit, created on first sight (call with the lock held)."""
+        """This host's limit, created on first sight."""
         found = self.hosts.get(host)
         if found is None:
             override = self.override_for(host)
-            turn = threading.Condition(self._lock)
             if override is None:
-                found = HostLimit(self.start, self.ceiling, fixed=False, turn=turn)
+                found = HostLimit(self.start, self.ceiling, fixed=False)
             else:
-                found = HostLimit(override, override, fixed=True, turn=turn)
+                found = HostLimit(override, override, fixed=True)
             self.hosts[host] = found
         return found
 
-    @contextmanager
-    def slot(self, host: str) -> Iterator[Slot]:
+    @asynccontextmanager
+    async def slot(self, host: str) -> AsyncIterator[Slot]:
         """Wait for a slot at `host` (and in the total, where it counts); report, then release."""
-        with self._lock:
-            limit = self.host(host)
-            self._wait_for_turn(limit)
-            limit.in_use += 1
-            limit.most = max(limit.most, limit.in_use)
-            if not limit.fixed:
-                self.total_in_use += 1
-                self.total_most = max(self.total_most, self.total_in_use)
-        slot = Slot(self, limit)
+        limit = self.host(host)
+        await self._wait_for_turn(limit)
+        # No await from here to the `try`: a cancellation cannot strand the slot taken.
+        limit.in_use += 1
+        limit.most = max(limit.most, limit.in_use)
+        if not limit.fixed:
+            self.total_in_use += 1
+            self.total_most = max(self.total_most, self.total_in_use)
         try:
-            yield slot
+            yield Slot(self, limit)
         finally:
-            with self._lock:
-                limit.in_use -= 1
-                limit.turn.notify()
-                if not limit.fixed:
-                    self.total_in_use -= 1
-                    self._total_turn.notify()
+            limit.in_use -= 1
+            _wake(limit.turn)
+            if not limit.fixed:
+                self.total_in_use -= 1
+                _wake(self._total_turn)
 
-    def _wait_for_turn(self, limit: HostLimit) -> None:
+    async def _wait_for_turn(self, limit: HostLimit) -> None:
         """Until `limit`'s host has room, is not paused, and the total has room where it counts.
 
         A waiter is woken for one freed slot (its host's or the total's). If it
         cannot use it and goes on to wait for something else, it passes the
         wake-up on, so that the slot is never left free while another could use it.
         """
-        woken_by: threading.Condition | None = None
+        woken_by: deque[asyncio.Future[bool]] | None = None
         while True:
             if self.closed:
                 raise PacerClosed("the fetcher closed before this download's turn")
@@ -210,8 +209,8 @@ class HostPacer:
             else:
                 return
             if woken_by is not None and woken_by is not queue:
-                woken_by.notify()
-            woken_by = queue if queue.wait(timeout) else None
+                _wake(woken_by)
+            woken_by = queue if await _wait(queue, timeout) else None
 
     def record(
         self,
@@ -221,12 +220,50 @@ class HostPacer:
         latency: float | None,
         retry_after: float | None,
     ) -> None:
-        with self._lock:
-            pause = min(retry_after, self.max_pause) if retry_after else None
-            before = limit.limit
-            limit.record(signal, began, latency, pause)
-            if limit.limit > before:  # room for more at this host: wake as many
-                limit.turn.notify(limit.limit - before)
+        """Adjust `limit` after an attempt (Retry-After capped); if it grew, wake as many."""
+        pause = min(retry_after, self.max_pause) if retry_after else None
+        before = limit.limit
+        limit.record(signal, began, latency, pause)
+        if limit.limit > before:  # room for more at this host: wake as many
+            _wake(limit.turn, limit.limit - before)
+
+
+async def _wait(queue: deque[asyncio.Future[bool]], timeout: float | None) -> bool:
+    """Wait in `queue` until woken (True) or until `timeout` seconds have passed (False).
+
+    A waiter that times out or is cancelled stays in the queue as a finished
+    future, which `_wake` skips: taking it out at once would cost a scan of the
+    queue per waiter, and a deadline can cancel thousands of them together.
+    """
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[bool] = loop.create_future()
+    queue.append(waiter)
+    timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        if waiter.done() and not waiter.cancelled() and waiter.result():
+            _wake(queue)  # woken, then cancelled before it could act: the next one acts
+        raise
+    finally:
+        waiter.cancel()  # a no-op once it is done; otherwise `_wake` now skips it
+        if timer is not None:
+            timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    """End a paused host's wait when the pause ends, unless it was woken first."""
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+def _wake(queue: deque[asyncio.Future[bool]], n: int = 1) -> None:
+    """Wake the first `n` downloads still waiting in `queue`."""
+    while n > 0 and queue:
+        waiter = queue.popleft()
+        if not waiter.done():
+            waiter.set_result(True)
+            n -= 1
 
 
 @dataclass

@@ -1,9 +1,9 @@
-"""A requests adapter whose every call has an overall deadline, as the image fetcher's.
+"""A requests adapter whose every call has an overall deadline, as each image download has.
 
 Socket timeouts bound each wait, not their sum: an Annotations API that
 trickles its answer one byte every 30 s never trips a 120 s read timeout and
 holds a publish for as long as it likes. So each call runs under a `Deadline`
-(`enrichment.media.deadline`): the connections of this adapter put their socket
+(`enrichment.publish.deadline`): the connections of this adapter put their socket
 under the deadline of the call their thread is making as soon as the request
 is sent, and the watchdog shuts the socket down when the deadline passes,
 which ends the read at once. Retries of the call stay under the same deadline.
@@ -21,7 +21,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
-from enrichment.media.deadline import Deadline, Watchdog
+from enrichment.publish.deadline import Deadline, Watchdog
 
 
 class CallDeadlines:

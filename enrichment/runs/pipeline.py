@@ -1,17 +1,18 @@
 """Processing one batch: fetch -> decode -> classify -> threshold -> store, in three stages.
 
-`begin_batch` counts the attempt and submits every image of the batch to the
-fetcher's threads (fetch and decode); `classify_started` takes them in chunks
-of `inference_batch` images as they become ready, so inference of one chunk
-overlaps the network wait of the next; `commit_batch` writes the whole batch in
-one transaction, idempotently, so a batch that runs twice leaves the same rows.
+`begin_batch` counts the attempt and starts every image of the batch on the
+fetcher (fetched on its event loop, then decoded on its handler threads);
+`classify_started` takes them in chunks of `inference_batch` images as they
+become ready, so inference of one chunk overlaps the network wait of the next;
+`commit_batch` writes the whole batch in one transaction, idempotently, so a
+batch that runs twice leaves the same rows.
 The batch's state changes around this compute (attempts, giving up, the
 heartbeat) are `enrichment.runs.lifecycle` and `enrichment.store.batches`.
 `process_batch` runs the three in turn (a Celery task); the in-process
 dispatcher overlaps them across batches (`enrichment.runs.inprocess`).
 
-Where fetched bytes become model input is the run's `Decoding`: on the fetch
-threads (the default), in feeder processes past this process's GIL
+Where fetched bytes become model input is the run's `Decoding`: on the fetcher's
+handler threads (the default), in feeder processes past this process's GIL
 (`enrichment.media.feeders`), or, where the model is on CUDA, on the GPU a
 chunk at a time (`enrichment.model.batch_decode`); `decoding_for` chooses.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from enrichment.media.decode import ImageError, Preprocessing, decode
 from enrichment.media.feeders import FeederPool
-from enrichment.media.fetch import Fetcher
+from enrichment.media.fetch import Fetcher, FetchResult
 from enrichment.runs.lifecycle import Heartbeat, commit_outcomes
 from enrichment.store import batches
 from enrichment.store.batches import BatchRecord
@@ -72,9 +73,9 @@ ScoreLookup = Callable[[Sequence[str]], dict[str, list[float]]]
 
 @dataclass(frozen=True)
 class Decoding:
-    """Where fetched bytes become model input; neither set: on the fetch threads.
+    """Where fetched bytes become model input; neither set: on the fetcher's handler threads.
 
-    `feeders`: decoded in those processes (the fetch threads wait for them).
+    `feeders`: decoded in those processes (the handler threads wait for them).
     `on_device`: the bytes are kept, and decoded a chunk at a time on the model's
     device just before inference. Whoever made it closes it.
     """
@@ -92,7 +93,7 @@ IN_THREAD = Decoding()
 
 def decoding_for(classifier: Classifier, feeders: int, max_pixels: int) -> Decoding:
     """The GPU where the model is on CUDA (its `batch_decoder` decodes JPEGs there),
-    else `feeders` processes where there are more than one, else the fetch threads."""
+    else `feeders` processes where there are more than one, else the handler threads."""
     make = getattr(classifier, "batch_decoder", None)  # benchmarks' stand-in models have none
     if make is not None:
         decoder = make(max_pixels)
@@ -149,8 +150,7 @@ def begin_batch(
         return None
     preprocessing = classifier.spec.preprocessing
     prepared = [
-        fetcher.submit(prepare_record, record, fetcher, preprocessing, decoding)
-        for record in attempt.records
+        prepare_record(record, fetcher, preprocessing, decoding) for record in attempt.records
     ]
     return StartedBatch(batch_id, attempt.run_id, attempt.records, prepared, decoding)
 
@@ -217,15 +217,32 @@ def prepare_record(
     fetcher: Fetcher,
     preprocessing: Preprocessing,
     decoding: Decoding = IN_THREAD,
-) -> _Prepared:
-    """Fetch and decode one record's image, on a fetch thread; whatever goes wrong is its own.
+) -> Future[_Prepared]:
+    """Start fetching one record's image; it is decoded on the fetcher's handler threads.
 
-    Fetching never raises and decoding raises ImageError for bad bytes; anything
-    else (a decoder bug, memory running out on one huge file) is still this
-    record's error, never its batch's.
+    No thread waits for the download itself (`Fetcher.fetch_then`). Whatever goes
+    wrong is this record's own: fetching never raises, decoding raises ImageError
+    for bad bytes, and anything else (a decoder bug, memory running out on one huge
+    file) is still this record's error, never its batch's.
     """
+    if not record.image_url:
+        failure = RecordOutcome.failed(record.id, "no_image", "the record has no usable image URL")
+        done: Future[_Prepared] = Future()
+        done.set_result(_Prepared(record, None, None, failure))
+        return done
+    prepare = partial(_prepared, record, preprocessing, decoding, fetcher.settings.max_image_pixels)
+    return fetcher.fetch_then(record.image_url, prepare)
+
+
+def _prepared(
+    record: BatchRecord,
+    preprocessing: Preprocessing,
+    decoding: Decoding,
+    max_pixels: int,
+    fetched: FetchResult,
+) -> _Prepared:
     try:
-        return _prepare(record, fetcher, preprocessing, decoding)
+        return _decoded(record, preprocessing, decoding, max_pixels, fetched)
     except Exception as error:
         failure = RecordOutcome.failed(
             record.id,
@@ -237,13 +254,13 @@ def prepare_record(
         return _Prepared(record, None, None, failure)
 
 
-def _prepare(
-    record: BatchRecord, fetcher: Fetcher, preprocessing: Preprocessing, decoding: Decoding
+def _decoded(
+    record: BatchRecord,
+    preprocessing: Preprocessing,
+    decoding: Decoding,
+    max_pixels: int,
+    fetched: FetchResult,
 ) -> _Prepared:
-    if not record.image_url:
-        failure = RecordOutcome.failed(record.id, "no_image", "the record has no usable image URL")
-        return _Prepared(record, None, None, failure)
-    fetched = fetcher.fetch(record.image_url)
     if fetched.content is None:
         failure = RecordOutcome.failed(
             record.id,
@@ -259,7 +276,7 @@ def _prepare(
         if decoding.feeders is not None:
             inputs = decoding.feeders.decode(fetched.content)
         else:
-            inputs = decode(fetched.content, preprocessing, fetcher.settings.max_image_pixels)
+            inputs = decode(fetched.content, preprocessing, max_pixels)
     except ImageError as error:
         failure = RecordOutcome.failed(
             record.id,
@@ -354,7 +371,7 @@ def _model_inputs(
 ) -> tuple[np.ndarray | torch.Tensor, dict[str | None, ImageError]]:
     """The chunk's inputs, one row per image that decoded, and why the others did not.
 
-    Decoded already (on the fetch threads or the feeders): stacked. Bytes kept for
+    Decoded already (on the handler threads or the feeders): stacked. Bytes kept for
     `on_device`: decoded together there, JPEGs on the GPU, with the CPU path's reasons.
     """
     if on_device is None or items[0].body is None:

@@ -1,11 +1,12 @@
-"""One URL's whole time budget, and the one thread per fetcher that enforces them all.
+"""One call's whole time budget, and the one thread per client that enforces them all.
 
 Socket timeouts bound each wait, not their sum: a server that sends a byte
-every second never trips them. So each fetch runs under a `Deadline`, and its
-fetcher's `Watchdog` shuts the fetch's sockets down when the deadline passes,
-which ends any read in progress at once. A timer thread per URL cost a thread
-start and two context switches per image; at thousands of images a second that
-is a core's worth of work, so one thread keeps a heap of every deadline's end.
+every second never trips them. So each call to the Annotations API runs under a
+`Deadline` (`deadline_http`), and its client's `Watchdog` shuts the call's
+sockets down when the deadline passes, which ends any read in progress at once.
+One thread keeps a heap of every deadline's end, rather than a timer thread per
+call. (The image fetcher needs none of this: its downloads are tasks on an event
+loop, each under an `asyncio.timeout`.)
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ import threading
 import time
 
 
-class DeadlinePassed(TimeoutError):
-    """A wait that no socket can cut short (a name lookup) outlasted the deadline."""
-
-
 class Deadline:
-    """One URL's time budget, enforced on the sockets its fetch uses; a context manager."""
+    """One call's time budget, enforced on the sockets it uses; a context manager."""
 
     def __init__(self, seconds: float, watchdog: Watchdog) -> None:
         self.seconds = seconds
@@ -55,16 +52,6 @@ class Deadline:
             elif not self._finished:
                 self._sockets.append(sock)
 
-    def release(self, sock: socket.socket) -> None:
-        """`sock` goes back to the shared pool: no longer this deadline's to shut down.
-
-        Another thread may take its connection next; a deadline passing afterwards
-        must not cut that thread's download.
-        """
-        with self._lock:
-            if sock in self._sockets:
-                self._sockets.remove(sock)
-
     def expire(self) -> None:
         """The budget is spent: end every read in progress; from now on nothing waits."""
         with self._lock:
@@ -76,12 +63,12 @@ class Deadline:
 
 
 class Watchdog:
-    """The deadlines of one fetcher's downloads: a heap of ends, one thread woken by the earliest.
+    """The deadlines of one client's calls: a heap of ends, one thread woken by the earliest.
 
-    The thread starts with the first deadline. A finished fetch is not taken out
+    The thread starts with the first deadline. A finished call is not taken out
     of the heap: its entry is skipped when due. `close` is the sentinel: the
-    thread ends once no fetch is left under a deadline, so downloads still in
-    flight after `Fetcher.close(wait=False)` are cut off on time too.
+    thread ends once no call is left under a deadline, so calls still in flight
+    when the client closes are cut off on time too.
     """
 
     def __init__(self) -> None:
@@ -103,14 +90,14 @@ class Watchdog:
                 self._thread.start()
 
     def forget(self) -> None:
-        """A deadline's fetch has ended (in time or not)."""
+        """A deadline's call has ended (in time or not)."""
         with self._wake:
             self._live -= 1
             if self._closing and self._live == 0:
                 self._wake.notify()
 
     def close(self, wait: bool = True) -> None:
-        """End the thread once no fetch is under a deadline; with `wait`, until it has ended."""
+        """End the thread once no call is under a deadline; with `wait`, until it has ended."""
         with self._wake:
             self._closing = True
             self._wake.notify()
