@@ -215,6 +215,15 @@ class Fetcher:
     def _hand_on(
         self, outcome: Future[T], then: Callable[[FetchResult], T], fetched: Future[FetchResult]
     ) -> None:
+        """Pass a finished download on to `then`; whatever happens, `outcome` is settled, since a
+        caller waits on it (an exception here would only be logged by the future)."""
+        if fetched.cancelled():
+            outcome.cancel()
+            return
+        error = fetched.exception()
+        if error is not None:  # a bug in the fetch itself, which never raises by design
+            outcome.set_exception(error)
+            return
         try:
             self._handlers.submit(_settle, outcome, then, fetched.result())
         except RuntimeError:  # closed without waiting: what was not handed on is dropped
