@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import wait
 from http.server import BaseHTTPRequestHandler
 
 import pytest
@@ -177,3 +178,26 @@ def test_a_download_in_flight_when_closed_without_waiting_still_ends_at_its_dead
             assert not loop.is_alive(), "the event loop ends once its last download has"
     finally:
         server.close()
+
+
+def test_closing_without_waiting_ends_every_fetch_then_future(host: ImageHost) -> None:
+    """What was downloaded but not yet handed on is dropped, and its future says so: a
+    caller waiting on it (the model stage) is never left waiting for ever."""
+    urls = [host.add(f"/handed/{n}.png", PICTURE) for n in range(30)]
+    fetcher = Fetcher(BASE)
+    release = threading.Event()
+
+    def slow(fetched: object) -> object:
+        release.wait(5)  # every handler thread busy: the rest queue up behind them
+        return fetched
+
+    outcomes = [fetcher.fetch_then(url, slow) for url in urls]
+    until = time.monotonic() + 10
+    while len(host.requests) < len(urls) and time.monotonic() < until:
+        time.sleep(0.02)
+    fetcher.close(wait=False)
+    release.set()
+    done, pending = wait(outcomes, timeout=10)
+    assert pending == set(), f"{len(pending)} futures never ended"
+    assert any(outcome.cancelled() for outcome in done), "the queued ones were dropped"
+    assert all(o.result().content == PICTURE for o in done if not o.cancelled())

@@ -199,7 +199,9 @@ class Fetcher:
         return self._workers.submit(function, *args)
 
     def fetch(self, url: str) -> FetchResult:
-        """One URL to its bytes, or to the reason there are none; never raises."""
+        """One URL to its bytes, or to the reason there are none; never raises.
+
+        It waits for the download: call it from any thread but the fetcher's own loop."""
         return self._start(url).result()
 
     def fetch_then(self, url: str, then: Callable[[FetchResult], T]) -> Future[T]:
@@ -218,16 +220,19 @@ class Fetcher:
         """Pass a finished download on to `then`; whatever happens, `outcome` is settled, since a
         caller waits on it (an exception here would only be logged by the future)."""
         if fetched.cancelled():
-            outcome.cancel()
+            _drop(outcome)
             return
         error = fetched.exception()
         if error is not None:  # a bug in the fetch itself, which never raises by design
             outcome.set_exception(error)
             return
         try:
-            self._handlers.submit(_settle, outcome, then, fetched.result())
+            handed = self._handlers.submit(_settle, outcome, then, fetched.result())
         except RuntimeError:  # closed without waiting: what was not handed on is dropped
-            outcome.cancel()
+            _drop(outcome)
+            return
+        # Dropped before it ran (closed without waiting): so is what its caller waits for.
+        handed.add_done_callback(lambda run: _drop(outcome) if run.cancelled() else None)
 
     def _start(self, url: str) -> Future[FetchResult]:
         fetched: Future[FetchResult] = Future()
@@ -404,6 +409,13 @@ def _settle(outcome: Future[T], then: Callable[[FetchResult], T], fetched: Fetch
         outcome.set_result(then(fetched))
     except BaseException as error:  # the caller's to judge, through the future
         outcome.set_exception(error)
+
+
+def _drop(outcome: Future[Any]) -> None:
+    """Cancel a future no executor runs, telling `concurrent.futures.wait` too (a bare
+    `cancel` only tells `result` and the callbacks)."""
+    if outcome.cancel():
+        outcome.set_running_or_notify_cancel()
 
 
 def _refuse_url(url: str, hop: str, policy: AddressPolicy) -> FetchResult | None:
