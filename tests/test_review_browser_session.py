@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -355,6 +356,52 @@ def test_what_the_keys_do_is_on_screen(
         press(browser, record, "1")
         until(browser, "the accept", lambda: len(server.decisions()) == 2)
         assert server.decisions()[-1][2] == "accept"
+    finally:
+        browser.close()
+        server.close()
+        db.dispose()
+
+
+def test_a_page_decided_faster_than_its_answers_come_opens_the_next_page_once(
+    pg_url: str,
+    image_host,
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Every key of a page pressed before any decision is back: each answer looks at the page,
+    and only the first to find nothing pending sends the browser on."""
+    db, _ = build_long_queue(pg_url, image_host)
+    server = serve(db, tmp_path)
+    browser = DevTools(chromium, tmp_path / "profile")
+    query = "label=photograph&label=drawing&label=map&dataset=9101&dataset=9102"
+    try:
+        tab, _ = browser.load(f"{server.url}/queue?{query}", 1280)
+        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'ada'), true")
+        browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada'")
+        tiles = read(browser, tab, "document.querySelectorAll('.tile').length")
+        assert tiles == 48
+        for _ in range(48):
+            press(browser, tab, "a")
+        until(browser, "48 decisions", lambda: len(server.decisions()) == 48)
+        until(
+            browser,
+            "the next page",
+            lambda: (
+                (
+                    "offset=" in str(read(browser, tab, "location.search"))
+                    or "after=" in str(read(browser, tab, "location.search"))
+                )
+                and read(browser, tab, "document.readyState") == "complete"
+            ),
+        )
+        time.sleep(1)  # any second navigation would have begun by now
+        browser.evaluate(tab, "1")  # read the events that came meanwhile
+        documents = [
+            event["request"]["url"]
+            for event in browser.seen("Network.requestWillBeSent", tab)
+            if event.get("type") == "Document"
+        ]
+        assert len(documents) == 2, documents  # the first page, then the next one once
     finally:
         browser.close()
         server.close()

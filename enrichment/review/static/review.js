@@ -166,6 +166,10 @@
     sessionStorage.setItem(RECORDS_KEY, JSON.stringify(
       Array.from(new Set(tiles.map((tile) => tile.dataset.recordUrl)))));
 
+    // Set once this page has sent the browser on: the answers to decisions still on their way
+    // (a quick reviewer's last keys) must not send it again.
+    let leaving = false;
+
     // The counts from the server, and on to the next page once this one has nothing pending.
     async function refreshProgress() {
       const box = document.getElementById("progress");
@@ -179,10 +183,11 @@
         document.getElementById("decided-today").textContent = now.decided_today;
       }
       const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);
-      if (open) return;
-      if (list.dataset.next) location.href = list.dataset.next;
-      else if (now && now.pending > 0) location.href = list.dataset.first;
-      else toast("Nothing left to review with these filters");
+      if (open || leaving) return;
+      const onward = list.dataset.next || (now && now.pending > 0 ? list.dataset.first : "");
+      if (!onward) { toast("Nothing left to review with these filters"); return; }
+      leaving = true;
+      location.href = onward;
     }
     hooks.afterChange = refreshProgress;
     hooks.afterUndo = (elements) => { const at = tiles.indexOf(elements[0]); if (at !== -1) setFocus(at); };
