@@ -39,7 +39,7 @@ def feeders_per_gpu(setting: int, gpus: int, proc: Path = PROC_SELF) -> int:
     fetches, runs the model and writes: most of a feed's CPU is Python holding its
     process's GIL (80-95% by bench_feed's estimate), so one process uses little
     more than one core however many threads it has, and cores are used by
-    processes. 1 (as on 2 CPUs) means no feeder: the fetch threads decode.
+    processes. 1 (as on 2 CPUs) means no feeder: the fetcher's handler threads decode.
     See docs/throughput.md.
     """
     if setting > 0:

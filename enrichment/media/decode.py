@@ -46,9 +46,10 @@ ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 class DecodeSlots:
     """How many decodes this process runs at once: its share of the CPUs it may use.
 
-    Decoding is CPU-bound and runs on the fetch threads, of which there are many
-    more than CPUs: more decodes at once than CPUs would only multiply the peak
-    memory (a full-size RGBA decode of an 80 MP PNG is 320 MB). Where several
+    Decoding is CPU-bound and runs on the fetcher's threads (a handler thread per
+    CPU, and the threads of work that fetches: harvests, labelled sets), which
+    together are more than CPUs: more decodes at once than CPUs would only
+    multiply the peak memory (a full-size RGBA decode of an 80 MP PNG is 320 MB). Where several
     processes of one machine decode (a Celery worker's pool), each takes its
     share of the usable CPUs, so that together they hold no more than there are.
     """

@@ -4,10 +4,10 @@ One process spends at most about one core on feeding whatever its thread
 count (most of a decode holds the GIL: see docs/throughput.md), so on a
 machine with more cores than that, `FeederPool` runs the decode, resize and
 normalisation of fetched bytes in `processes` processes of their own, each
-with its own GIL. The fetch threads stay in the calling process, so the SSRF
+with its own GIL. The fetching stays in the calling process, so the SSRF
 guard, the deadlines, the byte caps and the per-host limits are exactly those
-of `enrichment.media.fetch`; a fetch thread hands its bytes to an idle feeder
-and waits for the answer, as it would wait for its own decode.
+of `enrichment.media.fetch`; a fetcher's handler thread hands the bytes to an
+idle feeder and waits for the answer, as it would wait for its own decode.
 
 - The processes start once and serve every batch after. Each is a fresh
   interpreter (`python -m enrichment.media.feeders`), spawned, not forked: no
@@ -70,8 +70,8 @@ class _Feeder:
 class FeederPool:
     """`processes` decoding processes for one model's preprocessing; a context manager.
 
-    `decode` is called from the fetch threads, each blocking until a feeder is
-    idle, so at most `processes` images decode at once (in place of
+    `decode` is called from the fetcher's handler threads, each blocking until a
+    feeder is idle, so at most `processes` images decode at once (in place of
     `DecodeSlots` in this process).
     """
 

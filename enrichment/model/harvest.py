@@ -259,7 +259,7 @@ def download_images(
 def _fetch(
     directory: HarvestDir, fetcher: Fetcher, url: str, record_ids: list[str], max_pixels: int
 ) -> list[Download]:
-    """On a fetch thread: download once, decode once, store, journal each record."""
+    """On a fetcher's worker thread: download once, decode once, store, journal each record."""
     fetched = fetcher.fetch(url)
     if fetched.content is None or fetched.sha256 is None:
         outcome = Download("", reason=fetched.error_reason, message=fetched.error_message)
