@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -30,6 +31,7 @@ from enrichment.config import Settings
 from enrichment.media.cpus import usable_cpus
 from enrichment.media.decode import ImageError, Preprocessing, decode
 from enrichment.media.fetch import MAX_RETRIES, AddressPolicy, Fetcher, is_public
+from enrichment.media.guard import BlockedAddress, GuardedResolver
 from tests.conftest import image_bytes
 
 Handler = Callable[[BaseHTTPRequestHandler], None]
@@ -534,3 +536,59 @@ def test_what_is_done_with_the_bytes_may_fail_on_its_own(server: Server, make_fe
     with pytest.raises(RuntimeError, match="a decoder bug"):
         failing.result()
     assert fine.result() == len(PICTURE)
+
+
+# Spellings that IDNA maps to 127.0.0.2 (fullwidth digits, ideographic and fullwidth full
+# stops, circled digits): the guard must judge the host aiohttp will connect to.
+UNICODE_LOOPBACK = ["１２７.０.０.２", "127。0。0。2", "127．0．0．2", "①②⑦.0.0.②"]
+
+
+@pytest.mark.parametrize("host", UNICODE_LOOPBACK)
+def test_an_address_spelled_in_unicode_is_judged_as_the_address_it_maps_to(
+    canary: Server, make_fetcher, host: str
+) -> None:
+    result = make_fetcher().fetch(f"http://{host}:{canary.httpd.server_port}/secret")
+    assert result.error_reason == "blocked_address", result
+    assert "127.0.0.2" in (result.error_message or "")
+
+
+def test_a_redirect_to_an_address_spelled_in_unicode_is_refused(
+    server: Server, canary: Server, make_fetcher
+) -> None:
+    location = f"http://{UNICODE_LOOPBACK[0]}:{canary.httpd.server_port}/inner".encode()
+
+    def raw_redirect(request: BaseHTTPRequestHandler) -> None:
+        request.wfile.write(b"HTTP/1.1 302 Found\r\nLocation: " + location + b"\r\n")
+        request.wfile.write(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+
+    result = make_fetcher().fetch(server.route("/to-unicode", raw_redirect))
+    assert result.error_reason == "blocked_address", result
+
+
+def test_the_last_check_is_on_the_socket_itself() -> None:
+    """Whatever path led aiohttp to an address, the socket for it is refused unless allowed."""
+    resolver = GuardedResolver(
+        AddressPolicy.from_allow_list(["10.1.0.0/16"]), lookups=ThreadPoolExecutor(1)
+    )
+    for address in ("127.0.0.2", "169.254.169.254", "10.2.0.1"):
+        with pytest.raises(BlockedAddress):
+            resolver.socket_for((socket.AF_INET, socket.SOCK_STREAM, 0, "", (address, 80)))
+    for address in ("10.1.2.3", "8.8.8.8"):
+        resolver.socket_for((socket.AF_INET, socket.SOCK_STREAM, 0, "", (address, 80))).close()
+
+
+def test_one_host_in_several_spellings_keeps_one_limit(make_fetcher) -> None:
+    gauge = Gauge()
+    host = Server("127.0.0.1")
+    try:
+        port = host.httpd.server_port
+        for n in range(4):
+            host.route(f"/spelled{n}", gauge.slow_image("one"))
+        spellings = ["127.0.0.1", "１２７.０.０.１", "127。0。0。1", "127．0．0．1"]
+        fetcher = make_fetcher(fetch_host_limits=(("127.0.0.1", 1),))
+        urls = [f"http://{s}:{port}/spelled{n}" for n, s in enumerate(spellings)]
+        results = [f.result() for f in [fetcher.submit(fetcher.fetch, url) for url in urls]]
+    finally:
+        host.close()
+    assert [r.content for r in results] == [PICTURE] * 4
+    assert gauge.most["one"] == 1

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from enrichment.config import Settings
-from enrichment.media.fetch import Fetcher
+from enrichment.media.fetch import Fetcher, FetchResult
 from tests.conftest import image_bytes
 from tests.services import ImageHost
 from tests.test_fetch import Server
@@ -201,3 +201,16 @@ def test_closing_without_waiting_ends_every_fetch_then_future(host: ImageHost) -
     assert pending == set(), f"{len(pending)} futures never ended"
     assert any(outcome.cancelled() for outcome in done), "the queued ones were dropped"
     assert all(o.result().content == PICTURE for o in done if not o.cancelled())
+
+
+def test_closing_with_waiting_hands_every_download_on(host: ImageHost) -> None:
+    """Leaving the `with` block waits: downloads done but not yet handed on still are."""
+    urls = [host.add(f"/waited/{n}.png", PICTURE) for n in range(12)]
+
+    def slow(fetched: FetchResult) -> bytes | None:
+        time.sleep(0.1)  # the handler threads fall behind the downloads
+        return fetched.content
+
+    with Fetcher(BASE) as fetcher:
+        outcomes = [fetcher.fetch_then(url, slow) for url in urls]
+    assert [outcome.result(timeout=0) for outcome in outcomes] == [PICTURE] * 12

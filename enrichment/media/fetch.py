@@ -58,6 +58,7 @@ import aiohttp
 import urllib3.exceptions
 from requests.utils import DEFAULT_CA_BUNDLE_PATH
 from urllib3.util.retry import Retry
+from yarl import URL
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
@@ -182,14 +183,13 @@ class Fetcher:
             return
         if not wait:  # those waiting for a host's turn end now, with PacerClosed
             self._loop.call_soon_threadsafe(self.pacer.close)
-        self._workers.shutdown(wait=wait, cancel_futures=True)
+        self._workers.shutdown(wait=wait, cancel_futures=not wait)
         with self._lock:
             self._closed = True
         finished = asyncio.run_coroutine_threadsafe(self._finish(), self._loop)
         if wait:
             finished.result()
-        self._handlers.shutdown(wait=wait, cancel_futures=True)
-        self._lookups.shutdown(wait=False, cancel_futures=True)  # a stuck lookup is left to end
+        self._handlers.shutdown(wait=wait, cancel_futures=not wait)
         if wait:
             self._thread.join()
         self._thread = None
@@ -202,6 +202,8 @@ class Fetcher:
         """One URL to its bytes, or to the reason there are none; never raises.
 
         It waits for the download: call it from any thread but the fetcher's own loop."""
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            raise RuntimeError("Fetcher.fetch on the fetcher's own event loop would wait for ever")
         return self._start(url).result()
 
     def fetch_then(self, url: str, then: Callable[[FetchResult], T]) -> Future[T]:
@@ -219,13 +221,6 @@ class Fetcher:
     ) -> None:
         """Pass a finished download on to `then`; whatever happens, `outcome` is settled, since a
         caller waits on it (an exception here would only be logged by the future)."""
-        if fetched.cancelled():
-            _drop(outcome)
-            return
-        error = fetched.exception()
-        if error is not None:  # a bug in the fetch itself, which never raises by design
-            outcome.set_exception(error)
-            return
         try:
             handed = self._handlers.submit(_settle, outcome, then, fetched.result())
         except RuntimeError:  # closed without waiting: what was not handed on is dropped
@@ -247,15 +242,19 @@ class Fetcher:
         """On the loop: the download as a task, known to `_finish` from now on."""
         task = self._loop.create_task(self._fetch(url))
         self._downloads.add(task)
-        task.add_done_callback(partial(self._done, fetched))
+        task.add_done_callback(partial(self._done, url, fetched))
 
-    def _done(self, fetched: Future[FetchResult], task: asyncio.Task[FetchResult]) -> None:
+    def _done(
+        self, url: str, fetched: Future[FetchResult], task: asyncio.Task[FetchResult]
+    ) -> None:
+        """The download's result; one that ended otherwise (a bug: `_fetch` returns every
+        failure) is a `fetch_error` all the same, since `fetch` never raises."""
         self._downloads.discard(task)
-        error = None if task.cancelled() else task.exception()
         if task.cancelled():
-            fetched.cancel()
-        elif error is not None:
-            fetched.set_exception(error)
+            fetched.set_result(FetchResult.failed(url, "fetch_error", "the download was cancelled"))
+        elif (error := task.exception()) is not None:
+            message = f"{type(error).__name__}: {_short(error)}"
+            fetched.set_result(FetchResult.failed(url, "fetch_error", message))
         else:
             fetched.set_result(task.result())
 
@@ -266,10 +265,12 @@ class Fetcher:
             self._loop.close()
 
     async def _open(self) -> aiohttp.ClientSession:
+        resolver = GuardedResolver(self.policy, self._lookups)
         connector = aiohttp.TCPConnector(
             limit=0,  # the pacer limits downloads, host by host
             ssl=ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH),
-            resolver=GuardedResolver(self.policy, self._lookups),
+            resolver=resolver,
+            socket_factory=resolver.socket_for,
         )
         return aiohttp.ClientSession(
             connector=connector,
@@ -286,27 +287,31 @@ class Fetcher:
             await asyncio.wait(set(self._downloads))
         self.pacer.close()
         await self._session.close()
+        # Only now: a lookup cancelled under a download would cancel the download itself.
+        self._lookups.shutdown(wait=False, cancel_futures=True)  # a stuck one is left to end
         # After this coroutine's own result is handed over (in the same round of callbacks).
         self._loop.call_soon(self._loop.stop)
 
     async def _fetch(self, url: str) -> FetchResult:
-        refusal = _refuse_url(url, url, self.policy)
-        if refusal is not None:
-            return refusal
-        host = (urlsplit(url).hostname or "").lower().rstrip(".")
+        target = _hop(url, url, self.policy)
+        if isinstance(target, FetchResult):
+            return target
+        # The host as aiohttp will reach it (after IDNA mapping), so that one host in
+        # several spellings still has one limit.
+        host = (target.raw_host or "").lower().rstrip(".")
         try:
             async with self.pacer.slot(host) as slot:
-                return await self._attempts(url, slot)
+                return await self._attempts(url, target, slot)
         except PacerClosed as closed:
             return FetchResult.failed(url, "fetch_error", str(closed))
 
-    async def _attempts(self, url: str, slot: Slot) -> FetchResult:
+    async def _attempts(self, url: str, target: URL, slot: Slot) -> FetchResult:
         """Try until the image comes, the failure is final, or the deadline leaves no time."""
         end = self._loop.time() + self.settings.fetch_timeout
         host_said: FetchResult | None = None  # the host's last answer before the deadline
         for attempt in range(MAX_RETRIES + 1):
             began = time.monotonic()
-            tried = await self._attempt(url, end)
+            tried = await self._attempt(url, target, end)
             result = tried.result
             reason = result.error_reason
             if reason is None:
@@ -329,13 +334,13 @@ class Fetcher:
             await asyncio.sleep(pause)
         return result
 
-    async def _attempt(self, url: str, end: float) -> _Attempt:
+    async def _attempt(self, url: str, target: URL, end: float) -> _Attempt:
         """One try, following redirects, within what is left of the deadline."""
         answered: list[float] = []
         budget = asyncio.timeout_at(end)
         try:
             async with budget:
-                result, retry_after = await self._follow(url, end, answered)
+                result, retry_after = await self._follow(url, target, end, answered)
         except Exception as error:  # every failure is a result; classified below
             if budget.expired():
                 return _Attempt(_timed_out(url, self.settings.fetch_timeout), cut_by_deadline=True)
@@ -343,10 +348,11 @@ class Fetcher:
         return _Attempt(result, retry_after, answered[-1] if answered else None)
 
     async def _follow(
-        self, url: str, end: float, answered: list[float]
+        self, original: str, target: URL, end: float, answered: list[float]
     ) -> tuple[FetchResult, float | None]:
+        """`target` (the parsed and checked `original`), then each redirect, checked in turn."""
         settings = self.settings
-        original = url
+        url = original
         for _ in range(MAX_REDIRECTS + 1):
             remaining = end - self._loop.time()
             timeout = aiohttp.ClientTimeout(
@@ -354,17 +360,18 @@ class Fetcher:
                 sock_connect=min(settings.fetch_connect_timeout, remaining),
                 sock_read=min(settings.fetch_read_timeout, remaining),
             )
-            # Metadata's URLs may carry spaces around them (requests stripped them too).
+            # The URL as checked, not a string aiohttp would parse again.
             async with self._session.get(
-                url.strip(), allow_redirects=False, timeout=timeout
+                target, allow_redirects=False, timeout=timeout
             ) as response:
                 answered.append(time.monotonic())
                 location = response.headers.get("Location")
                 if response.status in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
-                    refusal = _refuse_url(original, url, self.policy)
-                    if refusal is not None:
-                        return refusal, None
+                    hop = _hop(original, url, self.policy)
+                    if isinstance(hop, FetchResult):
+                        return hop, None
+                    target = hop
                     continue
                 if response.status != 200:
                     failure = FetchResult.failed(
@@ -418,8 +425,12 @@ def _drop(outcome: Future[Any]) -> None:
         outcome.set_running_or_notify_cancel()
 
 
-def _refuse_url(url: str, hop: str, policy: AddressPolicy) -> FetchResult | None:
-    """Why `hop` (the URL or a redirect target) must not be fetched at all, if it must not."""
+def _hop(url: str, hop: str, policy: AddressPolicy) -> URL | FetchResult:
+    """`hop` (the URL or a redirect target) as aiohttp will request it, or why it must not be.
+
+    The literal check is on the host as aiohttp resolves it: yarl maps it by IDNA first,
+    and fullwidth digits or ideographic full stops then spell an ASCII address.
+    """
     try:
         parts = urlsplit(hop)
         host = parts.hostname
@@ -432,10 +443,19 @@ def _refuse_url(url: str, hop: str, policy: AddressPolicy) -> FetchResult | None
         )
     if not host:
         return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
-    refused = refused_literal(policy, host)
-    if refused is not None:
-        return FetchResult.failed(url, "blocked_address", refused)
-    return None
+    try:
+        # Metadata's URLs may carry spaces around them (requests stripped them too).
+        target = URL(hop.strip())
+        mapped = target.raw_host
+    except (ValueError, UnicodeError) as error:
+        return FetchResult.failed(url, "bad_url", f"unparseable URL: {_short(error)}")
+    if not mapped:
+        return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
+    for spelling in dict.fromkeys((mapped, host)):
+        refused = refused_literal(policy, spelling)
+        if refused is not None:
+            return FetchResult.failed(url, "blocked_address", refused)
+    return target
 
 
 def _timed_out(url: str, seconds: float) -> FetchResult:

@@ -3,12 +3,17 @@
 Image URLs come from other people's metadata, so a host name proves nothing:
 the check is on the addresses the name resolves to, on every hop of every
 redirect. Loopback, private, link-local, CGNAT, unique-local and other
-non-global addresses are refused unless allow-listed, and the connection is
-made to the very addresses that were checked: `GuardedResolver` hands aiohttp
-only the allowed ones, and aiohttp connects to what its resolver returns (so DNS
-rebinding between a check and a connect cannot send it inwards). A host that is
-an address literal is connected to without a lookup, so `refused_literal` checks
-it before any request, in every spelling the system's resolver would accept.
+non-global addresses are refused unless allow-listed, three times over:
+
+- `GuardedResolver` hands aiohttp only the allowed addresses of a name, and
+  aiohttp connects to what its resolver returns (so DNS rebinding between a
+  check and a connect cannot send it inwards);
+- a host that is an address literal gets no lookup, so `refused_literal` checks
+  it before any request, in the form aiohttp will use (after IDNA mapping, which
+  turns fullwidth digits and ideographic full stops into an ASCII address) and in
+  every legacy spelling the system's resolver would accept;
+- `GuardedResolver.socket_for` makes every socket aiohttp connects, and refuses
+  an address that neither the policy nor an allow-listed name's lookup allows.
 
 Name lookups run on the fetcher's lookup threads; a fetch waits for one only
 until its deadline (`getaddrinfo` cannot be interrupted, and a slow resolver must
@@ -25,6 +30,7 @@ from collections.abc import Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
@@ -62,8 +68,10 @@ class AddressPolicy:
         return cls(frozenset(hosts), tuple(networks))
 
     def allows(self, host: str, address: IPAddress) -> bool:
-        if host.lower().rstrip(".") in self.allowed_hosts:
-            return True
+        return host.lower().rstrip(".") in self.allowed_hosts or self.allows_address(address)
+
+    def allows_address(self, address: IPAddress) -> bool:
+        """Whatever name it was reached by: public, or in an allow-listed network."""
         address = embedded_ipv4(address)
         if any(address in network for network in self.allowed_networks):
             return True
@@ -97,16 +105,21 @@ def is_public(address: IPAddress) -> bool:
 
 
 class GuardedResolver(AbstractResolver):
-    """aiohttp's name lookups, answering only with the addresses the policy allows.
+    """aiohttp's name lookups, answering only with the addresses the policy allows; and the
+    check on every socket aiohttp connects (`socket_for`), whatever led it there.
 
     A name whose every address is refused raises `BlockedAddress`, which aiohttp
     passes on as the cause of its connection error, so the fetch names the
-    addresses it refused. Each lookup runs on one of `lookups`' threads.
+    addresses it refused. Each lookup runs on one of `lookups`' threads. Both the
+    lookups' answers and the sockets are handled on the fetcher's event loop.
     """
 
     def __init__(self, policy: AddressPolicy, lookups: Executor) -> None:
         self.policy = policy
         self.lookups = lookups
+        # Non-public addresses allowed only by the name they were looked up by (an
+        # allow-listed host name): the sockets may connect to them too.
+        self._named: set[IPAddress] = set()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -116,10 +129,12 @@ class GuardedResolver(AbstractResolver):
         allowed: list[ResolveResult] = []
         refused: list[str] = []
         for found_family, _, proto, _, sockaddr in answers:
-            address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
+            address = _address_of(sockaddr)
             if not self.policy.allows(host, address):
                 refused.append(str(address))
                 continue
+            if not self.policy.allows_address(address):
+                self._named.add(address)
             allowed.append(
                 ResolveResult(
                     hostname=host,
@@ -134,8 +149,23 @@ class GuardedResolver(AbstractResolver):
             raise BlockedAddress(refusal(host, refused))
         return allowed
 
+    def socket_for(self, address_info: tuple[Any, ...]) -> socket.socket:
+        """The socket for one address aiohttp is about to connect to: refused unless the
+        policy allows that address, or a lookup of an allow-listed name gave it. The last
+        line of defence, on the address connected to, for whatever path led there (an
+        address literal in a spelling no check above foresaw, say)."""
+        family, kind, proto, _, sockaddr = address_info
+        address = _address_of(sockaddr)
+        if not (self.policy.allows_address(address) or address in self._named):
+            raise BlockedAddress(refusal(str(address), [str(address)]))
+        return socket.socket(family, kind, proto)
+
     async def close(self) -> None:
         """The lookup threads are the fetcher's: it shuts them down."""
+
+
+def _address_of(sockaddr: tuple[Any, ...]) -> IPAddress:
+    return ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,9 +29,10 @@ waiters of its own, and a finished download wakes one download waiting for that
 host, never the waiters of every other host. Downloads from hosts without a
 limit of their own also share the total (ENRICH_FETCH_CONCURRENCY); one whose
 host has room but the total has none waits in the total's own queue, woken one
-at a time as the total frees up. A download cancelled while it waits (closing,
-or its deadline) is skipped by later wake-ups, and passes on one it had already
-been given, so that no wake-up is lost with it.
+at a time as the total frees up. A download whose task is cancelled while it
+waits is skipped by later wake-ups, and passes on one it had already been given,
+so that no wake-up is lost with it. (The fetcher cancels none: closing wakes the
+waiters with `PacerClosed`, and a download's deadline starts once it has its slot.)
 """
 
 from __future__ import annotations

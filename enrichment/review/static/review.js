@@ -169,6 +169,7 @@
     // Set once this page has sent the browser on: the answers to decisions still on their way
     // (a quick reviewer's last keys) must not send it again.
     let leaving = false;
+    window.addEventListener("pageshow", (event) => { if (event.persisted) leaving = false; });
 
     // The counts from the server, and on to the next page once this one has nothing pending.
     async function refreshProgress() {
