@@ -217,6 +217,15 @@ def build_long_queue(url: str, image_host) -> tuple[Database, set[tuple[str, str
     return db, wanted
 
 
+def open_long_queue(browser: DevTools, base_url: str) -> str:
+    """The long queue's first page, three classes over two datasets, with 'ada' as reviewer."""
+    query = "label=photograph&label=drawing&label=map&dataset=9101&dataset=9102"
+    tab, _ = browser.load(f"{base_url}/queue?{query}", 1280)
+    browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'ada'), true")
+    browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada'")
+    return tab
+
+
 def test_a_long_queue_decided_page_by_page_with_the_keys(
     pg_url: str,
     image_host,
@@ -226,11 +235,8 @@ def test_a_long_queue_decided_page_by_page_with_the_keys(
     db, wanted = build_long_queue(pg_url, image_host)
     server = serve(db, tmp_path)
     browser = DevTools(chromium, tmp_path / "profile")
-    query = "label=photograph&label=drawing&label=map&dataset=9101&dataset=9102"
     try:
-        tab, _ = browser.load(f"{server.url}/queue?{query}", 1280)
-        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'ada'), true")
-        browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada'")
+        tab = open_long_queue(browser, server.url)
         pages, decided, pending_seen = [], 0, []
         while decided < len(wanted):
             until(
@@ -373,11 +379,8 @@ def test_a_page_decided_faster_than_its_answers_come_opens_the_next_page_once(
     db, _ = build_long_queue(pg_url, image_host)
     server = serve(db, tmp_path)
     browser = DevTools(chromium, tmp_path / "profile")
-    query = "label=photograph&label=drawing&label=map&dataset=9101&dataset=9102"
     try:
-        tab, _ = browser.load(f"{server.url}/queue?{query}", 1280)
-        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'ada'), true")
-        browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada'")
+        tab = open_long_queue(browser, server.url)
         tiles = read(browser, tab, "document.querySelectorAll('.tile').length")
         assert tiles == 48
         for _ in range(48):
