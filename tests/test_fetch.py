@@ -10,6 +10,7 @@ connecting, so no test sends traffic off the machine even if the guard breaks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -592,3 +593,37 @@ def test_one_host_in_several_spellings_keeps_one_limit(make_fetcher) -> None:
         host.close()
     assert [r.content for r in results] == [PICTURE] * 4
     assert gauge.most["one"] == 1
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [
+        # Europeana's thumbnail service takes the image's own URL, encoded, as a parameter.
+        (
+            "/thumbnail/v2/url.json?uri=http%3A%2F%2Fexample.org%2Fa%20b.jpg&type=IMAGE",
+            "/thumbnail/v2/url.json?uri=http%3A%2F%2Fexample.org%2Fa%20b.jpg&type=IMAGE",
+        ),
+        ("/x;y=%3B?uri=http://example.org/a b.jpg", "/x;y=%3B?uri=http://example.org/a%20b.jpg"),
+        ("/bücher/ä.jpg?q=é", "/b%C3%BCcher/%C3%A4.jpg?q=%C3%A9"),
+    ],
+)
+def test_the_request_keeps_the_urls_own_encoding(
+    server: Server, make_fetcher, given: str, sent: str
+) -> None:
+    """Only what a request line cannot carry is quoted: an encoded `:` or `/` stays encoded,
+    a space is %20 (not +), so a server that reads the raw query gets what the metadata said."""
+    server.route(sent, send())
+    result = make_fetcher().fetch(server.url(given))
+    assert result.content == PICTURE, result
+    assert server.hits(sent) == 1
+
+
+def test_closing_a_fetcher_from_its_own_event_loop_is_refused(make_fetcher) -> None:
+    fetcher = make_fetcher()
+    attempt = asyncio.run_coroutine_threadsafe(_close_on_the_loop(fetcher), fetcher._loop)
+    with pytest.raises(RuntimeError, match="own event loop"):
+        attempt.result(timeout=5)
+
+
+async def _close_on_the_loop(fetcher: Fetcher) -> None:
+    fetcher.close()

@@ -56,7 +56,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import urllib3.exceptions
-from requests.utils import DEFAULT_CA_BUNDLE_PATH
+from requests.utils import DEFAULT_CA_BUNDLE_PATH, requote_uri
 from urllib3.util.retry import Retry
 from yarl import URL
 
@@ -181,6 +181,8 @@ class Fetcher:
         """
         if self._thread is None:
             return
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError("Fetcher.close on the fetcher's own event loop would wait for ever")
         if not wait:  # those waiting for a host's turn end now, with PacerClosed
             self._loop.call_soon_threadsafe(self.pacer.close)
         self._workers.shutdown(wait=wait, cancel_futures=not wait)
@@ -445,17 +447,29 @@ def _hop(url: str, hop: str, policy: AddressPolicy) -> URL | FetchResult:
         return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
     try:
         # Metadata's URLs may carry spaces around them (requests stripped them too).
-        target = URL(hop.strip())
-        mapped = target.raw_host
+        parsed = URL(hop.strip())
+        mapped = parsed.raw_host
+        if not mapped:
+            return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
+        for spelling in dict.fromkeys((mapped, host)):
+            refused = refused_literal(policy, spelling)
+            if refused is not None:
+                return FetchResult.failed(url, "blocked_address", refused)
+        # The mapped host, but the path and query as the metadata gave them, with only what a
+        # request line cannot carry quoted (as requests and urllib3 did): yarl's own requoting
+        # would decode `%3A%2F` in a thumbnail URL's `uri=` and turn a space into `+`.
+        return URL.build(
+            scheme=parts.scheme.lower(),
+            user=parsed.raw_user,
+            password=parsed.raw_password,
+            host=f"[{mapped}]" if ":" in mapped else mapped,
+            port=parsed.explicit_port,
+            path=requote_uri(parts.path) or "/",
+            query_string=requote_uri(parts.query),
+            encoded=True,
+        )
     except (ValueError, UnicodeError) as error:
         return FetchResult.failed(url, "bad_url", f"unparseable URL: {_short(error)}")
-    if not mapped:
-        return FetchResult.failed(url, "bad_url", f"no host in {hop[:200]}")
-    for spelling in dict.fromkeys((mapped, host)):
-        refused = refused_literal(policy, spelling)
-        if refused is not None:
-            return FetchResult.failed(url, "blocked_address", refused)
-    return target
 
 
 def _timed_out(url: str, seconds: float) -> FetchResult:

@@ -153,7 +153,9 @@ class GuardedResolver(AbstractResolver):
         """The socket for one address aiohttp is about to connect to: refused unless the
         policy allows that address, or a lookup of an allow-listed name gave it. The last
         line of defence, on the address connected to, for whatever path led there (an
-        address literal in a spelling no check above foresaw, say)."""
+        address literal in a spelling no check above foresaw, say). It sees no host name,
+        so an address an allow-listed name once resolved to passes here for any host; the
+        resolver and the literal check still refuse it to every other name."""
         family, kind, proto, _, sockaddr = address_info
         address = _address_of(sockaddr)
         if not (self.policy.allows_address(address) or address in self._named):
