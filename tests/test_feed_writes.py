@@ -18,6 +18,7 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
+from tests.conftest import upgraded_database
 
 VERSION = "tiny@000000000000"
 TRICKY = "tab\there, newline\nthere, back\\slash, \\N, quote ' \" and ünïcødé"
@@ -68,13 +69,7 @@ def write(db: Database, batch: list[RecordOutcome]) -> None:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path: Path) -> Database:
-    url = (
-        f"sqlite:///{tmp_path}/w.sqlite3"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    database = Database(url)
-    database.upgrade()
+    database = upgraded_database(request, tmp_path)
     with database.transaction() as session:
         register_model(session, VERSION, "tiny", "resnet18", [], [])
         upsert_records(

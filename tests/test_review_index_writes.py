@@ -36,6 +36,7 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
+from tests.conftest import upgraded_database
 
 OLD, NEW = "idx@000000000001", "idx@000000000002"
 KEYS = ("map", "photo", "drawing", "coin")
@@ -101,13 +102,7 @@ def third_batch() -> list[RecordOutcome]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    url = (
-        f"sqlite:///{tmp_path}/index.sqlite3"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    database = Database(url)
-    database.upgrade()
+    database = upgraded_database(request, tmp_path)
     ids = sorted({o.record_id for o in first_batch()})
     with database.transaction() as session:
         register_model(session, OLD, "idx", "resnet18", classes(), THRESHOLDS)

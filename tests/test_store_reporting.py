@@ -26,6 +26,7 @@ from enrichment.store.reporting import (
 )
 from enrichment.store.schema import RecordRow, Run
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from tests.conftest import upgraded_database
 
 VERSION = "tiny@000000000000"
 OTHER = "tiny@111111111111"
@@ -52,13 +53,7 @@ def labelled(record_id: str, photo: float, map_: float | None = None) -> RecordO
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path: Path) -> Database:
-    url = (
-        f"sqlite:///{tmp_path}/r.sqlite3"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-    database = Database(url)
-    database.upgrade()
+    database = upgraded_database(request, tmp_path)
     with database.transaction() as session:
         register_model(session, VERSION, "tiny", "resnet18", CLASSES, [0.5, 0.25])
         register_model(session, OTHER, "tiny", "resnet18", CLASSES, [0.5, 0.5])
