@@ -14,6 +14,11 @@ The one host plays Europeana's thumbnail service and has its default limit
 - decode only: the same bytes, already in memory, decoded to model input on
   every core (a thread per core): the most any feed could deliver here;
   `feed_over_decode` is the 200 ms pipeline over it;
+- pipeline without fetching: the stand-in pipeline with every image's bytes
+  and SHA-256 already in memory (`MemoryFetcher`: only the download is
+  skipped; the handler threads still decode each one), what the feed would
+  move if downloads cost nothing: `feed_without_fetch_over_decode` is its
+  ceiling here, and the part of the gap that fetching accounts for;
 - img2dataset (installed by this benchmark into its own virtualenv, pinned), on
   the same host and URLs, `--processes_count` = cores, resizing to 224:
   `feed_over_img2dataset` is the 200 ms pipeline over it; the same pipeline
@@ -55,6 +60,7 @@ Not a test: it measures time, which the tests never do.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import resource
@@ -64,7 +70,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,7 +87,7 @@ from enrichment import bootstrap
 from enrichment.config import DEFAULT_HOST_LIMITS, Settings
 from enrichment.media.cpus import feeders_per_gpu, usable_cpus
 from enrichment.media.decode import Preprocessing, decode
-from enrichment.media.fetch import Fetcher
+from enrichment.media.fetch import Fetcher, FetchResult
 from enrichment.model.classifier import Classifier
 from enrichment.model.spec import ModelSpec, decide
 from enrichment.runs import inprocess, pipeline, service
@@ -152,6 +158,36 @@ class StandInModel:
                 np.asarray(scores, dtype=np.float64).tolist(), chosen, strict=True
             )
         ]
+
+
+class MemoryFetcher(Fetcher):
+    """A fetcher whose downloads are already done: `bodies` by URL, hashed once up front.
+
+    Only the download (the event loop's HTTP, the host's turns, the guard, the
+    SHA-256) is skipped: `fetch_then` hands each result to a handler thread as
+    ever, which decodes it, so a run over it is the pipeline without fetching.
+    """
+
+    def __init__(self, settings: Settings, bodies: dict[str, bytes]) -> None:
+        super().__init__(settings)
+        self._fetched = {
+            url: FetchResult(url=url, content=body, sha256=hashlib.sha256(body).hexdigest())
+            for url, body in bodies.items()
+        }
+
+    def _start(self, url: str) -> Future[FetchResult]:
+        fetched: Future[FetchResult] = Future()
+        fetched.set_result(self._fetched[url])
+        return fetched
+
+
+def served_bodies(host: str, count: int) -> dict[str, bytes]:
+    """What `peers.py images 1 count` serves at `host`, by the URL `write_records` gives it."""
+    pictures = [preview_jpeg(seed) for seed in range(PICTURES)]
+    return {
+        f"{host}/img/{number}.jpg": distinct(pictures[number % PICTURES], number)
+        for number in range(count)
+    }
 
 
 STAGES = ("fetch", "decode", "start", "classify", "write", "schedule")
@@ -267,6 +303,7 @@ def in_process(
     clock: CpuClock | None = None,
     feeders: int = 0,
     host_pid: int | None = None,
+    without_fetching: bool = False,
 ) -> dict[str, Any]:
     """One run of `count` records through the in-process dispatcher; model already loaded.
 
@@ -274,7 +311,8 @@ def in_process(
     `feeders`: ENRICH_FEEDERS_PER_GPU for the run (0: the default). `cpu_ms_per_image`
     counts this process and its feeders (children, reaped as the dispatcher closes);
     `host_cpu_ms_per_image` the image host's process (`host_pid`), which shares this
-    machine's cores although a real provider's server would not.
+    machine's cores although a real provider's server would not. `without_fetching`:
+    the images come from memory (`MemoryFetcher`), not from `host`.
     """
     with common.fresh_database(base_url) as url:
         db = Database(url)
@@ -287,7 +325,7 @@ def in_process(
         host_began = common.process_cpu(host_pid) if host_pid else 0.0
         with (
             clock.installed() if clock is not None else _nothing(),
-            bootstrap.in_process_dispatcher(settings, model) as dispatcher,
+            _dispatcher(settings, model, host, count, without_fetching) as dispatcher,
         ):
             progress = service.start(
                 db,
@@ -319,6 +357,22 @@ def in_process(
         figures["cpu"] = cpu_by_stage(clock, process, count)
         figures["cpu"]["cores_busy"] = round(sum(process) / seconds, 2)
     return figures
+
+
+def _dispatcher(
+    settings: Settings, model: Any, host: str, count: int, without_fetching: bool
+) -> Any:
+    """The dispatcher a run gets, or the same over a `MemoryFetcher` of `host`'s images."""
+    if not without_fetching:
+        return bootstrap.in_process_dispatcher(settings, model)
+    return inprocess.InProcessDispatcher(
+        model,
+        MemoryFetcher(settings, served_bodies(host, count)),
+        settings.max_attempts,
+        inference_batch=settings.inference_batch,
+        show_progress=False,
+        decoding=bootstrap.new_decoding(settings, model),
+    )
 
 
 @contextmanager
@@ -571,14 +625,21 @@ def run(quick: bool, stand_in_only: bool = False, feeders_only: bool = False) ->
         figures["stand_in_fast"] = in_process(
             base, fast_host, count, stand_in, tmp, CpuClock(), feeders=1, host_pid=fast["pid"]
         )
+        common.say("  the same without fetching: every image already in memory")
+        figures["stand_in_no_fetch"] = in_process(
+            base, fast_host, count, stand_in, tmp, CpuClock(), feeders=1, without_fetching=True
+        )
         if not stand_in_only:
             _real_model_runs(figures, base, slow_host, fast_host, count, tmp, cuda)
     serial = figures["decode_only"]["serial_share"]
-    for key in ("stand_in_slow", "stand_in_fast"):
+    for key in ("stand_in_slow", "stand_in_fast", "stand_in_no_fetch"):
         figures[key]["gil"] = gil_estimate(figures[key]["cpu"], serial)
     slow_rate = figures["stand_in_slow"]["rate"]
     figures["feed_latency_hidden"] = round(slow_rate / figures["stand_in_fast"]["rate"], 3)
     figures["feed_over_decode"] = round(slow_rate / figures["decode_only"]["rate"], 3)
+    figures["feed_without_fetch_over_decode"] = round(
+        figures["stand_in_no_fetch"]["rate"] / figures["decode_only"]["rate"], 3
+    )
     figures["feed_cpu_over_decode"] = round(
         figures["decode_only"]["cpu_ms_per_image"] / figures["stand_in_fast"]["cpu"]["total_ms"], 3
     )
@@ -654,6 +715,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     for key, title in (
         ("stand_in_slow", "pipeline, stand-in model (0.3 ms/image), 200 ms"),
         ("stand_in_fast", "pipeline, stand-in model, no latency"),
+        ("stand_in_no_fetch", "pipeline, stand-in model, images already in memory"),
         ("decode_only", "decode only, from memory, every core"),
         ("demo_slow", f"pipeline, {real}, 200 ms"),
         ("demo_fast", f"pipeline, {real}, no latency"),
@@ -688,7 +750,11 @@ def cpu_report(figures: dict[str, Any]) -> list[str]:
         "    " + f"{'case':<14}" + "".join(f"{c:>9}" for c in columns) + f"{'total':>9}"
         f"{'user':>8}{'sys':>8}{'cores':>7}{'GIL ms':>8}{'(range)':>13}{'GIL %':>7}{'ceiling':>9}",
     ]
-    for key, title in (("stand_in_fast", "0 ms"), ("stand_in_slow", "200 ms")):
+    for key, title in (
+        ("stand_in_fast", "0 ms"),
+        ("stand_in_slow", "200 ms"),
+        ("stand_in_no_fetch", "no fetching"),
+    ):
         cpu, gil = figures[key]["cpu"], figures[key]["gil"]
         stages = cpu["ms_per_image"]
         lines.append(
@@ -757,6 +823,12 @@ def summary(figures: dict[str, Any]) -> list[common.Figure]:
             "feed_cpu_over_decode",
             figures["feed_cpu_over_decode"],
             note="decode's CPU per image over the whole feed's (1.0: the feed costs only decode)",
+        ),
+        common.Figure(
+            "feed_without_fetch_over_decode",
+            figures["feed_without_fetch_over_decode"],
+            note="stand-in model, every image already in memory, over decoding from memory: "
+            "feed_over_decode's ceiling if downloads cost nothing",
         ),
     ]
     if "demo_slow" not in figures:
