@@ -162,6 +162,7 @@ class Route:
     content_type: str = "image/png"
     body: bytes = b""
     delay: float = 0.0  # seconds before answering, as a slow provider would
+    location: str | None = None  # a redirect's target
 
 
 @dataclass
@@ -221,6 +222,8 @@ class ImageHost:
                     self.send_response(route.status)
                     self.send_header("Content-Type", route.content_type)
                     self.send_header("Content-Length", str(len(body)))
+                    if route.location is not None:
+                        self.send_header("Location", route.location)
                     if not body:
                         finished()
                     self.end_headers()
@@ -255,8 +258,9 @@ class ImageHost:
         content_type: str = "image/png",
         status: int = 200,
         delay: float = 0.0,
+        location: str | None = None,
     ) -> str:
-        self.routes[path] = Route(status, content_type, body, delay)
+        self.routes[path] = Route(status, content_type, body, delay, location)
         return self.url(path)
 
     def close(self) -> None:

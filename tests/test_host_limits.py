@@ -45,6 +45,71 @@ def test_an_override_is_the_limit_and_is_reached(host: ImageHost) -> None:
     assert fetcher.pacer.hosts["127.0.0.1"].most == 6
 
 
+@pytest.fixture
+def other_host() -> Iterator[ImageHost]:
+    """A second host, on its own loopback address: where redirects send the fetcher."""
+    server = ImageHost(host="127.0.0.2")
+    yield server
+    server.close()
+
+
+def redirected(
+    origin: ImageHost, target: ImageHost, prefix: str, count: int, delay: float
+) -> list[str]:
+    """`count` URLs at `origin` that each redirect to an image of its own at `target`."""
+    return [
+        origin.add(
+            f"/{prefix}/{n}",
+            b"",
+            "text/plain",
+            status=302,
+            location=target.add(f"/{prefix}/{n}.png", PICTURE, delay=delay),
+        )
+        for n in range(count)
+    ]
+
+
+TWO_HOSTS = dataclasses.replace(BASE, fetch_allow=("127.0.0.1", "127.0.0.2"))
+
+
+def test_a_host_reached_through_redirects_keeps_its_own_limit(
+    host: ImageHost, other_host: ImageHost
+) -> None:
+    """The first host may be asked 20 at once; the one it redirects to bears 2."""
+    urls = redirected(host, other_host, "cdn", 20, delay=0.2)
+    limits = (("127.0.0.1", 20), ("127.0.0.2", 2))
+    fetcher, reasons = fetch_all(dataclasses.replace(TWO_HOSTS, fetch_host_limits=limits), urls)
+    assert reasons == [None] * 20
+    assert other_host.most == 2, "the target's own limit, reached and never passed"
+    assert fetcher.pacer.hosts["127.0.0.2"].most == 2
+
+
+def test_a_redirect_gives_its_first_hosts_turn_back(host: ImageHost, other_host: ImageHost) -> None:
+    """A first host that bears one request at a time is not held while its redirects'
+    slow target answers: the target is asked as many at once as its own limit lets."""
+    urls = redirected(host, other_host, "slow", 6, delay=0.3)
+    limits = (("127.0.0.1", 1), ("127.0.0.2", 6))
+    fetcher, reasons = fetch_all(dataclasses.replace(TWO_HOSTS, fetch_host_limits=limits), urls)
+    assert reasons == [None] * 6
+    assert host.most == 1
+    assert other_host.most > 1, "the first host's one turn was held through the slow download"
+    assert fetcher.pacer.hosts["127.0.0.1"].in_use == fetcher.pacer.hosts["127.0.0.2"].in_use == 0
+
+
+def test_two_hosts_redirecting_to_each_other_at_one_at_a_time_both_finish(
+    host: ImageHost, other_host: ImageHost
+) -> None:
+    """No download holds one host's turn while it waits for the other's, so neither waits
+    for ever on the other (each host bears one request at a time)."""
+    urls = redirected(host, other_host, "there", 6, delay=0.05)
+    urls += redirected(other_host, host, "back", 6, delay=0.05)
+    limits = (("127.0.0.1", 1), ("127.0.0.2", 1))
+    settings = dataclasses.replace(TWO_HOSTS, fetch_host_limits=limits, fetch_timeout=20.0)
+    _, reasons = fetch_all(settings, urls)
+    assert reasons == [None] * 12
+    assert host.most == other_host.most == 1
+
+
 def test_an_unknown_host_never_goes_past_the_per_host_ceiling(host: ImageHost) -> None:
     urls = [host.add(f"/ceiling/{n}.png", PICTURE, delay=0.05) for n in range(200)]
     settings = dataclasses.replace(BASE, fetch_per_host=2, fetch_per_host_max=5)

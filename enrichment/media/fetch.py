@@ -18,7 +18,8 @@ Image URLs come from other people's metadata, so:
   off does it the same way each time);
 - per-host concurrency adapts to each host (`enrichment.media.hosts`): a small
   start for an unknown host, an operator's limit where one is set, halved on
-  429/503 (once per round); keep-alive connections are shared by every download
+  429/503 (once per round); every request, a redirect's too, waits for the turn
+  of the host it goes to; keep-alive connections are shared by every download
   from a host, about as many open as its limit lets downloads run at once.
 
 Every download is a task on the fetcher's one event loop (aiohttp, its HTTP
@@ -105,13 +106,42 @@ class FetchResult:
 
 @dataclass(frozen=True)
 class _Attempt:
-    """How one try went: its result, a 429/503's Retry-After, when the headers came, and
-    whether the fetch's own deadline cut it (rather than the server failing)."""
+    """How one try went: its result, a 429/503's Retry-After, when its last request went
+    out and its headers came, and whether the fetch's own deadline cut it (rather than
+    the server failing)."""
 
     result: FetchResult
     retry_after: float | None = None
     answered: float | None = None
     cut_by_deadline: bool = False
+    sent: float | None = None
+
+
+@dataclass
+class _Turn:
+    """The one host slot a download holds: at the host of the request it is making.
+
+    A redirect to another host gives this host's slot back before waiting for that
+    host's turn, so a host reached through redirects (a CDN, a museum's own server)
+    keeps its own limit, and no download holds one host's slot while it waits for
+    another's (two hosts redirecting to each other cannot starve each other).
+    """
+
+    pacer: HostPacer
+    slot: Slot | None = None
+
+    async def at(self, host: str) -> Slot:
+        """The slot at `host`, waiting for its turn unless it is the one held."""
+        if self.slot is not None and self.slot.host == host:
+            return self.slot
+        self.leave()
+        self.slot = await self.pacer.acquire(host)
+        return self.slot
+
+    def leave(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
 
 
 class Fetcher:
@@ -298,35 +328,42 @@ class Fetcher:
         target = _hop(url, url, self.policy)
         if isinstance(target, FetchResult):
             return target
-        # The host as aiohttp will reach it (after IDNA mapping), so that one host in
-        # several spellings still has one limit.
-        host = (target.raw_host or "").lower().rstrip(".")
+        turn = _Turn(self.pacer)
         try:
-            async with self.pacer.slot(host) as slot:
-                return await self._attempts(url, target, slot)
+            await turn.at(_host_key(target))  # the deadline starts once this turn has come
+            return await self._attempts(url, target, turn)
         except PacerClosed as closed:
             return FetchResult.failed(url, "fetch_error", str(closed))
+        finally:
+            turn.leave()
 
-    async def _attempts(self, url: str, target: URL, slot: Slot) -> FetchResult:
-        """Try until the image comes, the failure is final, or the deadline leaves no time."""
+    async def _attempts(self, url: str, target: URL, turn: _Turn) -> FetchResult:
+        """Try until the image comes, the failure is final, or the deadline leaves no time.
+
+        Each attempt's outcome is reported to the host that gave it (the last one
+        asked, after any redirects)."""
         end = self._loop.time() + self.settings.fetch_timeout
         host_said: FetchResult | None = None  # the host's last answer before the deadline
         for attempt in range(MAX_RETRIES + 1):
             began = time.monotonic()
-            tried = await self._attempt(url, target, end)
+            tried = await self._attempt(url, target, end, turn)
             result = tried.result
             reason = result.error_reason
+            sent = tried.sent or began
+            slot = turn.slot  # None only where the deadline cut the wait for a host's turn
             if reason is None:
-                latency = tried.answered - began if tried.answered else None
-                slot.report(OK, began, latency, None)
+                latency = tried.answered - sent if tried.answered else None
+                if slot is not None:
+                    slot.report(OK, sent, latency, None)
             elif host_said is not None and tried.cut_by_deadline:
                 # Our deadline cut a retry short: that says nothing new about the
                 # host, and its last real answer (a 429, a 503) is the truer reason.
-                slot.report(NEUTRAL, began, None, None)
+                if slot is not None:
+                    slot.report(NEUTRAL, sent, None, None)
                 return host_said
-            else:
+            elif slot is not None:
                 signal = BUSY if reason in BUSY_REASONS else NEUTRAL
-                slot.report(signal, began, None, tried.retry_after)
+                slot.report(signal, sent, None, tried.retry_after)
             if reason not in RETRYABLE or attempt == MAX_RETRIES:
                 break
             host_said = result
@@ -336,32 +373,44 @@ class Fetcher:
             await asyncio.sleep(pause)
         return result
 
-    async def _attempt(self, url: str, target: URL, end: float) -> _Attempt:
+    async def _attempt(self, url: str, target: URL, end: float, turn: _Turn) -> _Attempt:
         """One try, following redirects, within what is left of the deadline."""
+        sent: list[float] = []
         answered: list[float] = []
         budget = asyncio.timeout_at(end)
         try:
             async with budget:
-                result, retry_after = await self._follow(url, target, end, answered)
+                result, retry_after = await self._follow(url, target, end, turn, sent, answered)
         except Exception as error:  # every failure is a result; classified below
+            last = sent[-1] if sent else None
             if budget.expired():
-                return _Attempt(_timed_out(url, self.settings.fetch_timeout), cut_by_deadline=True)
-            return _Attempt(_classify(url, error))
-        return _Attempt(result, retry_after, answered[-1] if answered else None)
+                timed_out = _timed_out(url, self.settings.fetch_timeout)
+                return _Attempt(timed_out, cut_by_deadline=True, sent=last)
+            return _Attempt(_classify(url, error), sent=last)
+        return _Attempt(result, retry_after, answered[-1] if answered else None, sent=sent[-1])
 
     async def _follow(
-        self, original: str, target: URL, end: float, answered: list[float]
+        self,
+        original: str,
+        target: URL,
+        end: float,
+        turn: _Turn,
+        sent: list[float],
+        answered: list[float],
     ) -> tuple[FetchResult, float | None]:
-        """`target` (the parsed and checked `original`), then each redirect, checked in turn."""
+        """`target` (the parsed and checked `original`), then each redirect, checked in turn,
+        each asked in its own host's turn (`_Turn`)."""
         settings = self.settings
         url = original
         for _ in range(MAX_REDIRECTS + 1):
+            slot = await turn.at(_host_key(target))
             remaining = end - self._loop.time()
             timeout = aiohttp.ClientTimeout(
                 total=None,
                 sock_connect=min(settings.fetch_connect_timeout, remaining),
                 sock_read=min(settings.fetch_read_timeout, remaining),
             )
+            sent.append(time.monotonic())
             # The URL as checked, not a string aiohttp would parse again.
             async with self._session.get(
                 target, allow_redirects=False, timeout=timeout
@@ -373,6 +422,8 @@ class Fetcher:
                     hop = _hop(original, url, self.policy)
                     if isinstance(hop, FetchResult):
                         return hop, None
+                    if _host_key(hop) != slot.host:  # leaving this host: its answer counts
+                        slot.report(OK, sent[-1], answered[-1] - sent[-1], None)
                     target = hop
                     continue
                 if response.status != 200:
@@ -470,6 +521,12 @@ def _hop(url: str, hop: str, policy: AddressPolicy) -> URL | FetchResult:
         )
     except (ValueError, UnicodeError) as error:
         return FetchResult.failed(url, "bad_url", f"unparseable URL: {_short(error)}")
+
+
+def _host_key(target: URL) -> str:
+    """The host as aiohttp will reach it (after IDNA mapping), so that one host in several
+    spellings still has one limit."""
+    return (target.raw_host or "").lower().rstrip(".")
 
 
 def _timed_out(url: str, seconds: float) -> FetchResult:

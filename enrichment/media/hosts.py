@@ -171,22 +171,33 @@ class HostPacer:
     @asynccontextmanager
     async def slot(self, host: str) -> AsyncIterator[Slot]:
         """Wait for a slot at `host` (and in the total, where it counts); report, then release."""
+        taken = await self.acquire(host)
+        try:
+            yield taken
+        finally:
+            taken.release()
+
+    async def acquire(self, host: str) -> Slot:
+        """Wait for a slot at `host` (and in the total, where it counts); the caller releases it.
+
+        Nothing awaits between the turn and the slot's return, so a cancellation
+        reaches the caller only once it holds the slot and can release it.
+        """
         limit = self.host(host)
         await self._wait_for_turn(limit)
-        # No await from here to the `try`: a cancellation cannot strand the slot taken.
         limit.in_use += 1
         limit.most = max(limit.most, limit.in_use)
         if not limit.fixed:
             self.total_in_use += 1
             self.total_most = max(self.total_most, self.total_in_use)
-        try:
-            yield Slot(self, limit)
-        finally:
-            limit.in_use -= 1
-            _wake(limit.turn)
-            if not limit.fixed:
-                self.total_in_use -= 1
-                _wake(self._total_turn)
+        return Slot(self, limit, host)
+
+    def _release(self, limit: HostLimit) -> None:
+        limit.in_use -= 1
+        _wake(limit.turn)
+        if not limit.fixed:
+            self.total_in_use -= 1
+            _wake(self._total_turn)
 
     async def _wait_for_turn(self, limit: HostLimit) -> None:
         """Until `limit`'s host has room, is not paused, and the total has room where it counts.
@@ -273,9 +284,17 @@ class Slot:
 
     pacer: HostPacer
     limit: HostLimit
+    host: str
+    released: bool = False
 
     def report(
         self, signal: str, began: float, latency: float | None, retry_after: float | None
     ) -> None:
         """How the attempt sent at `began` (time.monotonic) went."""
         self.pacer.record(self.limit, signal, began, latency, retry_after)
+
+    def release(self) -> None:
+        """Give the place back (once; again is a no-op) and wake the next download for it."""
+        if not self.released:
+            self.released = True
+            self.pacer._release(self.limit)
