@@ -316,6 +316,21 @@ def test_redirect_loop_ends(server: Server, make_fetcher) -> None:
     assert server.hits("/loop-a") + server.hits("/loop-b") == 4
 
 
+def test_a_name_that_does_not_resolve_is_named_in_the_error(server: Server, make_fetcher) -> None:
+    """The host that failed to resolve, whether the URL's own or a redirect's target."""
+    direct = make_fetcher().fetch("http://no-such-host.invalid/picture.png")
+    assert (direct.error_reason, direct.error_message) == (
+        "dns_error",
+        "cannot resolve no-such-host.invalid",
+    )
+    url = server.route("/to-nowhere", redirect("http://no-such-host.invalid/picture.png"))
+    redirected = make_fetcher().fetch(url)
+    assert (redirected.error_reason, redirected.error_message) == (
+        "dns_error",
+        "cannot resolve no-such-host.invalid",
+    )
+
+
 def test_redirect_to_a_blocked_address_is_refused(
     server: Server, canary: Server, make_fetcher
 ) -> None:

@@ -118,6 +118,15 @@ class _Attempt:
 
 
 @dataclass
+class _Hops:
+    """How far one attempt got: the URL it asked last, when it asked, when the headers came."""
+
+    url: str
+    sent: float | None = None
+    answered: float | None = None
+
+
+@dataclass
 class _Turn:
     """The one host slot a download holds: at the host of the request it is making.
 
@@ -375,19 +384,17 @@ class Fetcher:
 
     async def _attempt(self, url: str, target: URL, end: float, turn: _Turn) -> _Attempt:
         """One try, following redirects, within what is left of the deadline."""
-        sent: list[float] = []
-        answered: list[float] = []
+        hops = _Hops(url)
         budget = asyncio.timeout_at(end)
         try:
             async with budget:
-                result, retry_after = await self._follow(url, target, end, turn, sent, answered)
+                result, retry_after = await self._follow(url, target, end, turn, hops)
         except Exception as error:  # every failure is a result; classified below
-            last = sent[-1] if sent else None
             if budget.expired():
                 timed_out = _timed_out(url, self.settings.fetch_timeout)
-                return _Attempt(timed_out, cut_by_deadline=True, sent=last)
-            return _Attempt(_classify(url, error), sent=last)
-        return _Attempt(result, retry_after, answered[-1] if answered else None, sent=sent[-1])
+                return _Attempt(timed_out, cut_by_deadline=True, sent=hops.sent)
+            return _Attempt(_classify(url, error, hops.url), sent=hops.sent)
+        return _Attempt(result, retry_after, hops.answered, sent=hops.sent)
 
     async def _follow(
         self,
@@ -395,11 +402,10 @@ class Fetcher:
         target: URL,
         end: float,
         turn: _Turn,
-        sent: list[float],
-        answered: list[float],
+        hops: _Hops,
     ) -> tuple[FetchResult, float | None]:
         """`target` (the parsed and checked `original`), then each redirect, checked in turn,
-        each asked in its own host's turn (`_Turn`)."""
+        each asked in its own host's turn (`_Turn`); `hops` says how far it got."""
         settings = self.settings
         url = original
         for _ in range(MAX_REDIRECTS + 1):
@@ -410,12 +416,13 @@ class Fetcher:
                 sock_connect=min(settings.fetch_connect_timeout, remaining),
                 sock_read=min(settings.fetch_read_timeout, remaining),
             )
-            sent.append(time.monotonic())
+            asked_at = time.monotonic()
+            hops.url, hops.sent, hops.answered = url, asked_at, None
             # The URL as checked, not a string aiohttp would parse again.
             async with self._session.get(
                 target, allow_redirects=False, timeout=timeout
             ) as response:
-                answered.append(time.monotonic())
+                hops.answered = answered = time.monotonic()
                 location = response.headers.get("Location")
                 if response.status in REDIRECT_STATUSES and location:
                     url = urljoin(url, location)
@@ -423,7 +430,7 @@ class Fetcher:
                     if isinstance(hop, FetchResult):
                         return hop, None
                     if _host_key(hop) != slot.host:  # leaving this host: its answer counts
-                        slot.report(OK, sent[-1], answered[-1] - sent[-1], None)
+                        slot.report(OK, asked_at, answered - asked_at, None)
                     target = hop
                     continue
                 if response.status != 200:
@@ -533,13 +540,14 @@ def _timed_out(url: str, seconds: float) -> FetchResult:
     return FetchResult.failed(url, "timeout", f"the image took longer than {seconds:g} s to fetch")
 
 
-def _classify(url: str, error: Exception) -> FetchResult:
-    """The reason for one failed try (not cut by the deadline), from what aiohttp raised."""
+def _classify(url: str, error: Exception, asked: str) -> FetchResult:
+    """The reason for one failed try (not cut by the deadline), from what aiohttp raised
+    asking `asked` (`url` or a redirect's target)."""
     blocked = _caused_by(error, BlockedAddress)
     if blocked is not None:
         return FetchResult.failed(url, "blocked_address", str(blocked))
     if _caused_by(error, socket.gaierror) is not None:
-        return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(url).hostname}")
+        return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(asked).hostname}")
     if isinstance(error, aiohttp.ClientSSLError) or _caused_by(error, ssl.SSLError) is not None:
         return FetchResult.failed(url, "tls_error", _short(error))
     if isinstance(error, TimeoutError):  # a connect or read timeout, not the deadline
