@@ -52,6 +52,12 @@ class Deadline:
             elif not self._finished:
                 self._sockets.append(sock)
 
+    def unwatch(self, sock: socket.socket) -> None:
+        """`sock` is done with this call (its connection went back to the pool, where the
+        next call takes it): the deadline passing must no longer shut it."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._sockets.remove(sock)
+
     def expire(self) -> None:
         """The budget is spent: end every read in progress; from now on nothing waits."""
         with self._lock:

@@ -7,6 +7,8 @@ holds a publish for as long as it likes. So each call runs under a `Deadline`
 under the deadline of the call their thread is making as soon as the request
 is sent, and the watchdog shuts the socket down when the deadline passes,
 which ends the read at once. Retries of the call stay under the same deadline.
+A connection given back to the pool leaves its call's deadline first: the next
+call to take it, on any thread, must not lose it to the last one's deadline.
 """
 
 from __future__ import annotations
@@ -52,16 +54,38 @@ class CallDeadlines:
 class _DeadlineHTTPConnection(HTTPConnection):
     # Set per adapter (see DeadlineAdapter).
     deadlines: CallDeadlines
+    _watched_by: Deadline | None = None
 
     def getresponse(self) -> Any:  # type: ignore[override]
         # The request is sent; headers and body are read from here on, under the deadline.
         deadline = self.deadlines.current()
         if deadline is not None and self.sock is not None:
             deadline.watch(self.sock)
+            self._watched_by = deadline
         return super().getresponse()
+
+    def leave_deadline(self) -> None:
+        """The call is done with this connection: its deadline no longer shuts the socket."""
+        deadline, self._watched_by = self._watched_by, None
+        if deadline is not None and self.sock is not None:
+            deadline.unwatch(self.sock)
 
 
 class _DeadlineHTTPSConnection(_DeadlineHTTPConnection, HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPPool(HTTPConnectionPool):
+    def _put_conn(self, conn: Any) -> None:
+        # Back in the pool before the call has left its deadline (the body is read, the
+        # caller is still in `CallDeadlines.call`): from now on the connection is the
+        # next call's.
+        if isinstance(conn, _DeadlineHTTPConnection):
+            conn.leave_deadline()
+        super()._put_conn(conn)
+
+
+class _DeadlineHTTPSPool(_DeadlineHTTPPool, HTTPSConnectionPool):
     pass
 
 
@@ -74,8 +98,8 @@ class DeadlineAdapter(HTTPAdapter):
             "DeadlineHTTPSConnection", (_DeadlineHTTPSConnection,), {"deadlines": deadlines}
         )
         self._pools = {
-            "http": type("DeadlineHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": plain}),
-            "https": type("DeadlineHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": secure}),
+            "http": type("DeadlineHTTPPool", (_DeadlineHTTPPool,), {"ConnectionCls": plain}),
+            "https": type("DeadlineHTTPSPool", (_DeadlineHTTPSPool,), {"ConnectionCls": secure}),
         }
         super().__init__(max_retries=max_retries, pool_connections=2, pool_maxsize=pool_maxsize)
 
