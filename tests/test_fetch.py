@@ -642,3 +642,22 @@ def test_closing_a_fetcher_from_its_own_event_loop_is_refused(make_fetcher) -> N
 
 async def _close_on_the_loop(fetcher: Fetcher) -> None:
     fetcher.close()
+
+
+@pytest.mark.parametrize("where", ["fetch_then", "submit"])
+def test_closing_a_fetcher_from_work_it_runs_is_refused_and_leaves_it_working(
+    server: Server, make_fetcher, where: str
+) -> None:
+    """It used to fail half-way ("cannot join current thread"), the fetcher half closed."""
+    url = server.route("/picture.png", send())
+    fetcher = make_fetcher()
+    if where == "fetch_then":
+        attempt = fetcher.fetch_then(url, lambda _: fetcher.close())
+    else:
+        attempt = fetcher.submit(fetcher.close)
+    with pytest.raises(RuntimeError, match="from work the fetcher runs"):
+        attempt.result(timeout=5)
+    assert fetcher.fetch(url).content == PICTURE, "still open, and still fetching"
+    assert fetcher.fetch_then(url, lambda fetched: fetched.content).result(5) == PICTURE
+    fetcher.close()
+    assert fetcher.fetch(url).error_reason == "fetch_error", "closed now"

@@ -179,14 +179,18 @@ class Fetcher:
         # Work that itself fetches (`submit`) blocks a thread while it waits: as many as
         # downloads may run at once, plus two batches, so waiting work never holds up
         # other hosts' downloads. Threads start as needed.
+        # Which threads are this fetcher's own: `close` on one of them could never join it.
+        self._own = threading.local()
         self._workers = ThreadPoolExecutor(
             max_workers=settings.fetch_concurrency + largest + 2 * settings.batch_size,
             thread_name_prefix="fetch",
+            initializer=self._mark_own,
         )
         # Decoding the fetched bytes (or handing them to as many feeder processes).
         self._handlers = ThreadPoolExecutor(
             max_workers=max(usable_cpus(), settings.feeders_per_gpu),
             thread_name_prefix="fetched",
+            initializer=self._mark_own,
         )
         # As many lookups at once as downloads from hosts without a limit of their own.
         self._lookups = ThreadPoolExecutor(
@@ -222,6 +226,11 @@ class Fetcher:
             return
         if threading.get_ident() == self._thread.ident:
             raise RuntimeError("Fetcher.close on the fetcher's own event loop would wait for ever")
+        if getattr(self._own, "thread", False):
+            raise RuntimeError(
+                "Fetcher.close from work the fetcher runs (a `fetch_then` function or `submit` "
+                "work) would wait for that work itself: close it from the thread that made it"
+            )
         if not wait:  # those waiting for a host's turn end now, with PacerClosed
             self._loop.call_soon_threadsafe(self.pacer.close)
         self._workers.shutdown(wait=wait, cancel_futures=not wait)
@@ -234,6 +243,9 @@ class Fetcher:
         if wait:
             self._thread.join()
         self._thread = None
+
+    def _mark_own(self) -> None:
+        self._own.thread = True
 
     def submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
         """Run work that fetches (and decodes) on a thread of its own."""
