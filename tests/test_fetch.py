@@ -526,8 +526,8 @@ def test_a_body_cut_short_of_its_content_length_is_truncated_and_not_retried(
 
 
 def test_downloads_run_on_one_event_loop_not_a_thread_each(server: Server, make_fetcher) -> None:
-    fetcher = make_fetcher()
     before = set(threading.enumerate())
+    fetcher = make_fetcher()
     urls = [server.route(f"/many{n}.png", send()) for n in range(40)]
     futures = [fetcher.fetch_then(url, lambda fetched: fetched.content) for url in urls]
     assert [future.result() for future in futures] == [PICTURE] * 40
