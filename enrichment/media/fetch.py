@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import queue
 import random
 import socket
 import ssl
@@ -72,6 +71,7 @@ from enrichment.media.guard import (
     is_public,
     refused_literal,
 )
+from enrichment.media.handlers import Handlers
 from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer, PacerClosed, Slot
 
 __all__ = ["MAX_RETRIES", "RETRYABLE", "AddressPolicy", "FetchResult", "Fetcher", "is_public"]
@@ -188,8 +188,8 @@ class Fetcher:
             initializer=self._mark_own,
         )
         # Decoding the fetched bytes (or handing them to as many feeder processes).
-        self._handlers = _Handlers(
-            max(usable_cpus(), settings.feeders_per_gpu), started=self._mark_own
+        self._handlers = Handlers(
+            max(usable_cpus(), settings.feeders_per_gpu), "fetched", started=self._mark_own
         )
         # As many lookups at once as downloads from hosts without a limit of their own.
         self._lookups = ThreadPoolExecutor(
@@ -471,79 +471,6 @@ class Fetcher:
                     )
             content = bytes(body)
         return FetchResult(url=url, content=content, sha256=hashlib.sha256(content).hexdigest())
-
-
-class _Handlers:
-    """The threads that run `fetch_then`'s functions, fed by one queue.
-
-    Not a ThreadPoolExecutor: its `submit` makes a future, a work item and a
-    done-callback for every download, and checks its thread count each time,
-    about 40 CPU us an image more than a queue of (outcome, function, result)
-    (measured side by side, 54 against 15 us); the outcome is the only future.
-    """
-
-    def __init__(self, threads: int, started: Callable[[], None]) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], FetchResult] | None]
-        self._queue = queue.SimpleQueue()
-        self._started = started
-        self._lock = threading.Lock()  # `_closed` against hand-ons racing a shutdown
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=self._run, name=f"fetched_{number}", daemon=True)
-            for number in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def hand(
-        self, outcome: Future[T], then: Callable[[FetchResult], T], fetched: FetchResult
-    ) -> None:
-        """Run `then(fetched)` on a handler thread, settling `outcome`; dropped once shut down."""
-        with self._lock:
-            if not self._closed:
-                self._queue.put((outcome, then, fetched))
-                return
-        _drop(outcome)
-
-    def shutdown(self, wait: bool) -> None:
-        """Run what was handed on and stop (`wait`), or drop what has not begun and stop."""
-        with self._lock:
-            self._closed = True
-        if not wait:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    _drop(item[0])
-        for _ in self._threads:
-            self._queue.put(None)  # after everything handed on: each thread ends at one
-        if wait:
-            for thread in self._threads:
-                thread.join()
-
-    def _run(self) -> None:
-        self._started()
-        while (item := self._queue.get()) is not None:
-            _settle(*item)
-
-
-def _settle(outcome: Future[T], then: Callable[[FetchResult], T], fetched: FetchResult) -> None:
-    """Run `then` on a handler thread, its return or its exception `outcome`'s."""
-    if not outcome.set_running_or_notify_cancel():
-        return
-    try:
-        outcome.set_result(then(fetched))
-    except BaseException as error:  # the caller's to judge, through the future
-        outcome.set_exception(error)
-
-
-def _drop(outcome: Future[Any]) -> None:
-    """Cancel a future no executor runs, telling `concurrent.futures.wait` too (a bare
-    `cancel` only tells `result` and the callbacks)."""
-    if outcome.cancel():
-        outcome.set_running_or_notify_cancel()
 
 
 def _hop(url: str, hop: str, policy: AddressPolicy) -> URL | FetchResult:
