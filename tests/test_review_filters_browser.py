@@ -238,6 +238,8 @@ def test_every_filter_survives_the_show_button(
         before = browser.evaluate(tab, TILES)
         total = browser.evaluate(tab, "document.getElementById('total').innerText")
         assert len(before) == 3 and total == "5"  # NEWER's photograph and map labels
+        heading = browser.evaluate(tab, "document.querySelector('h1').innerText")
+        assert heading == "Photograph, map: most uncertain first"  # not "All classes"
         mark_page(browser, tab)
         click(browser, tab, ".filters button[type=submit]")
         new_page(browser, tab, "the queue after Show")
