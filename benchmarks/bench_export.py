@@ -120,20 +120,14 @@ def load(url: str, labels: int) -> dict[str, int]:
         _copy(
             cursor,
             "results",
-            "record_id, model_version, status, scores, image_url, classified_at",
+            # Each result flagged as the one that counts for its record, as `save_outcomes`
+            # flags it (one version here, so its own); the export reads the flag.
+            "record_id, model_version, status, scores, image_url, classified_at, is_current",
             (
                 f'{rid},{VERSION},labelled,"{{0.{n % 9000 + 1000},0.{n % 7000 + 2000},0.1}}",'
-                f"https://images.example.org{rid}.jpg,2024-05-01 12:00:00\n"
+                f"https://images.example.org{rid}.jpg,2024-05-01 12:00:00,t\n"
                 for n, rid in enumerate(map(record_id, range(records)))
             ),
-        )
-        # Which result counts for each record, as `save_outcomes` stores it beside the result
-        # (one version here, so its own); the export reads it.
-        _copy(
-            cursor,
-            "current_results",
-            "record_id, model_version",
-            (f"{rid},{VERSION}\n" for rid in map(record_id, range(records))),
         )
         _copy(
             cursor,

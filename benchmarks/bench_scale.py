@@ -167,6 +167,13 @@ stored_item_uri: Callable[[str, str], str | None] = getattr(
     schema, "stored_item_uri", lambda record_id, item_uri: item_uri
 )
 
+# What a label stores of its concept (every generated label's is its class's): the concept
+# itself, or "" where the store keeps a class's concept once, in the model's classes
+# (`writes.stored_concept`).
+stored_class_concept: Callable[[str], str] = (
+    (lambda concept: "") if hasattr(writes, "stored_concept") else (lambda concept: concept)
+)
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -325,8 +332,10 @@ class Generator:
         hashes = rng.bytes(32 * n).hex()
         tables: dict[str, Columns] = {"records": records}
         current: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        chosen_of: list[np.ndarray] = []
         for version in (0, 1):
             chosen = np.arange(n) if version == 0 else np.nonzero(rng.random(n) < V2_SHARE)[0]
+            chosen_of.append(chosen)
             statuses = rng.choice(3, size=len(chosen), p=STATUS_SHARES)
             scores, labelled = scores_for(rng, statuses, self.limits[version], self.weights)
             self._add(
@@ -337,6 +346,13 @@ class Generator:
             self._add(tables, self._batches(version, [ids[i] for i in chosen]))
             for row in np.nonzero(statuses != 2)[0]:
                 current[int(chosen[row])] = (version, scores[row], labelled[row])
+        # Which result counts for its record (the second version's where it classified), as
+        # the store flags it: set here, a rebuild of the review index writes no flag.
+        tables["results"]["is_current"] = [
+            current.get(int(i), (None,))[0] == version
+            for version, chosen in enumerate(chosen_of)
+            for i in chosen
+        ]
         self._pick_candidates(part, ids, current)
         self.seen += n
         return tables
@@ -415,7 +431,7 @@ class Generator:
             "record_id": records,
             "model_version": [VERSIONS[version]] * len(rows),
             "label_key": [self.keys[c] for c in classes],
-            "concept": [self.concepts[c] for c in classes],
+            "concept": [stored_class_concept(self.concepts[c]) for c in classes],
             "confidence": scores[rows, classes].tolist(),
         }
         if version != 0:

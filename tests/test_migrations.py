@@ -26,7 +26,6 @@ TABLES = {
     "publications",
     "reviews",
     "workers",
-    "current_results",
     "review_items",
 }
 

@@ -32,7 +32,7 @@ from enrichment.store.retire import (
     remove_some,
     retired_versions,
 )
-from enrichment.store.review_tables import CurrentResult, ReviewItem
+from enrichment.store.review_tables import ReviewItem
 from enrichment.store.reviews import Review
 from enrichment.store.runs import ModelRegistration
 from enrichment.store.schema import (
@@ -300,21 +300,19 @@ def test_retiring_a_version_hands_its_records_to_the_version_that_counts_next(
                 ],
             )
 
-    def indexed() -> tuple[dict[str, str], set[tuple[str, str]]]:
+    def indexed() -> tuple[dict[str, str], set[str]]:
         with small.transaction() as session:
             current = dict(
                 session.execute(
-                    sa.select(CurrentResult.record_id, CurrentResult.model_version)
+                    sa.select(Result.record_id, Result.model_version).where(Result.is_current)
                 ).all()
             )
-            items = set(
-                session.execute(sa.select(ReviewItem.record_id, ReviewItem.model_version)).all()
-            )
+            items = set(session.scalars(sa.select(ReviewItem.record_id)))
         return current, items
 
-    assert indexed() == ({f"/r/{n}": OLD for n in range(4)}, {(f"/r/{n}", OLD) for n in range(4)})
+    assert indexed() == ({f"/r/{n}": OLD for n in range(4)}, {f"/r/{n}" for n in range(4)})
     mark_retired(small, OLD)
     while remove_some(small, OLD, 3):
         pass
-    assert indexed() == ({f"/r/{n}": NEW for n in range(2)}, {(f"/r/{n}", NEW) for n in range(2)})
+    assert indexed() == ({f"/r/{n}": NEW for n in range(2)}, {f"/r/{n}" for n in range(2)})
     small.dispose()

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from enrichment.review.stats import _one_class, class_stats
 from enrichment.sources.records_file import Record
 from enrichment.store import review_index
-from enrichment.store.current import CurrentResult, newest_classified
+from enrichment.store.current import newest_classified
 from enrichment.store.database import Database
 from enrichment.store.decisions import (
     NewDecision,
@@ -190,9 +190,9 @@ def paged(db: Database, filters: QueueFilter) -> list[Item]:
 def index_rows(db: Database) -> tuple[list[tuple], list[tuple]]:
     with db.transaction() as session:
         current = session.execute(
-            sa.select(CurrentResult.record_id, CurrentResult.model_version).order_by(
-                CurrentResult.record_id
-            )
+            sa.select(Result.record_id, Result.model_version)
+            .where(Result.is_current)
+            .order_by(Result.record_id)
         ).all()
         items = session.execute(
             sa.select(ReviewItem.__table__).order_by(ReviewItem.record_id, ReviewItem.label_key)
@@ -306,9 +306,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("pg_url")
 
 
-def test_migration_0011_builds_the_index_from_existing_rows_and_goes_down(
+def test_an_index_never_built_is_built_from_existing_rows_by_0016_and_goes_down(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Rows written before the review index (0010), upgraded to head: 0011 makes the tables,
+    0016 builds them."""
     monkeypatch.setattr(review_index, "REBUILD_BATCH", 70)  # several batches
     rng = random.Random(11)
     db = Database(database_url)
@@ -418,6 +420,35 @@ def test_migration_0011_builds_the_index_from_existing_rows_and_goes_down(
         assert connection.execute(sa.text("SELECT count(*) FROM results")).scalar() == len(rows)
     db.upgrade()
     assert index_rows(db) == (current, items)
+    db.dispose()
+
+
+def test_0016_flags_the_current_results_and_goes_down_to_the_table(database_url: str) -> None:
+    """A database written at head, down to 0015 (the `current_results` table and the items'
+    model version, from the flags) and up again: the same flags, items and queue."""
+    db = build(database_url)
+    current, items = index_rows(db)
+    everything = QueueFilter(state="any", limit=MAX_LIMIT)
+    expected = reference(db, everything)
+    assert paged(db, everything) == expected
+    db.downgrade("0015")
+    versions = dict(current)
+    with db.engine.connect() as connection:
+        table = connection.execute(
+            sa.text("SELECT record_id, model_version FROM current_results ORDER BY record_id")
+        ).all()
+        old_items = connection.execute(
+            sa.text("SELECT record_id, label_key, model_version FROM review_items")
+        ).all()
+        columns = {c["name"] for c in sa.inspect(connection).get_columns("results")}
+    assert sorted(map(tuple, table)) == current
+    assert sorted(map(tuple, old_items)) == sorted(
+        (record, key, versions[record]) for record, key, *_ in items
+    )
+    assert "is_current" not in columns
+    db.upgrade()
+    assert index_rows(db) == (current, items)
+    assert paged(db, everything) == expected
     db.dispose()
 
 

@@ -5,11 +5,11 @@ a run or a model version, its result there counts; asked for neither, the
 latest classified one does (ties to the later version name). Error results
 never count: they carry no scores.
 
-The latest classified result is stored, one row per record in `current_results`,
-kept by the transaction that writes results (`review_index.refresh`): worked out
-over all of `results` with a window function on every read, it cost a sort of
-the whole table per queue page. `newest_classified` is the rule itself, which
-the writes and `review_index.rebuild` apply to a few records at a time.
+The latest classified result is flagged in its row (`Result.is_current`), kept
+by the transaction that writes results (`review_index.refresh`): worked out over
+all of `results` with a window function on every read, it cost a sort of the
+whole table per queue page. `newest_classified` is the rule itself, which the
+writes and `review_index.rebuild` apply to a few records at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from enrichment.store.review_tables import CurrentResult
 from enrichment.store.schema import Outcome, Result, of_datasets
 
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
@@ -84,13 +83,4 @@ def current_results(
         if model_version is not None:
             scope.append(Result.model_version == model_version)
         return sa.select(*columns).where(*scope).subquery("chosen")
-    return (
-        sa.select(*columns)
-        .join(
-            CurrentResult,
-            (CurrentResult.record_id == Result.record_id)
-            & (CurrentResult.model_version == Result.model_version),
-        )
-        .where(*in_datasets)
-        .subquery("chosen")
-    )
+    return sa.select(*columns).where(Result.is_current, *in_datasets).subquery("chosen")

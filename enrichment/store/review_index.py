@@ -6,7 +6,8 @@ sample draws labelled items at random. Worked out from `results` on each page,
 both cost a pass over every result; here they are stored, so that a page
 costs the same at any collection size:
 
-- `current_results` (in `store/current.py`): which result counts for a record;
+- `results.is_current` (the rule in `store/current.py`): which result counts for
+  a record, flagged in its row;
 - `review_items`: of each record's current result, the items within `BAND` of
   their class threshold, and every labelled item (the audit sample draws from
   those, whatever their margin). An index on (class, margin, record) serves the
@@ -18,10 +19,10 @@ few items per record rather than one per class: the queue's pages beyond the
 band are read from `results` as before (`review_queue` does), so answers stay
 exact at any depth.
 
-Both tables are kept by the transaction that writes results (`save_outcomes`:
+Both are kept by the transaction that writes results (`save_outcomes`:
 `refresh` in Python, or on PostgreSQL `staged_sql`, set-based SQL sent with the
 batch), rebuilt for a model version whose thresholds change (`register_model`),
-and built whole by migration 0011 (`rebuild`). Margins are the queue's: |score -
+and built whole by migration 0016 where none was (`rebuild`). Margins are the queue's: |score -
 threshold| in double precision, the score as `Scores` reads it (in SQL,
 `columns.exact_score`), the threshold as `store.models` reads it.
 """
@@ -36,13 +37,12 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Session
 
 from enrichment.store.columns import NULL, copy_text, exact_score
 from enrichment.store.current import newest_classified, newest_of_staged
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.review_tables import CurrentResult, ReviewItem
+from enrichment.store.review_tables import ReviewItem
 from enrichment.store.schema import Label, Result
 
 # Items at most this far from their threshold are indexed. With 20 classes, 60 % of records
@@ -61,8 +61,8 @@ def sample_key(record_id: str) -> int:
 
 
 # An index row, in the table's column order (what COPY and the inserts take).
-ITEM_COLUMNS = ("record_id", "label_key", "model_version", "margin", "labelled", "sample_key")
-ItemRow = tuple[str, str, str, float | None, bool, int]
+ITEM_COLUMNS = ("record_id", "label_key", "margin", "labelled", "sample_key")
+ItemRow = tuple[str, str, float | None, bool, int]
 
 
 def item_rows(
@@ -78,7 +78,7 @@ def item_rows(
         if key in labelled or (margin is not None and margin <= BAND):
             if key_of_record is None:
                 key_of_record = sample_key(record_id)
-            rows.append((record_id, key, model.version, margin, key in labelled, key_of_record))
+            rows.append((record_id, key, margin, key in labelled, key_of_record))
     return rows
 
 
@@ -97,8 +97,9 @@ def refresh(
     model_version: str,
     outcomes: Iterable[tuple[str, Sequence[float] | None, Iterable[str]]],
 ) -> None:
-    """Bring both tables up to date for records whose `model_version` result was just written,
-    in the writer's transaction. `outcomes`: (record id, scores or None, labelled keys).
+    """Bring the current flags and the items up to date for records whose `model_version`
+    result was just written, in the writer's transaction. `outcomes`: (record id, scores
+    or None, labelled keys).
 
     The current result of each record is worked out again from its few results; the
     items come from the scores just written, or, where another version's result counts
@@ -107,7 +108,7 @@ def refresh(
     """
     written = {record_id: (scores, list(keys)) for record_id, scores, keys in outcomes}
     models = model_classes(connection)
-    current = _recompute_current(connection, sorted(written))
+    current = _flag_current(connection, sorted(written))
     rows = [
         row
         for record_id, (scores, keys) in written.items()
@@ -123,10 +124,12 @@ def refresh(
 def staged_sql() -> str:
     """`refresh` for PostgreSQL's COPY path, as SQL that `save_outcomes` sends in the same
     round trip as the batch: for the records of the session's `stage_results` table (with
-    their `sample_key`), whose results and labels are already merged.
+    their `sample_key`), whose results and labels are already merged (each merged result
+    flagged current if it is classified, as it nearly always is: see `writes.MERGES`).
 
     Set-based, no Python per item: each staged record's current result is looked up
-    again, and its items computed from that result's stored scores and labels, whichever
+    again, the flags that differ from it set (only those rows are written), and its items
+    computed from that result's stored scores and labels, whichever
     version it is. The margins are those of the queue's SQL (`columns.score_at`), which
     are `item_rows`'s for the scores as they read back. Made once: the exact score and the
     current result's lookup are compiled from their one definition."""
@@ -145,12 +148,12 @@ def staged_sql() -> str:
     return f"""
 SET LOCAL enable_seqscan = off;
 SET LOCAL jit = off;
-DELETE FROM current_results c USING stage_results s WHERE c.record_id = s.record_id;
 DELETE FROM review_items i USING stage_results s WHERE i.record_id = s.record_id;
 WITH current AS ({newest}
-), stored AS (
-    INSERT INTO current_results (record_id, model_version)
-    SELECT record_id, model_version FROM current
+), flagged AS (
+    UPDATE results r SET is_current = (r.model_version = c.model_version)
+    FROM current c
+    WHERE r.record_id = c.record_id AND r.is_current <> (r.model_version = c.model_version)
 ), written AS (
     SELECT c.record_id, c.model_version, c.sample_key, r.scores,
         ARRAY(
@@ -167,7 +170,7 @@ WITH current AS ({newest}
         ON t.i = k.i
     WHERE m.version IN (SELECT model_version FROM written)
 ), items AS (
-    SELECT w.record_id, k.key, w.model_version,
+    SELECT w.record_id, k.key,
         abs({exact} - k.threshold) AS margin,
         k.key = ANY (w.labelled) AS labelled, w.sample_key
     FROM written w JOIN classes k ON k.version = w.model_version
@@ -184,11 +187,10 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
     if not rows:
         return
     buffer = io.StringIO()
-    for record_id, key, version, margin, labelled, key_of_record in rows:
+    for record_id, key, margin, labelled, key_of_record in rows:
         fields = (
             copy_text(record_id),
             copy_text(key),
-            copy_text(version),
             NULL if margin is None else repr(margin),
             "t" if labelled else "f",
             str(key_of_record),
@@ -203,8 +205,9 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
 
 
 def rebuild(db: Database, model_version: str | None = None) -> int:
-    """Build both tables again from `results` (those of `model_version`'s current results
-    only, when only its thresholds changed), in batches; returns the records indexed."""
+    """Work out the current flags and the items again from `results` (only the items of
+    `model_version`'s current results, when only its thresholds changed), in batches;
+    returns the records indexed."""
     with db.transaction() as session:
         return rebuild_on(session.connection(), model_version)
 
@@ -222,7 +225,7 @@ def rebuild_on(
     count = 0
     for batch in _record_batches(connection, model_version, results):
         if model_version is None:
-            current = _recompute_current(connection, batch, results)
+            current = _flag_current(connection, batch, results)
         else:
             _delete_items(connection, batch)
             current = dict.fromkeys(batch, model_version)
@@ -235,7 +238,7 @@ def rebuild_on(
 def reindex(connection: sa.Connection, record_ids: Sequence[str]) -> None:
     """Work out again which result counts for these records, and their items, in the
     caller's transaction: after some of their results were removed (a retired version)."""
-    current = _recompute_current(connection, record_ids)
+    current = _flag_current(connection, record_ids)
     models = model_classes(connection)
     _insert(
         connection,
@@ -248,12 +251,10 @@ def _record_batches(
 ) -> Iterator[list[str]]:
     """Record ids in key order, `REBUILD_BATCH` at a time: every record with a result, or
     those whose current result is `model_version`'s."""
-    if model_version is None:
-        column = results.c.record_id
-        scope: list[Any] = []
-    else:
-        column = CurrentResult.record_id
-        scope = [CurrentResult.model_version == model_version]
+    column = results.c.record_id
+    scope: list[Any] = []
+    if model_version is not None:
+        scope = [results.c.model_version == model_version, results.c.is_current]
     last: str | None = None
     while True:
         query = sa.select(column).distinct().where(*scope).order_by(column).limit(REBUILD_BATCH)
@@ -276,21 +277,35 @@ def _delete_items(connection: sa.Connection, record_ids: Sequence[str]) -> None:
         connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
 
 
-def _recompute_current(
+def _flag_current(
     connection: sa.Connection, record_ids: Sequence[str], results: sa.Table | None = None
 ) -> dict[str, str]:
-    """Store which result counts for each of these records, and drop their items; returns
-    {record: model version} for those with a classified result."""
+    """Flag the result that counts for each of these records (and no other), and drop their
+    items; returns {record: model version} for those with a classified result. Only the
+    rows whose flag changes are written: a result rewritten in place keeps its row."""
+    table = Result.__table__ if results is None else results
     current: dict[str, str] = {}
     for chunk in _chunks(record_ids):
-        connection.execute(
-            sa.delete(CurrentResult.__table__).where(CurrentResult.record_id.in_(chunk))
+        found = dict(connection.execute(newest_classified(chunk, table)).all())
+        flags = connection.execute(
+            sa.select(table.c.record_id, table.c.model_version, table.c.is_current).where(
+                table.c.record_id.in_(chunk)
+            )
         )
-        found = connection.execute(newest_classified(chunk, results)).all()
-        if found:
+        changed = [
+            {"record": record_id, "version": version, "flag": not flagged}
+            for record_id, version, flagged in flags
+            if bool(flagged) != (found.get(record_id) == version)
+        ]
+        if changed:
             connection.execute(
-                sa.insert(CurrentResult.__table__),
-                [{"record_id": r, "model_version": v} for r, v in found],
+                sa.update(table)
+                .where(
+                    table.c.record_id == sa.bindparam("record"),
+                    table.c.model_version == sa.bindparam("version"),
+                )
+                .values(is_current=sa.bindparam("flag")),
+                changed,
             )
         current.update(found)
         connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
@@ -335,15 +350,3 @@ def _rows_from_results(
                     )
                 )
     return rows
-
-
-def index_counts(session: Session) -> dict[str, int]:
-    """Rows in each table: what the index costs, for benchmarks and `docs/scale.md`."""
-    return {
-        "current_results": session.execute(
-            sa.select(sa.func.count()).select_from(CurrentResult)
-        ).scalar_one(),
-        "review_items": session.execute(
-            sa.select(sa.func.count()).select_from(ReviewItem)
-        ).scalar_one(),
-    }

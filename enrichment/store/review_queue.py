@@ -196,7 +196,6 @@ def _band_scope(filters: QueueFilter) -> list[Any]:
 INDEX_COLUMNS = (
     ReviewItem.record_id,
     ReviewItem.label_key,
-    ReviewItem.model_version,
     ReviewItem.margin,
     ReviewItem.labelled,
 )
@@ -271,8 +270,9 @@ def _sampled_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -
 def _indexed_items(
     session: Session, rows: Sequence[Any], models: dict[str, ModelClasses]
 ) -> list[Item]:
-    """Items of index rows, in their order: the score from the result, the threshold and
-    name from the model, the decision and the record's columns, a few lookups per page."""
+    """Items of index rows, in their order: the model version and score from the record's
+    current result, the threshold and name from the model, the decision and the record's
+    columns, a few lookups per page."""
     if not rows:
         return []
     record_ids = sorted({row.record_id for row in rows})
@@ -288,15 +288,13 @@ def _indexed_items(
             ).where(RecordRow.id.in_(record_ids))
         )
     }
-    pairs = {(row.record_id, row.model_version) for row in rows}
-    scores = {
-        (record_id, version): vector
+    current = {
+        record_id: (version, vector)
         for record_id, version, vector in session.execute(
             sa.select(Result.record_id, Result.model_version, Result.scores).where(
-                Result.record_id.in_(record_ids)
+                Result.record_id.in_(record_ids), Result.is_current
             )
         )
-        if (record_id, version) in pairs
     }
     decided = latest_decisions()
     decisions = {
@@ -305,9 +303,10 @@ def _indexed_items(
     }
     items = []
     for row in rows:
-        model = models[row.model_version]
+        version, stored = current[row.record_id]
+        model = models[version]
         index = model.keys.index(row.label_key)
-        vector = scores.get((row.record_id, row.model_version)) or []
+        vector = stored or []
         record = records[row.record_id]
         decision = decisions.get((row.record_id, row.label_key))
         items.append(
@@ -315,7 +314,7 @@ def _indexed_items(
                 row.record_id,
                 row.label_key,
                 model.names[index],
-                row.model_version,
+                version,
                 vector[index] if index < len(vector) else None,
                 model.thresholds[index],
                 bool(row.labelled),

@@ -1,5 +1,5 @@
-"""The review index's two tables (see `review_index.py`, which keeps them, and `current.py`,
-whose rule the first stores), in a module of their own that only needs the schema's base."""
+"""The review index's table (see `review_index.py`, which keeps it), in a module of its own
+that only needs the schema's base."""
 
 from __future__ import annotations
 
@@ -10,26 +10,20 @@ from sqlalchemy.orm import Mapped, mapped_column
 from enrichment.store.schema import Base, RecordId
 
 
-class CurrentResult(Base):
-    """The model version whose result counts for a record; no row: no classified result."""
-
-    __tablename__ = "current_results"
-
-    record_id: Mapped[str] = mapped_column(RecordId, primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(120))
-
-
 class ReviewItem(Base):
-    """One class of one record's current result that is within the band or labelled."""
+    """One class of one record's current result (`Result.is_current`, which also says of
+    which model version) that is within the band or labelled."""
 
     __tablename__ = "review_items"
     __table_args__ = (
         Index("ix_review_items_margin", "label_key", "margin", "record_id"),
+        # The audit sample reads a class's labelled items in sample-key order; the key is a
+        # hash of the record id, so ties are rare and settled by sorting them (no record id
+        # in every entry).
         Index(
             "ix_review_items_sample",
             "label_key",
             "sample_key",
-            "record_id",
             postgresql_where=sa.text("labelled"),
             sqlite_where=sa.text("labelled = 1"),
         ),
@@ -37,7 +31,6 @@ class ReviewItem(Base):
 
     record_id: Mapped[str] = mapped_column(RecordId, primary_key=True)
     label_key: Mapped[str] = mapped_column(String(100), primary_key=True)
-    model_version: Mapped[str] = mapped_column(String(120))
     # |score - threshold|; None only for a labelled class the score vector lacks.
     margin: Mapped[float | None] = mapped_column(Float)
     labelled: Mapped[bool] = mapped_column(Boolean)

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -197,6 +198,10 @@ class Result(Base):
     image_sha256: Mapped[str | None] = mapped_column(Sha256())
     source_timestamp: Mapped[datetime | None] = mapped_column(DateTime)
     classified_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
+    # The result that counts for its record (`store.current`'s rule: the latest classified),
+    # kept by the transaction that writes results. A flag in the row rather than a table of
+    # its own: one byte where a (record id, model version) row and its index took 160.
+    is_current: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa.false())
 
 
 def stored_item_uri(record_id: str, item_uri: str) -> str | None:

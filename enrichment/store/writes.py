@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import DatabaseError, InvalidValue
 from enrichment.store import review_index
 from enrichment.store.columns import NULL, copy_text, scores_literal
+from enrichment.store.current import CLASSIFIED
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -300,15 +301,24 @@ STAGED_URL = (
     " ELSE coalesce(s.image_url, '') END"
 )
 STAGED_RESULT = ", ".join(STAGED_URL if n == "image_url" else f"s.{n}" for n in RESULT_COLUMNS)
-UPDATED = ", ".join(f"{name} = EXCLUDED.{name}" for name in RESULT_COLUMNS[2:])  # not the key
+# A result just written is flagged current if it is classified: it is the record's latest,
+# nearly always. `review_index.staged_sql` then sets the flags that the rule gives otherwise
+# (an error, whose record's current result is another version's; a tie), so the usual
+# result is written once, not written and then flagged.
+CLASSIFIED_NOW = f"s.status IN ({', '.join(repr(str(status)) for status in CLASSIFIED)})"
+UPDATED = ", ".join(
+    f"{name} = EXCLUDED.{name}"
+    for name in (*RESULT_COLUMNS[2:], "is_current")  # not the key
+)
 # The merges of the staging tables into `results` and `labels`. No TRUNCATE: the staging
 # tables empty at each commit, and rows left by an earlier call in the same transaction
 # are only merged again to the same result. A label's concept is stored as
 # `stored_concept` has it ("" where it is its class's), each model's classes parsed once
 # (MATERIALIZED), not once per label.
 MERGES = f"""
-INSERT INTO results ({", ".join(RESULT_COLUMNS)})
-SELECT {STAGED_RESULT} FROM stage_results s LEFT JOIN records r ON r.id = s.record_id
+INSERT INTO results ({", ".join(RESULT_COLUMNS)}, is_current)
+SELECT {STAGED_RESULT}, {CLASSIFIED_NOW}
+FROM stage_results s LEFT JOIN records r ON r.id = s.record_id
 ON CONFLICT (record_id, model_version) DO UPDATE SET {UPDATED};
 DELETE FROM labels USING stage_results s
 WHERE labels.model_version = s.model_version AND labels.record_id = s.record_id;
@@ -365,6 +375,7 @@ def save_outcomes(
             "image_sha256": outcome.image_sha256,
             "source_timestamp": outcome.source_timestamp,
             "classified_at": now,
+            "is_current": outcome.status in CLASSIFIED,  # see CLASSIFIED_NOW
         }
         for outcome in outcomes
     ]

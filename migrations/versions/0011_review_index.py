@@ -4,9 +4,10 @@
 one), which every queue page worked out over all of `results` with a window
 function; `review_items` keeps the items of those results within the band of
 their class threshold, and every labelled one, ordered by margin and by sample
-key (see `enrichment/store/review_index.py`). Both are built from the existing
-rows, a few thousand records at a time. Down, the tables go: nothing else
-depends on them.
+key (see `enrichment/store/review_index.py`). Both are made empty here and
+built from the existing rows by migration 0016, which reshapes them (this
+revision cannot run the index's code, which knows only the shapes at head).
+Down, the tables go: nothing else depends on them.
 
 Revision ID: 0011
 Revises: 0010
@@ -16,22 +17,10 @@ Create Date: 2026-12-06
 import sqlalchemy as sa
 from alembic import op
 
-from enrichment.store.review_index import rebuild_on
-
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
-
-# `results` as this revision has it: later revisions may store the scores otherwise.
-RESULTS = sa.table(
-    "results",
-    sa.column("record_id", sa.String),
-    sa.column("model_version", sa.String),
-    sa.column("status", sa.String),
-    sa.column("scores", sa.JSON),
-    sa.column("classified_at", sa.DateTime),
-)
 
 
 def upgrade() -> None:
@@ -57,7 +46,6 @@ def upgrade() -> None:
         postgresql_where=sa.text("labelled"),
         sqlite_where=sa.text("labelled = 1"),
     )
-    rebuild_on(op.get_bind(), results=RESULTS)
 
 
 def downgrade() -> None:
