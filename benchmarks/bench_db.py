@@ -38,6 +38,7 @@ import sqlalchemy as sa
 
 from enrichment.config import Settings
 from enrichment.store.columns import scores_literal
+from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.schema import Label, Result, Run, RunStatus, utc_now
 from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
@@ -56,6 +57,7 @@ RESULT_COLUMNS = (
     "image_sha256",
     "source_timestamp",
     "classified_at",
+    "is_current",
 )
 LABEL_COLUMNS = ("record_id", "model_version", "label_key", "concept", "confidence")
 REAL_TABLES = ("results", "labels")
@@ -143,8 +145,9 @@ def prepare(url: str, records: int, sample: int) -> int:
             "FROM STDIN WITH (FORMAT csv)",
             rows,
         )
-        cursor.execute("CREATE TABLE copy_results (LIKE results)")
-        cursor.execute("CREATE TABLE copy_labels (LIKE labels)")
+        # Columns, NOT NULL and defaults (a result's current flag), but no index or key.
+        cursor.execute("CREATE TABLE copy_results (LIKE results INCLUDING DEFAULTS)")
+        cursor.execute("CREATE TABLE copy_labels (LIKE labels INCLUDING DEFAULTS)")
         raw.commit()
     finally:
         raw.close()
@@ -219,6 +222,9 @@ def write_copy(
                 "\\x" + outcome.image_sha256,
                 outcome.source_timestamp,
                 now,
+                # Classified: the record's latest, flagged as `save_outcomes` flags it (so
+                # the earlier model's results are current where the new version arrives).
+                outcome.status in CLASSIFIED,
             )
         )
         for label in outcome.labels:

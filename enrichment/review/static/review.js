@@ -5,6 +5,8 @@
   const REVIEWER_KEY = "enrichReviewer";
   const RECORDS_KEY = "enrichReviewRecords";
   const QUEUE_KEY = "enrichReviewQueue";
+  // The decisions of a page that turned itself, for "u" on the page it opened.
+  const CARRIED_KEY = "enrichReviewCarried";
   const undoStack = [];
   // What the page does once decisions are stored or taken back (the grid sets them).
   const hooks = { afterUndo: () => {}, afterChange: () => {} };
@@ -87,7 +89,7 @@
     undoStack.push(entry);
     updateUndo();
     try {
-      await entry.sent;
+      entry.answer = await entry.sent;
       elements.forEach((element, i) => setState(element, decisions[i].decision));
       toast(decisions.length === 1 ? decisions[0].decision + "ed " + decisions[0].label_key
         : decisions.length + " decisions saved");
@@ -116,7 +118,7 @@
     try {
       await post("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
-      toast("Undone");
+      toast(last.elements.length ? "Undone" : "Undone (on the page before)");
       hooks.afterUndo(last.elements);
       hooks.afterChange();
     } catch (error) {
@@ -158,6 +160,9 @@
   function grid(list) {
     const tiles = Array.from(list.querySelectorAll(".tile"));
     const audit = list.dataset.audit === "1";
+    // A page of pending items turns itself once all are decided; a page of decided ones
+    // (state=reviewed, say) is for changing them, and stays.
+    const toDo = tiles.some((tile) => tile.dataset.state === "pending");
     const selected = new Set();
     let focus = 0;
     let anchor = null;
@@ -169,7 +174,13 @@
     // Set once this page has sent the browser on: the answers to decisions still on their way
     // (a quick reviewer's last keys) must not send it again.
     let leaving = false;
-    window.addEventListener("pageshow", (event) => { if (event.persisted) leaving = false; });
+    // The decisions of the page that turned itself to this one stay undoable here.
+    const carried = JSON.parse(sessionStorage.getItem(CARRIED_KEY) || "[]");
+    sessionStorage.removeItem(CARRIED_KEY);
+    carried.forEach((entry) => undoStack.push({
+      sent: Promise.resolve({ ids: entry.ids }), elements: [], previous: [], reviewer: entry.reviewer,
+    }));
+    updateUndo();
 
     // The counts from the server, and on to the next page once this one has nothing pending.
     async function refreshProgress() {
@@ -184,10 +195,12 @@
         document.getElementById("decided-today").textContent = now.decided_today;
       }
       const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);
-      if (open || leaving) return;
+      if (!toDo || open || leaving) return;
       const onward = list.dataset.next || (now && now.pending > 0 ? list.dataset.first : "");
       if (!onward) { toast("Nothing left to review with these filters"); return; }
       leaving = true;
+      sessionStorage.setItem(CARRIED_KEY, JSON.stringify(undoStack.filter((entry) => entry.answer)
+        .map((entry) => ({ ids: entry.answer.ids, reviewer: entry.reviewer }))));
       location.href = onward;
     }
     hooks.afterChange = refreshProgress;
@@ -253,10 +266,15 @@
 
     document.getElementById("accept-selected").addEventListener("click", () => act(true));
     document.getElementById("reject-selected").addEventListener("click", () => act(false));
-    document.getElementById("select-all").addEventListener("click", () => {
-      tiles.forEach((tile) => selected.add(tile));
+    // "Select all" is all still to decide where some are: a decision made on this page (or
+    // on its way) is not overturned by "select all, accept the rest". On a page of decided
+    // items, all.
+    function selectAll() {
+      const pending = tiles.filter((tile) => tile.dataset.state === "pending" && !tile.dataset.busy);
+      (pending.length ? pending : tiles).forEach((tile) => selected.add(tile));
       refreshSelection();
-    });
+    }
+    document.getElementById("select-all").addEventListener("click", selectAll);
     document.getElementById("undo").addEventListener("click", undoLast);
 
     document.addEventListener("keydown", (event) => {
@@ -267,7 +285,7 @@
       else if (key === "a") act(true);
       else if (key === "r") act(false);
       else if (key === "x" || key === " ") toggle(tiles[focus]);
-      else if (key === "*") { tiles.forEach((tile) => selected.add(tile)); refreshSelection(); }
+      else if (key === "*") selectAll();
       else if (key === "Escape") { selected.clear(); refreshSelection(); }
       else if (key === "u") undoLast();
       else if (key === "Enter" && tiles[focus]) location.href = tiles[focus].dataset.recordUrl;
@@ -356,6 +374,10 @@
       });
     });
   }
+
+  // A page the browser shows again from its back/forward cache would show the decisions as
+  // they were when it was left: load it again, as it is stored now.
+  window.addEventListener("pageshow", (event) => { if (event.persisted) location.reload(); });
 
   document.addEventListener("DOMContentLoaded", () => {
     const input = document.getElementById("reviewer");
