@@ -13,6 +13,8 @@ later; a batch written twice; two batches in one transaction.
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +250,42 @@ def test_a_model_with_a_threshold_missing_is_refused(db: Database) -> None:
     ):
         register_model(session, "idx@000000000003", "idx", "resnet18", classes(), [0.5] * 3)
     assert set(classes_of(db)) == {OLD, NEW}
+
+
+def test_two_versions_of_a_record_written_at_once_leave_one_current_result(pg_url: str) -> None:
+    """Two workers write two versions' results for the same records at the same time. Each
+    sees only its own new rows until the other commits: the second waits for the first's
+    records, then flags what the rule gives over both. (Without waiting, the second failed
+    on the first's review items, or, for a record with none, flagged its own row as well.)"""
+    db = Database(pg_url)
+    db.upgrade()
+    ids = ["/1/a", "/1/b"]
+    with db.transaction() as session:
+        register_model(session, OLD, "idx", "resnet18", classes(), THRESHOLDS)
+        register_model(session, NEW, "idx", "resnet18", classes(), THRESHOLDS)
+        upsert_records(session, [Record(r, "1", f"http://item{r}", f"http://i{r}") for r in ids])
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def second_writer() -> None:
+        try:
+            started.set()
+            write(db, NEW, [labelled(r, [0.9, 0.1, 0.1, 0.1], ("map",)) for r in ids])
+        except BaseException as error:
+            errors.append(error)
+
+    with db.transaction() as session:
+        save_outcomes(
+            session, None, OLD, [labelled(r, [0.8, 0.1, 0.1, 0.1], ("map",)) for r in ids]
+        )
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        started.wait(10)
+        time.sleep(0.5)  # the second writer is waiting for these records now
+        assert thread.is_alive()
+    thread.join(30)
+    assert not thread.is_alive() and errors == []
+    current, items = stored(db)
+    assert current == {"/1/a": NEW, "/1/b": NEW}  # the later one, and only it
+    assert {row[0] for row in items} == set(ids)
+    db.dispose()

@@ -43,7 +43,7 @@ from enrichment.store.current import newest_classified, newest_of_staged
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.review_tables import ReviewItem
-from enrichment.store.schema import Label, Result
+from enrichment.store.schema import Label, RecordRow, Result
 
 # Items at most this far from their threshold are indexed. With 20 classes, 60 % of records
 # labelled and sigmoid scores mostly near 0 it costs about 0.4 rows per record besides the
@@ -120,6 +120,18 @@ def refresh(
     _insert(connection, rows)
 
 
+# Two transactions writing results of one record (two model versions, say) each see only
+# their own new row: each would flag it current, and the second would then fail on the
+# first's review items. Each takes its records' rows first, in id order (as
+# `upsert_records` writes them: no deadlock), and looks the current result up once it has
+# them, when the other's rows are committed and seen.
+LOCK_RECORDS_SQL = (
+    "SELECT count(*) FROM (SELECT 1 FROM records r"
+    " WHERE r.id IN (SELECT record_id FROM stage_results)"
+    " ORDER BY r.id FOR NO KEY UPDATE) AS locked"
+)
+
+
 @functools.cache
 def staged_sql() -> str:
     """`refresh` for PostgreSQL's COPY path, as SQL that `save_outcomes` sends in the same
@@ -148,6 +160,7 @@ def staged_sql() -> str:
     return f"""
 SET LOCAL enable_seqscan = off;
 SET LOCAL jit = off;
+{LOCK_RECORDS_SQL};
 DELETE FROM review_items i USING stage_results s WHERE i.record_id = s.record_id;
 WITH current AS ({newest}
 ), flagged AS (
@@ -285,7 +298,14 @@ def _flag_current(
     rows whose flag changes are written: a result rewritten in place keeps its row."""
     table = Result.__table__ if results is None else results
     current: dict[str, str] = {}
-    for chunk in _chunks(record_ids):
+    for chunk in _chunks(sorted(record_ids)):
+        if connection.dialect.name == "postgresql":  # see LOCK_RECORDS_SQL
+            connection.execute(
+                sa.select(RecordRow.id)
+                .where(RecordRow.id.in_(chunk))
+                .order_by(RecordRow.id)
+                .with_for_update(key_share=True)
+            ).all()
         found = dict(connection.execute(newest_classified(chunk, table)).all())
         flags = connection.execute(
             sa.select(table.c.record_id, table.c.model_version, table.c.is_current).where(

@@ -138,10 +138,13 @@ RECORD_FIELDS = ("dataset", "item_uri", "image_url", "provider", "title", "times
 def upsert_records(session: Session, records: Sequence[SourceRecord]) -> None:
     """Insert new records and bring known ones up to date; `first_seen` stays the first.
 
-    An item URI that its id gives is stored NULL (`schema.stored_item_uri`).
+    An item URI that its id gives is stored NULL (`schema.stored_item_uri`). Rows are
+    written in id order, the order in which the writes of results lock them
+    (`review_index.LOCK_RECORDS_SQL`), so that the two never wait for each other in a cycle.
     """
     if not records:
         return
+    records = sorted(records, key=lambda record: record.id)
     _keep_result_urls(session, records)
     now = utc_now()
     insert = upsert_statement(session, RecordRow.__table__)
