@@ -242,13 +242,16 @@ def test_a_long_queue_decided_page_by_page_with_the_keys(
             until(
                 browser,
                 f"page {len(pages) + 1}",
-                lambda: (
-                    read(browser, tab, "document.readyState") == "complete"
-                    and read(
-                        browser, tab, "document.querySelectorAll('.tile.state-pending').length"
-                    )
-                    == read(browser, tab, "document.querySelectorAll('.tile').length")
-                    and bool(read(browser, tab, "document.querySelectorAll('.tile').length"))
+                # One read, so that all three hold of one page: read apart, the first could
+                # see the page before loaded and the others the next one still loading,
+                # before its keys work.
+                lambda: read(
+                    browser,
+                    tab,
+                    "(() => { const tiles = document.querySelectorAll('.tile');"
+                    " return document.readyState === 'complete' && tiles.length > 0"
+                    " && document.querySelectorAll('.tile.state-pending').length"
+                    " === tiles.length; })()",
                 ),
             )
             search = str(read(browser, tab, "location.search"))
