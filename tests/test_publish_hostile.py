@@ -10,6 +10,7 @@ only ever hold what the server clearly said, and every failure is a line.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -303,3 +304,45 @@ def test_an_intent_shows_as_not_sent_until_the_server_answers(
     with db.transaction() as session:
         states = set(session.scalars(sa.select(Publication.state)))
     assert states == {PublicationState.PUBLISHED}
+
+
+def test_a_wait_asked_for_past_the_deadline_is_not_begun(server: AnnotationsServer) -> None:
+    """A write lock with `Retry-After` of a day: the call ends at once with the server's
+    answer, saying what it asked for (urllib3 alone would wait six hours a try)."""
+    server.lock_every, server.retry_after = 1, "86400"
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01, deadline=30.0)
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    started = time.monotonic()
+    for call in (lambda: api.create(annotation), lambda: api.create_page([annotation])):
+        with pytest.raises(AnnotationsAPIError, match=r"423 .*a wait of '86400' s"):
+            call()
+    assert time.monotonic() - started < 5.0
+    assert [status for *_, status in server.requests] == [423, 423]  # one try each, no retry
+    api.close()
+
+
+def test_closing_the_client_ends_a_wait_between_tries(server: AnnotationsServer) -> None:
+    """Ctrl-C closes the client: a call waiting for its next try (a `Retry-After` within the
+    deadline) ends then, not when the wait is over."""
+    server.lock_every, server.retry_after = 1, "20"
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01, deadline=60.0)
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    failures: list[Exception] = []
+
+    def create() -> None:
+        try:
+            api.create(annotation)
+        except AnnotationsAPIError as error:
+            failures.append(error)
+
+    waiting = threading.Thread(target=create)
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while not server.requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # the answer is in: the call waits 20 s for its next try
+    started = time.monotonic()
+    api.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and time.monotonic() - started < 2.0
+    assert len(failures) == 1 and len(server.requests) == 1

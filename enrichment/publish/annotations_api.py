@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
+from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
@@ -165,9 +167,46 @@ SAFE_STATUSES = frozenset({423, 429, 500, 502, 503, 504})
 PAGE_STATUSES = frozenset({423, 429, 503})
 
 
-def retry_policy(page: bool, backoff: float = BACKOFF) -> Retry:
+class _BoundedRetry(Retry):
+    """urllib3's `Retry`, whose waits between tries stay within the call's deadline and end
+    when the client closes.
+
+    urllib3 waits as long as a `Retry-After` says, up to six hours a try: a server asking
+    for a day would hold a publish for hours past `DEADLINE`, and Ctrl-C would wait for it.
+    A wait longer than what is left of the call's deadline is not begun: the call ends with
+    the server's answer (`_answer` says what it asked for).
+    """
+
+    # Set per client (`AnnotationsAPI._session`): `Retry.new` copies only its arguments.
+    deadlines: CallDeadlines
+    closing: threading.Event
+
+    def increment(self, *args: Any, **kwargs: Any) -> Retry:
+        retry = super().increment(*args, **kwargs)
+        deadline = self.deadlines.current()
+        response = kwargs.get("response")
+        if deadline is not None and _wait(retry, response) > deadline.remaining():
+            reason = ResponseError("the next try would start past the call's deadline")
+            raise MaxRetryError(kwargs.get("_pool"), kwargs.get("url") or "", reason)
+        return retry
+
+    def sleep(self, response: Any = None) -> None:
+        if self.closing.wait(_wait(self, response)):
+            raise MaxRetryError(None, "", ResponseError("the client is closing"))
+
+
+def _wait(retry: Retry, response: Any) -> float:
+    """How long `retry` waits before its next try: the server's `Retry-After`, else backoff."""
+    if retry.respect_retry_after_header and response is not None:
+        after = retry.get_retry_after(response)
+        if after:
+            return after
+    return retry.get_backoff_time()
+
+
+def retry_policy(page: bool, backoff: float = BACKOFF, kind: type[Retry] = Retry) -> Retry:
     """Retries of safe requests, or (`page`) of page creates, which may not be repeated blind."""
-    return Retry(
+    return kind(
         total=RETRIES,
         connect=RETRIES,
         read=0 if page else RETRIES,
@@ -208,10 +247,16 @@ class AnnotationsAPI:
         self.api_key = api_key
         self.timeout = timeout
         self._deadlines = CallDeadlines(deadline)
+        self._closing = threading.Event()
         europeana = re.escape(EUROPEANA_IDS).replace("http", "https?", 1)
         self._ids = re.compile(f"(?:{europeana}|{re.escape(self.base_url)})/[0-9]+")
-        self._safe = self._session(token, retry_policy(False, backoff), concurrency)
-        self._pages = self._session(token, retry_policy(True, backoff), concurrency)
+        bounded = type(
+            "BoundedRetry",
+            (_BoundedRetry,),
+            {"deadlines": self._deadlines, "closing": self._closing},
+        )
+        self._safe = self._session(token, retry_policy(False, backoff, bounded), concurrency)
+        self._pages = self._session(token, retry_policy(True, backoff, bounded), concurrency)
 
     def _session(self, token: str, retry: Retry, concurrency: int) -> requests.Session:
         session = requests.Session()
@@ -229,6 +274,8 @@ class AnnotationsAPI:
         return session
 
     def close(self) -> None:
+        """End the waits between tries of calls still running (a Ctrl-C), and the sessions."""
+        self._closing.set()
         self._safe.close()
         self._pages.close()
         self._deadlines.close()
@@ -455,8 +502,11 @@ class AnnotationsAPI:
             raise Rejected(response.status_code, message)
         if unsettled and response.status_code not in PAGE_STATUSES:
             raise Unsettled(f"{where}: {response.status_code} {message}")
+        after = response.headers.get("Retry-After")
+        # A wait that would end past the call's deadline is not begun (`_BoundedRetry`).
+        asked = f"; it asked for a wait of {shown(after)} s before the next try" if after else ""
         raise AnnotationsAPIError(
-            f"{where}: {response.status_code} after {RETRIES} retries: {message}"
+            f"{where}: {response.status_code} after up to {RETRIES} retries: {message}{asked}"
         )
 
 
