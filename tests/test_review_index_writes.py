@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from enrichment.store.columns import exact_score, exact_scores
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.review_index import BAND, ReviewItem, item_rows
+from enrichment.store.review_queue import _indexed_items
 from enrichment.store.schema import Result
 from enrichment.store.writes import (
     LabelScore,
@@ -289,3 +291,16 @@ def test_two_versions_of_a_record_written_at_once_leave_one_current_result(pg_ur
     assert current == {"/1/a": NEW, "/1/b": NEW}  # the later one, and only it
     assert {row[0] for row in items} == set(ids)
     db.dispose()
+
+
+def test_an_index_row_whose_current_result_went_meanwhile_is_left_out(db: Database) -> None:
+    """A page reads the index, then the items' current results: a result removed or taken
+    over in between (on PostgreSQL's read committed) leaves its item out, not the page."""
+    write(db, OLD, first_batch())
+    gone = SimpleNamespace(record_id="/1/never", label_key="map", margin=0.0, labelled=False)
+    kept = SimpleNamespace(record_id="/1/below", label_key="map", margin=0.5, labelled=False)
+    # A class the record's current result now lacks (another version took over meanwhile).
+    other = SimpleNamespace(record_id="/1/below", label_key="textile", margin=0.0, labelled=False)
+    with db.transaction() as session:
+        items = _indexed_items(session, [gone, kept, other], model_classes(session))
+    assert [(item.record_id, item.model_version) for item in items] == [("/1/below", OLD)]

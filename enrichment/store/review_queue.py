@@ -303,8 +303,12 @@ def _indexed_items(
     }
     items = []
     for row in rows:
+        if row.record_id not in current:  # its result went (a retired version) meanwhile
+            continue
         version, stored = current[row.record_id]
         model = models[version]
+        if row.label_key not in model.keys:  # another version took over meanwhile
+            continue
         index = model.keys.index(row.label_key)
         vector = stored or []
         record = records[row.record_id]
