@@ -15,6 +15,7 @@ from enrichment.media.fetch import Fetcher
 from enrichment.media.hosts import HostPacer
 from tests.conftest import image_bytes
 from tests.services import ImageHost
+from tests.test_host_turns import held
 
 PICTURE = image_bytes((10, 120, 200), "bar")
 BASE = Settings(fetch_allow=("127.0.0.1",), fetch_timeout=10.0, batch_size=8)
@@ -172,7 +173,7 @@ def test_retry_after_pauses_the_host() -> None:
     pacer = HostPacer(start=4, ceiling=4, overrides=(), total=10, max_pause=0.5)
 
     async def refused() -> None:
-        async with pacer.slot("h") as slot:
+        async with held(pacer, "h") as slot:
             slot.report("busy", time.monotonic(), None, 3600.0)
 
     asyncio.run(refused())

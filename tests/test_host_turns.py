@@ -10,12 +10,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
-from enrichment.media.hosts import HostPacer, PacerClosed
+from enrichment.media.hosts import HostPacer, PacerClosed, Slot
+
+
+@asynccontextmanager
+async def held(pacer: HostPacer, host: str) -> AsyncIterator[Slot]:
+    """A slot at `host` for the block, as a download holds one (`HostPacer.acquire`)."""
+    taken = await pacer.acquire(host)
+    try:
+        yield taken
+    finally:
+        taken.release()
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -45,7 +56,7 @@ class Holder:
         self.task = asyncio.create_task(self.hold(pacer, host))
 
     async def hold(self, pacer: HostPacer, host: str) -> None:
-        async with pacer.slot(host):
+        async with held(pacer, host):
             self.got.set()
             await self.go.wait()
 
@@ -128,7 +139,7 @@ def test_many_downloads_over_few_hosts_keep_every_limit_and_all_finish() -> None
     plan = [(rng.choice(hosts), rng.random() < 0.05) for _ in range(400)]
 
     async def download(host: str, busy: bool) -> None:
-        async with pacer.slot(host) as slot:
+        async with held(pacer, host) as slot:
             now[host] += 1
             shared[0] += host != "fixed"
             if now[host] > (3 if host == "fixed" else 2) or shared[0] > 3:
@@ -168,7 +179,7 @@ def test_closing_wakes_every_waiter_of_every_host() -> None:
         ends = await asyncio.gather(*(w.task for w in waiters), return_exceptions=True)
         assert [type(end) for end in ends] == [PacerClosed] * 5
         with pytest.raises(PacerClosed):
-            async with pacer.slot("d"):
+            async with held(pacer, "d"):
                 pass
         await cleanup(holders)
 
@@ -178,7 +189,7 @@ def test_closing_wakes_every_waiter_of_every_host() -> None:
 def test_a_waiter_cancelled_after_it_was_woken_passes_the_wake_up_on() -> None:
     async def test() -> None:
         pacer = HostPacer(start=1, ceiling=1, overrides=(), total=10, max_pause=1)
-        async with pacer.slot("h"):
+        async with held(pacer, "h"):
             first, second = Holder(pacer, "h"), Holder(pacer, "h")
             assert await until(lambda: len(waiting(pacer.hosts["h"].turn)) == 2)
             [woken, _] = waiting(pacer.hosts["h"].turn)
@@ -198,10 +209,10 @@ def test_a_cancelled_waiter_that_was_never_woken_leaves_the_queue() -> None:
         pacer = HostPacer(start=1, ceiling=1, overrides=(), total=10, max_pause=1)
 
         async def with_a_deadline() -> None:
-            async with asyncio.timeout(0.05), pacer.slot("h"):
+            async with asyncio.timeout(0.05), held(pacer, "h"):
                 pass
 
-        async with pacer.slot("h"):
+        async with held(pacer, "h"):
             late = asyncio.create_task(with_a_deadline())  # its deadline passes while it waits
             cancelled, live = Holder(pacer, "h"), Holder(pacer, "h")
             assert await until(lambda: len(waiting(pacer.hosts["h"].turn)) == 3)

@@ -41,8 +41,6 @@ import asyncio
 import statistics
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 MIN_WINDOW = 16
@@ -167,15 +165,6 @@ class HostPacer:
                 found = HostLimit(override, override, fixed=True)
             self.hosts[host] = found
         return found
-
-    @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[Slot]:
-        """Wait for a slot at `host` (and in the total, where it counts); report, then release."""
-        taken = await self.acquire(host)
-        try:
-            yield taken
-        finally:
-            taken.release()
 
     async def acquire(self, host: str) -> Slot:
         """Wait for a slot at `host` (and in the total, where it counts); the caller releases it.

@@ -181,13 +181,20 @@ class _BoundedRetry(Retry):
     deadlines: CallDeadlines
     closing: threading.Event
 
-    def increment(self, *args: Any, **kwargs: Any) -> Retry:
-        retry = super().increment(*args, **kwargs)
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Retry:
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
         deadline = self.deadlines.current()
-        response = kwargs.get("response")
         if deadline is not None and _wait(retry, response) > deadline.remaining():
             reason = ResponseError("the next try would start past the call's deadline")
-            raise MaxRetryError(kwargs.get("_pool"), kwargs.get("url") or "", reason)
+            raise MaxRetryError(_pool, url or "", reason)
         return retry
 
     def sleep(self, response: Any = None) -> None:
