@@ -7,12 +7,15 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pytest
+from click.testing import CliRunner
 
+from enrichment.cli import cli
 from enrichment.model.spec import read_model_json
 from enrichment.publish.export import ExportFilter
 from enrichment.store.database import Database
 from tests.conftest import VOCABULARY, enrich
-from tests.export_support import export_text
+from tests.export_support import build_catalogue, export_text, open_database
 from tests.scenario import build_scenario
 
 
@@ -147,3 +150,46 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
         assert message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
     assert not (tmp_path / "none.jsonld").exists(), "a refused export writes no file"
+
+
+@pytest.mark.parametrize(
+    ("base_url", "why"),
+    [
+        ("notaurl", "is not an absolute http(s) URL with a host"),
+        ("javascript:alert(1)", "is not an absolute http(s) URL with a host"),
+        ("ftp://host/", "is not an absolute http(s) URL with a host"),
+        ("https://", "is not an absolute http(s) URL with a host"),
+        ("https://example.org:99999/", "is not a URL: Port out of range"),
+        ("https://example.org/a?b=1", "has a query or fragment"),
+        ("https://example.org/a b/", "holds a space or a character that IRIs forbid"),
+    ],
+)
+def test_a_base_url_that_cannot_make_ids_is_refused_before_any_file_is_written(
+    tmp_path: Path, base_url: str, why: str
+) -> None:
+    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
+    db = open_database(database)
+    build_catalogue(db)
+    db.dispose()
+    out = tmp_path / "exports"
+    out.mkdir()
+
+    def export_to(base: str):
+        return CliRunner().invoke(
+            cli,
+            ["export", "--out", str(out / "labels.jsonld"), "--split", "5", "--base-url", base],
+            env={"DATABASE_URL": database},
+        )
+
+    refused = export_to(base_url)
+    assert refused.exit_code == 1
+    assert refused.output.startswith(f"Error: Invalid value for '--base-url': {base_url!r} {why}")
+    assert len(refused.output.splitlines()) == 1, refused.output
+    assert list(out.iterdir()) == [], "a refused export writes no file"
+
+    # The same export with a usable base URL writes ids built on it.
+    written = export_to("https://example.org/exports")
+    assert written.exit_code == 0, written.output
+    collection = json.loads((out / "labels.jsonld").read_text())
+    assert collection["id"] == "https://example.org/exports/labels.jsonld"
+    assert collection["first"].startswith("https://example.org/exports/labels-")

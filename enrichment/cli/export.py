@@ -65,7 +65,8 @@ class Moment(click.ParamType):
 @click.option(
     "--base-url",
     metavar="URL",
-    help="Where the files will be published: the collection and page ids become URLs there.",
+    help="The http(s) URL the files will be published under: the collection and page ids "
+    "become URLs there (needs --out).",
 )
 @selection_options(
     model_version_help="Only this model version (default: each record's latest classification).",

@@ -26,12 +26,14 @@ own threshold.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -135,13 +137,8 @@ def export(
     db: Database, filters: ExportFilter, output: Output, stream: IO[str] | None = None
 ) -> ExportReport:
     """Write the selected labels as annotations to `output.path`, or to `stream` without one."""
+    output = check_output(output)
     check_filter(db, filters)
-    if output.split is not None and output.path is None:
-        raise ExportError("split", "writes one file per page: it needs an output file")
-    if output.base_url is not None and output.path is None:
-        raise ExportError("base_url", "names the published files: it needs an output file")
-    if output.base_url is not None and not output.base_url.endswith("/"):
-        output = replace(output, base_url=output.base_url + "/")
     checked = CheckedAnnotations(PROFILES[output.profile])
     layout = Layout(
         checked.profile,
@@ -162,6 +159,57 @@ def export(
     else:
         files = write_split(annotations, output.path, output.split, layout)
     return ExportReport(checked.written, checked.skipped, checked.problems, files)
+
+
+def check_output(output: Output) -> Output:
+    """Refuse output options that cannot work together; the base URL made to end in `/`.
+
+    Checked before anything is read or written, so a refused export leaves no file.
+    """
+    if output.split is not None and output.path is None:
+        raise ExportError("split", "writes one file per page: it needs an output file")
+    if output.base_url is None:
+        return output
+    if output.path is None:
+        raise ExportError("base_url", "names the published files: it needs an output file")
+    return replace(output, base_url=published_base(output.base_url))
+
+
+def published_base(base_url: str) -> str:
+    """The URL the exported files will be published under, ending in `/`, or refused.
+
+    The collection and page ids are this URL with a file name appended, and a
+    consumer resolves them: only an absolute http(s) URL with a host makes
+    them usable ids. `notaurl`, `javascript:...` or `ftp://...` would be
+    written into every id without a word, a query or fragment would swallow
+    the file name, and a character that IRIs forbid breaks the id.
+    """
+    example = "(e.g. https://example.org/annotations/)"
+    try:
+        parts = urlsplit(base_url)
+        host, _port = parts.hostname, parts.port  # reading the port refuses `host:99999`
+    except ValueError as error:
+        raise ExportError("base_url", f"{base_url!r} is not a URL: {error}") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise ExportError(
+            "base_url", f"{base_url!r} is not an absolute http(s) URL with a host {example}"
+        )
+    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
+        raise ExportError(
+            "base_url",
+            f"{base_url!r} has a query or fragment: the file names appended to it would "
+            f"end up inside it {example}",
+        )
+    if _IRI_FORBIDDEN.search(base_url):
+        raise ExportError(
+            "base_url",
+            f"{base_url!r} holds a space or a character that IRIs forbid (encode it as %XX)",
+        )
+    return base_url if base_url.endswith("/") else base_url + "/"
+
+
+# What may not appear in an IRI (RFC 3987): controls, space, and <>"{}|\^`.
+_IRI_FORBIDDEN = re.compile(r'[\x00-\x20\x7f-\x9f<>"{}|\\^`]')
 
 
 def collection_id(filters: ExportFilter, output: Output) -> str:
