@@ -334,8 +334,11 @@ def results(
     """List what happened to each record: outcome, error reason, labels with confidence.
 
     One line per record and model version, fields separated by tabs; a tab,
-    newline or backslash inside a field is written as \\t, \\n or \\\\. When
-    nothing matches, says so on stderr and exits with status 1.
+    newline or backslash inside a field is written as \\t, \\n or \\\\. With
+    --record, a line follows for each annotation published (or about to be) for
+    the record: its state, label, annotation id and model version, and the
+    Annotations API that holds it. When nothing matches, says so on stderr and
+    exits with status 1.
     """
     from enrichment.sources.records_file import normalise_id
     from enrichment.store.ledger import publications_for_record
@@ -370,7 +373,9 @@ def results(
         for entry in published:
             where = f"{entry['label']} {entry['annotation_id'] or '-'} ({entry['model_version']})"
             sent = "published" if entry["sent"] else "intent"
-            fields = (result.record_id, f"{sent}:{entry['state']}", where)
+            # The API's URL last: a record published to a test and a production API has a
+            # row for each, and the ids alone do not say which server holds them.
+            fields = (result.record_id, f"{sent}:{entry['state']}", where, entry["api_url"])
             click.echo("\t".join(map(tsv_field, fields)))
     if found:
         return
