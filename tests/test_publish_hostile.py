@@ -10,6 +10,10 @@ only ever hold what the server clearly said, and every failure is a line.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +37,7 @@ from enrichment.store.ledger import Publication, PublicationState, publications_
 from enrichment.store.publications import CreateIntent, record_intents
 from enrichment.store.reviews import Decision, Review
 from tests.annotations_api import ID_BASE, AnnotationsServer
-from tests.conftest import VOCABULARY, enrich
+from tests.conftest import REPO, VOCABULARY, enrich
 from tests.export_support import NEW, OLD, item_uri, record_ids
 from tests.test_publish import TOKEN, catalogue_of, held, ledger, publish, wanted
 
@@ -346,3 +350,81 @@ def test_closing_the_client_ends_a_wait_between_tries(server: AnnotationsServer)
     waiting.join(10)
     assert not waiting.is_alive() and time.monotonic() - started < 2.0
     assert len(failures) == 1 and len(server.requests) == 1
+
+
+def test_aborting_cuts_off_a_call_in_flight_and_sends_none_after(
+    server: AnnotationsServer,
+) -> None:
+    """`abort` (what a Ctrl-C does in a publish) ends a call whose answer is held, well before
+    its deadline, and nothing is sent after it."""
+    server.lock_every, server.hold_after = 0, 0
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01, deadline=60.0)
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    failures: list[Exception] = []
+
+    def create() -> None:
+        try:
+            api.create_page([annotation])
+        except Unsettled as error:
+            failures.append(error)
+
+    waiting = threading.Thread(target=create)
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while not server.held and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.held == 1, "the write carried out, its answer held"
+    api.abort()
+    waiting.join(5)
+    cut_off = not waiting.is_alive()
+    try:
+        with pytest.raises(AnnotationsAPIError, match="not sent, the client is closing"):
+            api.create(annotation)
+        assert server.held == 1  # a write sent now would be held too
+    finally:
+        server.release()
+    assert cut_off and len(failures) == 1, failures
+    assert "cut off unanswered, the client is closing" in str(failures[0])
+    api.close()
+
+
+def test_ctrl_c_ends_a_publish_at_once_and_the_next_settles_what_was_in_flight(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """An operator's Ctrl-C while the server sits on its answers (a minute each here): the
+    publish ends at once, not when they come, says how to go on, and the next publish
+    settles the requests that were in flight, with no duplicate on the server."""
+    catalogue = catalogue_of(db)
+    server.lock_every = 0
+    server.hold_after = 2  # the third write and all after it are carried out, then held
+    env = {
+        **os.environ,
+        "DATABASE_URL": db.url,
+        "EUROPEANA_ANNOTATION_API_URL": server.url,
+        "EUROPEANA_ANNOTATION_TOKEN": TOKEN,
+    }
+    command = [sys.executable, "-m", "enrichment", "publish", "--page-size", "3"]
+    process = subprocess.Popen(
+        [*command, "--concurrency", "2"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 30
+    while server.held < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.held == 2, "two requests carried out and their answers held"
+    process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    still_held = not server._release.is_set()
+    server.release()
+    assert still_held, "the publish ended only when the server let its answers go"
+    assert process.returncode != 0
+    assert "interrupted" in stderr and "enrich publish" in stderr, stderr
+    assert "Traceback" not in stderr
+
+    report = publish(db, server)
+    assert report.adopted >= 6  # the two held pages of 3, carried out but never answered
+    assert held(server) == wanted(catalogue)
+    assert_ledger_matches_server(db, server)
+    assert {row.state for row in ledger(db).values()} == {PublicationState.PUBLISHED}

@@ -112,6 +112,14 @@ def publish(
         report = publisher.publish(
             filters, withdraw_all=withdraw_all, list_changes=dry_run, min_precision=min_precision
         )
+    except KeyboardInterrupt:
+        if api is not None:
+            click.echo(
+                "publish interrupted: the requests in flight were cut off, and their rows are "
+                "left as intents; run `enrich publish` again, which settles them first",
+                err=True,
+            )
+        raise
     finally:
         if api is not None:
             api.close()

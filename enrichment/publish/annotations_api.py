@@ -48,6 +48,7 @@ import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -280,6 +281,23 @@ class AnnotationsAPI:
         )
         return session
 
+    @contextmanager
+    def aborting(self) -> Iterator[None]:
+        """Within it, an exception (a Ctrl-C, a refused token) ends the calls in flight at once
+        (`abort`): leaving the caller's thread pool then waits for no answer."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """End every call now, unanswered, and send nothing more. A write cut off may have
+        been carried out: its ledger row stays an intent, which the next publish resolves
+        before it writes anything (`publish.unsettled`)."""
+        self._closing.set()
+        self._deadlines.abort()
+
     def close(self) -> None:
         """End the waits between tries of calls still running (a Ctrl-C), and the sessions."""
         self._closing.set()
@@ -459,6 +477,8 @@ class AnnotationsAPI:
         """
         data = json.dumps(body).encode() if body is not None else None
         where = f"{method} {url}"
+        if self._closing.is_set():
+            raise AnnotationsAPIError(f"{where}: not sent, the client is closing")
         try:
             with self._deadlines.call() as deadline:
                 response = session.request(
@@ -470,7 +490,12 @@ class AnnotationsAPI:
                     allow_redirects=False,
                 )
         except requests.exceptions.RequestException as error:
-            raise _failure(where, error, unsettled, deadline.expired, deadline.seconds) from None
+            late = None
+            if self._closing.is_set():
+                late = "cut off unanswered, the client is closing"
+            elif deadline.expired:
+                late = f"no whole answer within {deadline.seconds:g} s"
+            raise _failure(where, error, unsettled, late) from None
         return self._answer(where, method, response, unsettled)
 
     def _answer(
@@ -521,12 +546,13 @@ def _failure(
     where: str,
     error: requests.exceptions.RequestException,
     unsettled: bool,
-    late: bool,
-    seconds: float,
+    late: str | None,
 ) -> Exception:
-    """A request that got no answer: `Unsettled` where it may have been carried out."""
+    """A request that got no answer: `Unsettled` where it may have been carried out.
+
+    `late`: why the answer is missing when the call was cut off (its deadline, a Ctrl-C)."""
     if late:
-        message = f"{where}: no whole answer within {seconds:g} s"
+        message = f"{where}: {late}"
     elif isinstance(error, requests.exceptions.ConnectionError):
         if not unsettled or _never_sent(error):
             return AnnotationsAPIError(f"{where}: cannot reach the server ({_reason(error)})")

@@ -83,6 +83,7 @@ class Watchdog:
         self._wake = threading.Condition()
         self._live = 0  # deadlines entered and not yet left
         self._closing = False
+        self._aborted = False
         self._thread: threading.Thread | None = None
 
     def watch(self, deadline: Deadline) -> None:
@@ -94,6 +95,9 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
                 self._thread.start()
+            aborted = self._aborted
+        if aborted:
+            deadline.expire()
 
     def forget(self) -> None:
         """A deadline's call has ended (in time or not)."""
@@ -101,6 +105,15 @@ class Watchdog:
             self._live -= 1
             if self._closing and self._live == 0:
                 self._wake.notify()
+
+    def abort(self) -> None:
+        """Spend every budget now, those of calls still to come included: a Ctrl-C must not
+        wait for answers that may take minutes."""
+        with self._wake:
+            self._aborted = True
+            live = [deadline for _, _, deadline in self._heap]
+        for deadline in live:
+            deadline.expire()
 
     def close(self, wait: bool = True) -> None:
         """End the thread once no call is under a deadline; with `wait`, until it has ended."""

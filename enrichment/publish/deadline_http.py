@@ -47,6 +47,10 @@ class CallDeadlines:
     def current(self) -> Deadline | None:
         return getattr(self._current, "deadline", None)
 
+    def abort(self) -> None:
+        """End every call in flight at once, and every call after it."""
+        self._watchdog.abort()
+
     def close(self) -> None:
         self._watchdog.close(wait=False)
 

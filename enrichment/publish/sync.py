@@ -18,14 +18,15 @@ Crash safety rests on intents. Before any request, its rows are written to
 the ledger as `creating`, `updating` or `withdrawing` and committed; the answer
 settles them (`published`, `withdrawn`, `rejected`). Each of these changes is
 a named operation of `store.publications`; this module decides which to make.
-Rows left unsettled (the publish was killed, or an answer was lost) are
-resolved before the next writes, and again at the end (`publish.unsettled`):
+Rows left unsettled (the publish was killed or stopped with Ctrl-C, which
+cuts off the calls in flight, or an answer was lost) are resolved before the
+next writes, and again at the end (`publish.unsettled`):
 a `creating` row is looked up with the search endpoint and adopted when the
 server holds it, forgotten when it does not. New annotations go in pages
 (`POST .../annotations/`, no duplicate check), which is safe because a page
-is never re-sent blind: only a page the server surely did not carry out is
-retried, any other is resolved through the search. Updates go in pages too (items with their id),
-retried like any idempotent request; withdrawals are one DELETE each. A page
+is never re-sent blind: only a page the server surely did not carry out is retried,
+any other is resolved through the search. Updates go in pages too (items with their
+id), retried like any idempotent request; withdrawals are one DELETE each. A page
 the server rejects (one bad item rejects it all, and then nothing was stored)
 is split in halves until the bad item is alone; it is reported with the
 server's message and every other item is published.
@@ -164,29 +165,15 @@ class _Op:
 
     def change(self) -> dict[str, Any]:
         """The planned change as a dry run lists it."""
-        if self.wanted is not None:
-            row = self.wanted.row
-            record_id, label, concept, version = (
-                row.record_id,
-                row.label_key,
-                row.concept,
-                row.model_version,
-            )
-        else:
-            assert self.entry is not None
-            record_id, label, concept, version = (
-                self.entry.record_id,
-                self.entry.label_key,
-                self.entry.concept,
-                self.entry.model_version,
-            )
+        about: LabelRow | LedgerEntry | None = self.wanted.row if self.wanted else self.entry
+        assert about is not None
         held = self.entry.annotation_id if self.entry is not None else None
         return {
             "action": self.kind,
-            "record_id": record_id,
-            "label": label,
-            "concept": concept,
-            "model_version": version,
+            "record_id": about.record_id,
+            "label": about.label_key,
+            "concept": about.concept,
+            "model_version": about.model_version,
             "annotation_id": held if self.kind != "create" else None,
         }
 
@@ -250,6 +237,7 @@ class Publisher:
         with (
             publish_lock(self.db, self.api_url),
             ThreadPoolExecutor(self.concurrency, thread_name_prefix="publish") as pool,
+            self.api.aborting(),  # left first: a Ctrl-C waits for no answer in flight
         ):
             self._resolve(pool)
             self._execute(pool, self._plan(filters, withdraw_all))
