@@ -1,5 +1,5 @@
 """DATABASE_URL: another application's file, a file that is no database, an unsupported dialect,
-and two first runs at once on a new SQLite file."""
+a database that cannot be written, and two first runs at once on a new SQLite file."""
 
 from __future__ import annotations
 
@@ -7,16 +7,21 @@ import multiprocessing
 import os
 import socket
 import sqlite3
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 
+from enrichment.cli import cli
 from enrichment.errors import DatabaseError
 from enrichment.store import database as database_module
 from enrichment.store.database import Database
-from tests.conftest import enrich
+from tests.conftest import enrich, write_jsonl
 
 
 def one_line(result) -> str:
@@ -147,7 +152,10 @@ def test_mysql_on_the_command_line_is_one_line_without_the_password() -> None:
 def test_a_database_in_a_directory_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3"
     line = one_line(enrich("status", env={"DATABASE_URL": url}))
-    assert line.startswith(f"Error: cannot connect to database {url}: unable to open")
+    assert line == (
+        f"Error: cannot connect to database {url}: its directory {tmp_path}/no/such/dir "
+        "does not exist"
+    )
     assert not (tmp_path / "no").exists()
     assert os.listdir(tmp_path) == []
 
@@ -181,3 +189,117 @@ def test_a_postgresql_server_that_never_answers_is_given_up_soon(
             db.engine.connect()
         assert time.monotonic() - began < 10
         db.dispose()
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` (a file or a directory) refuses writes for this process, even as root.
+
+    Root passes over permission bits, so as root the path is made immutable
+    (`chattr +i`, which root cannot write through either); anyone else gets the
+    write bits cleared. Skips where neither can be done.
+    """
+    if os.geteuid() == 0:
+        made = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make {path} read-only as root: {made.stderr.strip()}")
+    else:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~0o222)
+    try:
+        yield
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(mode)
+
+
+def invoke(url: str, *args: str):
+    return CliRunner().invoke(cli, list(args), env={"DATABASE_URL": url})
+
+
+def records_file(tmp_path: Path) -> Path:
+    return write_jsonl(
+        tmp_path / "records.jsonl", [{"id": "/d/1", "image_url": "http://example.org/1.jpg"}]
+    )
+
+
+def test_a_database_in_a_read_only_directory_says_it_cannot_be_written(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A new database there, and an existing one (in WAL mode, SQLite cannot even read it
+    without writing beside it): one line naming the database and the directory."""
+    records = records_file(tmp_path)
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    existing = f"sqlite:///{folder}/existing.db"
+    made = Database(existing)
+    made.ensure_schema()
+    made.dispose()  # the last connection closed: SQLite removes its -wal and -shm files
+    before = snapshot(folder)
+    assert sorted(before) == ["existing.db", "existing.db.migrate.lock"]
+    with read_only(folder):
+        for url, command in [
+            (f"sqlite:///{folder}/new.db", ["status"]),
+            (existing, ["status"]),
+            (existing, ["run", "--records", str(records), "--model-dir", str(tiny_model)]),
+        ]:
+            result = invoke(url, *command)
+            assert result.exit_code == 1, result.output
+            assert result.output == (
+                f"Error: cannot write database {url}: its directory {folder} is read-only, "
+                "and SQLite writes its journal and lock files beside the database; make it "
+                "writable, or point DATABASE_URL at a writable database\n"
+            )
+    assert snapshot(folder) == before
+
+
+def test_a_read_only_database_file_is_read_but_not_written(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    path = tmp_path / "enrich.db"
+    url = f"sqlite:///{path}"
+    made = Database(url)
+    made.ensure_schema()
+    made.dispose()
+    with read_only(path):
+        assert invoke(url, "status").output == "Error: no runs yet: start one with `enrich run`\n"
+        refused = invoke(
+            url, "run", "--records", str(records_file(tmp_path)), "--model-dir", str(tiny_model)
+        )
+        assert refused.exit_code == 1
+        assert refused.output == (
+            f"Error: cannot write database {url}: the file {path} is read-only; make it "
+            "writable, or point DATABASE_URL at a writable database\n"
+        )
+    db = Database(url)
+    with db.engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM runs")).scalar_one() == 0
+    db.dispose()
+
+
+def test_a_read_only_postgresql_database_says_it_cannot_be_written(
+    tmp_path: Path, tiny_model: Path, pg_url: str
+) -> None:
+    """A standby, or a database set to read-only transactions: the server's words, under the
+    same first words as SQLite's, and never the password."""
+    url = sa.engine.make_url(pg_url).set(password="s3cret").render_as_string(hide_password=False)
+    Database(url).upgrade()
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    name = sa.engine.make_url(url).database
+    with engine.connect() as connection:
+        connection.execute(
+            sa.text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        )
+    engine.dispose()
+    refused = invoke(
+        url, "run", "--records", str(records_file(tmp_path)), "--model-dir", str(tiny_model)
+    )
+    assert refused.exit_code == 1
+    shown = sa.engine.make_url(url).render_as_string(hide_password=False).replace("s3cret", "***")
+    assert refused.output.startswith(
+        f"Error: cannot write database {shown}: cannot execute INSERT in a read-only transaction; "
+        "make it writable"
+    ), refused.output
+    assert "s3cret" not in refused.output

@@ -89,8 +89,9 @@ class Commands(click.Group):
     A library error about a value (`InvalidValue`) names the field; here it is
     told as click tells a bad option, with the option of the command that
     takes that field. A database that fails under a command (a damaged file, a
-    dropped table, a server gone) is one line too, with the URL's password
-    hidden: the same message `Database` gives when it cannot connect. A file
+    dropped table, a server gone, a read-only file, directory or server) is one
+    line too, with the URL's password hidden: the same message `Database` gives
+    when it cannot connect. A file
     that cannot be read or written names its path.
     """
 

@@ -7,8 +7,10 @@ reporting reads in `query`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -49,12 +51,80 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"enrich:migrate").digest()[:8], signed=True)
 
 
+# SQLite's primary result codes (the low byte of its extended ones) and PostgreSQL's
+# SQLSTATE for a write in a read-only transaction (a standby, default_transaction_read_only).
+SQLITE_READONLY = 8
+SQLITE_CANTOPEN = 14
+READ_ONLY_SQL_TRANSACTION = "25006"
+
+
 def database_failure(url: str, error: Exception, doing: str = "cannot use") -> DatabaseError:
-    """The one error path: a driver's error as one line, with the URL's password hidden."""
+    """The one error path: a driver's error as one line, with the URL's password hidden.
+
+    A database that cannot be written is said so plainly, with what is read-only
+    where that can be told (the file, its directory, the filesystem): SQLite's
+    own words ("unable to open database file" for a WAL database in a read-only
+    directory) do not say it.
+    """
     original = getattr(error, "orig", None) or error
     lines = str(original).strip().splitlines()
     reason = lines[0] if lines else type(original).__name__
+    path = sqlite_path(url)
+    code = getattr(original, "sqlite_errorcode", -1) & 0xFF
+    place = _read_only_place(path) if path is not None else None
+    sqlstate = getattr(original, "pgcode", None) or getattr(original, "sqlstate", None)
+    if code == SQLITE_READONLY or sqlstate == READ_ONLY_SQL_TRANSACTION:
+        return _unwritable(url, place or reason)
+    if code == SQLITE_CANTOPEN and path is not None:
+        if place is not None:
+            return _unwritable(url, place)
+        if not path.parent.is_dir():
+            reason = f"its directory {path.parent} does not exist"
     return DatabaseError(f"{doing} database {redact_url(url)}: {reason}")
+
+
+def _unwritable(url: str, why: str) -> DatabaseError:
+    """`cannot write database URL: why`, one message wherever a write is refused."""
+    return DatabaseError(
+        f"cannot write database {redact_url(url)}: {why}; "
+        "make it writable, or point DATABASE_URL at a writable database"
+    )
+
+
+def sqlite_path(url: str) -> Path | None:
+    """An SQLite URL's file, or None (a server database, SQLite in memory or as a file: URI)."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return None
+    database = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _read_only_place(path: Path) -> str | None:
+    """What keeps SQLite from writing the database at `path`, or None if nothing seems to.
+
+    SQLite writes beside the file too (its WAL, shared-memory and journal files,
+    our lock files), so a read-only directory stops it as surely as a read-only
+    file. `os.access` sees an immutable file or a read-only mount even for root.
+    """
+    directory = path.parent
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{directory} is on a read-only filesystem"
+    except OSError:
+        return None
+    for file in (path, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+        if file.exists() and not os.access(file, os.W_OK):
+            return f"the file {file} is read-only"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (
+            f"its directory {directory} is read-only, and SQLite writes its journal "
+            "and lock files beside the database"
+        )
+    return None
 
 
 class Database:
@@ -100,10 +170,7 @@ class Database:
     @property
     def sqlite_file(self) -> Path | None:
         """The SQLite database's file, or None (a server database, or SQLite in memory)."""
-        database = self.engine.url.database if self.dialect == "sqlite" else None
-        if not database or database == ":memory:" or database.startswith("file:"):
-            return None
-        return Path(database)
+        return sqlite_path(self.url)
 
     def check_connection(self) -> None:
         """Connect once; an SQLite file is first checked to be this project's (`check_owned`)."""
@@ -146,7 +213,7 @@ class Database:
                     else None
                 )
         except sqlite3.Error as error:
-            raise DatabaseError(f"cannot read database {where}: {error}") from None
+            raise database_failure(self.url, error, "cannot read") from None
         tables = {name for name in tables if not name.startswith("sqlite_")}
         if not tables:
             return
@@ -229,6 +296,11 @@ class Database:
         try:
             handle = open(f"{path}.migrate.lock", "w")  # noqa: SIM115 - held across the yield
         except OSError as error:
+            if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                place = (
+                    _read_only_place(path) or f"cannot create {error.filename}: {error.strerror}"
+                )
+                raise _unwritable(self.url, place) from None
             raise DatabaseError(
                 f"cannot use database {redact_url(self.url)}: cannot create its lock file "
                 f"beside it: {error.strerror}"
