@@ -366,14 +366,22 @@ def _count(session: Session, rows: sa.Subquery) -> int:
 
 
 def queue_progress(db: Database, filters: QueueFilter) -> Progress:
-    """The pending items of `filters` (whatever its state) and today's decisions (UTC day)."""
-    pending = replace(filters, state="pending", audit=False, after=None, offset=0)
+    """What the curator of `filters` still has to do, and today's decisions (UTC day).
+
+    In the queue: its pending items, whatever state the page shows, and every decision
+    made today. In the audit sample: the labels not yet audited, as the page's total
+    counts them, and today's audit decisions; the whole queue's pending items are not
+    what an auditor works through.
+    """
+    todo = replace(filters, after=None, offset=0)
+    if not filters.audit:
+        todo = replace(todo, state="pending")
     with db.transaction() as session:
-        models = check_filter(session, pending)
-        keys = _keys(pending, models)
-        count, capped = _total(session, pending, models, keys) if keys else (0, False)
+        models = check_filter(session, todo)
+        keys = _keys(todo, models)
+        count, capped = _total(session, todo, models, keys) if keys else (0, False)
         today = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
-        standing_now = latest_decisions()
+        standing_now = latest_decisions(audit_only=filters.audit)
         decided = session.execute(
             sa.select(sa.func.count())
             .select_from(standing_now)
