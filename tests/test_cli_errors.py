@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from enrichment.cli import cli
 from enrichment.cli.base import Commands
 from enrichment.errors import InvalidValue
 from enrichment.store.runs import UnfinishedRun
@@ -215,3 +216,15 @@ def test_help_describes_every_command() -> None:
         assert command in top.stdout
         sub = enrich(command, "--help", env={})
         assert sub.returncode == 0 and "Usage:" in sub.stdout
+
+
+def test_report_names_its_run_with_run_as_the_other_commands_do(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"}
+    out = str(tmp_path / "report")
+    for run in (["--run", "7"], ["7"]):
+        result = CliRunner().invoke(cli, ["report", *run, "--out", out], env=env)
+        assert result.exit_code == 1
+        assert result.output == "Error: run 7 does not exist\n"
+    both = CliRunner().invoke(cli, ["report", "--run", "7", "8", "--out", out], env=env)
+    assert both.exit_code == 2
+    assert "two runs given: --run 7 and 8" in both.output

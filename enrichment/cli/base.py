@@ -181,6 +181,33 @@ def cli(ctx: click.Context) -> None:
     ctx.obj = bootstrap.read_settings()
 
 
+def run_option(required: bool):
+    """The run as `--run N`, as every command names it; `RUN` alone, the older form, works too."""
+
+    def apply(command):
+        command = click.option(
+            "--run",
+            "run_id",
+            type=RUN_ID,
+            help="The run"
+            + ("" if required else " (default: the latest)")
+            + "; RUN alone works too.",
+        )(command)
+        return click.argument("run_alias", metavar="[RUN]", type=RUN_ID, required=False)(command)
+
+    return apply
+
+
+def chosen_run(run_id: int | None, run_alias: int | None, required: bool) -> int | None:
+    """The run named by `--run N` or by the old positional form, which must agree."""
+    if run_id is not None and run_alias is not None and run_id != run_alias:
+        raise click.UsageError(f"two runs given: --run {run_id} and {run_alias}")
+    chosen = run_id if run_id is not None else run_alias
+    if chosen is None and required:
+        raise click.UsageError("Missing option '--run'.")
+    return chosen
+
+
 model_dir_option = click.option(
     "--model-dir",
     type=click.Path(path_type=Path),

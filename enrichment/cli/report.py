@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from enrichment.cli.base import RUN_ID, emit_json, model_dir_option, open_db, settings
+from enrichment.cli.base import (
+    chosen_run,
+    emit_json,
+    model_dir_option,
+    open_db,
+    run_option,
+    settings,
+)
 
 
 @click.command()
@@ -83,7 +90,7 @@ def explain(
 
 
 @click.command()
-@click.argument("run_id", type=RUN_ID, required=False)
+@run_option(required=False)
 @click.option(
     "--out",
     "out_dir",
@@ -98,7 +105,7 @@ def explain(
     show_default=True,
     help="Gallery size: this many of the most and of the least confident labels per class.",
 )
-def report(run_id: int | None, out_dir: Path, per_class: int) -> None:
+def report(run_id: int | None, run_alias: int | None, out_dir: Path, per_class: int) -> None:
     """Write a self-contained HTML report of a run (default: the latest) from its stored results.
 
     Summary, labels per class, confidence histograms with the thresholds,
@@ -107,5 +114,6 @@ def report(run_id: int | None, out_dir: Path, per_class: int) -> None:
     """
     from enrichment.report.report import write_report
 
-    path = write_report(open_db(), run_id, out_dir, settings(), per_class)
+    chosen = chosen_run(run_id, run_alias, required=False)
+    path = write_report(open_db(), chosen, out_dir, settings(), per_class)
     click.echo(str(path))

@@ -12,6 +12,7 @@ from enrichment import bootstrap
 from enrichment.cli.base import (
     RUN_ID,
     batch_size_option,
+    chosen_run,
     emit_json,
     image_source_option,
     inference_batch_option,
@@ -19,6 +20,7 @@ from enrichment.cli.base import (
     open_db,
     progress_option,
     reusability_option,
+    run_option,
     settings,
 )
 from enrichment.errors import EnrichError
@@ -146,33 +148,6 @@ def run(
         on_start=announce,
     )
     report_run(db, started.run_id, as_json)
-
-
-def run_option(required: bool):
-    """The run as `--run N`, like `results` and `export`; `RUN` alone still works."""
-
-    def apply(command):
-        command = click.option(
-            "--run",
-            "run_id",
-            type=RUN_ID,
-            help="The run"
-            + ("" if required else " (default: the latest)")
-            + "; RUN alone works too.",
-        )(command)
-        return click.argument("run_alias", metavar="[RUN]", type=RUN_ID, required=False)(command)
-
-    return apply
-
-
-def chosen_run(run_id: int | None, run_alias: int | None, required: bool) -> int | None:
-    """The run named by `--run N` or by the old positional form, which must agree."""
-    if run_id is not None and run_alias is not None and run_id != run_alias:
-        raise click.UsageError(f"two runs given: --run {run_id} and {run_alias}")
-    chosen = run_id if run_id is not None else run_alias
-    if chosen is None and required:
-        raise click.UsageError("Missing option '--run'.")
-    return chosen
 
 
 @click.command()
