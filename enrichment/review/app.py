@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Flask, render_template, request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -19,11 +20,11 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from enrichment.config import Settings
 from enrichment.errors import InvalidValue
 from enrichment.review.api import api
-from enrichment.review.context import EXTENSION, ReviewContext
+from enrichment.review.context import EXTENSION, ReviewContext, review_context
 from enrichment.review.guard import Guard, api_error
 from enrichment.review.images import ImageCache
 from enrichment.review.pages import pages
-from enrichment.review.params import QUERY_PARAMETERS, ReviewError
+from enrichment.review.params import QUERY_PARAMETERS, ReviewError, page_query, usable_query
 from enrichment.store.database import Database
 
 
@@ -62,9 +63,27 @@ def create_app(
 
 
 def refused(error: ReviewError | InvalidValue) -> Any:
-    """A request the app cannot serve as asked: 400, with the message (and the parameter)."""
+    """A request the app cannot serve as asked: 400, with the message (and the parameter).
+
+    A page names the parameter that was wrong and links back to the queue (or the stats)
+    with the curator's other filters kept, so that one typo does not cost them all.
+    """
+    field = (
+        QUERY_PARAMETERS.get(error.field, error.field) if isinstance(error, InvalidValue) else None
+    )
     if request.path.startswith("/api/"):
-        if isinstance(error, InvalidValue):
-            return api_error(400, str(error), field=QUERY_PARAMETERS.get(error.field, error.field))
-        return api_error(400, str(error))
-    return render_template("error.html", message=str(error)), 400
+        return api_error(400, str(error), **({"field": field} if field else {}))
+    page = request.path if request.path in ("/queue", "/stats") else "/queue"
+    own = page == request.path
+    kept = usable_query(review_context().db, request.args) if own else []
+    left_out = [pair for pair in page_query(request.args) if pair not in kept] if own else []
+    return render_template(
+        "error.html",
+        message=str(error),
+        field=field if field in request.args else None,  # as the request named it, if it did
+        back=f"{page}?{urlencode(kept)}" if kept else page,
+        kept=kept,
+        left_out=left_out,
+        page=page,
+        own=own,
+    ), 400

@@ -10,9 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from werkzeug.datastructures import MultiDict
+
 from enrichment.errors import EnrichError, InvalidValue
+from enrichment.store.database import Database
 from enrichment.store.decisions import NewDecision
 from enrichment.store.review_queue import MAX_LIMIT, Cursor, QueueFilter
+from enrichment.store.review_types import check_filter
 
 # A QueueFilter field -> the query parameter that sets it, where the two differ.
 QUERY_PARAMETERS = {"classes": "label", "datasets": "dataset", "run_id": "run"}
@@ -150,3 +154,24 @@ def page_query(args: Any, **changes: str | None) -> list[tuple[str, str]]:
         if value
     ]
     return pairs + [(name, value) for name, value in changes.items() if value is not None]
+
+
+def usable_query(db: Database, args: Any) -> list[tuple[str, str]]:
+    """The queue parameters of a refused request that a page can serve: each one refused
+    is left out in turn (of the classes, only those no model has), so that the error
+    page's way back keeps every filter the curator set that was right."""
+    pairs = page_query(args)
+    with db.transaction() as session:
+        known = {
+            key for model in check_filter(session, QueueFilter()).values() for key in model.keys
+        }
+        pairs = [(name, value) for name, value in pairs if name != "label" or value in known]
+        for _ in QUEUE_PARAMETERS:
+            try:
+                check_filter(session, queue_filter(MultiDict(pairs), 1))
+            except InvalidValue as error:
+                wrong = QUERY_PARAMETERS.get(error.field, error.field)
+                pairs = [(name, value) for name, value in pairs if name != wrong]
+            else:
+                return pairs
+    return []

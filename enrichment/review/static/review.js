@@ -397,5 +397,9 @@
     if (article) record(article);
     const section = document.getElementById("recent");
     if (section) recent(section);
+    // An error page met away from the queue (a record) leads back to the queue it came from.
+    const wayBack = document.getElementById("way-back");
+    const remembered = sessionStorage.getItem(QUEUE_KEY);
+    if (wayBack && wayBack.dataset.remembered && remembered) wayBack.href = remembered;
   });
 })();
