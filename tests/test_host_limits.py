@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -11,8 +14,9 @@ import pytest
 
 from enrichment.config import DEFAULT_HOST_LIMITS, Settings
 from enrichment.errors import ConfigError
+from enrichment.media import hosts
 from enrichment.media.fetch import Fetcher
-from enrichment.media.hosts import HostPacer
+from enrichment.media.hosts import DOWN_AFTER, DOWN_FOR, OK, SILENT, HostDown, HostPacer
 from tests.conftest import image_bytes
 from tests.services import ImageHost
 from tests.test_host_turns import held
@@ -232,3 +236,84 @@ def test_cli_refuses_a_bad_allow_list_at_start_up(tmp_path) -> None:
     assert result.stderr.strip().splitlines() == [
         next(line for line in result.stderr.splitlines() if "127.0.0.1/33" in line)
     ]
+
+
+@pytest.fixture
+def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
+    """A server that takes every connection and never answers: a hung museum server."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    taken: list[socket.socket] = []
+
+    def take() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                taken.append(listener.accept()[0])
+
+    threading.Thread(target=take, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    listener.close()
+    for connection in taken:
+        connection.close()
+
+
+def test_a_host_that_answers_nothing_is_not_asked_again_for_a_while(
+    silent_host: tuple[str, list[socket.socket]],
+) -> None:
+    """Halving alone took a silent host to one download at a time, each waiting out its whole
+    deadline (32 images: 28 s at a 1 s deadline; a dataset of thousands: a day). After
+    `DOWN_AFTER` silent tries the rest end at once, and the host is asked no more."""
+    base, taken = silent_host
+    settings = dataclasses.replace(BASE, fetch_timeout=0.5)
+    fetcher, reasons = fetch_all(settings, [f"{base}/hung/{n}.jpg" for n in range(40)])
+    assert set(reasons) == {"timeout", "host_unreachable"}
+    assert reasons.count("timeout") == DOWN_AFTER
+    assert len(taken) == DOWN_AFTER, "no request went to the host once it was found down"
+    [outage] = fetcher.pacer.outages.values()
+    assert outage.until > time.monotonic() and outage.length == DOWN_FOR
+
+
+def test_a_host_whose_port_is_closed_is_given_up_after_a_few_tries(host: ImageHost) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    fetcher = Fetcher(BASE)
+    try:
+        refused = [fetcher.fetch(f"http://127.0.0.1:{port}/gone/{n}.jpg") for n in range(6)]
+        results = [fetcher.fetch(host.add(f"/other/{n}.png", PICTURE)) for n in range(3)]
+    finally:
+        fetcher.close()
+    # Each download tries four times: the first two, eight refusals in all.
+    assert [r.error_reason for r in refused] == ["connection_error"] * 2 + ["host_unreachable"] * 4
+    assert "the next run tries it again" in (refused[-1].error_message or "")
+    assert [r.error_reason for r in results] == [None] * 3, "the same address, another port"
+
+
+def test_a_host_that_answers_errors_is_never_down(host: ImageHost) -> None:
+    urls = [host.add(f"/broken/{n}.png", b"oops", "text/plain", status=500) for n in range(24)]
+    settings = dataclasses.replace(BASE, fetch_timeout=0.5)
+    _, reasons = fetch_all(settings, urls)
+    assert reasons == ["http_500"] * 24
+
+
+def test_a_down_host_is_probed_when_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Silence again after the wait doubles it; any answer ends the state."""
+    monkeypatch.setattr(hosts, "DOWN_FOR", 0.2)
+    pacer = HostPacer(start=4, ceiling=4, overrides=(), total=10, max_pause=1)
+
+    async def tries(signal: str, n: int) -> None:
+        for _ in range(n):
+            async with held(pacer, "h") as slot:
+                slot.report(signal, time.monotonic(), None if signal == SILENT else 0.01, None)
+
+    asyncio.run(tries(SILENT, DOWN_AFTER))
+    outage = pacer.outages["h"]
+    assert outage.length == 0.2
+    with pytest.raises(HostDown, match="none of the last 8 requests"):
+        asyncio.run(tries(OK, 1))
+    time.sleep(0.25)
+    asyncio.run(tries(SILENT, 1))  # the probe, unanswered
+    assert outage.length == 0.4 and outage.until > time.monotonic()
+    time.sleep(0.45)
+    asyncio.run(tries(OK, 1))  # the probe, answered
+    assert outage.length == 0 and outage.unanswered == 0
+    asyncio.run(tries(SILENT, DOWN_AFTER - 1))
+    assert outage.until < time.monotonic(), "it takes DOWN_AFTER silent tries again"

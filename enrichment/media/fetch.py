@@ -18,7 +18,8 @@ Image URLs come from other people's metadata, so:
   off does it the same way each time);
 - per-host concurrency adapts to each host (`enrichment.media.hosts`): a small
   start for an unknown host, an operator's limit where one is set, halved on
-  429/503 (once per round); every request, a redirect's too, waits for the turn
+  429/503 (once per round), none at all for a while to a host that answers
+  nothing (`host_unreachable`); every request, a redirect's too, waits for the turn
   of the host it goes to; keep-alive connections are shared by every download
   from a host, about as many open as its limit lets downloads run at once.
 
@@ -36,7 +37,7 @@ that fetches (`submit`).
 `Fetcher.fetch` never raises: every failure is a `FetchResult` with a short
 machine-readable reason (http_404, timeout, too_large, blocked_address,
 bad_scheme, bad_url, dns_error, tls_error, too_many_redirects, truncated,
-connection_error, fetch_error) and a human message.
+connection_error, host_unreachable, fetch_error) and a human message.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
 import ssl
 import threading
 import time
@@ -66,15 +66,23 @@ from enrichment.config import Settings
 from enrichment.media.cpus import usable_cpus
 from enrichment.media.guard import (
     AddressPolicy,
-    BlockedAddress,
     GuardedResolver,
     is_public,
     refused_literal,
 )
 from enrichment.media.handlers import Handlers
-from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostPacer, PacerClosed, Slot
+from enrichment.media.hosts import BUSY, NEUTRAL, OK, SILENT, HostDown, HostPacer, PacerClosed, Slot
+from enrichment.media.results import FetchResult, classify, short, timed_out
 
-__all__ = ["MAX_RETRIES", "RETRYABLE", "AddressPolicy", "FetchResult", "Fetcher", "is_public"]
+__all__ = [
+    "MAX_RETRIES",
+    "PASSING",
+    "RETRYABLE",
+    "AddressPolicy",
+    "FetchResult",
+    "Fetcher",
+    "is_public",
+]
 
 T = TypeVar("T")
 
@@ -86,23 +94,12 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE = frozenset(
     {"timeout", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"}
 )
-# What an attempt's failure says about its host's load (see enrichment.media.hosts).
+# Failures that may pass on a later try: a harvest or the next run tries them again.
+PASSING = RETRYABLE | {"host_unreachable"}
+# What an attempt's failure says about its host's load (see enrichment.media.hosts), and
+# which failures, before any answer came, say the host may be down.
 BUSY_REASONS = frozenset({"http_429", "http_503", "timeout", "connection_error"})
-
-
-@dataclass(frozen=True)
-class FetchResult:
-    """The bytes of one image, or why there are none."""
-
-    url: str
-    content: bytes | None = None
-    sha256: str | None = None
-    error_reason: str | None = None
-    error_message: str | None = None
-
-    @classmethod
-    def failed(cls, url: str, reason: str, message: str) -> FetchResult:
-        return cls(url=url, error_reason=reason, error_message=message)
+SILENT_REASONS = frozenset({"timeout", "connection_error"})
 
 
 @dataclass(frozen=True)
@@ -140,12 +137,13 @@ class _Turn:
     pacer: HostPacer
     slot: Slot | None = None
 
-    async def at(self, host: str) -> Slot:
-        """The slot at `host`, waiting for its turn unless it is the one held."""
-        if self.slot is not None and self.slot.host == host:
+    async def at(self, target: URL) -> Slot:
+        """The slot at `target`'s host, waiting for its turn unless it is the one held."""
+        host, origin = _host_key(target), _origin(target)
+        if self.slot is not None and self.slot.origin == origin:
             return self.slot
         self.leave()
-        self.slot = await self.pacer.acquire(host)
+        self.slot = await self.pacer.acquire(host, origin)
         return self.slot
 
     def leave(self) -> None:
@@ -299,7 +297,7 @@ class Fetcher:
         if task.cancelled():
             fetched.set_result(FetchResult.failed(url, "fetch_error", "the download was cancelled"))
         elif (error := task.exception()) is not None:
-            message = f"{type(error).__name__}: {_short(error)}"
+            message = f"{type(error).__name__}: {short(error)}"
             fetched.set_result(FetchResult.failed(url, "fetch_error", message))
         else:
             fetched.set_result(task.result())
@@ -344,10 +342,12 @@ class Fetcher:
             return target
         turn = _Turn(self.pacer)
         try:
-            await turn.at(_host_key(target))  # the deadline starts once this turn has come
+            await turn.at(target)  # the deadline starts once this turn has come
             return await self._attempts(url, target, turn)
         except PacerClosed as closed:
             return FetchResult.failed(url, "fetch_error", str(closed))
+        except HostDown as down:
+            return FetchResult.failed(url, "host_unreachable", str(down))
         finally:
             turn.leave()
 
@@ -376,7 +376,8 @@ class Fetcher:
                     slot.report(NEUTRAL, sent, None, None)
                 return host_said
             elif slot is not None:
-                signal = BUSY if reason in BUSY_REASONS else NEUTRAL
+                silent = reason in SILENT_REASONS and tried.answered is None
+                signal = SILENT if silent else BUSY if reason in BUSY_REASONS else NEUTRAL
                 slot.report(signal, sent, None, tried.retry_after)
             if reason not in RETRYABLE or attempt == MAX_RETRIES:
                 break
@@ -396,9 +397,9 @@ class Fetcher:
                 result, retry_after = await self._follow(url, target, end, turn, hops)
         except Exception as error:  # every failure is a result; classified below
             if budget.expired():
-                timed_out = _timed_out(url, self.settings.fetch_timeout)
-                return _Attempt(timed_out, cut_by_deadline=True, sent=hops.sent)
-            return _Attempt(_classify(url, error, hops.url), sent=hops.sent)
+                late = timed_out(url, self.settings.fetch_timeout)
+                return _Attempt(late, None, hops.answered, cut_by_deadline=True, sent=hops.sent)
+            return _Attempt(classify(url, error, hops.url), None, hops.answered, sent=hops.sent)
         return _Attempt(result, retry_after, hops.answered, sent=hops.sent)
 
     async def _follow(
@@ -414,7 +415,7 @@ class Fetcher:
         settings = self.settings
         url = original
         for _ in range(MAX_REDIRECTS + 1):
-            slot = await turn.at(_host_key(target))
+            slot = await turn.at(target)
             remaining = end - self._loop.time()
             timeout = aiohttp.ClientTimeout(
                 total=None,
@@ -434,7 +435,7 @@ class Fetcher:
                     hop = _hop(original, url, self.policy)
                     if isinstance(hop, FetchResult):
                         return hop, None
-                    if _host_key(hop) != slot.host:  # leaving this host: its answer counts
+                    if _origin(hop) != slot.origin:  # leaving this origin: its answer counts
                         slot.report(OK, asked_at, answered - asked_at, None)
                     target = hop
                     continue
@@ -515,41 +516,18 @@ def _hop(url: str, hop: str, policy: AddressPolicy) -> URL | FetchResult:
             encoded=True,
         )
     except (ValueError, UnicodeError) as error:
-        return FetchResult.failed(url, "bad_url", f"unparseable URL: {_short(error)}")
+        return FetchResult.failed(url, "bad_url", f"unparseable URL: {short(error)}")
+
+
+def _origin(target: URL) -> str:
+    """What a request goes to, "host:port": the unit a host's outage is kept for."""
+    return f"{_host_key(target)}:{target.port}"
 
 
 def _host_key(target: URL) -> str:
     """The host as aiohttp will reach it (after IDNA mapping), so that one host in several
     spellings still has one limit."""
     return (target.raw_host or "").lower().rstrip(".")
-
-
-def _timed_out(url: str, seconds: float) -> FetchResult:
-    return FetchResult.failed(url, "timeout", f"the image took longer than {seconds:g} s to fetch")
-
-
-def _classify(url: str, error: Exception, asked: str) -> FetchResult:
-    """The reason for one failed try (not cut by the deadline), from what aiohttp raised
-    asking `asked` (`url` or a redirect's target)."""
-    blocked = _caused_by(error, BlockedAddress)
-    if blocked is not None:
-        return FetchResult.failed(url, "blocked_address", str(blocked))
-    if _caused_by(error, socket.gaierror) is not None:
-        return FetchResult.failed(url, "dns_error", f"cannot resolve {urlsplit(asked).hostname}")
-    if isinstance(error, aiohttp.ClientSSLError) or _caused_by(error, ssl.SSLError) is not None:
-        return FetchResult.failed(url, "tls_error", _short(error))
-    if isinstance(error, TimeoutError):  # a connect or read timeout, not the deadline
-        return FetchResult.failed(url, "timeout", "the image server did not answer in time")
-    if isinstance(error, aiohttp.ClientPayloadError):
-        return FetchResult.failed(
-            url, "truncated", "the image server sent less than the Content-Length it announced"
-        )
-    if isinstance(error, ValueError):  # aiohttp's and yarl's unparseable URLs, IDNA's
-        return FetchResult.failed(url, "bad_url", _short(error))
-    # Refused, reset, cut-off and garbled answers; whatever else aiohttp raised.
-    if isinstance(error, OSError | aiohttp.ClientError):
-        return FetchResult.failed(url, "connection_error", _short(error))
-    return FetchResult.failed(url, "fetch_error", f"{type(error).__name__}: {_short(error)}")
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -565,32 +543,3 @@ def _retry_after(value: str | None) -> float | None:
 def _backoff(attempt: int) -> float:
     """Exponential backoff with jitter, so that retries of many downloads spread out."""
     return BACKOFF_SECONDS * 2**attempt * random.uniform(0.5, 1.0)
-
-
-def _caused_by(error: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first `kind` in the chain of causes, contexts and arguments."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, kind):
-            return current
-        stack.extend(
-            [
-                current.__cause__,
-                current.__context__,
-                *[a for a in current.args if isinstance(a, BaseException)],
-            ]
-        )
-        os_error = getattr(current, "os_error", None)  # aiohttp's connector errors
-        if isinstance(os_error, BaseException):
-            stack.append(os_error)
-    return None
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).splitlines()
-    return lines[0][:300] if lines else type(error).__name__

@@ -19,6 +19,16 @@ control:
   flight halves the limit once instead of taking it to 1. A Retry-After (capped)
   also pauses new requests to that host; then the limit grows back by one per
   window of good answers.
+- a host (on one port: an origin) that answers nothing at all (`DOWN_AFTER` tries
+  in a row time out or are refused, with no answer of any kind between them) is
+  *down*: for `DOWN_FOR` seconds, doubled each time it is found down again (at
+  most `DOWN_FOR_MAX`), no request goes to it, and the downloads waiting for its
+  turn or coming to it end at once as `host_unreachable` (`HostDown`), which the
+  next run retries. Without this, the halving would take a dead museum server to
+  one download at a time, each waiting out its whole deadline: a day for a
+  dataset of a few thousand images. When the time is up, the next download is
+  let through as a probe: an answer of any kind ends the state; silence starts
+  it again, for twice as long.
 
 Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
 burst never raises a limit on the strength of a few lucky timings.
@@ -44,11 +54,16 @@ from collections import deque
 from dataclasses import dataclass, field
 
 MIN_WINDOW = 16
+DOWN_AFTER = 8
+DOWN_FOR = 60.0
+DOWN_FOR_MAX = 900.0
 # Answers within this many seconds of the best count as no slower: sub-millisecond
 # local answers and a busy client's own scheduling jitter by that much.
 SLOWER_SLACK = 0.05
-# Signals: what a finished attempt tells the limiter about the host.
-OK, BUSY, NEUTRAL = "ok", "busy", "neutral"
+# Signals: what a finished attempt tells the limiter about the host. SILENT: no answer at
+# all (a timeout before any headers, a refused or reset connection); BUSY: it answered
+# 429 or 503, or timed out in the body.
+OK, BUSY, NEUTRAL, SILENT = "ok", "busy", "neutral", "silent"
 
 
 @dataclass
@@ -76,7 +91,7 @@ class HostLimit:
     ) -> None:
         """Adjust the limit after one attempt that began at `began` (time.monotonic)."""
         now = time.monotonic()
-        if signal == BUSY:
+        if signal in (BUSY, SILENT):
             if began > self.cut_at:
                 self.limit = max(1, self.limit // 2)
                 self.threshold = self.limit
@@ -104,8 +119,44 @@ class HostLimit:
             self.limit = min(self.ceiling, grown)
 
 
+@dataclass
+class Outage:
+    """Whether one origin (a host and port) answers at all; see the module's docstring.
+
+    Kept per origin, not per host: a museum's image server on one port may be down while
+    its web server on another answers."""
+
+    unanswered: int = 0  # tries in a row that got no answer at all (SILENT)
+    until: float = 0.0  # no request goes to the origin before then (time.monotonic)
+    length: float = 0.0  # how long it was last held down; 0 once it answers
+
+    def record(self, signal: str) -> bool:
+        """Count one try's signal; True when it finds the origin down."""
+        if signal != SILENT:
+            self.unanswered, self.length = 0, 0.0
+            return False
+        self.unanswered += 1
+        now = time.monotonic()
+        if self.unanswered < DOWN_AFTER or self.until > now:
+            return False
+        self.length = min(DOWN_FOR_MAX, 2 * self.length or DOWN_FOR)
+        self.until = now + self.length
+        return True
+
+
 class PacerClosed(RuntimeError):
     """The fetcher closed while a download still waited for its host's turn."""
+
+
+class HostDown(RuntimeError):
+    """The download's host is down (see the module's docstring): it is not asked."""
+
+    def __init__(self, outage: Outage) -> None:
+        super().__init__(
+            f"its host answered none of the last {outage.unanswered} requests (timeouts,"
+            f" refused connections) and is not asked again for {outage.length:g} s;"
+            " the next run tries it again"
+        )
 
 
 class HostPacer:
@@ -132,6 +183,7 @@ class HostPacer:
         self.total_most = 0
         self.max_pause = max_pause
         self.hosts: dict[str, HostLimit] = {}
+        self.outages: dict[str, Outage] = {}  # by origin, "host:port"
         self.closed = False
         # Downloads whose host has room but the total has none (hosts without their own limit).
         self._total_turn: deque[asyncio.Future[bool]] = deque()
@@ -166,20 +218,24 @@ class HostPacer:
             self.hosts[host] = found
         return found
 
-    async def acquire(self, host: str) -> Slot:
+    async def acquire(self, host: str, origin: str | None = None) -> Slot:
         """Wait for a slot at `host` (and in the total, where it counts); the caller releases it.
+        `origin` ("host:port", default `host`) is what the request goes to: `HostDown` where
+        that is down.
 
         Nothing awaits between the turn and the slot's return, so a cancellation
         reaches the caller only once it holds the slot and can release it.
         """
         limit = self.host(host)
-        await self._wait_for_turn(limit)
+        origin = origin or host
+        outage = self.outages.setdefault(origin, Outage())
+        await self._wait_for_turn(limit, outage)
         limit.in_use += 1
         limit.most = max(limit.most, limit.in_use)
         if not limit.fixed:
             self.total_in_use += 1
             self.total_most = max(self.total_most, self.total_in_use)
-        return Slot(self, limit, host)
+        return Slot(self, limit, host, origin, outage)
 
     def _release(self, limit: HostLimit) -> None:
         limit.in_use -= 1
@@ -188,7 +244,7 @@ class HostPacer:
             self.total_in_use -= 1
             _wake(self._total_turn)
 
-    async def _wait_for_turn(self, limit: HostLimit) -> None:
+    async def _wait_for_turn(self, limit: HostLimit, outage: Outage) -> None:
         """Until `limit`'s host has room, is not paused, and the total has room where it counts.
 
         A waiter is woken for one freed slot (its host's or the total's). If it
@@ -200,6 +256,10 @@ class HostPacer:
             if self.closed:
                 raise PacerClosed("the fetcher closed before this download's turn")
             now = time.monotonic()
+            if outage.until > now:
+                if woken_by is not None:
+                    _wake(woken_by)  # another download may use the turn
+                raise HostDown(outage)
             timeout: float | None = None
             if limit.paused_until > now:
                 queue, timeout = limit.turn, limit.paused_until - now
@@ -274,6 +334,8 @@ class Slot:
     pacer: HostPacer
     limit: HostLimit
     host: str
+    origin: str
+    outage: Outage
     released: bool = False
 
     def report(
@@ -281,6 +343,8 @@ class Slot:
     ) -> None:
         """How the attempt sent at `began` (time.monotonic) went."""
         self.pacer.record(self.limit, signal, began, latency, retry_after)
+        if self.outage.record(signal):  # found down: the downloads waiting for it end now
+            _wake(self.limit.turn, len(self.limit.turn))
 
     def release(self) -> None:
         """Give the place back (once; again is a no-op) and wake the next download for it."""

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from enrichment.errors import InvalidValue
 from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb, open_image
-from enrichment.media.fetch import RETRYABLE, Fetcher
+from enrichment.media.fetch import PASSING, Fetcher
 from enrichment.sources.harvest import reusability_of
 
 STATE_DIR = ".harvest"
@@ -206,7 +206,7 @@ def still_needed(download: Download | None, root: Path) -> bool:
         return True
     if download.usable:
         return not (root / str(download.image)).is_file()
-    return download.reason in RETRYABLE
+    return download.reason in PASSING
 
 
 def download_images(
