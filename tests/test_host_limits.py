@@ -317,3 +317,29 @@ def test_a_down_host_is_probed_when_its_time_is_up(monkeypatch: pytest.MonkeyPat
     assert outage.length == 0 and outage.unanswered == 0
     asyncio.run(tries(SILENT, DOWN_AFTER - 1))
     assert outage.until < time.monotonic(), "it takes DOWN_AFTER silent tries again"
+
+
+def test_a_redirect_to_another_port_of_the_host_keeps_its_turn_unless_that_port_is_down(
+    host: ImageHost,
+) -> None:
+    """http -> https on one host keeps the download's place (the host's limit is one);
+    a redirect to a port of the host that answers nothing ends as `host_unreachable`."""
+    second = ImageHost()  # the same address, another port: another origin
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    settings = dataclasses.replace(BASE, fetch_host_limits=(("127.0.0.1", 1),))
+    fetcher = Fetcher(settings)
+    try:
+        moved = redirected(host, second, "moved", 3, delay=0.0)
+        assert [fetcher.fetch(url).error_reason for url in moved] == [None] * 3
+        for n in range(2):  # four refused tries each: the closed port is found down
+            assert fetcher.fetch(f"{gone}/direct/{n}.jpg").error_reason == "connection_error"
+        to_gone = host.add("/to-gone", b"", "text/plain", status=302, location=f"{gone}/a.jpg")
+        result = fetcher.fetch(to_gone)
+        again = fetcher.fetch(redirected(host, second, "again", 1, delay=0.0)[0])
+    finally:
+        fetcher.close()
+        second.close()
+    assert result.error_reason == "host_unreachable", result
+    assert again.error_reason is None, "the host's other ports are not down"
+    assert fetcher.pacer.hosts["127.0.0.1"].most == 1

@@ -140,7 +140,8 @@ class _Turn:
     async def at(self, target: URL) -> Slot:
         """The slot at `target`'s host, waiting for its turn unless it is the one held."""
         host, origin = _host_key(target), _origin(target)
-        if self.slot is not None and self.slot.origin == origin:
+        if self.slot is not None and self.slot.host == host:
+            self.slot.move_to(origin)  # http -> https on one host keeps its turn
             return self.slot
         self.leave()
         self.slot = await self.pacer.acquire(host, origin)
@@ -435,8 +436,10 @@ class Fetcher:
                     hop = _hop(original, url, self.policy)
                     if isinstance(hop, FetchResult):
                         return hop, None
-                    if _origin(hop) != slot.origin:  # leaving this origin: its answer counts
+                    if _host_key(hop) != slot.host:  # leaving this host: its answer counts
                         slot.report(OK, asked_at, answered - asked_at, None)
+                    else:  # the host's limit judges the last answer; this origin did answer
+                        slot.outage.record(OK)
                     target = hop
                     continue
                 if response.status != 200:

@@ -346,6 +346,16 @@ class Slot:
         if self.outage.record(signal):  # found down: the downloads waiting for it end now
             _wake(self.limit.turn, len(self.limit.turn))
 
+    def move_to(self, origin: str) -> None:
+        """The download's next request goes to another origin of this host (a redirect from
+        http to https): it keeps its place, unless that origin is down (`HostDown`)."""
+        if origin == self.origin:
+            return
+        outage = self.pacer.outages.setdefault(origin, Outage())
+        if outage.until > time.monotonic():
+            raise HostDown(outage)
+        self.origin, self.outage = origin, outage
+
     def release(self) -> None:
         """Give the place back (once; again is a no-op) and wake the next download for it."""
         if not self.released:
