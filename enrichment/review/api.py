@@ -17,12 +17,14 @@ from enrichment.review.params import (
     decisions_from_json,
     ids_from_json,
     queue_filter,
+    record_ids_from_args,
     reviewer_from_json,
 )
 from enrichment.review.stats import class_stats
 from enrichment.store.decisions import (
     recent_decisions,
     record_decisions,
+    standing_on,
     take_back_decisions,
 )
 from enrichment.store.review_queue import MAX_LIMIT, queue_page, queue_progress, record_view
@@ -70,6 +72,14 @@ def record() -> Any:
 def decisions() -> Any:
     made = decisions_from_json(json_body())
     return jsonify(ids=record_decisions(review_context().db, made)), 201
+
+
+@api.get("/decisions")
+def decided() -> Any:
+    """The decisions that stand now on some records' classes: a page that was away (another
+    tab, another curator) shows them again without losing its place."""
+    found = standing_on(review_context().db, record_ids_from_args(request.args))
+    return jsonify(decisions=[decision.as_json() for decision in found])
 
 
 @api.post("/undo")

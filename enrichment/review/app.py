@@ -26,6 +26,7 @@ from enrichment.review.images import ImageCache
 from enrichment.review.pages import pages
 from enrichment.review.params import QUERY_PARAMETERS, ReviewError, page_query, usable_query
 from enrichment.store.database import Database
+from enrichment.store.decisions import DecidedMeanwhile
 
 
 def create_app(
@@ -59,7 +60,20 @@ def create_app(
     app.register_blueprint(api)
     app.register_error_handler(ReviewError, refused)
     app.register_error_handler(InvalidValue, refused)
+    app.register_error_handler(DecidedMeanwhile, conflict)
     return app
+
+
+def conflict(error: DecidedMeanwhile) -> Any:
+    """Decisions made on a state that changed meanwhile: 409, with what stands now on each
+    item (`decision` null: pending again), so the page can show it before the curator
+    decides again."""
+    conflicts = [
+        {"record_id": record_id, "label_key": key, "decision": None}
+        | (standing.as_json() if standing else {})
+        for record_id, key, standing in error.conflicts
+    ]
+    return api_error(409, str(error), field="seen", conflicts=conflicts)
 
 
 def refused(error: ReviewError | InvalidValue) -> Any:

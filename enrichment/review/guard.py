@@ -59,7 +59,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def api_error(status: int, message: str, **extra: str) -> Response:
+def api_error(status: int, message: str, **extra: object) -> Response:
     """A JSON error answer: {"error": message, ...}."""
     response = jsonify(error=message, **extra)
     response.status_code = status

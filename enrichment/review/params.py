@@ -14,9 +14,10 @@ from werkzeug.datastructures import MultiDict
 
 from enrichment.errors import EnrichError, InvalidValue
 from enrichment.store.database import Database
-from enrichment.store.decisions import NewDecision
+from enrichment.store.decisions import PENDING, NewDecision
 from enrichment.store.review_queue import MAX_LIMIT, Cursor, QueueFilter
 from enrichment.store.review_types import check_filter
+from enrichment.store.reviews import Decision
 
 # A QueueFilter field -> the query parameter that sets it, where the two differ.
 QUERY_PARAMETERS = {"classes": "label", "datasets": "dataset", "run_id": "run"}
@@ -108,7 +109,10 @@ def decision_from_json(document: Any) -> NewDecision:
     audit = document.get("audit", False)
     if not isinstance(audit, bool):
         raise InvalidValue("audit", "audit is true or false")
-    return NewDecision(**fields, audit=audit)
+    seen = document.get("seen")
+    if seen is not None and seen not in (PENDING, *Decision):
+        raise InvalidValue("seen", f"seen is {PENDING} or a decision ({', '.join(Decision)})")
+    return NewDecision(**fields, audit=audit, seen=seen)
 
 
 def decisions_from_json(body: Any) -> list[NewDecision]:
@@ -129,6 +133,14 @@ def ids_from_json(body: Any) -> list[int]:
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids):
         raise InvalidValue("ids", "ids are the positive integers the decisions were given")
     return ids
+
+
+def record_ids_from_args(args: Any) -> list[str]:
+    """The records a page asks what stands on (`record`, repeated): 1 to MAX_LIMIT."""
+    record_ids = sorted({value for value in args.getlist("record") if value})
+    if not 1 <= len(record_ids) <= MAX_LIMIT:
+        raise InvalidValue("record", f"name 1 to {MAX_LIMIT} records: record=ID&record=ID")
+    return record_ids
 
 
 def reviewer_from_json(body: Any) -> str | None:

@@ -2,8 +2,12 @@
 
 `record_decisions` checks every decision against the model's classes, its
 results and its labels before storing any (accept is for a label the model
-gave, add for one it did not); `take_back_decisions` is a curator's undo, a
-row of its own; `recent_decisions` what a curator may still take back.
+gave, add for one it did not), and, where the decision says what the curator
+was shown (`seen`), against what stands now: a decision made meanwhile in
+another tab or by another curator is a conflict (`DecidedMeanwhile`), not
+silently overturned. `take_back_decisions` is a curator's undo, a row of its
+own; `recent_decisions` what a curator may still take back; `standing_on`
+what stands now on some records, for a page to show it.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from enrichment.errors import InvalidValue
+from enrichment.errors import EnrichError, InvalidValue
 from enrichment.store.database import Database
+from enrichment.store.locks import scope_key
 from enrichment.store.models import model_classes
 from enrichment.store.reviews import TAKE_BACK, Decision, Review, latest_decisions, standing
 from enrichment.store.schema import Label, Result
 
 LOOKUP_CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable limit
+# What a page shows of an item no decision stands on.
+PENDING = "pending"
+# Taken for each transaction that records decisions (PostgreSQL): the check of what stands
+# and the new rows are one step, so two tabs deciding one item at once cannot both pass it.
+DECISIONS_LOCK = scope_key({"lock": "review decisions"})
 
 
 def standing_decisions(db: Database, audit_only: bool = False) -> dict[tuple[str, str], str]:
@@ -42,6 +52,37 @@ class NewDecision:
     decision: str
     reviewer: str
     audit: bool = False
+    # What the curator was shown as standing on the item (`PENDING` or a decision); None
+    # (a script, an import) decides whatever stands.
+    seen: str | None = None
+
+
+@dataclass(frozen=True)
+class StandingDecision:
+    """The decision that counts on one class of a record: what, by whom, when."""
+
+    record_id: str
+    label_key: str
+    decision: str
+    reviewer: str
+    audit: bool
+    decided_at: datetime
+
+    def as_json(self) -> dict[str, object]:
+        document = asdict(self)
+        document["decided_at"] = self.decided_at.isoformat() + "Z"
+        return document
+
+
+class DecidedMeanwhile(EnrichError):
+    """Decisions sent on what the curator saw, which has changed since: nothing was stored,
+    and `conflicts` says what stands now on each (`decision` None: taken back to pending)."""
+
+    def __init__(self, conflicts: list[tuple[str, str, StandingDecision | None]]) -> None:
+        record_id, key, _ = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        super().__init__(f"{key} of {record_id}{more} was decided meanwhile: nothing was saved")
+        self.conflicts = conflicts
 
 
 def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int]:
@@ -50,9 +91,12 @@ def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int
     accept is for a label the model gave, add for one it did not (a missed
     label), reject for either: so an accept is a true positive, an add a
     false negative, and a reject a false positive or a confirmed negative.
-    One transaction: either every decision is stored, or none.
+    One transaction: either every decision is stored, or none; none either if any says
+    it was made on a state (`seen`) that no longer stands (`DecidedMeanwhile`).
     """
     with db.transaction() as session:
+        if db.dialect == "postgresql":
+            session.execute(sa.select(sa.func.pg_advisory_xact_lock(DECISIONS_LOCK)))
         models = model_classes(session)
         for decision in decisions:
             if decision.decision not in tuple(Decision):
@@ -100,9 +144,52 @@ def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int
                     audit=decision.audit,
                 )
             )
+        _check_seen(session, decisions)
         session.add_all(reviews)  # inserted in this order, so ids follow the decisions' order
         session.flush()
         return [review.id for review in reviews]
+
+
+def _check_seen(session: Session, decisions: Sequence[NewDecision]) -> None:
+    """Refuse the decisions if one was made on a state that no longer stands."""
+    checked = [decision for decision in decisions if decision.seen is not None]
+    if not checked:
+        return
+    now = _standing_on(session, {decision.record_id for decision in checked})
+    conflicts = []
+    for decision in checked:
+        standing = now.get((decision.record_id, decision.label_key))
+        if (standing.decision if standing else PENDING) != decision.seen:
+            conflicts.append((decision.record_id, decision.label_key, standing))
+    if conflicts:
+        raise DecidedMeanwhile(conflicts)
+
+
+def standing_on(db: Database, record_ids: Iterable[str]) -> list[StandingDecision]:
+    """The decisions that stand now on every class of these records."""
+    with db.transaction() as session:
+        return list(_standing_on(session, set(record_ids)).values())
+
+
+def _standing_on(session: Session, record_ids: set[str]) -> dict[tuple[str, str], StandingDecision]:
+    """The last decision still standing per (record, class) of these records, by id: read
+    through the (record, class) index from these records' rows alone, never a pass over
+    every decision."""
+    found: dict[tuple[str, str], Review] = {}
+    ordered = sorted(record_ids)
+    for start in range(0, len(ordered), LOOKUP_CHUNK):
+        rows = session.scalars(
+            sa.select(Review)
+            .where(Review.record_id.in_(ordered[start : start + LOOKUP_CHUNK]), standing())
+            .order_by(Review.id)
+        )
+        found.update(((row.record_id, row.label_key), row) for row in rows)
+    return {
+        key: StandingDecision(
+            row.record_id, row.label_key, row.decision, row.reviewer, row.audit, row.decided_at
+        )
+        for key, row in found.items()
+    }
 
 
 def take_back_decisions(db: Database, ids: Sequence[int], reviewer: str | None = None) -> int:

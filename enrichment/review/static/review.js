@@ -8,8 +8,13 @@
   // The decisions of a page that turned itself, for "u" on the page it opened.
   const CARRIED_KEY = "enrichReviewCarried";
   const undoStack = [];
-  // What the page does once decisions are stored or taken back (the grid sets them).
-  const hooks = { afterUndo: () => {}, afterChange: () => {} };
+  // What the page does once decisions are stored or taken back, and when it is shown again
+  // after the curator was away (the grid and the record view set them).
+  const hooks = { afterUndo: () => {}, afterChange: () => {}, onReturn: async () => {} };
+  // Decisions of this page on their way, and how many were answered: what stands, read
+  // meanwhile, may be older than they are (see restate).
+  let sending = 0;
+  let answered = 0;
 
   function toast(message) {
     const box = document.getElementById("toast");
@@ -39,9 +44,21 @@
     });
     const answer = await response.json().catch(() => ({}));
     if (!response.ok) {
-      throw new Error(answer.error || response.statusText);
+      const failure = new Error(answer.error || response.statusText);
+      failure.answer = answer;
+      throw failure;
     }
     return answer;
+  }
+
+  // This page's decisions and undos go out one after the other, in the order the curator
+  // made them: each is checked against what the one before left (`seen`), so one may not
+  // overtake another on the way.
+  let lastSent = Promise.resolve();
+  function send(path, body) {
+    const sent = lastSent.then(() => post(path, body));
+    lastSent = sent.catch(() => {});
+    return sent;
   }
 
   // A tile or class row carries its state in data-state and in a state-* class.
@@ -70,22 +87,31 @@
     return element.dataset.labelled === "1" ? "accept" : "add";
   }
 
+  const itemKey = (recordId, labelKey) => recordId + "\n" + labelKey;
+
   // Send decisions for elements; on success update them. Each is on the undo stack from
   // the moment it is sent, so "u" straight after "r" undoes that reject even while its
-  // answer is still on the way (not the decision before it).
+  // answer is still on the way (not the decision before it). Each says what the curator
+  // saw (`seen`): if another tab or curator decided the item meanwhile, nothing is saved,
+  // and the elements show what stands now, for the curator to decide again on it. While an
+  // element's own decision is on its way, the next one on it was made on that decision
+  // (`expected`), not on the state the element still shows.
   async function decide(elements, yesOrNo, base) {
     const name = reviewer();
     if (!name || elements.length === 0) return false;
     const decisions = elements.map((element, i) => ({
-      record_id: base.record || element.dataset.record,
+      record_id: element.dataset.record,
       model_version: base.version || element.dataset.version,
       label_key: element.dataset.label,
       decision: decisionFor(element, yesOrNo[i]),
       reviewer: name,
       audit: base.audit,
+      seen: element.dataset.expected || element.dataset.state,
     }));
     const previous = elements.map((element) => element.dataset.state);
-    const entry = { sent: post("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name };
+    elements.forEach((element, i) => { element.dataset.expected = decisions[i].decision; });
+    sending += 1;
+    const entry = { sent: send("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name };
     undoStack.push(entry);
     updateUndo();
     try {
@@ -98,9 +124,54 @@
       const at = undoStack.indexOf(entry);
       if (at !== -1) undoStack.splice(at, 1);
       updateUndo();
-      toast("Not saved: " + error.message);
+      const conflicts = (error.answer && error.answer.conflicts) || [];
+      conflicts.forEach((now) => elements.filter((element) => itemKey(element.dataset.record,
+        element.dataset.label) === itemKey(now.record_id, now.label_key))
+        .forEach((element) => setState(element, now.decision || "pending")));
+      toast(conflicts.length === 0 ? "Not saved: " + error.message
+        : "Not saved: decided meanwhile elsewhere (" + conflicts.map((now) => now.label_key + " "
+          + (now.decision ? now.decision + " by " + now.reviewer : "pending again")).join(", ")
+          + "). Shown as it stands now: decide again to change it.");
       return false;
+    } finally {
+      sending -= 1;
+      answered += 1;
+      elements.forEach((element, i) => {
+        if (element.dataset.expected === decisions[i].decision) delete element.dataset.expected;
+      });
     }
+  }
+
+  // Ask the server what stands now on these tiles or rows and show it; returns those that
+  // changed. A read that a decision of this page overtook (sent or answered meanwhile) is
+  // dropped: the decision's own answer is newer.
+  async function restate(elements) {
+    const records = Array.from(new Set(elements.map((element) => element.dataset.record)));
+    const before = answered;
+    if (records.length === 0 || sending > 0) return [];
+    let now;
+    try {
+      const query = records.map((id) => "record=" + encodeURIComponent(id)).join("&");
+      const response = await fetch("/api/decisions?" + query, { credentials: "same-origin" });
+      if (!response.ok) return [];
+      now = await response.json();
+    } catch (error) {
+      return []; // the page stays as it was; a decision made on it is still checked
+    }
+    if (sending > 0 || answered !== before) return [];
+    const standing = new Map(now.decisions.map((d) => [itemKey(d.record_id, d.label_key), d.decision]));
+    return elements.filter((element) => {
+      const state = standing.get(itemKey(element.dataset.record, element.dataset.label)) || "pending";
+      if (state === element.dataset.state) return false;
+      setState(element, state);
+      return true;
+    });
+  }
+
+  function toastChanged(changed) {
+    if (changed.length === 0) return;
+    toast(changed.length === 1 ? "1 item was decided elsewhere meanwhile: shown as it stands now"
+      : changed.length + " items were decided elsewhere meanwhile: shown as they stand now");
   }
 
   // Waits for the last decision's answer (its continuation in decide runs first, as it
@@ -116,8 +187,10 @@
       return; // never saved, so nothing to take back; decide has said so
     }
     try {
-      await post("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
+      await send("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
+      // What was before may have changed meanwhile (another tab): show what stands now.
+      await restate(last.elements);
       toast(last.elements.length ? "Undone" : "Undone (on the page before)");
       hooks.afterUndo(last.elements);
       hooks.afterChange();
@@ -182,20 +255,25 @@
     }));
     updateUndo();
 
-    // The counts from the server, and on to the next page once this one has nothing pending.
-    async function refreshProgress() {
+    // The counts from the server, and (with `turn`) on to the next page once this one has
+    // nothing pending.
+    async function refreshProgress(turn = true) {
       const box = document.getElementById("progress");
+      const before = answered;
       let now = null;
       try {
         const response = await fetch("/api/progress?" + box.dataset.query, { credentials: "same-origin" });
         if (response.ok) now = await response.json();
       } catch (error) { /* the counts stay as they were; the decisions are stored */ }
+      // Counts read before a decision answered meanwhile are older than it: that decision
+      // refreshes them itself.
+      if (answered !== before) return;
       if (now) {
         document.getElementById("pending").textContent = now.pending + (now.pending_capped ? "+" : "");
         document.getElementById("decided-today").textContent = now.decided_today;
       }
       const open = tiles.some((tile) => tile.dataset.state === "pending" || tile.dataset.busy);
-      if (!toDo || open || leaving) return;
+      if (!turn || !toDo || open || leaving) return;
       const onward = list.dataset.next || (now && now.pending > 0 ? list.dataset.first : "");
       if (!onward) { toast("Nothing left to review with these filters"); return; }
       leaving = true;
@@ -205,6 +283,16 @@
     }
     hooks.afterChange = refreshProgress;
     hooks.afterUndo = (elements) => { const at = tiles.indexOf(elements[0]); if (at !== -1) setFocus(at); };
+    // Back from another tab: the tiles and counts as they stand now. A tile decided elsewhere
+    // leaves the selection, so that "accept selected" cannot overturn what the curator has
+    // not looked at; the page stays, for the curator to see what changed.
+    hooks.onReturn = async () => {
+      const changed = await restate(tiles.filter((tile) => !tile.dataset.busy));
+      changed.forEach((tile) => selected.delete(tile));
+      refreshSelection();
+      toastChanged(changed);
+      await refreshProgress(false);
+    };
 
     function setFocus(index) {
       if (tiles.length === 0) return;
@@ -236,16 +324,29 @@
     async function act(yes) {
       const chosen = targets().filter(Boolean);
       if (chosen.length === 0 || !reviewer()) return;
-      chosen.forEach((tile) => { tile.dataset.busy = "1"; });
+      // How many of this page's decisions on the tile are on their way: the first answer
+      // must not mark it done while a second (a changed mind) is still out.
+      chosen.forEach((tile) => { tile.dataset.busy = Number(tile.dataset.busy || 0) + 1; });
       selected.clear();
       refreshSelection();
       const after = tiles.indexOf(chosen[chosen.length - 1]);
       const next = tiles.findIndex((tile, i) => i > after && tile.dataset.state === "pending"
         && !tile.dataset.busy);
       setFocus(next === -1 ? after : next);
+      const seen = chosen.map((tile) => tile.dataset.state);
       const saved = await decide(chosen, chosen.map(() => yes), { audit: audit });
-      chosen.forEach((tile) => { delete tile.dataset.busy; });
-      if (saved) hooks.afterChange();
+      chosen.forEach((tile) => {
+        if (Number(tile.dataset.busy) > 1) tile.dataset.busy -= 1; else delete tile.dataset.busy;
+      });
+      if (saved) { hooks.afterChange(); return; }
+      // Some were decided meanwhile (they show it now): the others stay selected, to decide
+      // again with one key.
+      const unchanged = chosen.filter((tile, i) => tile.dataset.state === seen[i]);
+      if (unchanged.length < chosen.length) {
+        if (chosen.length > 1) unchanged.forEach((tile) => selected.add(tile));
+        refreshSelection();
+        refreshProgress(false);
+      }
     }
 
     tiles.forEach((tile, index) => {
@@ -298,7 +399,6 @@
   function record(article) {
     const rows = Array.from(article.querySelectorAll(".class-row"));
     const base = {
-      record: article.dataset.record,
       version: article.dataset.version,
       audit: article.dataset.audit === "1",
     };
@@ -334,6 +434,7 @@
     document.getElementById("prev-record").addEventListener("click", (e) => { e.preventDefault(); step(-1); });
     const back = sessionStorage.getItem(QUEUE_KEY);
     if (back) document.getElementById("back").href = back;
+    hooks.onReturn = async () => toastChanged(await restate(rows));
     markMissing(article.querySelector("figure img"));
 
     document.addEventListener("keydown", (event) => {
@@ -378,6 +479,17 @@
   // A page the browser shows again from its back/forward cache would show the decisions as
   // they were when it was left: load it again, as it is stored now.
   window.addEventListener("pageshow", (event) => { if (event.persisted) location.reload(); });
+
+  // A page shown again (its tab chosen, its window focused) asks what stands now on its
+  // items: the decisions made meanwhile in another tab, or by another curator, show before
+  // the curator acts on the page. One ask at a time.
+  let returning = null;
+  function shownAgain() {
+    if (document.visibilityState !== "visible" || returning) return;
+    returning = hooks.onReturn().finally(() => { returning = null; });
+  }
+  document.addEventListener("visibilitychange", shownAgain);
+  window.addEventListener("focus", shownAgain);
 
   document.addEventListener("DOMContentLoaded", () => {
     const input = document.getElementById("reviewer");
