@@ -99,16 +99,31 @@ class Loaded:
 
 
 def read_vocabulary(path: Path = DEFAULT_VOCABULARY) -> dict[str, str]:
-    """A `{key: concept URI}` JSON object, in file order (which becomes the model's order)."""
+    """A `{key: concept URI}` JSON object, in file order (which becomes the model's order).
+
+    Harvest and train both read it here, so a key that a labelled set could not hold is
+    refused before a harvest writes it: labelled sets separate their label keys with
+    `LABEL_SEPARATOR`, and a key "old map" would come back as the two labels old and map.
+    """
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise EnrichError(f"cannot read vocabulary {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise EnrichError(
+            f"vocabulary {path} is not UTF-8 text: byte 0x{error.object[error.start]:02x} "
+            f"at offset {error.start}"
+        ) from None
     except json.JSONDecodeError as error:
         raise EnrichError(f"vocabulary {path} is not valid JSON: {error}") from None
     if not isinstance(document, dict) or not document:
         raise EnrichError(f"vocabulary {path} must be a non-empty {{key: concept URI}} object")
     for key, concept in document.items():
+        if not key or LABEL_SEPARATOR.search(key):
+            raise EnrichError(
+                f"vocabulary {path}: key {key!r} must be a non-empty word without whitespace, "
+                "',', ';' or '|' (labelled sets separate label keys with them)"
+            )
         if not isinstance(concept, str) or "://" not in concept:
             raise EnrichError(f"vocabulary {path}: {key!r} must map to a concept URI")
     return dict(document)
