@@ -67,7 +67,7 @@ def scores_of(record_id: str, version: str) -> list[float]:
 
 def labels_of(scores: list[float], thresholds: dict[str, float] | None = None) -> dict[str, float]:
     """Key -> confidence of the labels at or above their threshold, compared in float64 as
-    `model.spec.decide` compares (the scores are float32 values, stored as they are)."""
+    `thresholds.decide` compares (the scores are float32 values, stored as they are)."""
     applied = [
         (thresholds or {}).get(key, own) for key, own in zip(KEYS, OWN_THRESHOLDS, strict=True)
     ]

@@ -24,7 +24,8 @@ from enrichment.model.calibration import (
 )
 from enrichment.model.classifier import Classifier
 from enrichment.model.evaluation import ScoredSet, average_precision, compute_metrics
-from enrichment.model.spec import decide, read_model_json, update_model_json
+from enrichment.model.spec import read_model_json, update_model_json
+from enrichment.thresholds import decide
 
 
 def random_case(seed: int, images: int = 200, classes: int = 5):

@@ -30,7 +30,8 @@ from enrichment.model.evaluation import (
     precision_recall_f1,
     ranked_counts,
 )
-from enrichment.model.spec import ModelSpec, decide, update_model_json
+from enrichment.model.spec import ModelSpec, update_model_json
+from enrichment.thresholds import decide
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from enrichment.model.batch_decode import BatchDecoder
 from enrichment.model.spec import (
     WEIGHTS_FILE,
     ModelSpec,
-    decide,
     read_model_json,
     weights_sha256,
     write_model_json,
 )
 from enrichment.store.writes import LabelScore
+from enrichment.thresholds import decide
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 

@@ -22,8 +22,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from enrichment.errors import ModelError
 from enrichment.files import write_atomically
 from enrichment.media.decode import Preprocessing
@@ -85,28 +83,6 @@ class ModelSpec:
     def thresholds(self) -> list[float]:
         """Each class's threshold, in score order (plain floats, as model.json holds them)."""
         return [item.threshold for item in self.classes]
-
-
-def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) -> np.ndarray:
-    """Which classes each row of a (batch, classes) score matrix gets as labels, as booleans.
-
-    The one rule that the classifier and every re-thresholding (exports) apply,
-    so stored scores always give the labels a worker would. A label is given at
-    or above its own class threshold. With `top_k_fallback` = k, a row where no
-    class reaches its threshold gets its k best-scoring classes instead of
-    none; ties go to the earlier class.
-    """
-    # One number type for both sides: a float32 threshold against a float64 score (or the
-    # reverse) turns a tie such as 0.43 >= 0.43 into a miss on one path and a hit on another.
-    scores = np.asarray(scores, dtype=np.float64)
-    chosen = scores >= np.asarray(thresholds, dtype=np.float64)
-    if top_k_fallback:
-        empty = ~chosen.any(axis=1)
-        best = np.argsort(-scores[empty], axis=1, kind="stable")[:, :top_k_fallback]
-        fallback = np.zeros_like(chosen[empty])
-        np.put_along_axis(fallback, best, True, axis=1)
-        chosen[empty] = fallback
-    return chosen
 
 
 def weights_sha256(path: Path) -> str:

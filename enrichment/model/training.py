@@ -59,8 +59,9 @@ from enrichment.model.classifier import (
 )
 from enrichment.model.evaluation import Metrics, compute_metrics
 from enrichment.model.labelled import LabelledSet, Skipped, is_url, load_images, skipped
-from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, ClassSpec, ModelSpec, decide
+from enrichment.model.spec import IMAGENET_MEAN, IMAGENET_STD, ClassSpec, ModelSpec
 from enrichment.model.split import split_groups_or_rows
+from enrichment.thresholds import decide
 
 DEFAULT_ARCHITECTURE = "resnet50"
 DEFAULT_INPUT_SIZE = 224

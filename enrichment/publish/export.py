@@ -5,7 +5,7 @@ By default every record contributes the labels of its latest classification
 does not withdraw what an older one found); `model_version` or `run_id` pick a
 model version or a run instead (`store.current`). Labels come as stored, or,
 with new thresholds, are decided again from the stored score vectors by the
-classifier's own rule (`model.spec.decide`) without running the model. The
+classifier's own rule (`thresholds.decide`) without running the model. The
 reads are the store's (`store.selection`), streamed: memory does not grow with
 the size of the export.
 
@@ -38,7 +38,6 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from enrichment.errors import InvalidValue
-from enrichment.model.spec import decide
 from enrichment.publish.annotations import ANNOTATION_ID_NAMESPACE, PROFILES, CheckedAnnotations
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
@@ -57,6 +56,7 @@ from enrichment.store.selection import (
     stored_labels,
     unknown_datasets,
 )
+from enrichment.thresholds import decide
 
 
 class ExportError(InvalidValue):

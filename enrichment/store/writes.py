@@ -28,6 +28,7 @@ from enrichment.errors import DatabaseError, InvalidValue
 from enrichment.store import review_index
 from enrichment.store.columns import NULL, copy_text, scores_literal
 from enrichment.store.current import CLASSIFIED
+from enrichment.store.relabel import relabel_on
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -225,8 +226,9 @@ def register_model(
     thresholds: list[float],
     top_k_fallback: int = 0,
 ) -> None:
-    """Record a model version; registering it again updates how it decides labels (and the
-    review index, whose margins are to the thresholds, when those change).
+    """Record a model version; registering it again updates how it decides labels: when its
+    thresholds (or top-k fallback) change, its labels are decided again from the stored
+    scores (`relabel`), and the review index, whose margins are to the thresholds, rebuilt.
 
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
     whose concept changes here first writes the old one into its labels.
@@ -236,7 +238,9 @@ def register_model(
         # would silently drop its class.
         raise InvalidValue("thresholds", f"{len(thresholds)} thresholds for {len(classes)} classes")
     before = session.execute(
-        sa.select(ModelRow.classes, ModelRow.thresholds).where(ModelRow.version == version)
+        sa.select(ModelRow.classes, ModelRow.thresholds, ModelRow.top_k_fallback).where(
+            ModelRow.version == version
+        )
     ).first()
     now = {entry["key"]: entry["concept"] for entry in classes}
     for entry in before.classes if before is not None else ():
@@ -270,7 +274,13 @@ def register_model(
             },
         )
     )
-    if before is not None and (before.classes, before.thresholds) != (classes, list(thresholds)):
+    if before is None:
+        return
+    deciding = (list(thresholds), top_k_fallback)
+    if (before.thresholds, before.top_k_fallback or 0) != deciding:
+        keys = [entry["key"] for entry in classes]
+        relabel_on(session.connection(), version, keys, thresholds, top_k_fallback)
+    if (before.classes, before.thresholds, before.top_k_fallback or 0) != (classes, *deciding):
         review_index.rebuild_on(session.connection(), version)
 
 
