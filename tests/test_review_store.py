@@ -202,3 +202,10 @@ def test_an_items_page_is_its_item_uri_as_the_report_links_it() -> None:
     uri = "http://data.europeana.eu/item/2048128/object_1"
     assert item_page(uri) == uri
     assert item_page("javascript:alert(1)") is None and item_page(None) is None
+
+
+def test_swapped_score_bounds_are_refused_not_an_empty_queue() -> None:
+    with pytest.raises(InvalidValue, match=r"max_score 0\.2 is below min_score 0\.6") as refused:
+        QueueFilter(min_score=0.6, max_score=0.2).check()
+    assert refused.value.field == "max_score"
+    QueueFilter(min_score=0.4, max_score=0.4).check()  # one score exactly: allowed

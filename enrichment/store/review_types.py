@@ -102,6 +102,11 @@ class QueueFilter:
         for name, value in (("min_score", self.min_score), ("max_score", self.max_score)):
             if value is not None and not 0 <= value <= 1:
                 raise InvalidValue(name, f"{name} must be in [0, 1]")
+        if None not in (self.min_score, self.max_score) and self.min_score > self.max_score:
+            # Not an empty queue without a word: the bounds were swapped.
+            raise InvalidValue(
+                "max_score", f"max_score {self.max_score:g} is below min_score {self.min_score:g}"
+            )
 
     def everything(self, state: str, classes: Sequence[str] = ()) -> QueueFilter:
         """Every item in `state` of the same datasets, run and model version: what an
