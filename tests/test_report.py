@@ -242,7 +242,7 @@ def test_report_has_every_section_with_the_database_counts(finished_run: Finishe
     label_table = document.one("section", id="labels").one("table")
     assert [row[1] for row in rows(label_table)] == keys
     for row, key, threshold in zip(rows(label_table), keys, thresholds, strict=True):
-        assert float(row[2]) == pytest.approx(threshold, abs=0.005)
+        assert float(row[2]) == pytest.approx(threshold, abs=0.00005)
         assert int(row[3]) == counts.get(key, 0)
         assert int(row[4]) == scored
     assert document.one("section", id="labels").one("img", alt="Bar chart of labels per class")

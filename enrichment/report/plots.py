@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from enrichment.report.shown import threshold_text
+
 BAR_COLOUR = "#3a6ea5"
 THRESHOLD_COLOUR = "#c0392b"
 
@@ -59,7 +61,7 @@ def confidence_histogram(
     axes.text(
         threshold,
         1.0,
-        f" threshold {threshold:.2f}",
+        f" threshold {threshold_text(threshold)}",
         color=THRESHOLD_COLOUR,
         transform=axes.get_xaxis_transform(),
         ha="left" if threshold < 0.6 else "right",

@@ -33,6 +33,7 @@ from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.report import plots
+from enrichment.report.shown import confidence_text, threshold_text
 from enrichment.store.database import Database
 from enrichment.store.query import RunSummary, run_summary
 from enrichment.store.reporting import LabelledRecord, RunReading, reading_run
@@ -215,4 +216,6 @@ TEMPLATES = jinja2.Environment(
     lstrip_blocks=True,
 )
 TEMPLATES.filters["duration"] = _duration
+TEMPLATES.filters["threshold"] = threshold_text
+TEMPLATES.filters["confidence"] = confidence_text
 TEMPLATES.filters["json"] = lambda value: json.dumps(value, sort_keys=True)
