@@ -31,6 +31,7 @@ from enrichment.errors import OutputError
 from enrichment.report.report import (
     ClassReport,
     ErrorReason,
+    Holdings,
     RunReport,
     Thumbnail,
     render,
@@ -359,6 +360,7 @@ def test_every_text_from_the_database_is_escaped_where_it_is_shown() -> None:
             "error",
             "outcome",
             "scope",
+            "moved_from",
         )
     }
     summary = RunSummary(
@@ -387,6 +389,7 @@ def test_every_text_from_the_database_is_escaped_where_it_is_shown() -> None:
         summary,
         summary.created_at,
         60.0,
+        Holdings(3, 1, 1, [9], {hostile["moved_from"]: 1}, None),
         [
             ClassReport(
                 hostile["key"], hostile["label"], 0.5, 2, 2, np.ones(20, int), [highest], [lowest]

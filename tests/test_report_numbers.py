@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enrichment.report.report import BIN_EDGES, gather
+from enrichment.report.report import BIN_EDGES, Holdings, gather
 from enrichment.store.columns import exact_scores
 from enrichment.store.database import Database
 from enrichment.store.reporting import float32_bounds, reading_run
@@ -71,11 +71,12 @@ def add_records_and_runs(db: Database, names: list[str], runs: int) -> None:
                     created_at=datetime(2026, 1, number),
                     started_at=datetime(2026, 1, number, 1),
                     finished_at=datetime(2026, 1, number, 2),
-                    # As `complete_run` leaves them: what the run did, kept after run 2
-                    # took /n/i's result over.
+                    # As `complete_run` leaves them: what the run did (/n/a and /n/e
+                    # with the other version too, before it was moved), kept after run 2
+                    # took /n/r's and /n/i's results over.
                     final_counts=(
                         {
-                            "outcomes": {"labelled": 6, "below_threshold": 2, "error": 2},
+                            "outcomes": {"labelled": 7, "below_threshold": 3, "error": 2},
                             "errors_by_reason": {"http_404": 1, "timeout": 1},
                         }
                         if number == 1
@@ -141,11 +142,18 @@ def test_the_reports_numbers_are_the_runs_own(reported: Database) -> None:
         ("http_404", 1, "/n/h"),
         ("timeout", 1, None),
     ]
+    # Of its 12 results, run 2 took 2 over and 2 are the other version's: the class
+    # figures count the 7 classified and the 1 error left.
+    assert report.holdings == Holdings(
+        done=12, held=8, replaced=2, replacing_runs=[2], other_versions={OTHER: 2}, retired_at=None
+    )
+    assert report.holdings.partial
 
     again = gather(reported, 2, 2)
     assert [(c.labelled, c.scored) for c in again.classes] == [(1, 2), (0, 2)]
     assert [nonzero(c.histogram) for c in again.classes] == [{4: 1, 11: 1}, {2: 1, 4: 1}]
     assert [gallery(c.highest) for c in again.classes] == [[("/n/i", 0.55)], []]
+    assert again.holdings == Holdings(2, 2, 0, [], {}, None) and not again.holdings.partial
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

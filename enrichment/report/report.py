@@ -68,10 +68,34 @@ class ErrorReason:
 
 
 @dataclass(frozen=True)
+class Holdings:
+    """How many of the run's results the class figures count, and what became of the rest.
+
+    The summary's outcomes are what the run did (its counts when it completed); the class
+    figures are the results it still holds of its model version. They differ when other
+    runs have since replaced some of its results, when it was moved to its version after
+    making results with another, and when its version was retired (its results removed).
+    """
+
+    done: int  # the run's results when it completed (or, while it runs, now)
+    held: int  # those it still holds of its own model version: what the class figures count
+    replaced: int  # taken over by other runs' results for the same records
+    replacing_runs: list[int]  # the runs that can have taken them over
+    other_versions: dict[str, int]  # held, of the versions it was moved from
+    retired_at: datetime | None  # when its model version was retired
+
+    @property
+    def partial(self) -> bool:
+        """Whether the class figures count fewer results than the run made."""
+        return self.held < self.done or self.retired_at is not None
+
+
+@dataclass(frozen=True)
 class RunReport:
     summary: RunSummary
     started_at: datetime
     seconds: float  # until it finished, or until now while it runs
+    holdings: Holdings
     classes: list[ClassReport]
     errors: list[ErrorReason]
 
@@ -116,7 +140,26 @@ def gather(db: Database, run_id: int | None, per_class: int) -> RunReport:
             _error_reason(reading, reason, count)
             for reason, count in summary.errors_by_reason.items()
         ]
-    return RunReport(summary, started, seconds, classes, errors)
+        holdings = _holdings(reading, summary.records_done, histograms.scored)
+    return RunReport(summary, started, seconds, holdings, classes, errors)
+
+
+def _holdings(reading: RunReading, done: int, scored: int) -> Holdings:
+    """Where the run's `done` results are now. `scored` is how many classified results of
+    its version it holds (the histograms counted them), so only its errors are counted
+    again, on the version's errors; the run's results are read again only when some of
+    them are missing, which is rare (a run whose results are all its own costs no pass)."""
+    held = scored + reading.errors_held()
+    if held >= done:
+        return Holdings(done, held, 0, [], {}, reading.retired_at)
+    everything = reading.results_held()
+    # A retired version's results were removed, not replaced: the retirement says so.
+    replaced = 0 if reading.retired_at else max(0, done - everything)
+    other_versions = reading.other_versions() if everything > held else {}
+    replacing_runs = (
+        reading.runs_since([reading.run.model_version, *other_versions]) if replaced else []
+    )
+    return Holdings(done, held, replaced, replacing_runs, other_versions, reading.retired_at)
 
 
 def _error_reason(reading: RunReading, reason: str, count: int) -> ErrorReason:

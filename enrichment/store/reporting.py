@@ -33,6 +33,8 @@ from enrichment.store.models import ModelClasses, model_classes
 from enrichment.store.query import check_run_id
 from enrichment.store.schema import (
     Label,
+    ModelRow,
+    Outcome,
     RecordRow,
     Result,
     Run,
@@ -85,12 +87,28 @@ class ErrorExample:
 
 
 class RunReading:
-    """One run's stored results, read within one transaction (see `reading_run`)."""
+    """One run's stored results, read within one transaction (see `reading_run`).
 
-    def __init__(self, session: Session, run: RunTimes, classes: ModelClasses) -> None:
+    A run's results are not all its own for ever: a later run over the same records with
+    the same model version takes their rows over, a run moved to another version
+    (`enrich resume --model-dir`) keeps its earlier results under the version that made
+    them, and retiring a version removes its results. `errors_held` (by index) and the
+    histograms' count of scored results say how many of its results the run still holds;
+    `results_held`, `other_versions` and `runs_since` say where the rest went, and are
+    asked only when some are missing.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        run: RunTimes,
+        classes: ModelClasses,
+        retired_at: datetime | None,
+    ) -> None:
         self._session = session
         self.run = run
         self.classes = classes
+        self.retired_at = retired_at  # when the run's model version was retired, if it was
 
     def _labels(self) -> sa.Select:
         """The labels the run's results carry, from its own model version."""
@@ -215,6 +233,55 @@ class RunReading:
             query = query.where(Label.record_id.not_in(skip))
         return [LabelledRecord(*row) for row in self._session.execute(query)]
 
+    def results_held(self) -> int:
+        """How many results, of any model version, still name this run (a pass over them:
+        on PostgreSQL over `ix_results_run_id`, or over the table for a run that holds most
+        of it)."""
+        return self._session.execute(
+            sa.select(sa.func.count()).select_from(Result).where(Result.run_id == self.run.id)
+        ).scalar_one()
+
+    def errors_held(self) -> int:
+        """How many of the run's errors of its own version it still holds: the version's
+        errors (few, on `ix_results_model_status`) checked for the run."""
+        return self._session.execute(
+            sa.select(sa.func.count())
+            .select_from(Result)
+            .where(
+                Result.model_version == self.run.model_version,
+                Result.status == Outcome.ERROR,
+                Result.run_id == self.run.id,
+            )
+        ).scalar_one()
+
+    def other_versions(self) -> dict[str, int]:
+        """The results the run holds of versions other than its own (it was moved to its
+        own after they were made), by version. Only asked when `results_held` says there
+        are some: it reads the run's results."""
+        query = (
+            sa.select(Result.model_version, sa.func.count())
+            .where(Result.run_id == self.run.id, Result.model_version != self.run.model_version)
+            .group_by(Result.model_version)
+            .order_by(Result.model_version)
+        )
+        return {version: count for version, count in self._session.execute(query)}
+
+    def runs_since(self, versions: Sequence[str]) -> list[int]:
+        """The other runs of `versions` that were still going when this one started: the
+        only runs whose results can have taken this run's over."""
+        start = self.run.started_at or self.run.created_at
+        return list(
+            self._session.scalars(
+                sa.select(Run.id)
+                .where(
+                    Run.id != self.run.id,
+                    Run.model_version.in_(versions),
+                    sa.or_(Run.finished_at.is_(None), Run.finished_at >= start),
+                )
+                .order_by(Run.id)
+            )
+        )
+
     def error_example(self, reason: str) -> ErrorExample | None:
         """The first record with this error reason, if the run still holds one (a rerun may
         have replaced it)."""
@@ -272,7 +339,10 @@ def reading_run(db: Database, run_id: int) -> Iterator[RunReading]:
         if classes is None:
             raise EnrichError(f"run {run_id}'s model {run.model_version} is gone")
         times = RunTimes(run.id, run.model_version, run.created_at, run.started_at, run.finished_at)
-        yield RunReading(session, times, classes)
+        retired_at = session.scalar(
+            sa.select(ModelRow.retired_at).where(ModelRow.version == run.model_version)
+        )
+        yield RunReading(session, times, classes, retired_at)
 
 
 @dataclass(frozen=True)
