@@ -103,6 +103,16 @@ def test_a_bom_in_json_lines_is_read_too(tmp_path: Path) -> None:
         ),
         ("records.jsonl", b"[1]\n", r"records\.jsonl:1: expected a JSON object per line"),
         ("records.jsonl", b"[" * 100000 + b"\n", r"records\.jsonl:1: not valid JSON"),
+        (
+            "records.csv",
+            b'id,image_url,title\n/d/1,u,ok\n/d/2,u,"oops\n/d/3,u,ok\n/d/4,u,ok\n',
+            r"records\.csv:3: not valid CSV: a quote opened on this line is never closed",
+        ),
+        (
+            "records.csv",
+            b'id,image_url,title\n/d/1,u,"say ""hi"" "now\n',
+            r"records\.csv:2: not valid CSV: ',' expected after '\"': a quote inside a quoted",
+        ),
     ],
 )
 def test_a_file_that_cannot_be_read_as_records_names_its_line(
@@ -187,6 +197,10 @@ def test_labelled_sets_share_the_reader(tmp_path: Path) -> None:
     jsonl.write_text('{"image": "a.png", "labels": ["map"]}\n{"image": \n')
     with pytest.raises(EnrichError, match=r"set\.jsonl:2: not valid JSON"):
         read_labelled(jsonl, vocabulary)
+    # An unclosed quote would read the rows after it into a.png's object id: b.png lost.
+    path.write_text('URL,category,ID\na.png,map,"/d/1\nb.png,photograph,/d/2\n')
+    with pytest.raises(EnrichError, match=r"set\.csv:2: not valid CSV: a quote opened on this"):
+        read_labelled(path, vocabulary)
 
 
 def run_count(database: Path) -> int:

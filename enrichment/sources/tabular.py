@@ -4,8 +4,9 @@ Records files and labelled sets are both written by other tools (Excel's "CSV
 UTF-8" with its byte-order mark, pandas, jq), so both go through this one
 reader and fail the same way: one `EnrichError` naming the file and line, for
 a file that is not a regular file, text that is not UTF-8, a binary file, a
-CSV field over `MAX_FIELD` bytes, a header that names a column twice, a row
-with more fields than the header, or a JSON line that is not an object.
+CSV quote that is never closed, a CSV field over `MAX_FIELD` bytes, a header
+that names a column twice, a row with more fields than the header, or a JSON
+line that is not an object.
 
 Rows come out one at a time; callers that act on a file read it whole first
 (a records file is checked before its run exists, a labelled set is read into
@@ -110,7 +111,10 @@ def _decoded_lines(path: Path, handle: Iterable[bytes], error: type[EnrichError]
 def _csv_rows(
     path: Path, lines: Iterator[str], required: tuple[str, ...], error: type[EnrichError]
 ) -> Iterator[Row]:
-    reader = csv.reader(lines)
+    # strict: a quote that is never closed is an error, not a field that swallows every line
+    # after it (and their records) up to the end of the file.
+    reader = csv.reader(lines, strict=True)
+    start = 1  # the line the CSV record being read starts on: where an unclosed quote opened
     try:
         header = next(reader, None)
         if not header or not any(name.strip() for name in header):
@@ -138,10 +142,18 @@ def _csv_rows(
                 yield Row(start, fields)
             start = reader.line_num + 1
     except csv.Error as failure:
-        reason = str(failure)
-        if "field larger than field limit" in reason:
-            reason = f"a field is longer than {MAX_FIELD // 1024} KiB (an unclosed quote?)"
-        raise error(f"{path}:{reader.line_num}: not valid CSV: {reason}") from None
+        raise error(f"{path}:{start}: not valid CSV: {_csv_reason(str(failure))}") from None
+
+
+def _csv_reason(reason: str) -> str:
+    """Python's csv message, told in terms of the file where it is cryptic."""
+    if "field larger than field limit" in reason:
+        return f"a field is longer than {MAX_FIELD // 1024} KiB (an unclosed quote?)"
+    if reason == "unexpected end of data":
+        return "a quote opened on this line is never closed"
+    if "expected after" in reason:
+        return f'{reason}: a quote inside a quoted field is written twice ("")'
+    return reason
 
 
 def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> Iterator[Row]:
