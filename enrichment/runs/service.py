@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from enrichment.config import Settings
-from enrichment.errors import ConfigError, EnrichError, InvalidValue
+from enrichment.errors import ConfigError, EnrichError, InvalidValue, RecordsFileError
 from enrichment.model.spec import read_model_json
 from enrichment.runs.schedule import (
     Dispatcher,
@@ -29,13 +29,20 @@ from enrichment.sources import RecordsFileSource, Source, source_for_scope
 from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
 from enrichment.store.database import Database
 from enrichment.store.locks import execution_scope, scope_lock
-from enrichment.store.runs import move_run, run_state
+from enrichment.store.runs import mark_failed, move_run, run_state
 
 # Builds the dispatcher once the request is known to be good (it may load a model).
 DispatcherFactory = Callable[[], AbstractContextManager[Dispatcher]]
 
 
 def records_scope(path: Path) -> dict[str, Any]:
+    """The stored scope of a records-file run: the file's path only.
+
+    The scope is the key of the scheduler lock and of "a run over this scope
+    has not finished", so two runs over one path are refused whatever the file
+    holds; what the file held when its run began is kept in the run's position
+    (`RecordsFileSource`), where a resume checks it.
+    """
     return {"source": "records_file", "path": str(path.resolve())}
 
 
@@ -188,6 +195,8 @@ def resume(
 
     The run's scope is checked first; the run's executing lock is held until
     the new dispatcher has finished, and its scope's lock while it pages.
+    A records file that changed since the run counted records in it is refused
+    before anything is dispatched (`_refuse_changed_file`).
     With `move_to` (a model the operator named), a run for another version is
     first moved to it (`store.runs.move_run`); never otherwise. `runs_here` is
     the version this process would classify with (in-process): a run for
@@ -207,10 +216,34 @@ def resume(
         dispatchers() as dispatcher,
         scope_lock(db, state.scope),
     ):
+        _refuse_changed_file(db, run_id)
         if moving:
             assert move_to is not None
             move_run(db, run_id, move_to.registration())
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
+
+
+def _refuse_changed_file(db: Database, run_id: int) -> None:
+    """Refuse to page on in a records file that is not the one the run counted records in.
+
+    Its position counts records, and another file's first records are not the
+    ones done. The run is marked failed with the reason (its batches and
+    checkpoint stay as they are), so it no longer holds its scope: a new run
+    over the file can start, and enqueues only what has no result yet. Called
+    under the run's locks, so no process working on the run is marked failed.
+    """
+    run = run_state(db, run_id)
+    if run.scope["source"] != "records_file" or run.checkpoint.get("done"):
+        return
+    source = RecordsFileSource(Path(run.scope["path"]))
+    if source.changed_since(run.checkpoint.get("position")):
+        message = (
+            f"records file {source.path} changed since run {run_id} started (size/mtime); "
+            f"start a new run: `enrich run --records {source.path}`, which enqueues only "
+            "what is not done"
+        )
+        mark_failed(db, run_id, message)
+        raise RecordsFileError(message)
 
 
 def _source(db: Database, settings: Settings, run_id: int) -> Source:

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from enrichment.config import Settings
+from enrichment.errors import RecordsFileError
 from enrichment.sources.europeana import SearchClient, SearchQuery, record_from_item
 from enrichment.sources.records_file import Record, read_records_file
 
 log = logging.getLogger(__name__)
 FILE_PAGE = 1000
+# What a records file's position stores of the file it counted records in: a run resumed
+# over another file would skip records by count, so `RecordsFileSource` refuses it.
+FILE_IDENTITY = ("size", "mtime_ns")
 # Pages of record ids a Search API source remembers to drop a record served twice:
 # the API's order is not guaranteed between pages, so one can reappear a page later.
 REPEAT_WINDOW = 20
@@ -38,19 +42,48 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class RecordsFileSource:
-    """A JSON Lines or CSV file; checked whole before a run starts, so a bad line writes nothing."""
+    """A JSON Lines or CSV file; checked whole before a run starts, so a bad line writes nothing.
+
+    Its position is the count of records paged, with the file's size and
+    modification time (`FILE_IDENTITY`) as paging began: a run resumes by
+    skipping that many records, which is right only in the same file. Size and
+    time rather than a hash, which would read a multi-GB file once more.
+    """
 
     path: Path
 
     def check(self) -> int:
         return sum(1 for _ in read_records_file(self.path))
 
+    def identity(self) -> dict[str, int]:
+        """The file's size and modification time (ns), as positions store them."""
+        status = self.path.stat()
+        return {"size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+    def changed_since(self, position: dict[str, Any] | None) -> bool:
+        """Whether the file is no longer the one `position` counted records in.
+
+        A position from before identities were stored cannot tell, and is
+        trusted as it was; a run not yet past its first page has nothing to skip.
+        """
+        if not position or any(key not in position for key in FILE_IDENTITY):
+            return False
+        return self.identity() != {key: position[key] for key in FILE_IDENTITY}
+
     def pages(self, checkpoint: dict[str, Any] | None) -> Iterator[SourcePage]:
+        if self.changed_since(checkpoint):
+            # `runs.service.resume` refuses this first, naming the run; this catches a file
+            # that changed after that check, before skipping records of the wrong file.
+            raise RecordsFileError(
+                f"records file {self.path} changed since its run started (size/mtime): "
+                "its records cannot be counted off to resume"
+            )
+        identity = self.identity()
         done = (checkpoint or {}).get("records", 0)
         records = islice(read_records_file(self.path), done, None)
         while page := list(islice(records, FILE_PAGE)):
             done += len(page)
-            yield SourcePage(page, {"records": done})
+            yield SourcePage(page, {"records": done, **identity})
 
 
 @dataclass
