@@ -161,6 +161,51 @@ def test_an_id_the_export_could_not_use_is_refused_when_the_file_is_read(
     assert what in str(caught.value) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("item_uri", "what"),
+    [
+        ("javascript:alert(1)", "is not an absolute http or https URI with a host"),
+        ("not a uri at all", "contains SPACE (U+0020), which a URI may not hold"),
+        ("http://example.org/a\u202eb", "contains RIGHT-TO-LEFT OVERRIDE"),
+        ("https://example.org/<b>", "contains LESS-THAN SIGN"),
+        ("/item/601/c", "is not an absolute http or https URI"),
+        ("http:///601/c", "is not an absolute http or https URI with a host"),
+        ("ftp://example.org/601/c", "is not an absolute http or https URI"),
+        ("http://[::1/601/c", "is not an absolute http or https URI"),
+        (
+            "http://data.europeana.eu/item/999/someone_else",
+            "is not record /601/c's Europeana item URI (http://data.europeana.eu/item/601/c): "
+            "give that one, or leave item_uri out",
+        ),
+        ("https://data.europeana.eu/item/601/c", "is not record /601/c's Europeana item URI"),
+    ],
+)
+def test_an_item_uri_the_export_could_not_target_is_refused_naming_its_line(
+    tmp_path: Path, item_uri: str, what: str
+) -> None:
+    path = tmp_path / "records.jsonl"
+    rows = [{"id": "/601/a", "image_url": URL}, {"id": "/601/c", "item_uri": item_uri}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(RecordsFileError, match=r"records\.jsonl:2: 'item_uri' ") as caught:
+        records(path)
+    assert what in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_item_uri_outside_europeanas_items_or_the_records_own_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "records.csv"
+    path.write_text(
+        "id,image_url,item_uri\n"
+        "/601/a,,https://museum.example/objects/17?lang=en#top\n"
+        "/601/b,, http://data.europeana.eu/item/601/b \n"
+        "/601/c,,\n"
+    )
+    assert [record.item_uri for record in records(path)] == [
+        "https://museum.example/objects/17?lang=en#top",
+        "http://data.europeana.eu/item/601/b",
+        "http://data.europeana.eu/item/601/c",
+    ]
+
+
 def test_ids_may_hold_what_iris_allow(tmp_path: Path) -> None:
     ids = ["/d/Ærøskøbing_1", "/2048128/object%2F1", "/d/o'neill(1)", "/d/a/b/c", "/日本/写真-1"]
     path = tmp_path / "records.jsonl"

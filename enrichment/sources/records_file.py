@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from enrichment.errors import RecordIdError, RecordsFileError
 from enrichment.sources.tabular import CSV, JSONL, read_rows, table_format
@@ -21,10 +21,14 @@ from enrichment.store.schema import ITEM_URI_BASE
 
 MAX_ID_LENGTH = 512  # records.id
 MAX_DATASET_LENGTH = 128  # records.dataset
-FORBIDDEN_IN_ID = frozenset('<>"{}|\\^`?#')
+# What RFC 3987 keeps out of IRIs; an id may not hold `?` or `#` either, which would end its path.
+FORBIDDEN_IN_IRI = frozenset('<>"{}|\\^`')
+FORBIDDEN_IN_ID = FORBIDDEN_IN_IRI | {"?", "#"}
 # Control, format (bidi, zero-width), separators (every whitespace), private use, surrogates.
 FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cs"})
 CSV_COLUMNS = ("id", "image_url")
+ITEM_URI_SCHEMES = ("http", "https")
+EUROPEANA_ITEMS = urlsplit(ITEM_URI_BASE)  # Europeana's item namespace: host and path
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,55 @@ def check_id(value: str) -> None:
         raise RecordIdError(
             f"record id {value!r}: the dataset is over {MAX_DATASET_LENGTH} characters"
         )
+    forbidden = _forbidden_character(value, FORBIDDEN_IN_ID)
+    if forbidden:
+        raise RecordIdError(
+            f"record id {value!r} contains {forbidden}, which an id may not hold: ids become IRIs"
+        )
+
+
+def check_item_uri(item_uri: str, record_id: str) -> str:
+    """`item_uri` if an export can put it in the target of the record's annotations.
+
+    Exports write it as the target's scope (W3C) or as the target itself
+    (Europeana's profile), and Europeana's Annotations API tags that object:
+    so it must be an absolute http(s) URI with a host and nothing an IRI may not
+    hold (whitespace, control and bidi characters, `<>"{}|\\^` and the
+    backtick), and a URI in Europeana's item namespace must be the record's
+    own, or the labels would land on another object.
+    """
+    forbidden = _forbidden_character(item_uri, FORBIDDEN_IN_IRI)
+    if forbidden:
+        raise ValueError(f"'item_uri' {item_uri!r} contains {forbidden}, which a URI may not hold")
+    try:
+        parts = urlsplit(item_uri)
+    except ValueError:  # an unclosed IPv6 bracket
+        parts = None
+    if parts is None or parts.scheme.lower() not in ITEM_URI_SCHEMES or not parts.hostname:
+        raise ValueError(
+            f"'item_uri' {item_uri!r} is not an absolute http or https URI with a host"
+        )
+    own = ITEM_URI_BASE + record_id
+    in_europeana = parts.hostname == EUROPEANA_ITEMS.hostname and parts.path.startswith(
+        EUROPEANA_ITEMS.path + "/"
+    )
+    if in_europeana and item_uri != own:
+        raise ValueError(
+            f"'item_uri' {item_uri!r} is not record {record_id}'s Europeana item URI ({own}): "
+            "give that one, or leave item_uri out"
+        )
+    return item_uri
+
+
+def _forbidden_character(value: str, forbidden: frozenset[str]) -> str | None:
+    """The first character of `value` that is in `forbidden` or in FORBIDDEN_CATEGORIES,
+    named for a message (`SPACE (U+0020)`); None if there is none."""
     for character in value:
-        if character in FORBIDDEN_IN_ID or unicodedata.category(character) in FORBIDDEN_CATEGORIES:
+        if character in forbidden or unicodedata.category(character) in FORBIDDEN_CATEGORIES:
             code = f"U+{ord(character):04X}"
             name = unicodedata.name(character, "")
-            raise RecordIdError(
-                f"record id {value!r} contains {f'{name} ({code})' if name else code}, "
-                "which an id may not hold: ids become IRIs"
-            )
+            return f"{name} ({code})" if name else code
+    return None
 
 
 def parse_timestamp(raw: Any) -> datetime | None:
@@ -118,13 +163,15 @@ def record_from_mapping(fields: Mapping[str, Any]) -> Record:
         raise ValueError(
             f"'timestamp_update' {fields.get('timestamp_update')!r} is not ISO 8601"
         ) from None
-    item_uri = fields.get("item_uri") or ITEM_URI_BASE + record_id
-    if not isinstance(item_uri, str):
-        raise ValueError("'item_uri' must be a string")
+    given_item_uri = _optional_text(fields, "item_uri")
     return Record(
         id=record_id,
         dataset=record_id.split("/")[1],
-        item_uri=item_uri,
+        item_uri=(
+            ITEM_URI_BASE + record_id
+            if given_item_uri is None
+            else check_item_uri(given_item_uri, record_id)
+        ),
         image_url=image_url.strip() if image_url else None,
         provider=_optional_text(fields, "provider"),
         timestamp_update=timestamp,
@@ -147,9 +194,9 @@ def read_records_file(path: Path) -> Iterator[Record]:
     Errors name the file and line, so a 2-million-line export with one bad
     line can be fixed without a search. Refused, rather than guessed at: a CSV
     header without `id` or `image_url` (every record would be `no_image`), a
-    column named twice, and an id on two lines (one of the two image URLs
-    would silently win). A JSON line may leave out `image_url`: that record
-    has no image.
+    column named twice, an id on two lines (one of the two image URLs would
+    silently win), and an item URI that is not the record's (`check_item_uri`).
+    A JSON line may leave out `image_url`: that record has no image.
     """
     fmt = table_format(path, default=JSONL)
     columns = CSV_COLUMNS if fmt == CSV else ()
