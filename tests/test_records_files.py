@@ -113,6 +113,45 @@ def test_a_bom_in_json_lines_is_read_too(tmp_path: Path) -> None:
             b'id,image_url,title\n/d/1,u,"say ""hi"" "now\n',
             r"records\.csv:2: not valid CSV: ',' expected after '\"': a quote inside a quoted",
         ),
+        (
+            "records.csv",
+            b"id,image_url,title\n/d/1,u,t\n/d/2\n",
+            r"records\.csv:3: fewer fields than the header names \(no 'image_url', 'title'\)",
+        ),
+        (
+            "records.jsonl",
+            b'{"id": "/d/1", "id": "/d/2", "image_url": "u"}\n',
+            r"records\.jsonl:1: the key 'id' is given twice",
+        ),
+        (
+            "records.jsonl",
+            b'{"id": "/d/1"}\n{"id": "/d/2", "image_url": "a", "image_url": "b"}\n',
+            r"records\.jsonl:2: the key 'image_url' is given twice",
+        ),
+        ("records.jsonl", b"", r"records\.jsonl:1: the file holds no records"),
+        ("records.jsonl", b"\n  \n", r"records\.jsonl:1: the file holds no records"),
+        ("records.csv", b"id,image_url\n\n", r"records\.csv:2: no records after the CSV header"),
+        (
+            "records.csv",
+            "id,image_url\n/d/1,http://a/é.jpg\n".encode("utf-16"),
+            r"records\.csv:1: looks like UTF-16 text: save the file as UTF-8",
+        ),
+        (
+            "records.csv",
+            "id,image_url\r\n/d/1,u\r\n".encode("utf-16-be"),
+            r"records\.csv:1: looks like UTF-16 text",
+        ),
+        (
+            "records.csv",
+            "id,image_url\n/d/1,u\n".encode("utf-16-le"),
+            r"records\.csv:1: looks like UTF-16 text",
+        ),
+        (
+            "records.csv",
+            b"id,image_url\r/d/1,u\r",
+            r"records\.csv:1: not valid CSV: a carriage return \(CR\) ends a line without a line "
+            r"feed \(LF\), as old Mac files do: save the file with LF or CRLF line endings",
+        ),
     ],
 )
 def test_a_file_that_cannot_be_read_as_records_names_its_line(
@@ -159,6 +198,12 @@ def test_an_id_the_export_could_not_use_is_refused_when_the_file_is_read(
     with pytest.raises(RecordsFileError, match=r"records\.jsonl:2: record id") as caught:
         records(path)
     assert what in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_header_ending_in_an_unnamed_column_needs_no_field_for_it(tmp_path: Path) -> None:
+    path = tmp_path / "records.csv"
+    path.write_text(f"id,image_url,\n/d/1,{URL}\n")
+    assert [(record.id, record.image_url) for record in records(path)] == [("/d/1", URL)]
 
 
 @pytest.mark.parametrize(

@@ -195,8 +195,10 @@ def read_records_file(path: Path) -> Iterator[Record]:
     line can be fixed without a search. Refused, rather than guessed at: a CSV
     header without `id` or `image_url` (every record would be `no_image`), a
     column named twice, an id on two lines (one of the two image URLs would
-    silently win), and an item URI that is not the record's (`check_item_uri`).
-    A JSON line may leave out `image_url`: that record has no image.
+    silently win), an item URI that is not the record's (`check_item_uri`), and
+    a file without records (an export that failed upstream would otherwise end
+    in an empty run that looks like success). A JSON line may leave out
+    `image_url`: that record has no image.
     """
     fmt = table_format(path, default=JSONL)
     columns = CSV_COLUMNS if fmt == CSV else ()
@@ -213,3 +215,9 @@ def read_records_file(path: Path) -> Iterator[Record]:
                 "give each record once"
             )
         yield record
+    if not seen:
+        raise RecordsFileError(
+            f"{path}:2: no records after the CSV header: nothing to enrich"
+            if fmt == CSV
+            else f"{path}:1: the file holds no records (one JSON object a line): nothing to enrich"
+        )

@@ -3,10 +3,11 @@
 Records files and labelled sets are both written by other tools (Excel's "CSV
 UTF-8" with its byte-order mark, pandas, jq), so both go through this one
 reader and fail the same way: one `EnrichError` naming the file and line, for
-a file that is not a regular file, text that is not UTF-8, a binary file, a
-CSV quote that is never closed, a CSV field over `MAX_FIELD` bytes, a header
-that names a column twice, a row with more fields than the header, or a JSON
-line that is not an object.
+a file that is not a regular file, text that is not UTF-8 (UTF-16 is named as
+such), a binary file, a CSV quote that is never closed, a CSV field over
+`MAX_FIELD` bytes, a header that names a column twice, a row with more or fewer
+fields than the header, a JSON line that is not an object or that gives a key
+twice.
 
 Rows come out one at a time; callers that act on a file read it whole first
 (a records file is checked before its run exists, a labelled set is read into
@@ -31,6 +32,7 @@ CSV_SUFFIXES = (".csv",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 MAX_FIELD = 128 * 1024  # csv's own limit, stated here so the message can name it
 BOM = "\ufeff"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,11 @@ def read_rows(
 def _decoded_lines(path: Path, handle: Iterable[bytes], error: type[EnrichError]) -> Iterator[str]:
     """Each line as text, decoded on its own so a bad byte is named by its line."""
     for number, raw in enumerate(handle, start=1):
-        if b"\0" in raw:
+        utf16_bom = number == 1 and raw.startswith(UTF16_BOMS)
+        if utf16_bom or b"\0" in raw:
+            if utf16_bom or _alternate_nuls(raw):
+                # Excel's "Unicode Text" and Windows PowerShell's Out-File write UTF-16.
+                raise error(f"{path}:{number}: looks like UTF-16 text: save the file as UTF-8")
             raise error(
                 f"{path}:{number}: contains a NUL byte: "
                 "not a text file (an image or another binary file?)"
@@ -106,6 +112,17 @@ def _decoded_lines(path: Path, handle: Iterable[bytes], error: type[EnrichError]
                 f"column {failure.start + 1}): save the file as UTF-8"
             ) from None
         yield text.removeprefix(BOM) if number == 1 else text
+
+
+def _alternate_nuls(raw: bytes) -> bool:
+    """Whether every other byte of a line is NUL, as in UTF-16 text of Latin script.
+
+    Binary files (images) hold NULs too, but at odd and even offsets alike.
+    """
+    line = raw.rstrip(b"\r\n")
+    if len(line) < 4 or not line.strip(b"\0"):
+        return False
+    return not line[0::2].strip(b"\0") or not line[1::2].strip(b"\0")
 
 
 def _csv_rows(
@@ -138,6 +155,15 @@ def _csv_rows(
             if any(value.strip() for value in values):
                 if len(values) > len(names):
                     raise error(f"{path}:{start}: more fields than the header names")
+                missing = [name for name in names[len(values) :] if name]
+                if missing:
+                    # Not read as empty: a row cut short (or run together with the next)
+                    # would silently lose its image URL or title.
+                    raise error(
+                        f"{path}:{start}: fewer fields than the header names (no "
+                        f"{', '.join(map(repr, missing))}): end the row with commas for "
+                        "fields meant to be empty"
+                    )
                 fields = {name: value for name, value in zip(names, values, strict=False) if name}
                 yield Row(start, fields)
             start = reader.line_num + 1
@@ -151,9 +177,32 @@ def _csv_reason(reason: str) -> str:
         return f"a field is longer than {MAX_FIELD // 1024} KiB (an unclosed quote?)"
     if reason == "unexpected end of data":
         return "a quote opened on this line is never closed"
+    if "new-line character seen in unquoted field" in reason:
+        return (
+            "a carriage return (CR) ends a line without a line feed (LF), as old Mac files "
+            "do: save the file with LF or CRLF line endings"
+        )
     if "expected after" in reason:
         return f'{reason}: a quote inside a quoted field is written twice ("")'
     return reason
+
+
+class _RepeatedKey(Exception):
+    """A JSON object gives one key twice; json.loads would keep the last value silently."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for json.loads: an object, refused if it names a key twice."""
+    fields: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in fields:
+            raise _RepeatedKey(key)
+        fields[key] = value
+    return fields
 
 
 def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> Iterator[Row]:
@@ -161,7 +210,12 @@ def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> I
         if not text.strip():
             continue
         try:
-            fields = json.loads(text)
+            fields = json.loads(text, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as repeated:
+            raise error(
+                f"{path}:{number}: the key {repeated.key!r} is given twice: "
+                "one of its values would be silently ignored"
+            ) from None
         except json.JSONDecodeError as failure:
             raise error(
                 f"{path}:{number}: not valid JSON ({failure.msg} at column {failure.colno})"
