@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,7 +17,7 @@ from enrichment.config import DEFAULT_HOST_LIMITS, Settings
 from enrichment.errors import ConfigError
 from enrichment.media import hosts
 from enrichment.media.fetch import Fetcher
-from enrichment.media.hosts import DOWN_AFTER, DOWN_FOR, OK, SILENT, HostDown, HostPacer
+from enrichment.media.hosts import DOWN_AFTER, DOWN_FOR, HostDown, HostPacer
 from tests.conftest import image_bytes
 from tests.services import ImageHost
 from tests.test_host_turns import held
@@ -238,38 +239,129 @@ def test_cli_refuses_a_bad_allow_list_at_start_up(tmp_path) -> None:
     ]
 
 
-@pytest.fixture
-def silent_host() -> Iterator[tuple[str, list[socket.socket]]]:
-    """A server that takes every connection and never answers: a hung museum server."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    taken: list[socket.socket] = []
+@dataclass
+class SilentHost:
+    """A server that takes every connection and never answers (a hung museum server) until
+    it is told to `answer`: then it answers each request with an image."""
 
-    def take() -> None:
+    listener: socket.socket = field(
+        default_factory=lambda: socket.create_server(("127.0.0.1", 0), backlog=1024)
+    )
+    taken: list[socket.socket] = field(default_factory=list)
+    answering: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._take, daemon=True).start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _take(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                taken.append(listener.accept()[0])
+                connection = self.listener.accept()[0]
+                self.taken.append(connection)
+                if self.answering.is_set():
+                    threading.Thread(target=self._answer, args=(connection,)).start()
 
-    threading.Thread(target=take, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
-    listener.close()
-    for connection in taken:
-        connection.close()
+    def _answer(self, connection: socket.socket) -> None:
+        with contextlib.suppress(OSError), connection:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(4096)
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(PICTURE)}"
+            connection.sendall(f"{head}\r\nConnection: close\r\n\r\n".encode() + PICTURE)
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.taken:
+            connection.close()
 
 
-def test_a_host_that_answers_nothing_is_not_asked_again_for_a_while(
-    silent_host: tuple[str, list[socket.socket]],
-) -> None:
+@pytest.fixture
+def silent() -> Iterator[SilentHost]:
+    server = SilentHost()
+    yield server
+    server.close()
+
+
+def test_a_host_that_answers_nothing_is_not_asked_again_for_a_while(silent: SilentHost) -> None:
     """Halving alone took a silent host to one download at a time, each waiting out its whole
     deadline (32 images: 28 s at a 1 s deadline; a dataset of thousands: a day). After
-    `DOWN_AFTER` silent tries the rest end at once, and the host is asked no more."""
-    base, taken = silent_host
-    settings = dataclasses.replace(BASE, fetch_timeout=0.5)
-    fetcher, reasons = fetch_all(settings, [f"{base}/hung/{n}.jpg" for n in range(40)])
-    assert set(reasons) == {"timeout", "host_unreachable"}
-    assert reasons.count("timeout") == DOWN_AFTER
-    assert len(taken) == DOWN_AFTER, "no request went to the host once it was found down"
+    `DOWN_AFTER` silent tries the rest end at once, and the host is asked no more. With
+    the defaults' shape (the read timeout half the deadline), so that a retry cut short by
+    the deadline counts as silence too, not as news."""
+    settings = dataclasses.replace(BASE, fetch_timeout=1.0, fetch_read_timeout=0.5)
+    fetcher, reasons = fetch_all(settings, [f"{silent.base}/hung/{n}.jpg" for n in range(40)])
+    assert "host_unreachable" in reasons and set(reasons) <= {"timeout", "host_unreachable"}
+    assert reasons.count("timeout") <= DOWN_AFTER
+    # Two tries a download before (80 connections); now those under way when it went down.
+    assert len(silent.taken) < 2 * DOWN_AFTER, "no request went to the host once it was down"
     [outage] = fetcher.pacer.outages.values()
     assert outage.until > time.monotonic() and outage.length == DOWN_FOR
+    assert f"none of the last {outage.unanswered} requests" in str(HostDown(outage))
+
+
+def test_a_host_of_its_own_is_waited_for_and_probed_one_download_at_a_time(
+    silent: SilentHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's own source (a limit of its own: the thumbnail service) is not given up on:
+    downloads wait out its outage, one probes it at a time, and when it answers again
+    they all come, instead of thousands of records failing during a blip."""
+    monkeypatch.setattr(hosts, "DOWN_FOR", 0.3)
+    settings = dataclasses.replace(
+        BASE, fetch_timeout=3.0, fetch_read_timeout=0.5, fetch_host_limits=(("127.0.0.1", 4),)
+    )
+    fetcher = Fetcher(settings)
+    try:
+        futures = [
+            fetcher.fetch_then(f"{silent.base}/wait/{n}.jpg", lambda r: r) for n in range(24)
+        ]
+        deadline = time.monotonic() + 30
+        while not fetcher.pacer.outages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        [outage] = fetcher.pacer.outages.values()
+        while outage.until == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        asked_when_down = len(silent.taken)
+        time.sleep(1.0)
+        probes = len(silent.taken) - asked_when_down
+        silent.answering.set()
+        reasons = [future.result(timeout=30).error_reason for future in futures]
+    finally:
+        fetcher.close()
+    assert outage.length > 0 or outage.unanswered == 0
+    # One probe (two at most in a second), with a connection or two of the downloads under
+    # way when it went down: not the twenty waiting downloads at once.
+    assert probes <= 4, "one download at a time probes a host that is down"
+    # Only downloads that had asked before it went down failed (each asked at least once);
+    # those that waited for it all came.
+    assert 0 < 24 - reasons.count(None) <= asked_when_down < 24, reasons
+
+
+def test_retries_to_a_host_found_down_stop(host: ImageHost) -> None:
+    """A host that takes connections and drops them at once: the downloads already under
+    way stop retrying it once it is down (they tried four times each before)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    dropped: list[int] = []
+
+    def drop() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                listener.accept()[0].close()
+                dropped.append(1)
+
+    threading.Thread(target=drop, daemon=True).start()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    settings = dataclasses.replace(BASE, fetch_host_limits=(("127.0.0.1", 32),))
+    try:
+        _, reasons = fetch_all(settings, [f"{base}/drop/{n}.jpg" for n in range(32)])
+    finally:
+        listener.close()
+    assert "host_unreachable" in reasons
+    # aiohttp itself tries a dropped connection twice: 64 for one attempt each, 256 for four.
+    assert len(dropped) < 32 * 2 * 2, f"{len(dropped)} connections: retries went on"
 
 
 def test_a_host_whose_port_is_closed_is_given_up_after_a_few_tries(host: ImageHost) -> None:
@@ -295,27 +387,31 @@ def test_a_host_that_answers_errors_is_never_down(host: ImageHost) -> None:
 
 
 def test_a_down_host_is_probed_when_its_time_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Silence again after the wait doubles it; any answer ends the state."""
+    """Silence again after the wait doubles it; any answer ends the state; tries that say
+    nothing either way (not heard) neither count nor end it."""
     monkeypatch.setattr(hosts, "DOWN_FOR", 0.2)
     pacer = HostPacer(start=4, ceiling=4, overrides=(), total=10, max_pause=1)
 
-    async def tries(signal: str, n: int) -> None:
+    async def tries(answered: bool | None, n: int) -> None:
         for _ in range(n):
             async with held(pacer, "h") as slot:
-                slot.report(signal, time.monotonic(), None if signal == SILENT else 0.01, None)
+                if answered is not None:
+                    slot.heard(answered)
 
-    asyncio.run(tries(SILENT, DOWN_AFTER))
+    asyncio.run(tries(False, DOWN_AFTER))
     outage = pacer.outages["h"]
     assert outage.length == 0.2
     with pytest.raises(HostDown, match="none of the last 8 requests"):
-        asyncio.run(tries(OK, 1))
+        asyncio.run(tries(True, 1))
     time.sleep(0.25)
-    asyncio.run(tries(SILENT, 1))  # the probe, unanswered
+    asyncio.run(tries(None, 1))  # a probe that learnt nothing (our own deadline, say)
+    assert outage.suspect and outage.length == 0.2
+    asyncio.run(tries(False, 1))  # the probe, unanswered
     assert outage.length == 0.4 and outage.until > time.monotonic()
     time.sleep(0.45)
-    asyncio.run(tries(OK, 1))  # the probe, answered
-    assert outage.length == 0 and outage.unanswered == 0
-    asyncio.run(tries(SILENT, DOWN_AFTER - 1))
+    asyncio.run(tries(True, 1))  # the probe, answered
+    assert outage.length == 0 and outage.unanswered == 0 and not outage.suspect
+    asyncio.run(tries(False, DOWN_AFTER - 1))
     assert outage.until < time.monotonic(), "it takes DOWN_AFTER silent tries again"
 
 

@@ -71,7 +71,7 @@ from enrichment.media.guard import (
     refused_literal,
 )
 from enrichment.media.handlers import Handlers
-from enrichment.media.hosts import BUSY, NEUTRAL, OK, SILENT, HostDown, HostPacer, PacerClosed, Slot
+from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostDown, HostPacer, PacerClosed, Slot
 from enrichment.media.results import FetchResult, classify, short, timed_out
 
 __all__ = [
@@ -97,7 +97,7 @@ RETRYABLE = frozenset(
 # Failures that may pass on a later try: a harvest or the next run tries them again.
 PASSING = RETRYABLE | {"host_unreachable"}
 # What an attempt's failure says about its host's load (see enrichment.media.hosts), and
-# which failures, before any answer came, say the host may be down.
+# which failures, where no answer came to a request sent, are its origin's silence.
 BUSY_REASONS = frozenset({"http_429", "http_503", "timeout", "connection_error"})
 SILENT_REASONS = frozenset({"timeout", "connection_error"})
 
@@ -366,6 +366,9 @@ class Fetcher:
             reason = result.error_reason
             sent = tried.sent or began
             slot = turn.slot  # None only where the deadline cut the wait for a host's turn
+            heard = tried.answered is not None
+            if slot is not None and (heard or (reason in SILENT_REASONS and tried.sent)):
+                slot.heard(heard)  # an answer of any kind, or silence to a request sent
             if reason is None:
                 latency = tried.answered - sent if tried.answered else None
                 if slot is not None:
@@ -377,11 +380,13 @@ class Fetcher:
                     slot.report(NEUTRAL, sent, None, None)
                 return host_said
             elif slot is not None:
-                silent = reason in SILENT_REASONS and tried.answered is None
-                signal = SILENT if silent else BUSY if reason in BUSY_REASONS else NEUTRAL
+                signal = BUSY if reason in BUSY_REASONS else NEUTRAL
                 slot.report(signal, sent, None, tried.retry_after)
             if reason not in RETRYABLE or attempt == MAX_RETRIES:
                 break
+            if slot is not None and slot.outage.until > time.monotonic():
+                # Found down meanwhile (this try may have been the last straw): ask no more.
+                return FetchResult.failed(url, "host_unreachable", str(HostDown(slot.outage)))
             host_said = result
             pause = tried.retry_after if tried.retry_after is not None else _backoff(attempt)
             if pause >= end - self._loop.time():
@@ -436,10 +441,9 @@ class Fetcher:
                     hop = _hop(original, url, self.policy)
                     if isinstance(hop, FetchResult):
                         return hop, None
+                    slot.heard(True)
                     if _host_key(hop) != slot.host:  # leaving this host: its answer counts
                         slot.report(OK, asked_at, answered - asked_at, None)
-                    else:  # the host's limit judges the last answer; this origin did answer
-                        slot.outage.record(OK)
                     target = hop
                     continue
                 if response.status != 200:

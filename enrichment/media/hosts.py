@@ -20,15 +20,21 @@ control:
   also pauses new requests to that host; then the limit grows back by one per
   window of good answers.
 - a host (on one port: an origin) that answers nothing at all (`DOWN_AFTER` tries
-  in a row time out or are refused, with no answer of any kind between them) is
-  *down*: for `DOWN_FOR` seconds, doubled each time it is found down again (at
-  most `DOWN_FOR_MAX`), no request goes to it, and the downloads waiting for its
-  turn or coming to it end at once as `host_unreachable` (`HostDown`), which the
-  next run retries. Without this, the halving would take a dead museum server to
-  one download at a time, each waiting out its whole deadline: a day for a
-  dataset of a few thousand images. When the time is up, the next download is
-  let through as a probe: an answer of any kind ends the state; silence starts
-  it again, for twice as long.
+  in a row time out before any header or are refused, with no answer of any kind
+  between them) is *down* for `DOWN_FOR` seconds, doubled each time it is found
+  down again (at most `DOWN_FOR_MAX`): no request goes to it, and the downloads
+  that were retrying it stop. The downloads waiting for its turn or coming to it
+  end at once as `host_unreachable` (`HostDown`), which the next run retries;
+  but a host with a limit of its own (the operator's, or Europeana's thumbnail
+  service) is the run's source, not one museum among many, so there they first
+  wait, as for a Retry-After, for as long as one fetch may take
+  (ENRICH_FETCH_TIMEOUT): a blip costs a stall, not thousands of failed records,
+  and a host that stays away still ends every download in bounded time.
+  Without this, the halving took a dead museum server to one download at a
+  time, each waiting out its whole deadline: a day for a dataset of a few
+  thousand images. When the time is up, one download at a
+  time is let through as a probe: an answer of any kind ends the state, silence
+  starts it again for twice as long.
 
 Growth is judged over a window of at least `MIN_WINDOW` answers, so a short
 burst never raises a limit on the strength of a few lucky timings.
@@ -60,10 +66,8 @@ DOWN_FOR_MAX = 900.0
 # Answers within this many seconds of the best count as no slower: sub-millisecond
 # local answers and a busy client's own scheduling jitter by that much.
 SLOWER_SLACK = 0.05
-# Signals: what a finished attempt tells the limiter about the host. SILENT: no answer at
-# all (a timeout before any headers, a refused or reset connection); BUSY: it answered
-# 429 or 503, or timed out in the body.
-OK, BUSY, NEUTRAL, SILENT = "ok", "busy", "neutral", "silent"
+# Signals: what a finished attempt tells the limiter about the host's load.
+OK, BUSY, NEUTRAL = "ok", "busy", "neutral"
 
 
 @dataclass
@@ -91,7 +95,7 @@ class HostLimit:
     ) -> None:
         """Adjust the limit after one attempt that began at `began` (time.monotonic)."""
         now = time.monotonic()
-        if signal in (BUSY, SILENT):
+        if signal == BUSY:
             if began > self.cut_at:
                 self.limit = max(1, self.limit // 2)
                 self.threshold = self.limit
@@ -124,20 +128,30 @@ class Outage:
     """Whether one origin (a host and port) answers at all; see the module's docstring.
 
     Kept per origin, not per host: a museum's image server on one port may be down while
-    its web server on another answers."""
+    its web server on another answers. Only answers and silences count: a try that ended
+    for another reason (our own deadline while waiting, a name that did not resolve)
+    says nothing either way."""
 
-    unanswered: int = 0  # tries in a row that got no answer at all (SILENT)
+    unanswered: int = 0  # tries in a row that got no answer at all
     until: float = 0.0  # no request goes to the origin before then (time.monotonic)
     length: float = 0.0  # how long it was last held down; 0 once it answers
+    in_flight: int = 0  # downloads holding a turn at this origin
 
-    def record(self, signal: str) -> bool:
-        """Count one try's signal; True when it finds the origin down."""
-        if signal != SILENT:
-            self.unanswered, self.length = 0, 0.0
-            return False
+    @property
+    def suspect(self) -> bool:
+        """Found down, and not yet heard from since: one download at a time probes it."""
+        return self.unanswered >= DOWN_AFTER
+
+    def heard(self, answered: bool) -> bool:
+        """Count one try: any answer, or none at all. True when that changed the state
+        (found down, or back): the downloads waiting for the origin must look again."""
+        if answered:
+            back = self.suspect
+            self.unanswered, self.until, self.length = 0, 0.0, 0.0
+            return back
         self.unanswered += 1
         now = time.monotonic()
-        if self.unanswered < DOWN_AFTER or self.until > now:
+        if not self.suspect or self.until > now:
             return False
         self.length = min(DOWN_FOR_MAX, 2 * self.length or DOWN_FOR)
         self.until = now + self.length
@@ -232,6 +246,7 @@ class HostPacer:
         await self._wait_for_turn(limit, outage)
         limit.in_use += 1
         limit.most = max(limit.most, limit.in_use)
+        outage.in_flight += 1
         if not limit.fixed:
             self.total_in_use += 1
             self.total_most = max(self.total_most, self.total_in_use)
@@ -252,16 +267,23 @@ class HostPacer:
         wake-up on, so that the slot is never left free while another could use it.
         """
         woken_by: deque[asyncio.Future[bool]] | None = None
+        patience: float | None = None  # how long a host of its own is waited for, when down
         while True:
             if self.closed:
                 raise PacerClosed("the fetcher closed before this download's turn")
             now = time.monotonic()
-            if outage.until > now:
+            if outage.until > now and limit.fixed and patience is None:
+                patience = now + self.max_pause
+            if outage.until > now and (patience is None or now >= patience):
                 if woken_by is not None:
                     _wake(woken_by)  # another download may use the turn
                 raise HostDown(outage)
             timeout: float | None = None
-            if limit.paused_until > now:
+            if outage.until > now:  # a host of its own, waited for as long as a fetch takes
+                queue, timeout = limit.turn, min(outage.until, patience or now) - now
+            elif outage.suspect and outage.in_flight:  # one probe at a time
+                queue = limit.turn
+            elif limit.paused_until > now:
                 queue, timeout = limit.turn, limit.paused_until - now
             elif limit.in_use >= limit.limit:
                 queue = limit.turn
@@ -343,7 +365,10 @@ class Slot:
     ) -> None:
         """How the attempt sent at `began` (time.monotonic) went."""
         self.pacer.record(self.limit, signal, began, latency, retry_after)
-        if self.outage.record(signal):  # found down: the downloads waiting for it end now
+
+    def heard(self, answered: bool) -> None:
+        """Whether the attempt got any answer from its origin (`Outage.heard`)."""
+        if self.outage.heard(answered):  # down, or back: every download waiting looks again
             _wake(self.limit.turn, len(self.limit.turn))
 
     def move_to(self, origin: str) -> None:
@@ -354,10 +379,13 @@ class Slot:
         outage = self.pacer.outages.setdefault(origin, Outage())
         if outage.until > time.monotonic():
             raise HostDown(outage)
+        self.outage.in_flight -= 1
+        outage.in_flight += 1
         self.origin, self.outage = origin, outage
 
     def release(self) -> None:
         """Give the place back (once; again is a no-op) and wake the next download for it."""
         if not self.released:
             self.released = True
+            self.outage.in_flight -= 1
             self.pacer._release(self.limit)
