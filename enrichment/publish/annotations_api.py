@@ -477,10 +477,12 @@ class AnnotationsAPI:
         """
         data = json.dumps(body).encode() if body is not None else None
         where = f"{method} {url}"
-        if self._closing.is_set():
-            raise AnnotationsAPIError(f"{where}: not sent, the client is closing")
         try:
             with self._deadlines.call() as deadline:
+                # Checked inside the deadline: `abort` closes first, then expires every
+                # deadline entered, so a call is either refused here or cut off.
+                if self._closing.is_set():
+                    raise AnnotationsAPIError(f"{where}: not sent, the client is closing")
                 response = session.request(
                     method,
                     url,

@@ -13,7 +13,10 @@ the worker writes them), and a result's status follows (`labelled` or `below_thr
 The next publish then withdraws and creates accordingly, as after any change of labels.
 
 It runs in the caller's transaction (the run's registration), `BATCH` results at a time
-in record order, before the review index is rebuilt from these labels.
+in record order, before the review index is rebuilt from these labels. A classified
+result without stored scores (none is written so) has nothing to decide from and keeps
+its labels. Workers started before the registration still label by the thresholds they
+loaded until they are restarted, as they did before.
 """
 
 from __future__ import annotations
