@@ -89,11 +89,12 @@ from enrichment.media.cpus import feeders_per_gpu, usable_cpus
 from enrichment.media.decode import Preprocessing, decode
 from enrichment.media.fetch import Fetcher, FetchResult
 from enrichment.model.classifier import Classifier
-from enrichment.model.spec import ModelSpec, decide
+from enrichment.model.spec import ModelSpec
 from enrichment.runs import inprocess, pipeline, service
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
 from enrichment.store.writes import LabelScore
+from enrichment.thresholds import decide
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "demo" / "model"

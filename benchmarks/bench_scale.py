@@ -61,7 +61,6 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from enrichment.model.spec import decide
 from enrichment.runs.service import europeana_scope
 from enrichment.sources.europeana import SearchQuery, whole_collection_query
 from enrichment.sources.records_file import ITEM_URI_BASE
@@ -69,6 +68,7 @@ from enrichment.store import schema, writes
 from enrichment.store.database import Database
 from enrichment.store.schema import Base, Run, RunStatus
 from enrichment.store.writes import register_model
+from enrichment.thresholds import decide
 
 SIZES = (100_000, 1_000_000)
 QUICK_SIZES = (20_000, 200_000)
