@@ -94,7 +94,7 @@ from enrichment.runs import inprocess, pipeline, service
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
 from enrichment.store.writes import LabelScore
-from enrichment.thresholds import decide
+from enrichment.thresholds import DecisionRule, decide
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "demo" / "model"
@@ -125,6 +125,7 @@ class StandInModel:
         self.version = "stand-in@000000000000"
         self.seconds = seconds_per_image
         self.thresholds = np.asarray([label.threshold for label in self.spec.classes])
+        self.rule = DecisionRule.of(self.thresholds, 0)
         weights = np.array([CLASS_WEIGHTS.get(label.key, 1) for label in self.spec.classes])
         self.weights = weights / weights.sum()
         self.rng = np.random.default_rng(26)

@@ -9,6 +9,9 @@ module of its own at the bottom of the flow, since the store may not import the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -32,3 +35,27 @@ def decide(scores: np.ndarray, thresholds: np.ndarray, top_k_fallback: int = 0) 
         np.put_along_axis(fallback, best, True, axis=1)
         chosen[empty] = fallback
     return chosen
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """A model version's way of deciding labels: its class thresholds (in score order) and
+    its top-k fallback.
+
+    A worker loads one with its model; the store keeps the registered one, which a
+    recalibration changes under a worker still running. The store compares the two when
+    it writes a batch (`store.batches.finish_batch`), so a batch decided by an older rule
+    is decided again by the registered one.
+    """
+
+    thresholds: tuple[float, ...]
+    top_k_fallback: int = 0
+
+    @classmethod
+    def of(cls, thresholds: Iterable[float], top_k_fallback: int | None) -> DecisionRule:
+        """The rule from thresholds in any form (a JSON list, a numpy array), as floats, so
+        that rules compare equal whatever they were read from."""
+        return cls(tuple(float(value) for value in thresholds), int(top_k_fallback or 0))
+
+    def decide(self, scores: np.ndarray) -> np.ndarray:
+        return decide(scores, np.asarray(self.thresholds), self.top_k_fallback)

@@ -9,16 +9,19 @@ record afresh with the new thresholds stores (`export_support.labels_of`).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from enrichment.store.batches import as_registered
 from enrichment.store.database import Database
 from enrichment.store.review_tables import ReviewItem
-from enrichment.store.schema import Label, Result
-from enrichment.store.writes import register_model
-from enrichment.thresholds import decide
+from enrichment.store.schema import Label, Outcome, Result
+from enrichment.store.writes import LabelScore, RecordOutcome, register_model, save_outcomes
+from enrichment.thresholds import DecisionRule, decide
 from tests.conftest import upgraded_database
 from tests.export_support import (
     KEYS,
@@ -31,6 +34,10 @@ from tests.export_support import (
 )
 
 RECALIBRATED = {"map": 0.7, "photograph": 0.25}  # one class stricter, one looser
+RECALIBRATED_THRESHOLDS = [
+    RECALIBRATED.get(key, own) for key, own in zip(KEYS, OWN_THRESHOLDS, strict=True)
+]
+LOADED = DecisionRule.of(OWN_THRESHOLDS, 0)  # what a worker started before the recalibration holds
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -66,8 +73,7 @@ def recalibrate(db: Database, version: str, thresholds: list[float], top_k: int 
 def test_new_thresholds_decide_the_versions_labels_again(db: Database) -> None:
     catalogue = build_catalogue(db)
     new_labels_before, _ = stored(db, NEW)
-    thresholds = [RECALIBRATED.get(key, own) for key, own in zip(KEYS, OWN_THRESHOLDS, strict=True)]
-    recalibrate(db, OLD, thresholds)
+    recalibrate(db, OLD, RECALIBRATED_THRESHOLDS)
 
     labels, statuses = stored(db, OLD)
     expected = {
@@ -126,3 +132,70 @@ def test_registering_the_same_thresholds_again_changes_nothing(db: Database) -> 
         for record_id, found in before[0].items()
         if any(key != "coin" for key in found)
     }
+
+
+def decided_by(rule: DecisionRule, scores: dict[str, list[float]]) -> list[RecordOutcome]:
+    """Outcomes as a worker holding `rule` writes them for these records' scores."""
+    chosen = rule.decide(np.asarray(list(scores.values()))).tolist()
+    outcomes = []
+    for (record_id, vector), given in zip(scores.items(), chosen, strict=True):
+        labels = [
+            LabelScore(entry["key"], entry["concept"], score)
+            for entry, score, on in zip(MODEL_LABELS, vector, given, strict=True)
+            if on
+        ]
+        status = Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD
+        outcomes.append(RecordOutcome(record_id, status, vector, labels))
+    return outcomes
+
+
+def write_batch(db: Database, outcomes: list[RecordOutcome], rule: DecisionRule) -> None:
+    """A batch's write as `store.batches.finish_batch` makes it."""
+    with db.transaction() as session:
+        save_outcomes(session, None, OLD, as_registered(session.connection(), OLD, outcomes, rule))
+
+
+def test_a_batch_labelled_by_thresholds_since_recalibrated_gets_the_registered_ones(
+    db: Database,
+) -> None:
+    catalogue = build_catalogue(db)
+    scores = {record_id: by[OLD] for record_id, by in catalogue.results.items()}
+    outcomes = decided_by(LOADED, scores)
+    with db.transaction() as session:
+        kept = as_registered(session.connection(), OLD, outcomes, LOADED)
+    assert kept is outcomes, "a batch decided by the registered rule is written as it is"
+
+    recalibrate(db, OLD, RECALIBRATED_THRESHOLDS)
+    write_batch(db, outcomes, LOADED)  # a worker loaded before the recalibration
+    labels, statuses = stored(db, OLD)
+    expected = {r: found for r, s in scores.items() if (found := labels_of(s, RECALIBRATED))}
+    assert labels == expected
+    assert statuses == {r: "labelled" if r in expected else "below_threshold" for r in scores}
+    by_old_rule = {r: labels_of(s) for r, s in scores.items()}
+    assert expected != {r: found for r, found in by_old_rule.items() if found}
+
+
+def test_a_batch_written_while_a_recalibration_registers_waits_and_takes_its_rule(
+    pg_url: str,
+) -> None:
+    """The race the lock closes: the registration relabels what is stored in its
+    transaction; a batch decided by the old rule and committed after that relabelling
+    passed, but read the rule before the registration committed, would keep old labels."""
+    db = Database(pg_url)
+    db.upgrade()
+    catalogue = build_catalogue(db)
+    scores = {record_id: by[OLD] for record_id, by in catalogue.results.items()}
+    outcomes = decided_by(LOADED, scores)
+    written = threading.Event()
+    with db.transaction() as session:
+        register_model(
+            session, OLD, "pilot", "resnet18", MODEL_LABELS, RECALIBRATED_THRESHOLDS
+        )  # relabelled and not yet committed
+        writer = threading.Thread(target=lambda: (write_batch(db, outcomes, LOADED), written.set()))
+        writer.start()
+        assert not written.wait(1.0), "the batch waits for the registration to commit"
+    writer.join(30)
+    assert written.is_set()
+    expected = {r: found for r, s in scores.items() if (found := labels_of(s, RECALIBRATED))}
+    assert stored(db, OLD)[0] == expected
+    db.dispose()

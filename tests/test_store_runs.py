@@ -20,8 +20,18 @@ from enrichment.store import batches, runs, workers
 from enrichment.store.database import Database
 from enrichment.store.query import run_summary
 from enrichment.store.runs import ModelRegistration, PreviousRun
-from enrichment.store.schema import Batch, BatchStatus, Outcome, Result, Run, RunStatus, utc_now
-from enrichment.store.writes import RecordOutcome
+from enrichment.store.schema import (
+    Batch,
+    BatchStatus,
+    Label,
+    Outcome,
+    Result,
+    Run,
+    RunStatus,
+    utc_now,
+)
+from enrichment.store.writes import LabelScore, RecordOutcome
+from enrichment.thresholds import DecisionRule
 
 VERSION = "tiny@000000000000"
 MODEL = ModelRegistration(
@@ -321,6 +331,25 @@ def test_finishing_a_batch_writes_its_outcomes_and_stored_scores_are_found(db: D
     assert _statuses(db, run_id) == {batch_id: BatchStatus.DONE}
     assert batches.stored_scores(db, VERSION, ["aa", "bb", "cc"]) == {"aa": [0.9], "bb": [0.1]}
     assert batches.stored_scores(db, "other@1", ["aa"]) == {}
+
+
+def test_a_batch_decided_by_other_thresholds_is_stored_as_the_registered_ones_decide(
+    db: Database,
+) -> None:
+    """A worker holding thresholds from before a recalibration (0.15 against the registered
+    0.5) passes them with its outcomes; the registered ones decide."""
+    run_id, (batch_id,) = _run_with_batches(db, 1)
+    batches.start_batch(db, batch_id, max_attempts=3, heartbeat=True)
+    outcomes = [
+        RecordOutcome("/d/1", Outcome.BELOW_THRESHOLD, [0.9]),
+        RecordOutcome("/d/2", Outcome.LABELLED, [0.2], [LabelScore("a", "urn:a", 0.2)]),
+    ]
+    batches.finish_batch(db, batch_id, run_id, VERSION, outcomes, DecisionRule((0.15,)))
+    with db.transaction() as session:
+        stored = dict(session.execute(sa.select(Result.record_id, Result.status)).all())
+        labels = session.execute(sa.select(Label.record_id, Label.confidence)).all()
+    assert stored == {"/d/1": Outcome.LABELLED, "/d/2": Outcome.BELOW_THRESHOLD}
+    assert labels == [("/d/1", 0.9)]
 
 
 def _run_with_batches(

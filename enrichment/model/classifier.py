@@ -30,7 +30,7 @@ from enrichment.model.spec import (
     write_model_json,
 )
 from enrichment.store.writes import LabelScore
-from enrichment.thresholds import decide
+from enrichment.thresholds import DecisionRule, decide
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
@@ -119,6 +119,7 @@ class Classifier:
         self.network = network
         self.device = device
         self.thresholds = np.asarray(spec.thresholds, dtype=np.float64)
+        self.rule = DecisionRule.of(spec.thresholds, spec.top_k_fallback)
 
     @classmethod
     def load(cls, directory: Path, device: torch.device | None = None) -> Classifier:

@@ -192,7 +192,7 @@ class InProcessDispatcher:
             self._finished(sum(report.outcomes.values()))
 
     def _commit(self, db: Database, started: StartedBatch, classified: Classified):
-        return commit_batch(db, started, self.classifier.version, classified)
+        return commit_batch(db, started, self.classifier, classified)
 
     def _give_up(self, db: Database, batch_id: int, poison: AttemptsExhausted) -> None:
         """Mark a batch that used up its attempts failed; a database that fails meanwhile

@@ -15,13 +15,19 @@ from enrichment.store.batches import finish_batch, give_up_batch, touch_heartbea
 from enrichment.store.database import Database
 from enrichment.store.runs import complete_run_if_done
 from enrichment.store.writes import RecordOutcome
+from enrichment.thresholds import DecisionRule
 
 
 def commit_outcomes(
-    db: Database, batch_id: int, run_id: int, version: str, outcomes: Sequence[RecordOutcome]
+    db: Database,
+    batch_id: int,
+    run_id: int,
+    version: str,
+    outcomes: Sequence[RecordOutcome],
+    decided_by: DecisionRule | None = None,
 ) -> None:
     """Store a batch's outcomes and mark it done; then its run, if it was the last batch."""
-    finish_batch(db, batch_id, run_id, version, outcomes)
+    finish_batch(db, batch_id, run_id, version, outcomes, decided_by)
     complete_run_if_done(db, run_id)
 
 

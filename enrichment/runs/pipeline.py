@@ -165,10 +165,20 @@ def classify_started(
 
 
 def commit_batch(
-    db: Database, started: StartedBatch, version: str, classified: Classified
+    db: Database, started: StartedBatch, classifier: Classifier, classified: Classified
 ) -> BatchReport:
-    """Write the batch's outcomes and mark it done, in one transaction; then maybe the run."""
-    commit_outcomes(db, started.batch_id, started.run_id, version, classified.outcomes)
+    """Write the batch's outcomes and mark it done, in one transaction; then maybe the run.
+
+    The classifier's rule goes with them: a recalibration registered since it was loaded
+    decides their labels instead (`store.batches.as_registered`)."""
+    commit_outcomes(
+        db,
+        started.batch_id,
+        started.run_id,
+        classifier.version,
+        classified.outcomes,
+        classifier.rule,
+    )
     counts: dict[str, int] = {}
     for outcome in classified.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -209,7 +219,7 @@ def process_batch(
         return skipped_report(db, batch_id)
     with heartbeat.beating(batch_id) if heartbeat is not None else nullcontext():
         classified = classify_started(db, started, classifier, inference_batch)
-        return commit_batch(db, started, classifier.version, classified)
+        return commit_batch(db, started, classifier, classified)
 
 
 def prepare_record(

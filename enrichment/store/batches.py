@@ -16,23 +16,27 @@ the worker hands it back to its version's queue, and it is never failed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+import numpy as np
 import sqlalchemy as sa
 
+from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.schema import (
     FINISHED_BATCHES,
     Batch,
     BatchStatus,
+    ModelRow,
     Outcome,
     RecordRow,
     Result,
     Run,
     utc_now,
 )
-from enrichment.store.writes import RecordOutcome, save_outcomes
+from enrichment.store.writes import LabelScore, RecordOutcome, save_outcomes
+from enrichment.thresholds import DecisionRule
 
 
 class AttemptsExhausted(Exception):
@@ -141,22 +145,68 @@ def finish_batch(
     run_id: int,
     model_version: str,
     outcomes: Sequence[RecordOutcome],
+    decided_by: DecisionRule | None = None,
 ) -> None:
     """Write a batch's outcomes and mark it done, in one transaction (idempotently).
 
     Raises Misrouted, writing nothing, if the run was moved to another model
     version while the batch ran (`move_run`): its new version's workers run it.
+    With `decided_by`, the rule the worker labelled by, labels follow the rule
+    registered for the version instead where the two differ (`as_registered`).
     """
     with db.transaction() as session:
         run = session.get(Run, run_id)
         if run is not None and run.model_version != model_version:
             raise Misrouted(batch_id, run.queue, run.model_version, model_version)
+        if decided_by is not None:
+            outcomes = as_registered(session.connection(), model_version, outcomes, decided_by)
         save_outcomes(session, run_id, model_version, outcomes)
         session.execute(
             sa.update(Batch)
             .where(Batch.id == batch_id)
             .values(status=BatchStatus.DONE, error=None, heartbeat_at=None, updated_at=utc_now())
         )
+
+
+def as_registered(
+    connection: sa.Connection,
+    model_version: str,
+    outcomes: Sequence[RecordOutcome],
+    decided_by: DecisionRule,
+) -> Sequence[RecordOutcome]:
+    """The outcomes with the labels (and status) the version's registered rule gives, where
+    the worker decided them by another: a worker started before a recalibration was
+    registered still holds the old thresholds, and the registration's relabelling
+    (`store.relabel`) has already passed over the records it writes now.
+
+    On PostgreSQL the version's row is read FOR SHARE: a registration changing the rule
+    updates that row, so it waits for batches being written to commit (and relabels
+    them), and a batch written meanwhile waits for it and reads the new rule. SQLite has
+    one writer at a time.
+    """
+    query = sa.select(ModelRow.classes, ModelRow.thresholds, ModelRow.top_k_fallback).where(
+        ModelRow.version == model_version
+    )
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    model = connection.execute(query).one_or_none()
+    if model is None:
+        return outcomes
+    registered = DecisionRule.of(model.thresholds, model.top_k_fallback)
+    deciding = [o for o in outcomes if o.scores is not None and o.status in CLASSIFIED]
+    if registered == decided_by or not deciding:
+        return outcomes
+    chosen = registered.decide(np.asarray([outcome.scores for outcome in deciding]))
+    again: dict[str, RecordOutcome] = {}
+    for outcome, given in zip(deciding, chosen.tolist(), strict=True):
+        labels = [
+            LabelScore(entry["key"], entry["concept"], score)
+            for entry, score, on in zip(model.classes, outcome.scores or (), given, strict=True)
+            if on
+        ]
+        status = Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD
+        again[outcome.record_id] = replace(outcome, labels=labels, status=status)
+    return [again.get(outcome.record_id, outcome) for outcome in outcomes]
 
 
 def note_batch_error(db: Database, batch_id: int, message: str) -> None:

@@ -15,8 +15,9 @@ The next publish then withdraws and creates accordingly, as after any change of 
 It runs in the caller's transaction (the run's registration), `BATCH` results at a time
 in record order, before the review index is rebuilt from these labels. A classified
 result without stored scores (none is written so) has nothing to decide from and keeps
-its labels. Workers started before the registration still label by the thresholds they
-loaded until they are restarted, as they did before.
+its labels. Workers started before the registration still hold the old thresholds; the
+batches they write afterwards are decided again by the registered ones as they are stored
+(`store.batches.as_registered`).
 """
 
 from __future__ import annotations
