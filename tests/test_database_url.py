@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from enrichment.cli import cli
-from enrichment.errors import DatabaseError
+from enrichment.errors import DatabaseError, ScopeBusy
 from enrichment.store import database as database_module
 from enrichment.store.database import Database
+from enrichment.store.locks import scope_lock
 from tests.conftest import enrich, write_jsonl
 
 
@@ -303,3 +304,43 @@ def test_a_read_only_postgresql_database_says_it_cannot_be_written(
         "make it writable"
     ), refused.output
     assert "s3cret" not in refused.output
+
+
+def test_a_scope_lock_is_on_the_database_file_however_its_url_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`file:` URI URLs, with their query strings, lock the file they name, beside it, as its
+    plain URL does: one scheduler per scope whichever way each process names the database."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # nothing may land in the working directory
+    folder = tmp_path / "data dir"
+    folder.mkdir()
+    path = folder / "db.sqlite3"
+    plain = Database(f"sqlite:///{path}")
+    plain.ensure_schema()
+    scope = {"datasets": ["31"]}
+    encoded = str(path).replace(" ", "%20")
+    for url in (
+        f"sqlite:///file:{encoded}?mode=ro&uri=true",
+        f"sqlite:///file://{encoded}?uri=true",
+        f"sqlite:///file://localhost{encoded}?mode=rw&uri=true",
+        f"sqlite:///{path}?timeout=5",
+    ):
+        named = Database(url)
+        for first, second in ((named, plain), (plain, named)):
+            with scope_lock(first, scope), pytest.raises(ScopeBusy), scope_lock(second, scope):
+                pass
+            with scope_lock(second, scope):  # released with the first
+                pass
+        named.dispose()
+    plain.dispose()
+    assert list(elsewhere.iterdir()) == []
+    locks = sorted(p.name for p in folder.iterdir() if ".scope-" in p.name)
+    assert len(locks) == 1 and locks[0].startswith("db.sqlite3.scope-"), locks
+
+    in_memory = Database("sqlite:///file:scratch?mode=memory&uri=true")
+    with scope_lock(in_memory, scope), scope_lock(in_memory, scope):  # nothing to share it with
+        pass
+    in_memory.dispose()
+    assert list(elsewhere.iterdir()) == []
