@@ -18,6 +18,8 @@ from enrichment.errors import EnrichError, RecordsFileError
 from enrichment.model.labelled import read_labelled, read_vocabulary
 from enrichment.sources.records_file import read_records_file
 from enrichment.store.database import Database
+from enrichment.store.schema import RecordRow
+from enrichment.store.writes import upsert_records
 from tests.conftest import enrich
 
 URL = "http://example.org/1.jpg"
@@ -222,7 +224,9 @@ def test_a_header_ending_in_an_unnamed_column_needs_no_field_for_it(tmp_path: Pa
             "is not record /601/c's Europeana item URI (http://data.europeana.eu/item/601/c): "
             "give that one, or leave item_uri out",
         ),
-        ("https://data.europeana.eu/item/601/c", "is not record /601/c's Europeana item URI"),
+        ("https://data.europeana.eu/item/999/x", "is not record /601/c's Europeana item URI"),
+        ("https://data.europeana.eu/item/601/c/", "is not record /601/c's Europeana item URI"),
+        ("ftp://data.europeana.eu/item/601/c", "is not an absolute http or https URI"),
     ],
 )
 def test_an_item_uri_the_export_could_not_target_is_refused_naming_its_line(
@@ -249,6 +253,34 @@ def test_an_item_uri_outside_europeanas_items_or_the_records_own_is_kept(tmp_pat
         "http://data.europeana.eu/item/601/b",
         "http://data.europeana.eu/item/601/c",
     ]
+
+
+def test_the_https_form_of_the_records_own_item_uri_is_stored_as_its_item_uri(
+    tmp_path: Path,
+) -> None:
+    """Europeana serves item URIs over https too: the record's own is the same object, kept as
+    the http URI its id gives (stored NULL), so annotations target it as any other record."""
+    path = tmp_path / "records.jsonl"
+    rows = [
+        {"id": "/601/a", "image_url": URL, "item_uri": "https://data.europeana.eu/item/601/a"},
+        {"id": "/601/b", "image_url": URL},
+        {"id": "/601/c", "image_url": URL, "item_uri": "https://museum.example/601/c"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    read = records(path)
+    assert [record.item_uri for record in read] == [
+        "http://data.europeana.eu/item/601/a",
+        "http://data.europeana.eu/item/601/b",
+        "https://museum.example/601/c",
+    ]
+    db = Database(f"sqlite:///{tmp_path}/db.sqlite3")
+    db.upgrade()
+    with db.transaction() as session:
+        upsert_records(session, read)
+    with db.transaction() as session:
+        stored = dict(session.execute(sa.select(RecordRow.id, RecordRow.item_uri)).all())
+    assert stored == {"/601/a": None, "/601/b": None, "/601/c": "https://museum.example/601/c"}
+    db.dispose()
 
 
 def test_ids_may_hold_what_iris_allow(tmp_path: Path) -> None:

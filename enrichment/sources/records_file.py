@@ -29,6 +29,8 @@ FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cs"})
 CSV_COLUMNS = ("id", "image_url")
 ITEM_URI_SCHEMES = ("http", "https")
 EUROPEANA_ITEMS = urlsplit(ITEM_URI_BASE)  # Europeana's item namespace: host and path
+# Europeana serves its item URIs over https too; the identifier is the http one.
+SECURE_ITEM_URI_BASE = EUROPEANA_ITEMS._replace(scheme="https").geturl()
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ def check_item_uri(item_uri: str, record_id: str) -> str:
     hold (whitespace, control and bidi characters, `<>"{}|\\^` and the
     backtick), and a URI in Europeana's item namespace must be the record's
     own, or the labels would land on another object.
+
+    The record's own item URI over https (`https://data.europeana.eu/item/...`,
+    which Europeana serves as well) is the same object: it is returned as the
+    http URI, Europeana's identifier of the item, which Europeana's own records
+    and the Search API give, so the record is stored and targeted the same way
+    whichever form the file gave (and its item URI stored as NULL,
+    `schema.stored_item_uri`).
     """
     forbidden = _forbidden_character(item_uri, FORBIDDEN_IN_IRI)
     if forbidden:
@@ -106,10 +115,12 @@ def check_item_uri(item_uri: str, record_id: str) -> str:
             f"'item_uri' {item_uri!r} is not an absolute http or https URI with a host"
         )
     own = ITEM_URI_BASE + record_id
+    if item_uri in (own, SECURE_ITEM_URI_BASE + record_id):
+        return own
     in_europeana = parts.hostname == EUROPEANA_ITEMS.hostname and parts.path.startswith(
         EUROPEANA_ITEMS.path + "/"
     )
-    if in_europeana and item_uri != own:
+    if in_europeana:
         raise ValueError(
             f"'item_uri' {item_uri!r} is not record {record_id}'s Europeana item URI ({own}): "
             "give that one, or leave item_uri out"
