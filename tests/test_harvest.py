@@ -300,6 +300,24 @@ def test_a_harvest_dir_is_continued_only_with_the_same_options(tmp_path: Path) -
     assert HarvestOptions().as_json()["reusability"] == []
 
 
+def test_continuing_a_harvest_with_other_options_is_a_usage_error(world, tmp_path: Path) -> None:
+    """Exit 2, as click's own refusals: the command line is wrong, not the set; no request."""
+    api, _, _, _, vocabulary = world
+    out = tmp_path / "set"
+    record = {"id": "/1/first", "dataset": "1", "image_url": "http://x/1.png", "labels": []}
+    first = {"candidates": 1, "found": {}, "left_out": {}, "records": [record]}
+    identity = {"options": HarvestOptions(per_class=3).as_json(), "vocabulary": VOCABULARY}
+    HarvestDir(out).plan(identity, lambda: first)
+    result = CliRunner().invoke(
+        cli, ["harvest", "--vocabulary", str(vocabulary), "--out", str(out)], env=env_for(api)
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Invalid value for '--out': {out} holds a harvest made with other options" in (
+        result.output
+    )
+    assert api.requests == []
+
+
 def test_bad_options_name_their_field(tmp_path: Path) -> None:
     """Library errors name the option's field, never a flag: the CLI's boundary adds that."""
     cases = {
