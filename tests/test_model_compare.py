@@ -48,6 +48,7 @@ from enrichment.sources.records_file import Record
 from enrichment.store.comparison import Disagreement, disagree_condition, disagreements
 from enrichment.store.database import Database
 from enrichment.store.decisions import NewDecision, record_decisions
+from enrichment.store.retire import RetiredVersion
 from enrichment.store.review_queue import MAX_LIMIT, QueueFilter, queue_page
 from enrichment.store.schema import Label, Outcome
 from enrichment.store.writes import (
@@ -250,6 +251,34 @@ def test_unknown_and_equal_versions_are_refused(db: Database) -> None:
     assert "unknown model version pilot@cccccccccccc" in unknown.output
     same = CliRunner().invoke(cli, ["model", "compare", A, A], env=env)
     assert same.exit_code != 0 and "not with itself" in same.output
+
+
+def test_the_table_marks_a_class_only_one_version_has(db: Database) -> None:
+    env = {"DATABASE_URL": db.url}
+    for first, second, mark in ((A, B, "painting (B only)"), (B, A, "painting (A only)")):
+        table = CliRunner().invoke(cli, ["model", "compare", first, second], env=env)
+        assert table.exit_code == 0, table.output
+        rows = [line.strip() for line in table.output.splitlines()[2:]]
+        marked = [row for row in rows if "only)" in row]
+        assert len(marked) == 1 and marked[0].startswith(mark), table.output
+        assert marked[0].split()[3:7] == (
+            ["1", "0", "0", "-"] if first == A else ["0", "1", "0", "-"]
+        )
+
+
+def test_a_retired_version_is_refused_rather_than_compared_as_empty(db: Database) -> None:
+    env = {"DATABASE_URL": db.url}
+    retired = CliRunner().invoke(cli, ["model", "retire", B, "--yes"], env=env)
+    assert retired.exit_code == 0, retired.output
+    for args in ([A, B], [B, A], [A, B, "--json"], [A, B, "--disagreements"]):
+        result = CliRunner().invoke(cli, ["model", "compare", *args], env=env)
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: cannot compare {args[0]} with {args[1]}: ")
+        assert f"model version {B} was retired on " in result.output
+        assert "its results and labels were removed" in result.output
+        assert len(result.output.splitlines()) == 1
+    with pytest.raises(RetiredVersion, match=f"model version {B} was retired"):
+        compare(db, A, B)
 
 
 def test_wilson_matches_a_published_table() -> None:

@@ -388,13 +388,16 @@ def compare(
 
     Per class: labels B adds, removes and keeps, the mean score shift, and
     each version's precision on curator-reviewed labels with a 95% Wilson
-    interval (none under 10 reviewed labels: "too few reviews").
+    interval (none under 10 reviewed labels: "too few reviews"). A class only
+    one version has is marked "(A only)" or "(B only)". A retired version
+    (enrich model retire) is refused: its results are gone.
     """
     db = open_db()
     if list_disagreements:
-        from enrichment.store.comparison import disagreements, versions_compared
+        from enrichment.model.compare import checked_versions
+        from enrichment.store.comparison import disagreements
 
-        versions_compared(db, version_a, version_b)
+        checked_versions(db, version_a, version_b)
         for item in disagreements(db, version_a, version_b):
             if as_json:
                 click.echo(json.dumps(item._asdict()))
@@ -418,8 +421,10 @@ def compare(
     )
     for item in comparison.classes:
         shift = "-" if item.score_shift is None else f"{item.score_shift:+.3f}"
+        # A class one version lacks: its labels are all added or all removed, and no shift.
+        only = " (B only)" if not item.in_a else " (A only)" if not item.in_b else ""
         click.echo(
-            f"  {item.key:<20}{item.added:>8}{item.removed:>8}{item.kept:>8}{shift:>8}"
+            f"  {item.key + only:<20}{item.added:>8}{item.removed:>8}{item.kept:>8}{shift:>8}"
             f"  {item.precision_a.describe():<30}{item.precision_b.describe()}"
         )
     if html_path is not None:

@@ -31,6 +31,7 @@ from enrichment.store.comparison import (
 )
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
+from enrichment.store.retire import RetiredVersion, refuse_retired
 from enrichment.store.selection import known_models
 
 Z_95 = 1.959963984540054
@@ -136,9 +137,26 @@ class Comparison:
         }
 
 
+def checked_versions(db: Database, a: str, b: str) -> tuple[ModelClasses, ModelClasses]:
+    """The two versions' classes; an unknown, equal or retired version is refused.
+
+    A retired version's results and labels were removed (`store.retire`): a
+    comparison with it would show no common records and no changes, as if the
+    two versions had never met, so it is refused with the date it was retired.
+    """
+    models = versions_compared(db, a, b)
+    with db.transaction() as session:
+        for version in (a, b):
+            try:
+                refuse_retired(session, version)
+            except RetiredVersion as error:
+                raise RetiredVersion(f"cannot compare {a} with {b}: {error}") from None
+    return models
+
+
 def compare(db: Database, a: str, b: str) -> Comparison:
     """Version B against version A on the records both classified (see the module's docstring)."""
-    model_a, model_b = versions_compared(db, a, b)
+    model_a, model_b = checked_versions(db, a, b)
     changes = label_changes(db, a, b)
     shifts = _score_shifts(score_pairs(db, a, b), model_a, model_b)
     reviewed_a = reviewed_labels(db, a, on_records_of=b)
