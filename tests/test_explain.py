@@ -286,3 +286,21 @@ def test_explain_into_a_path_that_cannot_be_written(quadrant_model: Path, tmp_pa
     ]
     with Image.open(out / "scan-top_left.png") as written:
         written.verify()
+
+
+def test_the_caption_tells_a_score_just_below_its_threshold_from_one_at_it() -> None:
+    """0.4349 under a threshold of 0.435 is not a label: drawn to 2 decimals, both read 0.43."""
+    from enrichment.model import explain as explaining
+
+    image = Image.new("RGB", (320, 240), (90, 120, 60))
+    heatmap = np.zeros((64, 64), dtype=np.float32)
+
+    def drawn(confidence: float) -> np.ndarray:
+        shown = explaining.Explanation("photograph", "Photograph", confidence, 0.435, heatmap)
+        return np.asarray(explaining.overlay(image, shown))
+
+    assert not np.array_equal(drawn(0.4349), drawn(0.4350))
+    below = explaining.Explanation("photograph", "Photograph", 0.4349, 0.435, heatmap)
+    assert explaining.caption(below) == "Photograph  0.4349  (threshold 0.435)"
+    at = explaining.Explanation("photograph", "Photograph", 0.435, 0.5, heatmap)
+    assert explaining.caption(at) == "Photograph  0.4350  (threshold 0.5)"

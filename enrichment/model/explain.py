@@ -51,6 +51,7 @@ TARGET_LAYERS = (
 )
 DISPLAY_SIDE = 448  # the overlay's longer side, in pixels
 HEAT_WEIGHT = 0.5  # how much of the overlay is heatmap colour
+DECIMALS = 4  # of confidences and thresholds shown, as the report shows them (report/shown.py)
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,10 @@ def explain(
     ]
     if not keys:
         best = int(np.argmax(scores))
+        best_score = f"{scores[best]:.{DECIMALS}f}"
         raise InvalidValue(
             "label_keys",
-            f"no class reaches its threshold (best: {spec.keys[best]} {scores[best]:.3f}): "
+            f"no class reaches its threshold (best: {spec.keys[best]} {best_score}): "
             f"name a class to explain it anyway",
         )
     size = (spec.input_size, spec.input_size)
@@ -227,10 +229,19 @@ def overlay(image: Image.Image, explanation: Explanation) -> Image.Image:
     base = np.asarray(image, dtype=np.float32) / 255.0
     blended = (1 - HEAT_WEIGHT) * base + HEAT_WEIGHT * colours
     result = Image.fromarray(np.rint(blended * 255).astype(np.uint8), mode="RGB")
-    caption = (
-        f"{explanation.name}  {explanation.confidence:.2f}  (threshold {explanation.threshold:.2f})"
-    )
-    return _draw_caption(result, caption)
+    return _draw_caption(result, caption(explanation))
+
+
+def caption(explanation: Explanation) -> str:
+    """`Photograph  0.4349  (threshold 0.435)`: the confidence and threshold to `DECIMALS`.
+
+    Written as the report writes them (`report/shown.py`): rounding both to the same
+    decimals never shows a score below its threshold as equal to it or above it, and 4
+    decimals tell apart what calibration's thresholds (0.4454) sit between.
+    """
+    threshold = f"{explanation.threshold:.{DECIMALS}f}".rstrip("0")
+    threshold += "0" if threshold.endswith(".") else ""
+    return f"{explanation.name}  {explanation.confidence:.{DECIMALS}f}  (threshold {threshold})"
 
 
 def _draw_caption(image: Image.Image, caption: str) -> Image.Image:
