@@ -86,7 +86,7 @@ def explain(
         )
         return
     for item, path in zip(explanations, paths, strict=True):
-        click.echo(f"{item.key}\t{item.confidence:.3f}\t{path}")
+        click.echo(f"{item.key}\t{item.confidence:.4f}\t{path}")
 
 
 @click.command()
