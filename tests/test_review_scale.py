@@ -244,7 +244,11 @@ def test_every_page_of_the_queue_is_the_scans(db: Database, filters: QueueFilter
         got = queue_page(db, replace(filters, offset=offset)).items
         assert got == expected[offset : offset + filters.limit]
     if filters.state == "pending":
-        assert queue_progress(db, filters).pending == len(expected)
+        progress = queue_progress(db, filters)
+        assert progress.pending == len(expected)
+        # Every decision here was made today: those standing on the filters' items count.
+        decided = [i for i in reference(db, replace(filters, state="any")) if i.decision]
+        assert progress.decided_today == len(decided) > 0
 
 
 @pytest.mark.parametrize("state", ["reviewed", "accepted", "rejected", "added", "pending"])
@@ -265,6 +269,7 @@ def test_each_state_is_the_scans_items_in_that_state(db: Database, state: str) -
 
 
 def test_the_audit_sample_draws_from_the_scans_population(db: Database) -> None:
+    audited = standing_decisions(db, audit_only=True)
     for keys in (("map",), ("photo", "ceramic"), ("coin",)):
         filters = QueueFilter(classes=keys, audit=True, limit=MAX_LIMIT)
         population = {(i.record_id, i.label_key, i) for i in reference(db, filters)}
@@ -273,6 +278,10 @@ def test_the_audit_sample_draws_from_the_scans_population(db: Database) -> None:
         assert {(i.record_id, i.label_key, i) for i in page.items} == population
         assert (page.total, page.next_page) == (len(population), None)
         assert all(i.labelled for i in page.items)
+        # Today's audit decisions on the sample's labels of these classes.
+        labels = reference(db, replace(filters, audit=False, side="above", state="any"))
+        done = [i for i in labels if (i.record_id, i.label_key) in audited]
+        assert queue_progress(db, filters).decided_today == len(done)
     # A small page starts at a random point: different draws begin differently.
     firsts = {queue_page(db, QueueFilter(audit=True, limit=3)).items[0] for _ in range(20)}
     assert len(firsts) > 1

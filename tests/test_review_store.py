@@ -5,9 +5,11 @@ decisions recorded and taken back in one transaction each, and what each refuses
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
@@ -24,10 +26,12 @@ from enrichment.store.review_queue import (
     image_url,
     items_by_record,
     queue_page,
+    queue_progress,
     record_view,
     registered_models,
 )
-from enrichment.store.reviews import Decision
+from enrichment.store.reviews import Decision, Review
+from enrichment.store.schema import utc_now
 from tests.test_review_api import KEYS, SCORES, THRESHOLDS, VERSION, build_review_db, margin_order
 
 
@@ -209,3 +213,54 @@ def test_swapped_score_bounds_are_refused_not_an_empty_queue() -> None:
         QueueFilter(min_score=0.6, max_score=0.2).check()
     assert refused.value.field == "max_score"
     QueueFilter(min_score=0.4, max_score=0.4).check()  # one score exactly: allowed
+
+
+def test_decided_today_counts_the_decisions_within_the_pages_filters(db: Database) -> None:
+    """Like the pending count beside it: a curator on the map queue of one dataset sees the
+    map decisions of that dataset made today, not every decision of the day (audit: the
+    audit decisions among the sample's labels of the filters)."""
+    record_decisions(
+        db,
+        [
+            decision("/9001/a", "map", Decision.REJECT),  # below threshold
+            decision("/9001/b", "map", Decision.ACCEPT),  # above, .95
+            decision("/9002/d", "map", Decision.REJECT),  # above, .62
+            decision("/9002/d", "photograph", Decision.ACCEPT),  # above, .75
+            decision("/9001/c", "drawing", Decision.ACCEPT, audit=True),  # above, .41
+            decision("/9002/e", "photograph", Decision.ADD),  # below
+            decision("/9001/a", "photograph", Decision.ACCEPT),  # made yesterday
+        ],
+    )
+    with db.transaction() as session:  # the last one was made yesterday: not today's
+        last = session.scalar(sa.select(sa.func.max(Review.id)))
+        yesterday = utc_now() - timedelta(days=1)
+        session.execute(sa.update(Review).where(Review.id == last).values(decided_at=yesterday))
+    (taken,) = record_decisions(db, [decision("/9001/b", "drawing", Decision.ADD)])
+    assert take_back_decisions(db, [taken]) == 1  # taken back: counts for nothing
+
+    def progress(**filters: object) -> tuple[int, int]:
+        counted = queue_progress(db, QueueFilter(**filters))
+        return counted.pending, counted.decided_today
+
+    assert progress() == (15 - 7, 6)
+    assert progress(classes=("map",)) == (5 - 3, 3)
+    assert progress(datasets=("9001",)) == (9 - 4, 3)
+    assert progress(classes=("map",), datasets=("9002",)) == (2 - 1, 1)
+    assert progress(classes=("map", "photograph"), datasets=("9002",)) == (4 - 3, 3)
+    assert progress(model_version=VERSION) == (15 - 7, 6)
+    # The state shown: today's decisions in it (pending, any or reviewed: every one).
+    assert progress(state="rejected")[1] == 2
+    assert progress(state="accepted", classes=("map",))[1] == 1
+    assert progress(state="added")[1] == 1
+    assert progress(state="any", classes=("drawing",))[1] == 1
+    assert progress(state="reviewed", datasets=("9002",))[1] == 3
+    # The side and the scores, as the queue filters them.
+    assert progress(side="below")[1] == 2
+    assert progress(side="above", classes=("map",))[1] == 2
+    assert progress(min_score=0.6)[1] == 3
+    assert progress(min_score=0.4, max_score=0.6)[1] == 2
+    # The audit sample: audit decisions only.
+    assert progress(audit=True) == (len(labelled()) - 1, 1)
+    assert progress(audit=True, classes=("drawing",))[1] == 1
+    assert progress(audit=True, classes=("map",))[1] == 0
+    assert progress(audit=True, datasets=("9002",))[1] == 0

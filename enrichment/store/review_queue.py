@@ -41,6 +41,7 @@ from enrichment.store.models import ModelClasses
 from enrichment.store.review_index import BAND, ReviewItem
 from enrichment.store.review_scan import (
     all_items,
+    decided_since,
     image_url,
     items_by_record,
     record_view,
@@ -368,10 +369,13 @@ def _count(session: Session, rows: sa.Subquery) -> int:
 def queue_progress(db: Database, filters: QueueFilter) -> Progress:
     """What the curator of `filters` still has to do, and today's decisions (UTC day).
 
-    In the queue: its pending items, whatever state the page shows, and every decision
-    made today. In the audit sample: the labels not yet audited, as the page's total
-    counts them, and today's audit decisions; the whole queue's pending items are not
-    what an auditor works through.
+    In the queue: its pending items, whatever state the page shows, and the decisions
+    standing now that were made today on its items (of its classes, datasets, run, model
+    version, scores and side; of its state where that is one decision, such as rejected).
+    In the audit sample: the labels not yet audited, as the page's total counts them, and
+    today's audit decisions on them; the whole queue's pending items are not what an
+    auditor works through. Both count the page's own items, so a curator on one class or
+    dataset sees that queue move, not every decision of the day.
     """
     todo = replace(filters, after=None, offset=0)
     if not filters.audit:
@@ -381,10 +385,5 @@ def queue_progress(db: Database, filters: QueueFilter) -> Progress:
         keys = _keys(todo, models)
         count, capped = _total(session, todo, models, keys) if keys else (0, False)
         today = utc_now().replace(hour=0, minute=0, second=0, microsecond=0)
-        standing_now = latest_decisions(audit_only=filters.audit)
-        decided = session.execute(
-            sa.select(sa.func.count())
-            .select_from(standing_now)
-            .where(standing_now.c.decided_at >= today)
-        ).scalar_one()
-        return Progress(count, decided, capped)
+        decided = decided_since(session, replace(filters, after=None, offset=0), models, today)
+        return Progress(count, _count(session, decided) if decided is not None else 0, capped)

@@ -3,14 +3,17 @@ record's chosen result, scores read from the stored vectors in SQL (JSON indexin
 PostgreSQL and SQLite).
 
 What the review index (`review_index.py`) does not hold is read here: queues filtered by
-dataset, run, model version or score, the reviewed states (starting from the decisions),
-pages beyond the index's band, a record's view, and every item for exports and stats. It
-is also the reference the index's answers are tested against.
+dataset, run, model version or score, the reviewed states and a queue's decisions of the
+day (both starting from the decisions), pages beyond the index's band, a record's view,
+and every item for exports and stats. It is also the reference the index's answers are
+tested against.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import datetime
 from itertools import chain
 from typing import Any
 
@@ -81,6 +84,18 @@ def scanned(
         margin = sa.func.abs(inner.c.confidence - inner.c.threshold)
         query = sa.select(inner).where((margin > BAND) | margin.is_(None))
     return query.subquery("matching")
+
+
+def decided_since(
+    session: Session, filters: QueueFilter, models: dict[str, ModelClasses], since: datetime
+) -> sa.Subquery | None:
+    """The matching items whose standing decision was made at or after `since`, starting
+    from the decisions (with `audit`, the audit decisions on the sample's labels); a state
+    of pending, any or reviewed counts every decision, one decision counts those."""
+    if filters.audit or filters.state in ("pending", "any"):
+        filters = replace(filters, state="reviewed")
+    query = _items_query(session, filters, models, labelled_column=False, decided_since=since)
+    return None if query is None else query.subquery("decided_since")
 
 
 def _after(items: Any, cursor: Cursor) -> Any:
@@ -191,9 +206,11 @@ def _items_query(
     models: dict[str, ModelClasses],
     record_id: str | None = None,
     labelled_column: bool = True,
+    decided_since: datetime | None = None,
 ) -> sa.Select | None:
     """Every matching item (of one record, with `record_id`), unordered, as one SELECT;
-    None when no class matches.
+    None when no class matches. With `decided_since`, only the items whose standing
+    decision (audit: audit decision) was made since then (`decided_since()`).
 
     Without `labelled_column` (and unless the filters need it) whether the model gave
     the label is left to `_with_records`, which looks it up for a page's rows only:
@@ -209,14 +226,19 @@ def _items_query(
     )
     if record_id is not None:
         with_scores = with_scores.where(chosen.c.record_id == record_id)
-    reviewed_only = not filters.audit and filters.state not in ("pending", "any")
+    reviewed_only = decided_since is not None or (
+        not filters.audit and filters.state not in ("pending", "any")
+    )
     if reviewed_only:
         # Start from the decisions, which are few, not from every result: one row per
         # decision, each arm keeping those on its class.
-        on = latest_decisions().alias("decided_items")
+        on = latest_decisions(audit_only=filters.audit).alias("decided_items")
+        joined = on.c.record_id == chosen.c.record_id
+        if decided_since is not None:
+            joined &= on.c.decided_at >= decided_since
         with_scores = with_scores.add_columns(
             on.c.label_key.label("decided_key"), on.c.decision, on.c.reviewer, on.c.decided_at
-        ).join(on, on.c.record_id == chosen.c.record_id)
+        ).join(on, joined)
     scored = with_scores.cte("scored")
     arms = []
     for model in models.values():
@@ -287,14 +309,15 @@ def _items_query(
         query = query.where(Label.record_id.is_not(None))
     elif filters.side == "below":
         query = query.where(Label.record_id.is_(None))
-    if filters.audit:  # pending in the audit sample: no audit decision yet
-        audited = latest_decisions(audit_only=True)
-        query = query.where(
-            ~sa.exists().where(
-                audited.c.record_id == items.c.record_id,
-                audited.c.label_key == items.c.label_key,
+    if filters.audit:
+        if decided_since is None:  # pending in the audit sample: no audit decision yet
+            audited = latest_decisions(audit_only=True)
+            query = query.where(
+                ~sa.exists().where(
+                    audited.c.record_id == items.c.record_id,
+                    audited.c.label_key == items.c.label_key,
+                )
             )
-        )
     elif filters.state == "pending":
         query = query.where(decided.c.decision.is_(None))
     elif filters.state == "reviewed":
