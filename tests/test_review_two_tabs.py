@@ -5,11 +5,21 @@ real HTTP for the API and for two decisions on one item at the same moment."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
+from typing import Any
 
 import requests
+from sqlalchemy import event
 
+from enrichment.store.database import Database
+from enrichment.store.decisions import (
+    DecidedMeanwhile,
+    NewDecision,
+    record_decisions,
+    standing_decisions,
+)
 from tests.test_report import DevTools, chromium  # noqa: F401 (the fixture)
 from tests.test_review_api import (  # noqa: F401 (the fixtures)
     KEYS,
@@ -24,6 +34,7 @@ from tests.test_review_browser import press, until
 from tests.test_review_browser_corrections import STATES
 from tests.test_review_browser_session import read
 from tests.test_review_filters_browser import click
+from tests.test_review_store import db  # noqa: F401 (the fixture: SQLite and PostgreSQL)
 
 TOAST = "document.getElementById('toast').innerText"
 PENDING = "document.getElementById('pending').innerText"
@@ -222,3 +233,63 @@ def test_two_curators_deciding_one_item_at_once_leave_one_decision(
     for record_id, key in items:
         assert sorted(at_once(app_server, record_id, key)) == [201, 409], (record_id, key)
     assert len(app_server.decisions()) == len(items)
+
+
+def decide_at_once(database: Database, *items: tuple[str, str]) -> dict[str, str]:
+    """ada and bob, each on a connection of their own, both shown their item pending, reject
+    it at the same moment; each waits (a second at most) for the other between the check of
+    what stands and the write of the decision. What became of each: stored, or whose
+    decision the conflict names."""
+    start = threading.Barrier(2)
+    writing = threading.Barrier(2, timeout=1)
+    outcomes: dict[str, str] = {}
+
+    def both_checked(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO REVIEWS"):
+            # Both here: both passed the check before either wrote. Broken after a second:
+            # the other waits for this one's transaction, as it should.
+            with contextlib.suppress(threading.BrokenBarrierError):
+                writing.wait()
+
+    def curator(name: str, item: tuple[str, str]) -> None:
+        made = NewDecision(*item, VERSION, "reject", name, seen="pending")
+        start.wait()
+        try:
+            record_decisions(database, [made])
+            outcomes[name] = "stored"
+        except DecidedMeanwhile as conflict:
+            (_, _, standing), *_ = conflict.conflicts
+            outcomes[name] = f"refused: {standing.reviewer if standing else None}"
+
+    event.listen(database.engine, "before_cursor_execute", both_checked)
+    try:
+        threads = [
+            threading.Thread(target=curator, args=(name, item))
+            for name, item in zip(("ada", "bob"), items * 2, strict=False)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        event.remove(database.engine, "before_cursor_execute", both_checked)
+    return outcomes
+
+
+def test_the_check_of_what_stands_and_the_write_are_one_step_on_both_databases(
+    db: Database,  # noqa: F811
+) -> None:
+    """On SQLite as on PostgreSQL: two connections deciding one pending item at once leave one
+    decision, the other refused with it. SQLite had no lock: both read it pending before
+    either wrote, and both were stored (SQLite makes writers take turns, not check-then-write
+    steps). Two items at once are both stored: the lock refuses nothing."""
+    outcomes = decide_at_once(db, ("/9001/a", "map"))
+    winner = next((name for name, outcome in outcomes.items() if outcome == "stored"), None)
+    loser = "bob" if winner == "ada" else "ada"
+    assert outcomes == {winner: "stored", loser: f"refused: {winner}"}
+    assert standing_decisions(db) == {("/9001/a", "map"): "reject"}
+    assert decide_at_once(db, ("/9001/b", "map"), ("/9002/d", "map")) == {
+        "ada": "stored",
+        "bob": "stored",
+    }
+    assert len(standing_decisions(db)) == 3

@@ -31,6 +31,7 @@ LOOKUP_CHUNK = 500  # record ids per IN (...) list, well under SQLite's variable
 PENDING = "pending"
 # Taken for each transaction that records decisions (PostgreSQL): the check of what stands
 # and the new rows are one step, so two tabs deciding one item at once cannot both pass it.
+# SQLite's transaction takes the database's write lock first instead (`_one_step`).
 DECISIONS_LOCK = scope_key({"lock": "review decisions"})
 
 
@@ -95,8 +96,7 @@ def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int
     it was made on a state (`seen`) that no longer stands (`DecidedMeanwhile`).
     """
     with db.transaction() as session:
-        if db.dialect == "postgresql":
-            session.execute(sa.select(sa.func.pg_advisory_xact_lock(DECISIONS_LOCK)))
+        _one_step(session, db.dialect)
         models = model_classes(session)
         for decision in decisions:
             if decision.decision not in tuple(Decision):
@@ -148,6 +148,22 @@ def record_decisions(db: Database, decisions: Sequence[NewDecision]) -> list[int
         session.add_all(reviews)  # inserted in this order, so ids follow the decisions' order
         session.flush()
         return [review.id for review in reviews]
+
+
+def _one_step(session: Session, dialect: str) -> None:
+    """Make this transaction's check of what stands and its writes one step: another
+    transaction recording decisions waits until this one has ended, then reads its rows.
+
+    PostgreSQL: a transaction advisory lock. SQLite: the write lock, taken as the
+    transaction begins (BEGIN IMMEDIATE, waiting out the busy timeout as any write does);
+    without it the driver begins the transaction at the first INSERT, after the check,
+    and two connections both read the item pending before either wrote. A conditional
+    INSERT carrying the check would not do on PostgreSQL, where two at once both see no row.
+    """
+    if dialect == "postgresql":
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(DECISIONS_LOCK)))
+    elif dialect == "sqlite":
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _check_seen(session: Session, decisions: Sequence[NewDecision]) -> None:
