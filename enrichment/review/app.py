@@ -25,6 +25,7 @@ from enrichment.review.guard import Guard, api_error
 from enrichment.review.images import ImageCache
 from enrichment.review.pages import pages
 from enrichment.review.params import QUERY_PARAMETERS, ReviewError, page_query, usable_query
+from enrichment.review.shown import score_and_threshold
 from enrichment.store.database import Database
 from enrichment.store.decisions import DecidedMeanwhile
 
@@ -55,6 +56,7 @@ def create_app(
         MAX_CONTENT_LENGTH=4 * 1024 * 1024,
     )
     app.extensions[EXTENSION] = ReviewContext(db, ImageCache(settings, cache_dir))
+    app.jinja_env.globals["score_and_threshold"] = score_and_threshold
     guard.install(app)
     app.register_blueprint(pages)
     app.register_blueprint(api)
