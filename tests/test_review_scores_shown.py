@@ -145,3 +145,27 @@ def test_the_rule_holds_for_any_score_beside_its_threshold() -> None:
     assert on_its_side(" / ".join(score_and_threshold(below, 0.435)), below, 0.435)
     assert score_and_threshold(None, 0.4454) == ("–", "0.4454")
     assert score_and_threshold(0.4454, 0.4454) == ("0.4454", "0.4454")
+
+
+def test_the_stats_page_writes_thresholds_as_calibrated(client: FlaskClient) -> None:
+    """Calibration's 4-decimal thresholds, as the tiles and the report write them: 0.4454
+    was "0.445" on the stats page."""
+    decisions = [
+        {
+            "record_id": "/7001/c",
+            "label_key": key,
+            "model_version": VERSION,
+            "decision": decision,
+            "reviewer": "ada",
+        }
+        for key, decision in (("photograph", "accept"), ("drawing", "accept"), ("map", "reject"))
+    ]
+    answer = client.post("/api/decisions", json=decisions)
+    assert answer.status_code == 201, answer.get_data(as_text=True)
+    page = client.get("/stats")
+    assert page.status_code == 200
+    cells = re.findall(
+        r"<tr><td><code>[^<]*</code></td><td>([^<]*)</td><td class=\"num\">([^<]*)</td>",
+        page.get_data(as_text=True),
+    )
+    assert dict(cells) == {"photograph": "0.435", "drawing": "0.4454", "map": "0.5"}
