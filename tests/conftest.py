@@ -12,6 +12,20 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from enrichment.media.cpus import usable_cpus
+
+# The suite runs in TEST_WORKERS processes (pytest-xdist) on few cores. torch sizes its CPU
+# thread pool to the whole machine in each of them and in each `enrich` they start, and the
+# pools oversubscribe the cores (their threads spin while they wait): the training fixture
+# took 89 s beside one busy process with 2 threads, 41 s with 1 (25 and 29 s on an idle
+# machine). Each worker process gets its share, unless OMP_NUM_THREADS is set already; set
+# before torch is imported, which reads it once.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS",
+        str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))),
+    )
+
 import pytest
 import redis
 import sqlalchemy as sa
