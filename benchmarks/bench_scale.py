@@ -770,6 +770,9 @@ OPERATIONS = (
     Operation("queue_class_after", "  the same, keyset page after that one", "page"),
     Operation("queue_default", "review queue, default (all classes)", "page"),
     Operation("audit_class", f"audit sample, one class ({QUEUE_CLASS})", "page"),
+    # Beside every queue page: its pending count and the decisions of the day within it.
+    Operation("progress_class", f"review /api/progress, one class ({QUEUE_CLASS})", "page"),
+    Operation("progress_dataset", "review /api/progress, one dataset (PROBE)", "page"),
     Operation("stats_page", "review /stats", "page"),
     Operation("review_stats", "enrich review stats --json", "page"),
     Operation("report_run", "enrich report 1 (run over every record; no thumbnails)", "whole"),

@@ -141,6 +141,8 @@ STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     "queue_class_after": lambda t, p: t.queue(f"label={p['class']}&after={quote(p['after'])}"),
     "queue_default": lambda t, p: t.queue(""),
     "audit_class": lambda t, p: t.queue(f"label={p['class']}&audit=1"),
+    "progress_class": lambda t, p: t.get(f"/api/progress?label={p['class']}").get_json(),
+    "progress_dataset": lambda t, p: t.get(f"/api/progress?dataset={p['probe']}").get_json(),
     "stats_page": lambda t, p: {"bytes": len(t.get("/stats").data)},
     "review_stats": lambda t, p: {
         "classes": len(json.loads(t.enrich("review", "stats", "--json")))

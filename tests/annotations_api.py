@@ -66,6 +66,7 @@ class AnnotationsServer:
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)
     deleted: set[int] = field(default_factory=set)
     requests: list[tuple[str, str, int]] = field(default_factory=list)
+    searched: list[str] = field(default_factory=list)  # each search's query, as answered
     held: int = 0
     # Hostile modes (see the module's docstring).
     answer_id: Callable[[str], Any] | None = None
@@ -374,6 +375,7 @@ def _handler(server: AnnotationsServer) -> type[BaseHTTPRequestHandler]:
                 self.command, parts.path, parse_qs(parts.query), body, token
             )
             server.requests.append((self.command, parts.path, status))
+            server.searched.extend(parse_qs(parts.query).get("query", []))
             payload = json.dumps(document).encode() if document is not None else b""
             self.send_response(status)
             for name, value in headers.items():
