@@ -151,9 +151,9 @@ def test_an_endless_search_stops_after_its_page_bound(
     assert {row.state for row in ledger(db).values()} == {PublicationState.CREATING}
 
     # One record's search: exactly the bound of pages, then the error. Counted by the
-    # record in the query: a call of the publish above that was cut off by its error may
-    # still be answered (and recorded) by the server after it.
-    searched = record_ids("1001")[0]
+    # record in the query, one the publish above never searched for: a call of it cut off
+    # by its error may still be answered (and recorded) by the server after it.
+    searched = "/1001/never-published"
     before = searches_of(server, searched)
     api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
     with pytest.raises(AnnotationsAPIError, match="the server's paging is broken"):
