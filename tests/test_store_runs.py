@@ -18,6 +18,7 @@ from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.sources.records_file import Record
 from enrichment.store import batches, runs, workers
 from enrichment.store.database import Database
+from enrichment.store.locks import LockLiveness
 from enrichment.store.query import run_summary
 from enrichment.store.runs import ModelRegistration, PreviousRun
 from enrichment.store.schema import (
@@ -170,6 +171,29 @@ def test_a_run_completes_only_when_running_and_every_batch_finished(db: Database
         assert session.get(Run, run_id).final_counts["batches"] == {"done": 1, "failed": 1}
         session.execute(sa.delete(Batch).where(Batch.run_id == run_id))
     assert run_summary(db, run_id).batches == {"done": 1, "failed": 1}
+
+
+def test_an_interrupted_runs_rate_is_up_to_its_last_finished_batch(db: Database) -> None:
+    """Nobody works on it: its rate stays what it was when work stopped, instead of falling
+    for as long as it waits for `enrich resume`."""
+    run_id, (one, _) = _run_with_batches(db, 2)
+    runs.mark_running(db, run_id)
+    outcomes = [RecordOutcome(f"/d/{n}", Outcome.BELOW_THRESHOLD, [0.1]) for n in (1, 2)]
+    batches.finish_batch(db, one, run_id, VERSION, outcomes)
+    with db.transaction() as session:
+        started = session.get(Run, run_id).started_at
+        session.execute(  # the batch finished 4 s in; the run was stopped long ago
+            sa.update(Run).where(Run.id == run_id).values(started_at=started - timedelta(hours=1))
+        )
+        session.execute(
+            sa.update(Batch)
+            .where(Batch.id == one)
+            .values(updated_at=started - timedelta(hours=1) + timedelta(seconds=4))
+        )
+    summary = run_summary(db, run_id, LockLiveness(db))
+    assert (summary.status, summary.records_done) == ("interrupted", 2)
+    assert (summary.rate, summary.eta_seconds) == (0.5, None)
+    assert run_summary(db, run_id).rate == round(2 / 3600, 2), "a live run's rate is to now"
 
 
 def test_marking_queued_moves_only_pending_batches(db: Database) -> None:

@@ -138,6 +138,15 @@ def run_summary(
         )
         status = run.status
         if liveness is not None and abandoned(status, batches, run, liveness):
+            # Nobody works on it: its rate up to the last batch it finished, not to now,
+            # which would fall for as long as it waits for `enrich resume`.
+            stopped = session.scalar(
+                sa.select(sa.func.max(Batch.updated_at)).where(
+                    Batch.run_id == run.id, Batch.status == BatchStatus.DONE
+                )
+            )
+            started = run.started_at or run.created_at
+            rate = _progress(started, stopped, done, run.records_enqueued)[0] if stopped else None
             status, eta = INTERRUPTED, None
         return RunSummary(
             id=run.id,
