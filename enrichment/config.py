@@ -52,6 +52,7 @@ NUMBER_RANGES: dict[str, tuple[float, float]] = {
     "ENRICH_HEARTBEAT_INTERVAL": (1, 3600),
     "ENRICH_HEARTBEAT_STALE": (2, 1000),
     "ENRICH_BROKER_RETRY_SECONDS": (1, 24 * 3600),
+    "ENRICH_SEARCH_BACKOFF": (0.01, 60),
 }
 MAX_HOST_LIMIT = 4096
 HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?$|^\[?[0-9a-f:.]+\]?$")
@@ -108,6 +109,8 @@ class Settings:
     heartbeat_stale: int = 8
     # How long a run's dispatch keeps retrying an unreachable broker, in seconds.
     broker_retry_seconds: float = 60.0
+    # Seconds before the Search API's second try of a page, doubling for each try after.
+    search_backoff: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -203,6 +206,7 @@ class Settings:
             broker_retry_seconds=number(
                 "ENRICH_BROKER_RETRY_SECONDS", cls.broker_retry_seconds, float
             ),
+            search_backoff=number("ENRICH_SEARCH_BACKOFF", cls.search_backoff, float),
         )
 
     def require_model_dir(self) -> Path:

@@ -57,6 +57,7 @@ def test_the_old_worker_batches_variable_still_works_with_one_warning(
         ({"ENRICH_PROCESSES_PER_GPU": "500"}, "ENRICH_PROCESSES_PER_GPU=500"),
         ({"ENRICH_INFERENCE_BATCH": "100000"}, "ENRICH_INFERENCE_BATCH=100000"),
         ({"ENRICH_BROKER_RETRY_SECONDS": "1e12"}, "ENRICH_BROKER_RETRY_SECONDS=1e12"),
+        ({"ENRICH_SEARCH_BACKOFF": "600"}, "ENRICH_SEARCH_BACKOFF=600 must be between"),
         ({"ENRICH_FETCH_HOST_LIMITS": "a.example=100000"}, "ENRICH_FETCH_HOST_LIMITS:"),
         (
             {"ENRICH_CONTACT_URL": "https://a.example/\r\nX-Evil: 1"},
@@ -91,8 +92,10 @@ def test_values_inside_the_ranges_are_kept() -> None:
             "ENRICH_CONTACT_URL": "https://museum.example/caf\u00e9",
             "EUROPEANA_API_URL": "http://127.0.0.1:8080/",
             "ENRICH_GPUS": "0, 1,GPU-8f1c2d3e-aaaa-bbbb",
+            "ENRICH_SEARCH_BACKOFF": "0.25",
         }
     )
+    assert settings.search_backoff == 0.25
     assert (settings.heartbeat_interval, settings.heartbeat_stale) == (1.0, 2)
     assert settings.visibility_timeout == 10
     assert settings.contact_url == "https://museum.example/caf\u00e9"

@@ -128,8 +128,6 @@ class SearchClient:
 
     settings: Settings
     session: requests.Session = field(default_factory=requests.Session)
-    # urllib3 waits backoff_factor * 2**(n - 1) s before the n-th retry (none before the 1st).
-    backoff_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.settings.europeana_api_key:
@@ -139,7 +137,9 @@ class SearchClient:
         retries = Retry(
             total=RETRIES,
             status_forcelist=(429, 500, 502, 503, 504),
-            backoff_factor=self.backoff_factor,
+            # urllib3 waits backoff_factor * 2**(n - 1) s before the n-th retry (none
+            # before the 1st).
+            backoff_factor=self.settings.search_backoff,
             backoff_jitter=0.5,
             respect_retry_after_header=True,
             raise_on_status=False,
@@ -172,7 +172,7 @@ class SearchClient:
         problem = ""
         for attempt in range(MALFORMED_ATTEMPTS):
             if attempt:
-                time.sleep(min(self.backoff_factor * 2**attempt, 10))
+                time.sleep(min(self.settings.search_backoff * 2**attempt, 10))
             try:
                 response = self.session.get(url, params=params, timeout=(10, 60))
             except requests.RequestException as error:
