@@ -63,6 +63,44 @@ def test_another_applications_sqlite_file_is_refused_and_left_untouched(
 
 
 @pytest.mark.parametrize(
+    "uri",
+    [
+        "file:{path}?uri=true",
+        "file://{path}?mode=rw&uri=true",
+        "file://localhost{path}?uri=true",
+    ],
+)
+def test_another_applications_file_named_by_an_sqlite_uri_is_refused_too(
+    tmp_path: Path, uri: str
+) -> None:
+    """The check of whose file it is works from the file the URL names; it took only plain
+    paths, and `enrich db upgrade` with a `file:` URI wrote its first tables into another
+    application's database before failing on a table name they share."""
+    path = tmp_path / "their data.db"
+    another_application(path)
+    before = snapshot(tmp_path)
+    named = Database("sqlite:///" + uri.format(path=str(path).replace(" ", "%20")))
+    assert named.sqlite_file == path
+    with pytest.raises(DatabaseError, match="belongs to another application"):
+        named.upgrade()
+    named.dispose()
+    assert snapshot(tmp_path) == before
+
+
+def test_an_sqlite_uri_in_memory_names_no_file_and_one_without_uri_true_a_relative_one() -> None:
+    for url in (
+        "sqlite:///file::memory:?uri=true",
+        "sqlite:///file:scratch?mode=memory&uri=true",
+        "sqlite:///file://elsewhere.example/data.db?uri=true",  # SQLite refuses the authority
+    ):
+        assert database_module.sqlite_path(url) is None, url
+    # Without uri=true the driver opens it as the relative path it reads as.
+    assert database_module.sqlite_path("sqlite:///file:/data/db.sqlite3") == Path(
+        "file:/data/db.sqlite3"
+    )
+
+
+@pytest.mark.parametrize(
     "content", [b"id,image_url\n/d/1,http://example.org/1.jpg\n", b"\xff\xd8\xff\xe0" * 64]
 )
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(

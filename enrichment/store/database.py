@@ -17,6 +17,7 @@ from contextlib import closing, contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from alembic import command
@@ -92,15 +93,38 @@ def _unwritable(url: str, why: str) -> DatabaseError:
 
 
 def sqlite_path(url: str) -> Path | None:
-    """An SQLite URL's file, or None (a server database, SQLite in memory or as a file: URI)."""
+    """An SQLite URL's file, or None (a server database, or SQLite in memory).
+
+    Worked out from the URL, before anything connects: the file is checked to be ours
+    (`check_owned`) before SQLite may create or change it, whether the URL names it
+    by its path or as an SQLite URI (`sqlite:///file:/data/db.sqlite3?mode=ro&uri=true`).
+    """
     try:
         parsed = sa.engine.make_url(url)
     except (sa.exc.ArgumentError, ValueError):
         return None
     database = parsed.database if parsed.get_backend_name() == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
+    if not database or database == ":memory:":
         return None
-    return Path(database)
+    if database.startswith("file:") and sa.util.asbool(parsed.query.get("uri", False)):
+        return _uri_file(database, parsed.query.get("mode"))
+    return Path(database)  # without uri=true, the driver opens `file:...` as a relative path
+
+
+def _uri_file(uri: str, mode: object) -> Path | None:
+    """The file an SQLite URI filename names (https://sqlite.org/uri.html): `file:PATH`,
+    `file:///PATH` or `file://localhost/PATH`, percent-decoded; None in memory, and for an
+    authority SQLite itself refuses."""
+    if mode == "memory":
+        return None
+    path = uri.removeprefix("file:").split("?", 1)[0].split("#", 1)[0]
+    if path.startswith("//"):
+        authority, _, rest = path[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None
+        path = "/" + rest
+    path = unquote(path)
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _read_only_place(path: Path) -> str | None:

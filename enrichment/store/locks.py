@@ -49,7 +49,7 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
                 connection.execute(sa.select(sa.func.pg_advisory_unlock(key)))
                 connection.commit()
         return
-    database = _sqlite_file(db)
+    database = db.sqlite_file  # its lock files sit beside it; None in memory
     if database is None:
         yield
         return
@@ -59,22 +59,6 @@ def scope_lock(db: Database, scope: dict[str, Any]) -> Iterator[None]:
         except BlockingIOError:
             raise refused from None
         yield
-
-
-def _sqlite_file(db: Database) -> Path | None:
-    """The file an SQLite database lives in, which its lock files sit beside; None in memory.
-
-    `Database.sqlite_file` names a plain path's file. A `file:` URI URL
-    (`sqlite:///file:/data/db.sqlite3?mode=ro&uri=true`), which it leaves out,
-    is asked of SQLite itself, which has parsed the URI and opened that file:
-    the lock must be on the same file whichever way a process names it.
-    """
-    if db.sqlite_file is not None:
-        return db.sqlite_file
-    with db.engine.connect() as connection:
-        rows = connection.exec_driver_sql("PRAGMA database_list").all()
-    file = next((file for _, name, file in rows if name == "main"), "")
-    return Path(file) if file else None  # "": in memory, or a temporary database
 
 
 def execution_scope(run_id: int) -> dict[str, Any]:
