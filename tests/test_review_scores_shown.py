@@ -169,3 +169,34 @@ def test_the_stats_page_writes_thresholds_as_calibrated(client: FlaskClient) -> 
         page.get_data(as_text=True),
     )
     assert dict(cells) == {"photograph": "0.435", "drawing": "0.4454", "map": "0.5"}
+
+
+def test_a_label_given_below_its_threshold_says_fallback_not_above(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    """A model with a top-k fallback labels a record none of whose classes reached its
+    threshold; its tile said "above" beside a score below the threshold."""
+    db = Database(f"sqlite:///{tmp_path}/shown.sqlite3")
+    with db.transaction() as session:
+        upsert_records(
+            session, [Record("/7001/d", "7001", "http://data.europeana.eu/item/7001/d", None, "M")]
+        )
+    with db.transaction() as session:
+        fallback = RecordOutcome(
+            "/7001/d",
+            Outcome.LABELLED,
+            scores=[0.1, 0.2, 0.3],
+            labels=[LabelScore("map", VOCABULARY["map"], 0.3)],
+        )
+        save_outcomes(session, None, VERSION, [fallback])
+    db.dispose()
+    html = client.get("/queue?state=any&limit=100").get_data(as_text=True)
+    sides = {}
+    for tile in html.split('<li class="tile')[1:]:
+        record = unescape(re.search(r'data-record="([^"]*)"', tile)[1])
+        label = re.search(r'data-label="([^"]*)"', tile)[1]
+        sides[(record, label)] = re.search(r'<span class="side"[^>]*>([^<]*)</span>', tile)[1]
+    assert sides[("/7001/d", "map")] == "fallback"
+    assert sides[("/7001/d", "drawing")] == "below"
+    assert sides[("/7001/a", "map")] == "above"  # at its threshold
+    assert sides[("/7001/a", "photograph")] == "below"
