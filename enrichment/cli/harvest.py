@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
@@ -14,11 +13,7 @@ from enrichment.cli.base import (
     reusability_option,
     settings,
 )
-from enrichment.errors import InvalidValue
 from enrichment.sources.harvest import DEFAULT_CONCEPT_QUERY, DEFAULT_PER_CLASS
-
-if TYPE_CHECKING:  # the command imports its libraries when it runs
-    from enrichment.model.harvest import HarvestDir
 
 DATA = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -85,7 +80,13 @@ def harvest(
     Interrupted, it continues where it stopped when run again.
     """
     from enrichment.media.fetch import Fetcher
-    from enrichment.model.harvest import HarvestDir, download_images, summary_table, write_set
+    from enrichment.model.harvest import (
+        HarvestDir,
+        OtherOptions,
+        download_images,
+        summary_table,
+        write_set,
+    )
     from enrichment.model.labelled import DEFAULT_VOCABULARY, read_vocabulary
     from enrichment.sources.europeana import SearchClient
     from enrichment.sources.harvest import HarvestOptions, collect, read_exclusions, select
@@ -121,12 +122,8 @@ def harvest(
 
     try:
         plan = directory.plan({"options": options.as_json(), "vocabulary": terms}, make)
-    except InvalidValue as error:
-        if error.field == "out" and _selection_readable(directory):
-            # A set begun with other options or another vocabulary: the command line is
-            # wrong, not the set, so a usage error (exit 2). A damaged selection stays 1.
-            raise click.BadParameter(str(error), param_hint="'--out'") from None
-        raise
+    except OtherOptions as error:  # a usage error (exit 2); a damaged selection stays 1
+        raise click.BadParameter(str(error), param_hint="'--out'") from None
     fetcher = Fetcher(config)
     try:
         downloads = download_images(
@@ -141,14 +138,3 @@ def harvest(
     click.echo(f"harvested into {out}: labels.csv, images/, summary.json")
     for line in summary_table(summary):
         click.echo(line)
-
-
-def _selection_readable(directory: HarvestDir) -> bool:
-    """Whether OUT holds a selection that can be read: `plan` refused it for its options."""
-    from enrichment.model.harvest import SELECTION, read_selection
-
-    try:
-        read_selection(directory.state / SELECTION)
-    except InvalidValue:
-        return False
-    return True

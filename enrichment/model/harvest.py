@@ -96,7 +96,7 @@ class HarvestDir:
         if path.exists():
             stored = read_selection(path)
             if stored.get("identity") != dict(identity):
-                raise InvalidValue(
+                raise OtherOptions(
                     "out",
                     f"{self.root} holds a harvest made with other options or another "
                     "vocabulary: start it again with the same ones, or choose a new directory",
@@ -151,6 +151,11 @@ def confined(download: Download) -> bool:
         return False
     names = {f"images/{download.sha256}.{extension}" for extension in STORED_EXTENSIONS}
     return download.image in names
+
+
+class OtherOptions(InvalidValue):
+    """OUT holds a harvest begun with other options or another vocabulary: the command is
+    wrong, not the directory (a usage error, where a damaged selection is not)."""
 
 
 def read_selection(path: Path) -> dict[str, Any]:
