@@ -231,7 +231,8 @@ def register_model(
     scores (`relabel`), and the review index, whose margins are to the thresholds, rebuilt.
 
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
-    whose concept changes here first writes the old one into its labels.
+    whose concept changes here writes the old one into the labels it has, in the same
+    transaction.
     """
     if len(thresholds) != len(classes):
         # The review index pairs them one to one, in SQL too, where a missing threshold
@@ -242,18 +243,6 @@ def register_model(
             ModelRow.version == version
         )
     ).first()
-    now = {entry["key"]: entry["concept"] for entry in classes}
-    for entry in before.classes if before is not None else ():
-        if now.get(entry["key"]) != entry["concept"]:
-            session.execute(
-                sa.update(Label)
-                .where(
-                    Label.model_version == version,
-                    Label.label_key == entry["key"],
-                    Label.concept == "",
-                )
-                .values(concept=entry["concept"])
-            )
     statement = upsert_statement(session, ModelRow.__table__).values(
         version=version,
         name=name,
@@ -276,6 +265,20 @@ def register_model(
     )
     if before is None:
         return
+    # The version's row is written (locked) before any of its labels: a batch being written
+    # reads that row FOR SHARE first (`batches.as_registered`), so the two lock in one order.
+    now = {entry["key"]: entry["concept"] for entry in classes}
+    for entry in before.classes:
+        if now.get(entry["key"]) != entry["concept"]:
+            session.execute(
+                sa.update(Label)
+                .where(
+                    Label.model_version == version,
+                    Label.label_key == entry["key"],
+                    Label.concept == "",
+                )
+                .values(concept=entry["concept"])
+            )
     deciding = (list(thresholds), top_k_fallback)
     if (before.thresholds, before.top_k_fallback or 0) != deciding:
         keys = [entry["key"] for entry in classes]
