@@ -30,9 +30,14 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env(environ)
 
 
-def open_database(settings: Settings) -> Database:
-    """The database of DATABASE_URL, at this code's schema (the SQLite default migrated)."""
+def open_database(settings: Settings, create: bool = False) -> Database:
+    """The database of DATABASE_URL, at this code's schema (a new SQLite file migrated).
+
+    Only with `create` (a run) is an SQLite file that does not exist yet made.
+    """
     db = Database(settings.database_url)
+    if not create:
+        db.check_exists()
     db.ensure_schema()
     return db
 

@@ -171,6 +171,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def empty_database(path: Path) -> str:
+    """The URL of a new SQLite database at `path`, at this code's schema: only a run creates
+    one, and a command that reads refuses a file that does not exist."""
+    url = f"sqlite:///{path}"
+    db = Database(url)
+    db.ensure_schema()
+    db.dispose()
+    return url
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path

@@ -124,7 +124,7 @@ def run_in_process(settings: Settings, scope: dict, full: bool = False) -> int:
     )
     checked = service.check(request, settings)
     progress = service.enrich(
-        bootstrap.open_database(settings),
+        bootstrap.open_database(settings, create=True),
         settings,
         checked,
         lambda: bootstrap.dispatcher(settings, settings.model_dir),
@@ -139,7 +139,7 @@ def resume_in_process(settings: Settings, run_id: int) -> None:
 
     assert settings.model_dir is not None
     service.resume(
-        bootstrap.open_database(settings),
+        bootstrap.open_database(settings, create=True),
         settings,
         run_id,
         lambda: bootstrap.dispatcher(settings, settings.model_dir),

@@ -14,7 +14,7 @@ from enrichment.cli import cli
 from enrichment.cli.base import Commands
 from enrichment.errors import InvalidValue
 from enrichment.store.runs import UnfinishedRun
-from tests.conftest import enrich, write_jsonl
+from tests.conftest import empty_database, enrich, write_jsonl
 from tests.services import free_port
 
 
@@ -135,7 +135,8 @@ def test_unreachable_database_url_is_one_line_without_the_password(
 
 @pytest.mark.parametrize("run", [["42"], ["--run", "42"]], ids=["positional", "option"])
 def test_status_of_unknown_run(tmp_path: Path, run: list[str]) -> None:
-    result = enrich("status", *run, env={"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"})
+    env = {"DATABASE_URL": empty_database(tmp_path / "db.sqlite3")}
+    result = enrich("status", *run, env=env)
     assert result.returncode == 1
     assert error_line(result) == "Error: run 42 does not exist"
 
@@ -219,7 +220,7 @@ def test_help_describes_every_command() -> None:
 
 
 def test_report_names_its_run_with_run_as_the_other_commands_do(tmp_path: Path) -> None:
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3"}
+    env = {"DATABASE_URL": empty_database(tmp_path / "db.sqlite3")}
     out = str(tmp_path / "report")
     for run in (["--run", "7"], ["7"]):
         result = CliRunner().invoke(cli, ["report", *run, "--out", out], env=env)

@@ -190,7 +190,7 @@ def test_mysql_on_the_command_line_is_one_line_without_the_password() -> None:
 
 def test_a_database_in_a_directory_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/no/such/dir/db.sqlite3"
-    line = one_line(enrich("status", env={"DATABASE_URL": url}))
+    line = one_line(enrich("db", "upgrade", env={"DATABASE_URL": url}))
     assert line == (
         f"Error: cannot connect to database {url}: its directory {tmp_path}/no/such/dir "
         "does not exist"
@@ -258,6 +258,26 @@ def invoke(url: str, *args: str):
     return CliRunner().invoke(cli, list(args), env={"DATABASE_URL": url})
 
 
+def test_only_a_run_creates_an_sqlite_database(tmp_path: Path, tiny_model: Path) -> None:
+    """A mistyped path under a command that reads left an empty database there, and the
+    command reported no runs or exported nothing, as if that were the collection."""
+    path = tmp_path / "enrich.db"
+    url = f"sqlite:///{path}"
+    for command in (["status"], ["export"], ["results"], ["review", "stats"]):
+        refused = invoke(url, *command)
+        assert (refused.exit_code, refused.output) == (
+            1,
+            f"Error: database {url} does not exist: `enrich run` creates it; "
+            "or point DATABASE_URL at the database to use\n",
+        ), command
+    assert list(tmp_path.iterdir()) == []
+    ran = invoke(
+        url, "run", "--records", str(records_file(tmp_path)), "--model-dir", str(tiny_model)
+    )
+    assert ran.exit_code in (0, 3), ran.output  # its one image is not reachable: exit 3
+    assert invoke(url, "status").exit_code == 0
+
+
 def records_file(tmp_path: Path) -> Path:
     return write_jsonl(
         tmp_path / "records.jsonl", [{"id": "/d/1", "image_url": "http://example.org/1.jpg"}]
@@ -280,7 +300,10 @@ def test_a_database_in_a_read_only_directory_says_it_cannot_be_written(
     assert sorted(before) == ["existing.db", "existing.db.migrate.lock"]
     with read_only(folder):
         for url, command in [
-            (f"sqlite:///{folder}/new.db", ["status"]),
+            (
+                f"sqlite:///{folder}/new.db",
+                ["run", "--records", str(records), "--model-dir", str(tiny_model)],
+            ),
             (existing, ["status"]),
             (existing, ["run", "--records", str(records), "--model-dir", str(tiny_model)]),
         ]:

@@ -14,7 +14,7 @@ from enrichment.cli import cli
 from enrichment.model.spec import read_model_json
 from enrichment.publish.export import ExportFilter
 from enrichment.store.database import Database
-from tests.conftest import VOCABULARY, enrich
+from tests.conftest import VOCABULARY, empty_database, enrich
 from tests.export_support import build_catalogue, export_text, open_database
 from tests.scenario import build_scenario
 
@@ -118,7 +118,7 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 
 
 def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3"}
+    env = {"DATABASE_URL": empty_database(tmp_path / "enrich.sqlite3")}
     cases = [
         (
             ("--split", "10"),

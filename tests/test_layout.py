@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from enrichment.store.database import Database
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOSE_MODULES = {
     "__init__.py",
@@ -116,7 +118,9 @@ def test_the_celery_app_reads_no_environment_at_import_and_is_configured_from_se
 def test_reporting_commands_load_neither_torch_nor_celery(
     command: list[str], exit_code: int, tmp_path: Path
 ) -> None:
-    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}", "CELERY_BROKER_URL": ""}
+    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+    Database(url).ensure_schema()  # only a run creates one
+    env = {"DATABASE_URL": url, "CELERY_BROKER_URL": ""}
     body = "from enrichment.cli import main; main()"
     heavy = imported(["enrich", *command], body, env, exit_code)
     assert heavy == [], f"`enrich {' '.join(command)}` imported {heavy}"

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from enrichment.sources.records_file import Record
 from enrichment.store.writes import RecordOutcome, save_outcomes, upsert_records
-from tests.conftest import REPO, enrich, image_bytes, write_jsonl
+from tests.conftest import REPO, empty_database, enrich, image_bytes, write_jsonl
 from tests.export_support import build_catalogue, open_database
 from tests.services import wait_for
 
@@ -88,7 +88,7 @@ def test_plain_results_keep_one_line_and_three_fields_per_result(database: str) 
 
 
 def test_no_results_on_an_empty_database(tmp_path: Path) -> None:
-    line = one_line(enrich("results", env={"DATABASE_URL": f"sqlite:///{tmp_path}/new.db"}))
+    line = one_line(enrich("results", env={"DATABASE_URL": empty_database(tmp_path / "new.db")}))
     assert line == "Error: no results yet: run `enrich run`"
 
 

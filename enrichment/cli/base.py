@@ -160,9 +160,9 @@ def settings() -> Settings:
     return click.get_current_context().obj
 
 
-def open_db() -> Database:
-    """The database of the settings, at this code's schema."""
-    return bootstrap.open_database(settings())
+def open_db(create: bool = False) -> Database:
+    """The database of the settings, at this code's schema; made only with `create`."""
+    return bootstrap.open_database(settings(), create)
 
 
 def emit_json(document: Any) -> None:

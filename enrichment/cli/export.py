@@ -102,7 +102,13 @@ def export(
     again gives the same ids. Annotations that would not validate are skipped
     and reported on stderr.
     """
-    from enrichment.publish.export import ExportFilter, Output, export, read_thresholds
+    from enrichment.publish.export import (
+        ExportFilter,
+        Output,
+        check_output,
+        export,
+        read_thresholds,
+    )
 
     filters = ExportFilter(
         datasets=datasets,
@@ -114,7 +120,7 @@ def export(
         thresholds=read_thresholds(thresholds) if thresholds else None,
         reviewed=reviewed,
     )
-    output = Output(profile, fmt, out_path, split, base_url)
+    output = check_output(Output(profile, fmt, out_path, split, base_url))  # before the database
     report = export(open_db(), filters, output, sys.stdout)
     if report.skipped:
         click.echo(f"skipped {report.skipped} annotations that would not validate, e.g.:", err=True)

@@ -134,7 +134,7 @@ def run(
         full,
     )
     checked = service.check(request, config)
-    db = open_db()
+    db = open_db(create=True)
 
     def announce(run_id: int, version: str) -> None:
         if not as_json:
@@ -254,8 +254,9 @@ def print_summary_counts(summary) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(run_id: int | None, run_alias: int | None, as_json: bool) -> None:
     """Show a run's state and its counts by outcome (default: the latest run)."""
+    chosen = chosen_run(run_id, run_alias, required=False)  # a usage error comes first
     db = open_db()
-    summary = _summary(db, chosen_run(run_id, run_alias, required=False))
+    summary = _summary(db, chosen)
     waiting = waiting_for(db, summary)
     if as_json:
         emit_json({**summary.as_json(), "waiting_for_model": waiting})

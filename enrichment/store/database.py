@@ -264,6 +264,20 @@ class Database:
             self.check_connection()
             self._migrate(command.downgrade, revision)
 
+    def check_exists(self) -> None:
+        """Refuse an SQLite file that does not exist yet, before SQLite would create it.
+
+        Only a run creates the database: a command that reads (status, export, review)
+        on a mistyped path would otherwise leave an empty database there and report
+        nothing to export, or no runs, as if that were the collection's state.
+        """
+        path = self.sqlite_file
+        if path is not None and not path.exists():
+            raise DatabaseError(
+                f"database {redact_url(self.url)} does not exist: `enrich run` creates it; "
+                "or point DATABASE_URL at the database to use"
+            )
+
     def ensure_schema(self) -> None:
         """Refuse to work on a database whose schema is not the one this code expects.
 
