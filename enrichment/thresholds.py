@@ -5,12 +5,18 @@ calibration and training measure what it would decide, and the store decides a m
 version's labels again with it when the version's thresholds change (`store.relabel`).
 One function for all of them, so stored scores always give the labels a worker would; a
 module of its own at the bottom of the flow, since the store may not import the model.
+
+How a score is written beside its threshold is here too (`threshold_text`,
+`confidence_text`, `score_and_threshold`), for the report, the review app and `explain`
+alike: a page that shows both must not put a score on the other side of its threshold
+than the rule does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -59,3 +65,46 @@ class DecisionRule:
 
     def decide(self, scores: np.ndarray) -> np.ndarray:
         return decide(scores, np.asarray(self.thresholds), self.top_k_fallback)
+
+
+DECIMALS = 4  # what calibration's thresholds need (0.4454), and a score is read beside
+MOST_DECIMALS = 17  # enough to tell apart two distinct scores in [0, 1]; then repr's
+
+
+def threshold_text(threshold: float, decimals: int = DECIMALS) -> str:
+    """The threshold to `decimals`, without trailing zeros: 0.5, 0.445, 0.4862."""
+    text = f"{threshold:.{decimals}f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def confidence_text(confidence: float, decimals: int = DECIMALS) -> str:
+    """A confidence to `decimals`, as its class's threshold is written (`threshold_text`).
+
+    Rounding both to the same decimals never reverses them, so a label (at or above its
+    threshold) is never shown below it.
+    """
+    return f"{confidence:.{decimals}f}"
+
+
+class Shown(NamedTuple):
+    score: str
+    threshold: str
+
+
+def score_and_threshold(score: float | None, threshold: float) -> Shown:
+    """The score ('–' for none) and its threshold, to `DECIMALS`, or to as many more as it
+    takes to write a score below its threshold below it (0.43496 against 0.435: "0.43496 /
+    0.435", where 4 decimals would write them equal); one at or above it never below it."""
+    decimals = DECIMALS
+    if score is not None:
+        while score < threshold and _rounded(score, decimals) >= _rounded(threshold, decimals):
+            if decimals == MOST_DECIMALS:
+                return Shown(repr(score), repr(threshold))
+            decimals += 1
+    score_text = "–" if score is None else confidence_text(score, decimals)
+    return Shown(score_text, threshold_text(threshold, decimals))
+
+
+def _rounded(value: float, decimals: int) -> float:
+    """The value as written to `decimals` (what a reader compares)."""
+    return float(f"{value:.{decimals}f}")

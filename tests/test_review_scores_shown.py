@@ -17,7 +17,6 @@ from flask.testing import FlaskClient
 
 from enrichment.config import Settings
 from enrichment.review.app import create_app
-from enrichment.review.shown import score_and_threshold
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
 from enrichment.store.schema import Outcome
@@ -28,6 +27,7 @@ from enrichment.store.writes import (
     save_outcomes,
     upsert_records,
 )
+from enrichment.thresholds import score_and_threshold
 from tests.conftest import VOCABULARY
 
 KEYS = ("photograph", "drawing", "map")

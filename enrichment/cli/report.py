@@ -59,6 +59,7 @@ def explain(
     """
     from enrichment.model import explain as explaining
     from enrichment.model.classifier import Classifier
+    from enrichment.thresholds import confidence_text
 
     config = settings()
     classifier = Classifier.load(model_dir or config.require_model_dir())
@@ -86,7 +87,7 @@ def explain(
         )
         return
     for item, path in zip(explanations, paths, strict=True):
-        click.echo(f"{item.key}\t{item.confidence:.4f}\t{path}")
+        click.echo(f"{item.key}\t{confidence_text(item.confidence)}\t{path}")
 
 
 @click.command()

@@ -34,6 +34,7 @@ from enrichment.model.classifier import Classifier
 from enrichment.sources.records_file import normalise_id
 from enrichment.store.database import Database
 from enrichment.store.reporting import record_image
+from enrichment.thresholds import confidence_text, threshold_text
 
 # The last convolutional stage of each supported torchvision family: the
 # deepest layer that still has a spatial layout. Matched on the name's prefix.
@@ -51,7 +52,6 @@ TARGET_LAYERS = (
 )
 DISPLAY_SIDE = 448  # the overlay's longer side, in pixels
 HEAT_WEIGHT = 0.5  # how much of the overlay is heatmap colour
-DECIMALS = 4  # of confidences and thresholds shown, as the report shows them (report/shown.py)
 
 
 @dataclass(frozen=True)
@@ -197,10 +197,10 @@ def explain(
     ]
     if not keys:
         best = int(np.argmax(scores))
-        best_score = f"{scores[best]:.{DECIMALS}f}"
         raise InvalidValue(
             "label_keys",
-            f"no class reaches its threshold (best: {spec.keys[best]} {best_score}): "
+            f"no class reaches its threshold (best: {spec.keys[best]} "
+            f"{confidence_text(float(scores[best]))}): "
             f"name a class to explain it anyway",
         )
     size = (spec.input_size, spec.input_size)
@@ -233,15 +233,10 @@ def overlay(image: Image.Image, explanation: Explanation) -> Image.Image:
 
 
 def caption(explanation: Explanation) -> str:
-    """`Photograph  0.4349  (threshold 0.435)`: the confidence and threshold to `DECIMALS`.
-
-    Written as the report writes them (`report/shown.py`): rounding both to the same
-    decimals never shows a score below its threshold as equal to it or above it, and 4
-    decimals tell apart what calibration's thresholds (0.4454) sit between.
-    """
-    threshold = f"{explanation.threshold:.{DECIMALS}f}".rstrip("0")
-    threshold += "0" if threshold.endswith(".") else ""
-    return f"{explanation.name}  {explanation.confidence:.{DECIMALS}f}  (threshold {threshold})"
+    """`Photograph  0.4349  (threshold 0.435)`: written as the report writes a label's
+    confidence beside its threshold (`thresholds.confidence_text`, `threshold_text`)."""
+    confidence = confidence_text(explanation.confidence)
+    return f"{explanation.name}  {confidence}  (threshold {threshold_text(explanation.threshold)})"
 
 
 def _draw_caption(image: Image.Image, caption: str) -> Image.Image:

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from enrichment.report.shown import threshold_text
+from enrichment.thresholds import threshold_text
 
 BAR_COLOUR = "#3a6ea5"
 THRESHOLD_COLOUR = "#c0392b"

@@ -33,11 +33,11 @@ from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb
 from enrichment.media.fetch import Fetcher
 from enrichment.report import plots
-from enrichment.report.shown import confidence_text, threshold_text
 from enrichment.store.database import Database
 from enrichment.store.query import RunSummary, run_summary
 from enrichment.store.reporting import LabelledRecord, RunReading, reading_run
 from enrichment.store.schema import Outcome, utc_now
+from enrichment.thresholds import confidence_text, threshold_text
 
 BIN_EDGES = np.linspace(0.0, 1.0, 21)
 THUMBNAIL_SIDE = 160

@@ -25,9 +25,9 @@ from enrichment.review.guard import Guard, api_error
 from enrichment.review.images import ImageCache
 from enrichment.review.pages import pages
 from enrichment.review.params import QUERY_PARAMETERS, ReviewError, page_query, usable_query
-from enrichment.review.shown import score_and_threshold
 from enrichment.store.database import Database
 from enrichment.store.decisions import DecidedMeanwhile
+from enrichment.thresholds import score_and_threshold
 
 
 def create_app(
