@@ -78,6 +78,7 @@ DATASETS = 200
 REVIEWS = 5_000
 PROBE_REVIEWS = 250
 TIMEOUT = 120.0  # seconds per operation
+RELABEL_TIMEOUT = 1800.0  # a recalibration decides every result of a version again
 PER_ITEM_TARGET = 1.5  # growth for 10x the records
 WHOLE_TARGET = 12.0
 BYTES_BEFORE = 1_970  # bytes per record the issue measured
@@ -749,6 +750,7 @@ class Operation:
     name: str
     title: str
     kind: str  # record, dataset, page: flat; whole: grows with the collection
+    timeout: float = TIMEOUT
 
     @property
     def target(self) -> float:
@@ -777,6 +779,9 @@ OPERATIONS = (
     Operation("review_stats", "enrich review stats --json", "page"),
     Operation("report_run", "enrich report 1 (run over every record; no thumbnails)", "whole"),
     Operation("export_all", "enrich export (everything), in a fresh worker", "whole"),
+    # Last: they change the labels. Each try registers version A's thresholds 0.01 higher.
+    Operation("relabel_chunk", "recalibration, one chunk (a batch write's longest wait)", "page"),
+    Operation("recalibrate", "recalibration, every result of version A", "whole", RELABEL_TIMEOUT),
 )
 
 
@@ -805,12 +810,14 @@ class Worker:
         line = self.process.stdout.readline()
         return json.loads(line) if line else {"error": "the worker exited"}
 
-    def ask(self, url: str, step: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        """The worker's answer, or None when it ran past TIMEOUT (the worker is then gone)."""
+    def ask(
+        self, url: str, step: str, params: dict[str, Any], timeout: float
+    ) -> dict[str, Any] | None:
+        """The worker's answer, or None when it ran past `timeout` (the worker is then gone)."""
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps({"url": url, "step": step, "params": params}) + "\n")
         self.process.stdin.flush()
-        answer = self._answer(TIMEOUT)
+        answer = self._answer(timeout)
         if answer is None:
             self.process.kill()
             self.process.wait()
@@ -896,7 +903,7 @@ def time_operations(server_url: str, urls: dict[int, str], params: dict[int, dic
                     if fresh or not worker.alive:
                         worker.close()
                         worker = Worker()
-                    answer = worker.ask(url, op.name, params[size])
+                    answer = worker.ask(url, op.name, params[size], op.timeout)
                     if answer is None:
                         timing.timed_out = True
                         cancel_queries(server_url)
@@ -918,32 +925,35 @@ def time_operations(server_url: str, urls: dict[int, str], params: dict[int, dic
     return timings
 
 
-def shown(timing: Timing) -> str:
+def shown(timing: Timing, timeout: float) -> str:
     if timing.timed_out:
-        return f">{TIMEOUT:.0f} s"
+        return f">{timeout:.0f} s"
     if timing.error is not None:
         return "failed"
     seconds = timing.best or 0.0
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
 
 
-def growth(timings: dict[int, Timing], sizes: Sequence[int]) -> tuple[float | None, str]:
+def growth(
+    timings: dict[int, Timing], sizes: Sequence[int], timeout: float
+) -> tuple[float | None, str]:
     """Time at the large size over time at the small one; a lower bound when the large one
     timed out; None when it cannot be told."""
     small, large = timings[sizes[0]], timings[sizes[1]]
     if small.best is not None and large.best is not None:
         return large.best / small.best, ""
     if small.best is not None and large.timed_out:
-        return TIMEOUT / small.best, "at least: the large size timed out"
+        return timeout / small.best, "at least: the large size timed out"
     return None, "not measured at both sizes"
 
 
 def timing_line(op: Operation, timings: dict[int, Timing], sizes: Sequence[int]) -> str:
-    value, _ = growth(timings, sizes)
+    value, _ = growth(timings, sizes, op.timeout)
     ratio = "-" if value is None else f"{value:.2f}x"
     sign = ">=" if timings[sizes[1]].timed_out and value is not None else ""
     return (
-        f"{op.title:<58} {shown(timings[sizes[0]]):>9} {shown(timings[sizes[1]]):>9} "
+        f"{op.title:<58} {shown(timings[sizes[0]], op.timeout):>9} "
+        f"{shown(timings[sizes[1]], op.timeout):>9} "
         f"{sign}{ratio:>7} (target <= {op.target:g}x)"
     )
 
@@ -984,6 +994,7 @@ def run(quick: bool, sizes: str | None = None) -> dict[str, Any]:
                     "large": LARGE_DATASET,
                     "class": QUEUE_CLASS,
                     "offset": DEEP_OFFSET,
+                    "version": VERSIONS[0],
                 }
                 common.say(f"    built {size:,} records in {built[size].seconds:.0f} s")
             loads = [os.getloadavg()]
@@ -1017,8 +1028,9 @@ def run(quick: bool, sizes: str | None = None) -> dict[str, Any]:
                 "title": op.title,
                 "kind": op.kind,
                 "target": op.target,
-                "growth": growth(timings[op.name], sizes)[0],
-                "note": growth(timings[op.name], sizes)[1],
+                "timeout": op.timeout,
+                "growth": growth(timings[op.name], sizes, op.timeout)[0],
+                "note": growth(timings[op.name], sizes, op.timeout)[1],
                 **{str(size): timings[op.name][size].as_json() for size in sizes},
             }
             for op in OPERATIONS
@@ -1036,7 +1048,8 @@ def report(figures: dict[str, Any]) -> list[str]:
     lines_out = [
         f"  {small:,} and {large:,} records on PostgreSQL; the probe dataset "
         f"{figures['probe_records']:,} records and the large one {figures['large_records']:,} "
-        f"at both; timeout {figures['timeout']:.0f} s per operation"
+        f"at both; timeout {figures['timeout']:.0f} s per operation "
+        f"({RELABEL_TIMEOUT:.0f} s for a whole recalibration)"
     ]
     start, end = (", ".join(map(str, load)) for load in figures["load_average"])
     lines_out.append(
@@ -1058,7 +1071,7 @@ def report(figures: dict[str, Any]) -> list[str]:
     for op in figures["operations"].values():
         best = [op[str(size)] for size in (small, large)]
         cells = [
-            f">{figures['timeout']:.0f} s"
+            f">{op.get('timeout', figures['timeout']):.0f} s"
             if part["timed_out"]
             else "failed"
             if part["error"]

@@ -124,6 +124,46 @@ def export_probe(target: Target, params: dict[str, Any]) -> dict[str, Any]:
     return written(target.enrich("export", "--dataset", params["probe"], "--out", out))
 
 
+def recalibrated(target: Target, version: str) -> None:
+    """The version registered again with every threshold 0.01 higher, as a run after `enrich
+    model calibrate` registers it: each call is a real change, so each try relabels."""
+    from enrichment.store.schema import ModelRow
+    from enrichment.store.writes import register_model
+
+    with target.db.transaction() as session:
+        model = session.get(ModelRow, version)
+        assert model is not None, f"no model {version}"
+        thresholds = [round(min(float(t) + 0.01, 0.99), 6) for t in model.thresholds]
+        register_model(
+            session,
+            version,
+            model.name,
+            model.architecture,
+            model.classes,
+            thresholds,
+            model.top_k_fallback,
+        )
+
+
+def relabel_chunk(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """A recalibration's first chunk: the longest a batch write of the version waits."""
+    from enrichment.store.relabel import Relabelled, relabel_some
+
+    recalibrated(target, params["version"])
+    changed = Relabelled()
+    relabel_some(target.db, params["version"], changed)
+    return {"results": changed.results}
+
+
+def recalibrate(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """A recalibration registered and every result of the version decided again."""
+    from enrichment.store.relabel import finish_relabelling
+
+    recalibrated(target, params["version"])
+    done = finish_relabelling(target.db, [params["version"]])[params["version"]]
+    return {"results": done.results, "removed": done.removed, "added": done.added}
+
+
 STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     "status": lambda t, p: lines(t.enrich("status")),
     "status_run_json": status_json,
@@ -149,6 +189,8 @@ STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     },
     "report_run": report_run,
     "export_all": export_all,
+    "relabel_chunk": relabel_chunk,
+    "recalibrate": recalibrate,
 }
 
 

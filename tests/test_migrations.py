@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from enrichment.errors import DatabaseError
+from enrichment.errors import DatabaseError, EnrichError
 from enrichment.store.database import Database
 from enrichment.store.schema import Base
 
@@ -237,4 +237,36 @@ def test_0012_compacts_results_in_batches_and_restores_them_going_down(database_
         scores = again.scores if not isinstance(again.scores, str) else json.loads(again.scores)
         assert scores == (None if row["scores"] is None else json.loads(row["scores"]))
         assert (again.image_url, again.image_sha256) == (row["url"], row["sha"])
+    db.dispose()
+
+
+def test_0017_keeps_a_pending_relabelling_from_being_dropped_going_down(
+    database_url: str,
+) -> None:
+    """0017's cursor, with rows in it: down is refused while a relabelling is pending (the
+    code before it would leave the rest undone), and goes once it is finished."""
+    from enrichment.store.relabel import finish_relabelling, pending_relabelling
+    from enrichment.store.writes import register_model
+    from tests.export_support import MODEL_LABELS, OLD, build_catalogue
+
+    db = Database(database_url)
+    db.upgrade()
+    build_catalogue(db)
+    with db.transaction() as session:
+        register_model(session, OLD, "pilot", "resnet18", MODEL_LABELS, [0.9, 0.1, 0.5])
+    with pytest.raises(EnrichError, match="pilot@aaaaaaaaaaaa are still being decided again"):
+        db.downgrade("0016")
+    assert db.current_revision() == "0017"
+    assert pending_relabelling(db) == {OLD: 20}, "the cursor is as it was"
+    finish_relabelling(db)
+    with db.engine.connect() as connection:
+        labels = connection.execute(sa.text("SELECT count(*) FROM labels")).scalar_one()
+    db.downgrade("0016")
+    with db.engine.connect() as connection:
+        columns = {column["name"] for column in sa.inspect(connection).get_columns("models")}
+        assert "relabel_after" not in columns
+        assert connection.execute(sa.text("SELECT count(*) FROM models")).scalar_one() == 2
+        assert connection.execute(sa.text("SELECT count(*) FROM labels")).scalar_one() == labels
+    db.upgrade()
+    assert pending_relabelling(db) == {}
     db.dispose()

@@ -35,6 +35,7 @@ from enrichment.store.decisions import (
     take_back_decisions,
 )
 from enrichment.store.models import model_classes
+from enrichment.store.relabel import finish_relabelling
 from enrichment.store.review_index import ReviewItem
 from enrichment.store.review_queue import (
     MAX_LIMIT,
@@ -151,6 +152,7 @@ def build(url: str) -> Database:
     take_back_decisions(db, rng.sample(ids_made, 60))
     with db.transaction() as session:  # recalibrated: the index is rebuilt for OLD
         register_model(session, OLD, "pilot", "resnet18", classes(OLD_KEYS), RECALIBRATED)
+    finish_relabelling(db)
     return db
 
 

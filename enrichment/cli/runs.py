@@ -242,6 +242,12 @@ def print_summary_counts(summary) -> None:
         click.echo(f"    error {reason:<20} {count}")
     if summary.error:
         click.echo(f"  stopped by     {summary.error}")
+    if summary.relabelling_after is not None:
+        where = f" (after record {after})" if (after := summary.relabelling_after) else ""
+        click.echo(
+            f"  relabelling    by the model's new thresholds, not finished{where}: "
+            "a run or `enrich resume` of the model, or an export, finishes it"
+        )
     if summary.status == INTERRUPTED:
         click.echo(
             "  interrupted    no process is scheduling it: "

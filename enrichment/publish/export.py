@@ -42,6 +42,7 @@ from enrichment.publish.annotations import ANNOTATION_ID_NAMESPACE, PROFILES, Ch
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses
+from enrichment.store.relabel import finish_relabelling
 from enrichment.store.retire import retired_version_message, retired_versions
 from enrichment.store.reviews import REVIEWED
 from enrichment.store.selection import (
@@ -139,6 +140,7 @@ def export(
     """Write the selected labels as annotations to `output.path`, or to `stream` without one."""
     output = check_output(output)
     check_filter(db, filters)
+    finish_relabelling(db)  # no label of a recalibrated version by its old thresholds
     checked = CheckedAnnotations(PROFILES[output.profile])
     layout = Layout(
         checked.profile,

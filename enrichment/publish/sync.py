@@ -86,6 +86,7 @@ from enrichment.store.publications import (
     record_intents,
     record_outcomes,
 )
+from enrichment.store.relabel import finish_relabelling
 from enrichment.store.selection import LabelRow, count_left_out_by_reviews
 
 PAGE_SIZE = 100
@@ -219,6 +220,7 @@ class Publisher:
         change is in the report's `changes`. `min_precision`: the gate above.
         """
         check_filter(self.db, filters)
+        finish_relabelling(self.db)  # no label of a recalibrated version by its old thresholds
         if min_precision is not None:
             if withdraw_all:
                 raise InvalidValue("min_precision", "gates publishing, not withdrawing")

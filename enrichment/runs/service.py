@@ -29,6 +29,7 @@ from enrichment.sources import RecordsFileSource, Source, source_for_scope
 from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
 from enrichment.store.database import Database
 from enrichment.store.locks import execution_scope, scope_lock
+from enrichment.store.relabel import finish_relabelling
 from enrichment.store.runs import mark_failed, move_run, run_state
 
 # Builds the dispatcher once the request is known to be good (it may load a model).
@@ -179,6 +180,7 @@ def _schedule(
     with scope_lock(db, scope):
         run_id = start_run(db, model, kind, scope, full)
         on_start(run_id)
+        finish_relabelling(db, [model.version])  # what new thresholds left: before any batch
         return fill_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size, full)
 
 
@@ -220,6 +222,7 @@ def resume(
         if moving:
             assert move_to is not None
             move_run(db, run_id, move_to.registration())
+        finish_relabelling(db, [run_state(db, run_id).model_version])
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
 
 

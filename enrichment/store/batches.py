@@ -176,13 +176,13 @@ def as_registered(
 ) -> Sequence[RecordOutcome]:
     """The outcomes with the labels (and status) the version's registered rule gives, where
     the worker decided them by another: a worker started before a recalibration was
-    registered still holds the old thresholds, and the registration's relabelling
-    (`store.relabel`) has already passed over the records it writes now.
+    registered still holds the old thresholds, and the relabelling after the registration
+    (`store.relabel`) may already have passed over the records it writes now.
 
-    On PostgreSQL the version's row is read FOR SHARE: a registration changing the rule
-    updates that row, so it waits for batches being written to commit (and relabels
-    them), and a batch written meanwhile waits for it and reads the new rule. SQLite has
-    one writer at a time.
+    On PostgreSQL the version's row is read FOR SHARE: a registration changing the rule,
+    and each chunk of the relabelling, update that row, so they wait for batches being
+    written to commit, and a batch written meanwhile waits for them and reads the rule
+    registered. SQLite has one writer at a time.
     """
     query = sa.select(ModelRow.classes, ModelRow.thresholds, ModelRow.top_k_fallback).where(
         ModelRow.version == model_version

@@ -17,6 +17,7 @@ from enrichment.store.schema import (
     Batch,
     BatchStatus,
     Label,
+    ModelRow,
     RecordRow,
     Result,
     Run,
@@ -53,6 +54,9 @@ class RunSummary:
     records_done: int
     rate: float | None  # records per second since the run started
     eta_seconds: float | None
+    # Its model's labels are being decided again after a recalibration, from the record
+    # after this one ("": from the first; `store.relabel`); None when none is pending.
+    relabelling_after: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         document = asdict(self)
@@ -165,6 +169,9 @@ def run_summary(
             records_done=done,
             rate=rate,
             eta_seconds=eta,
+            relabelling_after=session.scalar(
+                sa.select(ModelRow.relabel_after).where(ModelRow.version == run.model_version)
+            ),
         )
 
 

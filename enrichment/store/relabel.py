@@ -5,34 +5,54 @@ its thresholds, which the next run registers. Until then labels of the version w
 by the old thresholds; after it, without this, the records classified before kept them
 while new records got the new ones: one version, two rules, and an export or a publish
 of the version shipped both under one `generator.version`, whose thresholds the README
-says every label reached. So registering new thresholds (or a new top-k fallback) decides
-every classified result of the version again from its stored scores, by the rule the
-worker applies (`thresholds.decide`), and changes only what differs: labels that no longer
-reach their threshold go, those that now do come (with the score as their confidence, as
-the worker writes them), and a result's status follows (`labelled` or `below_threshold`).
-The next publish then withdraws and creates accordingly, as after any change of labels.
+says every label reached. So registering new thresholds (or a new top-k fallback, or
+other class keys) decides every classified result of the version again from its stored
+scores, by the rule the worker applies (`thresholds.decide`), and changes only what
+differs: labels that no longer reach their threshold go, those that now do come (with
+the score as their confidence, as the worker writes them), and a result's status follows
+(`labelled` or `below_threshold`). The review items of those results, whose margins are
+to the thresholds, are worked out again with them. The next publish then withdraws and
+creates accordingly, as after any change of labels.
 
-It runs in the caller's transaction (the run's registration), `BATCH` results at a time
-in record order, before the review index is rebuilt from these labels. A classified
-result without stored scores (none is written so) has nothing to decide from and keeps
-its labels. Workers started before the registration still hold the old thresholds; the
-batches they write afterwards are decided again by the registered ones as they are stored
-(`store.batches.as_registered`).
+At Europeana's size that is tens of millions of results, so it is not done in the
+registration's transaction (about an hour there, holding every batch write of the
+version). The registration only sets the version's cursor (`models.relabel_after`: ""
+for "from the first record"); `relabel_some` then brings `CHUNK` results after it in
+line per transaction, in record order, and moves the cursor on, until none is left and
+the cursor is cleared. Each chunk writes the version's row first, so batches of the
+version being written wait for one chunk at most (they read that row FOR SHARE:
+`store.batches.as_registered`), and takes its records' rows in id order before any
+result, as the batch writes do: no deadlock with a batch of another version flagging
+which result is current. Interrupted, the next caller goes on from the cursor; a
+registration changing the rule again starts it over.
+
+Meanwhile batches are decided by the registered rule as they are stored, so only the
+results not yet passed may carry the old one. The run that registered finishes the
+work before it schedules anything (`runs.service`), `enrich resume` before it pages on,
+and export and publish, which ship labels, before they read any (`finish_relabelling`).
+A classified result without stored scores (none is written so) keeps its labels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from tqdm import tqdm
 
 from enrichment.store.current import CLASSIFIED
-from enrichment.store.schema import Label, Outcome, Result
+from enrichment.store.database import Database
+from enrichment.store.models import ModelClasses, model_classes
+from enrichment.store.review_index import lock_records, replace_items
+from enrichment.store.schema import Label, ModelRow, Outcome, Result
 from enrichment.thresholds import decide
 
-BATCH = 2000
+CHUNK = 2000  # results decided again per transaction
+PART = 400  # values per IN list
+MODELS = ModelRow.__table__
 
 
 @dataclass
@@ -45,50 +65,115 @@ class Relabelled:
     status_changed: int = 0
 
 
-def relabel_on(
-    connection: sa.Connection,
-    version: str,
-    keys: Sequence[str],
-    thresholds: Sequence[float],
-    top_k_fallback: int,
-) -> Relabelled:
-    """Decide the labels of every classified result of `version` again, in the caller's
-    transaction; `keys` and `thresholds` in score order, as registered."""
-    changed = Relabelled()
-    limits = np.asarray(thresholds, dtype=np.float64)
-    last: str | None = None
-    while True:
-        query = (
-            sa.select(Result.record_id, Result.scores, Result.status)
-            .where(
-                Result.model_version == version,
-                Result.status.in_([str(status) for status in CLASSIFIED]),
-                Result.scores.is_not(None),
-            )
+def pending_relabelling(db: Database) -> dict[str, int]:
+    """The versions whose labels are still being decided again, with how many of their
+    classified results are left (one count over the rest of each version's results)."""
+    with db.transaction() as session:
+        cursors = session.execute(
+            sa.select(ModelRow.version, ModelRow.relabel_after)
+            .where(ModelRow.relabel_after.is_not(None))
+            .order_by(ModelRow.version)
+        ).all()
+        return {
+            version: session.execute(
+                sa.select(sa.func.count()).where(*_left(version, after))
+            ).scalar_one()
+            for version, after in cursors
+        }
+
+
+def finish_relabelling(
+    db: Database, versions: Iterable[str] | None = None
+) -> dict[str, Relabelled]:
+    """Decide again what is left of these versions' labels (of every version pending,
+    without `versions`), a chunk per transaction; what changed, by version.
+
+    Shows a progress bar on a terminal: at Europeana's size this takes a while."""
+    pending = pending_relabelling(db)
+    chosen = pending if versions is None else [v for v in dict.fromkeys(versions) if v in pending]
+    done: dict[str, Relabelled] = {}
+    for version in chosen:
+        changed = Relabelled()
+        with tqdm(
+            total=pending[version],
+            desc=f"labels of {version} decided again (new thresholds)",
+            unit=" results",
+            disable=None,  # off where stderr is not a terminal: logs, workers, tests
+        ) as bar:
+            while relabel_some(db, version, changed):
+                bar.update(changed.results - bar.n)
+            bar.update(changed.results - bar.n)
+        done[version] = changed
+    return done
+
+
+def relabel_some(db: Database, version: str, changed: Relabelled) -> bool:
+    """Decide again the next chunk of the version's results after its cursor, in one
+    transaction, adding to `changed`; False once none is left (the cursor cleared)."""
+    with db.transaction() as session:
+        connection = session.connection()
+        # A write first: on PostgreSQL it holds the version's row against batch writes
+        # and other relabellers until commit (so no result of the version is written
+        # meanwhile); on SQLite it takes the write lock at once.
+        after = connection.execute(
+            sa.update(MODELS)
+            .where(MODELS.c.version == version, MODELS.c.relabel_after.is_not(None))
+            .values(relabel_after=MODELS.c.relabel_after)
+            .returning(MODELS.c.relabel_after)
+        ).scalar_one_or_none()
+        if after is None:
+            return False
+        ids = connection.scalars(
+            sa.select(Result.record_id)
+            .where(*_left(version, after))
             .order_by(Result.record_id)
-            .limit(BATCH)
+            .limit(CHUNK)
+        ).all()
+        if ids:
+            # Their records first, as every writer of results takes them: which result is
+            # current cannot change under the items written below.
+            lock_records(connection, ids)
+            rows = connection.execute(
+                sa.select(Result.record_id, Result.scores, Result.status, Result.is_current)
+                .where(*_left(version, after), Result.record_id <= ids[-1])
+                .order_by(Result.record_id)
+            ).all()
+            model = model_classes(connection)[version]
+            labelled = _relabel(connection, model, rows, changed)
+            replace_items(
+                connection,
+                model,
+                [
+                    (r.record_id, r.scores, labelled.get(r.record_id, ()))
+                    for r in rows
+                    if r.is_current
+                ],
+            )
+        cursor = ids[-1] if len(ids) == CHUNK else None
+        connection.execute(
+            sa.update(MODELS).where(MODELS.c.version == version).values(relabel_after=cursor)
         )
-        if last is not None:
-            query = query.where(Result.record_id > last)
-        rows = connection.execute(query).all()
-        if not rows:
-            return changed
-        last = rows[-1].record_id
-        _relabel_batch(connection, version, keys, limits, top_k_fallback, rows, changed)
+        return cursor is not None
 
 
-def _relabel_batch(
-    connection: sa.Connection,
-    version: str,
-    keys: Sequence[str],
-    thresholds: np.ndarray,
-    top_k_fallback: int,
-    rows: Sequence[sa.Row],
-    changed: Relabelled,
-) -> None:
-    """One batch of results (in record order): their labels and statuses brought in line."""
+def _left(version: str, after: str) -> list[sa.ColumnElement[bool]]:
+    """The version's classified results after the cursor: those still to decide again."""
+    return [
+        Result.model_version == version,
+        Result.status.in_([str(status) for status in CLASSIFIED]),
+        Result.scores.is_not(None),
+        Result.record_id > after,
+    ]
+
+
+def _relabel(
+    connection: sa.Connection, model: ModelClasses, rows: Sequence[sa.Row], changed: Relabelled
+) -> dict[str, list[str]]:
+    """One chunk of results (in record order): their labels and statuses brought in line
+    with the model's registered rule; returns each record's labelled keys."""
+    version = model.version
     scores = np.asarray([row.scores for row in rows], dtype=np.float64)
-    chosen = decide(scores, thresholds, top_k_fallback)
+    chosen = decide(scores, np.asarray(model.thresholds, dtype=np.float64), model.top_k_fallback)
     ids = {row.record_id for row in rows}
     held = {
         (record_id, key)
@@ -102,18 +187,19 @@ def _relabel_batch(
         if record_id in ids  # one range read, not an IN list; other results keep theirs
     }
     wanted: dict[tuple[str, str], float] = {}
-    statuses: list[dict[str, str]] = []
+    labelled: dict[str, list[str]] = {}
+    statuses: dict[Outcome, list[str]] = {Outcome.LABELLED: [], Outcome.BELOW_THRESHOLD: []}
     for row, vector, given in zip(rows, scores.tolist(), chosen.tolist(), strict=True):
-        labels = {
-            (row.record_id, key): score
-            for key, score, on in zip(keys, vector, given, strict=True)
-            if on
-        }
-        wanted.update(labels)
-        status = Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD
+        keys = [key for key, on in zip(model.keys, given, strict=True) if on]
+        for key, score, on in zip(model.keys, vector, given, strict=True):
+            if on:
+                wanted[row.record_id, key] = score
+        if keys:
+            labelled[row.record_id] = keys
+        status = Outcome.LABELLED if keys else Outcome.BELOW_THRESHOLD
         if row.status != status:
-            statuses.append({"record": row.record_id, "decided": str(status)})
-    gone = [{"record": r, "key": k} for r, k in sorted(held - wanted.keys())]
+            statuses[status].append(row.record_id)
+    gone = sorted(held - wanted.keys())
     new = [
         {
             "record_id": r,
@@ -124,28 +210,30 @@ def _relabel_batch(
         }
         for r, k in sorted(wanted.keys() - held)
     ]
-    if gone:
+    for part in _parts(gone):
         connection.execute(
             sa.delete(Label).where(
-                Label.record_id == sa.bindparam("record"),
                 Label.model_version == version,
-                Label.label_key == sa.bindparam("key"),
-            ),
-            gone,
+                sa.tuple_(Label.record_id, Label.label_key).in_(part),
+            )
         )
     if new:
         connection.execute(sa.insert(Label), new)
-    if statuses:
-        connection.execute(
-            sa.update(Result)
-            .where(
-                Result.record_id == sa.bindparam("record"),
-                Result.model_version == version,
+    for status, record_ids in statuses.items():
+        for part in _parts(record_ids):
+            connection.execute(
+                sa.update(Result)
+                .where(Result.model_version == version, Result.record_id.in_(part))
+                .values(status=str(status))
             )
-            .values(status=sa.bindparam("decided")),
-            statuses,
-        )
     changed.results += len(rows)
     changed.added += len(new)
     changed.removed += len(gone)
-    changed.status_changed += len(statuses)
+    changed.status_changed += sum(map(len, statuses.values()))
+    return labelled
+
+
+def _parts(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """At most `PART` values at a time: an IN list well under SQLite's variable limit."""
+    for start in range(0, len(values), PART):
+        yield values[start : start + PART]

@@ -21,10 +21,11 @@ exact at any depth.
 
 Both are kept by the transaction that writes results (`save_outcomes`:
 `refresh` in Python, or on PostgreSQL `staged_sql`, set-based SQL sent with the
-batch), rebuilt for a model version whose thresholds change (`register_model`),
-and built whole by migration 0016 where none was (`rebuild`). Margins are the queue's: |score -
-threshold| in double precision, the score as `Scores` reads it (in SQL,
-`columns.exact_score`), the threshold as `store.models` reads it.
+batch), worked out again for a model version whose thresholds change (with its labels,
+a chunk at a time: `store.relabel`), and built whole by migration 0016 where none was
+(`rebuild`). Margins are the queue's: |score - threshold| in double precision, the
+score as `Scores` reads it (in SQL, `columns.exact_score`), the threshold as
+`store.models` reads it.
 """
 
 from __future__ import annotations
@@ -217,17 +218,15 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
         cursor.close()
 
 
-def rebuild(db: Database, model_version: str | None = None) -> int:
-    """Work out the current flags and the items again from `results` (only the items of
-    `model_version`'s current results, when only its thresholds changed), in batches;
-    returns the records indexed."""
+def rebuild(db: Database) -> int:
+    """Work out the current flags and the items again from `results`, in batches; returns
+    the records indexed."""
     with db.transaction() as session:
-        return rebuild_on(session.connection(), model_version)
+        return rebuild_on(session.connection())
 
 
 def rebuild_on(
     connection: sa.Connection,
-    model_version: str | None = None,
     results: sa.Table | None = None,
     models: dict[str, ModelClasses] | None = None,
 ) -> int:
@@ -236,12 +235,8 @@ def rebuild_on(
     results = Result.__table__ if results is None else results
     models = model_classes(connection) if models is None else models
     count = 0
-    for batch in _record_batches(connection, model_version, results):
-        if model_version is None:
-            current = _flag_current(connection, batch, results)
-        else:
-            _delete_items(connection, batch)
-            current = dict.fromkeys(batch, model_version)
+    for batch in _record_batches(connection, results):
+        current = _flag_current(connection, batch, results)
         pairs = sorted(current.items())
         _insert(connection, _rows_from_results(connection, pairs, models, results))
         count += len(current)
@@ -259,18 +254,33 @@ def reindex(connection: sa.Connection, record_ids: Sequence[str]) -> None:
     )
 
 
-def _record_batches(
-    connection: sa.Connection, model_version: str | None, results: sa.Table
-) -> Iterator[list[str]]:
-    """Record ids in key order, `REBUILD_BATCH` at a time: every record with a result, or
-    those whose current result is `model_version`'s."""
+def replace_items(
+    connection: sa.Connection,
+    model: ModelClasses,
+    results: Sequence[tuple[str, Sequence[float] | None, Iterable[str]]],
+) -> None:
+    """The items of these records, whose current result is `model`'s, from that result's
+    (record id, scores, labelled keys): after its labels were decided again. In the
+    caller's transaction, which holds the records' rows (`lock_records`), so that which
+    result is current cannot change meanwhile."""
+    for chunk in _chunks([record_id for record_id, _, _ in results]):
+        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+    _insert(
+        connection,
+        [
+            row
+            for record_id, scores, keys in results
+            for row in item_rows(record_id, model, scores or [], keys)
+        ],
+    )
+
+
+def _record_batches(connection: sa.Connection, results: sa.Table) -> Iterator[list[str]]:
+    """The ids of every record with a result, in key order, `REBUILD_BATCH` at a time."""
     column = results.c.record_id
-    scope: list[Any] = []
-    if model_version is not None:
-        scope = [results.c.model_version == model_version, results.c.is_current]
     last: str | None = None
     while True:
-        query = sa.select(column).distinct().where(*scope).order_by(column).limit(REBUILD_BATCH)
+        query = sa.select(column).distinct().order_by(column).limit(REBUILD_BATCH)
         if last is not None:
             query = query.where(column > last)
         batch = list(connection.scalars(query))
@@ -285,9 +295,18 @@ def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield values[start : start + CHUNK]
 
 
-def _delete_items(connection: sa.Connection, record_ids: Sequence[str]) -> None:
-    for chunk in _chunks(record_ids):
-        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+def lock_records(connection: sa.Connection, record_ids: Sequence[str]) -> None:
+    """On PostgreSQL, hold these records' rows until commit, taken in id order as every
+    writer of their results takes them (see LOCK_RECORDS_SQL)."""
+    if connection.dialect.name != "postgresql":
+        return  # one writer at a time
+    for chunk in _chunks(sorted(record_ids)):
+        connection.execute(
+            sa.select(RecordRow.id)
+            .where(RecordRow.id.in_(chunk))
+            .order_by(RecordRow.id)
+            .with_for_update(key_share=True)
+        ).all()
 
 
 def _flag_current(
@@ -299,13 +318,7 @@ def _flag_current(
     table = Result.__table__ if results is None else results
     current: dict[str, str] = {}
     for chunk in _chunks(sorted(record_ids)):
-        if connection.dialect.name == "postgresql":  # see LOCK_RECORDS_SQL
-            connection.execute(
-                sa.select(RecordRow.id)
-                .where(RecordRow.id.in_(chunk))
-                .order_by(RecordRow.id)
-                .with_for_update(key_share=True)
-            ).all()
+        lock_records(connection, chunk)
         found = dict(connection.execute(newest_classified(chunk, table)).all())
         flags = connection.execute(
             sa.select(table.c.record_id, table.c.model_version, table.c.is_current).where(

@@ -162,6 +162,9 @@ class ModelRow(Base):
     registered_at: Mapped[datetime] = mapped_column(DateTime, default=utc_now)
     # Set by `enrich model retire`: its results and labels are removed, runs refuse it.
     retired_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Set when its thresholds change: its labels are decided again from the record after
+    # this one ("": from the first), a chunk at a time (`store.relabel`); NULL: none left.
+    relabel_after: Mapped[str | None] = mapped_column(RecordId)
 
 
 class Result(Base):

@@ -28,7 +28,6 @@ from enrichment.errors import DatabaseError, InvalidValue
 from enrichment.store import review_index
 from enrichment.store.columns import NULL, copy_text, scores_literal
 from enrichment.store.current import CLASSIFIED
-from enrichment.store.relabel import relabel_on
 from enrichment.store.schema import (
     Label,
     ModelRow,
@@ -227,8 +226,9 @@ def register_model(
     top_k_fallback: int = 0,
 ) -> None:
     """Record a model version; registering it again updates how it decides labels: when its
-    thresholds (or top-k fallback) change, its labels are decided again from the stored
-    scores (`relabel`), and the review index, whose margins are to the thresholds, rebuilt.
+    thresholds (or top-k fallback, or class keys) change, its labels and review items are
+    to be decided again from the stored scores, which `store.relabel` does a chunk at a
+    time after this transaction.
 
     Labels store their concept as "" where it is their class's (`stored_concept`): a class
     whose concept changes here writes the old one into the labels it has, in the same
@@ -279,12 +279,13 @@ def register_model(
                 )
                 .values(concept=entry["concept"])
             )
-    deciding = (list(thresholds), top_k_fallback)
-    if (before.thresholds, before.top_k_fallback or 0) != deciding:
-        keys = [entry["key"] for entry in classes]
-        relabel_on(session.connection(), version, keys, thresholds, top_k_fallback)
-    if (before.classes, before.thresholds, before.top_k_fallback or 0) != (classes, *deciding):
-        review_index.rebuild_on(session.connection(), version)
+    keys_before = [entry["key"] for entry in before.classes]
+    rule_before = (keys_before, before.thresholds, before.top_k_fallback or 0)
+    if rule_before != ([entry["key"] for entry in classes], list(thresholds), top_k_fallback):
+        # Decided again from the first record, a chunk per transaction (`store.relabel`).
+        session.execute(
+            sa.update(ModelRow).where(ModelRow.version == version).values(relabel_after="")
+        )
 
 
 RESULT_COLUMNS = (
