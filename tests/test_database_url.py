@@ -405,3 +405,20 @@ def test_a_scope_lock_is_on_the_database_file_however_its_url_names_it(
         pass
     in_memory.dispose()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_server_side_cursors_are_planned_for_every_row_on_each_pooled_connection(
+    pg_url: str,
+) -> None:
+    """Every server-side cursor here is read to its end; planned for its first tenth (the
+    default), the review stats of a 20,000-record collection took 9.5 s instead of 0.4.
+    The setting outlives a rolled-back transaction and a connection's return to the pool."""
+    db = Database(pg_url)
+    with pytest.raises(ZeroDivisionError), db.transaction() as session:
+        session.execute(sa.text("SELECT 1"))
+        raise ZeroDivisionError  # rolled back
+    for _ in range(2):
+        with db.transaction() as session:
+            shown = session.execute(sa.text("SHOW cursor_tuple_fraction")).scalar_one()
+            assert shown == "1"
+    db.dispose()
