@@ -171,9 +171,14 @@ def test_sigkilled_worker_mid_batch_loses_and_duplicates_nothing(
         " GROUP BY 1, 2 HAVING count(*) > 1) AS repeated"
     )
     assert duplicates == 0
-    assert [(b["status"], b["attempts"]) for b in db.batches(run_id)] == [
-        ("done", attempts + 1) for attempts in started
-    ]
+    # The dead worker's attempts stay counted and each restart counts its own. At least:
+    # an attempt the dead worker was committing as it died may land after `started` was
+    # read, and under load a batch running past the 10 s visibility timeout is sent once
+    # more (idempotent: the rows above are written once).
+    finished = db.batches(run_id)
+    assert [b["status"] for b in finished] == ["done"] * len(started)
+    assert all(b["attempts"] >= attempts + 1 for b, attempts in zip(finished, started, strict=True))
+    assert finished[0]["attempts"] >= 2, "the killed batch: the dead worker's and the restart"
 
 
 def test_redis_restart_mid_run_then_resume_completes(
