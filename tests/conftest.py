@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,18 @@ def enrich(
         text=True,
         timeout=timeout,
     )
+
+
+def enrich_here(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`enrich` run in this process by click's runner, answered as `enrich` answers: for
+    tests of what a command does, where its own test already runs it in a subprocess. Each
+    subprocess costs a new interpreter and, for `run`, torch's import: 4-6 s here."""
+    from click.testing import CliRunner
+
+    from enrichment.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), env=env)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)

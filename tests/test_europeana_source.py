@@ -24,7 +24,7 @@ from enrichment.sources.records_file import parse_timestamp
 from enrichment.store.database import Database
 from enrichment.store.locks import scope_lock
 from enrichment.store.query import record_results, run_summary
-from tests.conftest import enrich, image_bytes, make_tiny_model
+from tests.conftest import enrich, enrich_here, image_bytes, make_tiny_model
 from tests.scenario import resume_in_process, run_in_process
 from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
 
@@ -197,7 +197,8 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     env = env_for(api, database, tiny_model)
     # Page 1 is served, then page 2 keeps failing (three attempts).
     api.failures = {2: (failure,), 3: (failure,), 4: (failure,)}
-    first = enrich("run", "--dataset", "4242", "--no-progress", env=env)
+    # In this process (`enrich_here`): the subprocess's own exit is tested above.
+    first = enrich_here("run", "--dataset", "4242", "--no-progress", env=env)
     assert first.returncode == 1
     assert "Europeana Search API page failed" in first.stderr
     run = run_row(database, 1)
@@ -208,7 +209,7 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     assert scalar(database, "SELECT count(*) FROM results") in (0, 40, 80)
     assert len(checkpoint["pending"]) == 20  # the rest of page 1, kept for the next batch
 
-    resumed = enrich("resume", "--run", "1", "--json", env=env)
+    resumed = enrich_here("resume", "--run", "1", "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout)
     assert summary["status"] == "completed"

@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from click.testing import Result as CliResult
 
 from enrichment.cli import cli
+from enrichment.config import Settings
 from enrichment.model.spec import read_model_json
 from enrichment.publish.export import ExportFilter
+from enrichment.runs import service
 from enrichment.store.database import Database
+from enrichment.store.query import run_summary
 from tests.conftest import VOCABULARY, empty_database, enrich
 from tests.export_support import build_catalogue, export_text, open_database
-from tests.scenario import build_scenario
+from tests.scenario import build_scenario, run_in_process
 
 
 def labels(document: dict) -> dict[tuple[str, str], float]:
@@ -34,28 +38,27 @@ def labels(document: dict) -> dict[tuple[str, str], float]:
 def test_export_filters_reexport_and_profiles_through_the_cli(
     tmp_path: Path, image_host, tiny_model: Path, pg_url: str
 ) -> None:
+    """Runs through the library (`enrich run` has its own end-to-end tests), exports through
+    the command, in this process: its options, its output and its files."""
     records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/export")
     spec, version, _ = read_model_json(tiny_model)
-    env = {
-        "DATABASE_URL": pg_url,
-        "ENRICH_MODEL": str(tiny_model),
-        "ENRICH_FETCH_ALLOW": "127.0.0.1",
-    }
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    settings = Settings(database_url=pg_url, model_dir=tiny_model, fetch_allow=("127.0.0.1",))
+    env = {"DATABASE_URL": pg_url}
+    Database(pg_url).upgrade()
     lines = records.read_text().splitlines()
     first_half = tmp_path / "first.jsonl"
     first_half.write_text("\n".join(lines[:4]) + "\n")
     first_ids = {json.loads(line)["id"] for line in lines[:4]}
-    started = enrich("run", "--records", str(first_half), "--json", "--no-progress", env=env)
-    assert started.returncode == 0, started.stderr
-    first_run = json.loads(started.stdout)["id"]
-    rest = enrich("run", "--records", str(records), "--json", "--no-progress", env=env)
-    assert rest.returncode == 0, rest.stderr
+    first_run = run_in_process(settings, service.records_scope(first_half))
+    run_in_process(settings, service.records_scope(records))
+
+    def exported(*options: str) -> CliResult:
+        done = CliRunner().invoke(cli, ["export", *options], env=env)
+        assert done.exit_code == 0, done.output
+        return done
 
     def export(*options: str) -> dict:
-        done = enrich("export", *options, env=env)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
+        return json.loads(exported(*options).stdout)
 
     want = {
         (record, key): confidence
@@ -69,9 +72,8 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
     assert sorted(by_run) == sorted(key for key in want if key[0] in first_ids)
 
     # Re-running the same records with the same model gives the same annotation ids.
-    again = enrich("run", "--records", str(records), "--full", "--json", "--no-progress", env=env)
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["records_enqueued"] == len(expected)
+    again = run_in_process(settings, service.records_scope(records), full=True)
+    assert run_summary(Database(pg_url), again).records_enqueued == len(expected)
     reexported = export()
     ids = [a["id"] for a in everything["first"]["items"]]
     assert [a["id"] for a in reexported["first"]["items"]] == ids
@@ -108,8 +110,7 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
     )
 
     out = tmp_path / "europeana.jsonld"
-    paged = enrich("export", "--profile", "europeana", "--split", "2", "--out", str(out), env=env)
-    assert paged.returncode == 0, paged.stderr
+    paged = exported("--profile", "europeana", "--split", "2", "--out", str(out))
     pages = sorted(tmp_path.glob("europeana-*.jsonld"))
     assert len(pages) == -(-len(want) // 2)
     assert f"wrote {len(want)} annotations to {len(pages)} files" in paged.stderr

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from tests.conftest import enrich, write_jsonl
+from tests.conftest import enrich_here, write_jsonl
 from tests.scenario import build_scenario
 from tests.test_report import Node, parse, rows
 
 
 def report(run: int, out: Path, env: dict[str, str]) -> Node:
-    made = enrich("report", str(run), "--out", str(out), "--per-class", "2", env=env)
+    made = enrich_here("report", str(run), "--out", str(out), "--per-class", "2", env=env)
     assert made.returncode == 0, made.stderr
     return parse(Path(made.stdout.strip()).read_text(encoding="utf-8"))
 
@@ -45,13 +45,14 @@ def empty_galleries(page: Node) -> list[str]:
 def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
     image_host, tiny_model: Path, tmp_path: Path
 ) -> None:
+    """The commands in this process (`enrich_here`): each has its own subprocess test."""
     records, expected = build_scenario(image_host, tmp_path, tiny_model, prefix="/takeover")
     env = {
         "DATABASE_URL": f"sqlite:///{tmp_path}/enrich.sqlite3",
         "ENRICH_MODEL": str(tiny_model),
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
     }
-    first = enrich("run", "--records", str(records), "--json", env=env)
+    first = enrich_here("run", "--records", str(records), "--json", env=env)
     assert first.returncode == 0, first.stderr
     version = json.loads(first.stdout)["model_version"]
     labelled = [record for record, want in expected.items() if want.labels]
@@ -65,7 +66,7 @@ def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
         tmp_path / "again.jsonl",
         [row for row in map(json.loads, records.read_text().splitlines()) if row["id"] in labelled],
     )
-    second = enrich("run", "--records", str(again), "--full", "--json", env=env)
+    second = enrich_here("run", "--records", str(again), "--full", "--json", env=env)
     assert second.returncode == 0, second.stderr
     page = report(1, tmp_path / "after", env)
     done, kept = len(expected), len(expected) - len(labelled)
@@ -81,7 +82,7 @@ def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
     assert set(empty_galleries(page)) == {"No result of this run still holds this label."}
     assert note(report(2, tmp_path / "after", env)) == ""
 
-    retired = enrich("model", "retire", version, "--yes", env=env)
+    retired = enrich_here("model", "retire", version, "--yes", env=env)
     assert retired.returncode == 0, retired.stderr
     engine = sa.create_engine(env["DATABASE_URL"])
     with engine.connect() as connection:

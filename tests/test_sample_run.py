@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from enrichment.model.spec import read_model_json
 from enrichment.store.database import Database
 from enrichment.store.decisions import NewDecision, record_decisions
-from tests.conftest import enrich, image_bytes, make_tiny_model, write_jsonl
+from tests.conftest import enrich, enrich_here, image_bytes, make_tiny_model, write_jsonl
 
 RECORDS = 24
 
@@ -36,7 +36,9 @@ def all_rows(image_host) -> list[dict]:
 
 
 def run(env: dict[str, str], path: Path, *args: str) -> dict:
-    done = enrich("run", "--records", str(path), "--batch-size", "4", *args, "--json", env=env)
+    """`enrich run` in this process (its subprocess is covered by the refusal below and by
+    tests/test_run_in_process.py): the model loaded without a new interpreter each time."""
+    done = enrich_here("run", "--records", str(path), "--batch-size", "4", *args, "--json", env=env)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

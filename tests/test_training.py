@@ -42,7 +42,7 @@ from enrichment.model.training import (
     starting_point,
     train,
 )
-from tests.conftest import enrich
+from tests.conftest import enrich, enrich_here
 
 KEYS = ["red_background", "circle"]
 VOCABULARY = {
@@ -268,7 +268,7 @@ def test_calibration_raises_or_keeps_each_class_f1(calibrated, trained, syntheti
 
 def test_min_precision_calibration(trained, synthetic: Path, tmp_path: Path) -> None:
     directory = Path(shutil.copytree(trained[0], tmp_path / "m"))
-    result = enrich(
+    result = enrich_here(
         "model", "calibrate", str(directory),
         "--data", str(synthetic / "validation.csv"),
         "--min-precision", "0.9", "--min-precision", "circle=0.99",
@@ -292,11 +292,11 @@ def test_min_precision_calibration(trained, synthetic: Path, tmp_path: Path) -> 
 
 def test_evaluate_table_and_json_match_sklearn(calibrated, synthetic: Path) -> None:
     directory, _ = calibrated
-    as_json = enrich(
+    as_json = enrich_here(
         "model", "evaluate", str(directory), "--data", str(synthetic / "test.csv"), "--json",
         env={},
     )  # fmt: skip
-    table = enrich(
+    table = enrich_here(
         "model", "evaluate", str(directory), "--data", str(synthetic / "test.csv"), env={}
     )
     assert as_json.returncode == 0 and table.returncode == 0, as_json.stderr + table.stderr
@@ -347,7 +347,7 @@ def test_evaluate_table_and_json_match_sklearn(calibrated, synthetic: Path) -> N
 
 def test_info_shows_the_calibrated_thresholds(calibrated) -> None:
     directory, _ = calibrated
-    result = enrich("model", "info", str(directory), "--json", env={})
+    result = enrich_here("model", "info", str(directory), "--json", env={})
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     spec = read_model_json(directory)[0]
@@ -379,7 +379,7 @@ def test_init_carries_the_body_and_keeps_the_head_only_for_the_same_labels(train
 
 
 def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path) -> None:
-    result = enrich(
+    result = enrich_here(
         "model", "train",
         "--data", str(synthetic / "train.csv"),
         "--vocabulary", str(synthetic / "vocabulary.json"),
@@ -433,7 +433,7 @@ def test_unknown_label_in_the_data_is_a_one_line_error(synthetic: Path, tmp_path
     bad = tmp_path / "bad.csv"
     bad.write_text("image,labels\ntrain/000_0.png,red_backgrund\n")
     shutil.copytree(synthetic / "train", tmp_path / "train")
-    result = enrich(
+    result = enrich_here(
         "model", "train", "--data", str(bad), "--vocabulary", str(synthetic / "vocabulary.json"),
         "--output", str(tmp_path / "out"),  # the old name of --out, still taken
         env={},
