@@ -51,9 +51,9 @@ from enrichment.store.writes import LabelScore, RecordOutcome, register_model, s
 OLD = "pilot@aaaaaaaaaaaa"
 NEW = "pilot@bbbbbbbbbbbb"
 CLASSES = [{"key": "photograph", "label": "Photograph", "concept": "urn:photograph"}]
-RECORDS = 100_000
+RECORDS = 20_000  # 10 chunks: enough to see each transaction bounded
 NEW_RECORDS = 1_000
-CHUNK = 5_000
+CHUNK = 2_000
 API = "http://annotations.example.org/"
 
 

@@ -11,17 +11,18 @@ import pytest
 
 from enrichment.errors import EnrichError
 from enrichment.model.labelled import read_vocabulary
-from tests.conftest import enrich
+from tests.conftest import enrich_here
 
 MAP = "http://data.europeana.eu/concept/base/43"
 DRAWING = "http://data.europeana.eu/concept/base/35"
 
 
 def both_commands(vocabulary: Path, tmp_path: Path) -> list[tuple[int, str]]:
-    """Exit status and stderr of `enrich harvest` and `enrich model train` given it."""
+    """Exit status and stderr of `enrich harvest` and `enrich model train` given it (in this
+    process: the commands' own tests run them in a subprocess)."""
     data = tmp_path / "labels.csv"
     data.write_text("image,labels\na.png,drawing\n", encoding="utf-8")
-    harvest = enrich(
+    harvest = enrich_here(
         "harvest",
         "--vocabulary",
         str(vocabulary),
@@ -30,7 +31,7 @@ def both_commands(vocabulary: Path, tmp_path: Path) -> list[tuple[int, str]]:
         "--no-progress",
         env={"EUROPEANA_API_KEY": "unused"},
     )
-    train = enrich(
+    train = enrich_here(
         "model",
         "train",
         "--data",
