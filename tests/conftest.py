@@ -61,6 +61,11 @@ LONGEST_FIRST = (  # seconds measured with --durations=0 on 7 December, 2 worker
     "test_record_bytes.py",  # 43
     "test_lookups.py",  # 41
     "test_host_limits.py",  # 40
+    "test_run_in_process.py",  # 37
+    "test_worker_recovery.py",  # 35: last in name order, it ran alone at the end
+    "test_publish_hostile.py",  # 33
+    "test_feed_overlap.py",  # 29
+    "test_run_move.py",  # 22
 )
 
 
