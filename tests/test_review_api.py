@@ -4,6 +4,7 @@ labelled set that `enrich review` derives from the decisions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -146,7 +147,9 @@ class ReviewServer:
         here, a descriptor could vanish under the loop's select (EBADF in the server thread).
         """
         self.server.task_dispatcher.shutdown()
-        self.server.trigger.pull_trigger(lambda: waitress.wasyncore.close_all(self.channels))
+        # EBADF: the loop has closed its channels already, its trigger among them.
+        with contextlib.suppress(OSError):
+            self.server.trigger.pull_trigger(lambda: waitress.wasyncore.close_all(self.channels))
         self.thread.join(10)
         assert not self.thread.is_alive()
 
