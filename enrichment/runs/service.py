@@ -222,7 +222,7 @@ def resume(
         if moving:
             assert move_to is not None
             move_run(db, run_id, move_to.registration())
-        finish_relabelling(db, [run_state(db, run_id).model_version])
+        finish_relabelling(db, [move_to.version if move_to and moving else state.model_version])
         return resume_run(db, run_id, _source(db, settings, run_id), dispatcher, batch_size)
 
 

@@ -190,13 +190,11 @@ def _relabel(
     labelled: dict[str, list[str]] = {}
     statuses: dict[Outcome, list[str]] = {Outcome.LABELLED: [], Outcome.BELOW_THRESHOLD: []}
     for row, vector, given in zip(rows, scores.tolist(), chosen.tolist(), strict=True):
-        keys = [key for key, on in zip(model.keys, given, strict=True) if on]
-        for key, score, on in zip(model.keys, vector, given, strict=True):
-            if on:
-                wanted[row.record_id, key] = score
-        if keys:
-            labelled[row.record_id] = keys
-        status = Outcome.LABELLED if keys else Outcome.BELOW_THRESHOLD
+        labels = {k: score for k, score, on in zip(model.keys, vector, given, strict=True) if on}
+        wanted.update(((row.record_id, key), score) for key, score in labels.items())
+        if labels:
+            labelled[row.record_id] = list(labels)
+        status = Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD
         if row.status != status:
             statuses[status].append(row.record_id)
     gone = sorted(held - wanted.keys())
