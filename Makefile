@@ -23,10 +23,13 @@ demo: $(STAMP)
 # one of them so that its module fixtures are built once. On 2 cores the suite waits on its
 # servers, workers and CLI subprocesses about as long as it computes: 16.5 min in one
 # process, 10.3 in two, measured. Each process starts its own PostgreSQL and Redis.
+# --no-loadscope-reorder: files are sent in collection order (tests/conftest.py's
+# LONGEST_FIRST, the longest first), not xdist's default of the most tests first, which
+# left a long file of few tests to run alone at the end.
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile; status=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
 	exit $$status
 

@@ -46,9 +46,11 @@ VOCABULARY: dict[str, str] = json.loads(
 
 # The test files that take longest, longest first (seconds in one full run on 2 cores:
 # `make test` with `--durations=0`, summed per file). pytest-xdist hands whole files
-# (`--dist loadfile`) to the test processes in collection order, which is alphabetical:
-# these came last, and one process worked through the Celery workers' files for minutes
-# while the other had nothing left. Sent first, the rest fills in around them.
+# (`--dist loadfile`) to the test processes: by default those with the most tests first,
+# in collection order with `--no-loadscope-reorder` (the Makefile's). In name order these
+# came last, and by number of tests a long file of few (test_worker_recovery) did: one
+# process worked through it while the other had nothing left. Sent first, the rest fills
+# in around them.
 LONGEST_FIRST = (  # seconds measured with --durations=0 on 7 December, 2 workers
     "test_worker_runtime.py",  # 199
     "test_review_scale.py",  # 104
