@@ -12,6 +12,7 @@ and a run, an export and a publish finish it before they use any label.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from enrichment.cli import cli
 from enrichment.config import Settings
 from enrichment.model.spec import ClassSpec, ModelSpec
 from enrichment.publish.export import ExportFilter
+from enrichment.report.report import gather, render
+from enrichment.review.app import create_app
 from enrichment.runs import service
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store import relabel
@@ -363,10 +366,11 @@ def test_a_chunk_waits_for_a_batch_being_written_and_relabels_it(pg_url: str) ->
     db.dispose()
 
 
-def test_status_says_a_runs_relabelling_is_not_finished(
+def test_status_and_report_say_a_runs_relabelling_is_not_finished(
     db: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A run stopped while it relabelled (before it paged anything) says so, and where."""
+    """A run stopped while it relabelled (before it paged anything) says so, and where; its
+    report, whose label figures mix both rules meanwhile, says so too."""
     monkeypatch.setattr(relabel, "CHUNK", 6)
     build_catalogue(db)
     registration = ModelRegistration(
@@ -384,7 +388,33 @@ def test_status_says_a_runs_relabelling_is_not_finished(
     assert f"relabelling    by the model's new thresholds, not finished (after record {after})" in (
         shown.output
     )
+    assert 'id="relabelling"' in render(gather(db, run_id, 4), {})
     finish_relabelling(db)
     assert run_summary(db, run_id).relabelling_after is None
     again = CliRunner().invoke(cli, ["status", "--run", str(run_id)], env={"DATABASE_URL": db.url})
     assert "relabelling" not in again.output
+    assert 'id="relabelling"' not in render(gather(db, run_id, 4), {})
+
+
+def test_the_review_pages_say_which_labels_still_follow_old_thresholds(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A curator deciding on labels that the pending relabelling may remove is told so, on
+    every page, until it has finished."""
+    monkeypatch.setattr(relabel, "CHUNK", 6)
+    build_catalogue(db)
+    app = create_app(db, Settings(database_url="unused"), tmp_path / "cache")
+    client = app.test_client()
+    pages = ("/queue", "/queue?audit=1", "/stats", "/recent")
+    for page in pages:
+        assert 'id="relabelling-notice"' not in client.get(page).text, page
+    register(db, OLD, RECALIBRATED_THRESHOLDS)
+    relabel_some(db, OLD, relabel.Relabelled())  # started, not finished
+    for page in pages:
+        shown = client.get(page)
+        assert shown.status_code == 200, page
+        notice = re.search(r'<p class="notice" id="relabelling-notice".*?</p>', shown.text, re.S)
+        assert notice and f"the labels of {OLD} are still being decided again" in notice[0], page
+    finish_relabelling(db)
+    for page in pages:
+        assert 'id="relabelling-notice"' not in client.get(page).text, page

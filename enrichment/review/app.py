@@ -27,6 +27,7 @@ from enrichment.review.pages import pages
 from enrichment.review.params import QUERY_PARAMETERS, ReviewError, page_query, usable_query
 from enrichment.store.database import Database
 from enrichment.store.decisions import DecidedMeanwhile
+from enrichment.store.relabel import relabelling_versions
 from enrichment.thresholds import score_and_threshold
 
 
@@ -57,6 +58,7 @@ def create_app(
     )
     app.extensions[EXTENSION] = ReviewContext(db, ImageCache(settings, cache_dir))
     app.jinja_env.globals["score_and_threshold"] = score_and_threshold
+    app.context_processor(lambda: {"relabelling": relabelling_versions(db)})
     guard.install(app)
     app.register_blueprint(pages)
     app.register_blueprint(api)

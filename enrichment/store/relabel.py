@@ -65,6 +65,19 @@ class Relabelled:
     status_changed: int = 0
 
 
+def relabelling_versions(db: Database) -> list[str]:
+    """The versions whose labels are still being decided again: one read of `models`,
+    cheap enough for every page that shows labels to say so."""
+    with db.transaction() as session:
+        return list(
+            session.scalars(
+                sa.select(ModelRow.version)
+                .where(ModelRow.relabel_after.is_not(None))
+                .order_by(ModelRow.version)
+            )
+        )
+
+
 def pending_relabelling(db: Database) -> dict[str, int]:
     """The versions whose labels are still being decided again, with how many of their
     classified results are left (one count over the rest of each version's results)."""
