@@ -21,7 +21,7 @@ from enrichment.runs.pipeline import process_batch
 from enrichment.runs.schedule import ModelIdentity, RunKind
 from enrichment.store.database import Database
 from enrichment.store.schema import Batch, BatchStatus, Result, Run, RunStatus, utc_now
-from tests.conftest import enrich, image_bytes, write_jsonl
+from tests.conftest import enrich, enrich_here, image_bytes, write_jsonl
 from tests.services import CeleryWorker, wait_for
 
 DELAY = 2.0
@@ -114,7 +114,7 @@ def test_two_batches_through_one_celery_worker_run_side_by_side(
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
         "ENRICH_FETCH_HOST_LIMITS": "127.0.0.1=32",
     }
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     worker = CeleryWorker(env, tmp_path / "worker.log")
     try:
         records = slow_file(tmp_path, image_host, "celery-overlap", 8, 3.0)

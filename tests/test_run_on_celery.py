@@ -12,7 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from enrichment.model.spec import read_model_json
-from tests.conftest import VOCABULARY, enrich, image_bytes, write_jsonl
+from tests.conftest import VOCABULARY, enrich, enrich_here, image_bytes, write_jsonl
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
 from tests.services import CeleryWorker, free_port, wait_for
 
@@ -95,7 +95,7 @@ def test_a_broker_url_with_an_unknown_scheme_is_refused_before_any_run(
         "ENRICH_MODEL": str(tiny_model),
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
     }
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     result = enrich("run", "--records", str(_records(tmp_path, image_host)), env=env)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
@@ -113,7 +113,7 @@ def test_an_unreachable_broker_is_retried_for_a_while_then_one_clear_line(
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
         "ENRICH_BROKER_RETRY_SECONDS": "3",
     }
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     began = time.monotonic()
     result = enrich("run", "--records", str(_records(tmp_path, image_host)), env=env)
     waited = time.monotonic() - began

@@ -13,7 +13,7 @@ from pathlib import Path
 import redis
 
 from enrichment.model.spec import read_model_json
-from tests.conftest import enrich, image_bytes, write_jsonl
+from tests.conftest import enrich, enrich_here, image_bytes, write_jsonl
 from tests.services import CeleryWorker, wait_for
 from tests.test_worker_runtime import Db
 
@@ -32,7 +32,7 @@ def test_a_sigkilled_worker_machine_is_recovered_by_the_live_worker(
         "ENRICH_HEARTBEAT_INTERVAL": "1",
         "ENRICH_HEARTBEAT_STALE": "5",
     }  # ENRICH_VISIBILITY_TIMEOUT stays at its default, 3600 s
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     routes = []
     rows = []
     for index in range(8):

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from enrichment.store.schema import utc_now
-from tests.conftest import enrich, image_bytes, write_jsonl
+from tests.conftest import enrich, enrich_here, image_bytes, write_jsonl
 from tests.search_api import KEY, SearchAPI, generated_item
 from tests.services import CeleryWorker, PostgresServer, RedisServer, wait_for
 
@@ -120,7 +120,7 @@ def test_on_demand_dataset_overtakes_a_nightly_backlog(
     # worker running two batches at once.
     api = slow_collection(image_host, "prio", {"1000": 60, "2000": 12}, delay=2.0)
     env = api_env(pg_url, broker, tiny_model, api)
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     workers.append(CeleryWorker(env, tmp_path / "worker.log"))
     nightly = start(env, "--all")
@@ -146,7 +146,7 @@ def test_sigkilled_worker_mid_batch_loses_and_duplicates_nothing(
     tmp_path: Path, pg_url: str, broker: str, tiny_model: Path, image_host, workers
 ) -> None:
     env = stack_env(pg_url, broker, tiny_model, ENRICH_VISIBILITY_TIMEOUT="10")
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     first = CeleryWorker(env, tmp_path / "first.log")
     run_id = start(
@@ -187,7 +187,7 @@ def test_redis_restart_mid_run_then_resume_completes(
     server = RedisServer()
     try:
         env = stack_env(pg_url, server.url, tiny_model)
-        assert enrich("db", "upgrade", env=env).returncode == 0
+        assert enrich_here("db", "upgrade", env=env).returncode == 0
         db = Db(pg_url)
         workers.append(CeleryWorker(env, tmp_path / "worker.log"))
         records = slow_records(tmp_path, image_host, "redis", 12, 1.0)
@@ -210,7 +210,7 @@ def test_postgres_refusing_connections_during_a_batch_is_retried(
     server = PostgresServer()
     try:
         env = stack_env(server.url, broker, tiny_model)
-        assert enrich("db", "upgrade", env=env).returncode == 0
+        assert enrich_here("db", "upgrade", env=env).returncode == 0
         db = Db(server.url)
         workers.append(CeleryWorker(env, tmp_path / "worker.log"))
         run_id = start(
@@ -242,7 +242,7 @@ def test_poison_batch_is_given_up_after_its_attempts(
     env = stack_env(
         pg_url, broker, tiny_model, ENRICH_MAX_ATTEMPTS="2", ENRICH_PROCESSES_PER_GPU="1"
     )
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     db = Db(pg_url)
     worker = CeleryWorker(env, tmp_path / "worker.log")
     workers.append(worker)
@@ -277,7 +277,7 @@ def test_nightly_task_runs_the_whole_collection_and_never_overlaps(
 ) -> None:
     api = slow_collection(image_host, "nightly", {"3000": 40})
     env = api_env(pg_url, broker, tiny_model, api)
-    assert enrich("db", "upgrade", env=env).returncode == 0
+    assert enrich_here("db", "upgrade", env=env).returncode == 0
     scheduler_argv = [
         sys.executable,
         "-m",
