@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from enrichment.sources.records_file import Record
 from enrichment.store.writes import RecordOutcome, save_outcomes, upsert_records
-from tests.conftest import REPO, empty_database, enrich, image_bytes, write_jsonl
+from tests.conftest import REPO, empty_database, enrich, enrich_here, image_bytes, write_jsonl
 from tests.export_support import build_catalogue, open_database
 from tests.services import wait_for
 
@@ -68,7 +68,9 @@ def one_line(result) -> str:
 def test_a_lookup_that_names_nothing_is_one_line_and_exit_1(
     database: str, args: list[str], message: str
 ) -> None:
-    assert one_line(enrich(*args, env={"DATABASE_URL": database})).startswith(f"Error: {message}")
+    # In this process (the real command's one-line errors: test_no_results_on_an_empty_database).
+    found = one_line(enrich_here(*args, env={"DATABASE_URL": database}))
+    assert found.startswith(f"Error: {message}")
 
 
 def test_plain_results_keep_one_line_and_three_fields_per_result(database: str) -> None:
