@@ -415,6 +415,10 @@ def test_the_review_pages_say_which_labels_still_follow_old_thresholds(
         assert shown.status_code == 200, page
         notice = re.search(r'<p class="notice" id="relabelling-notice".*?</p>', shown.text, re.S)
         assert notice and f"the labels of {OLD} are still being decided again" in notice[0], page
+    # Nor does it tell a visitor who has not logged in which model versions there are.
+    team = create_app(db, Settings(database_url="unused", review_token="t0ken"), tmp_path / "c2")
+    login = team.test_client().get("/queue", follow_redirects=True)
+    assert 'id="token"' in login.text and OLD not in login.text
     finish_relabelling(db)
     for page in pages:
         assert 'id="relabelling-notice"' not in client.get(page).text, page

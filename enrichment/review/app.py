@@ -58,7 +58,8 @@ def create_app(
     )
     app.extensions[EXTENSION] = ReviewContext(db, ImageCache(settings, cache_dir))
     app.jinja_env.globals["score_and_threshold"] = score_and_threshold
-    app.context_processor(lambda: {"relabelling": relabelling_versions(db)})
+    # Called by the page (base.html's notices), not here: the login page reads nothing.
+    app.context_processor(lambda: {"relabelling_versions": lambda: relabelling_versions(db)})
     guard.install(app)
     app.register_blueprint(pages)
     app.register_blueprint(api)
