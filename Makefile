@@ -22,12 +22,13 @@ demo: $(STAMP)
 # The suite in TEST_WORKERS processes (pytest-xdist; 0: in this one), each test file whole in
 # one of them so that its module fixtures are built once. On 2 cores the suite waits on its
 # servers, workers and CLI subprocesses about as long as it computes: 16.5 min in one
-# process, 10.3 in two, measured. Each process starts its own PostgreSQL and Redis.
+# process, 10.3 in two, measured; three processes took 12:01 where two took 13:24 (same
+# checkout, one after the other, 7 December). Each starts its own PostgreSQL and Redis.
 # --no-loadscope-reorder: files are sent in collection order (tests/conftest.py's
 # LONGEST_FIRST, the longest first), not xdist's default of the most tests first, which
 # left a long file of few tests to run alone at the end.
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; \
