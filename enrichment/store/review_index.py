@@ -23,9 +23,9 @@ Both are kept by the transaction that writes results (`save_outcomes`:
 `refresh` in Python, or on PostgreSQL `staged_sql`, set-based SQL sent with the
 batch), worked out again for a model version whose thresholds change (with its labels,
 a chunk at a time: `store.relabel`), and built whole by migration 0016 where none was
-(`rebuild`). Margins are the queue's: |score - threshold| in double precision, the
-score as `Scores` reads it (in SQL, `columns.exact_score`), the threshold as
-`store.models` reads it.
+(`rebuild_on`) or after a bulk load (`rebuild`). Margins are the queue's: |score -
+threshold| in double precision, the score as `Scores` reads it (in SQL,
+`columns.exact_score`), the threshold as `store.models` reads it.
 """
 
 from __future__ import annotations
@@ -219,10 +219,23 @@ def _copy_rows(connection: sa.Connection, rows: Sequence[ItemRow]) -> None:
 
 
 def rebuild(db: Database) -> int:
-    """Work out the current flags and the items again from `results`, in batches; returns
-    the records indexed."""
-    with db.transaction() as session:
-        return rebuild_on(session.connection())
+    """Work out the current flags and the items again from `results`, `REBUILD_BATCH`
+    records per transaction; returns the records indexed.
+
+    A transaction per batch, because in one PostgreSQL keeps every replaced flag's old row
+    version (and its index entries) to the end: at 10 million records that slowed the
+    rebuild from 195,000 to 83,000 records a minute by the second million (docs/scale.md).
+    Stopped, it leaves the batches done indexed; run again, it starts over."""
+    count = 0
+    last: str | None = None
+    while True:
+        with db.transaction() as session:
+            connection = session.connection()
+            batch = _next_batch(connection, Result.__table__, last)
+            if not batch:
+                return count
+            count += _index_batch(connection, batch, Result.__table__, model_classes(connection))
+        last = batch[-1]
 
 
 def rebuild_on(
@@ -230,17 +243,29 @@ def rebuild_on(
     results: sa.Table | None = None,
     models: dict[str, ModelClasses] | None = None,
 ) -> int:
-    """`rebuild` in the caller's transaction. A migration passes its own description of the
-    `results` table (the ORM's may describe a later schema) and of the models."""
+    """`rebuild` in the caller's transaction (a migration's, which cannot commit along the
+    way). A migration passes its own description of the `results` table (the ORM's may
+    describe a later schema) and of the models."""
     results = Result.__table__ if results is None else results
     models = model_classes(connection) if models is None else models
     count = 0
-    for batch in _record_batches(connection, results):
-        current = _flag_current(connection, batch, results)
-        pairs = sorted(current.items())
-        _insert(connection, _rows_from_results(connection, pairs, models, results))
-        count += len(current)
+    last: str | None = None
+    while batch := _next_batch(connection, results, last):
+        count += _index_batch(connection, batch, results, models)
+        last = batch[-1]
     return count
+
+
+def _index_batch(
+    connection: sa.Connection,
+    batch: Sequence[str],
+    results: sa.Table,
+    models: dict[str, ModelClasses],
+) -> int:
+    """Flag these records' current results and write their items; returns how many have one."""
+    current = _flag_current(connection, batch, results)
+    _insert(connection, _rows_from_results(connection, sorted(current.items()), models, results))
+    return len(current)
 
 
 def reindex(connection: sa.Connection, record_ids: Sequence[str]) -> None:
@@ -275,19 +300,13 @@ def replace_items(
     )
 
 
-def _record_batches(connection: sa.Connection, results: sa.Table) -> Iterator[list[str]]:
-    """The ids of every record with a result, in key order, `REBUILD_BATCH` at a time."""
+def _next_batch(connection: sa.Connection, results: sa.Table, after: str | None) -> list[str]:
+    """The ids of the next `REBUILD_BATCH` records with a result after `after`, in key order."""
     column = results.c.record_id
-    last: str | None = None
-    while True:
-        query = sa.select(column).distinct().order_by(column).limit(REBUILD_BATCH)
-        if last is not None:
-            query = query.where(column > last)
-        batch = list(connection.scalars(query))
-        if not batch:
-            return
-        yield batch
-        last = batch[-1]
+    query = sa.select(column).distinct().order_by(column).limit(REBUILD_BATCH)
+    if after is not None:
+        query = query.where(column > after)
+    return list(connection.scalars(query))
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
