@@ -15,6 +15,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -406,8 +407,13 @@ def test_the_review_pages_say_which_labels_still_follow_old_thresholds(
     app = create_app(db, Settings(database_url="unused"), tmp_path / "cache")
     client = app.test_client()
     pages = ("/queue", "/queue?audit=1", "/stats", "/recent")
+    record_id = client.get("/api/queue").get_json()["items"][0]["record_id"]
+    # The JSON API says it to scripts, on what shows labels.
+    answers = ("/api/queue", f"/api/record?id={quote(record_id)}", "/api/stats")
     for page in pages:
         assert 'id="relabelling-notice"' not in client.get(page).text, page
+    for answer in answers:
+        assert client.get(answer).get_json()["relabelling"] == [], answer
     register(db, OLD, RECALIBRATED_THRESHOLDS)
     relabel_some(db, OLD, relabel.Relabelled())  # started, not finished
     for page in pages:
@@ -415,6 +421,10 @@ def test_the_review_pages_say_which_labels_still_follow_old_thresholds(
         assert shown.status_code == 200, page
         notice = re.search(r'<p class="notice" id="relabelling-notice".*?</p>', shown.text, re.S)
         assert notice and f"the labels of {OLD} are still being decided again" in notice[0], page
+    for answer in answers:
+        found = client.get(answer).get_json()
+        assert found["relabelling"] == [OLD], answer
+    assert "classes" in found, "the stats still answer"
     # Nor does it tell a visitor who has not logged in which model versions there are.
     team = create_app(db, Settings(database_url="unused", review_token="t0ken"), tmp_path / "c2")
     login = team.test_client().get("/queue", follow_redirects=True)
@@ -422,3 +432,5 @@ def test_the_review_pages_say_which_labels_still_follow_old_thresholds(
     finish_relabelling(db)
     for page in pages:
         assert 'id="relabelling-notice"' not in client.get(page).text, page
+    for answer in answers:
+        assert client.get(answer).get_json()["relabelling"] == [], answer

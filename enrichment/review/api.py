@@ -1,7 +1,10 @@
 """The review app's JSON API: the queue, a record, decisions and their undo, the stats.
 
 docs/review.md documents it; scripts call it with the bearer token, the
-pages' own script with the session cookie (`guard.py` checks both).
+pages' own script with the session cookie (`guard.py` checks both). What shows labels
+(the queue, a record, the stats) also names the model versions whose labels are still
+being decided again after new thresholds (`relabelling`), as the pages' notice does: a
+script deciding on such a label may see it removed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from enrichment.store.decisions import (
     standing_on,
     take_back_decisions,
 )
+from enrichment.store.relabel import relabelling_versions
 from enrichment.store.review_queue import MAX_LIMIT, queue_page, queue_progress, record_view
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -43,6 +47,7 @@ def queue() -> Any:
         limit=filters.limit,
         offset=filters.offset,
         next_after=page.next_page.as_text() if page.next_page else None,
+        relabelling=relabelling_versions(review_context().db),
     )
 
 
@@ -62,10 +67,9 @@ def json_body() -> Any:
 
 @api.get("/record")
 def record() -> Any:
-    view = record_view(
-        review_context().db, request.args.get("id", ""), request.args.get("model_version") or None
-    )
-    return jsonify(view.as_json())
+    db = review_context().db
+    view = record_view(db, request.args.get("id", ""), request.args.get("model_version") or None)
+    return jsonify(**view.as_json(), relabelling=relabelling_versions(db))
 
 
 @api.post("/decisions")
@@ -102,5 +106,8 @@ def recent() -> Any:
 
 @api.get("/stats")
 def stats() -> Any:
-    figures = class_stats(review_context().db, queue_filter(request.args, MAX_LIMIT))
-    return jsonify(classes=[item.as_json() for item in figures])
+    db = review_context().db
+    figures = class_stats(db, queue_filter(request.args, MAX_LIMIT))
+    return jsonify(
+        classes=[item.as_json() for item in figures], relabelling=relabelling_versions(db)
+    )
