@@ -45,6 +45,7 @@ class Target:
         self.scratch = scratch
         self.runner = CliRunner()
         self.client = create_app(self.db, self.settings, scratch / "cache").test_client()
+        self.rollout: Rollout | None = None
 
     def enrich(self, *arguments: str) -> str:
         """`enrich ARGUMENTS` in this process; its output (stdout and stderr)."""
@@ -164,6 +165,134 @@ def recalibrate(target: Target, params: dict[str, Any]) -> dict[str, Any]:
     return {"results": done.results, "removed": done.removed, "added": done.added}
 
 
+ROLLOUT_BATCH = 128  # records a batch, as a run cuts them
+
+
+class Rollout:
+    """A run of a new model version over the large dataset, as GPU workers write it while
+    the version rolls out: each batch loaded, its images' digests looked up for scores the
+    version already gave (the dedupe), its outcomes written and the batch marked done, each
+    in its own transaction as `runs/pipeline.py` does. Each try writes the next batch."""
+
+    def __init__(self, target: Target, params: dict[str, Any]) -> None:
+        from enrichment.runs.service import europeana_scope
+        from enrichment.sources.europeana import dataset_query
+        from enrichment.store.schema import ModelRow, Run, RunStatus, dataset_range, utc_now
+        from enrichment.store.writes import register_model
+
+        self.db = target.db
+        self.version = params["new_version"]
+        with self.db.transaction() as session:
+            model = session.get(ModelRow, params["version"])
+            assert model is not None, f"no model {params['version']}"
+            register_model(
+                session,
+                self.version,
+                model.name,
+                model.architecture,
+                model.classes,
+                model.thresholds,
+                model.top_k_fallback,
+            )
+            run = Run(
+                kind="on_demand",
+                scope=europeana_scope([dataset_query(params["large"])]),
+                model_version=self.version,
+                status=RunStatus.RUNNING,
+                queue="enrich.on_demand",
+                started_at=utc_now(),
+            )
+            session.add(run)
+            session.flush()
+            self.run_id = run.id
+            self.keys = [entry["key"] for entry in model.classes]
+            self.concepts = [entry["concept"] for entry in model.classes]
+            self.thresholds = [float(value) for value in model.thresholds]
+        self.after, self.end = dataset_range(params["large"])
+        self.seq = 0
+
+    def next_batch(self) -> int:
+        """The next ROLLOUT_BATCH records of the dataset, as a queued batch of the run."""
+        import sqlalchemy as sa
+
+        from enrichment.store.schema import Batch, BatchStatus, RecordRow
+
+        with self.db.transaction() as session:
+            ids = session.scalars(
+                sa.select(RecordRow.id)
+                .where(RecordRow.id > self.after, RecordRow.id < self.end)
+                .order_by(RecordRow.id)
+                .limit(ROLLOUT_BATCH)
+            ).all()
+            if len(ids) < ROLLOUT_BATCH:
+                raise RuntimeError("the large dataset has no records left for another batch")
+            self.after = ids[-1]
+            self.seq += 1
+            batch = Batch(
+                run_id=self.run_id, seq=self.seq, status=BatchStatus.QUEUED, record_ids=list(ids)
+            )
+            session.add(batch)
+            session.flush()
+            return batch.id
+
+    def outcome(self, record_id: str) -> Any:
+        """A plausible classification of the record: scores drawn from its id, labels at or
+        above their thresholds, a new image digest."""
+        import hashlib
+        import random
+
+        import numpy
+
+        from enrichment.store.schema import Outcome
+        from enrichment.store.writes import LabelScore, RecordOutcome
+
+        draw = random.Random(record_id)
+        # float32, as the classifier's sigmoid gives them (and as they are stored).
+        scores = numpy.array([draw.random() ** 10 for _ in self.keys], numpy.float32).tolist()
+        labels = [
+            LabelScore(key, concept, score)
+            for key, concept, score, threshold in zip(
+                self.keys, self.concepts, scores, self.thresholds, strict=True
+            )
+            if score >= threshold
+        ]
+        return RecordOutcome(
+            record_id=record_id,
+            status=Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD,
+            scores=scores,
+            labels=labels,
+            image_sha256=hashlib.sha256(f"{self.version} {record_id}".encode()).hexdigest(),
+        )
+
+
+def write_batch(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """One batch of a new version's run written: the worker's three transactions."""
+    from enrichment.store.batches import finish_batch, start_batch, stored_scores
+
+    if target.rollout is None:
+        target.rollout = Rollout(target, params)
+    rollout = target.rollout
+    batch_id = rollout.next_batch()
+    attempt = start_batch(rollout.db, batch_id, 3, heartbeat=True, version=rollout.version)
+    assert attempt is not None
+    outcomes = [rollout.outcome(record.id) for record in attempt.records]
+    known = stored_scores(rollout.db, rollout.version, [o.image_sha256 for o in outcomes])
+    finish_batch(rollout.db, batch_id, rollout.run_id, rollout.version, outcomes)
+    return {
+        "records": len(outcomes),
+        "labels": sum(len(o.labels) for o in outcomes),
+        "known": len(known),
+    }
+
+
+def retire(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """`enrich model retire` of the later version: a rollout rolled back, every result of the
+    version removed a chunk at a time and the earlier version's current again."""
+    output = target.enrich("model", "retire", params["retired_version"], "--yes")
+    found = re.search(r"retired: (\d+) results", output)
+    return {"results": int(found.group(1)) if found else -1}
+
+
 STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     "status": lambda t, p: lines(t.enrich("status")),
     "status_run_json": status_json,
@@ -191,6 +320,8 @@ STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     "export_all": export_all,
     "relabel_chunk": relabel_chunk,
     "recalibrate": recalibrate,
+    "write_batch": write_batch,
+    "retire": retire,
 }
 
 
