@@ -13,7 +13,6 @@ later; a batch written twice; two batches in one transaction.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from enrichment.store.writes import (
     upsert_records,
 )
 from tests.conftest import upgraded_database
+from tests.plans import scans_of
 
 OLD, NEW = "idx@000000000001", "idx@000000000002"
 KEYS = ("map", "photo", "drawing", "coin")
@@ -343,22 +343,6 @@ def test_an_index_row_whose_current_result_went_meanwhile_is_left_out(db: Databa
     assert [(item.record_id, item.model_version) for item in items] == [("/1/below", OLD)]
 
 
-class Notices(list):
-    """psycopg2 keeps the last 50 notices of a connection; this keeps them all."""
-
-
-def scans_of_tables(plan: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """(node type, table, rows it gave over all its loops) of each scan of a table in an
-    auto_explain JSON plan, the session's staging tables left out."""
-    found = []
-    if "Relation Name" in plan and not plan["Relation Name"].startswith("stage_"):
-        rows = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
-        found.append((plan["Node Type"], plan["Relation Name"], rows))
-    for child in plan.get("Plans", ()):
-        found.extend(scans_of_tables(child))
-    return found
-
-
 def test_a_batch_write_reads_the_rows_of_its_records_not_whole_tables(pg_url: str) -> None:
     """Each statement of a batch write on PostgreSQL reads rows of the batch's own records,
     however many the tables hold: the plans as PostgreSQL ran them (auto_explain), with the
@@ -379,23 +363,7 @@ def test_a_batch_write_reads_the_rows_of_its_records_not_whole_tables(pg_url: st
         connection.execute(sa.text("COMMIT"))
         connection.execute(sa.text("ANALYZE"))
     batch = ids[-32:]  # the end of the id range: a scan of the key in order reads it all
-    notices = Notices()
-    with db.transaction() as session:
-        connection = session.connection()
-        connection.connection.dbapi_connection.notices = notices
-        connection.execute(sa.text("LOAD 'auto_explain'"))
-        for name, value in (
-            ("log_min_duration", "0"),
-            ("log_analyze", "on"),
-            ("log_format", "json"),
-            ("log_level", "notice"),
-            ("log_nested_statements", "on"),
-        ):
-            connection.execute(sa.text(f"SET LOCAL auto_explain.{name} = {value}"))
-        outcomes = [labelled(r, [0.9, 0.1, 0.1, 0.1], ("map",)) for r in batch]
-        save_outcomes(session, None, NEW, outcomes)
-    plans = [json.loads(text[text.index("{") :]) for text in notices if '"Plan"' in text]
-    scans = [scan for plan in plans for scan in scans_of_tables(plan["Plan"])]
-    assert {table for _, table, _ in scans} >= {"records", "results", "labels", "review_items"}
-    too_many = [scan for scan in scans if scan[2] > 3 * len(batch)]
-    assert too_many == []
+    with scans_of(db) as scans:
+        write(db, NEW, [labelled(r, [0.9, 0.1, 0.1, 0.1], ("map",)) for r in batch])
+    assert {scan.table for scan in scans} >= {"records", "results", "labels", "review_items"}
+    assert [scan for scan in scans if scan.rows > 3 * len(batch)] == []
