@@ -772,6 +772,8 @@ OPERATIONS = (
     Operation("status", "enrich status", "record"),
     Operation("status_run_json", "enrich status --run 1 --json", "record"),
     Operation("results_record", "enrich results --record (a probe record)", "record"),
+    # Each worker process's, every heartbeat interval (15 s), whatever the batches of old runs.
+    Operation("sweep", "heartbeat sweep for stale batches (every worker, 15 s)", "page"),
     Operation("results_probe", "enrich results --dataset PROBE", "dataset"),
     Operation("export_probe", "enrich export --dataset PROBE", "dataset"),
     Operation("publish_dry_probe", "enrich publish --dry-run --dataset PROBE", "dataset"),

@@ -85,6 +85,13 @@ def written(text: str) -> dict[str, int]:
     return {"annotations": int(found.group(1)) if found else -1}
 
 
+def sweep(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """A worker's look for batches whose worker stopped beating (`worker.tasks.keep`)."""
+    from enrichment.store.batches import claim_stale_batches
+
+    return {"claimed": len(claim_stale_batches(target.db, 120.0))}
+
+
 def report_run(target: Target, params: dict[str, Any]) -> dict[str, Any]:
     """`enrich report` without its thumbnails (fetching them would reach the internet):
     write_report's gather, render and write."""
@@ -303,6 +310,7 @@ STEPS: dict[str, Callable[[Target, dict[str, Any]], dict[str, Any]]] = {
     "results_large_json": lambda t, p: lines(
         t.enrich("results", "--dataset", p["large"], "--json")
     ),
+    "sweep": sweep,
     "review_record": review_record,
     "queue_dataset": lambda t, p: t.queue(f"dataset={p['probe']}"),
     "queue_class": lambda t, p: t.queue(f"label={p['class']}"),

@@ -27,11 +27,14 @@ SETTINGS = {
 }
 
 
+READ = ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck")
+
+
 @dataclass(frozen=True)
 class Scan:
     node: str  # "Index Scan", "Seq Scan", "Bitmap Index Scan", ...
     table: str  # or, for a bitmap's index scan, the index
-    rows: float  # over all its loops
+    rows: float  # the rows it read, over all its loops (not the dead ones it passed)
 
 
 class Notices:
@@ -90,8 +93,9 @@ def _scans(plan: dict[str, Any]) -> list[Scan]:
     # where a LIMIT stops it, but the bitmap holds every entry that matched.
     table = plan.get("Relation Name") or plan.get("Index Name", "")
     if table and not table.startswith("stage_"):
-        rows = plan.get("Actual Rows", 0) * plan.get("Actual Loops", 1)
-        found.append(Scan(plan["Node Type"], table, rows))
+        # Read: what it gave and what its filters then dropped (per loop, as shown).
+        read = sum(plan.get(name, 0) for name in READ)
+        found.append(Scan(plan["Node Type"], table, read * plan.get("Actual Loops", 1)))
     for child in plan.get("Plans", ()):
         found.extend(_scans(child))
     return found

@@ -33,6 +33,7 @@ from enrichment.store.schema import (
 )
 from enrichment.store.writes import LabelScore, RecordOutcome
 from enrichment.thresholds import DecisionRule
+from tests.plans import scans_of
 
 VERSION = "tiny@000000000000"
 MODEL = ModelRegistration(
@@ -414,3 +415,30 @@ def _age_heartbeat(db: Database, batch_id: int, age: timedelta) -> None:
     with db.transaction() as session:
         batch = session.get(Batch, batch_id)
         batch.heartbeat_at = utc_now() - age
+
+
+def test_a_sweep_reads_the_batches_being_worked_not_every_batch(pg_url: str) -> None:
+    """Every worker process sweeps for stale heartbeats each interval (15 s), while the
+    batches of every run ever stay in the table: 700,000 after one run over Europeana.
+    A sweep reads the batches with a heartbeat alone (a partial index), as PostgreSQL ran
+    it (auto_explain): before, each read the whole table."""
+    db = Database(pg_url)
+    db.upgrade()
+    run_id, (beating, stale) = _run_with_batches(db, 2)
+    with db.transaction() as session:
+        session.add_all(
+            Batch(run_id=run_id, seq=seq, status=BatchStatus.DONE, attempts=1, record_ids=[])
+            for seq in range(2, 3002)
+        )
+    for batch_id in (beating, stale):
+        batches.start_batch(db, batch_id, max_attempts=3, heartbeat=True)
+    _age_heartbeat(db, stale, timedelta(minutes=10))
+    with db.engine.connect() as connection:
+        connection.execute(sa.text("COMMIT"))
+        connection.execute(sa.text("ANALYZE batches"))
+    with scans_of(db) as scans:
+        claimed = batches.claim_stale_batches(db, 60)
+    assert [claim.batch_id for claim in claimed] == [stale]
+    read = [scan for scan in scans if scan.table.startswith(("batches", "ix_batches"))]
+    assert read and all(scan.rows <= 2 for scan in read), read
+    db.dispose()
