@@ -774,6 +774,7 @@ OPERATIONS = (
     Operation("results_record", "enrich results --record (a probe record)", "record"),
     # Each worker process's, every heartbeat interval (15 s), whatever the batches of old runs.
     Operation("sweep", "heartbeat sweep for stale batches (every worker, 15 s)", "page"),
+    Operation("run_end_check", "after a batch, is its run complete? (one batch left)", "page"),
     Operation("results_probe", "enrich results --dataset PROBE", "dataset"),
     Operation("export_probe", "enrich export --dataset PROBE", "dataset"),
     Operation("publish_dry_probe", "enrich publish --dry-run --dataset PROBE", "dataset"),

@@ -82,6 +82,8 @@ class BatchStatus(StrEnum):
 
 # A batch in one of these states is never worked on again.
 FINISHED_BATCHES = (BatchStatus.DONE, BatchStatus.FAILED)
+# The same as an index's condition: the queries' `status NOT IN (...)` imply it.
+UNFINISHED_BATCH = sa.text(f"status NOT IN ({', '.join(repr(str(s)) for s in FINISHED_BATCHES)})")
 
 
 class Outcome(StrEnum):
@@ -126,6 +128,15 @@ class Batch(Base):
             "heartbeat_at",
             postgresql_where=sa.text("heartbeat_at IS NOT NULL"),
             sqlite_where=sa.text("heartbeat_at IS NOT NULL"),
+        ),
+        # After each batch, whether its run is complete (`runs.complete_run_if_done`): near
+        # a run's end, its other batches are nearly all done, and were all read each time.
+        Index(
+            "ix_batches_unfinished",
+            "run_id",
+            "seq",
+            postgresql_where=UNFINISHED_BATCH,
+            sqlite_where=UNFINISHED_BATCH,
         ),
     )
 
