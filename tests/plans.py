@@ -2,8 +2,10 @@
 `auto_explain` module reports it, with the rows each scan of a table gave.
 
 A plan that reads a whole table or index where a few keys would do is fast on a test's
-small tables and slow at Europeana's size; the rows a scan gave say which it is at any
-size, where a timing would not.
+small tables and slow at Europeana's size; the rows a scan read say which it is at any
+size, where a timing would not. (`tests.test_store_scale.plans_of` asks instead which
+index a read's SELECTs can use, sequential scans ruled out; this reports what ran,
+writes and the COPY path's statements included.)
 """
 
 from __future__ import annotations

@@ -41,13 +41,30 @@ def table_names(db: Database) -> set[str]:
     return set(sa.inspect(db.engine).get_table_names()) - {"alembic_version"}
 
 
+def made_on(dialect: str) -> Any:
+    """Alembic's filter leaving out what the models make on another dialect only
+    (`.ddl_if(dialect=...)`), which the comparison itself does not look at."""
+
+    def include(item: Any, _name: str, _kind: str, _reflected: bool, _compare_to: Any) -> bool:
+        condition = getattr(item, "_ddl_if", None)
+        return condition is None or condition.dialect in (None, dialect)
+
+    return include
+
+
+# SQLite cannot reflect the dedupe's expression index, which is made on PostgreSQL only.
+@pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression")
 def test_upgrade_matches_models_and_downgrade_removes_everything(database_url: str) -> None:
     db = Database(database_url)
     db.upgrade()
     assert table_names(db) == TABLES
     with db.engine.connect() as connection:
         differences = compare_metadata(
-            MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata
+            MigrationContext.configure(
+                connection,
+                opts={"compare_type": True, "include_object": made_on(connection.dialect.name)},
+            ),
+            Base.metadata,
         )
     assert differences == []
     db.downgrade("base")

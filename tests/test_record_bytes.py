@@ -212,14 +212,16 @@ def test_the_image_dedupe_reads_a_hash_index_on_postgresql(pg_url: str) -> None:
     digest = next(made.image_sha256 for made, _ in written.values() if made.scores)
     with db.engine.connect() as connection:
         definition = connection.execute(
-            sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_results_image_sha256'")
+            sa.text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_results_image_version'")
         ).scalar_one()
-    assert "USING hash (image_sha256)" in definition
+    assert "USING hash (((encode(image_sha256, 'hex'::text) || (model_version)::text)))" in (
+        definition
+    )
     # A batch's digests at once, once the planner knows the table (autovacuum's ANALYZE).
     with db.engine.begin() as connection:
         connection.execute(sa.text("ANALYZE results"))
     assert any(
-        "Index Scan on ix_results_image_sha256" in plan
+        "Index Scan using ix_results_image_version" in plan
         for plan in plans_of(db, lambda: stored_scores(db, OLD, [digest, "f" * 64]))
     )
     db.dispose()

@@ -31,7 +31,13 @@ from enrichment.store.schema import (
     RunStatus,
     utc_now,
 )
-from enrichment.store.writes import LabelScore, RecordOutcome
+from enrichment.store.writes import (
+    LabelScore,
+    RecordOutcome,
+    register_model,
+    save_outcomes,
+    upsert_records,
+)
 from enrichment.thresholds import DecisionRule
 from tests.plans import scans_of
 
@@ -470,4 +476,51 @@ def test_the_check_for_a_runs_end_reads_its_unfinished_batches_not_its_done_ones
     batches.start_batch(db, last, max_attempts=3)
     batches.finish_batch(db, last, run_id, VERSION, [])
     assert runs.complete_run_if_done(db, run_id)
+    db.dispose()
+
+
+def test_an_image_many_records_share_is_looked_up_once_per_version(pg_url: str) -> None:
+    """The dedupe finds the scores a version gave an image, whatever other versions gave it
+    and however many records share it (a placeholder): the lookup reads one row of the
+    version's, as PostgreSQL ran it (auto_explain), where it read every row of the image."""
+    db = Database(pg_url)
+    db.upgrade()
+    newer = "tiny@111111111111"
+    placeholder, other = "ab" * 32, "cd" * 32
+    ids = [f"/d/{n}" for n in range(3000)]
+    with db.transaction() as session:
+        for version in (VERSION, newer):
+            register_model(session, version, "tiny", "resnet18", MODEL.classes, [0.5])
+        upsert_records(session, [record(n) for n in range(3000)])
+    for start in range(0, len(ids), 1000):
+        with db.transaction() as session:
+            save_outcomes(
+                session,
+                None,
+                VERSION,
+                [
+                    RecordOutcome(r, Outcome.BELOW_THRESHOLD, [0.2], image_sha256=placeholder)
+                    for r in ids[start : start + 1000]
+                ],
+            )
+    with db.transaction() as session:
+        save_outcomes(
+            session,
+            None,
+            newer,
+            [
+                RecordOutcome(ids[-2], Outcome.BELOW_THRESHOLD, [0.3], image_sha256=placeholder),
+                RecordOutcome(ids[-1], Outcome.BELOW_THRESHOLD, [0.4], image_sha256=other),
+            ],
+        )
+    with db.engine.connect() as connection:
+        connection.execute(sa.text("COMMIT"))
+        connection.execute(sa.text("ANALYZE results"))
+    with scans_of(db) as scans:
+        found = batches.stored_scores(db, newer, [placeholder, "ef" * 32, other, placeholder])
+        found_before = batches.stored_scores(db, VERSION, [placeholder, other])
+    assert found == {placeholder: [0.3], other: [0.4]}
+    assert found_before == {placeholder: [0.2]}
+    read = [scan for scan in scans if scan.table.startswith(("results", "ix_results"))]
+    assert read and sum(scan.rows for scan in read) <= 5, read
     db.dispose()

@@ -372,7 +372,7 @@ def test_the_indexes_serve_the_lookups_that_must_not_grow(pg_url: str) -> None:
             reading.most_confident("map", 3)
 
     checks = {
-        "ix_results_image_sha256": lambda: stored_scores(db, OLD, [digest]),
+        "ix_results_image_version": lambda: stored_scores(db, OLD, [digest]),
         # A dataset's records: a range of the primary key (tests/test_record_bytes.py).
         "records_pkey": lambda: list(record_results(db, datasets=["70"])),
         "ix_labels_class_confidence": gallery,

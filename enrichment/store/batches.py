@@ -22,10 +22,12 @@ from datetime import datetime, timedelta
 import numpy as np
 import sqlalchemy as sa
 
+from enrichment.store.columns import Scores
 from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.schema import (
     FINISHED_BATCHES,
+    IMAGE_VERSION,
     Batch,
     BatchStatus,
     ModelRow,
@@ -302,14 +304,39 @@ def claim_stale_batches(db: Database, stale_after: float) -> list[StaleBatch]:
     return claimed
 
 
+# PostgreSQL: one row a digest, found by the index of digest and version
+# (`schema.IMAGE_VERSION`), so that an image many records share (a placeholder) is read
+# once, not once a record, and other versions' rows of it not at all.
+STORED_SCORES_SQL = sa.text(f"""
+SELECT wanted.n, found.scores
+FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS wanted (key, n)
+CROSS JOIN LATERAL (
+    SELECT r.scores FROM results r
+    WHERE {IMAGE_VERSION.text} = wanted.key
+        AND r.status IN ({", ".join(repr(str(status)) for status in CLASSIFIED)})
+        AND r.scores IS NOT NULL
+    LIMIT 1
+) AS found
+""").columns(sa.column("n", sa.Integer), sa.column("scores", Scores()))
+
+
 def stored_scores(db: Database, version: str, digests: Sequence[str]) -> dict[str, list[float]]:
     """Scores this model version already gave to images with these SHA-256s, from any record."""
     with db.transaction() as session:
+        if db.dialect == "postgresql":
+            # By the index whatever the statistics say (a small or new table's say a scan
+            # of it all is cheaper: 3 scans of 3,000 rows for 3 digests, in a test).
+            session.execute(sa.text("SET LOCAL enable_seqscan = off"))
+            wanted = list(dict.fromkeys(digests))
+            rows = session.execute(
+                STORED_SCORES_SQL, {"keys": [digest + version for digest in wanted]}
+            )
+            return {wanted[n - 1]: scores for n, scores in rows if scores}
         rows = session.execute(
             sa.select(Result.image_sha256, Result.scores).where(
                 Result.model_version == version,
                 Result.image_sha256.in_(digests),
-                Result.status.in_([Outcome.LABELLED, Outcome.BELOW_THRESHOLD]),
+                Result.status.in_(CLASSIFIED),
             )
         )
         return {digest: scores for digest, scores in rows if scores}

@@ -189,6 +189,10 @@ class ModelRow(Base):
     relabel_after: Mapped[str | None] = mapped_column(RecordId)
 
 
+# An image's digest with a model version, as the dedupe's index on PostgreSQL keys them.
+IMAGE_VERSION = sa.text("(encode(image_sha256, 'hex') || model_version)")
+
+
 class Result(Base):
     """One record classified (or failed) by one model version; the full score vector is kept.
 
@@ -200,10 +204,15 @@ class Result(Base):
     __tablename__ = "results"
     __table_args__ = (
         Index("ix_results_model_status", "model_version", "status"),
-        # The dedupe of identical images looks digests up by equality only: on PostgreSQL a
-        # hash index (a 4-byte hash an entry, no NULLs), 40 % smaller than the b-tree of the
-        # 32-byte digests (docs/scale.md).
-        Index("ix_results_image_sha256", "image_sha256", postgresql_using="hash"),
+        # The dedupe of identical images looks an image's scores up by digest and model
+        # version, by equality only: on PostgreSQL a hash index of the two together (a
+        # 4-byte hash an entry, no NULLs), 40 % smaller than a b-tree of the 32-byte digests
+        # (docs/scale.md). One image shared by many records (a placeholder) has many rows:
+        # with the version in the key, a lookup stops at the first of its version's.
+        Index("ix_results_image_version", IMAGE_VERSION, postgresql_using="hash").ddl_if(
+            dialect="postgresql"
+        ),
+        Index("ix_results_image_sha256", "image_sha256").ddl_if(dialect="sqlite"),
     )
 
     record_id: Mapped[str] = mapped_column(
