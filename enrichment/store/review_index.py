@@ -348,21 +348,24 @@ def _flag_current(
                 table.c.record_id.in_(chunk)
             )
         )
-        changed = [
-            {"record": record_id, "version": version, "flag": not flagged}
+        changed = {
+            (record_id, version): not flagged
             for record_id, version, flagged in flags
             if bool(flagged) != (found.get(record_id) == version)
-        ]
-        if changed:
-            connection.execute(
-                sa.update(table)
-                .where(
-                    table.c.record_id == sa.bindparam("record"),
-                    table.c.model_version == sa.bindparam("version"),
+        }
+        # One statement a value, not one a row (a round trip each: most of a retirement's
+        # chunk): the records' ids for the primary key, then the exact rows.
+        for flag in (True, False):
+            rows = [row for row, value in changed.items() if value is flag]
+            if rows:
+                connection.execute(
+                    sa.update(table)
+                    .where(
+                        table.c.record_id.in_([record_id for record_id, _ in rows]),
+                        sa.tuple_(table.c.record_id, table.c.model_version).in_(rows),
+                    )
+                    .values(is_current=flag)
                 )
-                .values(is_current=sa.bindparam("flag")),
-                changed,
-            )
         current.update(found)
         connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
     return current
