@@ -5,7 +5,9 @@ A plan that reads a whole table or index where a few keys would do is fast on a 
 small tables and slow at Europeana's size; the rows a scan read say which it is at any
 size, where a timing would not. (`tests.test_store_scale.plans_of` asks instead which
 index a read's SELECTs can use, sequential scans ruled out; this reports what ran,
-writes and the COPY path's statements included.)
+writes and the COPY path's statements included.) Loading `auto_explain` takes a superuser,
+as the suite's own throwaway server has; on a server of one's own (`TEST_DATABASE_URL`),
+these tests need one too.
 """
 
 from __future__ import annotations
