@@ -13,8 +13,10 @@ torch nor benchmarks/common.py, so its peak RSS is the command's, as in
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+import numpy
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -274,11 +278,6 @@ class Rollout:
     def outcome(self, record_id: str) -> Any:
         """A plausible classification of the record: scores drawn from its id, labels at or
         above their thresholds, a new image digest."""
-        import hashlib
-        import random
-
-        import numpy
-
         from enrichment.store.schema import Outcome
         from enrichment.store.writes import LabelScore, RecordOutcome
 

@@ -43,7 +43,8 @@ class Scan:
 
 class Notices:
     """A connection's notices, all of them: psycopg2 keeps only the last 50 in a list, and
-    SQLAlchemy empties the list (`notices[:] = []`) after each statement it runs."""
+    SQLAlchemy logs and empties a connection's notices after each statement it runs, unless
+    they are falsy: psycopg2 only ever calls `append`."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
@@ -51,14 +52,8 @@ class Notices:
     def append(self, text: str) -> None:
         self.texts.append(text)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(())  # nothing for SQLAlchemy to log again
-
     def __bool__(self) -> bool:
         return False
-
-    def __setitem__(self, _: Any, __: Any) -> None:
-        """Kept: SQLAlchemy's emptying is not for these."""
 
 
 @contextmanager
