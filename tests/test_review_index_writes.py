@@ -32,9 +32,10 @@ from enrichment.store import review_index
 from enrichment.store.columns import exact_score, exact_scores
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
+from enrichment.store.relabel import finish_relabelling
 from enrichment.store.review_index import BAND, ReviewItem, item_rows
 from enrichment.store.review_queue import _indexed_items
-from enrichment.store.schema import Result
+from enrichment.store.schema import Label, Result
 from enrichment.store.writes import (
     LabelScore,
     RecordOutcome,
@@ -367,3 +368,59 @@ def test_a_batch_write_reads_the_rows_of_its_records_not_whole_tables(pg_url: st
         write(db, NEW, [labelled(r, [0.9, 0.1, 0.1, 0.1], ("map",)) for r in batch])
     assert {scan.table for scan in scans} >= {"records", "results", "labels", "review_items"}
     assert [scan for scan in scans if scan.rows > 3 * len(batch)] == []
+
+
+def test_items_of_many_results_are_item_rows_of_each() -> None:
+    """The chunked rewrites' items (`items_of`, a matrix at a time) are `item_rows`'s, row by
+    row, in the same order: scores a hair inside and beyond the band, a raw float32, labels
+    outside the band, and a label the model lacks (ignored by both)."""
+    model = ModelClasses(OLD, KEYS, KEYS, KEYS, tuple(THRESHOLDS), 0)
+    rng = np.random.default_rng(7)
+    vectors = [[0.6, 0.4, 0.1, 0.6], [0.02, RAW, 0.9, 0.0], [0.0] * 4, [0.5, 0.3, 0.45, 0.7]]
+    vectors += np.round(rng.random((200, len(KEYS))), 6).tolist()
+    labels = [["map"], ["photo", "drawing", "sculpture"], ["coin"], []]
+    labels += [[k for k in KEYS if rng.random() < 0.3] for _ in range(200)]
+    ids = [f"/1/r{i:03d}" for i in range(len(vectors))]
+    expected = [
+        row
+        for record_id, vector, keys in zip(ids, vectors, labels, strict=True)
+        for row in item_rows(record_id, model, vector, keys)
+    ]
+    matrix = np.asarray(vectors, dtype=np.float64)
+    got = review_index.items_of(ids, model, matrix, review_index.labelled_classes(model, labels))
+    assert got == expected
+    assert len(got) > 200 and {row[3] for row in got} == {True, False}
+    assert all(type(row[2]) is float and type(row[3]) is bool for row in got)
+
+
+def test_a_recalibrations_items_are_item_rows_of_the_relabelled_results(db: Database) -> None:
+    """A recalibration's chunks write each current result's items from the matrix of the
+    chunk's scores: they are `item_rows`'s for the new thresholds and the labels now
+    stored, and what a rebuild gives."""
+    write(db, OLD, first_batch())
+    write(db, NEW, second_batch())
+    moved = [0.52, 0.32, 0.47, 0.4]
+    with db.transaction() as session:
+        register_model(session, OLD, "idx", "resnet18", classes(), moved)
+    assert finish_relabelling(db, [OLD])[OLD].results > 0
+    current, items = stored(db)
+    models = classes_of(db)
+    expected = []
+    with db.transaction() as session:
+        for record_id, version in sorted(current.items()):
+            scores = session.scalar(
+                sa.select(Result.scores).where(
+                    Result.record_id == record_id, Result.model_version == version
+                )
+            )
+            keys = session.scalars(
+                sa.select(Label.label_key).where(
+                    Label.record_id == record_id, Label.model_version == version
+                )
+            ).all()
+            expected += item_rows(record_id, models[version], scores or [], keys)
+    assert models[OLD].thresholds == tuple(moved)
+    assert items == sorted(expected, key=lambda row: (row[0], row[1]))
+    assert any(current[row[0]] == OLD and row[2] is not None for row in items)
+    review_index.rebuild(db)
+    assert stored(db) == (current, items)

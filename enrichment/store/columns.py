@@ -13,6 +13,7 @@ Europeana's size. Readers still get the values they always got:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,9 +48,34 @@ def exact_scores(stored: list[float]) -> list[float]:
     """The scores written, from their float32 form: each the 6-decimal number it rounds to
     where that number's float32 is the one stored (scores as the pipeline writes them),
     else the float32 itself (a model's raw output, which a float32 holds exactly)."""
+    return exact_score_array(stored).tolist()
+
+
+def exact_score_array(stored: Any) -> np.ndarray:
+    """`exact_scores` of any number of stored vectors at once (a matrix of them: one numpy
+    pass where a row at a time cost more than reading it), as float64."""
     packed = np.asarray(stored, dtype=np.float32)
     rounded = np.round(packed.astype(np.float64), SCORE_DECIMALS)
-    return np.where(rounded.astype(np.float32) == packed, rounded, packed).tolist()
+    return np.where(rounded.astype(np.float32) == packed, rounded, packed)
+
+
+def packed_scores(column: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[Any]:
+    """A `Scores` column read for `score_matrix`: on PostgreSQL the driver's list of float32
+    values, not converted a row at a time (the conversion cost more than the read in the
+    store's chunked rewrites); on SQLite as `Scores` reads it."""
+    if dialect != "postgresql":
+        return column
+    return sa.type_coerce(column, sa.types.NullType())
+
+
+def score_matrix(vectors: Sequence[Any], dialect: str, classes: int) -> np.ndarray:
+    """`packed_scores` values (none NULL, each of `classes` scores) as one float64 matrix of
+    that many columns (none: no rows), each score the number `Scores` reads for it."""
+    if dialect != "postgresql":
+        matrix = np.asarray(vectors, dtype=np.float64)
+    else:
+        matrix = exact_score_array(vectors)
+    return matrix.reshape(len(vectors), classes)
 
 
 def scores_literal(scores: list[float]) -> str:

@@ -30,7 +30,8 @@ Meanwhile batches are decided by the registered rule as they are stored, so only
 results not yet passed may carry the old one. The run that registered finishes the
 work before it schedules anything (`runs.service`), `enrich resume` before it pages on,
 and export and publish, which ship labels, before they read any (`finish_relabelling`).
-A classified result without stored scores (none is written so) keeps its labels.
+A classified result without stored scores, or with a vector of another length than the
+classes (no model writes either), keeps its labels.
 """
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
+from enrichment.store.columns import packed_scores, score_matrix
 from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.review_index import lock_records, replace_items
+from enrichment.store.review_index import (
+    items_from_results,
+    items_of,
+    lock_records,
+    replace_items,
+)
 from enrichment.store.schema import Label, ModelRow, Outcome, Result
 from enrichment.thresholds import decide
 
@@ -146,22 +153,40 @@ def relabel_some(db: Database, version: str, changed: Relabelled) -> bool:
             # Their records first, as every writer of results takes them: which result is
             # current cannot change under the items written below.
             lock_records(connection, ids)
+            dialect = connection.dialect.name
             rows = connection.execute(
-                sa.select(Result.record_id, Result.scores, Result.status, Result.is_current)
+                sa.select(
+                    Result.record_id,
+                    packed_scores(Result.scores, dialect),
+                    Result.status,
+                    Result.is_current,
+                )
                 .where(*_left(version, after), Result.record_id <= ids[-1])
                 .order_by(Result.record_id)
             ).all()
             model = model_classes(connection)[version]
-            labelled = _relabel(connection, model, rows, changed)
+            # A vector of another length than the classes (the store takes one, though no
+            # model gives one) cannot be decided again: its result keeps its labels, as one
+            # without scores does, and its items are worked out from them.
+            whole = [len(row[1]) == len(model.keys) for row in rows]
+            full = [row for row, is_whole in zip(rows, whole, strict=True) if is_whole]
+            kept = [
+                (row.record_id, version)
+                for row, is_whole in zip(rows, whole, strict=True)
+                if row.is_current and not is_whole
+            ]
+            scores = score_matrix([row[1] for row in full], dialect, len(model.keys))
+            labelled = _relabel(connection, model, full, scores, changed)
+            current = [i for i, row in enumerate(full) if row.is_current]
             replace_items(
                 connection,
-                model,
-                [
-                    (r.record_id, r.scores, labelled.get(r.record_id, ()))
-                    for r in rows
-                    if r.is_current
-                ],
+                [row.record_id for row in rows if row.is_current],
+                items_of(
+                    [full[i].record_id for i in current], model, scores[current], labelled[current]
+                )
+                + items_from_results(connection, kept, {version: model}, Result.__table__),
             )
+            changed.results += len(rows)
         cursor = ids[-1] if len(ids) == CHUNK else None
         connection.execute(
             sa.update(MODELS).where(MODELS.c.version == version).values(relabel_after=cursor)
@@ -180,12 +205,18 @@ def _left(version: str, after: str) -> list[sa.ColumnElement[bool]]:
 
 
 def _relabel(
-    connection: sa.Connection, model: ModelClasses, rows: Sequence[sa.Row], changed: Relabelled
-) -> dict[str, list[str]]:
-    """One chunk of results (in record order): their labels and statuses brought in line
-    with the model's registered rule; returns each record's labelled keys."""
+    connection: sa.Connection,
+    model: ModelClasses,
+    rows: Sequence[sa.Row],
+    scores: np.ndarray,
+    changed: Relabelled,
+) -> np.ndarray:
+    """One chunk of results (in record order, `scores` their vectors as rows): their labels
+    and statuses brought in line with the model's registered rule; returns which classes
+    each is now labelled with."""
     version = model.version
-    scores = np.asarray([row.scores for row in rows], dtype=np.float64)
+    if not rows:
+        return np.zeros((0, len(model.keys)), dtype=bool)
     chosen = decide(scores, np.asarray(model.thresholds, dtype=np.float64), model.top_k_fallback)
     ids = {row.record_id for row in rows}
     held = {
@@ -199,15 +230,16 @@ def _relabel(
         )
         if record_id in ids  # one range read, not an IN list; other results keep theirs
     }
-    wanted: dict[tuple[str, str], float] = {}
-    labelled: dict[str, list[str]] = {}
+    found, classes = np.nonzero(chosen)
+    wanted = {
+        (rows[row].record_id, model.keys[index]): score
+        for row, index, score in zip(
+            found.tolist(), classes.tolist(), scores[found, classes].tolist(), strict=True
+        )
+    }
     statuses: dict[Outcome, list[str]] = {Outcome.LABELLED: [], Outcome.BELOW_THRESHOLD: []}
-    for row, vector, given in zip(rows, scores.tolist(), chosen.tolist(), strict=True):
-        labels = {k: score for k, score, on in zip(model.keys, vector, given, strict=True) if on}
-        wanted.update(((row.record_id, key), score) for key, score in labels.items())
-        if labels:
-            labelled[row.record_id] = list(labels)
-        status = Outcome.LABELLED if labels else Outcome.BELOW_THRESHOLD
+    for row, any_label in zip(rows, chosen.any(axis=1).tolist(), strict=True):
+        status = Outcome.LABELLED if any_label else Outcome.BELOW_THRESHOLD
         if row.status != status:
             statuses[status].append(row.record_id)
     gone = sorted(held - wanted.keys())
@@ -237,11 +269,10 @@ def _relabel(
                 .where(Result.model_version == version, Result.record_id.in_(part))
                 .values(status=str(status))
             )
-    changed.results += len(rows)
     changed.added += len(new)
     changed.removed += len(gone)
     changed.status_changed += sum(map(len, statuses.values()))
-    return labelled
+    return chosen
 
 
 def _parts(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
