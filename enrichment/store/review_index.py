@@ -427,8 +427,9 @@ def items_from_results(
                 )
             ):
                 labels.setdefault(record_id, []).append(key)
-            # A full vector each (nearly all): at once. A result without one, or with a
-            # shorter one, keeps only its labels' items (`item_rows`).
+            # A full vector each (nearly all): at once. A result without one, or with one
+            # of another length, one at a time (`item_rows`, which gives a class without a
+            # score only its label's item).
             full = [r for r in chunk if len(stored.get(r) or ()) == len(model.keys)]
             if full:
                 rows += items_of(
