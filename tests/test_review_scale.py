@@ -208,7 +208,7 @@ def test_the_stored_current_results_are_the_window_functions(db: Database) -> No
         computed = sorted(
             tuple(row)
             for start in range(0, len(ids), 500)
-            for row in session.execute(newest_classified(ids[start : start + 500]))
+            for row in session.execute(newest_classified(ids[start : start + 500], db.dialect))
         )
         versions = {version for _, version in computed}
     current, items = index_rows(db)
@@ -413,7 +413,7 @@ def test_an_index_never_built_is_built_from_existing_rows_by_0016_and_goes_down(
     db.upgrade()
     current, items = index_rows(db)
     with db.transaction() as session:
-        computed = sorted(tuple(row) for row in session.execute(newest_classified(ids)))
+        computed = sorted(tuple(row) for row in session.execute(newest_classified(ids, db.dialect)))
     assert current == computed
     assert {version for _, version in current} == {OLD, NEW}
     assert sum(labelled for *_, labelled, _ in items) == len(

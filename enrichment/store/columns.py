@@ -68,6 +68,17 @@ def packed_scores(column: sa.ColumnElement[Any], dialect: str) -> sa.ColumnEleme
     return sa.type_coerce(column, sa.types.NullType())
 
 
+def among(
+    column: sa.ColumnElement[Any], values: Sequence[Any], dialect: str
+) -> sa.ColumnElement[bool]:
+    """`column IN values`. On PostgreSQL one array parameter (`= ANY`), which the driver
+    renders in C: an IN list of hundreds of bound parameters cost SQLAlchemy more to render
+    than the database to run in the store's chunked rewrites (a retirement's chunk)."""
+    if dialect != "postgresql":
+        return column.in_(values)
+    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(column.type)))
+
+
 def score_matrix(vectors: Sequence[Any], dialect: str, classes: int) -> np.ndarray:
     """`packed_scores` values (none NULL, each of `classes` scores) as one float64 matrix of
     that many columns (none: no rows), each score the number `Scores` reads for it."""

@@ -18,17 +18,17 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from enrichment.store.columns import among
 from enrichment.store.schema import Outcome, Result, of_datasets
 
 CLASSIFIED = (Outcome.LABELLED, Outcome.BELOW_THRESHOLD)
 
 
 def newest_classified(
-    record_ids: Sequence[str] | sa.Select, results: sa.Table | None = None
+    record_ids: Sequence[str], dialect: str, results: sa.Table | None = None
 ) -> sa.Select:
     """(record_id, model_version) of the result that counts for each of these records: the
-    latest classified one, ties to the later version name (`record_ids`: a list, or a
-    SELECT of them such as a staging table's). A migration passes its own
+    latest classified one, ties to the later version name. A migration passes its own
     description of `results` (the ORM's may describe a later schema)."""
     table = Result.__table__ if results is None else results
     newest_first = sa.func.row_number().over(
@@ -37,7 +37,7 @@ def newest_classified(
     )
     ranked = (
         sa.select(table.c.record_id, table.c.model_version, newest_first.label("rank"))
-        .where(table.c.status.in_(CLASSIFIED), table.c.record_id.in_(record_ids))
+        .where(table.c.status.in_(CLASSIFIED), among(table.c.record_id, record_ids, dialect))
         .subquery("ranked")
     )
     return sa.select(ranked.c.record_id, ranked.c.model_version).where(ranked.c.rank == 1)

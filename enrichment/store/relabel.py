@@ -44,7 +44,7 @@ import numpy as np
 import sqlalchemy as sa
 from tqdm import tqdm
 
-from enrichment.store.columns import packed_scores, score_matrix
+from enrichment.store.columns import among, packed_scores, score_matrix
 from enrichment.store.current import CLASSIFIED
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
@@ -266,7 +266,10 @@ def _relabel(
         for part in _parts(record_ids):
             connection.execute(
                 sa.update(Result)
-                .where(Result.model_version == version, Result.record_id.in_(part))
+                .where(
+                    Result.model_version == version,
+                    among(Result.record_id, part, connection.dialect.name),
+                )
                 .values(status=str(status))
             )
     changed.added += len(new)

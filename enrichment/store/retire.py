@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from enrichment.errors import EnrichError, InvalidValue
+from enrichment.store.columns import among
 from enrichment.store.database import Database
 from enrichment.store.ledger import UNSETTLED, Publication, PublicationState
 from enrichment.store.review_index import reindex
@@ -146,14 +147,13 @@ def remove_some(db: Database, version: str, chunk: int = CHUNK) -> int:
         ).all()
         if not record_ids:
             return 0
-        session.execute(
-            sa.delete(Label).where(Label.model_version == version, Label.record_id.in_(record_ids))
-        )
-        session.execute(
-            sa.delete(Result).where(
-                Result.model_version == version, Result.record_id.in_(record_ids)
+        dialect = session.get_bind().dialect.name
+        for table in (Label.__table__, Result.__table__):
+            session.execute(
+                sa.delete(table).where(
+                    table.c.model_version == version, among(table.c.record_id, record_ids, dialect)
+                )
             )
-        )
         # Where the version's result counted, another version's (or none) counts now.
         reindex(session.connection(), record_ids)
         return len(record_ids)

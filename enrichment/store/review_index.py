@@ -40,7 +40,14 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from enrichment.store.columns import NULL, copy_text, exact_score, packed_scores, score_matrix
+from enrichment.store.columns import (
+    NULL,
+    among,
+    copy_text,
+    exact_score,
+    packed_scores,
+    score_matrix,
+)
 from enrichment.store.current import newest_classified, newest_of_staged
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
@@ -325,7 +332,11 @@ def replace_items(
     results were decided again. In the caller's transaction, which holds the records' rows
     (`lock_records`), so that which result is current cannot change meanwhile."""
     for chunk in _chunks(record_ids):
-        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+        connection.execute(
+            sa.delete(ReviewItem.__table__).where(
+                among(ReviewItem.record_id, chunk, connection.dialect.name)
+            )
+        )
     _insert(connection, rows)
 
 
@@ -352,7 +363,7 @@ def lock_records(connection: sa.Connection, record_ids: Sequence[str]) -> None:
     # recalibration locks 2,000 records in one statement.
     connection.execute(
         sa.select(RecordRow.id)
-        .where(RecordRow.id == sa.any_(sa.literal(sorted(record_ids), postgresql.ARRAY(sa.Text))))
+        .where(among(RecordRow.id, sorted(record_ids), "postgresql"))
         .order_by(RecordRow.id)
         .with_for_update(key_share=True)
     ).all()
@@ -365,35 +376,32 @@ def _flag_current(
     items; returns {record: model version} for those with a classified result. Only the
     rows whose flag changes are written: a result rewritten in place keeps its row."""
     table = Result.__table__ if results is None else results
+    dialect = connection.dialect.name
     current: dict[str, str] = {}
     for chunk in _chunks(sorted(record_ids)):
         lock_records(connection, chunk)
-        found = dict(connection.execute(newest_classified(chunk, table)).all())
+        found = dict(connection.execute(newest_classified(chunk, dialect, table)).all())
         flags = connection.execute(
             sa.select(table.c.record_id, table.c.model_version, table.c.is_current).where(
-                table.c.record_id.in_(chunk)
+                among(table.c.record_id, chunk, dialect)
             )
         )
-        changed = {
-            (record_id, version): not flagged
-            for record_id, version, flagged in flags
-            if bool(flagged) != (found.get(record_id) == version)
-        }
-        # One statement a value, not one a row (a round trip each: most of a retirement's
-        # chunk): the records' ids for the primary key, then the exact rows.
-        for flag in (True, False):
-            rows = [row for row, value in changed.items() if value is flag]
-            if rows:
-                connection.execute(
-                    sa.update(table)
-                    .where(
-                        table.c.record_id.in_([record_id for record_id, _ in rows]),
-                        sa.tuple_(table.c.record_id, table.c.model_version).in_(rows),
-                    )
-                    .values(is_current=flag)
-                )
+        changed: dict[tuple[bool, str], list[str]] = {}
+        for record_id, version, flagged in flags:
+            if bool(flagged) != (found.get(record_id) == version):
+                changed.setdefault((not flagged, version), []).append(record_id)
+        # One statement a value and version, not one a row (a round trip each: most of a
+        # retirement's chunk).
+        for (flag, version), flipped in changed.items():
+            connection.execute(
+                sa.update(table)
+                .where(table.c.model_version == version, among(table.c.record_id, flipped, dialect))
+                .values(is_current=flag)
+            )
         current.update(found)
-        connection.execute(sa.delete(ReviewItem.__table__).where(ReviewItem.record_id.in_(chunk)))
+        connection.execute(
+            sa.delete(ReviewItem.__table__).where(among(ReviewItem.record_id, chunk, dialect))
+        )
     return current
 
 
@@ -416,14 +424,15 @@ def items_from_results(
             stored = dict(
                 connection.execute(
                     sa.select(results.c.record_id, packed_scores(results.c.scores, dialect)).where(
-                        results.c.model_version == version, results.c.record_id.in_(chunk)
+                        results.c.model_version == version,
+                        among(results.c.record_id, chunk, dialect),
                     )
                 ).all()
             )
             labels: dict[str, list[str]] = {}
             for record_id, key in connection.execute(
                 sa.select(Label.record_id, Label.label_key).where(
-                    Label.model_version == version, Label.record_id.in_(chunk)
+                    Label.model_version == version, among(Label.record_id, chunk, dialect)
                 )
             ):
                 labels.setdefault(record_id, []).append(key)
