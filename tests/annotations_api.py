@@ -23,8 +23,12 @@ was stored keeps its real id, which the search shows); `page_items` rewrites
 the items of a page's answer; `empty_duplicates` names no id in a duplicate
 message; `endless_search` answers every search page full and with a `next`;
 `trickle` sends every answer's body one byte per that many seconds;
-`redirect_to` answers every request with a 307 there; `message_suffix` is
-appended to every error message (terminal escapes, say).
+`redirect_to` answers every request with a 307 there, repeating the request's
+path and query as an http-to-https redirect does; `message_suffix` is appended
+to every error message (terminal escapes, say); `success_body` sends, for a
+success to (method, path, request body), other bytes than its document (none, a
+proxy's HTML page) where it returns some; `endless` answers every success with a body that
+never ends.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from tests.services import free_port
 
@@ -76,6 +80,8 @@ class AnnotationsServer:
     trickle: float = 0.0
     redirect_to: str | None = None
     message_suffix: str = ""
+    success_body: Callable[[str, str, Any], bytes | None] | None = None
+    endless: bool = False
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -163,7 +169,8 @@ class AnnotationsServer:
     ):
         """(status, document, headers) for one request; writes counted and faults injected."""
         if self.redirect_to is not None:
-            return 307, None, {"Location": self.redirect_to + path}
+            repeated = f"?{urlencode(query, doseq=True)}" if query else ""
+            return 307, None, {"Location": self.redirect_to + path + repeated}
         status, document, headers = self._answer(method, path, query, body, token)
         if isinstance(document, dict) and "error" in document:
             document = {**document, "error": document["error"] + self.message_suffix}
@@ -377,11 +384,21 @@ def _handler(server: AnnotationsServer) -> type[BaseHTTPRequestHandler]:
             server.requests.append((self.command, parts.path, status))
             server.searched.extend(parse_qs(parts.query).get("query", []))
             payload = json.dumps(document).encode() if document is not None else b""
+            success = 200 <= status < 300
+            other = (
+                server.success_body(self.command, parts.path, body) if server.success_body else None
+            )
+            if success and other is not None:
+                payload = other
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
+            if success and server.endless:
+                self._endless()
+                return
             if payload:
-                self.send_header("Content-Type", "application/ld+json")
+                content_type = "application/ld+json" if other is None else "text/html"
+                self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             if not server.trickle:
@@ -393,6 +410,19 @@ def _handler(server: AnnotationsServer) -> type[BaseHTTPRequestHandler]:
                     self.wfile.flush()
                     time.sleep(server.trickle)
             except OSError:  # the client gave up: what a trickle is for
+                self.close_connection = True
+
+        def _endless(self) -> None:
+            """A JSON document that never ends, sent as fast as the client reads it."""
+            self.send_header("Content-Type", "application/ld+json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b" " * (1 << 20)
+            try:
+                self.wfile.write(b"1\r\n{\r\n")
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the client stopped reading
                 self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve

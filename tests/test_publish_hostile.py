@@ -25,10 +25,13 @@ from click.testing import CliRunner
 
 from enrichment.cli import cli
 from enrichment.publish.annotations_api import (
+    ANSWER_BYTES,
     SEARCH_PAGES,
     AnnotationsAPI,
     AnnotationsAPIError,
+    Rejected,
     Unsettled,
+    Unusable,
 )
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher
@@ -219,6 +222,90 @@ def test_a_redirected_publish_creates_nothing_says_so_and_fails(
     assert "redirected (307)" in done.stderr and "nothing was created" in done.stderr
     assert "Traceback" not in done.stderr
     assert server.active() == [] and target.requests == []
+
+
+def test_the_api_key_and_the_token_are_never_shown_though_the_server_repeats_them(
+    server: AnnotationsServer,
+) -> None:
+    """An http-to-https redirect repeats the request's query, and so its `wskey`; a message
+    may quote the key or the token. Neither reaches a message."""
+    key = "wskey-not-to-be-shown"
+    api = AnnotationsAPI(server.url, TOKEN, api_key=key, backoff=0.01)
+    server.redirect_to = "https://e.eu"  # short: messages show a URL's first 77 characters
+    with pytest.raises(AnnotationsAPIError, match="redirected") as redirected:
+        list(api.search_record("/1001/object_1"))
+    assert "https://e.eu/annotation/search'" in str(redirected.value)
+    server.redirect_to = None
+    server.message_suffix = f" (wskey={key}, Authorization: Bearer {TOKEN})"
+    with pytest.raises(Rejected) as refused:
+        api.get(ID_BASE + "999")
+    api.close()
+    assert "(wskey=[redacted], Authorization: Bearer [redacted])" in refused.value.message
+    for error in (redirected.value, refused.value):
+        assert key not in str(error) and TOKEN not in str(error)
+
+
+def test_an_endless_answer_is_read_up_to_its_cap_and_is_what_it_means_for_each_call(
+    server: AnnotationsServer,
+) -> None:
+    """A success whose body never ends, sent as fast as it is read: no call holds more than
+    `ANSWER_BYTES` of it, and each ends at once as a success it cannot read."""
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    stored = api.create_page([annotation])[0]
+    assert not isinstance(stored, Unusable)
+    server.endless = True
+    with pytest.raises(Unsettled, match=f"longer than {ANSWER_BYTES} bytes"):
+        api.create_page([annotation])
+    with pytest.raises(AnnotationsAPIError, match=f"longer than {ANSWER_BYTES} bytes"):
+        list(api.search_record("/1001/a"))
+    api.withdraw(stored.id)  # a DELETE's success says all there is
+    api.close()
+    assert int(stored.id.rsplit("/", 1)[1]) in server.deleted
+
+
+def test_successes_without_a_document_neither_stop_a_publish_nor_lose_a_write(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """A proxy answers 200 with no body to a DELETE and with an HTML page to a page of
+    updates: the withdrawals are done, and the updates go again one by one."""
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6], failed=tuple(first[6:8]))
+
+    def proxied(method: str, path: str, body: Any) -> bytes | None:
+        if method == "DELETE":
+            return b""
+        updates = path == "/annotations/" and all("id" in item for item in body["items"])
+        return b"<html><body>Request accepted</body></html>" if updates else None
+
+    server.success_body = proxied
+    report = publish(db, server)
+    assert report.updated > 0 and report.withdrawn > 0 and report.unusable == 0
+    assert held(server) == wanted(catalogue)
+    assert {row.state for row in ledger(db).values()} <= {
+        PublicationState.PUBLISHED,
+        PublicationState.WITHDRAWN,
+    }
+    assert len([write for write in server.writes() if write[0] == "PUT"]) == report.updated
+    gone = publish(db, server, withdraw_all=True)
+    assert server.active() == [] and gone.withdrawn == len(wanted(catalogue))
+    assert {row.state for row in ledger(db).values()} == {PublicationState.WITHDRAWN}
+
+
+def test_a_retry_after_that_is_no_number_still_retries_by_backoff(
+    server: AnnotationsServer,
+) -> None:
+    """urllib3 refuses to parse `Retry-After: 1.5`; the status still says try again."""
+    server.lock_every, server.retry_after = 2, "1.5"
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    annotation = {"motivation": "tagging", "target": item_uri("/1001/a"), "body": VOCABULARY["map"]}
+    stored = api.create_page([annotation, {**annotation, "target": item_uri("/1001/b")}])
+    created = api.create_page([{**annotation, "target": item_uri("/1001/c")}])
+    api.close()
+    assert not any(isinstance(one, Unusable) for one in stored + created)
+    assert [status for *_, status in server.requests] == [201, 423, 201]
 
 
 def test_server_messages_are_printed_with_control_characters_escaped(

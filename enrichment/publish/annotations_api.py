@@ -8,20 +8,9 @@ soft delete), `GET {base}/{n}` and `GET {base}/search` read. `base` is
 `EUROPEANA_ANNOTATION_API_URL`, `https://api.europeana.eu/annotation` in
 production, so the page endpoint is its sibling `.../annotations/`.
 
-Retries are urllib3's `Retry` on the requests adapter rather than tenacity:
-urllib3 is already a dependency, its `Retry` honours `Retry-After`, backs off
-exponentially, and, above all, decides per HTTP method and per failure kind
-(connection refused before sending vs. answer lost after sending), which is
-exactly the line between a request that may be repeated and one that may not.
-Two sessions carry two policies:
-
-- *safe* requests (reads, PUT, DELETE and the duplicate-checked single create)
-  are retried on connection and read errors, 5xx, 429 and the write lock (423,
-  Europeana's `error.annotation_write_lock`);
-- *page creates* are retried only when the server surely did nothing: a
-  connection that never opened, 423, 429 or 503. Any other failure leaves the
-  page's outcome unknown (`Unsettled`), and the caller resolves it through the
-  search endpoint instead of posting the page again, which would duplicate it.
+Retries are urllib3's, two policies of them (`publish.retries`): safe requests
+are retried on any failure, a page of creates only where the server surely did
+nothing; any other failure of a page leaves its outcome unknown (`Unsettled`).
 
 401 and 403 raise `AuthError` with the server's message, and nothing retries
 them. Redirects are not followed: a write sent on to another URL is not what
@@ -32,12 +21,17 @@ Nothing the server answers is recorded before it is checked: an id must be
 list of objects, one per item sent. An answer that cannot be used is
 `Unusable` for its item; a search that pages on without end stops after
 `SEARCH_PAGES`; every call, its retries included, ends by `DEADLINE` seconds
-however slowly the server trickles its answer (`publish.deadline_http`). The
-server's messages are quoted with control characters escaped, so that none of
+however slowly the server trickles its answer (`publish.deadline_http`), and no
+answer is read past `ANSWER_BYTES`. A success whose document cannot be read
+(no JSON, or too long) is what it means for the call: a DELETE is done, a
+write's outcome is unknown (a page) or unusable (one annotation), a read fails.
+The server's messages are quoted with control characters escaped, so that none of
 them can drive the terminal that prints them.
 
-The token is sent in the Authorization header only: no message of this
-module, and no exception it raises, contains it.
+The token is sent in the Authorization header only, and the API key (`wskey`)
+in the query of reads: no message of this module, and no exception it raises,
+contains either, even where the server repeats them (a redirect's `Location`
+keeps the request's query; a message may quote it).
 """
 
 from __future__ import annotations
@@ -54,16 +48,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from urllib3.exceptions import MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.errors import EnrichError
 from enrichment.publish.deadline_http import CallDeadlines, DeadlineAdapter
+from enrichment.publish.retries import BACKOFF, PAGE_STATUSES, RETRIES, bounded_retries
 
-RETRIES = 6
-BACKOFF = 0.5
-BACKOFF_MAX = 30.0
 TIMEOUT = (10.0, 120.0)
 # One call's whole time, retries included: a server trickling its answer is cut off here.
 DEADLINE = 300.0
@@ -72,6 +63,9 @@ SEARCH_PAGE_SIZE = 100
 SEARCH_PAGES = 20
 EUROPEANA_IDS = "http://data.europeana.eu/annotation"
 MESSAGE_CHARS = 400
+# No answer is read past this: a page of 100 annotations is a few hundred kilobytes, and a
+# server streaming without end would otherwise fill the memory before the deadline.
+ANSWER_BYTES = 16 * 1024 * 1024
 _DUPLICATE = re.compile(r"Found duplicate annotations with the ids:\s*\[?([^\]]*)\]?")
 
 
@@ -163,74 +157,6 @@ def agent_id(agent: Any) -> str | None:
     return str(agent) if agent is not None else None
 
 
-SAFE_STATUSES = frozenset({423, 429, 500, 502, 503, 504})
-# Only what the server surely did not carry out: a lock, a throttle, unavailable.
-PAGE_STATUSES = frozenset({423, 429, 503})
-
-
-class _BoundedRetry(Retry):
-    """urllib3's `Retry`, whose waits between tries stay within the call's deadline and end
-    when the client closes.
-
-    urllib3 waits as long as a `Retry-After` says, up to six hours a try: a server asking
-    for a day would hold a publish for hours past `DEADLINE`, and Ctrl-C would wait for it.
-    A wait longer than what is left of the call's deadline is not begun: the call ends with
-    the server's answer (`_answer` says what it asked for).
-    """
-
-    # Set per client (`AnnotationsAPI._session`): `Retry.new` copies only its arguments.
-    deadlines: CallDeadlines
-    closing: threading.Event
-
-    def increment(
-        self,
-        method: str | None = None,
-        url: str | None = None,
-        response: Any = None,
-        error: Exception | None = None,
-        _pool: Any = None,
-        _stacktrace: Any = None,
-    ) -> Retry:
-        retry = super().increment(method, url, response, error, _pool, _stacktrace)
-        deadline = self.deadlines.current()
-        if deadline is not None and _wait(retry, response) > deadline.remaining():
-            reason = ResponseError("the next try would start past the call's deadline")
-            raise MaxRetryError(_pool, url or "", reason)
-        return retry
-
-    def sleep(self, response: Any = None) -> None:
-        if self.closing.wait(_wait(self, response)):
-            raise MaxRetryError(None, "", ResponseError("the client is closing"))
-
-
-def _wait(retry: Retry, response: Any) -> float:
-    """How long `retry` waits before its next try: the server's `Retry-After`, else backoff."""
-    if retry.respect_retry_after_header and response is not None:
-        after = retry.get_retry_after(response)
-        if after:
-            return after
-    return retry.get_backoff_time()
-
-
-def retry_policy(page: bool, backoff: float = BACKOFF, kind: type[Retry] = Retry) -> Retry:
-    """Retries of safe requests, or (`page`) of page creates, which may not be repeated blind."""
-    return kind(
-        total=RETRIES,
-        connect=RETRIES,
-        read=0 if page else RETRIES,
-        status=RETRIES,
-        other=0,
-        redirect=0,
-        allowed_methods=frozenset({"POST"} if page else {"GET", "PUT", "DELETE", "POST"}),
-        status_forcelist=PAGE_STATUSES if page else SAFE_STATUSES,
-        backoff_factor=backoff,
-        backoff_max=BACKOFF_MAX,
-        backoff_jitter=backoff,
-        respect_retry_after_header=True,
-        raise_on_status=False,
-    )
-
-
 class AnnotationsAPI:
     """Calls to one Annotations API with one account's token; safe to share between threads.
 
@@ -253,18 +179,19 @@ class AnnotationsAPI:
         check_api_url(base_url)
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        # Never shown, whatever the server sends back (`_redacted`).
+        self._secrets = [secret for secret in (token, api_key) if secret]
         self.timeout = timeout
         self._deadlines = CallDeadlines(deadline)
         self._closing = threading.Event()
         europeana = re.escape(EUROPEANA_IDS).replace("http", "https?", 1)
         self._ids = re.compile(f"(?:{europeana}|{re.escape(self.base_url)})/[0-9]+")
-        bounded = type(
-            "BoundedRetry",
-            (_BoundedRetry,),
-            {"deadlines": self._deadlines, "closing": self._closing},
-        )
-        self._safe = self._session(token, retry_policy(False, backoff, bounded), concurrency)
-        self._pages = self._session(token, retry_policy(True, backoff, bounded), concurrency)
+        retries = {
+            page: bounded_retries(page, backoff, self._deadlines, self._closing)
+            for page in (False, True)
+        }
+        self._safe = self._session(token, retries[False], concurrency)
+        self._pages = self._session(token, retries[True], concurrency)
 
     def _session(self, token: str, retry: Retry, concurrency: int) -> requests.Session:
         session = requests.Session()
@@ -346,7 +273,7 @@ class AnnotationsAPI:
         url = self.base_url + "s/"
         try:
             response = self._send(
-                self._pages, "POST", url, {**page, "items": items}, unsettled=True
+                self._pages, "POST", url, {**page, "items": items}, unsettled=True, unread=Unsettled
             )
         except Rejected as error:
             if error.status == 404:  # only an update names what may not exist
@@ -362,7 +289,10 @@ class AnnotationsAPI:
         """
         page = {"@context": "http://www.w3.org/ns/anno.jsonld", "type": "AnnotationPage"}
         updates = [{"id": annotation_id, **content} for annotation_id, content in items]
-        response = self._send(self._safe, "POST", self.base_url + "s/", {**page, "items": updates})
+        # A success that cannot be read: sent again item by item (the caller's PUT).
+        response = self._send(
+            self._safe, "POST", self.base_url + "s/", {**page, "items": updates}, unread=Unsettled
+        )
         return self._page_answer(response, [annotation_id for annotation_id, _ in items])
 
     def _page_answer(
@@ -389,17 +319,20 @@ class AnnotationsAPI:
 
     def create(self, annotation: dict[str, Any]) -> Stored:
         """POST one annotation; `Duplicate` names the ids of the same annotation if it exists."""
-        return self.stored(self._send(self._safe, "POST", self.base_url + "/", annotation))
+        return self.stored(
+            self._send(self._safe, "POST", self.base_url + "/", annotation, unread=Unusable)
+        )
 
     def update(self, annotation_id: str, annotation: dict[str, Any]) -> Stored:
         url = f"{self.base_url}/{self.number(annotation_id)}"
-        return self.stored(self._send(self._safe, "PUT", url, annotation), annotation_id)
+        answer = self._send(self._safe, "PUT", url, annotation, unread=Unusable)
+        return self.stored(answer, annotation_id)
 
     def withdraw(self, annotation_id: str) -> None:
         """DELETE (a soft delete); an annotation already gone counts as withdrawn."""
         url = f"{self.base_url}/{self.number(annotation_id)}"
         try:
-            self._send(self._safe, "DELETE", url, None)
+            self._send(self._safe, "DELETE", url, None, unread=None)  # a success is all it says
         except Rejected as error:
             if error.status not in (404, 410):
                 raise AnnotationsAPIError(
@@ -461,6 +394,13 @@ class AnnotationsAPI:
     def _key(self) -> dict[str, str]:
         return {"wskey": self.api_key} if self.api_key else {}
 
+    def _redacted(self, text: str) -> str:
+        """`text` from the server with the token and the API key blanked out, should it
+        repeat them."""
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
     def _send(
         self,
         session: requests.Session,
@@ -469,11 +409,14 @@ class AnnotationsAPI:
         body: dict[str, Any] | None,
         params: dict[str, str] | None = None,
         unsettled: bool = False,
+        unread: type[Exception] | None = AnnotationsAPIError,
     ) -> dict[str, Any]:
         """One call, retried by the session's policy; errors become this module's exceptions.
 
         `unsettled`: a failure after the request may have been sent is `Unsettled`
         (the caller must not simply repeat it); otherwise it is an API error.
+        `unread`: raised, with the reason, for a success whose document cannot be read
+        (None: such a success is an empty document).
         """
         data = json.dumps(body).encode() if body is not None else None
         where = f"{method} {url}"
@@ -490,7 +433,9 @@ class AnnotationsAPI:
                     params=params,
                     timeout=self.timeout,
                     allow_redirects=False,
+                    stream=True,  # read here, up to `ANSWER_BYTES`
                 )
+                body = _read_at_most(response, ANSWER_BYTES + 1)
         except requests.exceptions.RequestException as error:
             late = None
             if self._closing.is_set():
@@ -498,50 +443,79 @@ class AnnotationsAPI:
             elif deadline.expired:
                 late = f"no whole answer within {deadline.seconds:g} s"
             raise _failure(where, error, unsettled, late) from None
-        return self._answer(where, method, response, unsettled)
+        return self._answer(where, method, response, body, unsettled, unread)
 
     def _answer(
-        self, where: str, method: str, response: requests.Response, unsettled: bool
+        self,
+        where: str,
+        method: str,
+        response: requests.Response,
+        body: bytes,
+        unsettled: bool,
+        unread: type[Exception] | None,
     ) -> dict[str, Any]:
         """The answer's document, or this module's exception for what it says."""
-        if 300 <= response.status_code < 400:
-            location = response.headers.get("Location") or "nowhere"
+        status = response.status_code
+        if 300 <= status < 400:
+            location = _without_query(response.headers.get("Location") or "nowhere")
             raise AnnotationsAPIError(
-                f"{where}: the server redirected ({response.status_code}) to {shown(location)}, "
+                f"{where}: the server redirected ({status}) to {shown(self._redacted(location))}, "
                 "and a publish follows no redirect: set EUROPEANA_ANNOTATION_API_URL to the "
                 "Annotations API itself; nothing was created by this request"
             )
-        if response.status_code in (200, 201):
+        if 200 <= status < 300:
+            if unread is None or status == 204:
+                return {}
+            if len(body) > ANSWER_BYTES:
+                raise unread(f"{where}: {status} with an answer longer than {ANSWER_BYTES} bytes")
             try:
-                document = response.json()
+                document = json.loads(body)
             except ValueError:
                 # Carried out, but what was stored (its id) cannot be read.
-                kind = Unsettled if unsettled else AnnotationsAPIError
-                raise kind(f"{where}: {response.status_code} without a JSON body") from None
+                raise unread(f"{where}: {status} without a JSON body") from None
             return document if isinstance(document, dict) else {}
-        if response.status_code == 204:
-            return {}
-        message = error_message(response)
-        if response.status_code in (401, 403):
-            raise AuthError(
-                f"the Annotations API refused the token ({response.status_code}): {message}"
-            )
-        if response.status_code in (400, 404, 409, 410, 422):
+        message = self._redacted(error_message(response, body[:ANSWER_BYTES]))
+        if status in (401, 403):
+            raise AuthError(f"the Annotations API refused the token ({status}): {message}")
+        if status in (400, 404, 409, 410, 422):
             duplicate = _DUPLICATE.search(message)
             if duplicate and method == "POST":
                 ids = [part.strip() for part in duplicate.group(1).split(",") if part.strip()]
                 if ids and all(self.is_annotation_id(one) for one in ids):
-                    raise Duplicate(response.status_code, message, ids)
+                    raise Duplicate(status, message, ids)
                 message += " (and no usable id of the duplicate was given)"
-            raise Rejected(response.status_code, message)
-        if unsettled and response.status_code not in PAGE_STATUSES:
-            raise Unsettled(f"{where}: {response.status_code} {message}")
+            raise Rejected(status, message)
+        if unsettled and status not in PAGE_STATUSES:
+            raise Unsettled(f"{where}: {status} {message}")
         after = response.headers.get("Retry-After")
-        # A wait that would end past the call's deadline is not begun (`_BoundedRetry`).
+        # A wait that would end past the call's deadline is not begun (`retries.BoundedRetry`).
         asked = f"; it asked for a wait of {shown(after)} s before the next try" if after else ""
         raise AnnotationsAPIError(
-            f"{where}: {response.status_code} after up to {RETRIES} retries: {message}{asked}"
+            f"{where}: {status} after up to {RETRIES} retries: {message}{asked}"
         )
+
+
+def _read_at_most(response: requests.Response, limit: int) -> bytes:
+    """The answer's body, or its first `limit` bytes where it is longer. Read whole, the
+    connection goes back to the pool; cut short, it is closed with the rest unread."""
+    chunks: list[bytes] = []
+    size = 0
+    with response:
+        for chunk in response.iter_content(64 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    return b"".join(chunks)[:limit]
+
+
+def _without_query(url: str) -> str:
+    """A URL the server named, without what may carry a secret: its query (a redirect's
+    `Location` repeats the request's, `wskey` included), user and password."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
 
 
 def _failure(
@@ -577,15 +551,17 @@ def _reason(error: requests.exceptions.RequestException) -> str:
     return type(reason or error).__name__
 
 
-def error_message(response: requests.Response) -> str:
-    """The server's own words: `error` of `{"success": false, "error": ...}`, with its report.
+def error_message(response: requests.Response, body: bytes) -> str:
+    """The server's own words (`body`, the answer read): `error` of `{"success": false,
+    "error": ...}`, with its report.
 
     Printable: control characters (a terminal's escape sequences) are escaped.
     """
     try:
-        document = response.json()
+        document = json.loads(body)
     except ValueError:
-        return printable((response.text or response.reason or "").strip()[:MESSAGE_CHARS])
+        text = body[: MESSAGE_CHARS * 4].decode(response.encoding or "utf-8", errors="replace")
+        return printable((text or response.reason or "").strip()[:MESSAGE_CHARS])
     if not isinstance(document, dict):
         return printable(str(document)[:MESSAGE_CHARS])
     message = str(document.get("error") or document.get("message") or response.reason or "")
