@@ -15,7 +15,9 @@ by `target_record_id`. Faults on demand: a write lock (423, Europeana's
 message, `Retry-After`) every `lock_every`-th write, an answer lost (the write
 carried out, then 502) every `lose_answer_every`-th, and `hold_after`,
 which applies the n-th write and then keeps its answer back until `release()`,
-so a test can kill a client whose request the server already carried out.
+so a test can kill a client whose request the server already carried out
+(`hold_path`: the same for every write to that path, `/annotation/` the single
+create).
 
 Hostile modes, for a client that must survive a server that answers badly:
 `answer_id` rewrites the id of every annotation a write answers with (what
@@ -65,6 +67,7 @@ class AnnotationsServer:
     # Every n-th write is carried out and then answered 502, as if a gateway lost the answer.
     lose_answer_every: int = 0
     hold_after: int | None = None
+    hold_path: str | None = None
     # Targets the server refuses though they look valid locally (its own validation).
     refuse_targets: set[str] = field(default_factory=set)
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -107,7 +110,7 @@ class AnnotationsServer:
 
     def release(self) -> None:
         """Let held answers go, and hold no more."""
-        self.hold_after = None
+        self.hold_after = self.hold_path = None
         self._release.set()
 
     def active(self) -> list[dict[str, Any]]:
@@ -213,7 +216,9 @@ class AnnotationsServer:
                 return 502, {"success": False, "error": "Bad Gateway"}, {}
             if write and answer[0] < 300:
                 self._applied += 1
-                hold = self.hold_after is not None and self._applied > self.hold_after
+                hold = path == self.hold_path or (
+                    self.hold_after is not None and self._applied > self.hold_after
+                )
             else:
                 hold = False
         if hold:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -137,9 +138,11 @@ def test_a_duplicate_message_without_ids_is_refused_for_its_item(
     report = publish(db, server)
     assert report.rejected == 1
     assert any("no usable id of the duplicate" in problem for problem in report.problems)
-    # A refused update keeps its row as it was, with the server's words, to be tried again.
+    # The annotation is gone and creating it again was refused: the row is a refused
+    # create, with the server's words, created again next time (the gone id names nothing).
     row = ledger(db)[(record_id, concept)]
-    assert row.annotation_id == gone and "no usable id" in row.last_error
+    assert (row.state, row.annotation_id) == (PublicationState.REJECTED, None)
+    assert "no usable id" in row.last_error
 
 
 def test_an_endless_search_stops_after_its_page_bound(
@@ -523,3 +526,143 @@ def test_ctrl_c_ends_a_publish_at_once_and_the_next_settles_what_was_in_flight(
     assert held(server) == wanted(catalogue)
     assert_ledger_matches_server(db, server)
     assert {row.state for row in ledger(db).values()} == {PublicationState.PUBLISHED}
+
+
+def tag(record_id: str, concept: str) -> dict[str, Any]:
+    return {
+        "type": "Annotation",
+        "motivation": "tagging",
+        "body": concept,
+        "target": item_uri(record_id),
+    }
+
+
+def holders(server: AnnotationsServer, record_id: str, concept: str) -> list[tuple[str, str]]:
+    """(id, creator) of the server's active annotations that are this tag."""
+    return [
+        (a["id"], a["creator"]["id"].rsplit("/", 1)[-1])
+        for a in server.active()
+        if a["target"] == item_uri(record_id) and a["body"] == concept
+    ]
+
+
+def lost_create(db: Database, server: AnnotationsServer, record_id: str, concept: str) -> None:
+    """The ledger as a publish killed after the server carried out this label's create."""
+    key = next(k for k, uri in VOCABULARY.items() if uri == concept)
+    intent = CreateIntent(None, record_id, key, concept, OLD, "0" * 64)
+    record_intents(db, server.url, [intent])
+
+
+def test_before_its_account_is_known_a_publish_adopts_no_other_accounts_annotation(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """The first publish ever was killed after its first create was carried out; another
+    account holds the same tag. The next publish must not adopt the other account's
+    annotation (leaving its own on the server, in no ledger) while it cannot tell whose is
+    whose: it settles the row once its own creates have said which account it is."""
+    catalogue = catalogue_of(db)
+    record_id, concept = sorted(wanted(catalogue))[0]
+    theirs = server.add(tag(record_id, concept), "someone-else")
+    ours = server.add(tag(record_id, concept), "publisher")
+    lost_create(db, server, record_id, concept)
+
+    report = publish(db, server)
+    row = ledger(db)[record_id, concept]
+    assert (row.annotation_id, row.state, row.adopted) == (ours, PublicationState.PUBLISHED, True)
+    assert report.adopted == 1 and report.created == len(wanted(catalogue)) - 1
+    assert sorted(holders(server, record_id, concept)) == sorted(
+        [(theirs, "someone-else"), (ours, "publisher")]
+    )
+    withdrawn = publish(db, server, withdraw_all=True)
+    assert withdrawn.withdrawn == len(wanted(catalogue))
+    assert [a["id"] for a in server.active()] == [theirs]
+
+
+def test_a_lost_create_whose_tag_several_accounts_hold_waits_while_the_account_is_unsure(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """A new token's publish was killed after one create was carried out, and another
+    account holds the same tag too. With nothing else to create, nothing says which
+    account the new token is: the row is left as it is, and said so, rather than adopting
+    either annotation or creating a third."""
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    record_id, concept = sorted(wanted(catalogue))[0]
+    row = ledger(db)[record_id, concept]
+    server.deleted.add(int(row.annotation_id.rsplit("/", 1)[1]))  # gone, and its row
+    with db.transaction() as session:
+        session.execute(sa.delete(Publication).where(Publication.id == row.id))
+    server.tokens["new-token"] = "new-account"
+    server.add(tag(record_id, concept), "someone-else")
+    server.add(tag(record_id, concept), "new-account")
+    lost_create(db, server, record_id, concept)
+    before = server.active()
+
+    api = AnnotationsAPI(server.url, "new-token", backoff=0.01)
+    report = Publisher(db, server.url, api, page_size=4).publish(ExportFilter())
+    api.close()
+    assert (report.created, report.adopted, report.forgotten) == (0, 0, 0)
+    assert sum("not known until the server has answered" in p for p in report.problems) == 2
+    assert ledger(db)[record_id, concept].state == PublicationState.CREATING
+    assert server.active() == before
+
+
+def test_a_publish_with_another_accounts_token_adopts_its_own_lost_create(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """The ledger's last answered create is the old token's account; the new token's publish
+    was killed after a create was carried out. Its annotation is the only one of the tag:
+    adopted, not forgotten and created a second time."""
+    catalogue = catalogue_of(db)
+    publish(db, server, datasets=("1001",))
+    server.tokens["new-token"] = "new-account"
+    record_id, concept = sorted(wanted(catalogue, datasets=("1002",)))[0]
+    ours = server.add(tag(record_id, concept), "new-account")
+    lost_create(db, server, record_id, concept)
+
+    api = AnnotationsAPI(server.url, "new-token", backoff=0.01)
+    report = Publisher(db, server.url, api, page_size=4).publish(ExportFilter(datasets=("1002",)))
+    api.close()
+    assert report.adopted == 1 and report.forgotten == 0
+    assert holders(server, record_id, concept) == [(ours, "new-account")]
+    assert ledger(db)[record_id, concept].annotation_id == ours
+
+
+def test_an_annotation_created_again_for_an_update_is_withdrawn_after_a_cut_off_publish(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """An update finds its annotation gone on the server and creates it again; the publish
+    is cut off (a Ctrl-C) before that create's answer. The row is a create's intent, so
+    `--withdraw` finds the new annotation by its tag and withdraws it, where the gone id
+    would have named nothing (and left the new one on the server, in no ledger)."""
+    catalogue = catalogue_of(db)
+    publish(db, server)
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6])
+    old = {(r, k) for r, _, k in catalogue.expected(version=OLD)}
+    new = {(r, k) for r, _, k in catalogue.expected(version=NEW)}
+    kept = sorted((r, VOCABULARY[k]) for r, k in old & new)[0]
+    gone = ledger(db)[kept].annotation_id
+    server.deleted.add(int(gone.rsplit("/", 1)[1]))  # withdrawn at Europeana by someone
+    server.hold_path = "/annotation/"  # the create again is carried out, its answer held
+
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    publisher = Publisher(db, server.url, api, page_size=4)
+    with ThreadPoolExecutor(1) as pool:
+        publishing = pool.submit(publisher.publish, ExportFilter())
+        deadline = time.monotonic() + 30
+        while server.held < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.held == 1
+        api.abort()  # what a Ctrl-C does
+        assert isinstance(publishing.exception(timeout=30), AnnotationsAPIError)
+    server.release()
+    api.close()
+    again = [annotation_id for annotation_id, _ in holders(server, *kept)]
+    assert len(again) == 1 and again != [gone]
+    assert ledger(db)[kept].state == PublicationState.CREATING
+
+    report = publish(db, server, withdraw_all=True)
+    assert report.adopted == 1
+    assert server.active() == []
+    assert {row.state for row in ledger(db).values()} == {PublicationState.WITHDRAWN}

@@ -48,16 +48,14 @@ holds ids a later publish or `--withdraw` can act on.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from enrichment.errors import InvalidValue
 from enrichment.model.compare import PrecisionGate
-from enrichment.publish.annotations import PROBLEMS_KEPT, PROFILES, CheckedAnnotations
+from enrichment.publish.annotations import PROFILES, CheckedAnnotations
 from enrichment.publish.annotations_api import (
     AnnotationsAPI,
     Duplicate,
@@ -67,7 +65,14 @@ from enrichment.publish.annotations_api import (
     Unusable,
 )
 from enrichment.publish.export import ExportFilter, check_filter, iter_label_rows
-from enrichment.publish.unsettled import publish_lock, resolve_unsettled
+from enrichment.publish.planned import (
+    PlannedWrite,
+    PublishReport,
+    UpdateOutcome,
+    Wanted,
+    content_sha256,
+)
+from enrichment.publish.unsettled import Account, publish_lock, resolve_unsettled
 from enrichment.store.database import Database
 from enrichment.store.ledger import PublicationState
 from enrichment.store.publications import (
@@ -87,96 +92,11 @@ from enrichment.store.publications import (
     record_outcomes,
 )
 from enrichment.store.relabel import finish_relabelling
-from enrichment.store.selection import LabelRow, count_left_out_by_reviews
+from enrichment.store.selection import count_left_out_by_reviews
 
 PAGE_SIZE = 100
 CONCURRENCY = 4
 S = PublicationState
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """A current label as the annotation that should be published for it."""
-
-    row: LabelRow
-    annotation: dict[str, Any]
-    sha256: str
-
-
-@dataclass
-class PublishReport:
-    """What a publish did (or, dry, would do)."""
-
-    dry_run: bool = False
-    created: int = 0
-    updated: int = 0
-    withdrawn: int = 0
-    unchanged: int = 0
-    # Unsettled rows (an interrupted publish, a lost answer): adopted (the server held
-    # them) or forgotten; a dry run only counts them.
-    unsettled: int = 0
-    adopted: int = 0
-    forgotten: int = 0
-    rejected: int = 0
-    not_owned: int = 0
-    invalid: int = 0
-    # Answers that could not be recorded: the rows stay intents (see the module's docstring).
-    unusable: int = 0
-    # Labels of the selection that the curators' decisions (`--reviewed`) leave out.
-    left_out_by_reviews: int = 0
-    # With a precision gate: the classes it refused, and the labels they held back.
-    refused_classes: list[dict[str, Any]] = field(default_factory=list)
-    held_back: int = 0
-    problems: list[str] = field(default_factory=list)
-    # A dry run's planned changes, when asked for: action, record, label, annotation id.
-    changes: list[dict[str, Any]] = field(default_factory=list)
-
-    def problem(self, text: str) -> None:
-        if len(self.problems) < PROBLEMS_KEPT:
-            self.problems.append(text)
-
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def content_sha256(annotation: dict[str, Any]) -> str:
-    """The annotation's content, canonically serialised and hashed."""
-    canonical = json.dumps(annotation, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass
-class _Op:
-    """One planned write: `create` (wanted, entry or None), `update` (both), `withdraw` (entry)."""
-
-    kind: str
-    wanted: Wanted | None
-    entry: LedgerEntry | None
-    row_id: int = 0
-
-    @property
-    def annotation_id(self) -> str:
-        assert self.entry is not None and self.entry.annotation_id is not None, "a held row"
-        return self.entry.annotation_id
-
-    @property
-    def annotation(self) -> dict[str, Any]:
-        assert self.wanted is not None, "only creates and updates carry an annotation"
-        return self.wanted.annotation
-
-    def change(self) -> dict[str, Any]:
-        """The planned change as a dry run lists it."""
-        about: LabelRow | LedgerEntry | None = self.wanted.row if self.wanted else self.entry
-        assert about is not None
-        held = self.entry.annotation_id if self.entry is not None else None
-        return {
-            "action": self.kind,
-            "record_id": about.record_id,
-            "label": about.label_key,
-            "concept": about.concept,
-            "model_version": about.model_version,
-            "annotation_id": held if self.kind != "create" else None,
-        }
 
 
 class Publisher:
@@ -199,7 +119,9 @@ class Publisher:
         self.concurrency = concurrency
         self.page_size = page_size
         self.report = PublishReport(dry_run=api is None)
+        # The ledger's last owner (`known_account`) until this publish's answers say.
         self.account = known_account(db, api_url)
+        self._account_sure = False
         self._unwritten: list[PublicationOutcome] = []
         # Ids the server gave this publish, and the row each went to: one id, one row.
         self._assigned: dict[str, int] = {}
@@ -249,12 +171,19 @@ class Publisher:
     def _resolve(self, pool: ThreadPoolExecutor) -> None:
         """Settle what an interrupted publish (or a lost answer) left (`publish.unsettled`)."""
         assert self.api is not None
-        resolved = resolve_unsettled(self.db, self.api, self.api_url, self.account, pool)
+        account = Account(self.account if self._account_sure else None, self.account)
+        resolved = resolve_unsettled(self.db, self.api, self.api_url, account, pool)
         self.report.adopted += resolved.adopted
         self.report.forgotten += resolved.forgotten
         self.report.withdrawn += resolved.withdrawn
+        if resolved.undecided:
+            self.report.problem(
+                f"{resolved.undecided} labels left unsettled: several accounts hold their tag, "
+                "and which is this publish's is not known until the server has answered one "
+                "of its creates; a publish that creates a label settles them"
+            )
 
-    def _count_dry(self, op: _Op) -> None:
+    def _count_dry(self, op: PlannedWrite) -> None:
         if op.kind == "create":
             self.report.created += 1
         elif op.kind == "update":
@@ -264,7 +193,7 @@ class Publisher:
 
     # -- planning ------------------------------------------------------------------------
 
-    def _plan(self, filters: ExportFilter, withdraw_all: bool) -> Iterator[_Op]:
+    def _plan(self, filters: ExportFilter, withdraw_all: bool) -> Iterator[PlannedWrite]:
         """Creates and updates while the selection streams by; then the withdrawals."""
         held = self._ledger(filters, withdraw_all)
         if not withdraw_all:
@@ -282,18 +211,18 @@ class Publisher:
             if self.gate is not None and self.gate.refuses_key(entry.label_key):
                 continue
             if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
-                yield _Op("withdraw", None, entry)
+                yield PlannedWrite("withdraw", None, entry)
         if self.gate is not None:
             self.report.refused_classes = [asdict(item) for item in self.gate.refused]
 
-    def _decide(self, wanted: Wanted, entry: LedgerEntry | None) -> _Op | None:
+    def _decide(self, wanted: Wanted, entry: LedgerEntry | None) -> PlannedWrite | None:
         if entry is None or entry.state in (S.WITHDRAWN, S.REJECTED):
-            return _Op("create", wanted, entry)
+            return PlannedWrite("create", wanted, entry)
         if entry.state == S.PUBLISHED and entry.content_sha256 == wanted.sha256:
             self.report.unchanged += 1
             return None
         if entry.state in (S.PUBLISHED, S.UPDATING) and self._may_change(entry):
-            return _Op("update", wanted, entry)
+            return PlannedWrite("update", wanted, entry)
         return None  # unsettled (a dry run) or not ours
 
     def _may_change(self, entry: LedgerEntry) -> bool:
@@ -326,10 +255,10 @@ class Publisher:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _execute(self, pool: ThreadPoolExecutor, ops: Iterable[_Op]) -> None:
+    def _execute(self, pool: ThreadPoolExecutor, ops: Iterable[PlannedWrite]) -> None:
         """Intents for a chunk committed, its requests run `concurrency` at a time, settled."""
         in_flight: set[Future] = set()
-        buffers: dict[str, list[_Op]] = {"create": [], "update": [], "withdraw": []}
+        buffers: dict[str, list[PlannedWrite]] = {"create": [], "update": [], "withdraw": []}
         tasks = {"create": self._create_page, "update": self._update_page}
 
         def drain(limit: int) -> None:
@@ -373,7 +302,7 @@ class Publisher:
         finally:
             self._write_settled()
 
-    def _intend(self, ops: list[_Op]) -> None:
+    def _intend(self, ops: list[PlannedWrite]) -> None:
         """Write the rows' intents and commit them before any request goes out."""
         intents: list[CreateIntent | ChangeIntent] = []
         for op in ops:
@@ -415,14 +344,15 @@ class Publisher:
     def _learn(self, stored: Stored) -> None:
         if stored.owner is not None:
             self.account = stored.owner
+            self._account_sure = True
 
-    def _create_page(self, ops: list[_Op]) -> Callable[[], None]:
+    def _create_page(self, ops: list[PlannedWrite]) -> Callable[[], None]:
         """Runs in a pool thread: post the page, split it where the server rejects it."""
         api = self.api
         assert api is not None
-        outcomes: list[tuple[_Op, Stored | Unusable | Rejected | Unsettled]] = []
+        outcomes: list[tuple[PlannedWrite, Stored | Unusable | Rejected | Unsettled]] = []
 
-        def post(part: list[_Op]) -> None:
+        def post(part: list[PlannedWrite]) -> None:
             try:
                 stored = api.create_page([op.annotation for op in part])
             except Rejected as error:
@@ -467,14 +397,14 @@ class Publisher:
 
         return settle
 
-    def _assign(self, op: _Op, stored: Stored) -> Stored | Unusable:
+    def _assign(self, op: PlannedWrite, stored: Stored) -> Stored | Unusable:
         """The id for this row, unless this publish already gave it to another row."""
         holder = self._assigned.setdefault(stored.id, op.row_id)
         if holder != op.row_id:
             return Unusable(f"the server answered the id {stored.id}, given to another label")
         return stored
 
-    def _unusable(self, op: _Op, error: Unusable) -> None:
+    def _unusable(self, op: PlannedWrite, error: Unusable) -> None:
         self.report.unusable += 1
         assert op.wanted is not None
         row = op.wanted.row
@@ -482,7 +412,7 @@ class Publisher:
             f"{row.record_id} ({row.label_key}): answer not recorded: {error.reason}"
         )
 
-    def _rejected(self, op: _Op, error: Rejected) -> None:
+    def _rejected(self, op: PlannedWrite, error: Rejected) -> None:
         self.report.rejected += 1
         assert op.wanted is not None
         row = op.wanted.row
@@ -490,7 +420,7 @@ class Publisher:
             f"{row.record_id} ({row.label_key}): refused by the server: {error.message}"
         )
 
-    def _update_page(self, ops: list[_Op]) -> Callable[[], None]:
+    def _update_page(self, ops: list[PlannedWrite]) -> Callable[[], None]:
         """Runs in a pool thread: a page of updates by id, split where the server rejects it.
 
         Updates cannot duplicate anything, so a page of them is retried like
@@ -499,9 +429,9 @@ class Publisher:
         """
         api = self.api
         assert api is not None
-        outcomes: list[tuple[_Op, Stored | Unusable | Rejected, bool]] = []
+        outcomes: list[UpdateOutcome] = []
 
-        def post(part: list[_Op]) -> None:
+        def post(part: list[PlannedWrite]) -> None:
             try:
                 stored = api.update_page([(op.annotation_id, op.annotation) for op in part])
             except Rejected as error:
@@ -515,21 +445,24 @@ class Publisher:
             except Unsettled:
                 outcomes.extend(self._update_one(op) for op in part)
                 return
-            outcomes.extend((op, one, False) for op, one in zip(part, stored, strict=True))
+            outcomes.extend(UpdateOutcome(op, one) for op, one in zip(part, stored, strict=True))
 
         post(ops)
 
         def settle() -> None:
             settled: list[PublicationOutcome] = []
-            for op, outcome, adopted in outcomes:
+            for op, outcome, adopted, created in outcomes:
                 if isinstance(outcome, Stored):
                     outcome = self._assign(op, outcome)
                 if isinstance(outcome, Unusable):
-                    self._unusable(op, outcome)  # stays `updating`: sent again next time
+                    # Stays `updating` (sent again next time), or `creating` (looked up).
+                    self._unusable(op, outcome)
                     continue
                 if isinstance(outcome, Rejected):
                     self._rejected(op, outcome)
-                    settled.append(Refused(op.row_id, outcome.message, kept=True))
+                    # A refused update leaves the annotation as it was; a refused create
+                    # of one gone, nothing (the label is created again next time).
+                    settled.append(Refused(op.row_id, outcome.message, kept=not created))
                     continue
                 if not adopted:
                     self._learn(outcome)
@@ -551,10 +484,12 @@ class Publisher:
 
         return settle
 
-    def _update_one(
-        self, op: _Op, refused: Rejected | None = None
-    ) -> tuple[_Op, Stored | Unusable | Rejected, bool]:
-        """PUT one update (unless the page already refused it); one gone is created again."""
+    def _update_one(self, op: PlannedWrite, refused: Rejected | None = None) -> UpdateOutcome:
+        """PUT one update (unless the page already refused it); one gone is created again.
+
+        Before that create goes out, its row becomes a create's intent, committed: killed
+        before the answer, the next publish (`--withdraw` too) looks the new annotation up
+        by its tag, as it does any create's, where the gone id would name nothing."""
         assert self.api is not None
         outcome: Stored | Unusable | Rejected | None = refused
         if outcome is None:
@@ -562,13 +497,24 @@ class Publisher:
                 outcome = self.api.update(op.annotation_id, op.annotation)
             except (Rejected, Unusable) as error:
                 outcome = error
-        if isinstance(outcome, Rejected) and outcome.status in (404, 410):
-            try:
-                created, adopted = self._create_one(op.annotation)
-            except (Rejected, Unusable) as error:
-                return op, error, False
-            return op, created, adopted
-        return op, outcome, False
+        if not (isinstance(outcome, Rejected) and outcome.status in (404, 410)):
+            return UpdateOutcome(op, outcome)
+        assert op.wanted is not None
+        row = op.wanted.row
+        intent = CreateIntent(
+            op.row_id,
+            row.record_id,
+            row.label_key,
+            row.concept,
+            row.model_version,
+            op.wanted.sha256,
+        )
+        record_intents(self.db, self.api_url, [intent])
+        try:
+            created, adopted = self._create_one(op.annotation)
+        except (Rejected, Unusable) as error:
+            return UpdateOutcome(op, error, created=True)
+        return UpdateOutcome(op, created, adopted, created=True)
 
     def _create_one(self, annotation: dict[str, Any]) -> tuple[Stored, bool]:
         """A duplicate-checked single create; the same annotation already there is adopted."""
@@ -579,7 +525,7 @@ class Publisher:
             existing = self.api.get(duplicate.ids[0])
             return self.api.stored(existing, duplicate.ids[0]), True
 
-    def _withdraw(self, op: _Op) -> Callable[[], None]:
+    def _withdraw(self, op: PlannedWrite) -> Callable[[], None]:
         assert self.api is not None
         self.api.withdraw(op.annotation_id)
 

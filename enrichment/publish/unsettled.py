@@ -5,11 +5,17 @@ carried out (the publish was killed, or the answer was lost):
 
 - `creating`: the record's annotations are looked up with the search endpoint
   (`target_record_id`). The one that is this tag (tagging, this concept, this
-  item) and is this account's (any account's while this one is not yet
-  known) is adopted: its id and owner go into the row. Found twice (which
-  only a misbehaving server could cause), this account's surplus is
-  withdrawn. Not found, the create never happened and the row is forgotten,
-  so the label is planned afresh.
+  item) and is this account's is adopted: its id and owner go into the row.
+  Found twice (which only a misbehaving server could cause), this account's
+  surplus is withdrawn. Not found, the create never happened and the row is
+  forgotten, so the label is planned afresh. Which account is this one is only
+  sure once this publish's own creates have been answered (the token may have
+  changed since the ledger's last answer): before that, the tag held by one
+  account only is adopted whoever holds it (the same annotation: creating
+  another would duplicate it), and among several accounts the ledger's last
+  one's; with neither, the row is left for the closing resolve, when this
+  publish's account is known, rather than adopting another account's
+  annotation and leaving this one's behind.
 - `withdrawing`: DELETE again; it is idempotent (an annotation already gone
   counts as withdrawn). A row whose id is not an annotation id (which only an
   older version of this project could have recorded) names nothing that could
@@ -72,13 +78,27 @@ class Resolved:
     adopted: int = 0
     forgotten: int = 0
     withdrawn: int = 0
+    # Creates whose tag several accounts hold while this publish's account is not known.
+    undecided: int = 0
+
+
+@dataclass(frozen=True)
+class Account:
+    """Whose annotations this publish's are: `sure`, learned from this publish's own answers;
+    else `likely`, the owner of the ledger's last answered create (None: no create yet)."""
+
+    sure: str | None = None
+    likely: str | None = None
+
+
+UNDECIDED = "undecided"
 
 
 def resolve_unsettled(
     db: Database,
     api: AnnotationsAPI,
     api_url: str,
-    account: str | None,
+    account: Account,
     pool: ThreadPoolExecutor,
 ) -> Resolved:
     """Settle every `creating` and `withdrawing` row of this API, the lookups in `pool`.
@@ -92,6 +112,8 @@ def resolve_unsettled(
         if outcome is None:
             resolved.forgotten += 1
             forget_intent(db, intent.id)
+        elif outcome == UNDECIDED:
+            resolved.undecided += 1
         elif outcome == "withdrawn":
             resolved.withdrawn += 1
             record_outcomes(db, [Withdrawn(intent.id)])
@@ -102,9 +124,10 @@ def resolve_unsettled(
 
 
 def _resolve(
-    api: AnnotationsAPI, intent: UnsettledIntent, account: str | None
+    api: AnnotationsAPI, intent: UnsettledIntent, account: Account
 ) -> tuple[UnsettledIntent, Stored | str | None]:
-    """Runs in a pool thread: the row and what the server holds for it (None: nothing)."""
+    """Runs in a pool thread: the row and what the server holds for it (None: nothing;
+    `UNDECIDED`: left for when this publish's account is known)."""
     if intent.state == S.WITHDRAWING:
         if api.is_annotation_id(intent.annotation_id):
             assert intent.annotation_id is not None
@@ -116,11 +139,17 @@ def _resolve(
             annotation
             for annotation in api.search_record(intent.record_id)
             if same_tag(annotation, intent.concept, intent.item_uri)
-            and (account is None or agent_id(annotation.get("creator")) == account)
         ),
         key=lambda annotation: str(annotation["id"]),
     )
-    if account is not None:  # then every one found is this account's own
+    creators = {agent_id(annotation.get("creator")) for annotation in found}
+    owner = account.sure
+    if owner is None and account.likely in creators:
+        owner = account.likely
+    elif owner is None and len(creators) > 1:
+        return intent, UNDECIDED
+    if owner is not None:  # then every one kept is this account's own
+        found = [a for a in found if agent_id(a.get("creator")) == owner]
         for surplus in found[1:]:
             api.withdraw(str(surplus["id"]))
     return intent, api.stored(found[0]) if found else None
