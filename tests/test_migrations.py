@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +87,17 @@ def test_embedded_sqlite_is_migrated_on_first_use(tmp_path: Path) -> None:
     assert table_names(db) == TABLES
 
 
+RUN_OF_M1 = sa.text(
+    "INSERT INTO runs (id, kind, scope, model_version, status, queue, records_seen, "
+    "records_enqueued, batches_total, created_at) "
+    "VALUES (1, 'search', '{}', 'm@1', 'completed', 'q', 0, 0, 0, '2026-12-06')"
+)
+
+
 def test_a_models_classes_keep_their_rows_across_the_rename(database_url: str) -> None:
-    """0008 renames `models.labels` to `models.classes`, up and down, with rows in it."""
+    """0008 renames `models.labels` to `models.classes`, up and down, with rows in it and a
+    run that refers to it (SQLite copies the table to change it: with foreign keys enforced,
+    dropping the old copy failed, and left the new one behind to fail every later try)."""
     db = Database(database_url)
     db.upgrade("0007")
     classes = [{"key": "map", "label": "Map", "concept": "http://example.org/map"}]
@@ -96,6 +107,7 @@ def test_a_models_classes_keep_their_rows_across_the_rename(database_url: str) -
     )
     with db.engine.begin() as connection:
         connection.execute(insert, {"classes": json.dumps(classes)})
+        connection.execute(RUN_OF_M1)
     db.upgrade()
     with db.engine.connect() as connection:
         stored = connection.execute(sa.text("SELECT classes FROM models")).scalar_one()
@@ -104,6 +116,34 @@ def test_a_models_classes_keep_their_rows_across_the_rename(database_url: str) -
     with db.engine.connect() as connection:
         stored = connection.execute(sa.text("SELECT labels FROM models")).scalar_one()
     assert (json.loads(stored) if isinstance(stored, str) else stored) == classes
+    db.dispose()
+
+
+def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None:
+    """A run that refers to no model (foreign keys were off when it was written): the
+    upgrade, made with them off, finds the broken reference at its end and is rolled
+    back whole: its revision, and no table half-made."""
+    url = f"sqlite:///{tmp_path}/broken.sqlite3"
+    db = Database(url)
+    db.upgrade("0007")
+    db.dispose()
+    with closing(sqlite3.connect(tmp_path / "broken.sqlite3")) as raw:
+        raw.execute(RUN_OF_M1.text)  # foreign keys are off by default in sqlite3
+        raw.commit()
+    before = table_names(db)
+    with pytest.raises(DatabaseError, match=r"1 rows would refer to rows that do not exist"):
+        db.upgrade()
+    assert db.current_revision() == "0007" and table_names(db) == before
+    db.dispose()
+
+
+def test_an_unknown_revision_is_named_with_this_versions_newest(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path}/fresh.sqlite3")
+    db.upgrade()
+    head = db.current_revision()
+    for move in (db.upgrade, db.downgrade):
+        with pytest.raises(DatabaseError, match=f"'0099'.*newest is {head}"):
+            move("0099")
     db.dispose()
 
 

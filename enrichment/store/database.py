@@ -24,6 +24,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -314,12 +315,22 @@ class Database:
         at head (it reads the revision after the lock) and has nothing to do.
         """
         try:
+            if self.engine.dialect.name == "sqlite":
+                with _sqlite_migration(self.engine) as connection:
+                    step(alembic_config(connection), revision)
+                    _check_foreign_keys(connection, self.url)
+                return
             with self.engine.begin() as connection:
                 if connection.dialect.name == "postgresql":
                     connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
                 step(alembic_config(connection), revision)
         except sa.exc.DBAPIError as error:
             raise database_failure(self.url, error, "cannot migrate") from None
+        except CommandError as error:  # an unknown revision, say
+            raise DatabaseError(
+                f"cannot migrate database {redact_url(self.url)}: {error} "
+                f"(this version's newest is {_scripts().get_current_head()})"
+            ) from None
 
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:
@@ -372,6 +383,45 @@ class Database:
 @cache
 def _scripts() -> ScriptDirectory:
     return ScriptDirectory.from_config(alembic_config())
+
+
+@contextmanager
+def _sqlite_migration(engine: Engine) -> Iterator[sa.Connection]:
+    """A connection that migrates SQLite in one transaction, foreign keys unenforced.
+
+    SQLite changes a table by copying it, dropping the old and renaming the copy (Alembic's
+    batch mode): with foreign keys on, dropping `models` fails as soon as a run refers to
+    it. They cannot be switched off inside a transaction, and the driver begins none
+    before DDL, so a failed step left its half-made copy behind and every later try failed
+    on it. Here the transaction is begun by hand, and the connection is dropped afterwards
+    rather than given back to the pool with these settings.
+    """
+    connection = engine.connect()
+    try:
+        connection.connection.driver_connection.isolation_level = None  # type: ignore[union-attr]
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+    finally:
+        connection.invalidate()
+        connection.close()
+
+
+def _check_foreign_keys(connection: sa.Connection, url: str) -> None:
+    """After a migration with foreign keys off: every reference still holds, or nothing is
+    committed."""
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    if broken:
+        tables = sorted({f"{table} -> {parent}" for table, _, parent, _ in broken})
+        raise DatabaseError(
+            f"cannot migrate database {redact_url(url)}: {len(broken)} rows would refer to "
+            f"rows that do not exist ({', '.join(tables)}); nothing was changed"
+        )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
