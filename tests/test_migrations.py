@@ -137,6 +137,18 @@ def test_a_failed_sqlite_migration_changes_nothing(tmp_path: Path) -> None:
     db.dispose()
 
 
+def test_a_half_made_copy_an_older_version_left_is_dropped(tmp_path: Path) -> None:
+    """Before migrations were one transaction on SQLite, a step that failed left Alembic's
+    copy of the table it was changing, and every later try failed on it."""
+    db = Database(f"sqlite:///{tmp_path}/stuck.sqlite3")
+    db.upgrade("0007")
+    with db.engine.begin() as connection:
+        connection.execute(sa.text("CREATE TABLE _alembic_tmp_models (version VARCHAR(120))"))
+    db.upgrade()
+    assert table_names(db) == TABLES
+    db.dispose()
+
+
 def test_an_unknown_revision_is_named_with_this_versions_newest(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/fresh.sqlite3")
     db.upgrade()

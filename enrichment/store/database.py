@@ -393,8 +393,9 @@ def _sqlite_migration(engine: Engine) -> Iterator[sa.Connection]:
     batch mode): with foreign keys on, dropping `models` fails as soon as a run refers to
     it. They cannot be switched off inside a transaction, and the driver begins none
     before DDL, so a failed step left its half-made copy behind and every later try failed
-    on it. Here the transaction is begun by hand, and the connection is dropped afterwards
-    rather than given back to the pool with these settings.
+    on it (such a copy is dropped here: the table it copied is still there). Here the
+    transaction is begun by hand, and the connection is dropped afterwards rather than
+    given back to the pool with these settings.
     """
     connection = engine.connect()
     try:
@@ -402,6 +403,10 @@ def _sqlite_migration(engine: Engine) -> Iterator[sa.Connection]:
         connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         connection.exec_driver_sql("BEGIN IMMEDIATE")
         try:
+            # What a failed step of an earlier version of this left (we hold the lock).
+            for name in sa.inspect(connection).get_table_names():
+                if name.startswith("_alembic_tmp_"):
+                    sa.Table(name, sa.MetaData()).drop(connection)
             yield connection
         except BaseException:
             connection.rollback()
