@@ -63,6 +63,26 @@ def test_malformed_records_line_is_named_and_nothing_is_written(
     assert run_count(database) == 0
 
 
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--qf", "TYPE:IMAGE"], "--qf"),
+        (["--reusability", "open", "--media"], "--reusability, --media"),
+        (["--image-source", "auto"], "--image-source"),
+    ],
+)
+def test_search_api_filters_on_a_records_file_are_a_usage_error(
+    tmp_path: Path, options: list[str], named: str
+) -> None:
+    """Nothing of a records file is filtered by them: silently ignored, they would look
+    like a narrower run than the one made."""
+    records = tmp_path / "records.csv"
+    records.write_text("id,image_url\n/d/1,http://example.org/1.jpg\n")
+    result = CliRunner().invoke(cli, ["run", "--records", str(records), *options])
+    assert result.exit_code == 2
+    assert f"Error: {named}: for Search API scopes only" in result.output
+
+
 def test_csv_records_with_a_bad_id_name_the_line(tmp_path: Path, tiny_model: Path) -> None:
     records = tmp_path / "records.csv"
     records.write_text(

@@ -169,7 +169,7 @@ def test_bad_key_stops_the_run_before_anything_is_enqueued(
     assert "wrong" not in result.stderr
     assert scalar(database, "SELECT count(*) FROM batches") == 0
     assert scalar(database, "SELECT count(*) FROM records") == 0
-    assert scalar(database, "SELECT status FROM runs") == "failed"
+    assert scalar(database, "SELECT count(*) FROM runs") == 0  # refused before it began
 
 
 def test_bad_query_is_reported_with_the_apis_message(
@@ -195,8 +195,8 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     fill_collection(api, image_host, "4242", 230)
     database = f"sqlite:///{tmp_path}/db.sqlite3"
     env = env_for(api, database, tiny_model)
-    # Page 1 is served, then page 2 keeps failing (three attempts).
-    api.failures = {2: (failure,), 3: (failure,), 4: (failure,)}
+    # The dataset's count and page 1 are served, then page 2 keeps failing (three attempts).
+    api.failures = {3: (failure,), 4: (failure,), 5: (failure,)}
     # In this process (`enrich_here`): the subprocess's own exit is tested above.
     first = enrich_here("run", "--dataset", "4242", "--no-progress", env=env)
     assert first.returncode == 1
@@ -233,7 +233,8 @@ def test_incremental_runs_enqueue_only_what_changed(
     api.requests.clear()
     second = run_row(database, run_dataset(settings, "9100"))
     assert second["status"] == "completed" and second["records_enqueued"] == 0
-    assert any(qf.startswith("timestamp_update:[") for qf in api.requests[0]["qf"])
+    paged = [request for request in api.requests if request["rows"] != ["0"]]  # not counts
+    assert any(qf.startswith("timestamp_update:[") for qf in paged[0]["qf"])
 
     api.items[7]["timestamp_update"] = "2099-01-01T00:00:00.000Z"
     third = run_row(database, run_dataset(settings, "9100"))
@@ -316,11 +317,34 @@ def test_a_record_served_twice_and_a_repeated_dataset_are_enqueued_once(
     assert summary.outcomes.get("error", 0) == 0
     assert scalar(database, "SELECT count(*) FROM results WHERE status != 'error'") == 150
     assert len(json.loads(run_row(database, 1)["scope"])["queries"]) == 1
-    assert len(api.requests) == 2  # the dataset paged once, not twice
+    assert len(api.requests) == 3  # the dataset counted and paged once, not twice
     assert (
         scalar(database, "SELECT title FROM records WHERE id = '/6060/item_00007'")
         == "Object 7 of dataset 6060"
     )
+
+
+def test_a_dataset_the_search_api_holds_nothing_of_is_refused_before_its_run(
+    api: SearchAPI, tmp_path: Path, tiny_model: Path, image_host
+) -> None:
+    """A mistyped id, alone or beside a real one: one line naming it, exit 1, no run. A
+    dataset the run's filters leave empty is not refused (its records exist)."""
+    fill_collection(api, image_host, "2048128", 5)
+    database = f"sqlite:///{tmp_path}/db.sqlite3"
+    env = env_for(api, database, tiny_model)
+    for datasets in (["204812"], ["2048128", "204812"]):
+        options = [part for dataset in datasets for part in ("--dataset", dataset)]
+        refused = enrich("run", *options, "--no-progress", env=env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "Error: Invalid value for '--dataset': the Europeana Search API holds no record "
+            "of dataset 204812: check the id (a record's first part: 2048128 in "
+            "/2048128/object_1)"
+        )
+        assert scalar(database, "SELECT count(*) FROM runs") == 0
+    filtered = enrich("run", "--dataset", "2048128", "--qf", "COUNTRY:nowhere", "--json", env=env)
+    assert filtered.returncode == 0, filtered.stderr
+    assert json.loads(filtered.stdout)["records_seen"] == 0
 
 
 def test_a_cursor_that_never_moves_on_fails_the_run_with_a_clear_message(

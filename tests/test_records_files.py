@@ -106,6 +106,17 @@ def test_a_bom_in_json_lines_is_read_too(tmp_path: Path) -> None:
         ("records.jsonl", b"[1]\n", r"records\.jsonl:1: expected a JSON object per line"),
         ("records.jsonl", b"[" * 100000 + b"\n", r"records\.jsonl:1: not valid JSON"),
         (
+            "records.jsonl",
+            b'{"id": "/d/1", "image_url": "u"}\n{"id": "/d/2", "image_url": \n',
+            r"records\.jsonl:2: not valid JSON \(Expecting value at column 29\)$",
+        ),
+        (
+            "records.txt",
+            b"id,image_url\n/d/1,u\n",
+            r"records\.txt:1: not valid JSON \(Expecting value at column 1\); records\.txt was "
+            r"read as JSON Lines, as a file is unless its name ends in \.csv, \.jsonl or \.ndjson",
+        ),
+        (
             "records.csv",
             b'id,image_url,title\n/d/1,u,ok\n/d/2,u,"oops\n/d/3,u,ok\n/d/4,u,ok\n',
             r"records\.csv:3: not valid CSV: a quote opened on this line is never closed",

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from enrichment import bootstrap
 from enrichment.cli.base import (
@@ -108,6 +109,17 @@ def run(
     if sum(chosen) != 1:
         raise click.UsageError(SCOPE_HELP)
     if records_file is not None:
+        given = click.get_current_context().get_parameter_source
+        searching = [
+            f"--{name.replace('_', '-')}"
+            for name in ("qf", "reusability", "media", "thumbnail", "image_source")
+            if given(name) is not ParameterSource.DEFAULT
+        ]
+        if searching:
+            raise click.UsageError(
+                f"{', '.join(searching)}: for Search API scopes only; a records file is "
+                "read as it is, each record with its own image_url"
+            )
         scope = service.records_scope(records_file)
     else:
         queries = (

@@ -26,7 +26,13 @@ from enrichment.runs.schedule import (
     start_run,
 )
 from enrichment.sources import RecordsFileSource, Source, source_for_scope
-from enrichment.sources.europeana import IMAGE_SOURCES, SearchQuery
+from enrichment.sources.europeana import (
+    IMAGE_SOURCES,
+    SearchClient,
+    SearchQuery,
+    dataset_of,
+    dataset_query,
+)
 from enrichment.store.database import Database
 from enrichment.store.locks import execution_scope, scope_lock
 from enrichment.store.relabel import finish_relabelling
@@ -79,6 +85,27 @@ def check_scope(scope: dict[str, Any], settings: Settings) -> None:
     elif not settings.europeana_api_key:
         raise ConfigError(
             "EUROPEANA_API_KEY is not set: get a key at https://pro.europeana.eu/get-api"
+        )
+
+
+def check_datasets(scope: dict[str, Any], settings: Settings) -> None:
+    """Refuse a dataset the Search API holds no record of (a mistyped id), before the run
+    exists: its run would complete with nothing seen, and a nightly one would say so
+    every night with exit 0. Counted without the run's other filters, which may rightly
+    leave nothing, and whether or not an earlier run narrows this one to what changed."""
+    if scope["source"] != "europeana":
+        return
+    queries = [SearchQuery.from_json(query) for query in scope["queries"]]
+    datasets = [dataset for query in queries if (dataset := dataset_of(query))]
+    if not datasets:
+        return
+    client = SearchClient(settings)
+    missing = [dataset for dataset in datasets if client.count(dataset_query(dataset)) == 0]
+    if missing:
+        raise InvalidValue(
+            "datasets",
+            f"the Europeana Search API holds no record of dataset {', '.join(missing)}: "
+            "check the id (a record's first part: 2048128 in /2048128/object_1)",
         )
 
 
@@ -178,6 +205,7 @@ def _schedule(
     on_start: Callable[[int], None],
 ) -> RunProgress:
     with scope_lock(db, scope):
+        check_datasets(scope, settings)
         run_id = start_run(db, model, kind, scope, full)
         on_start(run_id)
         finish_relabelling(db, [model.version])  # what new thresholds left: before any batch

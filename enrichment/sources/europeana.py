@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -102,6 +103,9 @@ class SearchQuery:
         )
 
 
+_DATASET_QUERY = re.compile(r"edm_datasetName:([^_\s]+)_\*")
+
+
 def dataset_query(dataset: str) -> SearchQuery:
     """All records of one dataset: Europeana's dataset names are `ID_suffix`."""
     if not dataset.isalnum():
@@ -109,6 +113,12 @@ def dataset_query(dataset: str) -> SearchQuery:
             "datasets", f"dataset id {dataset!r} must be letters and digits, e.g. 2048128"
         )
     return SearchQuery(f"edm_datasetName:{dataset}_*")
+
+
+def dataset_of(query: SearchQuery) -> str | None:
+    """The dataset whose records the query is (`dataset_query`'s), if it is one."""
+    match = _DATASET_QUERY.fullmatch(query.query)
+    return match.group(1) if match else None
 
 
 def whole_collection_query() -> SearchQuery:
@@ -151,12 +161,17 @@ class SearchClient:
             f"{PROJECT_NAME}/{__version__} (+{self.settings.contact_url})"
         )
 
-    def page(self, query: SearchQuery, cursor: str) -> SearchPage:
+    def count(self, query: SearchQuery) -> int | None:
+        """How many records the query matches (None: the API did not say), from a page of
+        none."""
+        return self.page(query, "*", rows=0).total
+
+    def page(self, query: SearchQuery, cursor: str, rows: int = ROWS) -> SearchPage:
         """One page; raises SearchAPIError for refusals, SearchPageError when it keeps failing."""
         params: list[tuple[str, str]] = [
             ("wskey", self.settings.europeana_api_key or ""),
             ("query", query.query),
-            ("rows", str(ROWS)),
+            ("rows", str(rows)),
             ("profile", PROFILE),
             ("sort", SORT),
             ("cursor", cursor),

@@ -206,22 +206,31 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> Iterator[Row]:
+    first = True
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         try:
-            fields = json.loads(text, object_pairs_hook=_unique_keys)
+            # Without its line ending, so that an error's column is on this line.
+            fields = json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)
         except _RepeatedKey as repeated:
             raise error(
                 f"{path}:{number}: the key {repeated.key!r} is given twice: "
                 "one of its values would be silently ignored"
             ) from None
         except json.JSONDecodeError as failure:
+            hint = ""
+            if first and table_format(path) is None:
+                hint = (
+                    f"; {path.name} was read as JSON Lines, as a file is unless its name "
+                    "ends in .csv, .jsonl or .ndjson"
+                )
             raise error(
-                f"{path}:{number}: not valid JSON ({failure.msg} at column {failure.colno})"
+                f"{path}:{number}: not valid JSON ({failure.msg} at column {failure.colno}){hint}"
             ) from None
         except RecursionError:
             raise error(f"{path}:{number}: not valid JSON (nested too deeply)") from None
         if not isinstance(fields, dict):
             raise error(f"{path}:{number}: expected a JSON object per line")
+        first = False
         yield Row(number, fields)
