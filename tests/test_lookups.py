@@ -156,6 +156,58 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
     assert (done["status"], done["records_done"]) == ("completed", len(rows))
 
 
+def test_ctrl_c_on_a_run_names_it_and_how_to_go_on(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    """Ctrl-C: the run's id and the command that continues it, and 130 as a shell reports a
+    command Ctrl-C ended (click alone says "Aborted!" and exits 1). No progress bar either:
+    stderr is no terminal."""
+    rows = [
+        {"id": "/int/fast", "image_url": image_host.add("/int/fast.png", image_bytes((7, 7, 7)))}
+    ]
+    for n in range(3):
+        url = image_host.add(f"/int/slow{n}.png", image_bytes((0, n, 0)), delay=30)
+        rows.append({"id": f"/int/slow{n}", "image_url": url})
+    records = write_jsonl(tmp_path / "records.jsonl", rows)
+    database = f"sqlite:///{tmp_path}/int.sqlite3"
+    env = {
+        "DATABASE_URL": database,
+        "ENRICH_MODEL": str(tiny_model),
+        "ENRICH_FETCH_ALLOW": "127.0.0.1",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichment", "run", "--records", str(records), "--batch-size", "1"],
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    engine = sa.create_engine(database)
+
+    def first_result_stored() -> bool:
+        try:
+            with engine.connect() as connection:
+                return connection.execute(sa.text("SELECT count(*) FROM results")).scalar() > 0
+        except sa.exc.OperationalError:
+            return False
+
+    try:
+        wait_for(first_result_stored, 90, "the first batch")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        engine.dispose()
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == (
+        "run 1 interrupted: the records it finished are kept; continue it with "
+        "`enrich resume --run 1`"
+    )
+    assert "Traceback" not in stderr and "Aborted!" not in stderr
+    assert "classified" not in stderr  # the progress bar's
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_run_left_scheduling_is_interrupted_once_no_scheduler_holds_its_scope(
     tmp_path: Path, tiny_model: Path, dialect: str, request: pytest.FixtureRequest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from click.core import ParameterSource
@@ -33,6 +34,7 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
 # `enrich run` and `resume`: the run completed but not one record got a result, so a
 # cron job can tell (1 stays "the command could not run", 2 a usage error).
 EVERY_RECORD_FAILED = 3
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
 
 @click.command()
@@ -147,18 +149,25 @@ def run(
     )
     checked = service.check(request, config)
     db = open_db(create=True)
+    begun: list[int] = []
 
     def announce(run_id: int, version: str) -> None:
+        begun.append(run_id)
         if not as_json:
             click.echo(f"run {run_id} started for model {version}", err=True)
 
-    started = service.enrich(
-        db,
-        config,
-        checked,
-        lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
-        on_start=announce,
-    )
+    try:
+        started = service.enrich(
+            db,
+            config,
+            checked,
+            lambda: bootstrap.dispatcher(
+                config, model_dir, inference_batch, progress and not as_json
+            ),
+            on_start=announce,
+        )
+    except KeyboardInterrupt:
+        _interrupted(begun[0] if begun else None)
     report_run(db, started.run_id, as_json)
 
 
@@ -193,18 +202,37 @@ def resume(
     model_dir = model_dir or config.require_model_dir()
     runs_here = None if config.broker_url else service.model_identity(model_dir).version
     db = open_db()
-    service.resume(
-        db,
-        config,
-        chosen,
-        lambda: bootstrap.dispatcher(config, model_dir, inference_batch, progress and not as_json),
-        batch_size or config.batch_size,
-        move_to,
-        runs_here,
-    )
+    try:
+        service.resume(
+            db,
+            config,
+            chosen,
+            lambda: bootstrap.dispatcher(
+                config, model_dir, inference_batch, progress and not as_json
+            ),
+            batch_size or config.batch_size,
+            move_to,
+            runs_here,
+        )
+    except KeyboardInterrupt:
+        _interrupted(chosen)
     if move_to is not None and not as_json:
         click.echo(f"run {chosen} is for model {move_to.version}", err=True)
     report_run(db, chosen, as_json)
+
+
+def _interrupted(run_id: int | None) -> NoReturn:
+    """Ctrl-C: what became of the run and how to go on, and the exit status of a command a
+    signal ended (128 + SIGINT), where click would say only "Aborted!"."""
+    if run_id is None:
+        click.echo("interrupted before the run began: nothing was started", err=True)
+    else:
+        click.echo(
+            f"run {run_id} interrupted: the records it finished are kept; continue it with "
+            f"`enrich resume --run {run_id}`",
+            err=True,
+        )
+    raise SystemExit(INTERRUPTED_EXIT)
 
 
 def _summary(db: Database, run_id: int | None):

@@ -109,7 +109,10 @@ class InProcessDispatcher:
     def dispatch(self, db: Database, queue: str, batch_ids: list[int]) -> None:
         """Queue the batches for the stages and return; `queue` is the broker's concern."""
         if self.progress is None:
-            self.progress = tqdm(unit=" records", desc="classified", disable=not self.show_progress)
+            # On a terminal only (None): in a cron job's log its redraws are noise.
+            self.progress = tqdm(
+                unit=" records", desc="classified", disable=None if self.show_progress else True
+            )
         with self._idle:
             self._outstanding += len(batch_ids)
         for batch_id in batch_ids:
