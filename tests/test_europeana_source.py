@@ -201,6 +201,7 @@ def test_malformed_page_fails_cleanly_and_resume_completes(
     first = enrich_here("run", "--dataset", "4242", "--no-progress", env=env)
     assert first.returncode == 1
     assert "Europeana Search API page failed" in first.stderr
+    assert "; run 1 stopped there: continue it with `enrich resume --run 1`" in first.stderr
     run = run_row(database, 1)
     assert run["status"] == "failed"
     checkpoint = json.loads(run["checkpoint"])

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 from enrichment.model.spec import read_model_json
-from tests.conftest import VOCABULARY, enrich
+from tests.conftest import REPO, VOCABULARY, enrich
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
 
 
@@ -63,6 +70,39 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     assert_rows_match(stored_rows(database), expected, version)
 
 
+def enrich_on_a_terminal(
+    *args: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess, str]:
+    """`enrich` with its stderr on a pseudo-terminal, as a person at one sees it: the
+    command and what the terminal showed."""
+    controller, terminal = pty.openpty()
+    # A terminal's size, 24 rows of 120 columns: tqdm draws nothing at a width of 0.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "enrichment", *args],
+            env={**os.environ, **env},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the terminal's other end is closed and all was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return done, shown.decode()
+
+
 def test_a_run_in_which_every_record_failed_exits_3_and_the_bar_has_its_own_line(
     tmp_path: Path, image_host, tiny_model: Path
 ) -> None:
@@ -78,14 +118,18 @@ def test_a_run_in_which_every_record_failed_exits_3_and_the_bar_has_its_own_line
         "ENRICH_MODEL": str(tiny_model),
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
     }
-    run = enrich("run", "--records", str(records), env=env)
-    assert run.returncode == 3, run.stderr
+    run, stderr = enrich_on_a_terminal("run", "--records", str(records), env=env)
+    assert run.returncode == 3, stderr
     assert "run 1 completed" in run.stdout
-    lines = run.stderr.replace("\r", "\n").splitlines()
+    lines = stderr.replace("\r", "\n").splitlines()
     assert lines[0].startswith("run 1 started for model tiny@")
     bars = [line for line in lines if line.startswith("classified:")]
     assert bars and "4 records [" in bars[-1] and "record/s" not in bars[-1]
     assert "every record of run 1 failed: see `enrich results --run 1`" in lines
+    # Not on a terminal (a cron job's log): no bar.
+    logged = enrich("run", "--records", str(records), "--full", env=env)
+    assert logged.returncode == 3 and "classified:" not in logged.stderr
+    assert "every record of run 2 failed: see `enrich results --run 2`" in logged.stderr
 
     as_json = enrich("resume", "--run", "1", "--json", env=env)
     assert as_json.returncode == 3 and json.loads(as_json.stdout)["outcomes"] == {"error": 4}

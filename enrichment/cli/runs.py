@@ -105,7 +105,12 @@ def run(
     """
     from enrichment.runs import service
     from enrichment.runs.schedule import RunKind
-    from enrichment.sources.europeana import SearchQuery, dataset_query, whole_collection_query
+    from enrichment.sources.europeana import (
+        SearchPageError,
+        SearchQuery,
+        dataset_query,
+        whole_collection_query,
+    )
 
     chosen = [bool(records_file), bool(datasets), query is not None, everything]
     if sum(chosen) != 1:
@@ -168,6 +173,10 @@ def run(
         )
     except KeyboardInterrupt:
         _interrupted(begun[0] if begun else None)
+    except SearchPageError as error:
+        if not begun:
+            raise
+        raise _resumable(error, begun[0]) from None
     report_run(db, started.run_id, as_json)
 
 
@@ -194,6 +203,7 @@ def resume(
     without it a run keeps its version, and waits for workers that hold it.
     """
     from enrichment.runs import service
+    from enrichment.sources.europeana import SearchPageError
 
     chosen = chosen_run(run_id, run_alias, required=True)
     assert chosen is not None
@@ -216,9 +226,19 @@ def resume(
         )
     except KeyboardInterrupt:
         _interrupted(chosen)
+    except SearchPageError as error:
+        raise _resumable(error, chosen) from None
     if move_to is not None and not as_json:
         click.echo(f"run {chosen} is for model {move_to.version}", err=True)
     report_run(db, chosen, as_json)
+
+
+def _resumable(error: EnrichError, run_id: int) -> EnrichError:
+    """A Search API page that kept failing: the run stopped at the page before, and a
+    resume pages on from there once the API answers again."""
+    return EnrichError(
+        f"{error}; run {run_id} stopped there: continue it with `enrich resume --run {run_id}`"
+    )
 
 
 def _interrupted(run_id: int | None) -> NoReturn:
