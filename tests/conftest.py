@@ -3,11 +3,17 @@ image host, a tiny model in the real model-directory format, and CLI runners."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import pty
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -206,6 +212,36 @@ def enrich(
         text=True,
         timeout=timeout,
     )
+
+
+def pseudo_terminal() -> tuple[int, int]:
+    """(controller, terminal) of a pseudo-terminal of 24 rows of 120 columns, for a command
+    that behaves as it does for a person at one (tqdm draws nothing at a width of 0)."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    return controller, terminal
+
+
+def read_terminal(controller: int, until: bytes | None = None, timeout: float = 180) -> bytes:
+    """What the terminal showed: up to `until` (and what came with it), or all of it once
+    its other end is closed."""
+    shown = b""
+    deadline = time.monotonic() + timeout
+    while until is None or until not in shown:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the terminal did not show {until!r}; it showed {shown[-300:]!r}")
+        ready, _, _ = select.select([controller], [], [], left)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the other end is closed and all was read
+            break
+        if not chunk:
+            break
+        shown += chunk
+    return shown
 
 
 def enrich_here(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

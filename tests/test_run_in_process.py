@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
-import struct
 import subprocess
 import sys
-import termios
 from pathlib import Path
 
 from enrichment.model.spec import read_model_json
-from tests.conftest import REPO, VOCABULARY, enrich
+from tests.conftest import REPO, VOCABULARY, enrich, pseudo_terminal, read_terminal
 from tests.scenario import assert_rows_match, build_scenario, stored_rows
 
 
@@ -75,9 +71,7 @@ def enrich_on_a_terminal(
 ) -> tuple[subprocess.CompletedProcess, str]:
     """`enrich` with its stderr on a pseudo-terminal, as a person at one sees it: the
     command and what the terminal showed."""
-    controller, terminal = pty.openpty()
-    # A terminal's size, 24 rows of 120 columns: tqdm draws nothing at a width of 0.
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    controller, terminal = pseudo_terminal()
     try:
         done = subprocess.run(
             [sys.executable, "-m", "enrichment", *args],
@@ -90,15 +84,7 @@ def enrich_on_a_terminal(
         )
     finally:
         os.close(terminal)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:  # EIO: the terminal's other end is closed and all was read
-            break
-        if not chunk:
-            break
-        shown += chunk
+    shown = read_terminal(controller)
     os.close(controller)
     return done, shown.decode()
 

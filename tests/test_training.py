@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +46,7 @@ from enrichment.model.training import (
     starting_point,
     train,
 )
-from tests.conftest import enrich, enrich_here
+from tests.conftest import REPO, enrich, enrich_here, pseudo_terminal, read_terminal
 
 KEYS = ["red_background", "circle"]
 VOCABULARY = {
@@ -222,6 +226,42 @@ def test_early_stopping_keeps_the_best_epoch(trained: tuple[Path, dict]) -> None
     assert len(history) == training["epochs_run"] <= 8
     best = max(history, key=lambda row: (row["val_mAP"], -row["val_loss"]))
     assert training["best_epoch"] == best["epoch"]
+
+
+def test_ctrl_c_in_training_keeps_the_best_epoch_so_far(synthetic: Path, tmp_path: Path) -> None:
+    """An operator stops a long training with Ctrl-C (the terminal's SIGINT): the epochs
+    done are not lost, the best of them is the model, and the output says so."""
+    output = tmp_path / "stopped"
+    controller, terminal = pseudo_terminal()
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "enrichment", "model", "train",
+            "--data", str(synthetic / "train.csv"),
+            "--vocabulary", str(synthetic / "vocabulary.json"),
+            "--out", str(output),
+            *TRAIN_ARGS, "--epochs", "500", "--patience", "500",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )  # fmt: skip
+    os.close(terminal)
+    try:
+        read_terminal(controller, until=b"epoch 3/500")  # two epochs done
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+        shown = read_terminal(controller).decode()
+    finally:
+        process.kill()
+        os.close(controller)
+    assert process.returncode == 0, shown
+    training = read_model_json(output)[0].training
+    stopped = training["interrupted_in_epoch"]
+    assert stopped >= 3 and training["epochs_run"] == stopped - 1 == len(training["history"])
+    assert 1 <= training["best_epoch"] < stopped
+    assert f"training stopped by Ctrl-C in epoch {stopped}" in shown
+    assert "written to" in stdout and "Traceback" not in shown
 
 
 def test_training_and_inference_see_the_same_input(synthetic: Path, trained) -> None:

@@ -240,7 +240,9 @@ reusability_option = click.option(
     "or several comma-separated (e.g. open,permission).",
 )
 progress_option = click.option(
-    "--progress/--no-progress", default=True, help="Show a progress bar when running in-process, on a terminal."
+    "--progress/--no-progress",
+    default=True,
+    help="Show a progress bar when running in-process, on a terminal.",
 )
 
 

@@ -110,7 +110,9 @@ def harvest(
     def make() -> dict:
         from tqdm import tqdm
 
-        with tqdm(total=len(terms), desc="concepts", unit=" queries", disable=not show) as bar:
+        with tqdm(
+            total=len(terms), desc="concepts", unit=" queries", disable=None if show else True
+        ) as bar:
             collected = collect(client, terms, options, lambda key, found: bar.update())
         chosen = select(collected.candidates.values(), options.per_class, options.seed)
         return {

@@ -166,7 +166,8 @@ def train(
     Rows name an image (path relative to the file, or URL, fetched with the
     SSRF-safe fetcher) and its label keys; an object/record id column keeps
     each object's images on one side of the validation split. Training stops
-    early when validation mAP stops improving and keeps the best epoch.
+    early when validation mAP stops improving, or at Ctrl-C once an epoch is done, and
+    keeps the best epoch.
     It ends by choosing each class's threshold on the validation split by best
     F1, so the model is usable at once; `enrich model calibrate` on a separate
     set refines them. --pretrained
@@ -214,6 +215,7 @@ def train(
                 "skipped": [item.as_json() for item in result.skipped],
                 "validation": result.validation.as_json(),
                 "split_fallback": result.split_fallback,
+                "interrupted_in_epoch": result.interrupted_in,
                 "calibrated": result.calibrated.as_json(),
                 "thresholds": {item.key: item.as_json() for item in result.thresholds},
             }
@@ -223,6 +225,12 @@ def train(
         click.echo(f"skipped line {item.line}: {item.reason}: {item.message}", err=True)
     if result.split_fallback:
         click.echo(f"validation: {result.split_fallback}", err=True)
+    if result.interrupted_in is not None:
+        click.echo(
+            f"training stopped by Ctrl-C in epoch {result.interrupted_in}: the best epoch "
+            "before it is the model",
+            err=True,
+        )
     metrics = result.validation
     click.echo(
         f"{result.version} written to {out}: best epoch {result.best_epoch} of "
@@ -461,7 +469,12 @@ def retire(version: str, chunk: int, yes: bool) -> None:
             abort=True,
         )
     retirement = mark_retired(db, version)
-    with tqdm(total=retirement.remaining, desc=f"retiring {version}", unit=" results") as bar:
+    with tqdm(
+        total=retirement.remaining,
+        desc=f"retiring {version}",
+        unit=" results",
+        disable=None,  # on a terminal only
+    ) as bar:
         while removed := remove_some(db, version, chunk):
             bar.update(removed)
     click.echo(

@@ -238,7 +238,7 @@ def download_images(
         initial=len(records) - sum(map(len, todo.values())),
         desc="images",
         unit=" images",
-        disable=not progress,
+        disable=None if progress else True,  # None: on a terminal only
     ) as bar:
         try:
             while True:

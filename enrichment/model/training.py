@@ -107,6 +107,7 @@ class TrainingResult:
     thresholds: list[ClassThreshold]  # chosen on the validation split, by best F1
     calibrated: Metrics  # on the validation split at those thresholds
     split_fallback: str | None = None  # why validation was split by image, not by group
+    interrupted_in: int | None = None  # the epoch a Ctrl-C stopped (the best before is kept)
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ def train(
     )
     pos_weight = positive_weights(train_targets)
     started = time.monotonic()
-    best, history = _fit(
+    best, history, interrupted_in = _fit(
         network, train_loader, val_loader, val_targets, keys, pos_weight, options, device
     )
     seconds = time.monotonic() - started
@@ -364,6 +365,7 @@ def train(
             "epochs": options.epochs,
             "epochs_run": len(history),
             "best_epoch": best.epoch,
+            "interrupted_in_epoch": interrupted_in,
             "patience": options.patience,
             "train_batch": options.train_batch,
             "learning_rate": options.learning_rate,
@@ -391,7 +393,7 @@ def train(
     version = save_model_dir(out, spec, network.cpu())
     return TrainingResult(
         version, spec, best.epoch, len(history), best.metrics, seconds, split.skipped, chosen,
-        calibrated, split.fallback,
+        calibrated, split.fallback, interrupted_in,
     )  # fmt: skip
 
 
@@ -431,8 +433,10 @@ def _fit(
     pos_weight: np.ndarray,
     options: TrainingOptions,
     device: torch.device,
-) -> tuple[_Best, list[dict[str, Any]]]:
-    """Epochs until validation stops improving for `patience` epochs; the best one's state."""
+) -> tuple[_Best, list[dict[str, Any]], int | None]:
+    """Epochs until validation stops improving for `patience` epochs; the best one's state,
+    each epoch's figures, and the epoch a Ctrl-C stopped, if one did after an epoch was
+    done (before, it ends the training)."""
     loss_function = torch.nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weight).to(device))
     optimiser = torch.optim.AdamW(
         network.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
@@ -443,24 +447,39 @@ def _fit(
     best: _Best | None = None
     history: list[dict[str, Any]] = []
     for epoch in range(1, options.epochs + 1):
-        with tqdm(
-            total=len(train_loader),
-            desc=f"epoch {epoch}/{options.epochs}",
-            unit=" batches",
-            disable=not options.progress,
-            file=sys.stderr,
-        ) as bar:
-            loss = _train_one_epoch(
-                network, train_loader, loss_function, optimiser, scaler, device, bar
+        try:
+            with tqdm(
+                total=len(train_loader),
+                desc=f"epoch {epoch}/{options.epochs}",
+                unit=" batches",
+                disable=None if options.progress else True,  # None: on a terminal only
+                file=sys.stderr,
+            ) as bar:
+                loss = _train_one_epoch(
+                    network, train_loader, loss_function, optimiser, scaler, device, bar
+                )
+                schedule.step()
+                metrics, val_loss, scores = _validate(
+                    network, val_loader, val_targets, keys, pos_weight, device
+                )
+                mean_ap = metrics.mean_average_precision or 0.0
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", val_loss=f"{val_loss:.4f}", val_mAP=f"{mean_ap:.4f}"
+                )
+            # Better mAP wins; at equal mAP (it often reaches 1.0 on easy classes), lower loss.
+            rank = (mean_ap, -val_loss)
+            better = best is None or rank > best.rank
+            state = (
+                {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
+                if better
+                else None
             )
-            schedule.step()
-            metrics, val_loss, scores = _validate(
-                network, val_loader, val_targets, keys, pos_weight, device
-            )
-            mean_ap = metrics.mean_average_precision or 0.0
-            bar.set_postfix(
-                loss=f"{loss:.4f}", val_loss=f"{val_loss:.4f}", val_mAP=f"{mean_ap:.4f}"
-            )
+        except KeyboardInterrupt:
+            if best is None:
+                raise  # no epoch to keep
+            # The operator stops it: the best epoch so far is the model, as if validation
+            # had stopped improving. (Everything an epoch takes is above, in the `try`.)
+            return best, history, epoch
         history.append(
             {
                 "epoch": epoch,
@@ -469,15 +488,12 @@ def _fit(
                 "val_mAP": mean_ap,
             }
         )
-        # Better mAP wins; at equal mAP (it often reaches 1.0 on easy classes), lower loss.
-        rank = (mean_ap, -val_loss)
-        if best is None or rank > best.rank:
-            state = {name: t.detach().cpu().clone() for name, t in network.state_dict().items()}
+        if state is not None:
             best = _Best(rank, epoch, state, metrics, scores)
-        elif epoch - best.epoch >= options.patience:
+        elif best is not None and epoch - best.epoch >= options.patience:
             break
     assert best is not None
-    return best, history
+    return best, history, None
 
 
 def _train_one_epoch(
