@@ -249,3 +249,29 @@ def test_report_names_its_run_with_run_as_the_other_commands_do(tmp_path: Path) 
     both = CliRunner().invoke(cli, ["report", "--run", "7", "8", "--out", out], env=env)
     assert both.exit_code == 2
     assert "two runs given: --run 7 and 8" in both.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["review", "stats"],
+        ["review", "export", "--out", "reviewed.jsonl"],
+        ["review", "label-studio", "export", "--out", "tasks.json"],
+    ],
+)
+def test_a_review_command_refuses_a_dataset_no_record_belongs_to(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """As export and publish do: a mistyped dataset would read as "no decisions yet"."""
+    database = empty_database(tmp_path / "db.sqlite3")
+    out = tmp_path / "out"
+    out.mkdir()
+    command = [str(out / part) if part.endswith((".json", ".jsonl")) else part for part in command]
+    result = CliRunner().invoke(
+        cli, [*command, "--dataset", "nope"], env={"DATABASE_URL": database}
+    )
+    assert result.exit_code == 1, result.output
+    assert error_line(result) == (
+        "Error: Invalid value for '--dataset': no record belongs to dataset nope"
+    )
+    assert list(out.iterdir()) == []

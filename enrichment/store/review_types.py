@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.schema import Run
+from enrichment.store.schema import RecordRow, Run, of_datasets
 
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
@@ -197,7 +197,8 @@ def registered_models(db: Database) -> dict[str, ModelClasses]:
 
 
 def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClasses]:
-    """Refuse a filter naming an unknown run, model version or class; returns the models."""
+    """Refuse a filter naming an unknown run, model version, class or dataset; returns the
+    models."""
     filters.check()
     models = model_classes(session)
     if filters.model_version is not None and filters.model_version not in models:
@@ -218,6 +219,17 @@ def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClass
     if unknown:
         known = f"known: {', '.join(sorted(keys))}" if keys else "no model is registered yet"
         raise InvalidValue("classes", f"no model has the class {', '.join(unknown)} ({known})")
+    # As exports refuse one: a mistyped dataset would read as "no decisions yet".
+    missing = [
+        dataset
+        for dataset in sorted(set(filters.datasets))
+        if session.execute(
+            sa.select(RecordRow.id).where(of_datasets(RecordRow.id, [dataset])).limit(1)
+        ).first()
+        is None
+    ]
+    if missing:
+        raise InvalidValue("datasets", f"no record belongs to dataset {', '.join(missing)}")
     return models
 
 
