@@ -149,6 +149,24 @@ def test_a_half_made_copy_an_older_version_left_is_dropped(tmp_path: Path) -> No
     db.dispose()
 
 
+def test_an_in_memory_database_keeps_its_schema_and_its_foreign_keys() -> None:
+    """Its one connection is the database: the migration's settings are put back on it, not
+    the connection thrown away."""
+    db = Database("sqlite://")
+    db.upgrade()
+    assert table_names(db) == TABLES
+    with db.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"):
+            connection.execute(
+                sa.text(
+                    "INSERT INTO batches (id, run_id, seq, status, attempts, record_ids, "
+                    "updated_at) VALUES (1, 99, 0, 'pending', 0, '[]', '2026-12-07')"
+                )
+            )  # no run 99
+    db.dispose()
+
+
 def test_an_unknown_revision_is_named_with_this_versions_newest(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/fresh.sqlite3")
     db.upgrade()

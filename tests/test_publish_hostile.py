@@ -27,12 +27,15 @@ from click.testing import CliRunner
 from enrichment.cli import cli
 from enrichment.publish.annotations_api import (
     ANSWER_BYTES,
+    MESSAGE_CHARS,
     SEARCH_PAGES,
     AnnotationsAPI,
     AnnotationsAPIError,
     Rejected,
     Unsettled,
     Unusable,
+    _decoded,
+    _without_query,
 )
 from enrichment.publish.export import ExportFilter
 from enrichment.publish.sync import Publisher
@@ -246,6 +249,40 @@ def test_the_api_key_and_the_token_are_never_shown_though_the_server_repeats_the
     assert "(wskey=[redacted], Authorization: Bearer [redacted])" in refused.value.message
     for error in (redirected.value, refused.value):
         assert key not in str(error) and TOKEN not in str(error)
+
+
+def test_a_secret_the_message_cuts_in_two_is_still_not_shown(server: AnnotationsServer) -> None:
+    """Messages are cut at `MESSAGE_CHARS`: a token across the cut must be blanked first,
+    or its start would be shown."""
+    api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
+    with pytest.raises(Rejected) as plain:
+        api.get(ID_BASE + "999")
+    start = MESSAGE_CHARS - 4  # the token begins 4 characters before the cut
+    server.message_suffix = " " * (start - len(plain.value.message)) + TOKEN
+    with pytest.raises(Rejected) as cut:
+        api.get(ID_BASE + "999")
+    api.close()
+    assert cut.value.message.endswith("[red") and TOKEN[:4] not in cut.value.message
+
+
+@pytest.mark.parametrize(
+    ("location", "shown_as"),
+    [
+        ("http://h:99999/annotation?wskey=k", "http://h:99999/annotation"),
+        ("http://[::1]:8080/annotation/search?wskey=k#top", "http://[::1]:8080/annotation/search"),
+        ("https://user:secret@e.eu/annotation?wskey=k", "https://e.eu/annotation"),
+        ("/annotation/search?wskey=k", "/annotation/search"),
+        ("http://[::1/annotation?wskey=k", "an address that is not a URL"),
+    ],
+)
+def test_a_redirect_is_named_without_what_may_carry_a_secret(location: str, shown_as: str) -> None:
+    """Whatever the server puts in `Location` (a port no URL has, an IPv6 host, a user and
+    password), the message names it without query or credentials, and never fails on it."""
+    assert _without_query(location) == shown_as
+
+
+def test_a_charset_no_codec_has_reads_as_utf8() -> None:
+    assert _decoded("café".encode(), "no-such-charset") == "café"
 
 
 def test_an_endless_answer_is_read_up_to_its_cap_and_is_what_it_means_for_each_call(
@@ -605,6 +642,31 @@ def test_a_lost_create_whose_tag_several_accounts_hold_waits_while_the_account_i
     assert sum("not known until the server has answered" in p for p in report.problems) == 2
     assert ledger(db)[record_id, concept].state == PublicationState.CREATING
     assert server.active() == before
+
+
+def test_a_lost_create_is_never_settled_with_another_accounts_annotation(
+    db: Database, server: AnnotationsServer
+) -> None:
+    """The ledger knows this account; a create of it was lost, and only another account
+    holds the tag. Adopting that annotation would leave the label unpublished by this
+    account for good (its row `published`, not ours to change): the row is forgotten once
+    this publish's answers confirm the account, and the next publish creates the label."""
+    catalogue = catalogue_of(db)
+    publish(db, server, datasets=("1001",))
+    record_id, concept = sorted(wanted(catalogue, datasets=("1002",)))[0]
+    theirs = server.add(tag(record_id, concept), "someone-else")
+    lost_create(db, server, record_id, concept)
+
+    first = publish(db, server, datasets=("1002",))
+    assert (first.adopted, first.forgotten) == (0, 1)
+    assert holders(server, record_id, concept) == [(theirs, "someone-else")]
+    second = publish(db, server, datasets=("1002",))
+    assert second.created == 1
+    row = ledger(db)[record_id, concept]
+    assert row.owner.endswith("/publisher") and not row.adopted
+    assert sorted(holders(server, record_id, concept)) == sorted(
+        [(theirs, "someone-else"), (row.annotation_id, "publisher")]
+    )
 
 
 def test_a_publish_with_another_accounts_token_adopts_its_own_lost_create(

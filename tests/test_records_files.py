@@ -114,7 +114,7 @@ def test_a_bom_in_json_lines_is_read_too(tmp_path: Path) -> None:
             "records.txt",
             b"id,image_url\n/d/1,u\n",
             r"records\.txt:1: not valid JSON \(Expecting value at column 1\); records\.txt was "
-            r"read as JSON Lines, as a file is unless its name ends in \.csv, \.jsonl or \.ndjson",
+            r"read as JSON Lines because its name ends in neither \.csv nor \.jsonl",
         ),
         (
             "records.csv",

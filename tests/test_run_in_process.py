@@ -72,20 +72,22 @@ def enrich_on_a_terminal(
     """`enrich` with its stderr on a pseudo-terminal, as a person at one sees it: the
     command and what the terminal showed."""
     controller, terminal = pseudo_terminal()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "enrichment", *args],
-            env={**os.environ, **env},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=terminal,
-            text=True,
-            timeout=180,
-        )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichment", *args],
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+        text=True,
+    )
+    os.close(terminal)
+    try:  # read as it is written: a full terminal would hold the command up
+        shown = read_terminal(controller)
+        stdout, _ = process.communicate(timeout=180)
     finally:
-        os.close(terminal)
-    shown = read_terminal(controller)
-    os.close(controller)
+        process.kill()
+        os.close(controller)
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, None)
     return done, shown.decode()
 
 

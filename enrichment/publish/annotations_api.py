@@ -41,7 +41,7 @@ import re
 import threading
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -435,7 +435,7 @@ class AnnotationsAPI:
                     allow_redirects=False,
                     stream=True,  # read here, up to `ANSWER_BYTES`
                 )
-                body = _read_at_most(response, ANSWER_BYTES + 1)
+                answer = _read_at_most(response, ANSWER_BYTES + 1)
         except requests.exceptions.RequestException as error:
             late = None
             if self._closing.is_set():
@@ -443,14 +443,14 @@ class AnnotationsAPI:
             elif deadline.expired:
                 late = f"no whole answer within {deadline.seconds:g} s"
             raise _failure(where, error, unsettled, late) from None
-        return self._answer(where, method, response, body, unsettled, unread)
+        return self._answer(where, method, response, answer, unsettled, unread)
 
     def _answer(
         self,
         where: str,
         method: str,
         response: requests.Response,
-        body: bytes,
+        answer: bytes,
         unsettled: bool,
         unread: type[Exception] | None,
     ) -> dict[str, Any]:
@@ -466,15 +466,15 @@ class AnnotationsAPI:
         if 200 <= status < 300:
             if unread is None or status == 204:
                 return {}
-            if len(body) > ANSWER_BYTES:
+            if len(answer) > ANSWER_BYTES:
                 raise unread(f"{where}: {status} with an answer longer than {ANSWER_BYTES} bytes")
             try:
-                document = json.loads(body)
+                document = json.loads(answer)
             except ValueError:
                 # Carried out, but what was stored (its id) cannot be read.
                 raise unread(f"{where}: {status} without a JSON body") from None
             return document if isinstance(document, dict) else {}
-        message = self._redacted(error_message(response, body[:ANSWER_BYTES]))
+        message = error_message(response, answer[:ANSWER_BYTES], self._redacted)
         if status in (401, 403):
             raise AuthError(f"the Annotations API refused the token ({status}): {message}")
         if status in (400, 404, 409, 410, 422):
@@ -512,10 +512,11 @@ def _read_at_most(response: requests.Response, limit: int) -> bytes:
 def _without_query(url: str) -> str:
     """A URL the server named, without what may carry a secret: its query (a redirect's
     `Location` repeats the request's, `wskey` included), user and password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else parts.path
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL: nothing of it is shown
+        return "an address that is not a URL"
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl()
 
 
 def _failure(
@@ -551,21 +552,33 @@ def _reason(error: requests.exceptions.RequestException) -> str:
     return type(reason or error).__name__
 
 
-def error_message(response: requests.Response, body: bytes) -> str:
-    """The server's own words (`body`, the answer read): `error` of `{"success": false,
+def error_message(
+    response: requests.Response, answer: bytes, redacted: Callable[[str], str] = str
+) -> str:
+    """The server's own words (`answer`, its body as read): `error` of `{"success": false,
     "error": ...}`, with its report.
 
-    Printable: control characters (a terminal's escape sequences) are escaped.
+    `redacted` blanks secrets out of the whole text before it is cut short (a secret cut in
+    two would no longer be found). Printable: control characters (a terminal's escape
+    sequences) are escaped.
     """
     try:
-        document = json.loads(body)
+        document = json.loads(answer)
     except ValueError:
-        text = body[: MESSAGE_CHARS * 4].decode(response.encoding or "utf-8", errors="replace")
-        return printable((text or response.reason or "").strip()[:MESSAGE_CHARS])
+        text = _decoded(answer[: MESSAGE_CHARS * 16], response.encoding)
+        return printable(redacted((text or response.reason or "").strip())[:MESSAGE_CHARS])
     if not isinstance(document, dict):
-        return printable(str(document)[:MESSAGE_CHARS])
+        return printable(redacted(str(document))[:MESSAGE_CHARS])
     message = str(document.get("error") or document.get("message") or response.reason or "")
     report = document.get("operationReport")
     if report:
         message += " " + json.dumps(report, sort_keys=True)
-    return printable(message[:MESSAGE_CHARS])
+    return printable(redacted(message)[:MESSAGE_CHARS])
+
+
+def _decoded(data: bytes, encoding: str | None) -> str:
+    """Text in the charset the server named, UTF-8 where it named none or an unknown one."""
+    try:
+        return data.decode(encoding or "utf-8", errors="replace")
+    except LookupError:
+        return data.decode("utf-8", errors="replace")

@@ -480,7 +480,8 @@ class Publisher:
                         row.concept,
                     )
                 )
-            self._settled(settled)
+            # A created annotation's id at once, as every create's (its row is an intent).
+            self._settled(settled, now=any(one.created for one in outcomes))
 
         return settle
 

@@ -10,12 +10,14 @@ carried out (the publish was killed, or the answer was lost):
   surplus is withdrawn. Not found, the create never happened and the row is
   forgotten, so the label is planned afresh. Which account is this one is only
   sure once this publish's own creates have been answered (the token may have
-  changed since the ledger's last answer): before that, the tag held by one
-  account only is adopted whoever holds it (the same annotation: creating
-  another would duplicate it), and among several accounts the ledger's last
-  one's; with neither, the row is left for the closing resolve, when this
-  publish's account is known, rather than adopting another account's
-  annotation and leaving this one's behind.
+  changed since the ledger's last answer). Before that, the ledger's last
+  account (`known_account`) is taken for it where it holds the tag; where only
+  other accounts do, or (no ledger account yet: the first publish) several
+  do, the row is left for the closing resolve, when this publish's account is
+  known, rather than adopting another account's annotation and leaving this
+  one's behind, or forgetting this one's and creating it twice. With no
+  ledger account, a tag one account holds is adopted (the same annotation:
+  creating another would duplicate it).
 - `withdrawing`: DELETE again; it is idempotent (an annotation already gone
   counts as withdrawn). A row whose id is not an annotation id (which only an
   older version of this project could have recorded) names nothing that could
@@ -144,9 +146,11 @@ def _resolve(
     )
     creators = {agent_id(annotation.get("creator")) for annotation in found}
     owner = account.sure
-    if owner is None and account.likely in creators:
+    if owner is None and account.likely is not None and account.likely in creators:
         owner = account.likely
-    elif owner is None and len(creators) > 1:
+    elif owner is None and (account.likely is not None or len(creators) > 1) and found:
+        # Another account's only (the ledger's is not among them: the token changed, or
+        # the create never happened), or several and no ledger account.
         return intent, UNDECIDED
     if owner is not None:  # then every one kept is this account's own
         found = [a for a in found if agent_id(a.get("creator")) == owner]

@@ -222,8 +222,8 @@ def _jsonl_rows(path: Path, lines: Iterator[str], error: type[EnrichError]) -> I
             hint = ""
             if first and table_format(path) is None:
                 hint = (
-                    f"; {path.name} was read as JSON Lines, as a file is unless its name "
-                    "ends in .csv, .jsonl or .ndjson"
+                    f"; {path.name} was read as JSON Lines because its name ends in "
+                    "neither .csv nor .jsonl (or .ndjson)"
                 )
             raise error(
                 f"{path}:{number}: not valid JSON ({failure.msg} at column {failure.colno}){hint}"

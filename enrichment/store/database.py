@@ -394,12 +394,15 @@ def _sqlite_migration(engine: Engine) -> Iterator[sa.Connection]:
     it. They cannot be switched off inside a transaction, and the driver begins none
     before DDL, so a failed step left its half-made copy behind and every later try failed
     on it (such a copy is dropped here: the table it copied is still there). Here the
-    transaction is begun by hand, and the connection is dropped afterwards rather than
-    given back to the pool with these settings.
+    transaction is begun by hand, and the connection's settings are put back afterwards
+    (an in-memory database is its one connection).
     """
     connection = engine.connect()
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    previous = driver.isolation_level
     try:
-        connection.connection.driver_connection.isolation_level = None  # type: ignore[union-attr]
+        driver.isolation_level = None  # the driver's own BEGINs off: ours below
         connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
         connection.exec_driver_sql("BEGIN IMMEDIATE")
         try:
@@ -413,7 +416,12 @@ def _sqlite_migration(engine: Engine) -> Iterator[sa.Connection]:
             raise
         connection.commit()
     finally:
-        connection.invalidate()
+        try:  # back as every connection is (`_sqlite_pragmas`), for the pool
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+            driver.isolation_level = previous
+        except Exception:
+            connection.invalidate()  # not reusable as it is
         connection.close()
 
 
