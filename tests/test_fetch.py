@@ -408,6 +408,8 @@ def test_refused_connection_is_a_reason_not_an_exception(make_fetcher) -> None:
         port = closed.getsockname()[1]
     result = make_fetcher(fetch_timeout=0.3).fetch(f"http://127.0.0.1:{port}/x.png")
     assert result.error_reason == "connection_error"
+    # Its own words: not aiohttp's "... ssl:default [...]", which names TLS for plain http.
+    assert result.error_message == f"cannot connect to 127.0.0.1:{port}: Connection refused"
 
 
 def test_per_host_and_total_concurrency_caps(make_fetcher) -> None:

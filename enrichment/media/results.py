@@ -7,6 +7,7 @@ later run retries (`fetch.PASSING`), so one function names each, whatever raised
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -57,7 +58,15 @@ def classify(url: str, error: Exception, asked: str) -> FetchResult:
         )
     if isinstance(error, ValueError):  # aiohttp's and yarl's unparseable URLs, IDNA's
         return FetchResult.failed(url, "bad_url", short(error))
-    # Refused, reset, cut-off and garbled answers; whatever else aiohttp raised.
+    if isinstance(error, aiohttp.ClientConnectorError):  # refused, unreachable
+        # In its own words, not aiohttp's ("... ssl:default [Connect call failed ...]",
+        # which names TLS for a plain http URL).
+        cause = error.os_error
+        why = os.strerror(cause.errno) if cause.errno else cause.strerror or short(cause)
+        return FetchResult.failed(
+            url, "connection_error", f"cannot connect to {error.host}:{error.port}: {why}"
+        )
+    # Reset, cut-off and garbled answers; whatever else aiohttp raised.
     if isinstance(error, OSError | aiohttp.ClientError):
         return FetchResult.failed(url, "connection_error", short(error))
     return FetchResult.failed(url, "fetch_error", f"{type(error).__name__}: {short(error)}")
