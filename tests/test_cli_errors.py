@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -275,3 +277,18 @@ def test_a_review_command_refuses_a_dataset_no_record_belongs_to(
         "Error: Invalid value for '--dataset': no record belongs to dataset nope"
     )
     assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_under_standard_output_is_one_line(tiny_model: Path) -> None:
+    """Files name themselves when they cannot be written; standard output cannot."""
+    for args in (["model", "info", str(tiny_model)], ["--help"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [sys.executable, "-m", "enrichment", *args],
+                stdout=full,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        assert done.returncode == 1
+        assert done.stderr == "Error: cannot write the output: No space left on device\n"

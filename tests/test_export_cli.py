@@ -120,6 +120,8 @@ def test_export_filters_reexport_and_profiles_through_the_cli(
 
 def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
     env = {"DATABASE_URL": empty_database(tmp_path / "enrich.sqlite3")}
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes("{}".encode("utf-16"))
     cases = [
         (
             ("--split", "10"),
@@ -143,6 +145,11 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
         (
             ("--thresholds", str(tmp_path / "missing.json")),
             "Invalid value for '--thresholds': cannot read thresholds file",
+        ),
+        (
+            ("--thresholds", str(utf16)),
+            f"Invalid value for '--thresholds': thresholds file {utf16} is not UTF-8 text "
+            "(byte 0xff at offset 0): save it as UTF-8",
         ),
     ]
     for options, message in cases:

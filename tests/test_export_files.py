@@ -17,6 +17,7 @@ from enrichment.publish.annotations import (
     CheckedAnnotations,
     Profile,
     annotation_id,
+    iri_of,
     w3c_annotation,
     w3c_problems,
 )
@@ -148,6 +149,76 @@ def test_a_shorter_export_removes_the_pages_it_no_longer_has(catalogue, tmp_path
     export_text(db, ExportFilter(labels=("map",)), path=out, split=1000)
     assert [path.name for path in tmp_path.glob("labels-*")] == ["labels-00001.jsonld"]
     assert json.loads(out.read_text())["last"].endswith("#page-1")
+
+
+def test_only_the_pages_of_an_earlier_export_are_removed(catalogue, tmp_path) -> None:
+    """Files that merely fit the page names (a nightly archive by date, someone's file) are
+    not pages of an earlier export: they stay."""
+    db, _ = catalogue
+    out = tmp_path / "labels.jsonld"
+    export_text(db, path=out, split=3)
+    pages = sorted(path.name for path in tmp_path.glob("labels-*.jsonld"))
+    archive = tmp_path / "labels-20261201.jsonld"
+    archive.write_text('{"@context": "an archived export of 1 December"}')
+    after_a_gap = tmp_path / f"labels-{len(pages) + 2:05d}.jsonld"
+    after_a_gap.write_text('{"@context": "not numbered on from the export"}')
+    notes = tmp_path / "labels-00002.jsonld.notes"
+    notes.write_text("mine")
+    export_text(db, ExportFilter(labels=("map",)), path=out, split=1000)
+    left = sorted(path.name for path in tmp_path.glob("labels-*"))
+    assert left == sorted(["labels-00001.jsonld", archive.name, after_a_gap.name, notes.name])
+    mine = tmp_path / "labels-00002.jsonld"
+    mine.write_text("a spreadsheet's notes, not a page")  # numbered on, but no page
+    export_text(db, ExportFilter(labels=("map",)), path=out, split=1000)
+    assert mine.read_text() == "a spreadsheet's notes, not a page"
+
+
+def test_an_empty_split_export_into_a_new_folder(catalogue, tmp_path) -> None:
+    db, _ = catalogue
+    out = tmp_path / "new" / "labels.jsonl"  # JSON Lines: no collection file to make it
+    export_text(db, ExportFilter(since=datetime(2999, 1, 1)), path=out, split=5, format="jsonl")
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_the_database_being_exported_is_never_the_output(catalogue, tmp_path) -> None:
+    db, _ = catalogue
+    database = tmp_path / "export.sqlite3"
+    before = database.read_bytes()
+    for out in (database, tmp_path / "export.sqlite3-wal"):
+        with pytest.raises(EnrichError, match="is the database being exported from"):
+            export_text(db, path=out)
+    assert database.read_bytes() == before
+
+
+def test_a_second_export_to_the_same_file_at_once_is_refused(catalogue, tmp_path) -> None:
+    """Both would write into one temporary file (or one rename it away under the other):
+    a corrupt file, and one of them saying it succeeded."""
+    db, _ = catalogue
+    out = tmp_path / "labels.jsonl"
+    with AtomicFiles() as first, first.create(out) as handle:
+        handle.write("the first export's line\n")
+        with pytest.raises(EnrichError, match=f"another export is writing {out} right now"):
+            export_text(db, path=out, format="jsonl")
+    assert out.read_text() == "the first export's line\n"
+    export_text(db, path=out, format="jsonl")  # once the first is done
+    assert len(out.read_text().splitlines()) == len(annotations_in(export_text(db)))
+
+
+def test_an_image_url_with_spaces_is_a_target_source_iri_not_a_skipped_label() -> None:
+    """Providers' image URLs hold spaces and worse; percent-encoded they are the same
+    resource, and valid IRIs. Bidirectional controls cannot hide in one either."""
+    spaced = row("/1/a")._replace(image_url="https://images.example.org/a b.jpg?q=1 2")
+    hidden = row("/1/b")._replace(image_url="https://images.example.org/\u202egpj.exe")
+    w3c = CheckedAnnotations(PROFILES["w3c"])
+    sources = [annotation["target"]["source"] for annotation in w3c.build([spaced, hidden])]
+    assert sources == [
+        "https://images.example.org/a%20b.jpg?q=1%202",
+        "https://images.example.org/%E2%80%AEgpj.exe",
+    ]
+    assert w3c.skipped == 0
+    assert iri_of("https://images.example.org/caf\u00e9.jpg") == (
+        "https://images.example.org/caf\u00e9.jpg"
+    ), "letters an IRI holds stay as they are"
 
 
 def test_annotations_a_consumer_would_reject_are_skipped_and_reported() -> None:

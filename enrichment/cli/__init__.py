@@ -1,8 +1,13 @@
 """The `enrich` command line: one module per group of subcommands, each a thin layer
 over the library."""
 
+import os
+import sys
+
+import click
+
 from enrichment.cli import db, export, model, report, runs, worker
-from enrichment.cli.base import cli
+from enrichment.cli.base import OUTPUT_FULL, cli
 from enrichment.cli.harvest import harvest
 from enrichment.cli.publish import publish
 from enrichment.cli.review import review
@@ -23,4 +28,12 @@ cli.add_command(publish)
 
 
 def main() -> None:
-    cli(prog_name="enrich")
+    try:
+        cli(prog_name="enrich")
+    except OSError as error:
+        # A write that failed for want of room, naming no file (files name themselves:
+        # `Commands.invoke`): standard output, a help text or a JSON answer on a full disk.
+        if error.errno not in OUTPUT_FULL:
+            raise
+        click.echo(f"Error: cannot write the output: {os.strerror(error.errno)}", err=True)
+        sys.exit(1)

@@ -38,6 +38,8 @@ class RunId(click.ParamType):
 
 
 RUN_ID = RunId()
+# A write that failed for want of room (or a dying disk): no file named, so standard output.
+OUTPUT_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
 
 class FiniteFloat(click.ParamType):
@@ -112,7 +114,7 @@ class Commands(click.Group):
             raise click.ClickException(str(database_failure(url, error))) from None
         except OSError as error:
             if error.filename is None:
-                raise
+                raise  # standard output on a full disk, say (`cli.main`)
             raise click.ClickException(path_failure(error)) from None
 
     def _invalid_value(self, ctx: click.Context, error: InvalidValue) -> str:

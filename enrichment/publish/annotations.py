@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote
 
 from enrichment import PROJECT_NAME
 from enrichment.errors import EnrichError
@@ -57,6 +58,10 @@ PROBLEMS_KEPT = 10
 # An absolute IRI (RFC 3987): a scheme, a colon and no character that IRIs forbid.
 _ABSOLUTE_IRI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+")
 _HTTP_IRI = re.compile(r"https?://[^\s<>\"{}|\\^`/]+(/[^\s<>\"{}|\\^`]*)?")
+# What an IRI cannot hold as it is (RFC 3987): spaces and controls, the ASCII characters
+# above, and the bidirectional formatting characters; percent-encoded where an image URL
+# (a provider's edmIsShownBy, often with spaces) becomes a target's `source`.
+_NOT_IN_IRIS = re.compile(r'[\s<>"{}|\\^`\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]')
 
 
 def annotation_id(record_id: str, concept: str, model_version: str) -> str:
@@ -80,10 +85,18 @@ def _created(classified_at: datetime) -> str:
     return classified_at.replace(microsecond=0).isoformat() + "Z"
 
 
+def iri_of(url: str) -> str:
+    """`url` as an IRI: each character IRIs forbid percent-encoded (its UTF-8 bytes), the
+    rest as it is; the same resource for any client that fetches it."""
+    if _NOT_IN_IRIS.search(url) is None:
+        return url
+    return _NOT_IN_IRIS.sub(lambda found: quote(found.group(), safe=""), url)
+
+
 def w3c_annotation(row: LabelRow) -> dict[str, Any]:
     """The W3C profile, without `@context` (the page or line that holds it adds it)."""
     target: dict[str, Any] | str = (
-        {"source": row.image_url, "scope": row.item_uri} if row.image_url else row.item_uri
+        {"source": iri_of(row.image_url), "scope": row.item_uri} if row.image_url else row.item_uri
     )
     return {
         "id": annotation_id(row.record_id, row.concept, row.model_version),

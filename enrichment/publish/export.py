@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from enrichment.errors import InvalidValue
+from enrichment.files import output_target
 from enrichment.publish.annotations import ANNOTATION_ID_NAMESPACE, PROFILES, CheckedAnnotations
 from enrichment.publish.pages import AtomicFiles, Layout, write_document, write_split
 from enrichment.store.database import Database
@@ -139,6 +140,7 @@ def export(
 ) -> ExportReport:
     """Write the selected labels as annotations to `output.path`, or to `stream` without one."""
     output = check_output(output)
+    refuse_the_database(db, output.path)
     check_filter(db, filters)
     finish_relabelling(db)  # no label of a recalibrated version by its old thresholds
     checked = CheckedAnnotations(PROFILES[output.profile])
@@ -161,6 +163,18 @@ def export(
     else:
         files = write_split(annotations, output.path, output.split, layout)
     return ExportReport(checked.written, checked.skipped, checked.problems, files)
+
+
+def refuse_the_database(db: Database, path: Path | None) -> None:
+    """Refuse `--out` naming the SQLite database being read (or its journal): the export
+    would replace it with its own annotations, and every result with it."""
+    database = db.sqlite_file
+    if path is None or database is None:
+        return
+    target = output_target(path)[0].resolve()
+    files = [Path(f"{database}{suffix}").resolve() for suffix in ("", "-wal", "-shm", "-journal")]
+    if target in files:
+        raise ExportError("out", f"{path} is the database being exported from: choose another file")
 
 
 def check_output(output: Output) -> Output:
@@ -241,6 +255,12 @@ def read_thresholds(path: Path) -> dict[str, float]:
     except OSError as error:
         raise ExportError(
             "thresholds", f"cannot read thresholds file {path}: {error.strerror}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise ExportError(
+            "thresholds",
+            f"thresholds file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} "
+            f"at offset {error.start}): save it as UTF-8",
         ) from None
     except json.JSONDecodeError as error:
         raise ExportError(

@@ -22,8 +22,9 @@ when the whole export has succeeded.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import re
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from enrichment.files import output_target
 from enrichment.publish.annotations import Profile
 
 FORMATS = ("jsonld", "jsonl")
+PAGE_START = b'{"@context"'  # how every page file begins (`_open_page`, `_line`)
 
 
 def dumps(value: Any) -> str:
@@ -68,7 +70,8 @@ class AtomicFiles:
     Each regular file (or new path) is written as `NAME.partial` and renamed at
     the end, in the order they were created (pages before the collection that
     links them); if anything fails, the partial files are removed and earlier
-    exports stay. A path that is not a regular file is written through instead,
+    exports stay. A partial file is locked until renamed: a second export to the
+    same path meanwhile is refused. A path that is not a regular file is written through instead,
     since renaming over it would replace the node itself: a FIFO or a character
     device (`/dev/stdout`, a pipe's reader) gets the bytes as they come, and a
     symlink keeps pointing where it did while its target is replaced. Problems
@@ -78,6 +81,7 @@ class AtomicFiles:
     def __init__(self) -> None:
         self._pending: list[tuple[Path, Path]] = []
         self._finals: list[Path] = []
+        self._locks: list[int] = []
 
     @contextmanager
     def create(self, path: Path) -> Iterator[Writable]:
@@ -88,6 +92,7 @@ class AtomicFiles:
             if atomic:
                 target = final.with_name(final.name + ".partial")
                 final.parent.mkdir(parents=True, exist_ok=True)
+                self._locks.append(_lock_partial(target, path))
                 self._pending.append((target, final))
             handle = target.open("w", encoding="utf-8")
         except OSError as error:
@@ -107,17 +112,21 @@ class AtomicFiles:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        if kind is not None:
-            for partial, _final in self._pending:
-                partial.unlink(missing_ok=True)
-            return
-        for partial, final in self._pending:
-            try:
-                partial.replace(final)
-            except OSError as error:
-                for left, _final in self._pending:
-                    left.unlink(missing_ok=True)
-                raise _output_error(final, error) from None
+        try:
+            if kind is not None:
+                for partial, _final in self._pending:
+                    partial.unlink(missing_ok=True)
+                return
+            for partial, final in self._pending:
+                try:
+                    partial.replace(final)
+                except OSError as error:
+                    for left, _final in self._pending:
+                        left.unlink(missing_ok=True)
+                    raise _output_error(final, error) from None
+        finally:
+            for descriptor in self._locks:
+                os.close(descriptor)
 
     @property
     def paths(self) -> list[Path]:
@@ -139,6 +148,19 @@ class _Checked:
             return self._handle.write(text)
         except OSError as error:
             raise _output_error(self._path, error) from None
+
+
+def _lock_partial(partial: Path, path: Path) -> int:
+    """A descriptor holding `partial` (flock) until the export has renamed it: a second
+    export to the same path at once would write into the same file, or rename it away
+    under the first, so it is refused instead."""
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise OutputError(f"another export is writing {path} right now") from None
+    return descriptor
 
 
 def _output_error(path: Path, error: OSError) -> OutputError:
@@ -274,10 +296,23 @@ def _collection(layout: Layout, pages: int, total: int, id_of: Callable[[int], s
 
 
 def _remove_stale_pages(out_path: Path, pages: int, fmt: str) -> None:
-    """Pages of an earlier, longer export under the same name would read as part of this one."""
-    suffix = out_path.suffix or f".{fmt}"
-    pattern = re.compile(re.escape(out_path.stem) + r"-(\d{5,})" + re.escape(suffix))
-    for path in out_path.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and int(match.group(1)) > pages:
-            path.unlink()
+    """Pages of an earlier, longer export under the same name would read as part of this one.
+
+    Only that export's pages: numbered on from this one's without a gap, and each a page
+    this project writes. A file that merely fits the name (`labels-20261201.jsonld`, a
+    nightly archive) is someone's data.
+    """
+    number = pages + 1
+    while _is_page(path := page_path(out_path, number, fmt)):
+        path.unlink()
+        number += 1
+
+
+def _is_page(path: Path) -> bool:
+    """Whether `path` is a regular file that starts as this project's pages do (JSON-LD
+    and JSON Lines alike: `{"@context"`)."""
+    try:
+        with path.open("rb") as handle:
+            return path.is_file() and handle.read(len(PAGE_START)) == PAGE_START
+    except OSError:
+        return False
