@@ -182,9 +182,9 @@ def test_bad_query_is_reported_with_the_apis_message(
         env=env_for(api, f"sqlite:///{tmp_path}/db.sqlite3", tiny_model),
     )
     assert result.returncode == 1
-    assert (
-        "Europeana Search API refused the request: Invalid query parameter (400-SQ)"
-        in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: Europeana Search API refused the request: Invalid query parameter: "
+        "this test server does not understand 'title:(' (400-SQ)"
     )
 
 

@@ -206,7 +206,10 @@ class SearchClient:
                 problem = f"HTTP {response.status_code} with a body that is not JSON"
                 continue
             if response.status_code >= 400 or body.get("success") is False:
-                message = body.get("error") or body.get("message") or f"HTTP {response.status_code}"
+                # The error and, where the API gives one, its explanation (which part of a
+                # query it could not parse).
+                said = [str(part) for part in (body.get("error"), body.get("message")) if part]
+                message = ": ".join(dict.fromkeys(said)) or f"HTTP {response.status_code}"
                 code = body.get("code")
                 raise SearchAPIError(
                     f"Europeana Search API refused the request: {message}"
