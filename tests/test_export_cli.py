@@ -14,7 +14,7 @@ from click.testing import Result as CliResult
 from enrichment.cli import cli
 from enrichment.config import Settings
 from enrichment.model.spec import read_model_json
-from enrichment.publish.export import ExportFilter
+from enrichment.publish.export import ExportError, ExportFilter, Output, check_output
 from enrichment.runs import service
 from enrichment.store.database import Database
 from enrichment.store.query import run_summary
@@ -201,3 +201,26 @@ def test_a_base_url_that_cannot_make_ids_is_refused_before_any_file_is_written(
     collection = json.loads((out / "labels.jsonld").read_text())
     assert collection["id"] == "https://example.org/exports/labels.jsonld"
     assert collection["first"].startswith("https://example.org/exports/labels-")
+
+
+def test_out_dash_is_standard_output_and_base_url_needs_the_w3c_json_ld(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
+    db = open_database(database)
+    build_catalogue(db)
+    db.dispose()
+    work = tmp_path / "work"
+    work.mkdir()
+    done = enrich("export", "--out", "-", env={"DATABASE_URL": database}, cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["type"] == "AnnotationCollection"
+    assert list(work.iterdir()) == []  # no file named "-"
+    for options in (["--format", "jsonl"], ["--profile", "europeana"]):
+        output = Output(
+            "europeana" if "europeana" in options else "w3c",
+            "jsonl" if "jsonl" in options else "jsonld",
+            work / "labels",
+            None,
+            "https://example.org/annotations/",
+        )
+        with pytest.raises(ExportError, match="only the W3C profile's JSON-LD has"):
+            check_output(output)

@@ -34,7 +34,7 @@ class Moment(click.ParamType):
     "--out",
     "out_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Output file (default: stdout). A regular file or new path is written under a "
+    help="Output file (default, or -: stdout). A regular file or new path is written under a "
     "temporary name and renamed when complete; a FIFO or device (/dev/stdout) is written "
     "through; a symlink keeps pointing at its target, which gets the export.",
 )
@@ -120,6 +120,8 @@ def export(
         thresholds=read_thresholds(thresholds) if thresholds else None,
         reviewed=reviewed,
     )
+    if out_path == Path("-"):  # the usual name for standard output
+        out_path = None
     output = check_output(Output(profile, fmt, out_path, split, base_url))  # before the database
     report = export(open_db(), filters, output, sys.stdout)
     if report.skipped:

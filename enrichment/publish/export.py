@@ -188,6 +188,12 @@ def check_output(output: Output) -> Output:
         return output
     if output.path is None:
         raise ExportError("base_url", "names the published files: it needs an output file")
+    if (output.profile, output.format) != ("w3c", "jsonld"):
+        raise ExportError(
+            "base_url",
+            "names the collection and its pages, which only the W3C profile's JSON-LD has "
+            f"(not --profile {output.profile} --format {output.format})",
+        )
     return replace(output, base_url=published_base(output.base_url))
 
 
