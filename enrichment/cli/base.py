@@ -38,6 +38,7 @@ class RunId(click.ParamType):
 
 
 RUN_ID = RunId()
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 # A write that failed for want of room (or a dying disk): no file named, so standard output.
 OUTPUT_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
 
@@ -116,6 +117,12 @@ class Commands(click.Group):
             if error.filename is None:
                 raise  # standard output on a full disk, say (`cli.main`)
             raise click.ClickException(path_failure(error)) from None
+        except KeyboardInterrupt:
+            # Ctrl-C: what a shell reports for a command it ended (128 + SIGINT), where
+            # click would say "Aborted!" and exit 1. Commands whose work goes on later say
+            # how first (`run`, `resume`, `publish`); an export's files are as they were.
+            click.echo("interrupted", err=True)
+            raise SystemExit(INTERRUPTED_EXIT) from None
 
     def _invalid_value(self, ctx: click.Context, error: InvalidValue) -> str:
         """`Invalid value for '--opt': message`, or the message alone if no option has the field."""

@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from enrichment import bootstrap
 from enrichment.cli.base import (
+    INTERRUPTED_EXIT,
     RUN_ID,
     batch_size_option,
     chosen_run,
@@ -34,7 +35,6 @@ SCOPE_HELP = "Exactly one of --records, --dataset, --query or --all says what to
 # `enrich run` and `resume`: the run completed but not one record got a result, so a
 # cron job can tell (1 stays "the command could not run", 2 a usage error).
 EVERY_RECORD_FAILED = 3
-INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
 
 
 @click.command()
