@@ -178,9 +178,9 @@ class Publisher:
         self.report.withdrawn += resolved.withdrawn
         if resolved.undecided:
             self.report.problem(
-                f"{resolved.undecided} labels left unsettled: several accounts hold their tag, "
-                "and which is this publish's is not known until the server has answered one "
-                "of its creates; a publish that creates a label settles them"
+                f"{resolved.undecided} labels left unsettled: the server holds their tag, but "
+                "whether as this publish's account is not known until the server has answered "
+                "one of its creates; a publish that creates a label settles them"
             )
 
     def _count_dry(self, op: PlannedWrite) -> None:

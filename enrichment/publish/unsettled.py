@@ -80,7 +80,8 @@ class Resolved:
     adopted: int = 0
     forgotten: int = 0
     withdrawn: int = 0
-    # Creates whose tag several accounts hold while this publish's account is not known.
+    # Creates whose tag the server holds, but not as the ledger's account (or as several
+    # accounts, with none in the ledger), while this publish's account is not sure.
     undecided: int = 0
 
 
