@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -94,21 +96,24 @@ def test_no_results_on_an_empty_database(tmp_path: Path) -> None:
     assert line == "Error: no results yet: run `enrich run`"
 
 
-def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
-    tmp_path: Path, image_host, tiny_model: Path
-) -> None:
-    """While its process lives the run is `running`; once it is killed, `interrupted`."""
+def slow_run(
+    tmp_path: Path, image_host, model: Path, name: str, **popen: Any
+) -> tuple[list[dict[str, str]], dict[str, str], subprocess.Popen]:
+    """`enrich run` in a process of its own over one image that comes at once and four that
+    take 30 s, one a batch: (the records, its environment, the process)."""
     rows = [
-        {"id": "/kill/fast", "image_url": image_host.add("/kill/fast.png", image_bytes((9, 9, 9)))}
+        {
+            "id": f"/{name}/fast",
+            "image_url": image_host.add(f"/{name}/fast.png", image_bytes((9, 9, 9))),
+        }
     ]
     for n in range(4):
-        url = image_host.add(f"/kill/slow{n}.png", image_bytes((n, 0, 0)), delay=30)
-        rows.append({"id": f"/kill/slow{n}", "image_url": url})
+        url = image_host.add(f"/{name}/slow{n}.png", image_bytes((n, 0, 0)), delay=30)
+        rows.append({"id": f"/{name}/slow{n}", "image_url": url})
     records = write_jsonl(tmp_path / "records.jsonl", rows)
-    database = f"sqlite:///{tmp_path}/kill.sqlite3"
     env = {
-        "DATABASE_URL": database,
-        "ENRICH_MODEL": str(tiny_model),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/{name}.sqlite3",
+        "ENRICH_MODEL": str(model),
         "ENRICH_FETCH_ALLOW": "127.0.0.1",
     }
     process = subprocess.Popen(
@@ -116,9 +121,13 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
         env={**os.environ, **env},
         cwd=REPO,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        **popen,
     )
+    return rows, env, process
+
+
+def first_result_of(database: str) -> tuple[sa.Engine, Callable[[], bool]]:
+    """An engine on the run's database, and whether its first result is stored yet."""
     engine = sa.create_engine(database)
 
     def first_result_stored() -> bool:
@@ -127,6 +136,18 @@ def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
                 return connection.execute(sa.text("SELECT count(*) FROM results")).scalar() > 0
         except sa.exc.OperationalError:
             return False
+
+    return engine, first_result_stored
+
+
+def test_a_killed_in_process_run_shows_interrupted_with_the_resume_hint(
+    tmp_path: Path, image_host, tiny_model: Path
+) -> None:
+    """While its process lives the run is `running`; once it is killed, `interrupted`."""
+    rows, env, process = slow_run(
+        tmp_path, image_host, tiny_model, "kill", stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    engine, first_result_stored = first_result_of(env["DATABASE_URL"])
 
     try:
         wait_for(first_result_stored, 90, "the first batch")
@@ -162,35 +183,10 @@ def test_ctrl_c_on_a_run_names_it_and_how_to_go_on(
     """Ctrl-C: the run's id and the command that continues it, and 130 as a shell reports a
     command Ctrl-C ended (click alone says "Aborted!" and exits 1). No progress bar either:
     stderr is no terminal."""
-    rows = [
-        {"id": "/int/fast", "image_url": image_host.add("/int/fast.png", image_bytes((7, 7, 7)))}
-    ]
-    for n in range(3):
-        url = image_host.add(f"/int/slow{n}.png", image_bytes((0, n, 0)), delay=30)
-        rows.append({"id": f"/int/slow{n}", "image_url": url})
-    records = write_jsonl(tmp_path / "records.jsonl", rows)
-    database = f"sqlite:///{tmp_path}/int.sqlite3"
-    env = {
-        "DATABASE_URL": database,
-        "ENRICH_MODEL": str(tiny_model),
-        "ENRICH_FETCH_ALLOW": "127.0.0.1",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "enrichment", "run", "--records", str(records), "--batch-size", "1"],
-        env={**os.environ, **env},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    _, _, process = slow_run(
+        tmp_path, image_host, tiny_model, "int", stderr=subprocess.PIPE, text=True
     )
-    engine = sa.create_engine(database)
-
-    def first_result_stored() -> bool:
-        try:
-            with engine.connect() as connection:
-                return connection.execute(sa.text("SELECT count(*) FROM results")).scalar() > 0
-        except sa.exc.OperationalError:
-            return False
+    engine, first_result_stored = first_result_of(f"sqlite:///{tmp_path}/int.sqlite3")
 
     try:
         wait_for(first_result_stored, 90, "the first batch")

@@ -375,18 +375,28 @@ def test_a_label_the_curators_reject_is_withdrawn(db: Database, server: Annotati
     assert held(server) == wanted(catalogue) - {(record_id, concept)}
 
 
+def gone_on_the_server(
+    db: Database, server: AnnotationsServer, catalogue: Catalogue
+) -> tuple[tuple[str, str], str]:
+    """A published label the next publish updates (a new model version classified its
+    record again, with it), whose annotation someone withdrew at Europeana meanwhile:
+    (record, concept) and the gone annotation's id."""
+    first = record_ids("1001")
+    catalogue.classify(db, NEW, first[:6])
+    old = {(r, k) for r, _, k in catalogue.expected(version=OLD)}
+    new = {(r, k) for r, _, k in catalogue.expected(version=NEW)}
+    kept = sorted((r, VOCABULARY[k]) for r, k in old & new)[0]
+    gone = ledger(db)[kept].annotation_id
+    server.deleted.add(int(gone.rsplit("/", 1)[1]))
+    return kept, gone
+
+
 def test_an_annotation_deleted_on_the_server_is_created_again_on_update(
     db: Database, server: AnnotationsServer
 ) -> None:
     catalogue = catalogue_of(db)
     publish(db, server)
-    first = record_ids("1001")
-    catalogue.classify(db, NEW, first[:6])
-    old = {(r, k) for r, _, k in catalogue.expected(version=OLD)}
-    new = {(r, k) for r, _, k in catalogue.expected(version=NEW)}
-    kept = sorted((r, VOCABULARY[k]) for r, k in old & new)[0]  # to be updated
-    gone = ledger(db)[kept].annotation_id
-    server.deleted.add(int(gone.rsplit("/", 1)[1]))  # withdrawn by someone at Europeana
+    kept, gone = gone_on_the_server(db, server, catalogue)
     publish(db, server)
     assert held(server) == wanted(catalogue)
     assert ledger(db)[kept].annotation_id != gone

@@ -46,7 +46,15 @@ from enrichment.store.reviews import Decision, Review
 from tests.annotations_api import ID_BASE, AnnotationsServer
 from tests.conftest import REPO, VOCABULARY, enrich
 from tests.export_support import NEW, OLD, item_uri, record_ids
-from tests.test_publish import TOKEN, catalogue_of, held, ledger, publish, wanted
+from tests.test_publish import (
+    TOKEN,
+    catalogue_of,
+    gone_on_the_server,
+    held,
+    ledger,
+    publish,
+    wanted,
+)
 
 pytest_plugins = ["tests.test_publish"]  # its `db` and `server` fixtures
 
@@ -128,13 +136,7 @@ def test_a_duplicate_message_without_ids_is_refused_for_its_item(
 ) -> None:
     catalogue = catalogue_of(db)
     publish(db, server)
-    first = record_ids("1001")
-    catalogue.classify(db, NEW, first[:6])
-    old = {(r, VOCABULARY[k]) for r, _, k in catalogue.expected(version=OLD)}
-    new = {(r, VOCABULARY[k]) for r, _, k in catalogue.expected(version=NEW)}
-    record_id, concept = sorted(old & new)[0]
-    gone = ledger(db)[(record_id, concept)].annotation_id
-    server.deleted.add(int(gone.rsplit("/", 1)[1]))
+    (record_id, concept), _ = gone_on_the_server(db, server, catalogue)
     # Someone else holds the same tag: the re-create is a duplicate, named without ids.
     server.add({"motivation": "tagging", "target": item_uri(record_id), "body": concept}, "other")
     server.empty_duplicates = True
@@ -699,13 +701,7 @@ def test_an_annotation_created_again_for_an_update_is_withdrawn_after_a_cut_off_
     would have named nothing (and left the new one on the server, in no ledger)."""
     catalogue = catalogue_of(db)
     publish(db, server)
-    first = record_ids("1001")
-    catalogue.classify(db, NEW, first[:6])
-    old = {(r, k) for r, _, k in catalogue.expected(version=OLD)}
-    new = {(r, k) for r, _, k in catalogue.expected(version=NEW)}
-    kept = sorted((r, VOCABULARY[k]) for r, k in old & new)[0]
-    gone = ledger(db)[kept].annotation_id
-    server.deleted.add(int(gone.rsplit("/", 1)[1]))  # withdrawn at Europeana by someone
+    kept, gone = gone_on_the_server(db, server, catalogue)
     server.hold_path = "/annotation/"  # the create again is carried out, its answer held
 
     api = AnnotationsAPI(server.url, TOKEN, backoff=0.01)
