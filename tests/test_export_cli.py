@@ -160,6 +160,15 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
     assert not (tmp_path / "none.jsonld").exists(), "a refused export writes no file"
 
 
+def catalogue_database(tmp_path: Path) -> str:
+    """The URL of a new SQLite database holding the export tests' catalogue."""
+    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
+    db = open_database(database)
+    build_catalogue(db)
+    db.dispose()
+    return database
+
+
 @pytest.mark.parametrize(
     ("base_url", "why"),
     [
@@ -175,10 +184,7 @@ def test_export_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> 
 def test_a_base_url_that_cannot_make_ids_is_refused_before_any_file_is_written(
     tmp_path: Path, base_url: str, why: str
 ) -> None:
-    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
-    db = open_database(database)
-    build_catalogue(db)
-    db.dispose()
+    database = catalogue_database(tmp_path)
     out = tmp_path / "exports"
     out.mkdir()
 
@@ -204,10 +210,7 @@ def test_a_base_url_that_cannot_make_ids_is_refused_before_any_file_is_written(
 
 
 def test_out_dash_is_standard_output_and_base_url_needs_the_w3c_json_ld(tmp_path: Path) -> None:
-    database = f"sqlite:///{tmp_path}/enrich.sqlite3"
-    db = open_database(database)
-    build_catalogue(db)
-    db.dispose()
+    database = catalogue_database(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
     done = enrich("export", "--out", "-", env={"DATABASE_URL": database}, cwd=work)
