@@ -251,8 +251,13 @@ def test_import_from_the_command_line(image_host, tmp_path: Path) -> None:
     many = runner.invoke(
         cli, ["review", "label-studio", "import", str(export)], env={"DATABASE_URL": url}
     )
-    assert many.exit_code == 0 and many.output.splitlines()[-1] == "  … and 2 more"
-    assert len(many.output.splitlines()) == 1 + 10 + 1
+    # Not one task imported: an error, after the reasons (a script must not go on).
+    assert many.exit_code == 1 and many.output.splitlines()[-2] == "  … and 2 more"
+    assert (
+        many.output.splitlines()[-1]
+        == f"Error: no task of {export} could be imported (reasons above)"
+    )
+    assert len(many.output.splitlines()) == 1 + 10 + 1 + 1
     export.write_bytes('[{"data": "\u00e9"}]'.encode("latin-1"))
     refused = runner.invoke(
         cli, ["review", "label-studio", "import", str(export)], env={"DATABASE_URL": url}

@@ -303,3 +303,7 @@ def ls_import(path: Path, reviewer: str) -> None:
         click.echo(f"  {problem}", err=True)
     if len(report.skipped) > SKIPPED_SHOWN:
         click.echo(f"  … and {len(report.skipped) - SKIPPED_SHOWN} more", err=True)
+    if report.skipped and len(report.skipped) == report.tasks:
+        # Not one task read: another project's export, or this database is not the one the
+        # tasks came from; a script must not take it for a done import.
+        raise click.ClickException(f"no task of {path} could be imported (reasons above)")
