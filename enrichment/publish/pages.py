@@ -70,12 +70,12 @@ class AtomicFiles:
     Each regular file (or new path) is written as `NAME.partial` and renamed at
     the end, in the order they were created (pages before the collection that
     links them); if anything fails, the partial files are removed and earlier
-    exports stay. A partial file is locked until renamed: a second export to the
-    same path meanwhile is refused. A path that is not a regular file is written through instead,
-    since renaming over it would replace the node itself: a FIFO or a character
-    device (`/dev/stdout`, a pipe's reader) gets the bytes as they come, and a
-    symlink keeps pointing where it did while its target is replaced. Problems
-    writing are one `OutputError` naming the path.
+    exports stay. A partial file is locked until renamed: a second export to
+    the same path meanwhile is refused. A path that is not a regular file is
+    written through instead, since renaming over it would replace the node
+    itself: a FIFO or a character device (`/dev/stdout`, a pipe's reader) gets
+    the bytes as they come, and a symlink keeps pointing where it did while its
+    target is replaced. Problems writing are one `OutputError` naming the path.
     """
 
     def __init__(self) -> None:
