@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from enrichment.errors import InvalidValue
 from enrichment.store.database import Database
 from enrichment.store.models import ModelClasses, model_classes
-from enrichment.store.schema import RecordRow, Run, of_datasets
+from enrichment.store.schema import Run
+from enrichment.store.selection import datasets_without_records
 
 SIDES = ("any", "above", "below")
 STATES = ("pending", "reviewed", "accepted", "rejected", "added", "any")
@@ -220,14 +221,7 @@ def check_filter(session: Session, filters: QueueFilter) -> dict[str, ModelClass
         known = f"known: {', '.join(sorted(keys))}" if keys else "no model is registered yet"
         raise InvalidValue("classes", f"no model has the class {', '.join(unknown)} ({known})")
     # As exports refuse one: a mistyped dataset would read as "no decisions yet".
-    missing = [
-        dataset
-        for dataset in sorted(set(filters.datasets))
-        if session.execute(
-            sa.select(RecordRow.id).where(of_datasets(RecordRow.id, [dataset])).limit(1)
-        ).first()
-        is None
-    ]
+    missing = datasets_without_records(session, filters.datasets)
     if missing:
         raise InvalidValue("datasets", f"no record belongs to dataset {', '.join(missing)}")
     return models

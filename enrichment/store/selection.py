@@ -102,17 +102,22 @@ def known_models(db: Database) -> dict[str, ModelClasses]:
 
 
 def unknown_datasets(db: Database, datasets: Sequence[str]) -> list[str]:
+    """`datasets_without_records` in a transaction of its own."""
+    with db.transaction() as session:
+        return datasets_without_records(session, datasets)
+
+
+def datasets_without_records(session: Session, datasets: Sequence[str]) -> list[str]:
     """The datasets of `datasets` that no record belongs to (each one lookup of a range of
     the records' primary key)."""
-    with db.transaction() as session:
-        return [
-            dataset
-            for dataset in sorted(set(datasets))
-            if session.execute(
-                sa.select(RecordRow.id).where(of_datasets(RecordRow.id, [dataset])).limit(1)
-            ).first()
-            is None
-        ]
+    return [
+        dataset
+        for dataset in sorted(set(datasets))
+        if session.execute(
+            sa.select(RecordRow.id).where(of_datasets(RecordRow.id, [dataset])).limit(1)
+        ).first()
+        is None
+    ]
 
 
 def count_left_out_by_reviews(db: Database, selection: Selection) -> int:
