@@ -227,6 +227,10 @@ def test_queue_is_ordered_by_distance_to_the_threshold(app_server: ReviewServer)
     bad = requests.get(f"{app_server.url}/api/queue?state=maybe", timeout=10)
     assert bad.status_code == 400 and "state must be one of" in bad.json()["error"]
     assert bad.json()["field"] == "state"
+    # The progress beside the page checks the same filter (it counted only pending items,
+    # and a wrong state reached the decisions of the day as a KeyError: a 500).
+    progress = requests.get(f"{app_server.url}/api/progress?state=maybe", timeout=10)
+    assert progress.status_code == 400 and progress.json()["field"] == "state"
     # A wrong value is named by its query parameter, never by a command-line option.
     unknown = requests.get(f"{app_server.url}/api/queue?label=unicorn", timeout=10).json()
     assert unknown["field"] == "label" and "unicorn" in unknown["error"]

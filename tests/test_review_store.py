@@ -77,6 +77,24 @@ def test_the_queue_is_ordered_by_margin_and_filtered(db: Database) -> None:
     assert {(i.record_id, i.label_key) for i in audit.items} == labelled()
 
 
+def test_the_audit_sample_shows_each_label_as_not_yet_audited(db: Database) -> None:
+    """A decision made in the queue neither hides a sample label's place in the audit nor is
+    shown on it: the audit is an independent second look, done when the audit decides."""
+    first, second = sorted(labelled())[:2]
+    record_decisions(db, [decision(*first, Decision.ACCEPT), decision(*second, Decision.REJECT)])
+    record_decisions(db, [decision(*second, Decision.ACCEPT, audit=True)])
+    wanted = labelled() - {second}
+    for filters in (
+        QueueFilter(audit=True, limit=100),  # the review index
+        QueueFilter(audit=True, limit=100, datasets=("9001", "9002")),  # a scan of results
+    ):
+        page = queue_page(db, filters)
+        assert {(i.record_id, i.label_key) for i in page.items} == wanted
+        assert page.total == len(wanted)
+        assert [i for i in page.items if i.decision or i.reviewer or i.decided_at] == []
+    assert queue_progress(db, QueueFilter(audit=True)).pending == len(wanted)
+
+
 @pytest.mark.parametrize(
     ("filters", "field"),
     [

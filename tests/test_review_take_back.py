@@ -21,7 +21,17 @@ from enrichment.store.decisions import (
     take_back_decisions,
 )
 from enrichment.store.reviews import Review
-from tests.test_review_api import VERSION, build_review_db, serve
+from tests.test_report import DevTools, chromium  # noqa: F401 (the fixture)
+from tests.test_review_api import (  # noqa: F401 (fixtures)
+    VERSION,
+    ReviewServer,
+    app_server,
+    build_review_db,
+    review_db,
+    serve,
+)
+from tests.test_review_browser import until
+from tests.test_review_filters_browser import click
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -128,3 +138,30 @@ def test_recent_decisions_are_listed_and_undone_after_navigating(
     finally:
         server.close()
         database.dispose()
+
+
+def test_an_undo_from_another_curators_list_is_recorded_as_the_one_at_the_keys(
+    app_server: ReviewServer,  # noqa: F811
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Bob, looking at Ada's recent decisions, takes one back: the take-back is Bob's (it was
+    recorded as Ada's, so the audit trail named the wrong curator)."""
+    (made,) = record_decisions(
+        app_server.db, [NewDecision("/9001/a", "map", VERSION, "reject", "ada")]
+    )
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        tab, _ = browser.load(f"{app_server.url}/recent?reviewer=ada", 1280)
+        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'bob'), true")
+        browser.evaluate(tab, "document.getElementById('reviewer').value = 'bob', true")
+        click(browser, tab, f'tr[data-id="{made}"] .take-back')
+        until(browser, "the take-back", lambda: standing_decisions(app_server.db) == {})
+        assert browser.seen("Runtime.exceptionThrown", tab) == []
+    finally:
+        browser.close()
+    with app_server.db.engine.connect() as connection:
+        taken_back_by = connection.execute(
+            sa.select(Review.reviewer).where(Review.reverses == made)
+        ).scalar_one()
+    assert taken_back_by == "bob"

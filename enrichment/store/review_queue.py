@@ -108,7 +108,7 @@ def queue_page(db: Database, filters: QueueFilter) -> QueuePage:
         total, capped = _total(session, filters, models, keys)
         if filters.audit and _indexed(filters):
             rows = _sampled_rows(session, filters, keys)
-            items = _indexed_items(session, rows[filters.offset :], models)
+            items = _indexed_items(session, rows[filters.offset :], models, audit_only=True)
             return QueuePage(items, total, None, capped)
         in_band = filters.after is None or (
             filters.after.margin is not None and filters.after.margin <= BAND
@@ -269,11 +269,15 @@ def _sampled_rows(session: Session, filters: QueueFilter, keys: Sequence[str]) -
 
 
 def _indexed_items(
-    session: Session, rows: Sequence[Any], models: dict[str, ModelClasses]
+    session: Session,
+    rows: Sequence[Any],
+    models: dict[str, ModelClasses],
+    audit_only: bool = False,
 ) -> list[Item]:
     """Items of index rows, in their order: the model version and score from the record's
     current result, the threshold and name from the model, the decision and the record's
-    columns, a few lookups per page."""
+    columns, a few lookups per page. With `audit_only` (the audit sample) the decision is
+    the audit's: the auditor judges afresh, whatever the queue decided."""
     if not rows:
         return []
     record_ids = sorted({row.record_id for row in rows})
@@ -297,7 +301,7 @@ def _indexed_items(
             )
         )
     }
-    decided = latest_decisions()
+    decided = latest_decisions(audit_only)
     decisions = {
         (row.record_id, row.label_key): row
         for row in session.execute(sa.select(decided).where(decided.c.record_id.in_(record_ids)))
@@ -381,6 +385,9 @@ def queue_progress(db: Database, filters: QueueFilter) -> Progress:
     if not filters.audit:
         todo = replace(todo, state="pending")
     with db.transaction() as session:
+        # The filter as given (its state too, which today's decisions are counted in), not
+        # only the pending one counted: a mistyped state is the caller's InvalidValue.
+        filters.check()
         models = check_filter(session, todo)
         keys = _keys(todo, models)
         count, capped = _total(session, todo, models, keys) if keys else (0, False)

@@ -283,7 +283,10 @@ def _items_query(
         decided = items
         query = sa.select(*columns, items.c.decision, items.c.reviewer, items.c.decided_at)
     else:
-        decided = latest_decisions()
+        # In the audit sample a label's state is its audit decision: one made in the queue
+        # is neither shown to the auditor (the audit is a second, independent look) nor
+        # taken as the audit's.
+        decided = latest_decisions(audit_only=filters.audit)
         query = sa.select(
             *columns, decided.c.decision, decided.c.reviewer, decided.c.decided_at
         ).outerjoin(
@@ -311,13 +314,7 @@ def _items_query(
         query = query.where(Label.record_id.is_(None))
     if filters.audit:
         if decided_since is None:  # pending in the audit sample: no audit decision yet
-            audited = latest_decisions(audit_only=True)
-            query = query.where(
-                ~sa.exists().where(
-                    audited.c.record_id == items.c.record_id,
-                    audited.c.label_key == items.c.label_key,
-                )
-            )
+            query = query.where(decided.c.decision.is_(None))
     elif filters.state == "pending":
         query = query.where(decided.c.decision.is_(None))
     elif filters.state == "reviewed":

@@ -464,8 +464,12 @@
     section.querySelectorAll(".take-back").forEach((button) => {
       button.addEventListener("click", async () => {
         const row = button.closest("tr");
+        // The take-back is the curator's at the keys (the name in the box), who may be
+        // looking at another curator's list: never the name the list is of.
+        const name = reviewer();
+        if (!name) return;
         try {
-          await post("/api/undo", { ids: [Number(row.dataset.id)], reviewer: section.dataset.reviewer });
+          await post("/api/undo", { ids: [Number(row.dataset.id)], reviewer: name });
           row.classList.add("taken-back");
           button.replaceWith("taken back");
           toast("Undone");
