@@ -407,7 +407,10 @@
 
     function step(offset) {
       const records = JSON.parse(sessionStorage.getItem(RECORDS_KEY) || "[]");
-      const here = records.indexOf(location.pathname + location.search);
+      // Compared as the browser writes addresses: the page's links leave an id's "'" as it
+      // is, where the address bar holds it as %27.
+      const address = (url) => { const parsed = new URL(url, location.href); parsed.hash = ""; return parsed.href; };
+      const here = records.map(address).indexOf(address(location.href));
       const target = records[here + offset];
       if (here === -1 || !target) { toast("No " + (offset > 0 ? "next" : "previous") + " record in the queue"); return; }
       location.href = target;
