@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from enrichment.config import Settings
 from enrichment.errors import EnrichError
 from enrichment.model.labelled import read_labelled
 from enrichment.review.app import create_app
+from enrichment.review.guard import Logins
 from enrichment.review.stats import class_stats
 from enrichment.sources.records_file import Record
 from enrichment.store.database import Database
@@ -349,9 +351,31 @@ def test_bound_elsewhere_the_app_needs_the_token(review_db: Database, tmp_path: 
         forged = browser.post(f"{server.url}/api/decisions", json=body)
         assert forged.status_code == 401
         assert len(server.decisions()) == 2
+        # Logging out ends the login itself: a copy of the cookie kept from before (another
+        # tab, a shared machine) no longer acts as a curator.
+        kept = browser.cookies.copy()
+        out = browser.post(f"{server.url}/logout", headers={"Origin": server.url})
+        assert out.url.endswith("/login")
+        replayed = requests.post(
+            f"{server.url}/api/decisions", json=body, headers={"Origin": server.url}, cookies=kept
+        )
+        assert replayed.status_code == 401
+        assert requests.get(f"{server.url}/api/queue", cookies=kept, timeout=10).status_code == 401
+        assert len(server.decisions()) == 2
         browser.close()  # its kept-alive connection would hold the server's loop open
     finally:
         server.close()
+
+
+def test_a_login_lasts_its_lifetime_and_ends_at_log_out() -> None:
+    logins = Logins(lifetime=0.2)
+    first, second = logins.begin(), logins.begin()
+    assert first != second and logins.live(first) and logins.live(second)
+    logins.end(first)
+    assert not logins.live(first) and logins.live(second)
+    time.sleep(0.3)
+    assert not logins.live(second)
+    assert not logins.live(None) and not logins.live(["not", "a", "login"])
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -182,6 +183,60 @@ def test_team_login_through_the_form_then_a_decision_and_logout(
         ]
         assert answers == [403]
         assert len(team_server.decisions()) == 1
+    finally:
+        browser.close()
+
+
+def test_a_login_ended_under_the_page_stops_the_keys_and_says_so(
+    team_server: ReviewServer,
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Logged out in another tab, a curator's keys on the first tab were lost one by one while
+    focus moved on, with only a passing toast: now the page says the login ended, with a link
+    back to it, and takes no more decisions."""
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        tab, _ = browser.load(f"{team_server.url}/login?next=/queue%3Flabel%3Dmap", 1280)
+        browser.evaluate(tab, "document.getElementById('token').focus(), true")
+        type_text(browser, tab, TOKEN)
+        press_enter(browser, tab)
+        until(
+            browser,
+            "the queue",
+            lambda: (
+                read(browser, tab, "location.pathname") == "/queue"
+                and read(browser, tab, "document.readyState") == "complete"
+                and read(browser, tab, "!!document.querySelector('#grid .tile')")
+            ),
+        )
+        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'ada'), true")
+        browser.evaluate(tab, "document.getElementById('reviewer').value = 'ada', true")
+        assert read(browser, tab, "document.getElementById('login-lost').hidden") is True
+
+        other, _ = browser.load(f"{team_server.url}/stats", 1280)
+        browser.evaluate(other, "document.getElementById('logout').click(), true")
+        until(browser, "logged out", lambda: read(browser, other, "location.pathname") == "/login")
+
+        focused = (
+            "Array.from(document.querySelectorAll('.tile'))"
+            ".findIndex((t) => t.classList.contains('focused'))"
+        )
+        press(browser, tab, "a")  # sent, refused: the page learns the login is gone
+        until(
+            browser,
+            "the notice",
+            lambda: read(browser, tab, "document.getElementById('login-lost').hidden") is False,
+        )
+        where = read(browser, tab, focused)
+        for _ in range(3):
+            press(browser, tab, "a")
+        assert read(browser, tab, focused) == where  # no more tiles passed over unsaved
+        assert read(browser, tab, "document.querySelector('.tile').dataset.state") == "pending"
+        assert team_server.decisions() == []
+        link = read(browser, tab, "document.getElementById('login-again').getAttribute('href')")
+        assert link == "/login?next=" + quote("/queue?label=map", safe="")
+        assert browser.seen("Runtime.exceptionThrown", tab) == []
     finally:
         browser.close()
 

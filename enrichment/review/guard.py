@@ -3,7 +3,9 @@
 - Bound to loopback, requests must name a loopback host (a DNS-rebinding page
   would name its own) and no login is needed; bound elsewhere, the app needs
   ENRICH_REVIEW_TOKEN: browsers log in with it (a SameSite=Strict session
-  cookie), scripts send `Authorization: Bearer TOKEN`.
+  cookie), scripts send `Authorization: Bearer TOKEN`. The cookie names a login
+  this process keeps (`Logins`): logging out ends it for whoever still holds a
+  copy of the cookie, and none lasts beyond `LOGIN_LIFETIME`.
 - Cross-site request forgery: a state-changing request whose Origin is not
   the app's own is refused; one without Origin (a script) is accepted on
   loopback, and needs the bearer token when there is one. API writes must be
@@ -21,6 +23,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import secrets
+import threading
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,6 +51,8 @@ CSP = (
 )
 # What a visitor may reach before logging in.
 OPEN_ENDPOINTS = frozenset({"guard.login", "guard.login_post", "static"})
+# A working day: a login left open on a shared machine does not outlive it.
+LOGIN_LIFETIME = 12 * 3600.0
 
 
 def is_loopback(host: str) -> bool:
@@ -66,12 +73,49 @@ def api_error(status: int, message: str, **extra: object) -> Response:
     return response
 
 
+class Logins:
+    """The logins this process has given, by the random id a session cookie carries.
+
+    The cookie is signed, so nobody can make one, but a signed cookie alone stays good for
+    as long as the process runs: after "Log out" a copy of it (another tab, a cookie taken
+    from a shared machine) still acted as a curator. A login ends here instead. The app's
+    signing key is made anew at each start, so keeping logins in memory loses nothing a
+    restart did not already end.
+    """
+
+    def __init__(self, lifetime: float = LOGIN_LIFETIME) -> None:
+        self.lifetime = lifetime
+        self._started: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def begin(self) -> str:
+        login = secrets.token_urlsafe(24)
+        with self._lock:
+            now = time.monotonic()
+            self._started = {
+                known: at for known, at in self._started.items() if now - at < self.lifetime
+            }
+            self._started[login] = now
+        return login
+
+    def live(self, login: object) -> bool:
+        with self._lock:
+            started = self._started.get(login) if isinstance(login, str) else None
+            return started is not None and time.monotonic() - started < self.lifetime
+
+    def end(self, login: object) -> None:
+        if isinstance(login, str):
+            with self._lock:
+                self._started.pop(login, None)
+
+
 class Guard:
     """The checks for an app bound to `bound_to`, with the login token (None: no login)."""
 
     def __init__(self, bound_to: str, token: str | None) -> None:
         self.loopback = is_loopback(bound_to)
         self.token = token or None
+        self.logins = Logins()
         if not self.loopback and not self.token:
             raise ReviewError(
                 f"binding to {bound_to} (not loopback) needs a login: set ENRICH_REVIEW_TOKEN"
@@ -105,7 +149,7 @@ class Guard:
                 return refused
         if self.token is None or request.endpoint in OPEN_ENDPOINTS or self.bearer_ok():
             return None
-        if session.get("login") == login_mark(self.token):
+        if self.logins.live(session.get("login")):
             return None
         if api:
             return api_error(401, "log in, or send Authorization: Bearer TOKEN")
@@ -131,7 +175,7 @@ class Guard:
         """Log in with the token (a session cookie), log out."""
         pages = Blueprint("guard", __name__)
         token = self.token
-
+        logins = self.logins
         loopback = self.loopback
 
         @pages.get("/login")
@@ -144,7 +188,7 @@ class Guard:
             given = request.form.get("token", "")
             target = local_target(request.form.get("next"))
             if token and hmac.compare_digest(given.encode(), token.encode()):
-                session["login"] = login_mark(token)
+                session["login"] = logins.begin()
                 return redirect(target)
             return (
                 render_template("login.html", next=target, failed=True, loopback=loopback),
@@ -153,6 +197,7 @@ class Guard:
 
         @pages.post("/logout")
         def logout() -> Any:
+            logins.end(session.get("login"))
             session.clear()
             return redirect(url_for("guard.login"))
 
@@ -169,11 +214,6 @@ def headers(response: Response) -> Response:
     if response.mimetype in ("text/html", "application/json"):
         response.headers["Cache-Control"] = "no-store"
     return response
-
-
-def login_mark(token: str) -> str:
-    """What the session cookie holds: derived from the token, so a new token logs everyone out."""
-    return hmac.new(token.encode(), b"enrich review login", "sha256").hexdigest()
 
 
 def local_target(target: str | None) -> str:

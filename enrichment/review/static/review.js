@@ -24,7 +24,24 @@
     toast.timer = setTimeout(() => box.classList.remove("shown"), 2500);
   }
 
+  // Team mode's login ended under the page (a 401): every key from now on would be lost,
+  // so the page says so until the curator logs in again, and takes no more decisions.
+  let loginLost = false;
+  function loseLogin() {
+    loginLost = true;
+    const notice = document.getElementById("login-lost");
+    if (!notice) return;
+    document.getElementById("login-again").href =
+      "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    notice.hidden = false;
+    notice.scrollIntoView({ block: "nearest" });
+  }
+
   function reviewer() {
+    if (loginLost) {
+      toast("Not saved: log in again first");
+      return null;
+    }
     const input = document.getElementById("reviewer");
     const name = input.value.trim();
     if (!name) {
@@ -43,6 +60,7 @@
       body: JSON.stringify(body),
     });
     const answer = await response.json().catch(() => ({}));
+    if (response.status === 401) loseLogin();
     if (!response.ok) {
       const failure = new Error(answer.error || response.statusText);
       failure.answer = answer;
