@@ -66,3 +66,42 @@ def test_the_audit_page_counts_the_sample_it_draws_from(
     audit = requests.get(f"{app_server.url}/api/progress", params={"audit": 1}, timeout=10).json()
     assert (queue["pending"], queue["decided_today"]) == (15 - LABELLED, LABELLED)
     assert (audit["pending"], audit["decided_today"]) == (0, LABELLED)
+
+
+def test_labels_decided_in_the_queue_are_audited_afresh(
+    app_server: ReviewServer,  # noqa: F811
+    chromium: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Carol accepted every label in the queue; the auditor's draw still shows each as to
+    audit (not carol's verdict), and the keys audit them all: the page skipped them and
+    turned with half its draw unaudited, and an audit decision on one was refused."""
+    for item in requests.get(f"{app_server.url}/api/queue?side=above", timeout=10).json()["items"]:
+        body = {
+            "record_id": item["record_id"],
+            "label_key": item["label_key"],
+            "model_version": item["model_version"],
+            "decision": "accept",
+            "reviewer": "carol",
+        }
+        assert requests.post(f"{app_server.url}/api/decisions", json=body, timeout=10).ok
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        tab, _ = browser.load(f"{app_server.url}/queue?audit=1&limit={LABELLED}", 1280)
+        browser.evaluate(tab, "localStorage.setItem('enrichReviewer', 'dora'), true")
+        browser.evaluate(tab, "document.getElementById('reviewer').value = 'dora', true")
+        states = "Array.from(document.querySelectorAll('.tile')).map((t) => t.dataset.state)"
+        assert read(browser, tab, states) == ["pending"] * LABELLED
+        for _ in range(LABELLED):
+            press(browser, tab, "r")
+        until(
+            browser,
+            "every label audited",
+            lambda: sum(audit for *_, audit in app_server.decisions()) == LABELLED,
+        )
+        assert "Not saved" not in str(read(browser, tab, TOAST))
+        assert browser.seen("Runtime.exceptionThrown", tab) == []
+    finally:
+        browser.close()
+    audited = [row for row in app_server.decisions() if row[4]]
+    assert {(decision, reviewer) for _, _, decision, reviewer, _ in audited} == {("reject", "dora")}

@@ -197,6 +197,47 @@ def test_a_decision_on_a_state_that_no_longer_stands_is_refused(
     assert requests.get(f"{app_server.url}/api/decisions", timeout=10).status_code == 400
 
 
+def test_an_audit_decision_is_checked_against_the_audit_and_shown_apart(
+    app_server: ReviewServer,  # noqa: F811
+) -> None:
+    """The audit sample shows each label's audit decision only, so an auditor's `seen` is the
+    audit's state: a queue decision on the label is no conflict, another audit decision is."""
+
+    def send(decision: str, seen: str, audit: bool, reviewer: str) -> requests.Response:
+        body = {
+            "record_id": "/9001/a",
+            "label_key": "photograph",
+            "model_version": VERSION,
+            "decision": decision,
+            "reviewer": reviewer,
+            "seen": seen,
+            "audit": audit,
+        }
+        return requests.post(f"{app_server.url}/api/decisions", json=body, timeout=10)
+
+    assert send("accept", "pending", False, "carol").status_code == 201  # in the queue
+    assert send("reject", "pending", True, "dora").status_code == 201  # the audit: pending
+    refused = send("accept", "pending", True, "erin")  # a second auditor, shown it pending
+    assert refused.status_code == 409
+    [now] = refused.json()["conflicts"]
+    assert (now["decision"], now["reviewer"], now["audit"]) == ("reject", "dora", True)
+    assert send("accept", "accept", False, "carol").status_code == 409  # the queue sees all
+
+    def shown(path: str, audit: bool) -> dict[str, Any]:
+        params = {"record": "/9001/a", "id": "/9001/a", **({"audit": "1"} if audit else {})}
+        return requests.get(f"{app_server.url}{path}", params=params, timeout=10).json()
+
+    queue = shown("/api/decisions", False)["decisions"]
+    assert [(d["decision"], d["reviewer"]) for d in queue] == [("reject", "dora")]
+    assert send("accept", "reject", False, "carol").status_code == 201
+    audited = shown("/api/decisions", True)["decisions"]
+    assert [(d["decision"], d["reviewer"]) for d in audited] == [("reject", "dora")]
+    states = {i["label_key"]: i["state"] for i in shown("/api/record", True)["items"]}
+    assert states == {"photograph": "reject", "drawing": "pending", "map": "pending"}
+    states = {i["label_key"]: i["state"] for i in shown("/api/record", False)["items"]}
+    assert states["photograph"] == "accept"
+
+
 def at_once(server: ReviewServer, record_id: str, key: str) -> list[int]:
     """ada and bob, both shown the item pending, reject it at the same moment: the codes."""
     start = threading.Barrier(2)

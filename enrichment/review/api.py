@@ -68,7 +68,10 @@ def json_body() -> Any:
 @api.get("/record")
 def record() -> Any:
     db = review_context().db
-    view = record_view(db, request.args.get("id", ""), request.args.get("model_version") or None)
+    audit = request.args.get("audit") in ("1", "true")  # as the audit sample shows it
+    view = record_view(
+        db, request.args.get("id", ""), request.args.get("model_version") or None, audit
+    )
     return jsonify(**view.as_json(), relabelling=relabelling_versions(db))
 
 
@@ -80,9 +83,11 @@ def decisions() -> Any:
 
 @api.get("/decisions")
 def decided() -> Any:
-    """The decisions that stand now on some records' classes: a page that was away (another
-    tab, another curator) shows them again without losing its place."""
-    found = standing_on(review_context().db, record_ids_from_args(request.args))
+    """The decisions that stand now on some records' classes (`audit=1`: the audit
+    decisions, what an audit page shows): a page that was away (another tab, another
+    curator) shows them again without losing its place."""
+    audit = request.args.get("audit") in ("1", "true")
+    found = standing_on(review_context().db, record_ids_from_args(request.args), audit)
     return jsonify(decisions=[decision.as_json() for decision in found])
 
 

@@ -77,8 +77,11 @@ def queue() -> Any:
 @pages.get("/record")
 def record() -> Any:
     record_id = request.args.get("id", "")
-    view = record_view(review_context().db, record_id, request.args.get("model_version") or None)
-    return render_template("record.html", view=view, audit=request.args.get("audit") == "1")
+    audit = request.args.get("audit") == "1"
+    view = record_view(
+        review_context().db, record_id, request.args.get("model_version") or None, audit
+    )
+    return render_template("record.html", view=view, audit=audit)
 
 
 @pages.get("/recent")

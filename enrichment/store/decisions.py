@@ -167,36 +167,44 @@ def _one_step(session: Session, dialect: str) -> None:
 
 
 def _check_seen(session: Session, decisions: Sequence[NewDecision]) -> None:
-    """Refuse the decisions if one was made on a state that no longer stands."""
-    checked = [decision for decision in decisions if decision.seen is not None]
-    if not checked:
-        return
-    now = _standing_on(session, {decision.record_id for decision in checked})
+    """Refuse the decisions if one was made on a state that no longer stands (for an audit
+    decision, the audit's state: the auditor is shown the audit decisions only)."""
     conflicts = []
-    for decision in checked:
-        standing = now.get((decision.record_id, decision.label_key))
-        if (standing.decision if standing else PENDING) != decision.seen:
-            conflicts.append((decision.record_id, decision.label_key, standing))
+    for audit in (False, True):
+        checked = [d for d in decisions if d.seen is not None and d.audit == audit]
+        if not checked:
+            continue
+        now = _standing_on(session, {decision.record_id for decision in checked}, audit)
+        for decision in checked:
+            standing = now.get((decision.record_id, decision.label_key))
+            if (standing.decision if standing else PENDING) != decision.seen:
+                conflicts.append((decision.record_id, decision.label_key, standing))
     if conflicts:
         raise DecidedMeanwhile(conflicts)
 
 
-def standing_on(db: Database, record_ids: Iterable[str]) -> list[StandingDecision]:
-    """The decisions that stand now on every class of these records."""
+def standing_on(
+    db: Database, record_ids: Iterable[str], audit_only: bool = False
+) -> list[StandingDecision]:
+    """The decisions that stand now on every class of these records (with `audit_only`,
+    the audit decisions, which is what an audit page shows)."""
     with db.transaction() as session:
-        return list(_standing_on(session, set(record_ids)).values())
+        return list(_standing_on(session, set(record_ids), audit_only).values())
 
 
-def _standing_on(session: Session, record_ids: set[str]) -> dict[tuple[str, str], StandingDecision]:
+def _standing_on(
+    session: Session, record_ids: set[str], audit_only: bool = False
+) -> dict[tuple[str, str], StandingDecision]:
     """The last decision still standing per (record, class) of these records, by id: read
     through the (record, class) index from these records' rows alone, never a pass over
     every decision."""
     found: dict[tuple[str, str], Review] = {}
     ordered = sorted(record_ids)
+    audit = [Review.audit.is_(True)] if audit_only else []
     for start in range(0, len(ordered), LOOKUP_CHUNK):
         rows = session.scalars(
             sa.select(Review)
-            .where(Review.record_id.in_(ordered[start : start + LOOKUP_CHUNK]), standing())
+            .where(Review.record_id.in_(ordered[start : start + LOOKUP_CHUNK]), standing(), *audit)
             .order_by(Review.id)
         )
         found.update(((row.record_id, row.label_key), row) for row in rows)

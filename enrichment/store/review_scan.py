@@ -141,8 +141,12 @@ def items_by_record(
                 group.append(item)
 
 
-def record_view(db: Database, record_id: str, model_version: str | None = None) -> RecordView:
-    """A record with every class of its chosen result (or of `model_version`)."""
+def record_view(
+    db: Database, record_id: str, model_version: str | None = None, audit: bool = False
+) -> RecordView:
+    """A record with every class of its chosen result (or of `model_version`); with `audit`
+    (opened from the audit sample) each class shows its audit decision only, as the
+    sample's tiles do."""
     filters = QueueFilter(model_version=model_version, state="any", limit=MAX_LIMIT)
     with db.transaction() as session:
         models = check_filter(session, filters)
@@ -156,6 +160,15 @@ def record_view(db: Database, record_id: str, model_version: str | None = None) 
         if not rows:
             raise InvalidValue("record_id", f"record {record_id} has no classified result")
         items = [scanned_item(row) for row in rows]
+        if audit:
+            audited = latest_decisions(audit_only=True)
+            decided = {
+                row.label_key: row
+                for row in session.execute(
+                    sa.select(audited).where(audited.c.record_id == record_id)
+                )
+            }
+            items = [_with_decision(item, decided.get(item.label_key)) for item in items]
         version = items[0].model_version
         order = models[version].keys
         items.sort(key=lambda item: order.index(item.label_key))
@@ -170,6 +183,16 @@ def record_view(db: Database, record_id: str, model_version: str | None = None) 
             _image_url(session, record_id, version),
             items,
         )
+
+
+def _with_decision(item: Item, decision: Any | None) -> Item:
+    """The item with this standing decision (None: pending) instead of its own."""
+    return replace(
+        item,
+        decision=decision.decision if decision else None,
+        reviewer=decision.reviewer if decision else None,
+        decided_at=decision.decided_at if decision else None,
+    )
 
 
 def image_url(db: Database, record_id: str, model_version: str) -> str | None:

@@ -129,7 +129,9 @@
     const previous = elements.map((element) => element.dataset.state);
     elements.forEach((element, i) => { element.dataset.expected = decisions[i].decision; });
     sending += 1;
-    const entry = { sent: send("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name };
+    const entry = {
+      sent: send("/api/decisions", { decisions: decisions }), elements, previous, reviewer: name, audit: base.audit,
+    };
     undoStack.push(entry);
     updateUndo();
     try {
@@ -160,16 +162,17 @@
     }
   }
 
-  // Ask the server what stands now on these tiles or rows and show it; returns those that
-  // changed. A read that a decision of this page overtook (sent or answered meanwhile) is
-  // dropped: the decision's own answer is newer.
-  async function restate(elements) {
+  // Ask the server what stands now on these tiles or rows and show it (on an audit page, the
+  // audit decisions); returns those that changed. A read that a decision of this page
+  // overtook (sent or answered meanwhile) is dropped: the decision's own answer is newer.
+  async function restate(elements, audit) {
     const records = Array.from(new Set(elements.map((element) => element.dataset.record)));
     const before = answered;
     if (records.length === 0 || sending > 0) return [];
     let now;
     try {
-      const query = records.map((id) => "record=" + encodeURIComponent(id)).join("&");
+      const query = records.map((id) => "record=" + encodeURIComponent(id)).join("&")
+        + (audit ? "&audit=1" : "");
       const response = await fetch("/api/decisions?" + query, { credentials: "same-origin" });
       if (!response.ok) return [];
       now = await response.json();
@@ -208,7 +211,7 @@
       await send("/api/undo", { ids: answer.ids, reviewer: last.reviewer });
       last.elements.forEach((element, i) => setState(element, last.previous[i]));
       // What was before may have changed meanwhile (another tab): show what stands now.
-      await restate(last.elements);
+      await restate(last.elements, last.audit);
       toast(last.elements.length ? "Undone" : "Undone (on the page before)");
       hooks.afterUndo(last.elements);
       hooks.afterChange();
@@ -305,7 +308,7 @@
     // leaves the selection, so that "accept selected" cannot overturn what the curator has
     // not looked at; the page stays, for the curator to see what changed.
     hooks.onReturn = async () => {
-      const changed = await restate(tiles.filter((tile) => !tile.dataset.busy));
+      const changed = await restate(tiles.filter((tile) => !tile.dataset.busy), audit);
       changed.forEach((tile) => selected.delete(tile));
       refreshSelection();
       toastChanged(changed);
@@ -455,7 +458,7 @@
     document.getElementById("prev-record").addEventListener("click", (e) => { e.preventDefault(); step(-1); });
     const back = sessionStorage.getItem(QUEUE_KEY);
     if (back) document.getElementById("back").href = back;
-    hooks.onReturn = async () => toastChanged(await restate(rows));
+    hooks.onReturn = async () => toastChanged(await restate(rows, base.audit));
     markMissing(article.querySelector("figure img"));
 
     document.addEventListener("keydown", (event) => {
