@@ -16,10 +16,11 @@ import sqlalchemy as sa
 
 from enrichment.errors import EnrichError, ScopeBusy
 from enrichment.sources.records_file import Record
-from enrichment.store import batches, runs, workers
+from enrichment.store import batches, retire, runs, workers
 from enrichment.store.database import Database
 from enrichment.store.locks import LockLiveness
 from enrichment.store.query import run_summary
+from enrichment.store.retire import RetiredVersion
 from enrichment.store.runs import ModelRegistration, PreviousRun
 from enrichment.store.schema import (
     Batch,
@@ -334,6 +335,33 @@ def test_moving_a_run_moves_its_unfinished_batches_and_refuses_when_none_are_lef
     with db.transaction() as session:
         versions = dict(session.execute(sa.select(Result.record_id, Result.model_version)).all())
     assert versions == {"/d/1": VERSION, "/d/3": other.version, "/d/5": other.version}
+    # Completed, it is no baseline for the next incremental run of its new version: /d/1 has
+    # only the first version's result, and paging from the moved run's start would pass
+    # over it for good (retiring the first version then left it with none).
+    assert runs.run_state(db, run_id).checkpoint["moved_from"] == [VERSION]
+    scope = runs.run_state(db, run_id).scope
+    after = runs.start_run(db, other, "on_demand", "enrich.on_demand", scope, _fresh, False)
+    assert runs.run_state(db, after).checkpoint == {"pending": []}
+
+
+def test_a_run_is_not_moved_to_a_retired_version(db: Database) -> None:
+    """Refused before anything changes: the moved run would no longer hold its own version,
+    which could then be retired under it, its results with it."""
+    gone = ModelRegistration(
+        "tiny@dddddddddddd",
+        "tiny",
+        "resnet18",
+        [{"key": "a", "label": "A", "concept": "urn:a"}],
+        [0.5],
+    )
+    with db.transaction() as session:
+        register_model(session, gone.version, "tiny", "resnet18", gone.classes, gone.thresholds)
+    retire.mark_retired(db, gone.version)
+    run_id, _ = _run_with_batches(db, 2)
+    with pytest.raises(RetiredVersion):
+        runs.move_run(db, run_id, gone)
+    assert runs.run_state(db, run_id).model_version == VERSION
+    assert "moved_from" not in runs.run_state(db, run_id).checkpoint
 
 
 def test_live_versions_are_those_reported_recently(db: Database) -> None:

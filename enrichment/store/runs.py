@@ -37,6 +37,9 @@ from enrichment.store.schema import (
 from enrichment.store.selection import sample_ranks
 from enrichment.store.writes import SourceRecord, register_model, upsert_records
 
+# The checkpoint's list of the model versions a run was moved from (`move_run`).
+MOVED_FROM = "moved_from"
+
 
 class UnfinishedRun(ScopeBusy):
     """A run over the same scope is still scheduling or running; `run_id` names it."""
@@ -153,12 +156,23 @@ def _busy_run(session: Session, scope: dict[str, Any]) -> int | None:
 
 
 def _last_completed(session: Session, scope: dict[str, Any], version: str) -> PreviousRun | None:
+    """The run whose start an incremental run pages from: the last completed over the scope
+    whose every record got this version's result. A run moved to the version (`move_run`)
+    is not one: the records of its batches done before the move have the earlier version's
+    result only, and paging from it would pass over them for good."""
     candidates = session.scalars(
         sa.select(Run)
         .where(Run.status == RunStatus.COMPLETED, Run.model_version == version)
         .order_by(Run.started_at.desc())
     )
-    run = next((run for run in candidates if run.scope == scope), None)
+    run = next(
+        (
+            run
+            for run in candidates
+            if run.scope == scope and not (run.checkpoint or {}).get(MOVED_FROM)
+        ),
+        None,
+    )
     return None if run is None or run.started_at is None else PreviousRun(run.id, run.started_at)
 
 
@@ -416,9 +430,15 @@ def move_run(db: Database, run_id: int, model: ModelRegistration) -> int:
     start their attempts afresh under the new version, and pages still to come
     are cut for it. A batch still running under the old version when it is
     moved is not committed by it (`finish_batch` refuses), so every record of
-    the run ends with one result. Refused when nothing is left to move.
+    the run ends with one result. Refused when nothing is left to move, and when the
+    version was retired (before anything changes: a moved run is no longer its version's,
+    which could then be retired under it, its results with it).
+
+    The versions a run was moved from are kept in its checkpoint (`MOVED_FROM`): such a
+    run is no baseline for incremental runs (`_last_completed`).
     """
     with db.transaction() as session:
+        refuse_retired(session, model.version)
         run = _get_run(session, run_id)
         if run.model_version == model.version:
             raise EnrichError(f"run {run_id} is already for model {model.version}")
@@ -432,6 +452,9 @@ def move_run(db: Database, run_id: int, model: ModelRegistration) -> int:
                 f"it is {run.status} with every batch finished"
             )
         _register(session, model)
+        checkpoint = run.checkpoint or {}
+        moved_from = sorted({*checkpoint.get(MOVED_FROM, []), run.model_version})
+        run.checkpoint = {**checkpoint, MOVED_FROM: moved_from}
         run.model_version = model.version
         if unfinished:
             session.execute(
