@@ -275,6 +275,58 @@ def test_a_killed_harvest_continues_without_downloading_anything_again(
     )
 
 
+def test_a_second_harvest_into_a_directory_being_written_is_refused(world, tmp_path: Path) -> None:
+    """Two at once each chose a selection and wrote it over the other's: one set silently
+    became the other's (or, with the same options, every image was fetched twice)."""
+    api, _, _, _, vocabulary = world
+    out = tmp_path / "set"
+    with HarvestDir(out).writing():  # as a harvest running in another process holds it
+        result = CliRunner().invoke(
+            cli, ["harvest", "--vocabulary", str(vocabulary), "--out", str(out)], env=env_for(api)
+        )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"another harvest is writing {out} right now" in result.output
+    assert api.requests == [] and not (out / ".harvest" / "selection.json").exists()
+
+
+def test_ctrl_c_ends_a_harvest_without_waiting_for_the_downloads_under_way(
+    world, tmp_path: Path
+) -> None:
+    """It waited for every download already started (up to 256 at once: with a slow
+    provider, minutes); the journal keeps what was done for the next start."""
+    api, host, fixture, _, vocabulary = world
+    for route in host.routes.values():
+        route.delay = 60.0  # a provider far slower than anyone waits for Ctrl-C
+    process = subprocess.Popen(
+        [sys.executable, "-m", "enrichment", "harvest", "--vocabulary", str(vocabulary),
+         "--out", str(tmp_path / "set"), "--no-progress"],
+        env={**os.environ, **env_for(api), "ENRICH_FETCH_TIMEOUT": "120",
+             "ENRICH_FETCH_READ_TIMEOUT": "120"},  # no deadline ends them first
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not host.requests:
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    try:
+        returncode = process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert returncode == 130 and "interrupted" in process.stderr.read()
+    # The downloads cut short are fetched on the next start, not kept as failures.
+    for route in host.routes.values():
+        route.delay = 0.0
+    again = enrich("harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "set"),
+                   env=env_for(api))  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert set(host.requests) == set(fixture.paths.values())
+    assert all(row["image"] for row in rows(tmp_path / "set"))
+
+
 def test_a_harvest_dir_is_continued_only_with_the_same_options(tmp_path: Path) -> None:
     """The selection stored first is reused for the same options and vocabulary only."""
     directory = HarvestDir(tmp_path / "set")

@@ -122,18 +122,18 @@ def harvest(
             "records": [candidate.as_json(list(terms)) for candidate in chosen],
         }
 
-    try:
-        plan = directory.plan({"options": options.as_json(), "vocabulary": terms}, make)
-    except OtherOptions as error:  # a usage error (exit 2); a damaged selection stays 1
-        raise click.BadParameter(str(error), param_hint="'--out'") from None
-    fetcher = Fetcher(config)
-    try:
-        downloads = download_images(
-            directory, plan["records"], fetcher, config.max_image_pixels, show
-        )
-    finally:
-        fetcher.close()
-    summary = write_set(directory, plan, downloads, list(terms))
+    with directory.writing():
+        try:
+            plan = directory.plan({"options": options.as_json(), "vocabulary": terms}, make)
+        except OtherOptions as error:  # a usage error (exit 2); a damaged selection stays 1
+            raise click.BadParameter(str(error), param_hint="'--out'") from None
+        # Left on Ctrl-C without waiting for the downloads under way (each ends by its
+        # deadline); the journal keeps those done, for the next start.
+        with Fetcher(config) as fetcher:
+            downloads = download_images(
+                directory, plan["records"], fetcher, config.max_image_pixels, show
+            )
+        summary = write_set(directory, plan, downloads, list(terms))
     if as_json:
         emit_json(summary)
         return

@@ -37,7 +37,9 @@ that fetches (`submit`).
 `Fetcher.fetch` never raises: every failure is a `FetchResult` with a short
 machine-readable reason (http_404, timeout, too_large, blocked_address,
 bad_scheme, bad_url, dns_error, tls_error, too_many_redirects, truncated,
-connection_error, host_unreachable, fetch_error) and a human message.
+connection_error, host_unreachable, cancelled, fetch_error) and a human message. A
+download cut short because the fetcher closed without waiting (Ctrl-C) is `cancelled`,
+a failure that passes on a later try (`PASSING`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from enrichment.media.hosts import BUSY, NEUTRAL, OK, HostDown, HostPacer, Pacer
 from enrichment.media.results import FetchResult, classify, short, timed_out
 
 __all__ = [
+    "CANCELLED",
     "MAX_RETRIES",
     "PASSING",
     "RETRYABLE",
@@ -94,8 +97,9 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRYABLE = frozenset(
     {"timeout", "connection_error", "http_429", "http_500", "http_502", "http_503", "http_504"}
 )
+CANCELLED = "cancelled"  # cut short by `Fetcher.close(wait=False)`, not by its host
 # Failures that may pass on a later try: a harvest or the next run tries them again.
-PASSING = RETRYABLE | {"host_unreachable"}
+PASSING = RETRYABLE | {"host_unreachable", CANCELLED}
 # What an attempt's failure says about its host's load (see enrichment.media.hosts), and
 # which failures, where no answer came to a request sent, are its origin's silence.
 BUSY_REASONS = frozenset({"http_429", "http_503", "timeout", "connection_error"})
@@ -216,9 +220,10 @@ class Fetcher:
         self.close(wait=kind is None)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the fetcher's threads; without `wait`, fetches not yet under way are dropped.
-
-        Downloads already under way then end on their own, by their deadlines at the latest.
+        """Stop the fetcher's threads; without `wait` (leaving on Ctrl-C or an error), fetches
+        not yet under way are dropped and those under way cancelled: each ends as a
+        `cancelled` failure for whoever waits on it. Left to their deadlines, a
+        thread blocked in `fetch` (a harvest's) held the process's exit for as long.
         """
         if self._thread is None:
             return
@@ -229,8 +234,8 @@ class Fetcher:
                 "Fetcher.close from work the fetcher runs (a `fetch_then` function or `submit` "
                 "work) would wait for that work itself: close it from the thread that made it"
             )
-        if not wait:  # those waiting for a host's turn end now, with PacerClosed
-            self._loop.call_soon_threadsafe(self.pacer.close)
+        if not wait:
+            self._loop.call_soon_threadsafe(self._cancel_downloads)
         self._workers.shutdown(wait=wait, cancel_futures=not wait)
         with self._lock:
             self._closed = True
@@ -241,6 +246,13 @@ class Fetcher:
         if wait:
             self._thread.join()
         self._thread = None
+
+    def _cancel_downloads(self) -> None:
+        """On the loop: those waiting for a host's turn end now (PacerClosed), the others are
+        cancelled (`_done` settles each)."""
+        self.pacer.close()
+        for task in list(self._downloads):
+            task.cancel()
 
     def _mark_own(self) -> None:
         self._own.thread = True
@@ -296,7 +308,7 @@ class Fetcher:
         failure) is a `fetch_error` all the same, since `fetch` never raises."""
         self._downloads.discard(task)
         if task.cancelled():
-            fetched.set_result(FetchResult.failed(url, "fetch_error", "the download was cancelled"))
+            fetched.set_result(FetchResult.failed(url, CANCELLED, "the download was cancelled"))
         elif (error := task.exception()) is not None:
             message = f"{type(error).__name__}: {short(error)}"
             fetched.set_result(FetchResult.failed(url, "fetch_error", message))
@@ -346,7 +358,7 @@ class Fetcher:
             await turn.at(target)  # the deadline starts once this turn has come
             return await self._attempts(url, target, turn)
         except PacerClosed as closed:
-            return FetchResult.failed(url, "fetch_error", str(closed))
+            return FetchResult.failed(url, CANCELLED, str(closed))
         except HostDown as down:
             return FetchResult.failed(url, "host_unreachable", str(down))
         finally:

@@ -22,13 +22,15 @@ training will read it.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from itertools import combinations
@@ -37,7 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from enrichment.errors import InvalidValue
+from enrichment.errors import EnrichError, InvalidValue
 from enrichment.files import make_directory, write_atomically
 from enrichment.media.decode import ImageError, load_rgb, open_image
 from enrichment.media.fetch import PASSING, Fetcher
@@ -46,6 +48,7 @@ from enrichment.sources.harvest import reusability_of
 STATE_DIR = ".harvest"
 SELECTION = "selection.json"
 JOURNAL = "downloads.jsonl"
+LOCK = "lock"
 FORMAT_VERSION = 1
 EXTENSIONS = {
     "JPEG": "jpg",
@@ -87,6 +90,24 @@ class HarvestDir:
         self._lock = threading.Lock()
         make_directory(self.state)
         make_directory(self.images)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held while a harvest writes DIR: a second harvest into it at once is refused.
+
+        Two at once each chose a selection and wrote it over the other's (with other
+        options, one set silently became the other's), or fetched every image twice. An
+        flock, so a killed harvest leaves nothing held.
+        """
+        with (self.state / LOCK).open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EnrichError(
+                    f"another harvest is writing {self.root} right now: wait for it to end, "
+                    "or choose another directory"
+                ) from None
+            yield
 
     def plan(
         self, identity: Mapping[str, Any], make: Callable[[], dict[str, Any]]
