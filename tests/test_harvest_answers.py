@@ -4,6 +4,7 @@ makes the next run fail (issue 23, item 7)."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from enrichment.cli import cli
+from enrichment.sources.harvest import CANDIDATES_PER_CAP, EXAMINED_PER_CANDIDATE
 from tests.harvest_fixture import VOCABULARY, fill
 from tests.search_api import KEY, RewritingSearchAPI, generated_item
 from tests.services import ImageHost
@@ -174,3 +176,37 @@ def test_a_journal_line_pointing_outside_the_directory_is_not_taken(world, tmp_p
     assert all(image.startswith("images/") and ".." not in image for image in images)
     assert str(secret) not in (out / "labels.csv").read_text()
     assert len(host.requests) == requests_before  # its own earlier line still stands
+
+
+def test_a_query_whose_results_are_all_unusable_stops_paging_with_a_warning(
+    world: tuple[RewritingSearchAPI, ImageHost, Path], tmp_path: Path
+) -> None:
+    """Every page new items without an image, and always a next cursor: the harvest paged
+    for ever (20,000 requests a minute). It stops after EXAMINED_PER_CANDIDATE results per
+    candidate it wants, says so, and still writes the set."""
+    api, _, vocabulary = world
+    served = iter(range(10**9))
+
+    def unusable(document: dict[str, Any]) -> None:
+        page = next(served)
+        items = [generated_item("7", page * 100 + n, "") for n in range(100)]
+        for item in items:
+            del item["edmPreview"], item["edmIsShownBy"]
+        document["items"] = items
+        document["nextCursor"] = base64.urlsafe_b64encode(str(page + 1).encode()).decode()
+
+    api.rewrite = unusable
+    result = CliRunner().invoke(
+        cli,
+        ["harvest", "--vocabulary", str(vocabulary), "--out", str(tmp_path / "set"),
+         "--per-class", "2", "--no-progress"],
+        env={"EUROPEANA_API_KEY": KEY, "EUROPEANA_API_URL": api.url},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pages = -(-CANDIDATES_PER_CAP * 2 * EXAMINED_PER_CANDIDATE // 100)  # whole pages of 100
+    assert len(api.requests) == len(VOCABULARY) * pages
+    for key in VOCABULARY:
+        warning = f"warning: {key}: stopped paging after {pages * 100} results, only 0"
+        assert warning in result.output
+    summary = json.loads((tmp_path / "set" / "summary.json").read_text())
+    assert summary["records"]["left_out"]["no_image"] == len(api.requests) * 100

@@ -114,6 +114,12 @@ def harvest(
             total=len(terms), desc="concepts", unit=" queries", disable=None if show else True
         ) as bar:
             collected = collect(client, terms, options, lambda key, found: bar.update())
+        for key, (examined, usable) in collected.cut_short.items():
+            click.echo(
+                f"warning: {key}: stopped paging after {examined:,} results, only {usable:,} "
+                "of them usable (why the others were left out: records.left_out in summary.json)",
+                err=True,
+            )
         chosen = select(collected.candidates.values(), options.per_class, options.seed)
         return {
             "candidates": len(collected.candidates),

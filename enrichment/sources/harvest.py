@@ -6,7 +6,11 @@ A record returned for `drawing` and for `map` is one candidate labelled with
 both; its labels also take every vocabulary concept its `edmConcept` names, so
 a record is fully labelled even when the query of one of its concepts stopped
 paging before reaching it (a concept stops at CANDIDATES_PER_CAP times the
-per-class cap: the selection needs a choice, not all of Europeana's photographs).
+per-class cap: the selection needs a choice, not all of Europeana's photographs). It also
+stops after EXAMINED_PER_CANDIDATE results per candidate wanted, usable or not
+(`Collected.cut_short`): a query whose results are nearly all unusable (no image,
+excluded, rights outside `--reusability`) would otherwise page through everything the API
+holds for it, or for ever where a server's cursor never ends.
 
 The selection of at most N records per class is stable: records are ranked by the
 number of their labels (multilabel records first, since they are the rare
@@ -41,6 +45,7 @@ from enrichment.sources.records_file import Record, normalise_id
 DEFAULT_CONCEPT_QUERY = 'skos_concept:"{uri}"'
 DEFAULT_PER_CLASS = 1000
 CANDIDATES_PER_CAP = 3
+EXAMINED_PER_CANDIDATE = 20
 # Europeana's reusability groups, by the start of the rights statement URI
 # (https://pro.europeana.eu/page/available-rights-statements).
 OPEN_RIGHTS = (
@@ -123,6 +128,8 @@ class Collected:
     candidates: dict[str, Candidate] = field(default_factory=dict)
     found: dict[str, int] = field(default_factory=dict)  # the API's totalResults per concept
     left_out: dict[str, int] = field(default_factory=dict)  # excluded, no_image, ...
+    # Concepts whose paging stopped at the cap on results examined: (examined, usable).
+    cut_short: dict[str, tuple[int, int]] = field(default_factory=dict)
     _out: set[str] = field(default_factory=set, repr=False)
 
     def leave_out(self, record_id: str, reason: str) -> None:
@@ -162,14 +169,19 @@ def collect(
     by_uri = {uri: key for key, uri in vocabulary.items()}
     collected = Collected()
     enough = CANDIDATES_PER_CAP * options.per_class
+    most = EXAMINED_PER_CANDIDATE * enough
     for key, uri in vocabulary.items():
-        eligible = 0
+        eligible = examined = 0
         for page in client.pages(concept_query(uri, options)):
             if page.total is not None:
                 collected.found[key] = page.total
             for item in page.items:
                 eligible += _merge(collected, item, key, by_uri, options)
+            examined += len(page.items)
             if eligible >= enough:
+                break
+            if examined >= most:
+                collected.cut_short[key] = (examined, eligible)
                 break
         collected.found.setdefault(key, eligible)
         on_concept(key, eligible)
