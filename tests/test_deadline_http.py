@@ -9,7 +9,7 @@ import pytest
 import requests
 from urllib3.util.retry import Retry
 
-from enrichment.publish.deadline_http import CallDeadlines, DeadlineAdapter
+from enrichment.deadline_http import CallDeadlines, DeadlineAdapter
 from tests.test_feed_cpu import BODY, CountingHost
 
 

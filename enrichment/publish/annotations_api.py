@@ -21,7 +21,7 @@ Nothing the server answers is recorded before it is checked: an id must be
 list of objects, one per item sent. An answer that cannot be used is
 `Unusable` for its item; a search that pages on without end stops after
 `SEARCH_PAGES`; every call, its retries included, ends by `DEADLINE` seconds
-however slowly the server trickles its answer (`publish.deadline_http`), and no
+however slowly the server trickles its answer (`enrichment.deadline_http`), and no
 answer is read past `ANSWER_BYTES`. A success whose document cannot be read
 (no JSON, or too long) is what it means for the call: a DELETE is done, a
 write's outcome is unknown (a page) or unusable (one annotation), a read fails.
@@ -51,8 +51,8 @@ import requests
 from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
+from enrichment.deadline_http import CallDeadlines, DeadlineAdapter
 from enrichment.errors import EnrichError
-from enrichment.publish.deadline_http import CallDeadlines, DeadlineAdapter
 from enrichment.publish.retries import BACKOFF, PAGE_STATUSES, RETRIES, bounded_retries
 
 TIMEOUT = (10.0, 120.0)
@@ -488,7 +488,7 @@ class AnnotationsAPI:
         if unsettled and status not in PAGE_STATUSES:
             raise Unsettled(f"{where}: {status} {message}")
         after = response.headers.get("Retry-After")
-        # A wait that would end past the call's deadline is not begun (`retries.BoundedRetry`).
+        # A wait ending past the call's deadline is not begun (`deadline_http.BoundedRetry`).
         asked = f"; it asked for a wait of {shown(after)} s before the next try" if after else ""
         raise AnnotationsAPIError(
             f"{where}: {status} after up to {RETRIES} retries: {message}{asked}"

@@ -19,12 +19,10 @@ The client's two sessions carry two policies:
 from __future__ import annotations
 
 import threading
-from typing import Any
 
-from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
-from enrichment.publish.deadline_http import CallDeadlines
+from enrichment.deadline_http import BoundedRetry, CallDeadlines
 
 RETRIES = 6
 BACKOFF = 0.5
@@ -34,55 +32,6 @@ BACKOFF_MAX = 30.0
 SAFE_STATUSES = frozenset({423, 429, 500, 502, 503, 504})
 # Only what the server surely did not carry out: a lock, a throttle, unavailable.
 PAGE_STATUSES = frozenset({423, 429, 503})
-
-
-class BoundedRetry(Retry):
-    """urllib3's `Retry`, whose waits between tries stay within the call's deadline and end
-    when the client closes.
-
-    urllib3 waits as long as a `Retry-After` says, up to six hours a try: a server asking
-    for a day would hold a publish for hours past `DEADLINE`, and Ctrl-C would wait for it.
-    A wait longer than what is left of the call's deadline is not begun: the call ends with
-    the server's answer (`AnnotationsAPI` says what it asked for).
-    """
-
-    # Set per client (`bounded_retries`): `Retry.new` copies only its arguments.
-    deadlines: CallDeadlines
-    closing: threading.Event
-
-    def increment(
-        self,
-        method: str | None = None,
-        url: str | None = None,
-        response: Any = None,
-        error: Exception | None = None,
-        _pool: Any = None,
-        _stacktrace: Any = None,
-    ) -> Retry:
-        retry = super().increment(method, url, response, error, _pool, _stacktrace)
-        deadline = self.deadlines.current()
-        if deadline is not None and wait_before_retry(retry, response) > deadline.remaining():
-            reason = ResponseError("the next try would start past the call's deadline")
-            raise MaxRetryError(_pool, url or "", reason)
-        return retry
-
-    def sleep(self, response: Any = None) -> None:
-        if self.closing.wait(wait_before_retry(self, response)):
-            raise MaxRetryError(None, "", ResponseError("the client is closing"))
-
-
-def wait_before_retry(retry: Retry, response: Any) -> float:
-    """How long `retry` waits before its next try: the server's `Retry-After`, else backoff
-    (also for a `Retry-After` that is neither seconds nor a date: the status still says the
-    request may be tried again)."""
-    if retry.respect_retry_after_header and response is not None:
-        try:
-            after = retry.get_retry_after(response)
-        except InvalidHeader:
-            after = None
-        if after:
-            return after
-    return retry.get_backoff_time()
 
 
 def retry_policy(page: bool, backoff: float = BACKOFF, kind: type[Retry] = Retry) -> Retry:

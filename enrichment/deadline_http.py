@@ -1,9 +1,10 @@
-"""A requests adapter whose every call has an overall deadline, as each image download has.
+"""A requests adapter whose every call has an overall deadline, as each image download has:
+the Annotations API's client and the Search API's.
 
 Socket timeouts bound each wait, not their sum: an Annotations API that
 trickles its answer one byte every 30 s never trips a 120 s read timeout and
 holds a publish for as long as it likes. So each call runs under a `Deadline`
-(`enrichment.publish.deadline`): the connections of this adapter put their socket
+(`enrichment.deadline`): the connections of this adapter put their socket
 under the deadline of the call their thread is making as soon as the request
 is sent, and the watchdog shuts the socket down when the deadline passes,
 which ends the read at once. Retries of the call stay under the same deadline.
@@ -21,9 +22,10 @@ from typing import Any
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import InvalidHeader, MaxRetryError, ResponseError
 from urllib3.util.retry import Retry
 
-from enrichment.publish.deadline import Deadline, Watchdog
+from enrichment.deadline import Deadline, Watchdog
 
 
 class CallDeadlines:
@@ -110,3 +112,52 @@ class DeadlineAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = self._pools
+
+
+class BoundedRetry(Retry):
+    """urllib3's `Retry`, whose waits between tries stay within the call's deadline and end
+    when the client closes.
+
+    urllib3 waits as long as a `Retry-After` says, up to six hours a try: a server asking
+    for a day would hold a publish for hours past `DEADLINE`, and Ctrl-C would wait for it.
+    A wait longer than what is left of the call's deadline is not begun: the call ends with
+    the server's answer (`AnnotationsAPI` says what it asked for).
+    """
+
+    # Set per client (a subclass of its own): `Retry.new` copies only its arguments.
+    deadlines: CallDeadlines
+    closing: threading.Event
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: Any = None,
+        error: Exception | None = None,
+        _pool: Any = None,
+        _stacktrace: Any = None,
+    ) -> Retry:
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        deadline = self.deadlines.current()
+        if deadline is not None and wait_before_retry(retry, response) > deadline.remaining():
+            reason = ResponseError("the next try would start past the call's deadline")
+            raise MaxRetryError(_pool, url or "", reason)
+        return retry
+
+    def sleep(self, response: Any = None) -> None:
+        if self.closing.wait(wait_before_retry(self, response)):
+            raise MaxRetryError(None, "", ResponseError("the client is closing"))
+
+
+def wait_before_retry(retry: Retry, response: Any) -> float:
+    """How long `retry` waits before its next try: the server's `Retry-After`, else backoff
+    (also for a `Retry-After` that is neither seconds nor a date: the status still says the
+    request may be tried again)."""
+    if retry.respect_retry_after_header and response is not None:
+        try:
+            after = retry.get_retry_after(response)
+        except InvalidHeader:
+            after = None
+        if after:
+            return after
+    return retry.get_backoff_time()
