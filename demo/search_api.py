@@ -16,6 +16,7 @@ import base64
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -92,6 +93,7 @@ class SearchAPI:
     requests: list[dict[str, list[str]]] = field(default_factory=list)
     key: str = KEY
     loop: bool = False  # every nextCursor points back at the page just served
+    trickle: float = 0.0  # seconds between the bytes of each answer (tests: a stalling API)
 
     def __post_init__(self) -> None:
         api = self
@@ -107,7 +109,13 @@ class SearchAPI:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not api.trickle:
+                    self.wfile.write(body)
+                    return
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(api.trickle)
 
             def log_message(self, *args: object) -> None:
                 pass

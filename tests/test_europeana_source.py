@@ -140,6 +140,30 @@ def test_429_with_retry_after_is_honoured_then_succeeds(api: SearchAPI) -> None:
     assert time.monotonic() - started >= 0.9  # waited as the server asked
 
 
+def test_a_page_trickled_a_byte_at_a_time_fails_at_its_deadline(api: SearchAPI) -> None:
+    """Each byte within the read timeout, the whole never: a nightly run waited as long as
+    the API liked, silently. The page now fails at its deadline, saying so."""
+    api.items = [generated_item("5", index, "http://127.0.0.1/x.png") for index in range(3)]
+    api.trickle = 0.2
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url), deadline=2)
+    started = time.monotonic()
+    with pytest.raises(SearchPageError, match="no whole answer within 2 s"):
+        client.page(SearchQuery("*"), "*")
+    assert time.monotonic() - started < 10
+
+
+def test_a_retry_after_past_the_pages_deadline_is_not_waited_for(api: SearchAPI) -> None:
+    """urllib3 would sleep for whatever Retry-After says (an hour, a day), five times over."""
+    api.failures = {1: ("status", 429, 3600)}
+    client = SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=api.url), deadline=30)
+    started = time.monotonic()
+    with pytest.raises(
+        SearchPageError, match=r"HTTP 429 after retries \(it asked for a wait of 3600 s\)"
+    ):
+        client.page(SearchQuery("*"), "*")
+    assert time.monotonic() - started < 10 and len(api.requests) == 1
+
+
 def test_page_that_keeps_failing_raises_a_resumable_error(api: SearchAPI) -> None:
     api.failures = {1: ("html",), 2: ("truncated",), 3: ("html",)}
     client = SearchClient(

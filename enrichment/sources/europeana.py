@@ -6,6 +6,10 @@ messages are surfaced: a bad key or query stops a run before anything is
 enqueued. Connection failures, 429 and 5xx are retried in one place, urllib3's
 `Retry` on the session (with backoff, honouring Retry-After); only a 200 whose
 body is not a usable page, which urllib3 cannot see, is fetched again here.
+Each page, its retries included, has PAGE_DEADLINE (`enrichment.deadline_http`):
+socket timeouts bound each wait, not their sum, so an API trickling its answer a
+byte at a time, or asking in Retry-After for an hour, held a nightly run silently
+for as long; now the page fails, saying why, and the run can be resumed.
 A cursor that does not move on, or pages that bring nothing new, stop the
 query with a clear error instead of paging forever.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,11 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
+from enrichment.deadline_http import BoundedRetry, CallDeadlines, DeadlineAdapter
 from enrichment.errors import ConfigError, EnrichError, InvalidValue
 from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
 
@@ -40,6 +44,9 @@ IMAGE_SOURCES = ("auto", "preview", "full")
 REUSABILITY = ("open", "restricted", "permission")
 MALFORMED_ATTEMPTS = 3
 RETRIES = 5
+# One page's whole time, its retries and their waits included: a hundred records come in
+# well under a second, and a throttled API's backoff of 1, 2, 4, 8 and 16 s fits.
+PAGE_DEADLINE = 300.0
 # How many recent pages a query remembers, to notice a cursor going round in a loop.
 LOOP_WINDOW = 50
 
@@ -138,13 +145,20 @@ class SearchClient:
 
     settings: Settings
     session: requests.Session = field(default_factory=requests.Session)
+    deadline: float = PAGE_DEADLINE
 
     def __post_init__(self) -> None:
         if not self.settings.europeana_api_key:
             raise ConfigError(
                 "EUROPEANA_API_KEY is not set: get a key at https://pro.europeana.eu/get-api"
             )
-        retries = Retry(
+        self._deadlines = CallDeadlines(self.deadline)
+        # Never set: a page's waits end at its deadline, and a Ctrl-C ends the process.
+        never = threading.Event()
+        bounded = type(
+            "SearchRetry", (BoundedRetry,), {"deadlines": self._deadlines, "closing": never}
+        )
+        retries = bounded(
             total=RETRIES,
             status_forcelist=(429, 500, 502, 503, 504),
             # urllib3 waits backoff_factor * 2**(n - 1) s before the n-th retry (none
@@ -155,8 +169,9 @@ class SearchClient:
             raise_on_status=False,
             allowed_methods=frozenset({"GET"}),
         )
-        self.session.mount("http://", HTTPAdapter(max_retries=retries))
-        self.session.mount("https://", HTTPAdapter(max_retries=retries))
+        adapter = DeadlineAdapter(self._deadlines, retries, pool_maxsize=2)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = (
             f"{PROJECT_NAME}/{__version__} (+{self.settings.contact_url})"
         )
@@ -188,18 +203,28 @@ class SearchClient:
         for attempt in range(MALFORMED_ATTEMPTS):
             if attempt:
                 time.sleep(min(self.settings.search_backoff * 2**attempt, 10))
-            try:
-                response = self.session.get(url, params=params, timeout=(10, 60))
-            except requests.RequestException as error:
-                # The adapter already retried connection and read failures with backoff.
-                raise SearchPageError(
-                    f"Europeana Search API page failed: request failed "
-                    f"({type(error).__name__}) after {RETRIES} retries"
-                ) from None
+            with self._deadlines.call() as deadline:
+                try:
+                    response = self.session.get(url, params=params, timeout=(10, 60))
+                except requests.RequestException as error:
+                    if deadline.expired:
+                        raise SearchPageError(
+                            "Europeana Search API page failed: no whole answer within "
+                            f"{deadline.seconds:g} s"
+                        ) from None
+                    # The adapter already retried connection and read failures with backoff.
+                    raise SearchPageError(
+                        f"Europeana Search API page failed: request failed "
+                        f"({type(error).__name__}) after {RETRIES} retries"
+                    ) from None
             if response.status_code == 429 or response.status_code >= 500:
-                # The adapter already retried these with backoff and Retry-After.
+                # The adapter already retried these with backoff and Retry-After, within the
+                # page's deadline: a wait past it was not begun.
+                after = response.headers.get("Retry-After")
+                asked = f" (it asked for a wait of {after[:40]} s)" if after else ""
                 raise SearchPageError(
-                    f"Europeana Search API page failed: HTTP {response.status_code} after retries"
+                    f"Europeana Search API page failed: HTTP {response.status_code} after "
+                    f"retries{asked}"
                 )
             body = _json_body(response)
             if body is None:
