@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from enrichment.config import Settings
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, RecordIdError
 from enrichment.runs import service
 from enrichment.sources import EuropeanaSource
 from enrichment.sources.europeana import (
@@ -462,3 +462,11 @@ def test_items_with_dot_segments_in_their_id_are_skipped_with_their_reason(
     assert [record.id for record in records] == ["/4040/item_00001"]
     assert source.skipped == 3
     assert sum("'.' or '..' segment" in message for message in caplog.messages) == 3
+
+
+@pytest.mark.parametrize("odd_id", [["/4040/item_00001"], {"id": "/4040/x"}, 4040, None])
+def test_an_item_whose_id_is_not_a_string_is_skipped(odd_id: object) -> None:
+    """`str()` of a list made `/['/4040/item_00001']` a record of its own (dataset `['`),
+    a duplicate of the real one."""
+    with pytest.raises(RecordIdError, match="not a string"):
+        record_from_item({**generated_item("4040", 1, "http://example.org/1.png"), "id": odd_id})

@@ -31,7 +31,7 @@ import requests
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
 from enrichment.deadline_http import BoundedRetry, CallDeadlines, DeadlineAdapter
-from enrichment.errors import ConfigError, EnrichError, InvalidValue
+from enrichment.errors import ConfigError, EnrichError, InvalidValue, RecordIdError
 from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
 
 log = logging.getLogger(__name__)
@@ -323,8 +323,14 @@ def first_text(values: Any) -> str | None:
 
 
 def record_from_item(item: Mapping[str, Any], image_source: str = "auto") -> Record:
-    """Map a Search API item to a Record; `image_source` is preview, full, or auto (either)."""
-    record_id = normalise_id(str(item["id"]))
+    """Map a Search API item to a Record; `image_source` is preview, full, or auto (either).
+
+    Raises RecordIdError (a ValueError) for an id that is not a string: `str()` of a list
+    made `/['/900/item_1']` a record of its own, in a dataset named `['`."""
+    raw_id = item["id"]
+    if not isinstance(raw_id, str):
+        raise RecordIdError(f"record id {raw_id!r} is a JSON {type(raw_id).__name__}, not a string")
+    record_id = normalise_id(raw_id)
     preview, full = first_text(item.get("edmPreview")), first_text(item.get("edmIsShownBy"))
     image_url = {"preview": preview, "full": full, "auto": preview or full}[image_source]
     timestamp = item.get("timestamp_update") or item.get("timestamp_update_epoch")
