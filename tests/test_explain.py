@@ -251,7 +251,8 @@ def test_explain_cli_for_a_file_an_url_and_a_record(
         assert drawn[:100, side, 0].mean() > drawn[:100, side, 2].mean(), key  # hot there
 
     for args, message in [
-        (("/quad/2",), "record /quad/2 is not in the database"),
+        (("/quad/2",), "/quad/2 is no file here, no http(s) URL, and no record in the database"),
+        (("quad/nosuch.png",), "no such file: quad/nosuch.png"),
         ((str(picture), "--label", "map"), "no class map (its classes: top_left, top_right)"),
         ((str(picture), "--layer", "head"), "no layer 'head'"),
     ]:
@@ -304,3 +305,25 @@ def test_the_caption_tells_a_score_just_below_its_threshold_from_one_at_it() -> 
     assert explaining.caption(below) == "Photograph  0.4349  (threshold 0.435)"
     at = explaining.Explanation("photograph", "Photograph", 0.435, 0.5, heatmap)
     assert explaining.caption(at) == "Photograph  0.4350  (threshold 0.5)"
+
+
+def test_overlays_of_names_that_differ_only_where_a_file_name_cannot_keep_them_differ(
+    tmp_path: Path,
+) -> None:
+    """`/9/a b` and `/9/a_b` (or two ids alike in their first 80 characters) wrote the same
+    file, the second replacing the first's overlays; an id kept whole keeps its plain name."""
+    from enrichment.model import explain as explaining
+
+    picture = io.BytesIO()
+    Image.new("RGB", (40, 30), (90, 120, 60)).save(picture, format="PNG")
+    shown = explaining.Explanation("map", "Map", 0.9, 0.5, np.zeros((8, 8), dtype=np.float32))
+    long_id = "/9/" + "x" * 90
+    names = ["/9/a b", "/9/a_b", long_id, long_id + "y", "/quad/1"]
+    written = [
+        explaining.write_overlays(
+            explaining.ImageSource(name, picture.getvalue()), [shown], tmp_path
+        )[0]
+        for name in names
+    ]
+    assert len({path.name for path in written}) == len(names)
+    assert written[1].name == "9_a_b-map.png" and written[4].name == "quad_1-map.png"

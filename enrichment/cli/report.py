@@ -14,6 +14,10 @@ from enrichment.cli.base import (
     run_option,
     settings,
 )
+from enrichment.errors import EnrichError
+
+# What names an image file rather than a record (ids may hold dots, not such endings).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".webp", ".bmp"})
 
 
 @click.command()
@@ -62,13 +66,30 @@ def explain(
     from enrichment.thresholds import confidence_text
 
     config = settings()
-    classifier = Classifier.load(model_dir or config.require_model_dir())
+    model = model_dir or config.require_model_dir()
+    # The image first: a mistyped path is said before minutes of loading a model.
     if "://" in target:
         source = explaining.from_url(target, config)
     elif Path(target).is_file():
         source = explaining.from_file(Path(target))
     else:
-        source = explaining.from_record(open_db(), target, config)
+        # A name with an image's ending is most likely a mistyped file (a record id may end
+        # so too: it is looked up all the same).
+        missing_file = f"no such file: {target}"
+        a_file = Path(target).suffix.lower() in IMAGE_SUFFIXES
+        try:
+            db = open_db()
+        except EnrichError as error:
+            raise EnrichError(
+                missing_file if a_file else f"{target} is no file and no URL; as a record: {error}"
+            ) from None
+        try:
+            source = explaining.from_record(db, target, config)
+        except EnrichError:
+            if a_file:
+                raise EnrichError(missing_file) from None
+            raise
+    classifier = Classifier.load(model)
     explanations = explaining.explain(
         classifier, source.data, label_keys, layer, config.max_image_pixels
     )

@@ -14,6 +14,7 @@ stored; URLs and records' image URLs go through the SSRF-safe `Fetcher`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -101,7 +102,9 @@ def from_record(db: Database, record_id: str, settings: Settings) -> ImageSource
         raise EnrichError(f"{error}; nor is it an existing file or an http(s) URL") from None
     stored = record_image(db, wanted)
     if stored is None:
-        raise EnrichError(f"record {wanted} is not in the database")
+        raise EnrichError(
+            f"{record_id} is no file here, no http(s) URL, and no record in the database"
+        )
     if not stored.image_url:
         raise EnrichError(f"record {wanted} has no image URL")
     return ImageSource(wanted, from_url(stored.image_url, settings).data)
@@ -281,6 +284,10 @@ def write_overlays(
     image = display_image(source.data, max_pixels)
     make_directory(out_dir)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name).strip("._")[:80] or "image"
+    if stem != source.name.strip("/").replace("/", "_"):
+        # Made safe for a file name, two names could become one (`/9/a b` and `/9/a_b`, or
+        # ids alike in their first 80 characters), and one's overlays replace the other's.
+        stem += "-" + hashlib.sha256(source.name.encode()).hexdigest()[:8]
     staged: list[tuple[Path, Path]] = []
     try:
         for explanation in explanations:
