@@ -217,6 +217,10 @@ def test_a_version_is_retired_in_bounded_transactions_and_refused_while_live(
     with pytest.raises(ExportError, match="was retired on") as refused_export:
         check_filter(db, ExportFilter(model_version=OLD))
     assert refused_export.value.field == "model_version"
+    # A run of it, too (its export was an empty file, exit 0, and a dry publish planned
+    # nothing, without a word of why).
+    with pytest.raises(ExportError, match=f"run {old_run}'s model version {OLD} was retired"):
+        check_filter(db, ExportFilter(run_id=old_run))
 
     # ...and the command goes on where it stopped.
     with DeletesPerTransaction() as watched:

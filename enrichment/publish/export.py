@@ -55,6 +55,7 @@ from enrichment.store.selection import (
     last_decisions,
     review_keeps,
     run_exists,
+    run_versions,
     stored_labels,
     unknown_datasets,
 )
@@ -314,6 +315,15 @@ def check_filter(db: Database, filters: ExportFilter) -> None:
             "model_version",
             retired_version_message(filters.model_version, retired[filters.model_version]),
         )
+    if filters.run_id is not None:
+        versions = run_versions(db, filters.run_id)
+        if versions and all(version in retired for version in versions):
+            # Its results went with its version: an empty file would say nothing of why.
+            raise ExportError(
+                "run_id",
+                f"run {filters.run_id}'s "
+                + retired_version_message(versions[0], retired[versions[0]]),
+            )
     keys = {key for model in models.values() for key in model.keys}
     for field, named in (("labels", filters.labels), ("thresholds", filters.thresholds or {})):
         unknown = sorted(set(named) - keys)

@@ -95,6 +95,19 @@ def run_exists(db: Database, run_id: int) -> bool:
         return session.execute(sa.select(Run.id).where(Run.id == run_id)).first() is not None
 
 
+def run_versions(db: Database, run_id: int) -> list[str]:
+    """The model versions a run's results may be of: its own, and those it was moved from
+    (`store.runs.move_run`); none for a run that does not exist."""
+    with db.transaction() as session:
+        row = session.execute(
+            sa.select(Run.model_version, Run.checkpoint).where(Run.id == run_id)
+        ).first()
+    if row is None:
+        return []
+    version, checkpoint = row
+    return [version, *(checkpoint or {}).get("moved_from", [])]
+
+
 def known_models(db: Database) -> dict[str, ModelClasses]:
     """Every registered model version's classes and own thresholds (`store.models`)."""
     with db.transaction() as session:
