@@ -75,18 +75,25 @@ def test_a_lookup_that_names_nothing_is_one_line_and_exit_1(
     assert found.startswith(f"Error: {message}")
 
 
-def test_plain_results_keep_one_line_and_three_fields_per_result(database: str) -> None:
+def test_plain_results_keep_one_line_and_four_fields_per_result(database: str) -> None:
     result = enrich("results", "--dataset", "9", env={"DATABASE_URL": database})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
     fields = result.stdout.rstrip("\n").split("\t")
-    assert fields == [
+    assert fields[:3] == [
         "/9/tab\\there\\nnew\\u202eline",
         "error",
         "http_404: first line\\nsecond\\tline\\\\",
     ]
+    # The model version, so that two versions' lines for one record can be told apart.
+    assert (
+        fields[3]
+        == json.loads(
+            enrich("results", "--dataset", "9", "--json", env={"DATABASE_URL": database}).stdout
+        )["model_version"]
+    )
     everything = enrich("results", env={"DATABASE_URL": database}).stdout.splitlines()
-    assert len(everything) == 29 and all(line.count("\t") == 2 for line in everything)
+    assert len(everything) == 29 and all(line.count("\t") == 3 for line in everything)
     as_json = enrich("results", "--dataset", "9", "--json", env={"DATABASE_URL": database})
     assert json.loads(as_json.stdout)["record_id"] == HOSTILE_ID
 

@@ -38,7 +38,7 @@ def test_run_status_results_export_on_sqlite(tmp_path: Path, image_host, tiny_mo
     assert listing.returncode == 0, listing.stderr
     assert (
         listing.stdout.strip()
-        == "/e2e/missing\terror\thttp_404: the image server answered HTTP 404"
+        == f"/e2e/missing\terror\thttp_404: the image server answered HTTP 404\t{version}"
     )
 
     lines = enrich("results", "--json", env=env).stdout.splitlines()

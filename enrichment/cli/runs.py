@@ -375,8 +375,9 @@ def results(
 ) -> None:
     """List what happened to each record: outcome, error reason, labels with confidence.
 
-    One line per record and model version, fields separated by tabs; a tab,
-    newline or backslash inside a field is written as \\t, \\n or \\\\. With
+    One line per record and model version (record, outcome, labels or error, model
+    version), fields separated by tabs; a tab, newline or backslash inside a field is
+    written as \\t, \\n or \\\\. With
     --record, a line follows for each annotation published (or about to be) for
     the record: its state, label, annotation id and model version, and the
     Annotations API that holds it. When nothing matches, says so on stderr and
@@ -411,7 +412,9 @@ def results(
             detail = f"{result.error_reason}: {result.error_message}"
         else:
             detail = "no label above threshold"
-        click.echo("\t".join(map(tsv_field, (result.record_id, result.status, detail))))
+        # The version last: two versions' lines for one record were otherwise alike.
+        fields = (result.record_id, result.status, detail, result.model_version)
+        click.echo("\t".join(map(tsv_field, fields)))
         for entry in published:
             where = f"{entry['label']} {entry['annotation_id'] or '-'} ({entry['model_version']})"
             sent = "published" if entry["sent"] else "intent"
