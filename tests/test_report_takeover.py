@@ -6,6 +6,7 @@ between them ("8 labelled" above, "0 labelled" and "No record got this label" be
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -61,7 +62,19 @@ def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
     assert note(before) == ""
     assert sum(labels for labels, _ in class_figures(before)) > 0
 
-    # Run 2 classifies the labelled records again: their results, and labels, are its own now.
+    # Run 2 failed before it wrote any result (a bad query, say): it replaced nothing.
+    engine = sa.create_engine(env["DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO runs (id, kind, scope, model_version, status, queue, records_seen,"
+                " records_enqueued, batches_total, created_at, started_at) VALUES (2, 'on_demand',"
+                " '{}', :version, 'failed', 'enrich.on_demand', 0, 0, 0, :now, :now)"
+            ),
+            {"version": version, "now": datetime.now(UTC).replace(tzinfo=None)},
+        )
+    engine.dispose()
+    # Run 3 classifies the labelled records again: their results, and labels, are its own now.
     again = write_jsonl(
         tmp_path / "again.jsonl",
         [row for row in map(json.loads, records.read_text().splitlines()) if row["id"] in labelled],
@@ -72,7 +85,7 @@ def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
     done, kept = len(expected), len(expected) - len(labelled)
     assert note(page) == (
         f"{len(labelled)} of this run's {done} results have since been replaced by other runs "
-        f"classifying the same records again (run 2). The outcomes below are what the run did; "
+        f"classifying the same records again (run 3). The outcomes below are what the run did; "
         f"the class figures count the {kept} results of {version} it still holds."
     )
     outcomes = {name: int(count) for name, count in rows(page.one("table", id="outcomes"))}
@@ -80,7 +93,7 @@ def test_the_report_says_what_later_runs_and_a_retirement_took_from_a_run(
     scored = sum(1 for want in expected.values() if want.scores is not None) - len(labelled)
     assert class_figures(page) == [(0, scored)] * len(class_figures(page))
     assert set(empty_galleries(page)) == {"No result of this run still holds this label."}
-    assert note(report(2, tmp_path / "after", env)) == ""
+    assert note(report(3, tmp_path / "after", env)) == ""
 
     retired = enrich_here("model", "retire", version, "--yes", env=env)
     assert retired.returncode == 0, retired.stderr

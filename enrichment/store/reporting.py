@@ -267,8 +267,9 @@ class RunReading:
         return {version: count for version, count in self._session.execute(query)}
 
     def runs_since(self, versions: Sequence[str]) -> list[int]:
-        """The other runs of `versions` that were still going when this one started: the
-        only runs whose results can have taken this run's over."""
+        """The other runs of `versions` that were still going when this one started and hold
+        results now: the only runs whose results can have taken this run's over (a run that
+        failed before writing any, a bad query say, replaced nothing)."""
         start = self.run.started_at or self.run.created_at
         return list(
             self._session.scalars(
@@ -277,6 +278,7 @@ class RunReading:
                     Run.id != self.run.id,
                     Run.model_version.in_(versions),
                     sa.or_(Run.finished_at.is_(None), Run.finished_at >= start),
+                    sa.exists().where(Result.run_id == Run.id),
                 )
                 .order_by(Run.id)
             )
