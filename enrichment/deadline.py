@@ -1,8 +1,9 @@
 """One call's whole time budget, and the one thread per client that enforces them all.
 
 Socket timeouts bound each wait, not their sum: a server that sends a byte
-every second never trips them. So each call to the Annotations API runs under a
-`Deadline` (`deadline_http`), and its client's `Watchdog` shuts the call's
+every second never trips them. So each call to the Annotations API, and each page
+of the Search API, runs under a `Deadline` (`deadline_http`), and its client's
+`Watchdog` shuts the call's
 sockets down when the deadline passes, which ends any read in progress at once.
 One thread keeps a heap of every deadline's end, rather than a timer thread per
 call. (The image fetcher needs none of this: its downloads are tasks on an event

@@ -5,6 +5,8 @@ non-zero exit, without a traceback: these are problems with input or
 configuration, not bugs.
 """
 
+import unicodedata
+
 
 class EnrichError(Exception):
     """A problem the user can fix; its message is the whole explanation."""
@@ -56,3 +58,14 @@ class InvalidValue(EnrichError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+def printable(text: str) -> str:
+    """`text` a server sent with control and format characters escaped: a terminal prints a
+    message holding it as it reads."""
+    return "".join(
+        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        if unicodedata.category(c) in ("Cc", "Cf")
+        else c
+        for c in text
+    )

@@ -26,7 +26,7 @@ from enrichment.store.locks import scope_lock
 from enrichment.store.query import record_results, run_summary
 from tests.conftest import enrich, enrich_here, image_bytes, make_tiny_model
 from tests.scenario import resume_in_process, run_in_process
-from tests.search_api import KEY, SearchAPI, generated_item, recorded_items
+from tests.search_api import KEY, RewritingSearchAPI, SearchAPI, generated_item, recorded_items
 
 
 @pytest.fixture
@@ -464,9 +464,23 @@ def test_items_with_dot_segments_in_their_id_are_skipped_with_their_reason(
     assert sum("'.' or '..' segment" in message for message in caplog.messages) == 3
 
 
-@pytest.mark.parametrize("odd_id", [["/4040/item_00001"], {"id": "/4040/x"}, 4040, None])
-def test_an_item_whose_id_is_not_a_string_is_skipped(odd_id: object) -> None:
+def test_items_whose_id_is_not_a_string_are_skipped() -> None:
     """`str()` of a list made `/['/4040/item_00001']` a record of its own (dataset `['`),
     a duplicate of the real one."""
-    with pytest.raises(RecordIdError, match="not a string"):
-        record_from_item({**generated_item("4040", 1, "http://example.org/1.png"), "id": odd_id})
+    odd = RewritingSearchAPI(items=[generated_item("4040", 1, "http://example.org/1.png")])
+    odd.rewrite = lambda document: document["items"].extend(
+        {**generated_item("4040", 2, "http://example.org/2.png"), "id": odd_id}
+        for odd_id in (["/4040/item_00001"], {"id": "/4040/x"}, 4040, None)
+    )
+    try:
+        source = EuropeanaSource(
+            SearchClient(Settings(europeana_api_key=KEY, europeana_api_url=odd.url)),
+            [SearchQuery("*")],
+        )
+        records = [record for page in source.pages(None) for record in page.records]
+    finally:
+        odd.close()
+    assert [record.id for record in records] == ["/4040/item_00001"]
+    assert source.skipped == 4
+    with pytest.raises(RecordIdError, match="is a JSON list, not a string"):
+        record_from_item({**generated_item("4040", 1, "http://example.org/1.png"), "id": ["/4/x"]})

@@ -318,7 +318,7 @@ def test_overlays_of_names_that_differ_only_where_a_file_name_cannot_keep_them_d
     Image.new("RGB", (40, 30), (90, 120, 60)).save(picture, format="PNG")
     shown = explaining.Explanation("map", "Map", 0.9, 0.5, np.zeros((8, 8), dtype=np.float32))
     long_id = "/9/" + "x" * 90
-    names = ["/9/a b", "/9/a_b", long_id, long_id + "y", "/quad/1"]
+    names = ["/9/a b", "/9/a_b", "/9/a/b", "/9_a/b", long_id, long_id + "y", "/quad/1"]
     written = [
         explaining.write_overlays(
             explaining.ImageSource(name, picture.getvalue()), [shown], tmp_path
@@ -326,4 +326,4 @@ def test_overlays_of_names_that_differ_only_where_a_file_name_cannot_keep_them_d
         for name in names
     ]
     assert len({path.name for path in written}) == len(names)
-    assert written[1].name == "9_a_b-map.png" and written[4].name == "quad_1-map.png"
+    assert written[1].name == "9_a_b-map.png" and written[6].name == "quad_1-map.png"

@@ -120,7 +120,7 @@ def test_leaving_the_with_block_stops_the_fetchers_threads(host: ImageHost) -> N
     ]
     assert [name for name in left if not name.startswith("resolve")] == []
     closed = fetcher.fetch(urls[0])
-    assert closed.error_reason == "fetch_error", "a closed fetcher fetches nothing more"
+    assert closed.error_reason == CANCELLED, "a closed fetcher fetches nothing more"
     assert len(host.requests) == 20
 
 

@@ -191,8 +191,6 @@ def test_a_file_that_cannot_be_read_as_records_names_its_line(
         ("/d/a\u00a0b", "NO-BREAK SPACE"),
         ("/d/a?b", "QUESTION MARK"),
         ("/d/a#b", "NUMBER SIGN"),
-        ("/9/a[1]", "LEFT SQUARE BRACKET"),
-        ("/9/a]", "RIGHT SQUARE BRACKET"),
         ("/d/x/", "is not of the form"),
         ("/d//x", "is not of the form"),
         ("/2048128/../2048129/obj", "'.' or '..' segment"),

@@ -85,7 +85,7 @@ def explain(
             ) from None
         try:
             source = explaining.from_record(db, target, config)
-        except EnrichError:
+        except explaining.NoSuchRecord:
             if a_file:
                 raise EnrichError(missing_file) from None
             raise

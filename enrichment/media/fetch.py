@@ -292,7 +292,9 @@ class Fetcher:
             if not self._closed:
                 self._loop.call_soon_threadsafe(self._begin, url, fetched)
                 return fetched
-        fetched.set_result(FetchResult.failed(url, "fetch_error", "the fetcher is closed"))
+        # Closed without waiting (Ctrl-C) just before this fetch began: a failure that passes,
+        # as the downloads it cut short are (a harvest fetches it on its next start).
+        fetched.set_result(FetchResult.failed(url, CANCELLED, "the fetcher is closed"))
         return fetched
 
     def _begin(self, url: str, fetched: Future[FetchResult]) -> None:

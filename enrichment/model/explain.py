@@ -94,15 +94,19 @@ def from_url(url: str, settings: Settings) -> ImageSource:
     return ImageSource(stem or "image", fetched.content)
 
 
+class NoSuchRecord(EnrichError):
+    """The target named no record: not an id, or none the database holds."""
+
+
 def from_record(db: Database, record_id: str, settings: Settings) -> ImageSource:
     """The image of a record already in the database, fetched from its image URL."""
     try:
         wanted = normalise_id(record_id)
     except ValueError as error:
-        raise EnrichError(f"{error}; nor is it an existing file or an http(s) URL") from None
+        raise NoSuchRecord(f"{error}; nor is it an existing file or an http(s) URL") from None
     stored = record_image(db, wanted)
     if stored is None:
-        raise EnrichError(
+        raise NoSuchRecord(
             f"{record_id} is no file here, no http(s) URL, and no record in the database"
         )
     if not stored.image_url:
@@ -269,6 +273,11 @@ def display_image(data: bytes, max_pixels: int = Settings.max_image_pixels) -> I
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+# An id whose file name (`/9/a_b` -> `9_a_b`) no other name gives: an alphanumeric
+# dataset, then one segment of letters, digits, `.`, `_` and `-`, at most 80 in all.
+PLAIN_RECORD_ID = re.compile(r"/[A-Za-z0-9]+/[A-Za-z0-9_-][A-Za-z0-9._-]{0,77}")
+
+
 def write_overlays(
     source: ImageSource,
     explanations: Sequence[Explanation],
@@ -284,9 +293,10 @@ def write_overlays(
     image = display_image(source.data, max_pixels)
     make_directory(out_dir)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.name).strip("._")[:80] or "image"
-    if stem != source.name.strip("/").replace("/", "_"):
-        # Made safe for a file name, two names could become one (`/9/a b` and `/9/a_b`, or
-        # ids alike in their first 80 characters), and one's overlays replace the other's.
+    if stem != source.name and not PLAIN_RECORD_ID.fullmatch(source.name):
+        # Made safe for a file name, two names could become one (`/9/a b`, `/9/a/b` and
+        # `/9/a_b`, or ids alike in their first 80 characters), and one's overlays replace
+        # the other's: the name's hash keeps them apart.
         stem += "-" + hashlib.sha256(source.name.encode()).hexdigest()[:8]
     staged: list[tuple[Path, Path]] = []
     try:

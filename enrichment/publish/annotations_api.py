@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +51,7 @@ from urllib3.util.retry import Retry
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.deadline_http import CallDeadlines, DeadlineAdapter
-from enrichment.errors import EnrichError
+from enrichment.errors import EnrichError, printable
 from enrichment.publish.retries import BACKOFF, PAGE_STATUSES, RETRIES, bounded_retries
 
 TIMEOUT = (10.0, 120.0)
@@ -116,16 +115,6 @@ class Stored:
 
     id: str
     owner: str | None
-
-
-def printable(text: str) -> str:
-    """`text` with control and format characters escaped: a terminal prints it as it reads."""
-    return "".join(
-        (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-        if unicodedata.category(c) in ("Cc", "Cf")
-        else c
-        for c in text
-    )
 
 
 def shown(value: Any) -> str:

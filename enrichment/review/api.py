@@ -17,6 +17,7 @@ from enrichment.review.context import review_context
 from enrichment.review.params import (
     MAX_REVIEWER,
     ReviewError,
+    audit_asked,
     decisions_from_json,
     ids_from_json,
     queue_filter,
@@ -68,7 +69,7 @@ def json_body() -> Any:
 @api.get("/record")
 def record() -> Any:
     db = review_context().db
-    audit = request.args.get("audit") in ("1", "true")  # as the audit sample shows it
+    audit = audit_asked(request.args)  # as the audit sample shows it
     view = record_view(
         db, request.args.get("id", ""), request.args.get("model_version") or None, audit
     )
@@ -86,7 +87,7 @@ def decided() -> Any:
     """The decisions that stand now on some records' classes (`audit=1`: the audit
     decisions, what an audit page shows): a page that was away (another tab, another
     curator) shows them again without losing its place."""
-    audit = request.args.get("audit") in ("1", "true")
+    audit = audit_asked(request.args)
     found = standing_on(review_context().db, record_ids_from_args(request.args), audit)
     return jsonify(decisions=[decision.as_json() for decision in found])
 

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, abort, redirect, render_template, request
 
 from enrichment.review.context import review_context
 from enrichment.review.images import SIZES
-from enrichment.review.params import page_query, queue_filter
+from enrichment.review.params import audit_asked, page_query, queue_filter
 from enrichment.review.stats import MIN_DECISIONS, class_stats
 from enrichment.store.decisions import recent_decisions
 from enrichment.store.review_queue import (
@@ -77,7 +77,7 @@ def queue() -> Any:
 @pages.get("/record")
 def record() -> Any:
     record_id = request.args.get("id", "")
-    audit = request.args.get("audit") == "1"
+    audit = audit_asked(request.args)
     view = record_view(
         review_context().db, record_id, request.args.get("model_version") or None, audit
     )

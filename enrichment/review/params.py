@@ -56,6 +56,12 @@ def _number(args: Any, name: str, kind: Callable[[str], Any]) -> Any:
         raise InvalidValue(name, f"{name}={raw!r} is not a number") from None
 
 
+def audit_asked(args: Any) -> bool:
+    """Whether the request is the audit sample's (`audit=1`): its items show, and its
+    decisions are checked against, the audit decisions only."""
+    return args.get("audit") in ("1", "true")
+
+
 def queue_filter(args: Any, default_limit: int) -> QueueFilter:
     """A QueueFilter from query parameters, as the API documents them."""
     classes = tuple(value for value in args.getlist("label") if value)
@@ -76,7 +82,7 @@ def queue_filter(args: Any, default_limit: int) -> QueueFilter:
         max_score=_number(args, "max_score", float),
         side=args.get("side") or "any",
         state=args.get("state") or "pending",
-        audit=args.get("audit") in ("1", "true"),
+        audit=audit_asked(args),
         limit=default_limit if limit is None else limit,
         offset=_number(args, "offset", int) or 0,
         after=Cursor.from_text(args["after"]) if args.get("after") else None,

@@ -30,8 +30,9 @@ import requests
 
 from enrichment import PROJECT_NAME, __version__
 from enrichment.config import Settings
+from enrichment.deadline import Deadline
 from enrichment.deadline_http import BoundedRetry, CallDeadlines, DeadlineAdapter
-from enrichment.errors import ConfigError, EnrichError, InvalidValue, RecordIdError
+from enrichment.errors import ConfigError, EnrichError, InvalidValue, RecordIdError, printable
 from enrichment.sources.records_file import ITEM_URI_BASE, Record, normalise_id, parse_timestamp
 
 log = logging.getLogger(__name__)
@@ -200,60 +201,70 @@ class SearchClient:
             params.append(("thumbnail", str(query.thumbnail).lower()))
         url = self.settings.europeana_api_url + SEARCH_PATH
         problem = ""
-        for attempt in range(MALFORMED_ATTEMPTS):
-            if attempt:
-                time.sleep(min(self.settings.search_backoff * 2**attempt, 10))
-            with self._deadlines.call() as deadline:
-                try:
-                    response = self.session.get(url, params=params, timeout=(10, 60))
-                except requests.RequestException as error:
-                    if deadline.expired:
-                        raise SearchPageError(
-                            "Europeana Search API page failed: no whole answer within "
-                            f"{deadline.seconds:g} s"
-                        ) from None
-                    # The adapter already retried connection and read failures with backoff.
+        # One deadline for the page: its tries here and urllib3's retries within each.
+        with self._deadlines.call() as deadline:
+            for attempt in range(MALFORMED_ATTEMPTS):
+                if attempt:
+                    pause = min(self.settings.search_backoff * 2**attempt, 10)
+                    if pause >= deadline.remaining():
+                        break
+                    time.sleep(pause)
+                response = self._get(url, params, deadline)
+                if response.status_code == 429 or response.status_code >= 500:
+                    # The adapter already retried these with backoff and Retry-After, within
+                    # the page's deadline: a wait past it was not begun.
+                    after = response.headers.get("Retry-After")
+                    asked = f" (it asked for a wait of {printable(after[:40])} s)" if after else ""
                     raise SearchPageError(
-                        f"Europeana Search API page failed: request failed "
-                        f"({type(error).__name__}) after {RETRIES} retries"
-                    ) from None
-            if response.status_code == 429 or response.status_code >= 500:
-                # The adapter already retried these with backoff and Retry-After, within the
-                # page's deadline: a wait past it was not begun.
-                after = response.headers.get("Retry-After")
-                asked = f" (it asked for a wait of {after[:40]} s)" if after else ""
-                raise SearchPageError(
-                    f"Europeana Search API page failed: HTTP {response.status_code} after "
-                    f"retries{asked}"
-                )
-            body = _json_body(response)
-            if body is None:
-                problem = f"HTTP {response.status_code} with a body that is not JSON"
-                continue
-            if response.status_code >= 400 or body.get("success") is False:
-                # The error and, where the API gives one, its explanation (which part of a
-                # query it could not parse).
-                said = [str(part) for part in (body.get("error"), body.get("message")) if part]
-                message = ": ".join(dict.fromkeys(said)) or f"HTTP {response.status_code}"
-                code = body.get("code")
-                raise SearchAPIError(
-                    f"Europeana Search API refused the request: {message}"
-                    + (f" ({code})" if code else "")
-                )
-            items = body.get("items", [])
-            if not isinstance(items, list):
-                problem = "the response has no list of items"
-                continue
-            strange = next((item for item in items if not isinstance(item, dict)), None)
-            if strange is not None:
-                problem = f"an item is a JSON {type(strange).__name__}, not an object"
-                continue
-            cursor_after = body.get("nextCursor") or None
-            if cursor_after is not None and not isinstance(cursor_after, str):
-                problem = "its nextCursor is not a string"
-                continue
-            return SearchPage(items, cursor_after, result_count(body.get("totalResults")))
+                        f"Europeana Search API page failed: HTTP {response.status_code} after "
+                        f"retries{asked}"
+                    )
+                body = _json_body(response)
+                if body is None:
+                    problem = f"HTTP {response.status_code} with a body that is not JSON"
+                    continue
+                if response.status_code >= 400 or body.get("success") is False:
+                    # The error and, where the API gives one, its explanation (which part of a
+                    # query it could not parse).
+                    said = [str(part) for part in (body.get("error"), body.get("message")) if part]
+                    message = ": ".join(dict.fromkeys(said)) or f"HTTP {response.status_code}"
+                    code = body.get("code")
+                    raise SearchAPIError(
+                        f"Europeana Search API refused the request: {message}"
+                        + (f" ({code})" if code else "")
+                    )
+                items = body.get("items", [])
+                if not isinstance(items, list):
+                    problem = "the response has no list of items"
+                    continue
+                strange = next((item for item in items if not isinstance(item, dict)), None)
+                if strange is not None:
+                    problem = f"an item is a JSON {type(strange).__name__}, not an object"
+                    continue
+                cursor_after = body.get("nextCursor") or None
+                if cursor_after is not None and not isinstance(cursor_after, str):
+                    problem = "its nextCursor is not a string"
+                    continue
+                return SearchPage(items, cursor_after, result_count(body.get("totalResults")))
         raise SearchPageError(f"Europeana Search API page failed: {problem}")
+
+    def _get(self, url: str, params: list[tuple[str, str]], deadline: Deadline) -> Any:
+        """One request under the page's deadline (urllib3 retrying it within), or the
+        SearchPageError that says why there is no answer."""
+        try:
+            return self.session.get(url, params=params, timeout=(10, 60))
+        except requests.RequestException as error:
+            if deadline.expired:
+                raise SearchPageError(
+                    "Europeana Search API page failed: no whole answer within "
+                    f"{deadline.seconds:g} s"
+                ) from None
+            # The adapter already retried connection and read failures with backoff, as
+            # many times as the deadline left room for.
+            raise SearchPageError(
+                f"Europeana Search API page failed: request failed ({type(error).__name__}) "
+                "after retries"
+            ) from None
 
     def pages(self, query: SearchQuery, cursor: str = "*") -> Iterator[SearchPage]:
         """Pages from `cursor` on, until `nextCursor` is absent.

@@ -21,10 +21,9 @@ from enrichment.store.schema import ITEM_URI_BASE
 
 MAX_ID_LENGTH = 512  # records.id
 MAX_DATASET_LENGTH = 128  # records.dataset
-# What RFC 3987 keeps out of IRIs; an id may not hold `?` or `#` either, which would end its
-# path, nor `[` or `]`, which RFC 3986 keeps for a host's IP literal, never a path.
+# What RFC 3987 keeps out of IRIs; an id may not hold `?` or `#` either, which would end its path.
 FORBIDDEN_IN_IRI = frozenset('<>"{}|\\^`')
-FORBIDDEN_IN_ID = FORBIDDEN_IN_IRI | {"?", "#", "[", "]"}
+FORBIDDEN_IN_ID = FORBIDDEN_IN_IRI | {"?", "#"}
 # Control, format (bidi, zero-width), separators (every whitespace), private use, surrogates.
 FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Co", "Cs"})
 CSV_COLUMNS = ("id", "image_url")
@@ -72,8 +71,7 @@ def check_id(value: str) -> None:
     Not allowed: whitespace, control characters (NUL, tab, newline), Unicode
     format characters (bidi overrides such as U+202E, zero-width spaces), private
     use code points, and the characters RFC 3987 keeps out of IRIs (`<>"{}|\\^` and
-    the backtick), plus `?` and `#`, which would end the IRI's path, and `[` and `]`,
-    which only a host may hold.
+    the backtick), plus `?` and `#`, which would end the IRI's path.
     """
     if len(value) > MAX_ID_LENGTH:
         raise RecordIdError(f"record id {value[:40]!r}... is over {MAX_ID_LENGTH} characters")

@@ -381,13 +381,13 @@ def queue_progress(db: Database, filters: QueueFilter) -> Progress:
     auditor works through. Both count the page's own items, so a curator on one class or
     dataset sees that queue move, not every decision of the day.
     """
+    # The filter as given (its state too, which today's decisions are counted in), not only
+    # the pending one counted: a mistyped state is the caller's InvalidValue.
+    filters.check()
     todo = replace(filters, after=None, offset=0)
     if not filters.audit:
         todo = replace(todo, state="pending")
     with db.transaction() as session:
-        # The filter as given (its state too, which today's decisions are counted in), not
-        # only the pending one counted: a mistyped state is the caller's InvalidValue.
-        filters.check()
         models = check_filter(session, todo)
         keys = _keys(todo, models)
         count, capped = _total(session, todo, models, keys) if keys else (0, False)

@@ -34,11 +34,8 @@ from enrichment.store.schema import (
     result_image_url,
     utc_now,
 )
-from enrichment.store.selection import sample_ranks
+from enrichment.store.selection import MOVED_FROM, sample_ranks
 from enrichment.store.writes import SourceRecord, register_model, upsert_records
-
-# The checkpoint's list of the model versions a run was moved from (`move_run`).
-MOVED_FROM = "moved_from"
 
 
 class UnfinishedRun(ScopeBusy):

@@ -44,6 +44,9 @@ from enrichment.store.schema import (
 # Rows per chunk of a streamed read.
 STREAM_ROWS = 2000
 
+# A run's checkpoint's list of the model versions it was moved from (`runs.move_run`).
+MOVED_FROM = "moved_from"
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -105,7 +108,7 @@ def run_versions(db: Database, run_id: int) -> list[str]:
     if row is None:
         return []
     version, checkpoint = row
-    return [version, *(checkpoint or {}).get("moved_from", [])]
+    return [version, *(checkpoint or {}).get(MOVED_FROM, [])]
 
 
 def known_models(db: Database) -> dict[str, ModelClasses]:

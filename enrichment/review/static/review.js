@@ -31,8 +31,9 @@
     loginLost = true;
     const notice = document.getElementById("login-lost");
     if (!notice) return;
-    document.getElementById("login-again").href =
-      "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    const link = document.getElementById("login-again");  // the app's login page (url_for)
+    link.href = link.getAttribute("href").split("?")[0] + "?next="
+      + encodeURIComponent(location.pathname + location.search);
     notice.hidden = false;
     notice.scrollIntoView({ block: "nearest" });
   }
@@ -174,6 +175,7 @@
       const query = records.map((id) => "record=" + encodeURIComponent(id)).join("&")
         + (audit ? "&audit=1" : "");
       const response = await fetch("/api/decisions?" + query, { credentials: "same-origin" });
+      if (response.status === 401) loseLogin();  // a tab shown again after a log out elsewhere
       if (!response.ok) return [];
       now = await response.json();
     } catch (error) {
