@@ -109,6 +109,8 @@ def test_a_run_in_which_every_record_failed_exits_3_and_the_bar_has_its_own_line
     run, stderr = enrich_on_a_terminal("run", "--records", str(records), env=env)
     assert run.returncode == 3, stderr
     assert "run 1 completed" in run.stdout
+    # What the run did, counted when it completed (later thresholds may tell otherwise).
+    assert "  outcomes       4 error (when it completed)" in run.stdout.splitlines()
     lines = stderr.replace("\r", "\n").splitlines()
     assert lines[0].startswith("run 1 started for model tiny@")
     bars = [line for line in lines if line.startswith("classified:")]

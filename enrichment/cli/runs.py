@@ -297,7 +297,10 @@ def print_summary_counts(summary) -> None:
     batches = ", ".join(f"{n} {s}" for s, n in sorted(summary.batches.items())) or "none"
     outcomes = ", ".join(f"{n} {s}" for s, n in sorted(summary.outcomes.items())) or "none yet"
     click.echo(f"  batches        {batches}")
-    click.echo(f"  outcomes       {outcomes}")
+    # A completed run's outcomes are what it did, counted when it completed: new thresholds,
+    # a later run or a retirement since change what the records hold (`enrich results`).
+    when = " (when it completed)" if summary.status == RunStatus.COMPLETED else ""
+    click.echo(f"  outcomes       {outcomes}{when}")
     for reason, count in summary.errors_by_reason.items():
         click.echo(f"    error {reason:<20} {count}")
     if summary.error:
