@@ -215,7 +215,7 @@ def test_the_same_task_twice_is_decided_once_by_its_latest_annotation(
             2,
             2,
             0,
-            ["task 1 (id 1): the same record and model as task 2 (id 1), whose annotation counts"],
+            ["task 1 (id 1): the same record as task 2 (id 1), whose annotation counts"],
         )
         ada = "ada@example.org"
         kept = [("/9001/a", "photograph", "accept", ada), ("/9001/a", "drawing", "reject", ada)]
@@ -229,6 +229,40 @@ def test_the_same_task_twice_is_decided_once_by_its_latest_annotation(
             ("/9001/a", "photograph", "reject", ada),
             ("/9001/a", "map", "add", ada),
         ]
+    finally:
+        db.dispose()
+
+
+def test_a_later_annotation_takes_back_an_added_class_and_counts_across_versions(
+    image_host, tmp_path: Path
+) -> None:
+    """An annotation leaving out a class added before rejects it (the add stood for ever, in
+    every labelled set exported after); a record's tasks of two model versions count by the
+    latest annotation, not by their place in the file; and times are compared as times
+    (`10:00:00Z` sorted after `10:00:00.500000Z` as text)."""
+    url = f"sqlite:///{tmp_path}/ls.sqlite3"
+    db = build_review_db(url, image_host)
+    other = "pilot@dddddddddddd"
+    build_review_db(url, image_host, version=other).dispose()  # /9001/a classified by both
+    ada = "ada@example.org"
+    try:
+        imported(db, tmp_path, [task(("photograph", "drawing", "map"))])
+        assert ("/9001/a", "map", "add", ada) in decisions(url)
+        imported(db, tmp_path, [task(("photograph", "drawing"), "2026-12-02T10:00:00Z")])
+        assert decisions(url)[-1] == ("/9001/a", "map", "reject", ada)
+
+        newer = task(("map",), "2026-12-03T10:00:00.500000Z")
+        older = changed(lambda t: t["data"].update(model_version=other))
+        older["annotations"][0].update(
+            updated_at="2026-12-03T10:00:00Z",
+            result=[dict(older["annotations"][0]["result"][0], value={"choices": ["drawing"]})],
+        )
+        report = imported(db, tmp_path, [newer, older])
+        assert report.skipped == [
+            "task 2 (id 1): the same record as task 1 (id 1), whose annotation counts"
+        ]
+        standing = {key: decision for _, key, decision, _ in decisions(url)}
+        assert standing == {"photograph": "reject", "drawing": "reject", "map": "add"}
     finally:
         db.dispose()
 

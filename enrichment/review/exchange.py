@@ -197,14 +197,16 @@ class ImportReport:
 def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport:
     """Read a Label Studio JSON export as decisions; a decision already standing is not repeated.
 
-    A task that cannot be read is skipped with its reason. A record and model
-    version annotated in several tasks counts once, by the latest annotation
-    (the later task on a tie), so one file never records a decision twice.
+    A task that cannot be read is skipped with its reason. A record annotated in several
+    tasks (of one model version or of several: decisions are a record's, whatever the
+    version) counts once, by the latest annotation (the later task on a tie), so one file
+    never records a decision twice. A class the annotation leaves out is rejected where
+    the model gave it or a decision standing on it says it is there (an earlier add).
     """
     document = read_export(path)
     models = registered_models(db)
     skipped: list[str] = []
-    latest: dict[tuple[str, str], AnnotatedTask] = {}
+    latest: dict[str, AnnotatedTask] = {}
     for number, entry in enumerate(document, 1):
         try:
             task = read_task(number, entry, reviewer)
@@ -219,22 +221,22 @@ def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport
         if unknown:
             skipped.append(f"{task.name}: unknown classes {', '.join(map(shown, unknown))}")
             continue
-        key = (task.record_id, task.model_version)
-        earlier = latest.get(key)
+        earlier = latest.get(task.record_id)
         if earlier is not None:
             kept, dropped = (
                 (earlier, task) if earlier.annotated_at > task.annotated_at else (task, earlier)
             )
             skipped.append(
-                f"{dropped.name}: the same record and model as {kept.name}, whose annotation counts"
+                f"{dropped.name}: the same record as {kept.name}, whose annotation counts"
             )
             task = kept
-        latest[key] = task
-    known = results_and_labels(db, list(latest))
+        latest[task.record_id] = task
+    known = results_and_labels(db, [(t.record_id, str(t.model_version)) for t in latest.values()])
     standing = standing_decisions(db)
     decisions: list[NewDecision] = []
     unchanged = 0
-    for (record_id, version), task in latest.items():
+    for record_id, task in latest.items():
+        version = str(task.model_version)
         if (record_id, version) not in known.results:
             skipped.append(
                 f"{task.name}: record {shown(record_id)} has no result of model {version}"
@@ -245,6 +247,8 @@ def import_label_studio(db: Database, path: Path, reviewer: str) -> ImportReport
                 decision = Decision.ACCEPT if key in task.chosen else Decision.REJECT
             elif key in task.chosen:
                 decision = Decision.ADD
+            elif standing.get((record_id, key)) in Decision.POSITIVE:
+                decision = Decision.REJECT  # an earlier add (or accept) the annotation undoes
             else:
                 continue
             if standing.get((record_id, key)) == decision:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ class AnnotatedTask:
     model_version: str | None
     chosen: frozenset[str]
     reviewer: str
-    annotated_at: str
+    annotated_at: datetime  # UTC; the earliest time when the annotation says none
 
 
 def read_export(path: Path) -> list[Any]:
@@ -141,13 +142,22 @@ def _last_annotation(name: str, task: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _annotated_at(annotation: dict[str, Any]) -> str:
-    """When it was last changed, as Label Studio writes it (ISO 8601, so text order is time)."""
+NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def _annotated_at(annotation: dict[str, Any]) -> datetime:
+    """When it was last changed, as a time: Label Studio's ISO 8601 text does not sort as
+    time (`10:00:00Z` came after `10:00:00.500000Z`); none, or one that is no time, is the
+    earliest."""
     for field in ("updated_at", "created_at"):
         value = annotation.get(field)
         if isinstance(value, str) and value:
-            return value
-    return ""
+            try:
+                when = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+            return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return NEVER
 
 
 def _model_version(name: str, data: dict[str, Any], task: dict[str, Any]) -> str | None:
