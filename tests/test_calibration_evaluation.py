@@ -17,6 +17,7 @@ from sklearn.metrics import (
 from enrichment.cli.model import _precision_targets
 from enrichment.errors import EnrichError, InvalidValue, ModelError
 from enrichment.model.calibration import (
+    MIN_EXAMPLES,
     calibrated_spec,
     choose_threshold,
     choose_thresholds,
@@ -165,6 +166,28 @@ def test_a_class_without_positives_keeps_its_threshold() -> None:
     assert a.calibrated and a.threshold == pytest.approx(0.55)
     assert not b.calibrated and b.threshold == 0.42 and b.support == 0
     assert b.as_json()["method"] == "kept: no positive example in the data"
+
+
+def test_calibrate_moves_no_threshold_on_too_few_examples() -> None:
+    """One positive made a threshold of its own score, 0.998, with "precision 1.000" (the
+    class's recall on a real test set fell from 0.97 to 0.14); positives only have no
+    precision to measure. Such a class keeps its threshold, saying why."""
+    rng = np.random.default_rng(3)
+    scores = rng.random((40, 3)).astype(np.float32)
+    truth = np.zeros((40, 3), dtype=bool)
+    truth[0, 0] = True  # a: one positive
+    truth[:, 1] = True  # b: positives only
+    truth[:20, 2] = True  # c: 20 of each
+    scored = ScoredSet(keys=["a", "b", "c"], targets=truth, scores=scores, skipped=[])
+    a, b, c = choose_thresholds(scored, dict.fromkeys("abc", 0.4), min_examples=MIN_EXAMPLES)
+    assert (a.threshold, b.threshold) == (0.4, 0.4) and not a.calibrated and not b.calibrated
+    assert a.as_json()["method"] == (
+        "kept: too few examples (1 positive, 39 negative; calibrating needs 10 of each)"
+    )
+    assert "40 positive, 0 negative" in b.as_json()["method"]
+    assert c.calibrated and c.support == 20
+    # What training does on its own split: any class with a positive is calibrated.
+    assert choose_thresholds(scored, dict.fromkeys("abc", 0.4))[0].calibrated
 
 
 def test_calibration_rewrites_model_json_but_not_the_version(tiny_model: Path, tmp_path) -> None:

@@ -270,13 +270,15 @@ def calibrate(
     """Choose each class's threshold from a validation set and store it in model.json.
 
     By default the threshold with the best F1; with --min-precision, the one
-    with the most recall whose precision meets the target. The weights and the
-    model version stay; model.json's thresholds_version goes up by one.
+    with the most recall whose precision meets the target. A class with fewer
+    than 10 positive or 10 negative images in the set keeps its threshold. The
+    weights and the model version stay; model.json's thresholds_version goes up
+    by one.
     """
     from dataclasses import replace
 
     from enrichment.media.fetch import Fetcher
-    from enrichment.model.calibration import choose_thresholds, write_calibration
+    from enrichment.model.calibration import MIN_EXAMPLES, choose_thresholds, write_calibration
     from enrichment.model.classifier import Classifier
     from enrichment.model.evaluation import score_labelled
     from enrichment.model.labelled import read_labelled
@@ -291,7 +293,7 @@ def calibrate(
     finally:
         fetcher.close()
     previous = {item.key: item.threshold for item in spec.classes}
-    chosen = choose_thresholds(scored, previous, targets)
+    chosen = choose_thresholds(scored, previous, targets, MIN_EXAMPLES)
     if top_k_fallback is not None:
         spec = replace(spec, top_k_fallback=top_k_fallback)
     updated = write_calibration(
@@ -531,8 +533,8 @@ def echo_thresholds(chosen: list[ClassThreshold]) -> None:
     click.echo(f"  {'class':<20} {'threshold':>9} {'precision':>9} {'recall':>6} {'f1':>6}")
     for item in chosen:
         note = ""
-        if not item.calibrated:
-            note = "  kept: no positive example"
+        if item.kept is not None:
+            note = f"  kept: {item.kept}"
         elif item.target_met is False:
             note = f"  precision {item.min_precision} not reachable: most precise threshold"
         click.echo(

@@ -7,6 +7,13 @@ one with the most recall whose precision meets the target. The threshold is
 then placed halfway to the next lower score, so it makes the same decisions
 on the validation set but with a margin either side.
 
+`enrich model calibrate` moves a class's threshold only on at least MIN_EXAMPLES
+positive and as many negative images of it: one positive made a threshold of 0.998 (its
+own score) with "precision 1.000", and a set of positives only has no precision to
+measure; such a class keeps its threshold, and the table says why. (Training calibrates
+on its own validation split with whatever it has, as before: a new model needs
+thresholds, and its split is what there is.)
+
 Weights are not touched, so the model version stays; `thresholds_version`
 counts calibrations (training's own, on its validation split, is the first),
 and the `calibration` block says on what data and with what precision and
@@ -47,10 +54,11 @@ class ClassThreshold:
     f1: float
     min_precision: float | None = None
     target_met: bool | None = None
+    kept: str | None = None  # why the previous threshold was kept, if it was
 
     @property
     def calibrated(self) -> bool:
-        return self.support > 0
+        return self.kept is None
 
     def as_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -65,9 +73,12 @@ class ClassThreshold:
         if self.min_precision is not None:
             document["min_precision"] = self.min_precision
             document["target_met"] = self.target_met
-        if not self.calibrated:
-            document["method"] = "kept: no positive example in the data"
+        if self.kept is not None:
+            document["method"] = f"kept: {self.kept}"
         return document
+
+
+MIN_EXAMPLES = 10  # positives and negatives `enrich model calibrate` needs to move a threshold
 
 
 def choose_threshold(
@@ -76,12 +87,30 @@ def choose_threshold(
     scores: np.ndarray,
     previous: float,
     min_precision: float | None = None,
+    min_examples: int = 1,
 ) -> ClassThreshold:
-    """The threshold for one class (boolean `truth`, float32 `scores`)."""
+    """The threshold for one class (boolean `truth`, float32 `scores`); the previous one, and
+    what it gives, with fewer than `min_examples` positives (or, above 1, negatives)."""
     positives = int(truth.sum())
-    if positives == 0:  # nothing to calibrate against: keep what there was
-        tp, fp, fn = 0, int(np.sum(_decided(scores, previous))), 0
-        return ClassThreshold(key, previous, previous, 0, *precision_recall_f1(tp, fp, fn))
+    negatives = len(truth) - positives
+    if (
+        positives == 0
+        or positives < min_examples
+        or (min_examples > 1 and negatives < min_examples)
+    ):
+        # Nothing (or too little) to calibrate against: keep what there was.
+        decided = _decided(scores, previous)
+        tp = int(np.sum(decided & truth))
+        fp, fn = int(np.sum(decided)) - tp, positives - tp
+        kept = (
+            "no positive example in the data"
+            if positives == 0
+            else f"too few examples ({positives} positive, {negatives} negative; "
+            f"calibrating needs {min_examples} of each)"
+        )
+        return ClassThreshold(
+            key, previous, previous, positives, *precision_recall_f1(tp, fp, fn), kept=kept
+        )
     candidates, tp, fp = ranked_counts(truth, scores)
     precision = tp / (tp + fp)
     recall = tp / positives
@@ -140,6 +169,7 @@ def choose_thresholds(
     scored: ScoredSet,
     previous: Mapping[str, float],
     min_precision: Mapping[str, float] | None = None,
+    min_examples: int = 1,
 ) -> list[ClassThreshold]:
     """One threshold per class; `min_precision` maps keys to targets (absent key: best F1)."""
     targets = min_precision or {}
@@ -150,6 +180,7 @@ def choose_thresholds(
             scored.scores[:, column],
             previous[key],
             targets.get(key),
+            min_examples,
         )
         for column, key in enumerate(scored.keys)
     ]
