@@ -146,4 +146,11 @@ def test_export_failures_from_the_command_line_are_one_line(image_host, tmp_path
     )
     assert no_config.exit_code == 2 and "give --config when --out is a device" in no_config.output
     assert not Path("/dev/full.xml").exists() and not Path("/dev/stdout.xml").exists()
+    # A mistyped class is named (it wrote no task, exit 0), and nothing is written.
+    unknown = CliRunner().invoke(
+        cli,
+        ["review", "label-studio", "export", "--out", str(outputs / "t.json"), "--class", "mapp"],
+        env={"DATABASE_URL": url},
+    )
+    assert unknown.exit_code != 0 and "no model has the class mapp" in unknown.output
     assert list(outputs.iterdir()) == []

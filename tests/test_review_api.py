@@ -487,6 +487,18 @@ def test_review_export_is_a_labelled_set_that_calibrate_reads(
     assert (calibration["images"], calibration["skipped"]) == (3, 0)
     support = {key: value["support"] for key, value in calibration["classes"].items()}
     assert support == {"photograph": 1, "drawing": 3, "map": 0}
+    # Three reviewed records move no threshold (calibrate needs 10 of each side).
+    assert all(c["method"].startswith("kept: ") for c in calibration["classes"].values())
+
+    # Standard output is `-`; a `.csv` name, which calibrate would read as CSV, is refused.
+    piped = CliRunner().invoke(cli, ["review", "export", "--out", "-"], env=env)
+    assert piped.exit_code == 0 and piped.stdout.splitlines() == out.read_text().splitlines()
+    assert not Path("-").exists()
+    as_csv = CliRunner().invoke(
+        cli, ["review", "export", "--out", str(tmp_path / "reviewed.csv")], env=env
+    )
+    assert as_csv.exit_code == 2 and "the labelled set is JSON Lines" in as_csv.output
+    assert not (tmp_path / "reviewed.csv").exists()
 
 
 def test_audit_sample_draws_labels_above_threshold_until_each_is_audited(

@@ -203,19 +203,32 @@ def stats_table(rows) -> str:
     "out_path",
     type=click.Path(path_type=Path, dir_okay=False),
     required=True,
-    help="The labelled set to write (.jsonl), for `enrich model calibrate` or `train`.",
+    help="The labelled set to write (.jsonl; - for standard output), for `enrich model "
+    "calibrate` or `train`.",
 )
 @with_filters
 def export_reviewed(
     out_path: Path, datasets: tuple[str, ...], run_id: int | None, model_version: str | None
 ) -> None:
     """The reviewed records as a labelled set: image URL, labels, record id as the group."""
+    import sys
+
     from enrichment.publish.pages import AtomicFiles
     from enrichment.review.exchange import write_labelled_set
+    from enrichment.sources.tabular import CSV, table_format
     from enrichment.store.review_queue import QueueFilter
 
+    # Written as JSON Lines: a `.csv` name would be read back as CSV by calibrate and train.
+    if table_format(out_path) == CSV:
+        raise click.BadParameter(
+            f"{out_path}: the labelled set is JSON Lines; name it .jsonl", param_hint="'--out'"
+        )
     filters = QueueFilter(datasets=datasets, run_id=run_id, model_version=model_version)
     db = open_db()
+    if out_path == Path("-"):  # the usual name for standard output
+        written = write_labelled_set(db, filters, sys.stdout)
+        click.echo(f"wrote {written} reviewed records", err=True)
+        return
     with AtomicFiles() as atomic, atomic.create(out_path) as out:
         written = write_labelled_set(db, filters, out)
     click.echo(f"wrote {written} reviewed records to {out_path}", err=True)

@@ -30,7 +30,7 @@ from html import escape
 from pathlib import Path
 from typing import IO, Any
 
-from enrichment.errors import OutputError
+from enrichment.errors import InvalidValue, OutputError
 from enrichment.files import write_atomically
 from enrichment.review.label_studio import (
     FROM_NAME,
@@ -145,6 +145,12 @@ def write_label_studio(
     for model in registered_models(db).values():
         if filters.model_version is None or model.version == filters.model_version:
             names.update(zip(model.keys, model.names, strict=True))
+    # The tasks are read over every class (a task shows all its record's labels), so the
+    # store's filter check never sees these: a mistyped class wrote no task, exit 0.
+    unknown = sorted(set(filters.classes) - set(names))
+    if unknown:
+        known = ", ".join(sorted(names)) or "no model is registered yet"
+        raise InvalidValue("classes", f"no model has the class {', '.join(unknown)} ({known})")
     tasks = list(label_studio_tasks(db, filters))
     outputs = [
         (tasks_path, json.dumps(tasks, indent=1, ensure_ascii=False)),
