@@ -442,6 +442,26 @@ def test_init_training_through_the_cli(trained, synthetic: Path, tmp_path: Path)
     assert raised.value.field == "out" and str(tmp_path / "tuned") in str(raised.value)
 
 
+def test_a_training_that_diverges_says_so_before_writing_anything() -> None:
+    """A learning rate far too high: the loss became NaN, the thresholds were calibrated on
+    NaN scores, and only model.json's check said "threshold: nan is not a finite number",
+    after the weights were written into the new directory. The epoch says so at once now.
+    (Inputs holding NaN make the loss NaN for certain, as divergence does at its end.)"""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from enrichment.model.training import _fit
+
+    network = torch.nn.Linear(4, 2)
+    inputs = torch.full((8, 4), float("nan"))
+    targets = torch.zeros((8, 2))
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=4)
+    options = TrainingOptions(name="diverged", epochs=3, learning_rate=10.0, progress=False)
+    with pytest.raises(ModelError, match=r"training diverged: the loss became nan in epoch 1; "
+                       r"try a lower --lr than 10 \(nothing was written\)"):  # fmt: skip
+        _fit(network, loader, loader, np.zeros((8, 2)), ["a", "b"], np.ones(2, np.float32),
+             options, torch.device("cpu"))  # fmt: skip
+
+
 def test_out_is_the_option_and_output_its_hidden_old_name() -> None:
     shown = CliRunner().invoke(cli, ["model", "train", "--help"], env={})
     assert shown.exit_code == 0 and "--out DIRECTORY" in shown.output

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import pickle
 import sys
 import time
@@ -458,6 +459,13 @@ def _fit(
                 loss = _train_one_epoch(
                     network, train_loader, loss_function, optimiser, scaler, device, bar
                 )
+                if not math.isfinite(loss):
+                    # Diverged: every epoch after is NaN too, and the thresholds calibrated
+                    # on NaN scores broke model.json only once the weights were written.
+                    raise ModelError(
+                        f"training diverged: the loss became {loss} in epoch {epoch}; "
+                        f"try a lower --lr than {options.learning_rate:g} (nothing was written)"
+                    )
                 schedule.step()
                 metrics, val_loss, scores = _validate(
                     network, val_loader, val_targets, keys, pos_weight, device
