@@ -38,7 +38,7 @@ from enrichment.media.fetch import Fetcher
 from enrichment.model.classifier import Classifier, head_parameter_names
 from enrichment.model.labelled import read_labelled
 from enrichment.model.spec import read_model_json
-from enrichment.model.split import split_by_group, split_groups_or_rows
+from enrichment.model.split import joined_by_image, split_by_group, split_groups_or_rows
 from enrichment.model.training import (
     Augmentation,
     InferenceView,
@@ -218,6 +218,25 @@ def test_too_few_groups_fall_back_to_a_split_by_image_and_say_so() -> None:
     assert len(skewed.validation) == 4
     with pytest.raises(EnrichError, match="single image"):
         split_groups_or_rows(["only"], 0.2, seed=0)
+
+
+def test_an_image_is_never_on_both_sides_of_the_split() -> None:
+    """Records sharing an image (Europeana's often do; a review export groups by record):
+    8 of 10 validation images were in training too, where a record's copy went."""
+    groups = [f"/d/r{i}" for i in range(24)] + [f"/d/copy{i}" for i in range(24)]
+    images = [f"img{i}.png" for i in range(24)] * 2
+    for seed in range(5):
+        split = split_groups_or_rows(groups, 0.2, seed, images)
+        trained_on = {images[i] for i in split.train}
+        assert not trained_on & {images[i] for i in split.validation}
+        assert sorted(split.train + split.validation) == list(range(48))
+    # Split by image (one group): each image's rows on one side all the same.
+    one = split_groups_or_rows(["2048128"] * 20, 0.2, 0, [f"i{n % 10}" for n in range(20)])
+    assert one.fallback is not None
+    assert not {n % 10 for n in one.train} & {n % 10 for n in one.validation}
+    # Groups joined through a chain of shared images are one.
+    assert joined_by_image(["a", "b", "c", "d"], ["x", "x", "y", "y"]) == ["a", "a", "c", "c"]
+    assert joined_by_image(["a", "b", "b"], ["x", "y", "x"]) == ["a", "a", "a"]
 
 
 def test_early_stopping_keeps_the_best_epoch(trained: tuple[Path, dict]) -> None:

@@ -5,6 +5,11 @@ or a harvest's dataset) fall on the same side, or validation would measure how
 well the model recognises what it has seen. A set with too few groups for that
 (a harvest of one dataset, the usual first try) is split by image instead, and
 the split says so, since its validation scores are then optimistic.
+
+An image is never on both sides either: rows naming the same image (Europeana's records
+often share one, and a labelled set from `enrich review export` is grouped by record) are
+one group with everything their groups hold, and the split by image keeps each image's
+rows together.
 """
 
 from __future__ import annotations
@@ -53,17 +58,42 @@ def split_by_group(
     return [i for i in range(len(groups)) if i not in held_out], sorted(validation)
 
 
-def split_groups_or_rows(groups: Sequence[str], fraction: float, seed: int) -> Split:
+def joined_by_image(groups: Sequence[str], images: Sequence[str]) -> list[str]:
+    """Each row's group, where groups that share an image are one (the first one's name)."""
+    parent: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while parent.setdefault(group, group) != group:
+            parent[group] = parent[parent[group]]
+            group = parent[group]
+        return group
+
+    first_group: dict[str, str] = {}
+    for group, image in zip(groups, images, strict=True):
+        other = first_group.setdefault(image, group)
+        one, two = root(other), root(group)
+        if one != two:
+            parent[two] = one
+    return [root(group) for group in groups]
+
+
+def split_groups_or_rows(
+    groups: Sequence[str], fraction: float, seed: int, images: Sequence[str] | None = None
+) -> Split:
     """By group when the groups can give validation about `fraction` of the images
-    (between half and twice it); otherwise by image, with the reason in `fallback`."""
+    (between half and twice it); otherwise by image, with the reason in `fallback`. With
+    `images` (each row's image), rows of one image are always on the same side."""
+    rows = [str(row) for row in range(len(groups))] if images is None else list(images)
+    if images is not None:
+        groups = joined_by_image(groups, images)
     distinct = len(set(groups))
     if distinct >= 2:
         train, validation = split_by_group(groups, fraction, seed)
         if fraction / 2 <= len(validation) / len(groups) <= 2 * fraction:
             return Split(train, validation)
-    if len(groups) < 2:
+    if len(set(rows)) < 2:
         raise EnrichError("cannot split a single image into training and validation")
-    train, validation = split_by_group([str(row) for row in range(len(groups))], fraction, seed)
+    train, validation = split_by_group(rows, fraction, seed)
     reason = (
         f"{distinct} group{'s' if distinct != 1 else ''} cannot give validation "
         f"{fraction:.0%} of the images with each group on one side: split by image instead "

@@ -412,7 +412,10 @@ def _split(
             images, held_out, validation, skipped_images + skipped_held_out, str(validation.path)
         )
     split = split_groups_or_rows(
-        [data.images[row].group for row, _ in images], options.validation_fraction, options.seed
+        [data.images[row].group for row, _ in images],
+        options.validation_fraction,
+        options.seed,
+        [data.images[row].image for row, _ in images],
     )
     by = "image" if split.fallback else data.group_field or "row"
     return _Split(
