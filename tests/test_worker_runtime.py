@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -335,3 +336,23 @@ def test_nightly_task_runs_the_whole_collection_and_never_overlaps(
         {"kind": "nightly", "queue": "enrich.nightly", "records_seen": 40}
     ]
     assert db.value("SELECT count(*) FROM results WHERE run_id = 1") == 40
+
+
+def test_a_worker_whose_weights_do_not_match_its_model_json_does_not_start(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """It started, took each batch message and dropped it (its processes could not load
+    the weights), and the run waited for ever with nothing said."""
+    damaged = tmp_path / "model"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"\0" * 10)
+    env = {
+        "CELERY_BROKER_URL": "redis://127.0.0.1:9/0",  # never reached: it stops before
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "ENRICH_MODEL": str(damaged),
+    }
+    refused = enrich_here("worker", env=env)
+    assert refused.returncode == 1
+    assert "the weights do not belong to this model.json" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -34,7 +34,9 @@ def worker(queues: str | None, gpus: str | None, name: str | None, loglevel: str
     config = settings()
     if not config.broker_url:
         raise ConfigError("CELERY_BROKER_URL is not set: a worker needs a broker")
-    version = model_identity(config.require_model_dir()).version
+    # The weights hashed before any message is taken: a worker whose processes could not
+    # load them took each batch and dropped it, and the run waited for ever.
+    version = model_identity(config.require_model_dir(), with_weights=True).version
     chosen_queues = (
         tuple(q.strip() for q in queues.split(",") if q.strip())
         if queues

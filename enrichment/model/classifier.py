@@ -25,14 +25,13 @@ from enrichment.model.batch_decode import BatchDecoder
 from enrichment.model.spec import (
     WEIGHTS_FILE,
     ModelSpec,
+    checked_weights,
     read_model_json,
     weights_sha256,
     write_model_json,
 )
 from enrichment.store.writes import LabelScore
 from enrichment.thresholds import DecisionRule, decide
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 
 
 def classification_architectures() -> list[str]:
@@ -125,21 +124,7 @@ class Classifier:
     def load(cls, directory: Path, device: torch.device | None = None) -> Classifier:
         """Load and verify a model directory: files present, hash matching, shapes matching."""
         spec, version, expected_sha256 = read_model_json(directory)
-        weights_path = directory / WEIGHTS_FILE
-        if not weights_path.is_file():
-            pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            hint = (
-                f" (found {', '.join(pickles)}: pickled checkpoints are never loaded)"
-                if pickles
-                else ""
-            )
-            raise ModelError(f"{directory} has no {WEIGHTS_FILE}{hint}")
-        actual = weights_sha256(weights_path)
-        if actual != expected_sha256:
-            raise ModelError(
-                f"{weights_path} has SHA-256 {actual[:12]}…, but model.json records "
-                f"{expected_sha256[:12]}…: the weights do not belong to this model.json"
-            )
+        weights_path = checked_weights(directory, expected_sha256)
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as error:

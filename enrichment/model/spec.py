@@ -93,6 +93,31 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def checked_weights(directory: Path, expected_sha256: str) -> Path:
+    """The weights file, present and hashing as model.json records, or a ModelError saying
+    what is wrong. Without torch: `enrich worker` checks it before it takes any batch (a
+    worker whose weights did not load took each batch message and dropped it)."""
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = (
+            f" (found {', '.join(pickles)}: pickled checkpoints are never loaded)"
+            if pickles
+            else ""
+        )
+        raise ModelError(f"{directory} has no {WEIGHTS_FILE}{hint}")
+    actual = weights_sha256(weights_path)
+    if actual != expected_sha256:
+        raise ModelError(
+            f"{weights_path} has SHA-256 {actual[:12]}…, but model.json records "
+            f"{expected_sha256[:12]}…: the weights do not belong to this model.json"
+        )
+    return weights_path
+
+
 def model_version(name: str, sha256: str) -> str:
     return f"{name}@{sha256[:12]}"
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from enrichment.config import Settings
 from enrichment.errors import ConfigError, EnrichError, InvalidValue, RecordsFileError
-from enrichment.model.spec import read_model_json
+from enrichment.model.spec import checked_weights, read_model_json
 from enrichment.runs.schedule import (
     Dispatcher,
     ModelIdentity,
@@ -109,9 +109,13 @@ def check_datasets(scope: dict[str, Any], settings: Settings) -> None:
         )
 
 
-def model_identity(model_dir: Path) -> ModelIdentity:
-    """The model a run is scheduled for, read from its directory (a bad one fails here)."""
-    spec, version, _ = read_model_json(model_dir)
+def model_identity(model_dir: Path, with_weights: bool = False) -> ModelIdentity:
+    """The model a run is scheduled for, read from its directory (a bad one fails here);
+    `with_weights` checks the weights too (present, hashing as recorded), as a worker that
+    will load them must before it takes a batch."""
+    spec, version, sha256 = read_model_json(model_dir)
+    if with_weights:
+        checked_weights(model_dir, sha256)
     return ModelIdentity(version, spec)
 
 
