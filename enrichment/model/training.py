@@ -411,12 +411,9 @@ def _split(
         return _Split(
             images, held_out, validation, skipped_images + skipped_held_out, str(validation.path)
         )
-    split = split_groups_or_rows(
-        [data.images[row].group for row, _ in images],
-        options.validation_fraction,
-        options.seed,
-        [data.images[row].image for row, _ in images],
-    )
+    rows = [data.images[row] for row, _ in images]
+    groups, files = [row.group for row in rows], [row.image for row in rows]
+    split = split_groups_or_rows(groups, options.validation_fraction, options.seed, files)
     by = "image" if split.fallback else data.group_field or "row"
     return _Split(
         [images[i] for i in split.train],
@@ -462,12 +459,10 @@ def _fit(
                 loss = _train_one_epoch(
                     network, train_loader, loss_function, optimiser, scaler, device, bar
                 )
-                if not math.isfinite(loss):
-                    # Diverged: every epoch after is NaN too, and the thresholds calibrated
-                    # on NaN scores broke model.json only once the weights were written.
+                if not math.isfinite(loss):  # diverged: NaN thresholds would break model.json
                     raise ModelError(
-                        f"training diverged: the loss became {loss} in epoch {epoch}; "
-                        f"try a lower --lr than {options.learning_rate:g} (nothing was written)"
+                        f"training diverged: the loss became {loss} in epoch {epoch}; try a "
+                        f"lower --lr than {options.learning_rate:g} (nothing was written)"
                     )
                 schedule.step()
                 metrics, val_loss, scores = _validate(
