@@ -133,8 +133,8 @@ def harvest(
             plan = directory.plan({"options": options.as_json(), "vocabulary": terms}, make)
         except OtherOptions as error:  # a usage error (exit 2); a damaged selection stays 1
             raise click.BadParameter(str(error), param_hint="'--out'") from None
-        # Left on Ctrl-C without waiting for the downloads under way (each ends by its
-        # deadline); the journal keeps those done, for the next start.
+        # Left on Ctrl-C at once: the downloads under way are cancelled (fetched again on
+        # the next start), and the journal keeps those done.
         with Fetcher(config) as fetcher:
             downloads = download_images(
                 directory, plan["records"], fetcher, config.max_image_pixels, show
